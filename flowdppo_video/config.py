@@ -1,0 +1,296 @@
+"""Typed run configuration: YAML files, dotted command-line overrides, checks on load.
+
+Every field is documented where it is declared. An unknown key is an error that names the
+key and the closest known one; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the key."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"      # run directory: config, metrics, samples, checkpoints
+    seed: int = 0                         # seeds init, prompt order, rollout noise, shuffles
+    iterations: int = 10                  # outer iterations (rollout -> rewards -> update)
+    checkpoint_every: int = 1             # iterations between checkpoints (the last is always saved)
+    keep_checkpoints: int = 2             # newest checkpoints kept on disk
+    sample_every: int = 5                 # iterations between sample videos (first and last always)
+    num_sample_videos: int = 4            # videos written per sample point
+    max_nonfinite_in_row: int = 3         # stop after this many skipped non-finite steps in a row
+    progress: bool = True                 # tqdm progress bars
+    tensorboard: bool = True              # TensorBoard scalars under RUN_DIR/tensorboard
+    device: str = "auto"                  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0                         # 0 = full fine-tuning; > 0 = peft LoRA of this rank
+    alpha: float | None = None            # LoRA alpha (default: rank)
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init_seed: int = 0                    # seed for the adapters' initial weights
+
+
+@dataclass
+class ModelConfig:
+    family: str = "wan"                   # adapter family (see flowdppo_video.models)
+    path: str | None = None               # local diffusers-format directory (model_index.json)
+    init: dict[str, Any] | None = None    # or: build randomly from these sub-configs (tests, demos)
+    init_seed: int = 0                    # seed for `init` weights
+    dtype: str = "float32"                # transformer compute dtype: float32, bfloat16, float16
+    max_sequence_length: int = 512        # text tokens per prompt (Wan: 512)
+    gradient_checkpointing: bool = False  # recompute transformer blocks in the backward pass
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    prompts: str | list[str] = "configs/prompts/demo.txt"  # a text file (one prompt a line) or a list
+    negative_prompt: str = ""             # unconditional prompt for classifier-free guidance
+    prompts_per_iteration: int = 2        # P prompts per iteration
+    group_size: int = 4                   # G samples per prompt (the advantage group)
+
+
+@dataclass
+class VideoConfig:
+    num_frames: int = 9                   # pixel frames (Wan VAE: 4k+1)
+    height: int = 64                      # pixels
+    width: int = 64                       # pixels
+    fps: int = 8                          # frame rate of written videos
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "flow_sde"                # "flow_sde" or "cps"
+    eta: float = 0.7                      # noise level of SDE steps
+    num_steps: int = 10                   # denoising steps K
+    shift: float = 3.0                    # schedule shift (Wan: 3 at 480p, 5 at 720p)
+    guidance_scale: float = 1.0           # classifier-free guidance w (1 = off); part of the policy
+    sde_steps: int = 3                    # how many steps are SDE (policy) steps per rollout
+    window: list[float] = field(default_factory=lambda: [0.0, 0.5])  # schedule fraction they come from
+    batch_size: int = 0                   # videos per transformer call in the rollout (0 = all)
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "flow_dppo"               # "flow_dppo" or "grpo_clip"
+    delta: float = 0.01                   # Flow-DPPO KL threshold, nats per token (per element if sample)
+    granularity: str = "token"            # "token" or "sample" (image-model reference behaviour)
+    normalize: str = "all"                # "all" terms or "kept" terms (kept: per SDE step and minibatch)
+    clip_range: float = 1e-3              # grpo_clip epsilon
+    beta: float = 0.0                     # weight of KL to the reference (base) model
+
+
+@dataclass
+class AdvantageConfig:
+    aggregation: str = "sum"              # "sum" (weighted sum, then group norm) or "gdpo"
+    std: str = "group"                    # normalise by the group's std or the batch's
+    clip: float = 5.0                     # advantages clipped to [-clip, clip]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4                      # AdamW learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    grad_clip: float = 1.0                # max gradient norm (0 = off)
+    inner_epochs: int = 1                 # passes over each rollout batch
+    minibatch_size: int = 4               # videos per optimizer step
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"frame_change": 1.0})  # name -> weight
+
+    def validate(self) -> "Config":
+        _check_choice("sampler.kind", self.sampler.kind, ("flow_sde", "cps"))
+        _check_choice("objective.kind", self.objective.kind, ("flow_dppo", "grpo_clip"))
+        _check_choice("objective.granularity", self.objective.granularity, ("token", "sample"))
+        _check_choice("objective.normalize", self.objective.normalize, ("all", "kept"))
+        _check_choice("advantages.aggregation", self.advantages.aggregation, ("sum", "gdpo"))
+        _check_choice("advantages.std", self.advantages.std, ("group", "batch"))
+        _check_choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
+        for key, value in [("run.iterations", self.run.iterations), ("data.group_size", self.data.group_size),
+                           ("data.prompts_per_iteration", self.data.prompts_per_iteration),
+                           ("optim.minibatch_size", self.optim.minibatch_size),
+                           ("optim.inner_epochs", self.optim.inner_epochs),
+                           ("sampler.num_steps", self.sampler.num_steps),
+                           ("sampler.sde_steps", self.sampler.sde_steps),
+                           ("run.checkpoint_every", self.run.checkpoint_every),
+                           ("run.keep_checkpoints", self.run.keep_checkpoints)]:
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if self.model.path is None and self.model.init is None:
+            raise ConfigError("model.path is not set: give a local diffusers-format directory "
+                              "(or model.init to build a random model)")
+        if self.model.path is not None and self.model.init is not None:
+            raise ConfigError("set only one of model.path and model.init")
+        if len(self.sampler.window) != 2:
+            raise ConfigError(f"sampler.window must be [start, end], got {self.sampler.window}")
+        if not self.rewards:
+            raise ConfigError("rewards is empty: name at least one reward, e.g. rewards: {frame_change: 1.0}")
+        if self.sampler.eta <= 0:
+            raise ConfigError(f"sampler.eta must be > 0 (SDE steps need noise), got {self.sampler.eta}")
+        if self.model.lora.rank < 0:
+            raise ConfigError(f"model.lora.rank must be >= 0, got {self.model.lora.rank}")
+        return self
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, key + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key} has a bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            near = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {prefix}{k}{hint}")
+        kwargs[k] = _coerce(prefix + k, v, hints[k])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        # `rewards` and `model.init` are replaced whole: merging reward weights would keep
+        # rewards the user meant to drop.
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("rewards",):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    # `base: other.yaml` derives a recipe from a documented base.
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(load_yaml(p.parent / base), data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or defaults), apply ``extra`` then dotted ``overrides``, validate."""
+    data = load_yaml(path) if path is not None else {}
+    if extra:
+        data = _merge(data, extra)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _from_dict(Config, data).validate()
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,153 @@
+"""The rollout engine: sample videos with the policy and keep what replay needs.
+
+Denoising runs the whole schedule; steps chosen by the sampler config are SDE (policy)
+steps, the rest deterministic ODE steps. Replay (the trainer) calls the same
+:func:`guided_velocity` and :func:`flowdppo_video.sde.sde_step` with the same inputs, so the
+ratio is 1 before any update by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from tqdm.auto import tqdm
+
+from . import sde
+from .config import SamplerConfig
+from .models.base import VideoFlowAdapter
+
+
+def guided_velocity(adapter: VideoFlowAdapter, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                    text_uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    """The policy's velocity, classifier-free guidance included.
+
+    ``v = v_u + w (v_c - v_u)``; conditional and unconditional rows go through the
+    transformer as one batch ``[cond; uncond]`` of ``2B``.
+
+    Args:
+        x: ``(B, C, F, H, W)``; sigma: ``(B,)``; text, text_uncond: ``(B, L, D)``.
+    Returns:
+        float32 ``(B, C, F, H, W)``.
+    """
+    if text_uncond is None or guidance_scale == 1.0:
+        return adapter.velocity(x, sigma, text)
+    v = adapter.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, text_uncond]))
+    v_c, v_u = v.chunk(2)
+    return v_u + guidance_scale * (v_c - v_u)
+
+
+@dataclass
+class Trajectory:
+    """Rollout of ``B`` videos with ``S`` SDE steps. Latent tensors are float32 on the CPU.
+
+    Attributes:
+        prompts: the ``B`` prompts, grouped: video ``b`` is sample ``b % G`` of prompt ``b // G``.
+        text: ``(B, L, D)`` prompt embeddings; text_uncond: same, or None without CFG.
+        steps: ``(S,)`` schedule indices of the SDE steps.
+        sigmas, sigmas_next: ``(S,)`` sigma before and after each SDE step.
+        latents: ``(B, S, C, F, H, W)`` ``x_k`` before each SDE step.
+        next_latents: ``(B, S, C, F, H, W)`` ``x'`` drawn at each SDE step.
+        means: ``(B, S, C, F, H, W)`` ``mu_old``.
+        stds: ``(B, S)`` step stds.
+        final: ``(B, C, F, H, W)`` the denoised latent.
+        videos: ``(B, F_px, H_px, W_px, 3)`` uint8, decoded ``final``.
+        sigma_1: the schedule's second sigma (Flow-SDE at sigma = 1).
+    """
+
+    prompts: list[str]
+    text: torch.Tensor
+    text_uncond: torch.Tensor | None
+    steps: torch.Tensor
+    sigmas: torch.Tensor
+    sigmas_next: torch.Tensor
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    means: torch.Tensor
+    stds: torch.Tensor
+    final: torch.Tensor
+    videos: torch.Tensor
+    sigma_1: float
+    kind: str
+    eta: float
+    guidance_scale: float
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_sde_steps(self) -> int:
+        return int(self.steps.numel())
+
+    def select(self, index: torch.Tensor) -> "Trajectory":
+        """The rows ``index`` (a minibatch), sharing step data."""
+        out = {}
+        idx = index.tolist()
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "prompts":
+                v = [v[i] for i in idx]
+            elif f.name in ("text", "text_uncond", "latents", "next_latents", "means", "stds", "final",
+                            "videos") and v is not None:
+                v = v[index]
+            out[f.name] = v
+        return Trajectory(**out)
+
+
+@torch.no_grad()
+def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, latent_shape: tuple[int, ...],
+            sampler: SamplerConfig, generator: torch.Generator, negative_prompt: str | None = None,
+            progress: bool = True, decode: bool = True) -> Trajectory:
+    """Sample ``G`` videos for each prompt with the current policy.
+
+    Args:
+        prompts: ``P`` prompts; the batch is ``B = P * G``, each prompt's samples contiguous.
+        latent_shape: ``(C, F, H, W)``.
+        generator: a CPU generator; it draws the initial noise, the SDE steps and their noise,
+            so the same seed gives the same trajectory on any device.
+        negative_prompt: the unconditional prompt for CFG (used when ``guidance_scale != 1``).
+    """
+    b = len(prompts) * group_size
+    batch_prompts = [p for p in prompts for _ in range(group_size)]
+    text = adapter.encode_prompts(batch_prompts)
+    cfg_on = sampler.guidance_scale != 1.0
+    text_u = adapter.encode_prompts([negative_prompt or ""] * b) if cfg_on else None
+
+    schedule = sde.flow_schedule(sampler.num_steps, sampler.shift)
+    steps = sde.choose_sde_steps(sampler.num_steps, sampler.sde_steps, tuple(sampler.window), sampler.kind,
+                                 generator, schedule)
+    sigma_1 = float(schedule[1])
+    dev = adapter.device
+    # Noise is drawn on the CPU generator and moved, so a seed means the same video anywhere.
+    x = torch.randn((b, *latent_shape), generator=generator, dtype=torch.float32).to(dev)
+    s_count = len(steps)
+    lat = torch.empty((b, s_count, *latent_shape))
+    nxt = torch.empty_like(lat)
+    means = torch.empty_like(lat)
+    stds = torch.empty((b, s_count))
+    chunk = sampler.batch_size or b
+    slot = {k: j for j, k in enumerate(steps)}
+    for k in tqdm(range(sampler.num_steps), desc="rollout", leave=False, disable=not progress):
+        sig, sig_next = float(schedule[k]), float(schedule[k + 1])
+        v = torch.cat([
+            guided_velocity(adapter, x[i:i + chunk], torch.full((min(chunk, b - i),), sig, device=dev),
+                            text[i:i + chunk], None if text_u is None else text_u[i:i + chunk],
+                            sampler.guidance_scale)
+            for i in range(0, b, chunk)])
+        if k in slot:
+            j = slot[k]
+            mean, std = sde.sde_step(sampler.kind, x, v, sig, sig_next, sampler.eta, sigma_1)
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(dev)
+            x_next = mean + std.view(-1, 1, 1, 1, 1) * noise
+            lat[:, j], nxt[:, j], means[:, j], stds[:, j] = x.cpu(), x_next.cpu(), mean.cpu(), std.cpu()
+            x = x_next
+        else:
+            x = sde.ode_step(x, v, sig, sig_next)
+    videos = adapter.decode(x) if decode else torch.empty(0, dtype=torch.uint8)
+    sched = schedule.float()
+    idx = torch.tensor(steps, dtype=torch.long)
+    return Trajectory(prompts=batch_prompts, text=text.cpu(), text_uncond=None if text_u is None else text_u.cpu(),
+                      steps=idx, sigmas=sched[idx], sigmas_next=sched[idx + 1], latents=lat, next_latents=nxt,
+                      means=means, stds=stds, final=x.cpu(), videos=videos, sigma_1=sigma_1, kind=sampler.kind,
+                      eta=sampler.eta, guidance_scale=sampler.guidance_scale)

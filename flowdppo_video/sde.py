@@ -1,0 +1,184 @@
+"""Flow denoising as an MDP: schedules, sampler steps, token log-probabilities and KL.
+
+Pure tensor functions (SPEC sections 1-2). No models, no I/O, no processes.
+
+Conventions (diffusers): ``x_sigma = (1 - sigma) * x0 + sigma * eps``, the model predicts
+``v ~ eps - x0``, time runs from sigma=1 (noise) to sigma=0 (data). A latent is
+``(B, C, F, H, W)``. A *token* is one ``(pt, ph, pw)`` patch, tokens in ``(f, h, w)``
+row-major order (the transformer's own patch-embedding order), ``D = C*pt*ph*pw``
+elements each. Everything here is computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SAMPLERS = ("flow_sde", "cps")
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def flow_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Shifted flow-matching schedule ``1 = sigma_0 > ... > sigma_K = 0``.
+
+    ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)`` applied to ``linspace(1, 0, K+1)``
+    (Wan: shift 3 at 480p, 5 at 720p). Returns ``(K+1,)`` float64 for exact bookkeeping.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def _per_sample(value: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """A float or ``(B,)`` tensor as a float32 ``(B,)`` tensor."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=device)
+    if t.ndim == 0:
+        return t.expand(batch).clone()
+    if t.shape != (batch,):
+        raise ValueError(f"expected a float or a ({batch},) tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> ``(B, 1, 1, ...)`` matching ``like``'s rank."""
+    return t.view(-1, *([1] * (like.ndim - 1)))
+
+
+def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor,
+             sigma_next: float | torch.Tensor) -> torch.Tensor:
+    """Deterministic Euler step ``x + v * (sigma_next - sigma)``; ``(B, C, F, H, W)`` float32."""
+    x32, v32 = x.float(), v.float()
+    s = _bcast(_per_sample(sigma, x.shape[0], x.device), x32)
+    sn = _bcast(_per_sample(sigma_next, x.shape[0], x.device), x32)
+    return x32 + v32 * (sn - s)
+
+
+def sde_step(kind: str, x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor,
+             sigma_next: float | torch.Tensor, eta: float,
+             sigma_1: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the Gaussian policy ``pi(x_{k+1} | x_k) = N(mean, std^2 I)``.
+
+    Args:
+        kind: ``"flow_sde"`` (Flow-GRPO) or ``"cps"`` (coefficients-preserving sampling).
+        x: latent at ``sigma``, ``(B, C, F, H, W)``.
+        v: velocity at ``(x, sigma)``, same shape (any dtype; used in float32).
+        sigma, sigma_next: float or ``(B,)``; ``sigma_next < sigma``.
+        eta: noise level.
+        sigma_1: the schedule's second sigma; Flow-SDE uses it in place of ``sigma`` inside
+            ``sqrt(sigma / (1 - sigma))`` when ``sigma == 1``.
+
+    Returns:
+        ``mean`` ``(B, C, F, H, W)`` float32 and ``std`` ``(B,)`` float32.
+    """
+    if x.shape != v.shape:
+        raise ValueError(f"x {tuple(x.shape)} and v {tuple(v.shape)} must have the same shape")
+    b = x.shape[0]
+    x32, v32 = x.float(), v.float()
+    s = _per_sample(sigma, b, x.device)
+    sn = _per_sample(sigma_next, b, x.device)
+    if kind == "flow_sde":
+        s_tilde = s
+        at_one = s >= 1.0
+        if bool(at_one.any()):
+            if sigma_1 is None:
+                raise ValueError("flow_sde step at sigma == 1 needs sigma_1 (the schedule's second sigma)")
+            s_tilde = torch.where(at_one, _per_sample(sigma_1, b, x.device), s)
+        g = eta * torch.sqrt(s / (1.0 - s_tilde))
+        dt = sn - s
+        gb, sb, dtb = _bcast(g, x32), _bcast(s, x32), _bcast(dt, x32)
+        mean = x32 + (v32 + gb.square() / (2.0 * sb) * (x32 + (1.0 - sb) * v32)) * dtb
+        std = g * torch.sqrt(-dt)
+    elif kind == "cps":
+        std = sn * math.sin(eta * math.pi / 2.0)
+        sb, snb, stdb = _bcast(s, x32), _bcast(sn, x32), _bcast(std, x32)
+        x0_hat = x32 - sb * v32
+        x1_hat = x32 + (1.0 - sb) * v32
+        mean = (1.0 - snb) * x0_hat + torch.sqrt((snb.square() - stdb.square()).clamp_min(0.0)) * x1_hat
+    else:
+        raise ValueError(f"unknown sampler kind {kind!r}; expected one of {SAMPLERS}")
+    return mean, std
+
+
+def patch_count(shape: tuple[int, ...] | torch.Size, patch: tuple[int, int, int]) -> tuple[int, int]:
+    """``(N, D)`` for a latent ``(B, C, F, H, W)`` cut into ``patch = (pt, ph, pw)`` tokens."""
+    if len(shape) != 5:
+        raise ValueError(f"expected a latent (B, C, F, H, W), got shape {tuple(shape)}")
+    _, c, f, h, w = shape
+    pt, ph, pw = patch
+    if f % pt or h % ph or w % pw:
+        raise ValueError(
+            f"latent (F, H, W) = ({f}, {h}, {w}) is not divisible by patch (pt, ph, pw) = {tuple(patch)}")
+    return (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw
+
+
+def token_sum(values: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """Sum ``(B, C, F, H, W)`` element values over each token's patch: ``(B, N)``.
+
+    Tokens are in ``(f, h, w)`` row-major order, as the transformer's patch embedding.
+    """
+    patch_count(values.shape, patch)
+    b, c, f, h, w = values.shape
+    pt, ph, pw = patch
+    v = values.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+    return v.sum(dim=(1, 3, 5, 7)).reshape(b, -1)
+
+
+def token_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   patch: tuple[int, int, int]) -> torch.Tensor:
+    """Per-token Gaussian log-density of ``x_next`` under ``N(mean, std^2 I)``.
+
+    ``l_n = -sum_{e in n} (x'_e - mu_e)^2 / (2 s^2) - D (log s + 0.5 log 2 pi)``.
+
+    Args:
+        x_next, mean: ``(B, C, F, H, W)``.
+        std: ``(B,)``, positive.
+        patch: ``(pt, ph, pw)``.
+    Returns:
+        ``(B, N)`` float32.
+    """
+    if x_next.shape != mean.shape:
+        raise ValueError(f"x_next {tuple(x_next.shape)} and mean {tuple(mean.shape)} differ in shape")
+    _, d = patch_count(mean.shape, patch)
+    s = std.float()
+    sq = token_sum((x_next.float() - mean.float()).square(), patch)
+    return -sq / (2.0 * s.square()[:, None]) - d * (torch.log(s)[:, None] + _LOG_SQRT_2PI)
+
+
+def token_kl(mean_new: torch.Tensor, mean_old: torch.Tensor, std: torch.Tensor,
+             patch: tuple[int, int, int]) -> torch.Tensor:
+    """Exact per-token ``KL(N(mean_old, s^2) || N(mean_new, s^2))``, ``(B, N)`` float32.
+
+    Both policies share ``s`` (it depends only on the schedule), so the KL is
+    ``sum_{e in n} (mu_new - mu_old)^2 / (2 s^2)``.
+    """
+    if mean_new.shape != mean_old.shape:
+        raise ValueError(f"mean_new {tuple(mean_new.shape)} and mean_old {tuple(mean_old.shape)} differ")
+    sq = token_sum((mean_new.float() - mean_old.float()).square(), patch)
+    return sq / (2.0 * std.float().square()[:, None])
+
+
+def choose_sde_steps(num_steps: int, count: int, window: tuple[float, float], kind: str,
+                     generator: torch.Generator, schedule: torch.Tensor | None = None) -> list[int]:
+    """Pick which steps of a ``num_steps`` schedule are SDE (policy) steps.
+
+    Steps ``k`` with ``window[0] * K <= k < window[1] * K`` are candidates; ``count`` are drawn
+    without replacement with ``generator``. CPS steps into ``sigma' = 0`` have zero std and
+    are never candidates. Returns sorted step indices.
+    """
+    lo, hi = window
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"sampler.window must satisfy 0 <= start < end <= 1, got {list(window)}")
+    cands = [k for k in range(num_steps) if lo * num_steps <= k < hi * num_steps]
+    if kind == "cps":
+        sig = schedule if schedule is not None else flow_schedule(num_steps)
+        cands = [k for k in cands if float(sig[k + 1]) > 0.0]
+    if count > len(cands):
+        raise ValueError(
+            f"sampler.sde_steps={count} exceeds the {len(cands)} candidate steps in window {list(window)} "
+            f"of {num_steps} steps")
+    perm = torch.randperm(len(cands), generator=generator)[:count]
+    return sorted(cands[i] for i in perm.tolist())

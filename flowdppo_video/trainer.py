@@ -1,0 +1,267 @@
+"""The trainer: the order of things, and nothing else.
+
+One iteration: rollout -> rewards -> advantages -> ``inner_epochs`` passes of shuffled
+minibatches, each replaying the stored SDE steps through the same forward path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from rewards import build_rewards, score_videos
+
+from . import objectives, sde
+from .advantages import compute_advantages
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, config_to_dict
+from .data import load_prompts, prompts_for_iteration
+from .metrics import MetricsWriter, truncate_metrics
+from .models import build_adapter
+from .rollout import Trajectory, guided_velocity, rollout
+from .video import write_video
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; one line saying why and what is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers: independent streams for (seed, iteration, purpose)."""
+    h = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class _Mean:
+    """Weighted running means and maxima of scalar stats."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.maxes: dict[str, float] = {}
+
+    def add(self, stats: dict[str, Any], weight: float = 1.0) -> None:
+        for k, v in stats.items():
+            v = float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v * weight
+            self.weights[k] = self.weights.get(k, 0.0) + weight
+            self.maxes[k] = max(self.maxes.get(k, -math.inf), v)
+
+    def mean(self, k: str) -> float:
+        return self.sums[k] / self.weights[k] if self.weights.get(k) else float("nan")
+
+
+class Trainer:
+    """Flow-DPPO (or ratio-clipping) fine-tuning of a video flow model."""
+
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir)
+        # Check everything cheap before loading weights or touching the run directory.
+        self.prompts = load_prompts(cfg.data.prompts)
+        self.rewards = build_rewards(cfg.rewards)
+        self.device = resolve_device(cfg.run.device)
+        self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0)
+        v = cfg.video
+        self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
+        _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
+        params = self.adapter.trainable_parameters()
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.start_iteration = 0
+        self.nonfinite_in_row = 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        else:
+            if (self.run_dir / "metrics.jsonl").exists():
+                raise TrainingError(f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
+                                    "or another run.output_dir")
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        self.metrics = MetricsWriter(self.run_dir, cfg.run.tensorboard)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> list[dict[str, Any]]:
+        rows = []
+        its = range(self.start_iteration, self.cfg.run.iterations)
+        try:
+            for it in tqdm(its, desc="iterations", disable=not self.cfg.run.progress):
+                traj, row = self.train_iteration(it)
+                self.metrics.write(row)
+                rows.append(row)
+                self._maybe_write_samples(it, traj, row)
+                self._maybe_checkpoint(it)
+        finally:
+            self.metrics.close()
+        return rows
+
+    def train_iteration(self, it: int) -> tuple[Trajectory, dict[str, Any]]:
+        cfg = self.cfg
+        prompts = prompts_for_iteration(self.prompts, it, cfg.data.prompts_per_iteration, cfg.run.seed)
+        t0 = time.perf_counter()
+        traj = rollout(self.adapter, prompts, cfg.data.group_size, self.latent_shape, cfg.sampler,
+                       torch.Generator().manual_seed(derive_seed(cfg.run.seed, it, 0)),
+                       negative_prompt=cfg.data.negative_prompt, progress=cfg.run.progress)
+        t1 = time.perf_counter()
+        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts)
+        adv, adv_stats = compute_advantages(scores, cfg.rewards, cfg.data.group_size,
+                                            cfg.advantages.aggregation, cfg.advantages.std,
+                                            cfg.advantages.clip)
+        t2 = time.perf_counter()
+        upd = self.update(traj, adv, it)
+        t3 = time.perf_counter()
+        total = sum(cfg.rewards[n] * scores[n] for n in cfg.rewards)
+        row: dict[str, Any] = {"iteration": it, "reward/mean": float(total.mean()),
+                               "reward/std": float(total.std(unbiased=False))}
+        for n, s in scores.items():
+            row[f"reward/{n}/mean"] = float(s.mean())
+        for n, s in extras.items():
+            row[f"reward/{n}/mean"] = float(s.float().mean())
+        row.update({"advantage/abs_mean": float(adv.abs().mean()),
+                    "advantage/zero_std_groups": adv_stats["zero_std_groups"], **upd,
+                    "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
+                    "sde_steps": traj.steps.tolist()})
+        return traj, row
+
+    # ------------------------------------------------------------------ the update
+    def replay_step(self, mb: Trajectory, j: int, advantages: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Loss of SDE step ``j`` for a minibatch: recompute ``mu_theta`` and apply the objective.
+
+        Returns ``(loss, stats, token_log_ratio)`` with the log-ratio ``(b, N)`` detached.
+        """
+        cfg, dev, patch = self.cfg, self.device, self.adapter.patch_size
+        b = mb.batch_size
+        x = mb.latents[:, j].to(dev)
+        sigma, sigma_next = mb.sigmas[j].expand(b).to(dev), mb.sigmas_next[j].expand(b).to(dev)
+        text = mb.text.to(dev)
+        text_u = None if mb.text_uncond is None else mb.text_uncond.to(dev)
+        std = mb.stds[:, j].to(dev)
+        x_next, mean_old = mb.next_latents[:, j].to(dev), mb.means[:, j].to(dev)
+
+        v = guided_velocity(self.adapter, x, sigma, text, text_u, mb.guidance_scale)
+        mean, _ = sde.sde_step(mb.kind, x, v, sigma, sigma_next, mb.eta, mb.sigma_1)
+        logp_new = sde.token_log_prob(x_next, mean, std, patch)
+        with torch.no_grad():
+            logp_old = sde.token_log_prob(x_next, mean_old, std, patch)
+        kl = sde.token_kl(mean, mean_old, std, patch)
+        a = advantages.to(dev)
+        o = cfg.objective
+        if o.kind == "flow_dppo":
+            loss, stats = objectives.flow_dppo_loss(logp_new, logp_old, kl, a, o.delta, o.granularity,
+                                                    o.normalize, self.elements_per_token)
+        else:
+            loss, stats = objectives.grpo_clip_loss(logp_new, logp_old, a, o.clip_range,
+                                                    self.elements_per_token, kl=kl)
+        if o.beta > 0:
+            with torch.no_grad(), self.adapter.reference():
+                v_ref = guided_velocity(self.adapter, x, sigma, text, text_u, mb.guidance_scale)
+                mean_ref, _ = sde.sde_step(mb.kind, x, v_ref, sigma, sigma_next, mb.eta, mb.sigma_1)
+            kl_ref = sde.token_kl(mean, mean_ref, std, patch)
+            loss = loss + objectives.reference_kl_loss(kl_ref, o.beta)
+            stats["kl_ref_mean"] = kl_ref.detach().mean()
+        return loss, stats, (logp_new - logp_old).detach()
+
+    def update(self, traj: Trajectory, advantages: torch.Tensor, it: int) -> dict[str, float]:
+        """``inner_epochs`` passes of shuffled minibatches over the stored SDE steps."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, it, 1))
+        params = self.adapter.trainable_parameters()
+        acc, n_steps, skipped = _Mean(), traj.num_sde_steps, 0
+        first_max_abs_log: float | None = None
+        b = traj.batch_size
+        n_mb = math.ceil(b / cfg.optim.minibatch_size) * cfg.optim.inner_epochs
+        bar = tqdm(total=n_mb, desc="update", leave=False, disable=not cfg.run.progress)
+        for _ in range(cfg.optim.inner_epochs):
+            for idx in torch.randperm(b, generator=gen).split(cfg.optim.minibatch_size):
+                mb, a = traj.select(idx), advantages[idx]
+                self.optimizer.zero_grad(set_to_none=True)
+                finite, mb_max, mb_loss = True, 0.0, 0.0
+                for j in range(n_steps):
+                    loss, stats, log_ratio = self.replay_step(mb, j, a)
+                    mb_max = max(mb_max, float(log_ratio.abs().max()))
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    (loss / n_steps).backward()
+                    mb_loss += float(loss.detach()) / n_steps
+                    acc.add(stats, weight=float(idx.numel()))
+                if first_max_abs_log is None:
+                    first_max_abs_log = mb_max
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+                if finite and torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                    self.nonfinite_in_row = 0
+                    acc.add({"loss": mb_loss, "grad_norm": float(grad_norm)})
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self.nonfinite_in_row += 1
+                    if self.nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
+                        raise TrainingError(
+                            f"non-finite loss or gradient in {self.nonfinite_in_row} optimizer steps in a row "
+                            f"(iteration {it}; run.max_nonfinite_in_row={cfg.run.max_nonfinite_in_row}); "
+                            f"stopped, checkpoints and metrics up to the previous iteration are kept")
+                bar.update(1)
+        bar.close()
+        out = {"loss": acc.mean("loss"), "grad_norm": acc.mean("grad_norm"),
+               "kl/mean": acc.mean("kl_mean"), "kl/max": acc.maxes.get("kl_max", float("nan")),
+               "mask/drop_frac": acc.mean("drop_frac"), "mask/drop_frac_pos": acc.mean("drop_frac_pos"),
+               "mask/drop_frac_neg": acc.mean("drop_frac_neg"),
+               "ratio/first_max_abs_log": first_max_abs_log if first_max_abs_log is not None else float("nan"),
+               "nonfinite_skipped": skipped}
+        if "clip_frac" in acc.sums:
+            out["ratio/clip_frac"] = acc.mean("clip_frac")
+        if "kl_ref_mean" in acc.sums:
+            out["kl_ref/mean"] = acc.mean("kl_ref_mean")
+        return out
+
+    # ------------------------------------------------------------------ outputs
+    def _maybe_write_samples(self, it: int, traj: Trajectory, row: dict[str, Any]) -> None:
+        r = self.cfg.run
+        if not (it == 0 or it == r.iterations - 1 or (it + 1) % r.sample_every == 0):
+            return
+        folder = self.run_dir / "samples" / f"iter_{it:06d}"
+        n = min(r.num_sample_videos, traj.batch_size)
+        for k in range(n):
+            write_video(folder / f"{k:02d}.mp4", traj.videos[k], fps=self.cfg.video.fps)
+        (folder / "index.json").write_text(json.dumps(
+            {"iteration": it, "videos": [{"file": f"{k:02d}.mp4", "prompt": traj.prompts[k]} for k in range(n)],
+             "reward_mean": row["reward/mean"]}, indent=1))
+
+    def _maybe_checkpoint(self, it: int) -> None:
+        r = self.cfg.run
+        if (it + 1) % r.checkpoint_every == 0 or it == r.iterations - 1:
+            save_checkpoint(self.run_dir, self.adapter, self.optimizer, it + 1,
+                            {"nonfinite_in_row": self.nonfinite_in_row, "prompts_sha": self._prompts_sha()},
+                            keep=r.keep_checkpoints)
+
+    def _prompts_sha(self) -> str:
+        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise TrainingError(f"--resume {self.run_dir}: no checkpoint under {self.run_dir / 'checkpoints'}")
+        meta = load_checkpoint(ckpt, self.adapter, self.optimizer)
+        if meta.get("prompts_sha") != self._prompts_sha():
+            raise TrainingError(f"--resume {self.run_dir}: the prompts differ from the run's (data.prompts)")
+        self.start_iteration = int(meta["next_iteration"])
+        self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
+        truncate_metrics(self.run_dir, self.start_iteration)
+

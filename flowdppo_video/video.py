@@ -1,0 +1,54 @@
+"""Writing and reading video files (mp4 with av, read back with decord or av)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: int = 8) -> Path:
+    """Write ``(F, H, W, 3)`` uint8 frames as H.264 mp4 (yuv420p, plays in browsers).
+
+    Odd sizes are padded by one pixel (H.264 in yuv420p needs even sizes). The file appears
+    under its name only when complete.
+    """
+    import av
+
+    arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"frames must be (F, H, W, 3) uint8, got {arr.shape} {arr.dtype}")
+    pad_h, pad_w = arr.shape[1] % 2, arr.shape[2] % 2
+    if pad_h or pad_w:
+        arr = np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".part" + path.suffix)
+    with av.open(str(tmp), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height = arr.shape[2], arr.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for f in arr:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    tmp.replace(path)
+    return path
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """All frames of a video file as ``(F, H, W, 3)`` uint8 (decord, else av)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video {path} does not exist")
+    try:
+        import decord
+
+        vr = decord.VideoReader(str(path))
+        return vr.get_batch(list(range(len(vr)))).asnumpy()
+    except ImportError:
+        import av
+
+        with av.open(str(path)) as src:
+            return np.stack([f.to_ndarray(format="rgb24") for f in src.decode(video=0)])
