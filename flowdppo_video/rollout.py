@@ -51,7 +51,7 @@ class Trajectory:
         means: ``(B, S, C, F, H, W)`` ``mu_old``.
         stds: ``(B, S)`` step stds.
         final: ``(B, C, F, H, W)`` the denoised latent.
-        videos: ``(B, F_px, H_px, W_px, 3)`` uint8, decoded ``final``.
+        videos: ``(B, F_px, H_px, W_px, 3)`` uint8, decoded ``final`` (None if not decoded).
         sigma_1: the schedule's second sigma (Flow-SDE at sigma = 1).
     """
 
@@ -66,7 +66,7 @@ class Trajectory:
     means: torch.Tensor
     stds: torch.Tensor
     final: torch.Tensor
-    videos: torch.Tensor
+    videos: torch.Tensor | None
     sigma_1: float
     kind: str
     eta: float
@@ -144,7 +144,7 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
             x = x_next
         else:
             x = sde.ode_step(x, v, sig, sig_next)
-    videos = adapter.decode(x) if decode else torch.empty(0, dtype=torch.uint8)
+    videos = adapter.decode(x) if decode else None
     sched = schedule.float()
     idx = torch.tensor(steps, dtype=torch.long)
     return Trajectory(prompts=batch_prompts, text=text.cpu(), text_uncond=None if text_u is None else text_u.cpu(),
