@@ -26,6 +26,7 @@ from .config import Config, config_to_dict
 from .data import load_prompts, prompts_for_iteration
 from .metrics import MetricsWriter, truncate_metrics
 from .models import build_adapter
+from .plots import plot_curves
 from .rollout import Trajectory, guided_velocity, rollout
 from .video import write_video
 
@@ -108,6 +109,7 @@ class Trainer:
                 self._maybe_checkpoint(it)
         finally:
             self.metrics.close()
+            plot_curves(self.run_dir)
         return rows
 
     def train_iteration(self, it: int) -> tuple[Trajectory, dict[str, Any]]:

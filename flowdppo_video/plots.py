@@ -1,0 +1,49 @@
+"""Pictures of a run: reward and divergence curves from ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .metrics import read_metrics
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Reward, KL and mask-drop fraction per iteration as one PNG (``RUN_DIR/curves.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    it = [r["iteration"] for r in rows]
+
+    def series(key: str) -> list[float]:
+        return [float("nan") if r.get(key) is None else r[key] for r in rows]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    mean, std = series("reward/mean"), series("reward/std")
+    axes[0].plot(it, mean, color="tab:blue", label="reward (mean of batch)")
+    axes[0].fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                         color="tab:blue", alpha=0.15, label="± std")
+    axes[0].set_title("reward")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(it, series("kl/mean"), label="token KL mean", color="tab:orange")
+    axes[1].plot(it, series("kl/max"), label="token KL max", color="tab:red", alpha=0.6)
+    axes[1].set_yscale("symlog", linthresh=1e-6)
+    axes[1].set_title("KL(π_old ‖ π_θ), nats per token")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(it, series("mask/drop_frac"), label="all", color="tab:green")
+    axes[2].plot(it, series("mask/drop_frac_pos"), label="A > 0", color="tab:olive", alpha=0.7)
+    axes[2].plot(it, series("mask/drop_frac_neg"), label="A < 0", color="tab:cyan", alpha=0.7)
+    axes[2].set_title("dropped fraction (trust-region mask)")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
