@@ -38,7 +38,8 @@ def compute_advantages(rewards: dict[str, torch.Tensor], weights: dict[str, floa
 
     ``sum``: weighted sum of raw rewards, then group-normalised. ``gdpo``: each reward
     normalised within its group, weighted and summed, then normalised over the batch.
-    Both clipped to ``[-clip, clip]``. A group whose combined rewards are all equal gets zero.
+    Both clipped to ``[-clip, clip]``. A group without signal (``sum``: equal totals; ``gdpo``:
+    every reward constant in the group) gets zero advantage and is counted.
 
     Returns ``(advantages, stats)`` with ``zero_std_groups`` (count) and ``groups``.
     """
@@ -54,9 +55,17 @@ def compute_advantages(rewards: dict[str, torch.Tensor], weights: dict[str, floa
     else:
         per = sum(weights[n] * group_normalize(rewards[n], group_size, "group") for n in names)
         adv = (per - per.mean()) / (per.std(unbiased=False) + _EPS)
-    # A group with identical scores has no signal; batch-wide steps must not invent one.
-    flat = _groups(total, group_size)
-    equal = (flat.max(dim=1).values - flat.min(dim=1).values == 0)
+    # A group with no signal gets zero; batch-wide steps must not invent one. For a weighted
+    # sum that is a constant total; GDPO normalises each reward alone, so only a group where
+    # every reward is constant is silent.
+    def constant(r: torch.Tensor) -> torch.Tensor:
+        g = _groups(r, group_size)
+        return g.max(dim=1).values - g.min(dim=1).values == 0
+
+    if aggregation == "sum":
+        equal = constant(total)
+    else:
+        equal = torch.stack([constant(rewards[n]) for n in names]).all(dim=0)
     adv = adv.view(-1, group_size).masked_fill(equal[:, None], 0.0).reshape(-1)
     adv = adv.clamp(-clip, clip).float()
     return adv, {"zero_std_groups": float(equal.sum()), "groups": float(equal.numel())}

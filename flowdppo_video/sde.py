@@ -172,7 +172,9 @@ def choose_sde_steps(num_steps: int, count: int, window: tuple[float, float], ki
     lo, hi = window
     if not (0.0 <= lo < hi <= 1.0):
         raise ValueError(f"sampler.window must satisfy 0 <= start < end <= 1, got {list(window)}")
-    cands = [k for k in range(num_steps) if lo * num_steps <= k < hi * num_steps]
+    # Integer bounds with a tolerance: 0.14 * 50 is 7.000000000000001 in binary floating point.
+    start, end = math.ceil(lo * num_steps - 1e-9), math.ceil(hi * num_steps - 1e-9)
+    cands = list(range(start, min(end, num_steps)))
     if kind == "cps":
         sig = schedule if schedule is not None else flow_schedule(num_steps)
         cands = [k for k in cands if float(sig[k + 1]) > 0.0]

@@ -165,11 +165,6 @@ def test_gdpo_group_with_every_reward_constant_is_zero_and_counted():
     assert stats["zero_std_groups"] == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compute_advantages zeroes a group when the *weighted total* is constant, even under GDPO "
-    "where the individual rewards differ and each is normalised separately; by the GDPO "
-    "definition (normalise each reward within its group, weight, sum, batch-normalise) this "
-    "group has a nonzero signal. See the report to the lead."))
 def test_gdpo_keeps_signal_when_only_the_weighted_total_is_constant():
     # a = [1, 0] -> [c, -c]; b = [0, 2] -> [-d, d]; weights (1, 0.5): total [1, 1] is constant,
     # but per = [c - d/2, -(c - d/2)] != 0, batch-normalised to about [+1, -1].

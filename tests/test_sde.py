@@ -322,10 +322,6 @@ def test_choose_sde_steps_count_above_candidates_raises_clearly():
         _choose(8, 8, (0.0, 1.0), "cps", 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "choose_sde_steps compares k with window*K in binary floating point: 0.14*50 = "
-    "7.000000000000001, so window end 0.14 of 50 steps admits step 7 and window start 0.28 "
-    "(0.28*50 = 14.000000000000002) drops step 14. See report."))
 @pytest.mark.parametrize("num_steps,window", [(50, (0.0, 0.14)), (50, (0.28, 0.5)), (100, (0.07, 0.55))])
 def test_choose_sde_steps_window_bounds_are_exact_for_decimal_fractions(num_steps, window):
     lo, hi = Fraction(str(window[0])), Fraction(str(window[1]))
