@@ -11,5 +11,6 @@ from __future__ import annotations
 from .registry import REWARDS, RewardError, build_rewards, register, score_videos
 
 from . import basic  # noqa: F401,E402  (registers the built-in rewards)
+from . import world  # noqa: F401,E402
 
 __all__ = ["REWARDS", "RewardError", "build_rewards", "register", "score_videos"]
