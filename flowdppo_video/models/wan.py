@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .base import ModelError, VideoFlowAdapter
+from .tokenizers import byte_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -29,27 +30,6 @@ TINY_INIT: dict[str, dict[str, Any]] = {
 }
 
 
-def byte_tokenizer() -> Any:
-    """A UMT5-style tokenizer over UTF-8 bytes, built locally (no download).
-
-    Vocabulary: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then the 256 byte symbols; ``</s>`` is
-    appended to every text as T5 does.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() order varies by process
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
 def _check_checkpoint_dir(path: Path) -> None:
     if not path.exists():
         raise ModelError(f"model.path {path} does not exist")
@@ -65,6 +45,8 @@ def _check_checkpoint_dir(path: Path) -> None:
     for sub in ("vae", "text_encoder", "tokenizer"):
         if not (path / sub).is_dir():
             raise ModelError(f"model.path {path} has no {sub}/ folder")
+    if not (path / "vae" / "config.json").is_file():
+        raise ModelError(f"model.path {path} has no vae/config.json")
 
 
 class WanAdapter(VideoFlowAdapter):
@@ -105,7 +87,14 @@ class WanAdapter(VideoFlowAdapter):
         _check_checkpoint_dir(p)
         tdtype = _DTYPES[dtype]
         transformer = WanTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
-        vae = AutoencoderKLWan.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
+        vae_cls = json.loads((p / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKLWan")
+        if vae_cls == "PixelAutoencoder":
+            from .pixel_vae import PixelAutoencoder as vae_type
+        elif vae_cls == "AutoencoderKLWan":
+            vae_type = AutoencoderKLWan
+        else:
+            raise ModelError(f"model.path {p}: vae is a {vae_cls}, expected AutoencoderKLWan or PixelAutoencoder")
+        vae = vae_type.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
         text_encoder = UMT5EncoderModel.from_pretrained(p / "text_encoder", dtype=tdtype)
         tokenizer = AutoTokenizer.from_pretrained(p / "tokenizer")
         sched = p / "scheduler" / "scheduler_config.json"
@@ -289,19 +278,20 @@ class WanAdapter(VideoFlowAdapter):
             raise ModelError(f"latent frames {f} (video.num_frames={num_frames}) not divisible by patch {pt}")
         return self.latent_channels, f, height // ss, width // ss
 
+    def embed_text(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings ``(P, L, D)`` as WanPipeline makes them (padding zeroed); no cache."""
+        inputs = self.tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        mask = inputs.attention_mask.to(self.device)
+        hidden = self.text_encoder(inputs.input_ids.to(self.device), mask).last_hidden_state.to(self.dtype)
+        return hidden * mask[..., None].to(hidden.dtype)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            inputs = self.tokenizer(missing, padding="max_length", max_length=self.max_sequence_length,
-                                    truncation=True, add_special_tokens=True, return_attention_mask=True,
-                                    return_tensors="pt")
-            ids = inputs.input_ids.to(self.device)
-            mask = inputs.attention_mask.to(self.device)
-            hidden = self.text_encoder(ids, mask).last_hidden_state.to(self.dtype)
-            # As WanPipeline: keep the real tokens, zero the padding.
-            hidden = hidden * mask[..., None].to(hidden.dtype)
-            for p, h in zip(missing, hidden):
+            for p, h in zip(missing, self.embed_text(missing)):
                 self._text_cache[p] = h
         return torch.stack([self._text_cache[p] for p in prompts])
 

@@ -1,0 +1,52 @@
+"""The shapes world's text-to-video model: a small Wan in pixel space, shipped with the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .grammar import vocabulary
+from .render import FRAMES, SIZE
+
+WEIGHTS_DIR = Path(__file__).parent / "weights" / "shapes-world"
+
+# WanTransformer3DModel on 16x16 RGB frames, one token per 2x2 pixels of a frame.
+TRANSFORMER: dict[str, Any] = {"patch_size": [1, 2, 2], "num_attention_heads": 3, "attention_head_dim": 32,
+                               "in_channels": 3, "out_channels": 3, "text_dim": 64, "freq_dim": 64,
+                               "ffn_dim": 256, "num_layers": 4, "rope_max_seq_len": 64}
+TEXT_ENCODER: dict[str, Any] = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4,
+                                "relative_attention_num_buckets": 8}
+MAX_TEXT_TOKENS = 10
+
+
+def build_world_adapter(device: torch.device, seed: int = 0) -> Any:
+    """A randomly initialised world model behind the Wan adapter (pretraining starts here)."""
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from ..models.pixel_vae import PixelAutoencoder
+    from ..models.tokenizers import word_tokenizer
+    from ..models.wan import WanAdapter
+
+    tokenizer = word_tokenizer(vocabulary())
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformer = WanTransformer3DModel(**TRANSFORMER)
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                                                   decoder_start_token_id=0, **TEXT_ENCODER))
+    finally:
+        torch.random.set_rng_state(state)
+    return WanAdapter(transformer, PixelAutoencoder(z_dim=3), text_encoder, tokenizer, device=device,
+                      dtype=torch.float32, max_sequence_length=MAX_TEXT_TOKENS)
+
+
+def video_to_latent(videos: torch.Tensor) -> torch.Tensor:
+    """``(B, F, H, W, 3)`` uint8 -> pixel latents ``(B, 3, F, H, W)`` in ``[-1, 1]``."""
+    return videos.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+__all__ = ["FRAMES", "MAX_TEXT_TOKENS", "SIZE", "TEXT_ENCODER", "TRANSFORMER", "WEIGHTS_DIR",
+           "build_world_adapter", "video_to_latent"]

@@ -1,0 +1,136 @@
+"""Pretrain the shapes-world model that ships with the package (flow matching on world videos).
+
+    .venv/bin/python tools/pretrain_world.py --steps 6000 --work runs/pretrain_world
+
+Reproduces ``flowdppo_video/world/weights/shapes-world`` on a 2-core CPU (the seed fixes data,
+initialisation and noise; the same torch build and thread count give the same weights). The
+captions' motion words are wrong for half of the videos, as web captions are, so the model
+learns colour and shape from its prompt but follows the direction only partly: the headroom RL
+must close. Resumable: rerun the same command after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flowdppo_video.world import DIRECTIONS, Scene, render_batch, split_scenes
+from flowdppo_video.world.model import WEIGHTS_DIR, build_world_adapter, video_to_latent
+
+
+def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) -> str:
+    """The scene's prompt; its direction word replaced by another with prob ``wrong_motion``;
+    empty with prob ``drop`` (so classifier-free guidance has an unconditional model)."""
+    if rng.random() < drop:
+        return ""
+    if rng.random() < wrong_motion:
+        other = rng.choice([d for d in DIRECTIONS if d != scene.direction])
+        scene = Scene(scene.colour, scene.shape, other, scene.speed, scene.background)
+    return scene.prompt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--wrong-motion", type=float, default=0.5, help="fraction of captions with a wrong direction")
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--logit-mean", type=float, default=0.5, help="logit-normal sigma sampling: mean (>0 favours noise)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="runs/pretrain_world", help="work folder (checkpoints, log)")
+    ap.add_argument("--out", default=str(WEIGHTS_DIR), help="where the final diffusers directory goes")
+    ap.add_argument("--save-every", type=int, default=250)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    adapter = build_world_adapter(torch.device("cpu"), seed=args.seed)
+    modules = torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder})
+    modules.train()
+    ema = {k: v.detach().clone() for k, v in modules.state_dict().items()}
+    opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+    train_scenes, _ = split_scenes()
+    start, log = 0, []
+    ckpt = work / "state.pt"
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=False)
+        modules.load_state_dict(st["model"])
+        ema, start, log = st["ema"], st["step"], st["log"]
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        print(f"resumed at step {start}")
+    elapsed0 = log[-1]["elapsed_s"] if log else 0.0
+    t0 = time.time()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
+    running = None
+    for step in bar:
+        # Everything random in a step derives from (seed, step): resuming changes nothing.
+        rng = random.Random(args.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        scenes = [rng.choice(train_scenes) for _ in range(args.batch)]
+        x0 = video_to_latent(torch.from_numpy(render_batch(scenes, seed=args.seed * 1_000_003 + step)))
+        text = adapter.embed_text([caption(s, rng, args.wrong_motion, args.caption_dropout) for s in scenes])
+        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen) + args.logit_mean)
+        eps = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        v = adapter.velocity((1 - s) * x0 + s * eps, sigma, text)
+        loss = (v - (eps - x0)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for k, p in modules.state_dict().items():
+                if p.dtype.is_floating_point:
+                    ema[k].mul_(args.ema).add_(p, alpha=1 - args.ema)
+                else:
+                    ema[k].copy_(p)
+        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if (step + 1) % 50 == 0:
+            log.append({"step": step + 1, "loss": running, "lr": sched.get_last_lr()[0],
+                        "elapsed_s": elapsed0 + time.time() - t0})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            tmp = work / "state.pt.tmp"
+            torch.save({"model": modules.state_dict(), "ema": ema, "step": step + 1, "log": log,
+                        "opt": opt.state_dict(), "sched": sched.state_dict()}, tmp)
+            tmp.replace(ckpt)
+            (work / "log.json").write_text(json.dumps(log, indent=0))
+    bar.close()
+
+    # Ship the EMA weights as a diffusers directory.
+    modules.load_state_dict(ema)
+    modules.eval()
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    adapter.save_pretrained(out)
+    total = log[-1]["elapsed_s"] if log else time.time() - t0
+    (out / "pretrain.json").write_text(json.dumps({
+        "command": "tools/pretrain_world.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                         if k not in ("out", "work")),
+        "steps": args.steps, "final_loss": log[-1]["loss"] if log else None, "train_seconds": round(total),
+        "torch": torch.__version__, "threads": args.threads}, indent=1))
+    print(f"saved {out} after {args.steps} steps, {total / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
