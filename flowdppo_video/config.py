@@ -112,6 +112,17 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    prompts: str | list[str] | None = None  # held-out prompts (file or list); None = no evaluation
+    every: int = 5                        # iterations between evaluations (first and last always)
+    samples_per_prompt: int = 1           # videos per prompt, fixed seeds (paired across iterations)
+    seed: int = 1234                      # the evaluation noise seed
+    rewards: dict[str, float] = field(default_factory=dict)  # logged as eval/<name>/mean; {} = training rewards
+    kl_to_base: bool = True               # measure KL(pi_theta || pi_base) on the evaluation rollouts
+    num_videos: int = 8                   # videos kept per evaluation (before/after comparisons)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -122,6 +133,7 @@ class Config:
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"frame_change": 1.0})  # name -> weight
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         _check_choice("sampler.kind", self.sampler.kind, ("flow_sde", "cps"))
@@ -138,7 +150,9 @@ class Config:
                            ("sampler.num_steps", self.sampler.num_steps),
                            ("sampler.sde_steps", self.sampler.sde_steps),
                            ("run.checkpoint_every", self.run.checkpoint_every),
-                           ("run.keep_checkpoints", self.run.keep_checkpoints)]:
+                           ("run.keep_checkpoints", self.run.keep_checkpoints),
+                           ("eval.every", self.eval.every),
+                           ("eval.samples_per_prompt", self.eval.samples_per_prompt)]:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if self.model.path is None and self.model.init is None:
@@ -256,8 +270,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        # `rewards` and `model.init` are replaced whole: merging reward weights would keep
-        # rewards the user meant to drop.
+        # A `rewards` mapping (training or eval) is replaced whole: merging reward weights
+        # would keep rewards the user meant to drop.
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("rewards",):
             out[k] = _merge(out[k], v)
         else:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .resources import resolve
+
 
 class DataError(ValueError):
     """Unusable prompt data; one line naming the file or key."""
@@ -17,7 +19,7 @@ def load_prompts(source: str | list[str]) -> list[str]:
         prompts = [p.strip() for p in source if p.strip()]
         where = "data.prompts"
     else:
-        path = Path(source)
+        path = Path(resolve(source))
         if not path.is_file():
             raise DataError(f"prompt file {path} (data.prompts) does not exist")
         try:

@@ -22,7 +22,8 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     def series(key: str) -> list[float]:
         return [float("nan") if r.get(key) is None else r[key] for r in rows]
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    evals = read_metrics(run_dir, "eval")
+    fig, axes = plt.subplots(1, 4 if evals else 3, figsize=(17.5 if evals else 13, 3.4))
     mean, std = series("reward/mean"), series("reward/std")
     axes[0].plot(it, mean, color="tab:blue", label="reward (mean of batch)")
     axes[0].fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
@@ -39,6 +40,20 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     axes[2].plot(it, series("mask/drop_frac_neg"), label="A < 0", color="tab:cyan", alpha=0.7)
     axes[2].set_title("dropped fraction (trust-region mask)")
     axes[2].legend(fontsize=8)
+    if evals:
+        ax = axes[3]
+        x = [r["after_iterations"] for r in evals]
+        keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k.endswith("/mean")
+                       and "kl_base" not in k and k.count("/") == 2})
+        for k in keys:
+            ax.plot(x, [r.get(k) for r in evals], marker="o", ms=3, label=k[len("eval/"):-len("/mean")])
+        ax.set_title("held-out evaluation")
+        ax.legend(fontsize=7, loc="upper left")
+        if any("eval/kl_base/mean" in r for r in evals):
+            ax2 = ax.twinx()
+            ax2.plot(x, [r.get("eval/kl_base/mean") for r in evals], color="black", ls="--", label="KL to base")
+            ax2.set_ylabel("KL(π_θ ‖ π_base), nats/token", fontsize=8)
+            ax2.legend(fontsize=7, loc="lower right")
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

@@ -24,6 +24,7 @@ from .advantages import compute_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
 from .data import load_prompts, prompts_for_iteration
+from .evaluation import evaluate, write_side_by_side
 from .metrics import MetricsWriter, truncate_metrics
 from .models import build_adapter
 from .plots import plot_curves
@@ -75,8 +76,12 @@ class Trainer:
         # Check everything cheap before loading weights or touching the run directory.
         self.prompts = load_prompts(cfg.data.prompts)
         self.rewards = build_rewards(cfg.rewards)
+        e = cfg.eval
+        self.eval_prompts = load_prompts(e.prompts) if e.prompts is not None else None
+        self.eval_rewards = build_rewards(e.rewards or cfg.rewards) if self.eval_prompts else {}
+        measure_base = bool(self.eval_prompts) and e.kl_to_base
         self.device = resolve_device(cfg.run.device)
-        self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0)
+        self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0 or measure_base)
         v = cfg.video
         self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
         _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
@@ -95,22 +100,51 @@ class Trainer:
                                     "or another run.output_dir")
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         self.metrics = MetricsWriter(self.run_dir, cfg.run.tensorboard)
+        self.eval_log = MetricsWriter(self.run_dir, cfg.run.tensorboard, "eval", "after_iterations")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[dict[str, Any]]:
         rows = []
         its = range(self.start_iteration, self.cfg.run.iterations)
         try:
+            if self.start_iteration == 0:
+                self._maybe_evaluate(0)                      # the base model, before any update
             for it in tqdm(its, desc="iterations", disable=not self.cfg.run.progress):
                 traj, row = self.train_iteration(it)
+                row.update(self._maybe_evaluate(it + 1))
                 self.metrics.write(row)
                 rows.append(row)
                 self._maybe_write_samples(it, traj, row)
                 self._maybe_checkpoint(it)
+            self._write_before_after()
         finally:
             self.metrics.close()
+            self.eval_log.close()
             plot_curves(self.run_dir)
         return rows
+
+    def _maybe_evaluate(self, done: int) -> dict[str, float]:
+        """Held-out evaluation of the model after ``done`` iterations (every ``eval.every``, the
+        base model and the final model always). Also logged to ``eval.jsonl``."""
+        e = self.cfg.eval
+        if not self.eval_prompts or not (done % e.every == 0 or done == self.cfg.run.iterations):
+            return {}
+        out, traj = evaluate(self.adapter, self.eval_prompts, e.samples_per_prompt, self.latent_shape,
+                             self.cfg.sampler, e.seed, self.eval_rewards, self.cfg.data.negative_prompt,
+                             e.kl_to_base)
+        self.eval_log.write({"after_iterations": done, **out})
+        folder = self.run_dir / "eval" / f"after_{done:06d}"
+        for k in range(min(e.num_videos, traj.batch_size)):
+            write_video(folder / f"{k:02d}.mp4", traj.videos[k], fps=self.cfg.video.fps)
+        (folder / "prompts.txt").write_text("\n".join(traj.prompts[:e.num_videos]) + "\n")
+        return out
+
+    def _write_before_after(self) -> None:
+        """``before_after/NN.mp4``: the base model's evaluation videos beside the final model's."""
+        root = self.run_dir / "eval"
+        base, final = root / "after_000000", root / f"after_{self.cfg.run.iterations:06d}"
+        if base.is_dir() and final.is_dir() and base != final:
+            write_side_by_side(base, final, self.run_dir / "before_after", self.cfg.video.fps)
 
     def train_iteration(self, it: int) -> tuple[Trajectory, dict[str, Any]]:
         cfg = self.cfg
@@ -266,4 +300,5 @@ class Trainer:
         self.start_iteration = int(meta["next_iteration"])
         self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
         truncate_metrics(self.run_dir, self.start_iteration)
+        truncate_metrics(self.run_dir, self.start_iteration + 1, "eval", "after_iterations")
 

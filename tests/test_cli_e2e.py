@@ -32,19 +32,22 @@ def cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.Comple
     return proc
 
 
+EVAL = [f"eval.prompts={ROOT / 'configs/prompts/demo.txt'}", "eval.every=2", "eval.num_videos=2"]
+
+
 def train(run_dir: Path, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
     if resume:
         return cli("train", "--resume", str(run_dir), *overrides)
     return cli("train", "--config", str(TINY_CONFIG), f"run.output_dir={run_dir}", *overrides)
 
 
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+def rows(run_dir: Path, name: str = "metrics") -> list[dict]:
+    return [json.loads(x) for x in (run_dir / f"{name}.jsonl").read_text().splitlines() if x.strip()]
 
 
 def test_two_iterations_then_resume_reproduces(tmp_path):
     run = tmp_path / "run"
-    train(run)
+    train(run, *EVAL)
     got = rows(run)
     assert [r["iteration"] for r in got] == [0, 1]
     for r in got:
@@ -58,15 +61,24 @@ def test_two_iterations_then_resume_reproduces(tmp_path):
     frames = read_video(videos[0])
     assert frames.shape == (9, 32, 32, 3)
     assert (run / "checkpoints" / "iter_000002" / "model" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "curves.png").stat().st_size > 10_000
+    # Held-out evaluation: the base model, then after 2 iterations; before/after videos side by side.
+    evals = rows(run, "eval")
+    assert [e["after_iterations"] for e in evals] == [0, 2]
+    assert evals[0]["eval/kl_base/mean"] == 0.0 < evals[1]["eval/kl_base/mean"]
+    assert "eval/frame_change/mean" in got[1]
+    pair = read_video(run / "before_after" / "00.mp4")
+    assert pair.shape == (9, 128, 2 * 128 + 4, 3)
 
     # Resume to 4 iterations == an uninterrupted 4-iteration run, exactly (CPU, float32).
     train(run, "run.iterations=4", resume=True)
     straight = tmp_path / "straight"
-    train(straight, "run.iterations=4")
+    train(straight, "run.iterations=4", *EVAL)
     a, b = rows(run), rows(straight)
     assert [r["iteration"] for r in a] == [0, 1, 2, 3]
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+    assert rows(run, "eval") == rows(straight, "eval")
 
 
 def test_sigkill_mid_iteration_loses_at_most_that_iteration(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..resources import resolve
 from .base import ModelError, VideoFlowAdapter
 
 FAMILIES = ("wan",)
@@ -20,7 +21,7 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
         from .wan import WanAdapter
 
         if cfg.path is not None:
-            adapter = WanAdapter.from_pretrained(cfg.path, device=device, dtype=cfg.dtype,
+            adapter = WanAdapter.from_pretrained(resolve(cfg.path), device=device, dtype=cfg.dtype,
                                                  max_sequence_length=cfg.max_sequence_length)
         else:
             adapter = WanAdapter.from_config(cfg.init or {}, device=device, dtype=cfg.dtype,

@@ -1,0 +1,80 @@
+"""Held-out evaluation: fixed-seed samples of held-out prompts, their rewards, and KL to the base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rewards import score_videos
+
+from . import sde
+from .config import SamplerConfig
+from .models.base import VideoFlowAdapter
+from .rollout import Trajectory, guided_velocity, rollout
+from .video import read_video, write_video
+
+
+@torch.no_grad()
+def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> torch.Tensor:
+    """Per-video mean token ``KL(pi_theta || pi_base)`` over the trajectory's SDE steps: ``(B,)``.
+
+    ``pi_theta``'s means are the trajectory's own ``mu``; the base model's are recomputed on the
+    same states inside ``adapter.reference()``.
+    """
+    b, dev = traj.batch_size, adapter.device
+    chunk = chunk or b
+    out = torch.zeros(b)
+    for j in range(traj.num_sde_steps):
+        for i in range(0, b, chunk):
+            rows = slice(i, min(i + chunk, b))
+            x = traj.latents[rows, j].to(dev)
+            n = x.shape[0]
+            sigma, sigma_next = traj.sigmas[j].expand(n).to(dev), traj.sigmas_next[j].expand(n).to(dev)
+            text_u = None if traj.text_uncond is None else traj.text_uncond[rows].to(dev)
+            with adapter.reference():
+                v = guided_velocity(adapter, x, sigma, traj.text[rows].to(dev), text_u, traj.guidance_scale)
+            mean_base, _ = sde.sde_step(traj.kind, x, v, sigma, sigma_next, traj.eta, traj.sigma_1)
+            kl = sde.token_kl(mean_base, traj.means[rows, j].to(dev), traj.stds[rows, j].to(dev),
+                              adapter.patch_size)
+            out[rows] += kl.mean(dim=1).cpu() / traj.num_sde_steps
+    return out
+
+
+def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: int,
+             latent_shape: tuple[int, ...], sampler: SamplerConfig, seed: int, rewards: dict,
+             negative_prompt: str = "", measure_kl: bool = True) -> tuple[dict[str, float], Trajectory]:
+    """Sample every prompt ``samples_per_prompt`` times with a fixed seed (the same noise at every
+    evaluation, so numbers are paired across iterations) and score the videos.
+
+    Returns ``({"eval/<reward>/mean": ..., "eval/kl_base/mean": ...}, trajectory)``.
+    """
+    traj = rollout(adapter, prompts, samples_per_prompt, latent_shape, sampler,
+                   torch.Generator().manual_seed(seed), negative_prompt=negative_prompt, progress=False)
+    scores, extras = score_videos(rewards, traj.videos, traj.prompts)
+    out = {f"eval/{n}/mean": float(s.mean()) for n, s in scores.items()}
+    out.update({f"eval/{n}/mean": float(s.float().mean()) for n, s in extras.items()})
+    if measure_kl and traj.num_sde_steps:
+        out["eval/kl_base/mean"] = float(kl_to_base(adapter, traj, sampler.batch_size).mean())
+    return out, traj
+
+
+def _upscale(frames: np.ndarray, min_size: int = 128) -> np.ndarray:
+    k = max(1, min_size // frames.shape[1])
+    return frames.repeat(k, axis=1).repeat(k, axis=2)
+
+
+def write_side_by_side(before_dir: Path, after_dir: Path, out_dir: Path, fps: int) -> list[Path]:
+    """``out_dir/NN.mp4``: each video of ``before_dir`` beside its namesake in ``after_dir``
+    (nearest-neighbour upscaled so small videos are visible), with a white divider."""
+    written = []
+    for before in sorted(before_dir.glob("*.mp4")):
+        after = after_dir / before.name
+        if not after.is_file():
+            continue
+        a, b = _upscale(read_video(before)), _upscale(read_video(after))
+        n = min(len(a), len(b))
+        divider = np.full((n, a.shape[1], 4, 3), 255, dtype=np.uint8)
+        written.append(write_video(out_dir / before.name, np.concatenate([a[:n], divider, b[:n]], axis=2), fps))
+    return written
