@@ -27,6 +27,15 @@ def _train(args: argparse.Namespace) -> None:
     if rows:
         print(f"done: {len(rows)} iterations, reward/mean {rows[0]['reward/mean']:.4f} -> "
               f"{rows[-1]['reward/mean']:.4f}; run directory {cfg.run.output_dir}")
+    from .metrics import read_metrics
+
+    evals = read_metrics(cfg.run.output_dir, "eval")
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        for k in sorted(k for k in last if k.startswith("eval/")):
+            if k in first and first[k] is not None and last[k] is not None:
+                print(f"  held-out {k[5:]:<28} {first[k]:8.4f} (after {first['after_iterations']}) -> "
+                      f"{last[k]:8.4f} (after {last['after_iterations']})")
 
 
 def _sample(args: argparse.Namespace) -> None:

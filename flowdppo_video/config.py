@@ -81,6 +81,7 @@ class SamplerConfig:
     sde_steps: int = 3                    # how many steps are SDE (policy) steps per rollout
     window: list[float] = field(default_factory=lambda: [0.0, 0.5])  # schedule fraction they come from
     batch_size: int = 0                   # videos per transformer call in the rollout (0 = all)
+    cfg_batch: str = "auto"               # CFG rows: "joint" (one 2B call), "split" (two B calls), "auto"
 
 
 @dataclass
@@ -138,6 +139,7 @@ class Config:
     def validate(self) -> "Config":
         _check_choice("sampler.kind", self.sampler.kind, ("flow_sde", "cps"))
         _check_choice("objective.kind", self.objective.kind, ("flow_dppo", "grpo_clip"))
+        _check_choice("sampler.cfg_batch", self.sampler.cfg_batch, ("auto", "joint", "split"))
         _check_choice("objective.granularity", self.objective.granularity, ("token", "sample"))
         _check_choice("objective.normalize", self.objective.normalize, ("all", "kept"))
         _check_choice("advantages.aggregation", self.advantages.aggregation, ("sum", "gdpo"))

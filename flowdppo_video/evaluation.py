@@ -34,7 +34,8 @@ def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> t
             sigma, sigma_next = traj.sigmas[j].expand(n).to(dev), traj.sigmas_next[j].expand(n).to(dev)
             text_u = None if traj.text_uncond is None else traj.text_uncond[rows].to(dev)
             with adapter.reference():
-                v = guided_velocity(adapter, x, sigma, traj.text[rows].to(dev), text_u, traj.guidance_scale)
+                v = guided_velocity(adapter, x, sigma, traj.text[rows].to(dev), text_u, traj.guidance_scale,
+                                    traj.cfg_joint)
             mean_base, _ = sde.sde_step(traj.kind, x, v, sigma, sigma_next, traj.eta, traj.sigma_1)
             kl = sde.token_kl(mean_base, traj.means[rows, j].to(dev), traj.stds[rows, j].to(dev),
                               adapter.patch_size)

@@ -19,11 +19,13 @@ from .models.base import VideoFlowAdapter
 
 
 def guided_velocity(adapter: VideoFlowAdapter, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
-                    text_uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+                    text_uncond: torch.Tensor | None, guidance_scale: float, joint: bool = True) -> torch.Tensor:
     """The policy's velocity, classifier-free guidance included.
 
-    ``v = v_u + w (v_c - v_u)``; conditional and unconditional rows go through the
-    transformer as one batch ``[cond; uncond]`` of ``2B``.
+    ``v = v_u + w (v_c - v_u)``. With ``joint`` the conditional and unconditional rows go through
+    the transformer as one batch ``[cond; uncond]`` of ``2B`` (fewer, larger calls: faster on
+    GPUs); otherwise as two calls of ``B`` (on CPUs the doubled activation buffers cost more in
+    page faults than they save). Rollout and replay pass the same ``joint``.
 
     Args:
         x: ``(B, C, F, H, W)``; sigma: ``(B,)``; text, text_uncond: ``(B, L, D)``.
@@ -32,9 +34,19 @@ def guided_velocity(adapter: VideoFlowAdapter, x: torch.Tensor, sigma: torch.Ten
     """
     if text_uncond is None or guidance_scale == 1.0:
         return adapter.velocity(x, sigma, text)
-    v = adapter.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, text_uncond]))
-    v_c, v_u = v.chunk(2)
+    if joint:
+        v = adapter.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, text_uncond]))
+        v_c, v_u = v.chunk(2)
+    else:
+        v_c, v_u = adapter.velocity(x, sigma, text), adapter.velocity(x, sigma, text_uncond)
     return v_u + guidance_scale * (v_c - v_u)
+
+
+def cfg_joint(sampler: SamplerConfig, device: torch.device) -> bool:
+    """Resolve ``sampler.cfg_batch`` (``auto``: joint on accelerators, split on the CPU)."""
+    if sampler.cfg_batch == "auto":
+        return device.type != "cpu"
+    return sampler.cfg_batch == "joint"
 
 
 @dataclass
@@ -53,6 +65,7 @@ class Trajectory:
         final: ``(B, C, F, H, W)`` the denoised latent.
         videos: ``(B, F_px, H_px, W_px, 3)`` uint8, decoded ``final`` (None if not decoded).
         sigma_1: the schedule's second sigma (Flow-SDE at sigma = 1).
+        cfg_joint: whether CFG ran cond and uncond as one batch (replay does the same).
     """
 
     prompts: list[str]
@@ -71,6 +84,7 @@ class Trajectory:
     kind: str
     eta: float
     guidance_scale: float
+    cfg_joint: bool = True
 
     @property
     def batch_size(self) -> int:
@@ -128,12 +142,13 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     stds = torch.empty((b, s_count))
     chunk = sampler.batch_size or b
     slot = {k: j for j, k in enumerate(steps)}
+    joint = cfg_joint(sampler, dev)
     for k in tqdm(range(sampler.num_steps), desc="rollout", leave=False, disable=not progress):
         sig, sig_next = float(schedule[k]), float(schedule[k + 1])
         v = torch.cat([
             guided_velocity(adapter, x[i:i + chunk], torch.full((min(chunk, b - i),), sig, device=dev),
                             text[i:i + chunk], None if text_u is None else text_u[i:i + chunk],
-                            sampler.guidance_scale)
+                            sampler.guidance_scale, joint)
             for i in range(0, b, chunk)])
         if k in slot:
             j = slot[k]
@@ -150,4 +165,4 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     return Trajectory(prompts=batch_prompts, text=text.cpu(), text_uncond=None if text_u is None else text_u.cpu(),
                       steps=idx, sigmas=sched[idx], sigmas_next=sched[idx + 1], latents=lat, next_latents=nxt,
                       means=means, stds=stds, final=x.cpu(), videos=videos, sigma_1=sigma_1, kind=sampler.kind,
-                      eta=sampler.eta, guidance_scale=sampler.guidance_scale)
+                      eta=sampler.eta, guidance_scale=sampler.guidance_scale, cfg_joint=joint)

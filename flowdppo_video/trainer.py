@@ -190,7 +190,7 @@ class Trainer:
         std = mb.stds[:, j].to(dev)
         x_next, mean_old = mb.next_latents[:, j].to(dev), mb.means[:, j].to(dev)
 
-        v = guided_velocity(self.adapter, x, sigma, text, text_u, mb.guidance_scale)
+        v = guided_velocity(self.adapter, x, sigma, text, text_u, mb.guidance_scale, mb.cfg_joint)
         mean, _ = sde.sde_step(mb.kind, x, v, sigma, sigma_next, mb.eta, mb.sigma_1)
         logp_new = sde.token_log_prob(x_next, mean, std, patch)
         with torch.no_grad():
@@ -206,7 +206,7 @@ class Trainer:
                                                     self.elements_per_token, kl=kl)
         if o.beta > 0:
             with torch.no_grad(), self.adapter.reference():
-                v_ref = guided_velocity(self.adapter, x, sigma, text, text_u, mb.guidance_scale)
+                v_ref = guided_velocity(self.adapter, x, sigma, text, text_u, mb.guidance_scale, mb.cfg_joint)
                 mean_ref, _ = sde.sde_step(mb.kind, x, v_ref, sigma, sigma_next, mb.eta, mb.sigma_1)
             kl_ref = sde.token_kl(mean, mean_ref, std, patch)
             loss = loss + objectives.reference_kl_loss(kl_ref, o.beta)

@@ -25,19 +25,20 @@ def _replay_max_abs_log_ratio(trainer: Trainer, traj, groups: list[list[int]]) -
     return worst
 
 
-@pytest.mark.parametrize("kind", ["flow_sde", "cps"])
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_ratio_is_one_before_update(tmp_path, kind, guidance, lora_rank):
+@pytest.mark.parametrize("kind, guidance, lora_rank, cfg_batch", [
+    ("flow_sde", 1.0, 0, "auto"), ("flow_sde", 3.0, 0, "joint"), ("flow_sde", 3.0, 4, "split"),
+    ("flow_sde", 1.0, 4, "auto"), ("cps", 3.0, 0, "split"), ("cps", 3.0, 4, "joint"), ("cps", 1.0, 0, "auto")])
+def test_ratio_is_one_before_update(tmp_path, kind, guidance, lora_rank, cfg_batch):
     cfg = tiny_config(tmp_path, f"sampler.kind={kind}", f"sampler.guidance_scale={guidance}",
                       f"model.lora.rank={lora_rank}", "data.negative_prompt=blurry, static",
-                      "sampler.batch_size=2")
+                      "sampler.batch_size=2", f"sampler.cfg_batch={cfg_batch}")
     trainer = Trainer(cfg)
     traj = rollout(trainer.adapter, ["a red ball rolls to the left", "a blue square slides up"], 3,
                    trainer.latent_shape, cfg.sampler, torch.Generator().manual_seed(7), "blurry, static",
                    progress=False, decode=False)
     assert traj.batch_size == 6 and traj.num_sde_steps == 2
     assert (traj.text_uncond is not None) == (guidance != 1.0)
+    assert traj.cfg_joint == (cfg_batch == "joint")          # auto: split on the CPU
     # Replay with batch compositions unlike the rollout's chunks of 2: shuffled, 1, 3, 6 rows.
     worst = _replay_max_abs_log_ratio(trainer, traj, [[5], [4, 0, 2], [1, 3], list(range(6))])
     assert worst < 1e-5

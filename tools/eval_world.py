@@ -26,12 +26,12 @@ from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world
 from rewards.world import adherence_table
 
 
-def load(model: str | None, state: str | None) -> WanAdapter:
+def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
     if state:
         adapter = build_world_adapter(torch.device("cpu"))
         st = torch.load(state, weights_only=False)
         mods = torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder})
-        mods.load_state_dict(st["ema"])
+        mods.load_state_dict(st["model" if raw else "ema"])
         print(f"pretraining state at step {st['step']}")
         return adapter
     return WanAdapter.from_pretrained(model or WEIGHTS_DIR, device=torch.device("cpu"),
@@ -49,6 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="diffusers directory (default: the shipped model)")
     ap.add_argument("--state", help="a tools/pretrain_world.py state.pt (its EMA weights)")
+    ap.add_argument("--raw", action="store_true", help="with --state: the raw weights, not the EMA")
     ap.add_argument("--prompts", default="builtin:prompts/heldout.txt")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    adapter = load(args.model, args.state)
+    adapter = load(args.model, args.state, args.raw)
     sampler = dataclasses.replace(SamplerConfig(), num_steps=args.steps, shift=args.shift, eta=args.eta,
                                   sde_steps=args.sde_steps, guidance_scale=args.guidance, window=[0.0, 0.6])
     prompts = load_prompts(args.prompts)

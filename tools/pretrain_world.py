@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/pretrain_world", help="work folder (checkpoints, log)")
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="where the final diffusers directory goes")
     ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--ship", choices=["ema", "raw"], default="ema",
+                    help="which weights of the final state go into --out")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -66,7 +68,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
     train_scenes, _ = split_scenes()
-    start, log = 0, []
+    start, log, resumes = 0, [], []
     ckpt = work / "state.pt"
     if ckpt.is_file():
         st = torch.load(ckpt, weights_only=False)
@@ -74,6 +76,7 @@ def main() -> None:
         ema, start, log = st["ema"], st["step"], st["log"]
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
+        resumes = st.get("resumes", []) + [{"at_step": start, "steps": args.steps}]
         print(f"resumed at step {start}")
     elapsed0 = log[-1]["elapsed_s"] if log else 0.0
     t0 = time.time()
@@ -110,13 +113,14 @@ def main() -> None:
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             tmp = work / "state.pt.tmp"
             torch.save({"model": modules.state_dict(), "ema": ema, "step": step + 1, "log": log,
-                        "opt": opt.state_dict(), "sched": sched.state_dict()}, tmp)
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "resumes": resumes}, tmp)
             tmp.replace(ckpt)
             (work / "log.json").write_text(json.dumps(log, indent=0))
     bar.close()
 
-    # Ship the EMA weights as a diffusers directory.
-    modules.load_state_dict(ema)
+    # Ship the EMA (or raw) weights as a diffusers directory.
+    if args.ship == "ema":
+        modules.load_state_dict(ema)
     modules.eval()
     out = Path(args.out)
     if out.exists():
@@ -127,7 +131,8 @@ def main() -> None:
         "command": "tools/pretrain_world.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                          if k not in ("out", "work")),
         "steps": args.steps, "final_loss": log[-1]["loss"] if log else None, "train_seconds": round(total),
-        "torch": torch.__version__, "threads": args.threads}, indent=1))
+        "resumed": resumes,  # a resume with another --steps changes the LR schedule from there on
+        "torch": torch.__version__, "threads": args.threads, "shipped": args.ship}, indent=1))
     print(f"saved {out} after {args.steps} steps, {total / 60:.1f} min")
 
 

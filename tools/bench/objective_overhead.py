@@ -1,0 +1,97 @@
+"""Benchmark (c): Flow-DPPO against the ``grpo_clip`` (Flow-GRPO ratio clipping) objective, step time.
+
+One trainer, one model, one stored rollout; the only difference between the two variants is
+``cfg.objective.kind``, switched in place before each call of ``Trainer.update`` (exactly one
+minibatch of ``B`` videos x ``S`` SDE steps, one AdamW step, as in benchmark (b)). Flow-DPPO
+computes a per-token mask from the token KL and ratio; grpo_clip a per-row clipped ratio; both
+compute the same token log-probs and the token KL (grpo_clip for its stats).
+
+    .venv/bin/python tools/bench/objective_overhead.py --repeats 5 --out /tmp/c.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+TARGET = 1.02
+
+
+def variants_for(trainer: Any, traj: Any, adv: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    def with_objective(kind: str) -> Callable[[], Any]:
+        def step() -> Any:
+            trainer.cfg.objective.kind = kind      # read by Trainer.replay_step on every call
+            return trainer.update(traj, adv, 0)
+        return step
+
+    return {"flow_dppo_update": with_objective("flow_dppo"), "grpo_clip_update": with_objective("grpo_clip")}
+
+
+def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: bool = True,
+        argv: list[str] | None = None) -> dict[str, Any]:
+    C.setup_torch()
+    dev = C.resolve_device(device)
+    machine = C.machine_info(dev)
+    print(f"(c) Flow-DPPO vs grpo_clip objective on {dev}: building trainer, one rollout ...", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        trainer = C.build_trainer(d, dev)
+        traj = C.trajectory_for(trainer)
+        adv = C.advantages_for(traj.batch_size)
+        variants = variants_for(trainer, traj, adv)
+        print(f" timing (1 warm-up each, then {repeats} interleaved repeats)", flush=True)
+        timed = C.time_interleaved(variants, repeats, dev)
+        traj_file = Path(d) / "traj.pt"
+        torch.save(traj, traj_file)
+        mem: dict[str, dict[str, Any]] = {}
+        if memory:
+            print(" peak memory, each variant once in a fresh process", flush=True)
+            for n in variants:
+                mem[n] = C.probe_in_subprocess(Path(__file__), n, ["--device", device, "--trajectory", str(traj_file)])
+    config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": [16, 9, 32, 32], "tokens": 2304,
+              "minibatch_videos": traj.batch_size, "sde_steps_replayed": traj.num_sde_steps,
+              "guidance_scale": C.GUIDANCE, "finetune": "full", "delta": 0.01, "clip_range": 1e-3,
+              "dtype": "float32"}
+    note = ("Same trainer, model, trajectory and advantages; only objective.kind differs. The transformer "
+            "forward and backward dominate both; the difference is the objective's per-token work.")
+    result = C.make_result("objective_overhead", "(c) Flow-DPPO vs grpo_clip objective step time",
+                           argv or C.command_line(), repeats, machine, timed, mem,
+                           [("Trainer.update: flow_dppo / grpo_clip", "flow_dppo_update", "grpo_clip_update",
+                             TARGET)], config, note)
+    C.summarize(result)
+    C.write_json(out, result)
+    return result
+
+
+def probe(variant: str, device: str, out: Path | None, traj_file: Path) -> None:
+    C.setup_torch()
+    dev = C.resolve_device(device)
+    with tempfile.TemporaryDirectory() as d:
+        trainer = C.build_trainer(d, dev)
+        traj = torch.load(traj_file, weights_only=False)
+        variants = variants_for(trainer, traj, C.advantages_for(traj.batch_size))
+        C.write_json(out, C.peak_memory_of(variants[variant], dev))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--trajectory", type=Path, default=None, help=__import__("argparse").SUPPRESS)
+    a = p.parse_args(argv)
+    if a.memory_probe:
+        probe(a.memory_probe, a.device, a.out, a.trajectory)
+        return None
+    return run(a.repeats, a.out, a.device, memory=not a.no_memory)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Benchmark (b): one Flow-DPPO update step against a bare forward+backward of the same transformer.
+
+Ours is ``Trainer.update`` on a stored rollout, configured so that it is exactly one minibatch
+(``optim.inner_epochs=1``, ``optim.minibatch_size=B``): ``zero_grad``, then for each of the ``S``
+stored SDE steps ``Trainer.replay_step`` (CFG velocity, SDE mean, token log-probs, KL, the
+Flow-DPPO loss) and ``backward``, then gradient clipping and the AdamW step.
+
+The baseline is the same transformer, the same optimizer object, the same latents: ``zero_grad``,
+then ``S`` times one plain forward on the same ``[cond; uncond]`` rows (``2B``, as the replay's
+CFG forward), an MSE loss on the output and ``backward``, then the same clipping and AdamW step.
+Full fine-tuning (every transformer weight trains), float32.
+
+    .venv/bin/python tools/bench/update_step.py --repeats 5 --out /tmp/b.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+TARGET = 1.10
+
+
+def bare_step(trainer: Any, traj: Any) -> Callable[[], float]:
+    """Forward + MSE + backward per stored SDE step on the replay's rows, then clip + AdamW."""
+    adapter, opt, dev = trainer.adapter, trainer.optimizer, trainer.device
+    params = adapter.trainable_parameters()
+    b, s = traj.batch_size, traj.num_sde_steps
+    text = torch.cat([traj.text, traj.text_uncond]).to(dev)
+    clip = trainer.cfg.optim.grad_clip or float("inf")
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for j in range(s):
+            x = traj.latents[:, j].to(dev)
+            sigma = traj.sigmas[j].expand(b).to(dev)
+            target = traj.next_latents[:, j].to(dev)
+            out = adapter.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([sigma, sigma]) * 1000.0,
+                                      encoder_hidden_states=text, return_dict=False)[0]
+            loss = (out.float() - torch.cat([target, target])).square().mean()
+            (loss / s).backward()
+            total += float(loss.detach()) / s
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        return total
+
+    return step
+
+
+def setup(device: torch.device, workdir: str, objective: str = "flow_dppo"
+          ) -> tuple[Any, Any, torch.Tensor]:
+    trainer = C.build_trainer(workdir, device, objective)
+    traj = C.trajectory_for(trainer)
+    return trainer, traj, C.advantages_for(traj.batch_size)
+
+
+def variants_for(trainer: Any, traj: Any, adv: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    return {"flow_dppo_update": lambda: trainer.update(traj, adv, 0), "bare_fwd_bwd": bare_step(trainer, traj)}
+
+
+def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: bool = True,
+        argv: list[str] | None = None) -> dict[str, Any]:
+    C.setup_torch()
+    dev = C.resolve_device(device)
+    machine = C.machine_info(dev)
+    print(f"(b) Flow-DPPO update step vs bare forward+backward on {dev}: building trainer, one rollout ...",
+          flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        trainer, traj, adv = setup(dev, d)
+        variants = variants_for(trainer, traj, adv)
+        print(f" timing (1 warm-up each, then {repeats} interleaved repeats)", flush=True)
+        timed = C.time_interleaved(variants, repeats, dev)
+        traj_file = Path(d) / "traj.pt"
+        torch.save(traj, traj_file)
+        mem: dict[str, dict[str, Any]] = {}
+        if memory:
+            print(" peak memory, each variant once in a fresh process", flush=True)
+            for n in variants:
+                mem[n] = C.probe_in_subprocess(Path(__file__), n, ["--device", device, "--trajectory", str(traj_file)])
+    config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": [16, 9, 32, 32], "tokens": 2304,
+              "minibatch_videos": traj.batch_size, "rows_per_forward": 2 * traj.batch_size,
+              "sde_steps_replayed": traj.num_sde_steps, "guidance_scale": C.GUIDANCE, "finetune": "full",
+              "optimizer": "AdamW", "grad_clip": 1.0, "dtype": "float32"}
+    note = (f"One optimizer step over one minibatch of {traj.batch_size} videos x {traj.num_sde_steps} stored SDE steps. "
+            "Both sides: the same transformer and AdamW object, the same 2B [cond; uncond] rows per forward, one "
+            "backward per SDE step, gradient clipping, one AdamW step. The difference is what Flow-DPPO adds: "
+            "the SDE mean, token log-probs and KL, the masked objective, the trajectory slicing and the stats.")
+    result = C.make_result("update_step", "(b) Flow-DPPO update step vs bare forward+backward",
+                           argv or C.command_line(), repeats, machine, timed, mem,
+                           [("Trainer.update (1 minibatch) / bare forward+backward+AdamW", "flow_dppo_update",
+                             "bare_fwd_bwd", TARGET)], config, note)
+    C.summarize(result)
+    C.write_json(out, result)
+    return result
+
+
+def probe(variant: str, device: str, out: Path | None, traj_file: Path) -> None:
+    C.setup_torch()
+    dev = C.resolve_device(device)
+    with tempfile.TemporaryDirectory() as d:
+        trainer = C.build_trainer(d, dev)
+        traj = torch.load(traj_file, weights_only=False)
+        variants = variants_for(trainer, traj, C.advantages_for(traj.batch_size))
+        C.write_json(out, C.peak_memory_of(variants[variant], dev))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--trajectory", type=Path, default=None, help=__import__("argparse").SUPPRESS)
+    a = p.parse_args(argv)
+    if a.memory_probe:
+        probe(a.memory_probe, a.device, a.out, a.trajectory)
+        return None
+    return run(a.repeats, a.out, a.device, memory=not a.no_memory)
+
+
+if __name__ == "__main__":
+    main()
