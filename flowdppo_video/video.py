@@ -47,8 +47,9 @@ def read_video(path: str | Path) -> np.ndarray:
 
         vr = decord.VideoReader(str(path))
         return vr.get_batch(list(range(len(vr)))).asnumpy()
-    except ImportError:
-        import av
+    except Exception:  # no decord here, or it mis-sizes a very small video: av reads it
+        pass
+    import av
 
-        with av.open(str(path)) as src:
-            return np.stack([f.to_ndarray(format="rgb24") for f in src.decode(video=0)])
+    with av.open(str(path)) as src:
+        return np.stack([f.to_ndarray(format="rgb24") for f in src.decode(video=0)])

@@ -30,6 +30,11 @@ TINY_INIT: dict[str, dict[str, Any]] = {
 }
 
 
+def _json_default(value: Any) -> Any:
+    """Sets (peft target modules) as lists, paths and the rest as strings."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+
 def _check_checkpoint_dir(path: Path) -> None:
     if not path.exists():
         raise ModelError(f"model.path {path} does not exist")
@@ -236,11 +241,11 @@ class WanAdapter(VideoFlowAdapter):
             sd = get_peft_model_state_dict(self.transformer)
             save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, directory / _LORA_FILE)
             (directory / "adapter_config.json").write_text(json.dumps(
-                self.transformer.peft_config["default"].to_dict(), default=list, indent=1))
+                self.transformer.peft_config["default"].to_dict(), default=_json_default, indent=1))
         else:
             sd = {k: v.detach().contiguous().cpu() for k, v in self.transformer.state_dict().items()}
             save_file(sd, directory / _FULL_FILE)
-            (directory / "config.json").write_text(json.dumps(dict(self.transformer.config), default=list))
+            (directory / "config.json").write_text(json.dumps(dict(self.transformer.config), default=_json_default))
 
     def load_trainable(self, directory: Path) -> None:
         if self._lora_rank:

@@ -5,7 +5,7 @@
 
 Variants: Flow-DPPO token-wise, Flow-DPPO ``granularity: sample``, Flow-GRPO ratio clipping,
 and no trust region (Flow-DPPO with an infinite delta: every token kept, plain importance
-ratio). Each with 1 and 4 inner epochs, several seeds, every run the default recipe otherwise.
+ratio). Each with 1 and 4 inner epochs, several seeds, every run ``configs/shapes_world.yaml`` otherwise.
 Reports the final train reward (mean of the last 5 iterations), held-out direction adherence,
 held-out KL to the base model, and forgetting (held-out colour and shape adherence lost
 against the base model). Writes ``docs/algorithms.json``, ``docs/algorithms.png`` and a
@@ -26,11 +26,11 @@ VARIANTS = {
     "grpo_clip": ["objective.kind=grpo_clip"],
     "no trust region": ["objective.kind=flow_dppo", "objective.delta=.inf"],
 }
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "shapes_world.yaml"
 EVAL_REWARDS = "eval.rewards={world_direction: 1.0, world_colour: 1.0, world_shape: 1.0}"
 
 
 def one_run(out: Path, variant: str, epochs: int, seed: int, iterations: int, extra: list[str]) -> dict:
-    from flowdppo_video.cli import DEFAULT_RECIPE
     from flowdppo_video.config import load_config
     from flowdppo_video.metrics import read_metrics
     from flowdppo_video.trainer import Trainer
@@ -44,7 +44,7 @@ def one_run(out: Path, variant: str, epochs: int, seed: int, iterations: int, ex
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)
-        Trainer(load_config(DEFAULT_RECIPE, overrides)).run()
+        Trainer(load_config(RECIPE, overrides)).run()
     rows, evals = read_metrics(run_dir), read_metrics(run_dir, "eval")
     base, final = evals[0], evals[-1]
     return {

@@ -1,0 +1,58 @@
+"""The shapes world's shipped model and its recipe (the embedded default to be)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from flowdppo_video.config import load_config
+from flowdppo_video.models import build_adapter
+from flowdppo_video.rollout import rollout
+from flowdppo_video.trainer import Trainer
+from flowdppo_video.world.model import WEIGHTS_DIR
+from rewards.world import adherence_table
+
+from .conftest import ROOT
+
+WORLD_RECIPE = ROOT / "configs" / "shapes_world.yaml"
+
+
+def test_shipped_weights_load_and_sample_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    files = sorted(p.relative_to(WEIGHTS_DIR).as_posix() for p in WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert "transformer/diffusion_pytorch_model.safetensors" in files
+    size = sum((WEIGHTS_DIR / f).stat().st_size for f in files)
+    assert size < 20 * 2 ** 20                                     # ships inside the package
+    cfg = load_config(WORLD_RECIPE)
+    adapter = build_adapter(cfg.model, torch.device("cpu"))
+    assert type(adapter.vae).__name__ == "PixelAutoencoder"
+    prompts = ["a red circle moves left slowly on black", "a blue square moves up quickly on gray"]
+    traj = rollout(adapter, prompts, 2, adapter.latent_shape(8, 16, 16), cfg.sampler,
+                   torch.Generator().manual_seed(0), progress=False)
+    assert traj.videos.shape == (4, 8, 16, 16, 3)
+    # The pretrained model draws the asked colour (a random model would not).
+    assert adherence_table(traj.videos, traj.prompts)["colour"] >= 0.75
+    meta = json.loads((WEIGHTS_DIR / "pretrain.json").read_text())
+    assert meta["steps"] > 0 and meta["train_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_one_training_iteration_on_the_world_recipe(tmp_path):
+    cfg = load_config(WORLD_RECIPE, [f"run.output_dir={tmp_path / 'run'}", "run.iterations=1",
+                                       "run.tensorboard=false", "run.progress=false",
+                                       "data.prompts_per_iteration=2", "data.group_size=4",
+                                       "optim.minibatch_size=8", "optim.inner_epochs=1",
+                                       "eval.samples_per_prompt=1", "eval.prompts=[a red circle moves left "
+                                       "slowly on black, a blue square moves up quickly on gray]"])
+    rows = Trainer(cfg).run()
+    assert rows[0]["ratio/first_max_abs_log"] < 1e-5
+    assert 0.0 <= rows[0]["reward/world_direction/mean"] <= 1.0
+    evals = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["after_iterations"] for e in evals] == [0, 1]
+    assert {"eval/world_direction/mean", "eval/world_colour/mean", "eval/kl_base/mean"} <= set(evals[1])
+    assert len(list((tmp_path / "run" / "before_after").glob("*.mp4"))) == 2
+    assert os.path.getsize(tmp_path / "run" / "curves.png") > 10_000
