@@ -21,19 +21,15 @@ _PREFIX = "iter_"
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    # The trainer's own streams are seeded per iteration; these global states only matter to
+    # code outside it (user rewards drawing random numbers, say).
+    return {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, optimizer: torch.optim.Optimizer,

@@ -12,13 +12,16 @@ DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .trainer import Trainer
 
     if args.resume:
         run_dir = Path(args.resume)
+        if args.config:
+            raise ConfigError("give --config or --resume, not both: a resumed run uses its own config.yaml "
+                              "(change it with dotted overrides)")
         if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
         cfg = load_config(run_dir / "config.yaml", args.overrides,
                           extra={"run": {"output_dir": str(run_dir)}})
     else:
@@ -42,7 +45,7 @@ def _sample(args: argparse.Namespace) -> None:
     import dataclasses
 
     from .checkpoint import latest_checkpoint, load_checkpoint
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .data import load_prompts
     from .models import build_adapter
     from .rollout import rollout
@@ -51,14 +54,14 @@ def _sample(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml there (not a run directory)")
+        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a run directory)")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     device = resolve_device(cfg.run.device)
     adapter = build_adapter(cfg.model, device)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
     if args.checkpoint != "base":
         if ckpt is None or not ckpt.is_dir():
-            raise FileNotFoundError(f"no checkpoint {ckpt or run_dir / 'checkpoints'}")
+            raise ConfigError(f"--checkpoint: no checkpoint at {ckpt or run_dir / 'checkpoints'}")
         load_checkpoint(ckpt, adapter, None)
     prompts = load_prompts(args.prompts if args.prompts else cfg.data.prompts)
     sampler = dataclasses.replace(cfg.sampler, sde_steps=cfg.sampler.sde_steps if args.sde else 0)
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest; 'base': no weights)")
     s.add_argument("--prompts", help="prompt file (default: the run's prompts)")
     s.add_argument("--out", required=True, help="output folder for mp4 files")
-    s.add_argument("--num", type=int, default=1, help="videos per prompt")
+    s.add_argument("--num", type=int, default=1, choices=range(1, 1025), metavar="N", help="videos per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--sde", action="store_true", help="sample with the training SDE steps (default: ODE)")
     s.add_argument("overrides", nargs="*", help="dotted overrides of the run's config")

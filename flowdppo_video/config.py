@@ -154,6 +154,7 @@ class Config:
                            ("run.checkpoint_every", self.run.checkpoint_every),
                            ("run.keep_checkpoints", self.run.keep_checkpoints),
                            ("eval.every", self.eval.every),
+                           ("run.max_nonfinite_in_row", self.run.max_nonfinite_in_row),
                            ("eval.samples_per_prompt", self.eval.samples_per_prompt)]:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -170,6 +171,29 @@ class Config:
             raise ConfigError(f"sampler.eta must be > 0 (SDE steps need noise), got {self.sampler.eta}")
         if self.model.lora.rank < 0:
             raise ConfigError(f"model.lora.rank must be >= 0, got {self.model.lora.rank}")
+        positive = [("run.sample_every", self.run.sample_every), ("video.fps", self.video.fps),
+                    ("sampler.shift", self.sampler.shift), ("optim.lr", self.optim.lr),
+                    ("advantages.clip", self.advantages.clip), ("objective.clip_range", self.objective.clip_range)]
+        non_negative = [("run.num_sample_videos", self.run.num_sample_videos), ("eval.num_videos", self.eval.num_videos),
+                        ("sampler.batch_size", self.sampler.batch_size), ("objective.beta", self.objective.beta),
+                        ("objective.delta", self.objective.delta), ("optim.grad_clip", self.optim.grad_clip)]
+        for key, value in positive:
+            if not value > 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        for key, value in non_negative:
+            if not value >= 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+        if self.sampler.kind == "cps" and self.sampler.eta > 1:
+            raise ConfigError(f"sampler.eta={self.sampler.eta} > 1 is meaningless for cps (std = sigma' sin(eta pi/2))")
+        from .sde import sde_candidates  # the math module owns what a window admits
+
+        try:
+            n = len(sde_candidates(self.sampler.num_steps, tuple(self.sampler.window), self.sampler.kind))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.sampler.sde_steps > n:
+            raise ConfigError(f"sampler.sde_steps={self.sampler.sde_steps} exceeds the {n} candidate steps in "
+                              f"sampler.window {self.sampler.window} of {self.sampler.num_steps} steps")
         return self
 
 
@@ -265,7 +289,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

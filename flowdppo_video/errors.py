@@ -7,4 +7,4 @@ from .data import DataError
 from .models.base import ModelError
 from .trainer import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, RewardError, TrainingError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RewardError, TrainingError)

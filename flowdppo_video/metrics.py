@@ -13,7 +13,7 @@ class MetricsWriter:
     """One JSON object per iteration, flushed and synced so a kill loses nothing written."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, name: str = "metrics",
-                 step_key: str = "iteration") -> None:
+                 step_key: str = "iteration", purge_step: int | None = None) -> None:
         self.path = run_dir / f"{name}.jsonl"
         self.step_key = step_key
         self._tb = None
@@ -21,7 +21,8 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard" / name))
+                # purge_step: on resume, TensorBoard drops its events from the redone steps.
+                self._tb = SummaryWriter(str(run_dir / "tensorboard" / name), purge_step=purge_step)
             except ImportError:  # tensorboard is an optional extra
                 self._tb = None
 

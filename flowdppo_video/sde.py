@@ -161,13 +161,11 @@ def token_kl(mean_new: torch.Tensor, mean_old: torch.Tensor, std: torch.Tensor,
     return sq / (2.0 * std.float().square()[:, None])
 
 
-def choose_sde_steps(num_steps: int, count: int, window: tuple[float, float], kind: str,
-                     generator: torch.Generator, schedule: torch.Tensor | None = None) -> list[int]:
-    """Pick which steps of a ``num_steps`` schedule are SDE (policy) steps.
+def sde_candidates(num_steps: int, window: tuple[float, float], kind: str,
+                   schedule: torch.Tensor | None = None) -> list[int]:
+    """Steps ``k`` with ``window[0] * K <= k < window[1] * K`` that can be SDE steps.
 
-    Steps ``k`` with ``window[0] * K <= k < window[1] * K`` are candidates; ``count`` are drawn
-    without replacement with ``generator``. CPS steps into ``sigma' = 0`` have zero std and
-    are never candidates. Returns sorted step indices.
+    CPS steps into ``sigma' = 0`` have zero std and are never candidates.
     """
     lo, hi = window
     if not (0.0 <= lo < hi <= 1.0):
@@ -178,6 +176,17 @@ def choose_sde_steps(num_steps: int, count: int, window: tuple[float, float], ki
     if kind == "cps":
         sig = schedule if schedule is not None else flow_schedule(num_steps)
         cands = [k for k in cands if float(sig[k + 1]) > 0.0]
+    return cands
+
+
+def choose_sde_steps(num_steps: int, count: int, window: tuple[float, float], kind: str,
+                     generator: torch.Generator, schedule: torch.Tensor | None = None) -> list[int]:
+    """Pick which steps of a ``num_steps`` schedule are SDE (policy) steps.
+
+    ``count`` of the :func:`sde_candidates` are drawn without replacement with ``generator``.
+    Returns sorted step indices.
+    """
+    cands = sde_candidates(num_steps, window, kind, schedule)
     if count > len(cands):
         raise ValueError(
             f"sampler.sde_steps={count} exceeds the {len(cands)} candidate steps in window {list(window)} "

@@ -94,20 +94,22 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
-        else:
-            if (self.run_dir / "metrics.jsonl").exists():
-                raise TrainingError(f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
-                                    "or another run.output_dir")
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        self.metrics = MetricsWriter(self.run_dir, cfg.run.tensorboard)
-        self.eval_log = MetricsWriter(self.run_dir, cfg.run.tensorboard, "eval", "after_iterations")
+        elif any((self.run_dir / n).exists() for n in ("metrics.jsonl", "eval.jsonl", "checkpoints")):
+            raise TrainingError(f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
+                                "or another run.output_dir")
+        # On resume too: the overrides given then (e.g. more iterations) are the run's config now.
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        purge = self.start_iteration if resume else None
+        self.metrics = MetricsWriter(self.run_dir, cfg.run.tensorboard, purge_step=purge)
+        self.eval_log = MetricsWriter(self.run_dir, cfg.run.tensorboard, "eval", "after_iterations",
+                                      purge_step=None if purge is None else purge + 1)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[dict[str, Any]]:
         rows = []
         its = range(self.start_iteration, self.cfg.run.iterations)
         try:
-            if self.start_iteration == 0:
+            if self.start_iteration == 0 and not (self.run_dir / "eval.jsonl").exists():
                 self._maybe_evaluate(0)                      # the base model, before any update
             for it in tqdm(its, desc="iterations", disable=not self.cfg.run.progress):
                 traj, row = self.train_iteration(it)
@@ -120,7 +122,10 @@ class Trainer:
         finally:
             self.metrics.close()
             self.eval_log.close()
-            plot_curves(self.run_dir)
+            try:
+                plot_curves(self.run_dir)
+            except Exception as e:  # a picture must not hide the run's own outcome
+                print(f"flowdppo-video: warning: could not plot curves: {e}")
         return rows
 
     def _maybe_evaluate(self, done: int) -> dict[str, float]:
@@ -236,7 +241,9 @@ class Trainer:
                         break
                     (loss / n_steps).backward()
                     mb_loss += float(loss.detach()) / n_steps
-                    acc.add(stats, weight=float(idx.numel()))
+                    counts = {k: v for k, v in stats.items() if k.startswith(("dropped", "terms"))}
+                    acc.add({k: v for k, v in stats.items() if k not in counts}, weight=float(idx.numel()))
+                    acc.add(counts)                                # summed, then pooled by frac()
                 if first_max_abs_log is None:
                     first_max_abs_log = mb_max
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
@@ -255,10 +262,14 @@ class Trainer:
                             f"stopped, checkpoints and metrics up to the previous iteration are kept")
                 bar.update(1)
         bar.close()
+        def frac(num: str, den: str) -> float:   # pooled over all minibatches and steps
+            d = acc.sums.get(den, 0.0)
+            return acc.sums.get(num, 0.0) / d if d else float("nan")
+
         out = {"loss": acc.mean("loss"), "grad_norm": acc.mean("grad_norm"),
                "kl/mean": acc.mean("kl_mean"), "kl/max": acc.maxes.get("kl_max", float("nan")),
-               "mask/drop_frac": acc.mean("drop_frac"), "mask/drop_frac_pos": acc.mean("drop_frac_pos"),
-               "mask/drop_frac_neg": acc.mean("drop_frac_neg"),
+               "mask/drop_frac": frac("dropped", "terms"), "mask/drop_frac_pos": frac("dropped_pos", "terms_pos"),
+               "mask/drop_frac_neg": frac("dropped_neg", "terms_neg"),
                "ratio/first_max_abs_log": first_max_abs_log if first_max_abs_log is not None else float("nan"),
                "nonfinite_skipped": skipped}
         if "clip_frac" in acc.sums:
@@ -291,14 +302,16 @@ class Trainer:
         return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
 
     def _resume(self) -> None:
+        """Continue from the newest checkpoint, or from the start if the run died before its first."""
         ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            raise TrainingError(f"--resume {self.run_dir}: no checkpoint under {self.run_dir / 'checkpoints'}")
-        meta = load_checkpoint(ckpt, self.adapter, self.optimizer)
-        if meta.get("prompts_sha") != self._prompts_sha():
-            raise TrainingError(f"--resume {self.run_dir}: the prompts differ from the run's (data.prompts)")
-        self.start_iteration = int(meta["next_iteration"])
-        self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
+        if ckpt is not None:
+            meta = load_checkpoint(ckpt, self.adapter, self.optimizer)
+            if meta.get("prompts_sha") != self._prompts_sha():
+                raise TrainingError(f"--resume {self.run_dir}: the prompts differ from the run's (data.prompts)")
+            self.start_iteration = int(meta["next_iteration"])
+            self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
         truncate_metrics(self.run_dir, self.start_iteration)
-        truncate_metrics(self.run_dir, self.start_iteration + 1, "eval", "after_iterations")
+        # Evaluations after `start_iteration` updates were made before that checkpoint: keep them.
+        truncate_metrics(self.run_dir, self.start_iteration + 1 if ckpt is not None else 0, "eval",
+                         "after_iterations")
 

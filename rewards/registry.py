@@ -55,7 +55,13 @@ def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list
     b = videos.shape[0]
     scores, extras = {}, {}
     for name, fn in rewards.items():
-        out = fn(videos, prompts)
+        try:
+            out = fn(videos, prompts)
+        except RewardError:
+            raise
+        except Exception as e:  # a reward that fails stops the iteration, never a silent default
+            raise RewardError(f"reward {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                              ) from e
         if isinstance(out, dict):
             if "score" not in out:
                 raise RewardError(f"reward {name!r} returned a dict without 'score'")

@@ -31,9 +31,40 @@ def fails_with(tmp_path, *overrides: str, config=TINY_CONFIG) -> str:
     (["video.height=36"], "video size 36x32 must be divisible by 16x16"),
     (["video.num_frames=8"], "video.num_frames=8 must be 4k+1"),
     (["sampler.kind=ddim"], "sampler.kind='ddim' is not one of"),
+    (["run.sample_every=0"], "run.sample_every must be > 0, got 0"),
+    (["sampler.sde_steps=9"], "sampler.sde_steps=9 exceeds the 5 candidate steps"),
+    (["sampler.window=[0.6, 0.2]"], "sampler.window must satisfy 0 <= start < end <= 1"),
+    (["optim.lr=[1"], "override 'optim.lr=[1': the value is not valid YAML"),
+    (["objective.beta=-0.1"], "objective.beta must be >= 0"),
+    (["model.init={transformer: 5}"], "model.init.transformer must be a mapping"),
+    (["rewards={world_direction: 1.0}"], "reward 'world_direction' failed: ValueError: prompt"),
 ])
 def test_cli_bad_input_one_line(tmp_path, overrides, expected):
     assert expected in fails_with(tmp_path, *overrides)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_second_config_and_a_non_run(tmp_path):
+    proc = cli("train", "--resume", str(tmp_path), "--config", str(TINY_CONFIG), check=False)
+    assert proc.returncode == 2 and "give --config or --resume, not both" in proc.stderr
+    proc = cli("train", "--resume", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "no config.yaml there (not a run directory)" in proc.stderr
+
+
+def test_a_failing_reward_names_itself():
+    import rewards
+
+    @rewards.register("test_broken_reward")
+    class Broken:
+        def __call__(self, videos, prompts):
+            raise KeyError("boom")
+
+    try:
+        fns = rewards.build_rewards({"test_broken_reward": 1.0})
+        with pytest.raises(rewards.RewardError, match=r"reward 'test_broken_reward' failed: KeyError"):
+            rewards.score_videos(fns, torch.zeros(2, 3, 4, 4, 3, dtype=torch.uint8), ["a", "b"])
+    finally:
+        rewards.REWARDS.pop("test_broken_reward")
 
 
 @pytest.mark.slow

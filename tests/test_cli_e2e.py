@@ -72,6 +72,8 @@ def test_two_iterations_then_resume_reproduces(tmp_path):
 
     # Resume to 4 iterations == an uninterrupted 4-iteration run, exactly (CPU, float32).
     train(run, "run.iterations=4", resume=True)
+    import yaml
+    assert yaml.safe_load((run / "config.yaml").read_text())["run"]["iterations"] == 4   # overrides persist
     straight = tmp_path / "straight"
     train(straight, "run.iterations=4", *EVAL)
     a, b = rows(run), rows(straight)

@@ -120,6 +120,9 @@ class WanAdapter(VideoFlowAdapter):
         unknown = set(init) - set(TINY_INIT)
         if unknown:
             raise ModelError(f"unknown model.init part(s) {sorted(unknown)}; known: {sorted(TINY_INIT)}")
+        bad = [k for k, v in init.items() if not isinstance(v, dict)]
+        if bad:
+            raise ModelError(f"model.init.{bad[0]} must be a mapping of config values")
         parts = {k: {**TINY_INIT[k], **init.get(k, {})} for k in TINY_INIT}
         tokenizer = byte_tokenizer()
         tcfg = dict(parts["text_encoder"])
@@ -135,8 +138,8 @@ class WanAdapter(VideoFlowAdapter):
             vae = AutoencoderKLWan(**vcfg)
             text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
                                                        decoder_start_token_id=0))
-        except TypeError as e:
-            raise ModelError(f"bad model.init: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
             torch.random.set_rng_state(gen_state)
         if text_encoder.config.d_model != transformer.config.text_dim:
@@ -201,7 +204,7 @@ class WanAdapter(VideoFlowAdapter):
         for n, p in self.transformer.named_parameters():
             p.requires_grad_("lora_" in n)
             if "lora_" in n:
-                p.data = p.data.float() if self.dtype == torch.float32 else p.data
+                p.data = p.data.float()  # float32 adapters (and optimizer state) under a bf16 base
         self._lora_rank = rank
 
     def enable_full_finetune(self, keep_reference: bool) -> None:
@@ -254,7 +257,11 @@ class WanAdapter(VideoFlowAdapter):
             f = directory / _LORA_FILE
             if not f.is_file():
                 raise ModelError(f"{f} not found: the checkpoint holds no LoRA weights")
-            res = set_peft_model_state_dict(self.transformer, load_file(f, device=str(self.device)))
+            try:
+                res = set_peft_model_state_dict(self.transformer, load_file(f, device=str(self.device)))
+            except RuntimeError as e:
+                raise ModelError(f"{f} does not fit this model's LoRA (rank or shapes differ): "
+                                 f"{str(e).splitlines()[0]}") from None
             bad = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
             if bad:
                 raise ModelError(f"{f}: LoRA keys do not match this model ({bad[0]} ...)")
@@ -263,8 +270,11 @@ class WanAdapter(VideoFlowAdapter):
             if not f.is_file():
                 raise ModelError(f"{f} not found: the checkpoint holds no full transformer weights")
             sd = load_file(f, device=str(self.device))
-            with torch.no_grad():
-                missing, unexpected = self.transformer.load_state_dict(sd, strict=False)
+            try:
+                with torch.no_grad():
+                    missing, unexpected = self.transformer.load_state_dict(sd, strict=False)
+            except RuntimeError as e:
+                raise ModelError(f"{f} does not fit this transformer: {str(e).splitlines()[0]}") from None
             if missing or unexpected:
                 raise ModelError(f"{f} does not match the transformer (missing {missing[:2]}, "
                                  f"unexpected {unexpected[:2]})")

@@ -10,8 +10,9 @@ Two pairs:
 * latent: ``rollout(decode=False)`` vs ``WanPipeline(output_type="latent")``: no VAE on either side;
 * decoded: ``rollout(decode=True)`` vs ``WanPipeline(output_type="np")``: both decode with the same VAE.
 
-Legitimate implementation differences, kept: our ``guided_velocity`` runs ``[cond; uncond]`` as one
-forward of ``2B`` rows, the pipeline runs two forwards of ``B``; our rollout makes ``SDE_STEPS`` of
+Ours runs with ``sampler.cfg_batch: auto``: on the CPU cond and uncond go through the transformer
+as two calls of ``B`` rows, as the pipeline does (on a GPU, as one call of ``2B``); the extra
+variant ``ours_latent_joint`` forces the one-call form. Legitimate differences, kept: our rollout makes ``SDE_STEPS`` of
 the steps stochastic policy steps and stores ``x``, ``x'``, ``mu`` for them (what training needs),
 the pipeline takes deterministic Euler steps with its own (shifted) sigma schedule.
 
@@ -37,9 +38,9 @@ TARGET = 1.05
 MALLOC: dict[str, int] = {}     # mallopt settings when run with --malloc-tuned
 PAIRS = [("latent: rollout(decode=False) / WanPipeline(output_type='latent')", "ours_latent", "pipeline_latent"),
          ("decoded: rollout(decode=True) / WanPipeline(output_type='np')", "ours_decoded", "pipeline_decoded")]
-# Extra, informational: the same latent pair with sampler.batch_size=1 (one video, i.e. 2 rows
-# [cond; uncond], per transformer call: the pipeline's row count per call).
-EXTRA = ("latent, sampler.batch_size=1: rollout / WanPipeline(output_type='latent')", "ours_latent_bs1",
+# Extra, informational: the same latent pair with sampler.cfg_batch=joint ([cond; uncond] as one
+# transformer call of 2B rows, the GPU default).
+EXTRA = ("latent, sampler.cfg_batch=joint: rollout / WanPipeline(output_type='latent')", "ours_latent_joint",
          "pipeline_latent")
 
 
@@ -67,7 +68,7 @@ def build(device: torch.device) -> dict[str, Callable[[], Any]]:
     # rollout() draws its initial noise first from a generator seeded `seed`: give the pipeline the same.
     noise = torch.randn((b, *latent_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
-    sampler_bs1 = SamplerConfig(**{**C.sampler_dict(), "batch_size": 1})
+    sampler_joint = SamplerConfig(**{**C.sampler_dict(), "cfg_batch": "joint"})
 
     def ours(decode: bool, smp: SamplerConfig = sampler) -> Callable[[], Any]:
         return lambda: rollout(adapter, prompts, C.GROUP_SIZE, latent_shape, smp,
@@ -89,7 +90,7 @@ def build(device: torch.device) -> dict[str, Callable[[], Any]]:
                                   encoder_hidden_states=text[:1], return_dict=False)[0]
         assert torch.equal(v_ours, v_pipe.float()), "the pipeline does not hold the adapter's transformer"
     variants = {"ours_latent": ours(False), "pipeline_latent": theirs("latent"),
-                "ours_latent_bs1": ours(False, sampler_bs1),
+                "ours_latent_joint": ours(False, sampler_joint),
                 "ours_decoded": ours(True), "pipeline_decoded": theirs("np"),
                 # Warm-up of the VAE before the decoded pair (the transformer is warm from the latent pair).
                 "_vae_warmup": lambda: adapter.decode(noise)}
@@ -141,14 +142,14 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
             mem[n] = C.probe_in_subprocess(Path(__file__), n,
                                            ["--device", device, *(["--malloc-tuned"] if MALLOC else [])])
     config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": [16, 9, 32, 32], "tokens": 2304,
-              "batch_videos": C.GROUP_SIZE, "rows_per_forward_ours": 2 * C.GROUP_SIZE,
+              "batch_videos": C.GROUP_SIZE, "rows_per_forward_ours": C.GROUP_SIZE if dev.type == "cpu" else 2 * C.GROUP_SIZE,
               "rows_per_forward_pipeline": C.GROUP_SIZE, "num_steps": C.NUM_STEPS, "sde_steps": C.SDE_STEPS,
               "guidance_scale": C.GUIDANCE, "text_tokens": C.MAX_SEQUENCE_LENGTH, "dtype": "float32"}
     note = ("Same transformer object, same prompt embeddings, same initial noise, same steps, CFG 4.5. "
-            "Ours batches cond and uncond into one forward of 2B rows; the pipeline makes two forwards of B. "
+            "Ours uses sampler.cfg_batch=auto: on the CPU two forwards of B (cond, uncond), as the pipeline. "
             "Ours also stores x, x', mu for its SDE steps. The 'latent' pair has no VAE on either side, the "
-            "'decoded' pair decodes with the same VAE on both sides. ours_latent_bs1 is the latent rollout with "
-            "sampler.batch_size=1 (2 rows per forward, as the pipeline), timed in the same interleaved group.")
+            "'decoded' pair decodes with the same VAE on both sides. ours_latent_joint is the latent rollout with "
+            "sampler.cfg_batch=joint (one forward of 2B rows, the GPU default), timed in the same interleaved group.")
     if MALLOC:
         config["malloc"] = MALLOC
     config["warmup"] = ("latent group: 1 untimed run per variant; decoded pair: none of its own, it follows the "
@@ -175,7 +176,7 @@ def probe(variant: str, device: str, out: Path | None) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--no-decoded", action="store_true", help="only the latent pair (no VAE decoding)")
-    p.add_argument("--no-extra", action="store_true", help="skip the sampler.batch_size=1 variant")
+    p.add_argument("--no-extra", action="store_true", help="skip the sampler.cfg_batch=joint variant")
     p.add_argument("--malloc-tuned", action="store_true",
                    help="diagnostic: glibc malloc keeps freed memory (see _common.tune_malloc)")
     p.add_argument("--profile", choices=["on-miss", "always", "never"], default="on-miss",

@@ -123,11 +123,11 @@ def interpret(r: dict[str, Any]) -> str:
                 out.append(f"Per run our rollout took {fo:.0f} minor page faults (fresh 4 KiB pages, about "
                            f"{fo * 4 / 1024:.0f} MiB first-touched) against the pipeline's {ft:.0f} "
                            f"(about {ft * 4 / 1024:.0f} MiB).")
-        bs1 = comps.get("ours_latent_bs1")
-        if bs1:
-            out.append(f"With sampler.batch_size=1 (one video per transformer call, i.e. 2 rows [cond; uncond], the "
-                       f"pipeline's rows per call) it was {bs1['ratio']:.3f}x; the difference between the two of ours "
-                       "is the cost of the joint 2B-row CFG batch on this machine.")
+        joint = comps.get("ours_latent_joint")
+        if joint:
+            out.append(f"With sampler.cfg_batch=joint ([cond; uncond] as one call of 2B rows, the GPU default) it was "
+                       f"{joint['ratio']:.3f}x; the difference between the two of ours is the cost of the joint "
+                       "CFG batch on this machine, which is why `auto` splits on the CPU.")
         dec = comps.get("ours_decoded")
         if dec:
             out.append(f"With the same VAE decode on both sides the ratio is {dec['ratio']:.3f}x; the decode adds "
