@@ -12,7 +12,7 @@ from rewards import score_videos
 from . import sde
 from .config import SamplerConfig
 from .models.base import VideoFlowAdapter
-from .rollout import Trajectory, guided_velocity, rollout
+from .rollout import Trajectory, rollout, step_mean
 from .video import read_video, write_video
 
 
@@ -23,23 +23,16 @@ def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> t
     ``pi_theta``'s means are the trajectory's own ``mu``; the base model's are recomputed on the
     same states inside ``adapter.reference()``.
     """
-    b, dev = traj.batch_size, adapter.device
-    chunk = chunk or b
+    b, chunk = traj.batch_size, chunk or traj.batch_size
     out = torch.zeros(b)
-    for j in range(traj.num_sde_steps):
-        for i in range(0, b, chunk):
-            rows = slice(i, min(i + chunk, b))
-            x = traj.latents[rows, j].to(dev)
-            n = x.shape[0]
-            sigma, sigma_next = traj.sigmas[j].expand(n).to(dev), traj.sigmas_next[j].expand(n).to(dev)
-            text_u = None if traj.text_uncond is None else traj.text_uncond[rows].to(dev)
+    for i in range(0, b, chunk):
+        part = traj.select(torch.arange(i, min(i + chunk, b)))
+        for j in range(traj.num_sde_steps):
             with adapter.reference():
-                v = guided_velocity(adapter, x, sigma, traj.text[rows].to(dev), text_u, traj.guidance_scale,
-                                    traj.cfg_joint)
-            mean_base, _ = sde.sde_step(traj.kind, x, v, sigma, sigma_next, traj.eta, traj.sigma_1)
-            kl = sde.token_kl(mean_base, traj.means[rows, j].to(dev), traj.stds[rows, j].to(dev),
-                              adapter.patch_size)
-            out[rows] += kl.mean(dim=1).cpu() / traj.num_sde_steps
+                mean_base = step_mean(adapter, part, j)
+            kl = sde.token_kl(mean_base, part.means[:, j].to(mean_base.device),
+                              part.stds[:, j].to(mean_base.device), adapter.patch_size)
+            out[i:i + part.batch_size] += kl.mean(dim=1).cpu() / traj.num_sde_steps
     return out
 
 

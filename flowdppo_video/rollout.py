@@ -109,6 +109,22 @@ class Trajectory:
         return Trajectory(**out)
 
 
+def step_mean(adapter: VideoFlowAdapter, traj: Trajectory, j: int) -> torch.Tensor:
+    """``mu`` of SDE step ``j`` recomputed for every row of ``traj`` with the adapter's weights now.
+
+    The same inputs and functions as the rollout (CFG included), so before any update this is
+    the stored ``mu_old`` and the ratio is 1. Gradients flow when enabled. Returns float32
+    ``(B, C, F, H, W)`` on ``adapter.device``.
+    """
+    dev, b = adapter.device, traj.batch_size
+    x = traj.latents[:, j].to(dev)
+    sigma, sigma_next = traj.sigmas[j].expand(b).to(dev), traj.sigmas_next[j].expand(b).to(dev)
+    text_u = None if traj.text_uncond is None else traj.text_uncond.to(dev)
+    v = guided_velocity(adapter, x, sigma, traj.text.to(dev), text_u, traj.guidance_scale, traj.cfg_joint)
+    mean, _ = sde.sde_step(traj.kind, x, v, sigma, sigma_next, traj.eta, traj.sigma_1)
+    return mean
+
+
 @torch.no_grad()
 def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, latent_shape: tuple[int, ...],
             sampler: SamplerConfig, generator: torch.Generator, negative_prompt: str | None = None,

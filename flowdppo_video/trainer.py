@@ -28,7 +28,7 @@ from .evaluation import evaluate, write_side_by_side
 from .metrics import MetricsWriter, truncate_metrics
 from .models import build_adapter
 from .plots import plot_curves
-from .rollout import Trajectory, guided_velocity, rollout
+from .rollout import Trajectory, rollout, step_mean
 from .video import write_video
 
 
@@ -187,16 +187,9 @@ class Trainer:
         Returns ``(loss, stats, token_log_ratio)`` with the log-ratio ``(b, N)`` detached.
         """
         cfg, dev, patch = self.cfg, self.device, self.adapter.patch_size
-        b = mb.batch_size
-        x = mb.latents[:, j].to(dev)
-        sigma, sigma_next = mb.sigmas[j].expand(b).to(dev), mb.sigmas_next[j].expand(b).to(dev)
-        text = mb.text.to(dev)
-        text_u = None if mb.text_uncond is None else mb.text_uncond.to(dev)
         std = mb.stds[:, j].to(dev)
         x_next, mean_old = mb.next_latents[:, j].to(dev), mb.means[:, j].to(dev)
-
-        v = guided_velocity(self.adapter, x, sigma, text, text_u, mb.guidance_scale, mb.cfg_joint)
-        mean, _ = sde.sde_step(mb.kind, x, v, sigma, sigma_next, mb.eta, mb.sigma_1)
+        mean = step_mean(self.adapter, mb, j)
         logp_new = sde.token_log_prob(x_next, mean, std, patch)
         with torch.no_grad():
             logp_old = sde.token_log_prob(x_next, mean_old, std, patch)
@@ -211,8 +204,7 @@ class Trainer:
                                                     self.elements_per_token, kl=kl)
         if o.beta > 0:
             with torch.no_grad(), self.adapter.reference():
-                v_ref = guided_velocity(self.adapter, x, sigma, text, text_u, mb.guidance_scale, mb.cfg_joint)
-                mean_ref, _ = sde.sde_step(mb.kind, x, v_ref, sigma, sigma_next, mb.eta, mb.sigma_1)
+                mean_ref = step_mean(self.adapter, mb, j)
             kl_ref = sde.token_kl(mean, mean_ref, std, patch)
             loss = loss + objectives.reference_kl_loss(kl_ref, o.beta)
             stats["kl_ref_mean"] = kl_ref.detach().mean()

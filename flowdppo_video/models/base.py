@@ -5,7 +5,6 @@ from __future__ import annotations
 import abc
 import contextlib
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -64,16 +63,3 @@ class VideoFlowAdapter(abc.ABC):
     @abc.abstractmethod
     def save_pretrained(self, directory: Path) -> None:
         """Write the whole model as a diffusers-format directory (``from_pretrained`` loads it)."""
-
-    def elements_per_token(self, latent_channels: int) -> int:
-        pt, ph, pw = self.patch_size
-        return latent_channels * pt * ph * pw
-
-    @contextlib.contextmanager
-    def train_mode(self, training: bool) -> Iterator[None]:
-        was = self.transformer.training
-        self.transformer.train(training)
-        try:
-            yield
-        finally:
-            self.transformer.train(was)
