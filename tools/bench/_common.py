@@ -405,3 +405,31 @@ def profile_ops(variants: dict[str, Callable[[], Any]], names: list[str], rounds
     total = {n: sum(v[0] for v in acc[n].values()) / rounds for n in names}
     return {"variants": names, "rounds": rounds, "wall_s": {n: walls[n] / rounds for n in names},
             "self_cpu_total_ms": total, "top": rows[:top]}
+
+
+# ---------------------------------------------------------------- the update benchmarks' entry point
+VariantsFor = Callable[[Any, Any, torch.Tensor], dict[str, Callable[[], Any]]]
+
+
+def trajectory_probe(variants_for: VariantsFor, variant: str, device: str, out: Path | None,
+                     traj_file: Path) -> None:
+    """Peak memory of one variant, in this (fresh) process, on a saved trajectory."""
+    setup_torch()
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory() as d:
+        trainer = build_trainer(d, dev)
+        traj = torch.load(traj_file, weights_only=False)
+        variants = variants_for(trainer, traj, advantages_for(traj.batch_size))
+        write_json(out, peak_memory_of(variants[variant], dev))
+
+
+def trajectory_main(doc: str, variants_for: VariantsFor, run: Callable[..., dict[str, Any]],
+                    argv: list[str] | None) -> dict[str, Any] | None:
+    """Command line of (b) and (c): a timed run, or (internal) one memory probe."""
+    p = base_parser(doc.splitlines()[0])
+    p.add_argument("--trajectory", type=Path, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.memory_probe:
+        trajectory_probe(variants_for, a.memory_probe, a.device, a.out, a.trajectory)
+        return None
+    return run(a.repeats, a.out, a.device, memory=not a.no_memory)

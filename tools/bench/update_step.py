@@ -106,24 +106,8 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
     return result
 
 
-def probe(variant: str, device: str, out: Path | None, traj_file: Path) -> None:
-    C.setup_torch()
-    dev = C.resolve_device(device)
-    with tempfile.TemporaryDirectory() as d:
-        trainer = C.build_trainer(d, dev)
-        traj = torch.load(traj_file, weights_only=False)
-        variants = variants_for(trainer, traj, C.advantages_for(traj.batch_size))
-        C.write_json(out, C.peak_memory_of(variants[variant], dev))
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    p = C.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--trajectory", type=Path, default=None, help=__import__("argparse").SUPPRESS)
-    a = p.parse_args(argv)
-    if a.memory_probe:
-        probe(a.memory_probe, a.device, a.out, a.trajectory)
-        return None
-    return run(a.repeats, a.out, a.device, memory=not a.no_memory)
+    return C.trajectory_main(__doc__, variants_for, run, argv)
 
 
 if __name__ == "__main__":
