@@ -118,7 +118,7 @@ class EvalConfig:
     every: int = 5                        # iterations between evaluations (first and last always)
     samples_per_prompt: int = 1           # videos per prompt, fixed seeds (paired across iterations)
     seed: int = 1234                      # the evaluation noise seed
-    rewards: dict[str, float] = field(default_factory=dict)  # logged as eval/<name>/mean; {} = training rewards
+    rewards: dict[str, Any] = field(default_factory=dict)  # logged as eval/<name>/mean; {} = training rewards
     kl_to_base: bool = True               # measure KL(pi_theta || pi_base) on the evaluation rollouts
     num_videos: int = 8                   # videos kept per evaluation (before/after comparisons)
 
@@ -133,7 +133,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"frame_change": 1.0})  # name -> weight
+    rewards: dict[str, Any] = field(default_factory=lambda: {"frame_change": 1.0})  # name -> weight or {weight, ...}
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
@@ -167,6 +167,13 @@ class Config:
             raise ConfigError(f"sampler.window must be [start, end], got {self.sampler.window}")
         if not self.rewards:
             raise ConfigError("rewards is empty: name at least one reward, e.g. rewards: {frame_change: 1.0}")
+        from rewards.registry import RewardError, parse_reward_specs
+
+        try:
+            parse_reward_specs(self.rewards, "rewards")
+            parse_reward_specs(self.eval.rewards, "eval.rewards")
+        except RewardError as e:
+            raise ConfigError(str(e)) from None
         if self.sampler.eta <= 0:
             raise ConfigError(f"sampler.eta must be > 0 (SDE steps need noise), got {self.sampler.eta}")
         if self.model.lora.rank < 0:

@@ -17,7 +17,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from rewards import build_rewards, score_videos
+from rewards import build_rewards, reward_weights, score_videos
 
 from . import objectives, sde
 from .advantages import compute_advantages
@@ -78,7 +78,7 @@ class Trainer:
         self.rewards = build_rewards(cfg.rewards)
         e = cfg.eval
         self.eval_prompts = load_prompts(e.prompts) if e.prompts is not None else None
-        self.eval_rewards = build_rewards(e.rewards or cfg.rewards) if self.eval_prompts else {}
+        self.eval_rewards = build_rewards(e.rewards or cfg.rewards, "eval.rewards" if e.rewards else "rewards") if self.eval_prompts else {}
         measure_base = bool(self.eval_prompts) and e.kl_to_base
         self.device = resolve_device(cfg.run.device)
         self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0 or measure_base)
@@ -160,13 +160,14 @@ class Trainer:
                        negative_prompt=cfg.data.negative_prompt, progress=cfg.run.progress)
         t1 = time.perf_counter()
         scores, extras = score_videos(self.rewards, traj.videos, traj.prompts)
-        adv, adv_stats = compute_advantages(scores, cfg.rewards, cfg.data.group_size,
+        weights = reward_weights(cfg.rewards)
+        adv, adv_stats = compute_advantages(scores, weights, cfg.data.group_size,
                                             cfg.advantages.aggregation, cfg.advantages.std,
                                             cfg.advantages.clip)
         t2 = time.perf_counter()
         upd = self.update(traj, adv, it)
         t3 = time.perf_counter()
-        total = sum(cfg.rewards[n] * scores[n] for n in cfg.rewards)
+        total = sum(weights[n] * scores[n] for n in weights)
         row: dict[str, Any] = {"iteration": it, "reward/mean": float(total.mean()),
                                "reward/std": float(total.std(unbiased=False))}
         for n, s in scores.items():

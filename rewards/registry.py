@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Protocol
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
@@ -17,7 +20,51 @@ class Reward(Protocol):
         ...
 
 
-REWARDS: dict[str, Callable[[], Reward]] = {}
+REWARDS: dict[str, Callable[..., Reward]] = {}
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One configured reward: ``rewards: {name: weight}`` or ``rewards: {name: {weight: w, ...}}``.
+
+    ``type`` is the registered reward to build (default: the entry's name, so two VLM judges
+    can be ``align: {type: vlm_judge, ...}`` and ``motion: {type: vlm_judge, ...}``);
+    ``retries`` how many times a failing call is retried before the iteration fails (never a
+    silent default score; default: the reward class's ``default_retries``, else 0, as a local
+    reward that failed once fails again); every other key is passed to the reward's constructor.
+    """
+
+    name: str
+    type: str
+    weight: float
+    retries: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_reward_specs(entries: Mapping[str, Any], key: str = "rewards") -> dict[str, RewardSpec]:
+    """Validate a config's reward mapping; errors name ``key.<name>`` and the problem."""
+    if not isinstance(entries, Mapping):
+        raise RewardError(f"{key} must be a mapping of reward name to weight, got {type(entries).__name__}")
+    specs = {}
+    for name, entry in entries.items():
+        where = f"{key}.{name}"
+        if isinstance(entry, bool) or not isinstance(entry, (int, float, Mapping)):
+            raise RewardError(f"{where} must be a weight (number) or a mapping with 'weight', got {entry!r}")
+        opts = dict(entry) if isinstance(entry, Mapping) else {"weight": entry}
+        weight, rtype, retries = opts.pop("weight", 1.0), opts.pop("type", name), opts.pop("retries", None)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise RewardError(f"{where}.weight must be a number, got {weight!r}")
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+            raise RewardError(f"{where}.retries must be an integer >= 0, got {retries!r}")
+        if not isinstance(rtype, str):
+            raise RewardError(f"{where}.type must be a registered reward name, got {rtype!r}")
+        specs[str(name)] = RewardSpec(str(name), rtype, float(weight), retries, opts)
+    return specs
+
+
+def reward_weights(entries: Mapping[str, Any]) -> dict[str, float]:
+    """``{name: weight}`` of a config's reward mapping."""
+    return {n: s.weight for n, s in parse_reward_specs(entries).items()}
 
 
 def register(name: str) -> Callable[[Callable[[], Reward]], Callable[[], Reward]]:
@@ -30,16 +77,39 @@ def register(name: str) -> Callable[[Callable[[], Reward]], Callable[[], Reward]
     return deco
 
 
-def build_rewards(weights: dict[str, float]) -> dict[str, Reward]:
-    """Instantiate each named reward; an unknown name is an error naming the known ones."""
-    out = {}
-    for name in weights:
-        if name not in REWARDS:
-            near = difflib.get_close_matches(name, list(REWARDS), n=1)
+def build_rewards(entries: Mapping[str, Any], key: str = "rewards") -> dict[str, Reward]:
+    """Instantiate each configured reward (see :class:`RewardSpec`); an unknown type or option is
+    an error naming the entry and what is known."""
+    out: dict[str, Reward] = {}
+    for name, spec in parse_reward_specs(entries, key).items():
+        if spec.type not in REWARDS:
+            near = difflib.get_close_matches(spec.type, list(REWARDS), n=1)
             hint = f"did you mean {near[0]}? " if near else ""
-            raise RewardError(f"unknown reward {name!r} in rewards: {hint}known: {', '.join(sorted(REWARDS))}")
-        out[name] = REWARDS[name]()
+            raise RewardError(f"unknown reward {spec.type!r} in {key}.{name}: {hint}known: {', '.join(sorted(REWARDS))}")
+        factory = REWARDS[spec.type]
+        try:
+            inspect.signature(factory).bind(**spec.options)
+        except TypeError:
+            params = [p for p in inspect.signature(factory).parameters if p != "self"]
+            raise RewardError(f"{key}.{name}: reward {spec.type!r} takes options {params or 'none'}, "
+                              f"got {sorted(spec.options)}") from None
+        except ValueError:  # builtins without a signature: let the call decide
+            pass
+        try:
+            reward = factory(**spec.options)
+        except RewardError:
+            raise
+        except Exception as e:
+            raise RewardError(f"{key}.{name}: building reward {spec.type!r} failed: {type(e).__name__}: "
+                              f"{_first_line(e)}") from e
+        retries = spec.retries if spec.retries is not None else getattr(factory, "default_retries", 0)
+        setattr(reward, "_flowdppo_retries", retries)
+        out[name] = reward
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list[str]
@@ -55,13 +125,7 @@ def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list
     b = videos.shape[0]
     scores, extras = {}, {}
     for name, fn in rewards.items():
-        try:
-            out = fn(videos, prompts)
-        except RewardError:
-            raise
-        except Exception as e:  # a reward that fails stops the iteration, never a silent default
-            raise RewardError(f"reward {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                              ) from e
+        out = _call_with_retries(name, fn, videos, prompts)
         if isinstance(out, dict):
             if "score" not in out:
                 raise RewardError(f"reward {name!r} returned a dict without 'score'")
@@ -74,3 +138,22 @@ def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list
             raise RewardError(f"reward {name!r} returned non-finite scores")
         scores[name] = s
     return scores, extras
+
+
+def _call_with_retries(name: str, fn: Reward, videos: torch.Tensor, prompts: list[str]) -> Any:
+    """Call a reward; on an exception retry ``retries`` times (a remote judge may time out once),
+    then fail the iteration with the last error: a failed reward is never a silent default."""
+    retries = int(getattr(fn, "_flowdppo_retries", 0))
+    for attempt in range(retries + 1):
+        try:
+            return fn(videos, prompts)
+        except RewardError as e:
+            err: BaseException = e
+        except Exception as e:
+            err = e
+        if attempt < retries:
+            time.sleep(min(0.1 * 2 ** attempt, 2.0))
+    tries = f" after {retries + 1} attempts" if retries else ""
+    if isinstance(err, RewardError):
+        raise RewardError(f"reward {name!r} failed{tries}: {_first_line(err)}") from err
+    raise RewardError(f"reward {name!r} failed{tries}: {type(err).__name__}: {_first_line(err)}") from err

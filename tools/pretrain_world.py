@@ -76,7 +76,7 @@ def main() -> None:
         ema, start, log = st["ema"], st["step"], st["log"]
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-        resumes = st.get("resumes", []) + [{"at_step": start, "steps": args.steps}]
+        resumes = st.get("resumes", []) + [{"at_step": start, **{k: v for k, v in vars(args).items() if k not in ("out", "work")}}]
         print(f"resumed at step {start}")
     elapsed0 = log[-1]["elapsed_s"] if log else 0.0
     t0 = time.time()
