@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 from . import sde
 from .config import SamplerConfig
-from .models.base import VideoFlowAdapter
+from .models.base import ModelError, Text, VideoFlowAdapter, cat_text
 
 
-def guided_velocity(adapter: VideoFlowAdapter, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
-                    text_uncond: torch.Tensor | None, guidance_scale: float, joint: bool = True) -> torch.Tensor:
+def guided_velocity(adapter: VideoFlowAdapter, x: torch.Tensor, sigma: torch.Tensor, text: Text,
+                    text_uncond: Text | None, guidance_scale: float, joint: bool = True,
+                    expert: int = 0) -> torch.Tensor:
     """The policy's velocity, classifier-free guidance included.
 
     ``v = v_u + w (v_c - v_u)``. With ``joint`` the conditional and unconditional rows go through
@@ -28,17 +29,18 @@ def guided_velocity(adapter: VideoFlowAdapter, x: torch.Tensor, sigma: torch.Ten
     page faults than they save). Rollout and replay pass the same ``joint``.
 
     Args:
-        x: ``(B, C, F, H, W)``; sigma: ``(B,)``; text, text_uncond: ``(B, L, D)``.
+        x: ``(B, C, F, H, W)``; sigma: ``(B,)``; text, text_uncond: ``B`` rows (``(B, L, D)`` or a
+        ``TextBatch``); expert: the transformer that takes this step (Wan 2.2 A14B).
     Returns:
         float32 ``(B, C, F, H, W)``.
     """
     if text_uncond is None or guidance_scale == 1.0:
-        return adapter.velocity(x, sigma, text)
+        return adapter.velocity(x, sigma, text, expert)
     if joint:
-        v = adapter.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, text_uncond]))
+        v = adapter.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_text([text, text_uncond]), expert)
         v_c, v_u = v.chunk(2)
     else:
-        v_c, v_u = adapter.velocity(x, sigma, text), adapter.velocity(x, sigma, text_uncond)
+        v_c, v_u = adapter.velocity(x, sigma, text, expert), adapter.velocity(x, sigma, text_uncond, expert)
     return v_u + guidance_scale * (v_c - v_u)
 
 
@@ -55,7 +57,8 @@ class Trajectory:
 
     Attributes:
         prompts: the ``B`` prompts, grouped: video ``b`` is sample ``b % G`` of prompt ``b // G``.
-        text: ``(B, L, D)`` prompt embeddings; text_uncond: same, or None without CFG.
+        text: ``(B, L, D)`` prompt embeddings (or a ``TextBatch`` of ``B`` rows); text_uncond: same,
+            or None without CFG.
         steps: ``(S,)`` schedule indices of the SDE steps.
         sigmas, sigmas_next: ``(S,)`` sigma before and after each SDE step.
         latents: ``(B, S, C, F, H, W)`` ``x_k`` before each SDE step.
@@ -66,6 +69,9 @@ class Trajectory:
         videos: ``(B, F_px, H_px, W_px, 3)`` uint8, decoded ``final`` (None if not decoded).
         sigma_1: the schedule's second sigma (Flow-SDE at sigma = 1).
         cfg_joint: whether CFG ran cond and uncond as one batch (replay does the same).
+        experts: ``(S,)`` the transformer that made each SDE step (0 = ``transformer``, 1 =
+            ``transformer_2`` of Wan 2.2 A14B); replay goes through the same one.
+        guidance_scale_2: CFG scale of expert 1's steps (None: ``guidance_scale``).
     """
 
     prompts: list[str]
@@ -85,6 +91,8 @@ class Trajectory:
     eta: float
     guidance_scale: float
     cfg_joint: bool = True
+    experts: torch.Tensor | None = None
+    guidance_scale_2: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -98,6 +106,7 @@ class Trajectory:
         """The rows ``index`` (a minibatch), sharing step data."""
         out = {}
         idx = index.tolist()
+        # `experts` and the other step data are per SDE step, shared by every row.
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "prompts":
@@ -120,9 +129,35 @@ def step_mean(adapter: VideoFlowAdapter, traj: Trajectory, j: int) -> torch.Tens
     x = traj.latents[:, j].to(dev)
     sigma, sigma_next = traj.sigmas[j].expand(b).to(dev), traj.sigmas_next[j].expand(b).to(dev)
     text_u = None if traj.text_uncond is None else traj.text_uncond.to(dev)
-    v = guided_velocity(adapter, x, sigma, traj.text.to(dev), text_u, traj.guidance_scale, traj.cfg_joint)
+    # The recorded expert, never one re-derived from sigma: replay must use the transformer that
+    # produced the step even if routing rules (boundary_ratio) change between rollout and update.
+    expert = 0 if traj.experts is None else int(traj.experts[j])
+    v = guided_velocity(adapter, x, sigma, traj.text.to(dev), text_u, _guidance(traj.guidance_scale,
+                        traj.guidance_scale_2, expert), traj.cfg_joint, expert)
     mean, _ = sde.sde_step(traj.kind, x, v, sigma, sigma_next, traj.eta, traj.sigma_1)
     return mean
+
+
+def _guidance(scale: float, scale_2: float | None, expert: int) -> float:
+    """CFG scale of a step of ``expert`` (Wan 2.2 A14B's low-noise expert may use its own)."""
+    return scale_2 if expert == 1 and scale_2 is not None else scale
+
+
+def _choose_steps(adapter: VideoFlowAdapter, sampler: SamplerConfig, generator: torch.Generator,
+                  schedule: torch.Tensor) -> list[int]:
+    """SDE steps of this rollout: drawn from the window, and only among steps whose expert trains
+    (a step of a frozen Wan 2.2 expert would carry no gradient)."""
+    frozen = [e for e in range(adapter.num_experts) if not adapter.expert_trains(e)]
+    if not frozen:
+        return sde.choose_sde_steps(sampler.num_steps, sampler.sde_steps, tuple(sampler.window), sampler.kind,
+                                    generator, schedule)
+    cands = [k for k in sde.sde_candidates(sampler.num_steps, tuple(sampler.window), sampler.kind, schedule)
+             if adapter.expert_trains(adapter.expert_for(float(schedule[k])))]
+    if sampler.sde_steps > len(cands):
+        raise ModelError(f"sampler.sde_steps={sampler.sde_steps} exceeds the {len(cands)} steps of sampler.window "
+                         f"{sampler.window} that the training expert(s) take (model.train_experts)")
+    perm = torch.randperm(len(cands), generator=generator)[:sampler.sde_steps]
+    return sorted(cands[i] for i in perm.tolist())
 
 
 @torch.no_grad()
@@ -141,12 +176,12 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     b = len(prompts) * group_size
     batch_prompts = [p for p in prompts for _ in range(group_size)]
     text = adapter.encode_prompts(batch_prompts)
-    cfg_on = sampler.guidance_scale != 1.0
+    g2 = sampler.guidance_scale_2 if adapter.num_experts > 1 else None
+    cfg_on = sampler.guidance_scale != 1.0 or (g2 is not None and g2 != 1.0)
     text_u = adapter.encode_prompts([negative_prompt or ""] * b) if cfg_on else None
 
     schedule = sde.flow_schedule(sampler.num_steps, sampler.shift)
-    steps = sde.choose_sde_steps(sampler.num_steps, sampler.sde_steps, tuple(sampler.window), sampler.kind,
-                                 generator, schedule)
+    steps = _choose_steps(adapter, sampler, generator, schedule)
     sigma_1 = float(schedule[1])
     dev = adapter.device
     # Noise is drawn on the CPU generator and moved, so a seed means the same video anywhere.
@@ -156,18 +191,21 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     nxt = torch.empty_like(lat)
     means = torch.empty_like(lat)
     stds = torch.empty((b, s_count))
+    experts = torch.zeros(s_count, dtype=torch.long)
     chunk = sampler.batch_size or b
     slot = {k: j for j, k in enumerate(steps)}
     joint = cfg_joint(sampler, dev)
     for k in tqdm(range(sampler.num_steps), desc="rollout", leave=False, disable=not progress):
         sig, sig_next = float(schedule[k]), float(schedule[k + 1])
+        expert = adapter.expert_for(sig)
         v = torch.cat([
             guided_velocity(adapter, x[i:i + chunk], torch.full((min(chunk, b - i),), sig, device=dev),
                             text[i:i + chunk], None if text_u is None else text_u[i:i + chunk],
-                            sampler.guidance_scale, joint)
+                            _guidance(sampler.guidance_scale, g2, expert), joint, expert)
             for i in range(0, b, chunk)])
         if k in slot:
             j = slot[k]
+            experts[j] = expert
             mean, std = sde.sde_step(sampler.kind, x, v, sig, sig_next, sampler.eta, sigma_1)
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(dev)
             x_next = mean + std.view(-1, 1, 1, 1, 1) * noise
@@ -181,4 +219,5 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     return Trajectory(prompts=batch_prompts, text=text.cpu(), text_uncond=None if text_u is None else text_u.cpu(),
                       steps=idx, sigmas=sched[idx], sigmas_next=sched[idx + 1], latents=lat, next_latents=nxt,
                       means=means, stds=stds, final=x.cpu(), videos=videos, sigma_1=sigma_1, kind=sampler.kind,
-                      eta=sampler.eta, guidance_scale=sampler.guidance_scale, cfg_joint=joint)
+                      eta=sampler.eta, guidance_scale=sampler.guidance_scale, cfg_joint=joint, experts=experts,
+                      guidance_scale_2=g2)

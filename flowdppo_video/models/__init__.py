@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ..config import ModelConfig
 from ..resources import resolve
-from .base import ModelError, VideoFlowAdapter
+from .base import ModelError, TextBatch, VideoFlowAdapter
 
-FAMILIES = ("wan",)
+# family -> the diffusers pipeline class its checkpoints declare in model_index.json
+FAMILIES: dict[str, str] = {
+    "wan": "WanPipeline",                         # Wan 2.1, Wan 2.2 T2V-A14B (two experts), TI2V-5B
+    "hunyuan_video": "HunyuanVideoPipeline",      # HunyuanVideo (1.0) T2V
+    "hunyuan_video_1.5": "HunyuanVideo15Pipeline",  # HunyuanVideo 1.5 T2V
+}
+# Image-to-video pipelines of the same transformers: named in errors so a user learns what they hold.
+_OTHER_PIPELINES = {"WanImageToVideoPipeline": "wan", "HunyuanVideoImageToVideoPipeline": "hunyuan_video",
+                    "HunyuanVideo15ImageToVideoPipeline": "hunyuan_video_1.5"}
+
+
+def checkpoint_family(path: Path) -> str | None:
+    """The family a diffusers directory holds (from ``model_index.json``'s ``_class_name``);
+    a :class:`ModelError` if ``path`` is not a diffusers checkpoint."""
+    if not path.exists():
+        raise ModelError(f"model.path {path} does not exist")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"model.path {path} is not a diffusers checkpoint (no model_index.json)")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelError(f"model.path {path}: model_index.json is not a JSON object") from None
+    for fam, pipe in FAMILIES.items():
+        if cls == pipe:
+            return fam
+    if cls in _OTHER_PIPELINES:
+        raise ModelError(f"model.path {path} holds a {cls} (image-to-video), which this project does not "
+                         f"train; model.family {_OTHER_PIPELINES[cls]!r} takes its text-to-video checkpoints")
+    return None
 
 
 def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool = False) -> VideoFlowAdapter:
@@ -17,17 +49,39 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
     ``keep_reference``: keep the frozen base reachable through ``adapter.reference()``
     (free with LoRA; a frozen copy with full fine-tuning).
     """
+    if cfg.family not in FAMILIES:
+        raise ModelError(f"model.family={cfg.family!r} is not one of {', '.join(FAMILIES)}")
+    path = resolve(cfg.path) if cfg.path is not None else None
+    if path is not None:
+        found = checkpoint_family(Path(path))
+        if found is not None and found != cfg.family:
+            raise ModelError(f"model.path {path} holds a {FAMILIES[found]} checkpoint (family {found!r}), "
+                             f"but model.family is {cfg.family!r}")
+    if cfg.family != "wan" and cfg.train_experts not in (None, ["high"]):
+        raise ModelError(f"model.train_experts {cfg.train_experts}: only Wan 2.2 A14B has two experts")
     if cfg.family == "wan":
         from .wan import WanAdapter
 
-        if cfg.path is not None:
-            adapter = WanAdapter.from_pretrained(resolve(cfg.path), device=device, dtype=cfg.dtype,
-                                                 max_sequence_length=cfg.max_sequence_length)
+        if path is not None:
+            adapter = WanAdapter.from_pretrained(path, device=device, dtype=cfg.dtype,
+                                                 max_sequence_length=cfg.max_sequence_length,
+                                                 train_experts=cfg.train_experts)
         else:
             adapter = WanAdapter.from_config(cfg.init or {}, device=device, dtype=cfg.dtype,
-                                             max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed)
+                                             max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed,
+                                             train_experts=cfg.train_experts)
+    elif cfg.family == "hunyuan_video":
+        from .hunyuan import HunyuanVideoAdapter
+
+        adapter = HunyuanVideoAdapter.build(path, cfg.init, device=device, dtype=cfg.dtype,
+                                            max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed,
+                                            embedded_guidance=cfg.embedded_guidance)
     else:
-        raise ModelError(f"model.family={cfg.family!r} is not one of {', '.join(FAMILIES)}")
+        from .hunyuan15 import HunyuanVideo15Adapter
+
+        adapter = HunyuanVideo15Adapter.build(path, cfg.init, device=device, dtype=cfg.dtype,
+                                              max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed,
+                                              embedded_guidance=cfg.embedded_guidance)
     if cfg.lora.rank > 0:
         adapter.enable_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.init_seed)
     else:
@@ -37,4 +91,4 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
     return adapter
 
 
-__all__ = ["FAMILIES", "ModelError", "VideoFlowAdapter", "build_adapter"]
+__all__ = ["FAMILIES", "ModelError", "TextBatch", "VideoFlowAdapter", "build_adapter", "checkpoint_family"]

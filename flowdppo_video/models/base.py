@@ -5,12 +5,62 @@ from __future__ import annotations
 import abc
 import contextlib
 from pathlib import Path
+from typing import Any, Union
 
 import torch
 
 
 class ModelError(ValueError):
     """A model that cannot be loaded or used as asked; one line naming the cause."""
+
+
+class TextBatch:
+    """Text conditioning made of several tensors, each with the batch as its first dimension.
+
+    Families whose conditioning is one ``(B, L, D)`` tensor (Wan) use a plain tensor; others
+    (HunyuanVideo: embeddings, attention mask, pooled projection) use this. It supports what the
+    rollout and trajectories do with a tensor: index rows, slice, move, and concatenate
+    (:func:`cat_text`).
+    """
+
+    def __init__(self, **parts: torch.Tensor) -> None:
+        sizes = {k: v.shape[0] for k, v in parts.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"TextBatch parts differ in batch size: {sizes}")
+        self.parts = parts
+
+    def __getitem__(self, index: Any) -> "TextBatch":
+        """Rows ``index`` (a slice, a list or a tensor of indices: the result keeps its batch dimension)."""
+        if isinstance(index, int):
+            raise TypeError("index a TextBatch with a slice or a list of rows (it keeps the batch dimension)")
+        return TextBatch(**{k: v[index] for k, v in self.parts.items()})
+
+    def __len__(self) -> int:
+        return next(iter(self.parts.values())).shape[0]
+
+    @property
+    def shape(self) -> torch.Size:                       # the batch size, as for a tensor
+        return torch.Size([len(self)])
+
+    def to(self, *args: Any, **kwargs: Any) -> "TextBatch":
+        return TextBatch(**{k: v.to(*args, **kwargs) for k, v in self.parts.items()})
+
+    def cpu(self) -> "TextBatch":
+        return self.to("cpu")
+
+    def __repr__(self) -> str:
+        return "TextBatch(" + ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.parts.items()) + ")"
+
+
+Text = Union[torch.Tensor, TextBatch]
+
+
+def cat_text(items: list[Text]) -> Text:
+    """Concatenate text conditionings along the batch (tensors or :class:`TextBatch`)."""
+    if isinstance(items[0], torch.Tensor):
+        return torch.cat(items)
+    return TextBatch(**{k: torch.cat([t.parts[k] for t in items]) for k in items[0].parts})
+
 
 
 class VideoFlowAdapter(abc.ABC):
@@ -24,18 +74,31 @@ class VideoFlowAdapter(abc.ABC):
     transformer: torch.nn.Module
     patch_size: tuple[int, int, int]
     device: torch.device
+    # Mixture-of-experts families (Wan 2.2 A14B) route each denoising step to one of several
+    # transformers by its sigma; the trajectory records the expert of every SDE step.
+    num_experts: int = 1
+
+    def expert_for(self, sigma: float) -> int:
+        """The expert (0 = ``transformer``, 1 = ``transformer_2``) that denoises at ``sigma``."""
+        return 0
+
+    def expert_trains(self, expert: int) -> bool:
+        """Whether the expert has trainable parameters (SDE steps are drawn only where one does)."""
+        return True
 
     @abc.abstractmethod
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """``(C, F, H, W)`` of the latent for a video of that size; a clear error if impossible."""
 
     @abc.abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings ``(P, L, D_text)`` in the transformer dtype, cached per prompt."""
+    def encode_prompts(self, prompts: list[str]) -> Text:
+        """Text conditioning of ``P`` prompts (``(P, L, D_text)`` or a :class:`TextBatch` of ``P``
+        rows) in the transformer dtype, cached per prompt."""
 
     @abc.abstractmethod
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``v(x, sigma, c)``: ``x`` ``(B, C, F, H, W)``, ``sigma`` ``(B,)``, ``text`` ``(B, L, D)``.
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: Text, expert: int = 0) -> torch.Tensor:
+        """``v(x, sigma, c)``: ``x`` ``(B, C, F, H, W)``, ``sigma`` ``(B,)``, ``text`` of ``B`` rows,
+        through transformer ``expert`` (see :meth:`expert_for`).
 
         Returns float32 ``(B, C, F, H, W)``. The single forward path of rollout and replay.
         """

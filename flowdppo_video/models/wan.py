@@ -1,22 +1,26 @@
-"""Wan 2.1 text-to-video (diffusers ``WanTransformer3DModel``, ``AutoencoderKLWan``, UMT5)."""
+"""Wan 2.1 and 2.2 text-to-video (diffusers ``WanTransformer3DModel``, ``AutoencoderKLWan``, UMT5).
+
+Wan 2.2 A14B is a mixture of two experts: ``transformer`` takes the high-noise steps
+(``sigma * 1000 >= boundary_ratio * 1000``, as ``WanPipeline`` routes them) and
+``transformer_2`` the rest. Wan 2.2 TI2V-5B is one transformer fed per-token timesteps
+(``expand_timesteps``) over a 16x-compressing autoencoder.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ._training import EXPERT_DIRS, TrainableExperts
 from .base import ModelError, VideoFlowAdapter
 from .tokenizers import byte_tokenizer
 
+EXPERT_NAMES = ("high", "low")                 # model.train_experts -> transformer, transformer_2
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LORA_FILE = "pytorch_lora_weights.safetensors"
-_FULL_FILE = "transformer.safetensors"
 
 # A tiny Wan for tests and demos: every part is the real diffusers / transformers class.
 TINY_INIT: dict[str, dict[str, Any]] = {
@@ -28,11 +32,10 @@ TINY_INIT: dict[str, dict[str, Any]] = {
     "text_encoder": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
                      "relative_attention_num_buckets": 8},
 }
-
-
-def _json_default(value: Any) -> Any:
-    """Sets (peft target modules) as lists, paths and the rest as strings."""
-    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+# Optional parts of `model.init` (Wan 2.2): a second expert (its config over `transformer`'s) and
+# the pipeline's routing settings.
+OPTIONAL_INIT = ("transformer_2", "pipeline")
+_PIPELINE_KEYS = ("boundary_ratio", "expand_timesteps")
 
 
 def _check_checkpoint_dir(path: Path) -> None:
@@ -47,6 +50,17 @@ def _check_checkpoint_dir(path: Path) -> None:
     if cls != "WanTransformer3DModel":
         raise ModelError(f"model.path {path} holds a {cls}, not a WanTransformer3DModel "
                          "(model.family is 'wan')")
+    index = json.loads((path / "model_index.json").read_text())
+    pipe = index.get("_class_name")
+    if pipe not in (None, "WanPipeline"):
+        raise ModelError(f"model.path {path} is a {pipe} checkpoint; the wan family trains text-to-video "
+                         "WanPipeline checkpoints (Wan 2.1, Wan 2.2 T2V-A14B, TI2V-5B)")
+    if (index.get("transformer_2") or [None])[0] is not None:
+        if not (path / "transformer_2" / "config.json").is_file():
+            raise ModelError(f"model.path {path}: model_index.json names a transformer_2 but there is no "
+                             "transformer_2/config.json")
+        if index.get("boundary_ratio") is None:
+            raise ModelError(f"model.path {path}: a transformer_2 needs boundary_ratio in model_index.json")
     for sub in ("vae", "text_encoder", "tokenizer"):
         if not (path / sub).is_dir():
             raise ModelError(f"model.path {path} has no {sub}/ folder")
@@ -54,44 +68,82 @@ def _check_checkpoint_dir(path: Path) -> None:
         raise ModelError(f"model.path {path} has no vae/config.json")
 
 
-class WanAdapter(VideoFlowAdapter):
-    """Wan 2.1 T2V: the transformer trains; UMT5 and the VAE are frozen."""
+class WanAdapter(TrainableExperts, VideoFlowAdapter):
+    """Wan 2.1 / 2.2 T2V: the transformer(s) train; UMT5 and the VAE are frozen.
+
+    ``transformer_2`` and ``boundary_ratio`` make a Wan 2.2 A14B mixture of experts;
+    ``expand_timesteps`` feeds one timestep per latent token (Wan 2.2 TI2V-5B).
+    ``train_experts`` (of :data:`EXPERT_NAMES`) picks the experts that train; the others stay
+    frozen and get neither LoRA adapters nor optimizer state.
+    """
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
                  tokenizer: Any, *, device: torch.device, dtype: torch.dtype,
-                 max_sequence_length: int, scheduler_config: dict[str, Any] | None = None) -> None:
+                 max_sequence_length: int, scheduler_config: dict[str, Any] | None = None,
+                 transformer_2: torch.nn.Module | None = None, boundary_ratio: float | None = None,
+                 expand_timesteps: bool = False, train_experts: list[str] | None = None,
+                 position_channels: int = 0) -> None:
         self.device = device
         self.dtype = dtype
         self.max_sequence_length = max_sequence_length
         # Dtypes are set at load time (from_pretrained keeps Wan's float32 norms); only move here.
-        self.transformer = transformer.to(device=device)
+        self.experts: list[torch.nn.Module] = [t.to(device=device) for t in (transformer, transformer_2)
+                                               if t is not None]
+        self._init_training()
+        if self.num_experts > 1 and boundary_ratio is None:
+            raise ModelError("a Wan 2.2 transformer_2 needs a boundary_ratio (model_index.json)")
+        if boundary_ratio is not None and not 0.0 < boundary_ratio < 1.0:
+            raise ModelError(f"boundary_ratio must be in (0, 1), got {boundary_ratio}")
+        self.boundary_ratio = boundary_ratio if self.num_experts > 1 else None
+        self.expand_timesteps = bool(expand_timesteps)
+        names = EXPERT_NAMES[:self.num_experts]
+        wanted = list(names) if train_experts is None else list(train_experts)
+        extra = [e for e in wanted if e not in names]
+        if extra:
+            raise ModelError(f"model.train_experts {wanted}: this model has only the {list(names)} expert(s) "
+                             "(a second, low-noise expert is Wan 2.2 A14B's transformer_2)")
+        self.trained = [names.index(e) for e in names if e in wanted]
         self.vae = vae.to(device=device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(device=device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config or {}
         self.patch_size = tuple(int(p) for p in self.transformer.config.patch_size)
         self._text_cache: dict[str, torch.Tensor] = {}
-        self._lora_rank = 0
-        self._frozen_base: torch.nn.Module | None = None
         vcfg = self.vae.config
         self.latent_channels = int(vcfg.z_dim)
         self.scale_temporal = 2 ** sum(bool(t) for t in vcfg.temperal_downsample)
-        self.scale_spatial = 2 ** len(vcfg.temperal_downsample)
-        if int(self.transformer.config.in_channels) != self.latent_channels:
-            raise ModelError(f"transformer in_channels {self.transformer.config.in_channels} != "
-                             f"vae z_dim {self.latent_channels}")
+        # Wan 2.2's VAE also folds 2x2 pixels into channels first (its `patch_size`): 16x in all.
+        self.scale_spatial = 2 ** len(vcfg.temperal_downsample) * int(getattr(vcfg, "patch_size", None) or 1)
+        # Optional clean conditioning channels (t, y, x) in [-1, 1] appended to the noisy latent, as
+        # Wan I2V appends its image channels: they give a small model absolute positions, which
+        # Wan's relative RoPE does not (the shapes-world model uses them; real Wan checkpoints: 0).
+        self.position_channels = int(position_channels)
+        if self.position_channels not in (0, 3):
+            raise ModelError(f"position_channels must be 0 or 3, got {position_channels}")
+        self._positions: dict[tuple[int, ...], torch.Tensor] = {}
+        for i, t in enumerate(self.experts):
+            if int(t.config.in_channels) != self.latent_channels + self.position_channels:
+                extra = f" + {self.position_channels} position channels" if self.position_channels else ""
+                raise ModelError(f"{EXPERT_DIRS[i]} in_channels {t.config.in_channels} != "
+                                 f"vae z_dim {self.latent_channels}{extra}")
+            if tuple(int(p) for p in t.config.patch_size) != self.patch_size:
+                raise ModelError("transformer and transformer_2 have different patch sizes")
 
     # ---------------------------------------------------------------- building
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: str = "float32",
-                        max_sequence_length: int = 512) -> "WanAdapter":
+                        max_sequence_length: int = 512, train_experts: list[str] | None = None) -> "WanAdapter":
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         p = Path(path)
         _check_checkpoint_dir(p)
         tdtype = _DTYPES[dtype]
+        index = json.loads((p / "model_index.json").read_text())
         transformer = WanTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
+        transformer_2 = None
+        if (index.get("transformer_2") or [None])[0] is not None:
+            transformer_2 = WanTransformer3DModel.from_pretrained(p, subfolder="transformer_2", torch_dtype=tdtype)
         vae_cls = json.loads((p / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKLWan")
         if vae_cls == "PixelAutoencoder":
             from .pixel_vae import PixelAutoencoder as vae_type
@@ -105,24 +157,35 @@ class WanAdapter(VideoFlowAdapter):
         sched = p / "scheduler" / "scheduler_config.json"
         sched_cfg = json.loads(sched.read_text()) if sched.is_file() else None
         return cls(transformer, vae, text_encoder, tokenizer, device=device, dtype=tdtype,
-                   max_sequence_length=max_sequence_length, scheduler_config=sched_cfg)
+                   max_sequence_length=max_sequence_length, scheduler_config=sched_cfg,
+                   transformer_2=transformer_2, boundary_ratio=index.get("boundary_ratio"),
+                   expand_timesteps=bool(index.get("expand_timesteps", False)), train_experts=train_experts,
+                   position_channels=int(index.get("position_channels", 0)))
 
     @classmethod
     def from_config(cls, init: dict[str, Any], *, device: torch.device, dtype: str = "float32",
-                    max_sequence_length: int = 512, seed: int = 0) -> "WanAdapter":
+                    max_sequence_length: int = 512, seed: int = 0,
+                    train_experts: list[str] | None = None) -> "WanAdapter":
         """Random weights from sub-configs ``transformer``, ``vae``, ``text_encoder`` (tests, demos).
 
         Missing sub-configs take :data:`TINY_INIT`; the tokenizer is :func:`byte_tokenizer`.
+        Wan 2.2: ``transformer_2`` (overrides of ``transformer``'s config; its presence makes two
+        experts) and ``pipeline: {boundary_ratio, expand_timesteps}``.
         """
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        unknown = set(init) - set(TINY_INIT)
+        unknown = set(init) - set(TINY_INIT) - set(OPTIONAL_INIT)
         if unknown:
-            raise ModelError(f"unknown model.init part(s) {sorted(unknown)}; known: {sorted(TINY_INIT)}")
+            raise ModelError(f"unknown model.init part(s) {sorted(unknown)}; "
+                             f"known: {sorted(TINY_INIT) + list(OPTIONAL_INIT)}")
         bad = [k for k, v in init.items() if not isinstance(v, dict)]
         if bad:
             raise ModelError(f"model.init.{bad[0]} must be a mapping of config values")
+        pipeline = dict(init.get("pipeline", {}))
+        unknown = set(pipeline) - set(_PIPELINE_KEYS)
+        if unknown:
+            raise ModelError(f"unknown model.init.pipeline key(s) {sorted(unknown)}; known: {list(_PIPELINE_KEYS)}")
         parts = {k: {**TINY_INIT[k], **init.get(k, {})} for k in TINY_INIT}
         tokenizer = byte_tokenizer()
         tcfg = dict(parts["text_encoder"])
@@ -135,6 +198,9 @@ class WanAdapter(VideoFlowAdapter):
         torch.manual_seed(seed)
         try:
             transformer = WanTransformer3DModel(**parts["transformer"])
+            transformer_2 = None
+            if "transformer_2" in init:
+                transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
             vae = AutoencoderKLWan(**vcfg)
             text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
                                                        decoder_start_token_id=0))
@@ -147,9 +213,13 @@ class WanAdapter(VideoFlowAdapter):
                              f"transformer.text_dim {transformer.config.text_dim}")
         if dtype != "float32":
             transformer = transformer.to(_DTYPES[dtype])
+            transformer_2 = None if transformer_2 is None else transformer_2.to(_DTYPES[dtype])
             text_encoder = text_encoder.to(_DTYPES[dtype])
         return cls(transformer, vae, text_encoder, tokenizer, device=device, dtype=_DTYPES[dtype],
-                   max_sequence_length=max_sequence_length)
+                   max_sequence_length=max_sequence_length, transformer_2=transformer_2,
+                   boundary_ratio=pipeline.get("boundary_ratio"),
+                   expand_timesteps=bool(pipeline.get("expand_timesteps", False)), train_experts=train_experts,
+                   position_channels=int(pipeline.get("position_channels", 0)))
 
     def save_pretrained(self, directory: Path) -> None:
         """A diffusers ``WanPipeline`` directory (``WanPipeline.from_pretrained`` loads it)."""
@@ -157,127 +227,23 @@ class WanAdapter(VideoFlowAdapter):
 
         scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **{
             k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}})
-        with self._merged_lora() as transformer:
-            pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                               transformer=transformer, scheduler=scheduler)
-            pipe.save_pretrained(str(directory))
+        plain = [self._merged(i) for i in range(self.num_experts)]
+        pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                           transformer=plain[0], scheduler=scheduler,
+                           transformer_2=plain[1] if len(plain) > 1 else None,
+                           boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
+        pipe.save_pretrained(str(directory))
+        if self.position_channels:  # WanPipeline does not know this key; our loader reads it
+            index_path = Path(directory) / "model_index.json"
+            index = json.loads(index_path.read_text())
+            index["position_channels"] = self.position_channels
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    @contextlib.contextmanager
-    def _merged_lora(self) -> Iterator[torch.nn.Module]:
-        if not self._lora_rank:
-            yield self.transformer
-            return
-        # Export base + LoRA as plain weights without touching the training model.
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        merged = copy.deepcopy(self.transformer)
-        for m in merged.modules():
-            if isinstance(m, BaseTunerLayer):
-                m.merge()
-        from diffusers import WanTransformer3DModel
-
-        plain = WanTransformer3DModel(**{k: v for k, v in self.transformer.config.items()
-                                         if not k.startswith("_")})
-        sd = {}
-        for k, v in merged.state_dict().items():
-            if "lora_" in k:
-                continue
-            sd[k.replace(".base_layer.", ".")] = v
-        plain.load_state_dict(sd)
-        yield plain.to(dtype=self.dtype)
-
-    # ---------------------------------------------------------------- training setup
-    def enable_lora(self, rank: int, alpha: float | None, targets: list[str], seed: int = 0) -> None:
-        """peft LoRA on the named transformer submodules; base weights frozen, B initialised to 0."""
-        from peft import LoraConfig
-
-        self.transformer.requires_grad_(False)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank,
-                                                    target_modules=targets, init_lora_weights=True))
-        except ValueError as e:
-            raise ModelError(f"model.lora.targets {targets}: {str(e).splitlines()[0]}") from None
-        finally:
-            torch.random.set_rng_state(state)
-        for n, p in self.transformer.named_parameters():
-            p.requires_grad_("lora_" in n)
-            if "lora_" in n:
-                p.data = p.data.float()  # float32 adapters (and optimizer state) under a bf16 base
-        self._lora_rank = rank
-
-    def enable_full_finetune(self, keep_reference: bool) -> None:
-        self.transformer.requires_grad_(True)
-        if keep_reference:
-            self._frozen_base = copy.deepcopy(self.transformer).eval().requires_grad_(False)
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        if self._lora_rank:
-            self.transformer.disable_adapters()
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-            return
-        if self._frozen_base is None:
-            raise ModelError("no reference model: full fine-tuning keeps one only when objective.beta > 0")
-        live = self.transformer
-        self.transformer = self._frozen_base
-        try:
-            yield
-        finally:
-            self.transformer = live
-
-    def save_trainable(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        if self._lora_rank:
-            from peft import get_peft_model_state_dict
-
-            sd = get_peft_model_state_dict(self.transformer)
-            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, directory / _LORA_FILE)
-            (directory / "adapter_config.json").write_text(json.dumps(
-                self.transformer.peft_config["default"].to_dict(), default=_json_default, indent=1))
-        else:
-            sd = {k: v.detach().contiguous().cpu() for k, v in self.transformer.state_dict().items()}
-            save_file(sd, directory / _FULL_FILE)
-            (directory / "config.json").write_text(json.dumps(dict(self.transformer.config), default=_json_default))
-
-    def load_trainable(self, directory: Path) -> None:
-        if self._lora_rank:
-            from peft import set_peft_model_state_dict
-
-            f = directory / _LORA_FILE
-            if not f.is_file():
-                raise ModelError(f"{f} not found: the checkpoint holds no LoRA weights")
-            try:
-                res = set_peft_model_state_dict(self.transformer, load_file(f, device=str(self.device)))
-            except RuntimeError as e:
-                raise ModelError(f"{f} does not fit this model's LoRA (rank or shapes differ): "
-                                 f"{str(e).splitlines()[0]}") from None
-            bad = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
-            if bad:
-                raise ModelError(f"{f}: LoRA keys do not match this model ({bad[0]} ...)")
-        else:
-            f = directory / _FULL_FILE
-            if not f.is_file():
-                raise ModelError(f"{f} not found: the checkpoint holds no full transformer weights")
-            sd = load_file(f, device=str(self.device))
-            try:
-                with torch.no_grad():
-                    missing, unexpected = self.transformer.load_state_dict(sd, strict=False)
-            except RuntimeError as e:
-                raise ModelError(f"{f} does not fit this transformer: {str(e).splitlines()[0]}") from None
-            if missing or unexpected:
-                raise ModelError(f"{f} does not match the transformer (missing {missing[:2]}, "
-                                 f"unexpected {unexpected[:2]})")
+    def expert_for(self, sigma: float) -> int:
+        # WanPipeline: `t >= boundary_ratio * num_train_timesteps` -> transformer, else transformer_2.
+        if self.boundary_ratio is None or sigma * 1000.0 >= self.boundary_ratio * 1000.0:
+            return 0
+        return 1
 
     # ---------------------------------------------------------------- the interface
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -310,12 +276,30 @@ class WanAdapter(VideoFlowAdapter):
                 self._text_cache[p] = h
         return torch.stack([self._text_cache[p] for p in prompts])
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, expert: int = 0) -> torch.Tensor:
         timestep = (sigma.to(device=self.device, dtype=torch.float32) * 1000.0)
-        out = self.transformer(hidden_states=x.to(device=self.device, dtype=self.dtype), timestep=timestep,
-                               encoder_hidden_states=text.to(device=self.device, dtype=self.dtype),
-                               return_dict=False)[0]
+        if self.expand_timesteps:
+            # TI2V-5B: one timestep per latent token (WanPipeline's `expand_timesteps`; all equal
+            # for text-to-video, where no token is a clean conditioning frame).
+            pt, ph, pw = self.patch_size
+            n = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
+            timestep = timestep[:, None].expand(-1, n)
+        h = x.to(device=self.device, dtype=self.dtype)
+        if self.position_channels:
+            h = torch.cat([h, self._position_grid(h)], dim=1)
+        out = self.experts[expert](hidden_states=h, timestep=timestep,
+                                   encoder_hidden_states=text.to(device=self.device, dtype=self.dtype),
+                                   return_dict=False)[0]
         return out.float()
+
+    def _position_grid(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, F, H, W)`` latent coordinates (frame, row, column), each spanning ``[-1, 1]``."""
+        key = tuple(h.shape[2:])
+        if key not in self._positions:
+            axes = [torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(1) for n in key]
+            self._positions[key] = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+        grid = self._positions[key].to(device=h.device, dtype=h.dtype)
+        return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1, -1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
@@ -329,3 +313,4 @@ class WanAdapter(VideoFlowAdapter):
             video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             outs.append(video.permute(0, 2, 3, 4, 1).cpu())
         return torch.cat(outs)
+

@@ -1,0 +1,277 @@
+"""HunyuanVideo (1.0) text-to-video: diffusers ``HunyuanVideoTransformer3DModel``,
+``AutoencoderKLHunyuanVideo``, a Llama text encoder (prompt template, template tokens cropped)
+and CLIP's pooled projection.
+
+The conditioning is three tensors per prompt (a :class:`~.base.TextBatch`): Llama hidden states
+``embeds`` ``(L, D)``, their attention ``mask`` ``(L,)`` (the transformer builds the joint
+image-text attention mask from it) and CLIP's ``pooled`` ``(D_pool,)``. The embedded (distilled)
+guidance scale is fed to the transformer at every step: it is part of the policy, fixed per run
+(``model.embedded_guidance``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._training import TrainableExperts
+from .base import ModelError, TextBatch, VideoFlowAdapter, cat_text
+from .tokenizers import byte_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_EMBEDDED_GUIDANCE = 6.0            # HunyuanVideoPipeline's `guidance_scale` default
+CLIP_MAX_LENGTH = 77
+
+# A tiny HunyuanVideo for tests: every part is the real diffusers / transformers class.
+TINY_INIT: dict[str, dict[str, Any]] = {
+    "transformer": {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+                    "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1, "mlp_ratio": 2.0,
+                    "patch_size": 2, "patch_size_t": 1, "guidance_embeds": True, "text_embed_dim": 16,
+                    "pooled_projection_dim": 8, "rope_axes_dim": [2, 2, 4]},
+    "vae": {"latent_channels": 4, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1,
+            "norm_num_groups": 4, "spatial_compression_ratio": 8, "temporal_compression_ratio": 4,
+            "mid_block_add_attention": False},
+    "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3,
+                     "num_attention_heads": 2, "num_key_value_heads": 2},
+    "text_encoder_2": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "projection_dim": 8},
+}
+_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    cfg_file = path / "transformer" / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"model.path {path} has no transformer/config.json")
+    cls = json.loads(cfg_file.read_text()).get("_class_name")
+    if cls != "HunyuanVideoTransformer3DModel":
+        raise ModelError(f"model.path {path} holds a {cls}, not a HunyuanVideoTransformer3DModel "
+                         "(model.family is 'hunyuan_video')")
+    for sub in _PARTS:
+        if not (path / sub).is_dir():
+            raise ModelError(f"model.path {path} has no {sub}/ folder")
+
+
+def _crop_start(tokenizer: Any, template: str) -> int:
+    """Tokens of the prompt template before the prompt, as the pipeline crops them.
+
+    HunyuanVideo's own Llama tokenizer: the pipeline's fixed 95. Any other tokenizer (the tiny
+    models' byte tokenizer): counted, leading special tokens (BOS) included, trailing ones not.
+    """
+    if "llama" in type(tokenizer).__name__.lower():
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+        return int(DEFAULT_PROMPT_TEMPLATE["crop_start"])
+    prefix = template.split("{}")[0]
+    full = tokenizer(prefix, add_special_tokens=True).input_ids
+    empty = tokenizer("", add_special_tokens=True).input_ids
+    lead = 0
+    while lead < len(empty) and lead < len(full) and full[lead] == empty[lead]:
+        lead += 1
+    return len(full) - (len(empty) - lead)
+
+
+class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
+    """What HunyuanVideo 1.0 and 1.5 share: the latent grid of their causal VAEs (``scaling_factor``,
+    ``spatial``/``temporal_compression_ratio``), decoding, and per-prompt caching of a
+    :class:`TextBatch` conditioning made by ``embed_text``."""
+
+    scale_temporal: int
+    scale_spatial: int
+    scaling_factor: float
+    latent_channels: int
+    _text_cache: dict[str, TextBatch]
+
+    def embed_text(self, prompts: list[str]) -> TextBatch:
+        raise NotImplementedError
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        st, ss = self.scale_temporal, self.scale_spatial
+        pt, ph, pw = self.patch_size
+        if num_frames < 1 or (num_frames - 1) % st:
+            raise ModelError(f"video.num_frames={num_frames} must be {st}k+1 for this autoencoder")
+        if height % (ss * ph) or width % (ss * pw):
+            raise ModelError(f"video size {height}x{width} must be divisible by {ss * ph}x{ss * pw} "
+                             f"(autoencoder x{ss} times patch {ph}x{pw})")
+        f = (num_frames - 1) // st + 1
+        if f % pt:
+            raise ModelError(f"latent frames {f} (video.num_frames={num_frames}) not divisible by patch {pt}")
+        return self.latent_channels, f, height // ss, width // ss
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> TextBatch:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            batch = self.embed_text(missing)
+            for i, p in enumerate(missing):
+                self._text_cache[p] = batch[i:i + 1]
+        return cat_text([self._text_cache[p] for p in prompts])
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
+        outs = []
+        for part in latents.split(chunk):
+            z = part.to(self.device, torch.float32) / self.scaling_factor
+            video = self.vae.decode(z, return_dict=False)[0]        # (b, 3, F, H, W) in [-1, 1]
+            video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            outs.append(video.permute(0, 2, 3, 4, 1).cpu())
+        return torch.cat(outs)
+
+
+class HunyuanVideoAdapter(HunyuanCommon):
+    """HunyuanVideo T2V: the transformer trains; Llama, CLIP and the VAE are frozen."""
+
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                 tokenizer: Any, text_encoder_2: torch.nn.Module, tokenizer_2: Any, *, device: torch.device,
+                 dtype: torch.dtype, max_sequence_length: int, embedded_guidance: float | None = None,
+                 scheduler_config: dict[str, Any] | None = None) -> None:
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
+        self.experts = [transformer.to(device=device)]
+        self.trained = [0]
+        self._init_training()
+        self.vae = vae.to(device=device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(device=device).eval().requires_grad_(False)
+        self.text_encoder_2 = text_encoder_2.to(device=device).eval().requires_grad_(False)
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.scheduler_config = scheduler_config or {}
+        tcfg = self.transformer.config
+        self.patch_size = (int(tcfg.patch_size_t), int(tcfg.patch_size), int(tcfg.patch_size))
+        self.embedded_guidance = DEFAULT_EMBEDDED_GUIDANCE if embedded_guidance is None else float(embedded_guidance)
+        if not tcfg.guidance_embeds:
+            self.embedded_guidance = None            # a model without the guidance embedder
+        self.prompt_template = {"template": DEFAULT_PROMPT_TEMPLATE["template"],
+                                "crop_start": _crop_start(tokenizer, DEFAULT_PROMPT_TEMPLATE["template"])}
+        vcfg = self.vae.config
+        self.latent_channels = int(vcfg.latent_channels)
+        self.scale_temporal = int(vcfg.temporal_compression_ratio)
+        self.scale_spatial = int(vcfg.spatial_compression_ratio)
+        self.scaling_factor = float(vcfg.scaling_factor)
+        self._text_cache: dict[str, TextBatch] = {}
+        if int(tcfg.in_channels) != self.latent_channels:
+            raise ModelError(f"transformer in_channels {tcfg.in_channels} != vae latent_channels {self.latent_channels}")
+        if int(text_encoder.config.hidden_size) != int(tcfg.text_embed_dim):
+            raise ModelError(f"text_encoder hidden_size {text_encoder.config.hidden_size} != transformer "
+                             f"text_embed_dim {tcfg.text_embed_dim}")
+        if int(text_encoder_2.config.hidden_size) != int(tcfg.pooled_projection_dim):
+            raise ModelError(f"text_encoder_2 hidden_size {text_encoder_2.config.hidden_size} != transformer "
+                             f"pooled_projection_dim {tcfg.pooled_projection_dim}")
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def build(cls, path: str | None, init: dict[str, Any] | None, *, device: torch.device, dtype: str,
+              max_sequence_length: int, seed: int = 0, embedded_guidance: float | None = None
+              ) -> "HunyuanVideoAdapter":
+        if path is not None:
+            return cls.from_pretrained(path, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
+                                       embedded_guidance=embedded_guidance)
+        return cls.from_config(init or {}, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
+                               seed=seed, embedded_guidance=embedded_guidance)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: str = "float32",
+                        max_sequence_length: int = 256, embedded_guidance: float | None = None
+                        ) -> "HunyuanVideoAdapter":
+        """A ``HunyuanVideoPipeline`` directory (e.g. hunyuanvideo-community/HunyuanVideo)."""
+        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+
+        p = Path(path)
+        _check_checkpoint_dir(p)
+        tdtype = _DTYPES[dtype]
+        transformer = HunyuanVideoTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
+        vae = AutoencoderKLHunyuanVideo.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
+        text_encoder = LlamaModel.from_pretrained(p / "text_encoder", dtype=tdtype)
+        text_encoder_2 = CLIPTextModel.from_pretrained(p / "text_encoder_2", dtype=tdtype)
+        sched = p / "scheduler" / "scheduler_config.json"
+        return cls(transformer, vae, text_encoder, AutoTokenizer.from_pretrained(p / "tokenizer"), text_encoder_2,
+                   AutoTokenizer.from_pretrained(p / "tokenizer_2"), device=device, dtype=tdtype,
+                   max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance,
+                   scheduler_config=json.loads(sched.read_text()) if sched.is_file() else None)
+
+    @classmethod
+    def from_config(cls, init: dict[str, Any], *, device: torch.device, dtype: str = "float32",
+                    max_sequence_length: int = 256, seed: int = 0, embedded_guidance: float | None = None
+                    ) -> "HunyuanVideoAdapter":
+        """Random weights from sub-configs (missing ones take :data:`TINY_INIT`); byte tokenizers."""
+        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+        unknown = set(init) - set(TINY_INIT)
+        if unknown:
+            raise ModelError(f"unknown model.init part(s) {sorted(unknown)}; known: {sorted(TINY_INIT)}")
+        bad = [k for k, v in init.items() if not isinstance(v, dict)]
+        if bad:
+            raise ModelError(f"model.init.{bad[0]} must be a mapping of config values")
+        parts = {k: {**TINY_INIT[k], **init.get(k, {})} for k in TINY_INIT}
+        tok, tok_2 = byte_tokenizer(), byte_tokenizer()
+        tok_2.model_max_length = CLIP_MAX_LENGTH
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            tr = dict(parts["transformer"])
+            tr["rope_axes_dim"] = tuple(tr["rope_axes_dim"])
+            transformer = HunyuanVideoTransformer3DModel(**tr)
+            vcfg = dict(parts["vae"])
+            n = len(vcfg["block_out_channels"])
+            vcfg.setdefault("down_block_types", ["HunyuanVideoDownBlock3D"] * n)
+            vcfg.setdefault("up_block_types", ["HunyuanVideoUpBlock3D"] * n)
+            vae = AutoencoderKLHunyuanVideo(**vcfg)
+            text_encoder = LlamaModel(LlamaConfig(**{"vocab_size": len(tok), "pad_token_id": 0,
+                                                     "bos_token_id": 1, "eos_token_id": 1,
+                                                     **parts["text_encoder"]}))
+            text_encoder_2 = CLIPTextModel(CLIPTextConfig(**{
+                "vocab_size": len(tok_2), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
+                "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]}))
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
+        finally:
+            torch.random.set_rng_state(state)
+        tdtype = _DTYPES[dtype]
+        if tdtype != torch.float32:
+            transformer, text_encoder, text_encoder_2 = (m.to(tdtype) for m in (transformer, text_encoder,
+                                                                                text_encoder_2))
+        return cls(transformer, vae, text_encoder, tok, text_encoder_2, tok_2,
+                   device=device, dtype=tdtype, max_sequence_length=max_sequence_length,
+                   embedded_guidance=embedded_guidance)
+
+    def save_pretrained(self, directory: Path) -> None:
+        """A diffusers ``HunyuanVideoPipeline`` directory (``HunyuanVideoPipeline.from_pretrained`` loads it)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+        scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 7.0, **{
+            k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}})
+        HunyuanVideoPipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self._merged(0),
+                             vae=self.vae, scheduler=scheduler, text_encoder_2=self.text_encoder_2,
+                             tokenizer_2=self.tokenizer_2).save_pretrained(str(directory))
+
+    # ---------------------------------------------------------------- the interface
+    def embed_text(self, prompts: list[str]) -> TextBatch:
+        """The pipeline's own ``encode_prompt`` (template, crop, layer -3, CLIP pooled); no cache."""
+        from diffusers import HunyuanVideoPipeline
+
+        pipe = HunyuanVideoPipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=None,
+                                    vae=None, scheduler=None, text_encoder_2=self.text_encoder_2,
+                                    tokenizer_2=self.tokenizer_2)
+        embeds, pooled, mask = pipe.encode_prompt(prompts, prompt_template=self.prompt_template, device=self.device,
+                                                  dtype=self.dtype, max_sequence_length=self.max_sequence_length)
+        return TextBatch(embeds=embeds.to(self.dtype), mask=mask.long(), pooled=pooled.to(self.dtype))
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: TextBatch, expert: int = 0) -> torch.Tensor:
+        b, dev = x.shape[0], self.device
+        timestep = sigma.to(device=dev, dtype=torch.float32) * 1000.0
+        guidance = None
+        if self.embedded_guidance is not None:
+            # As the pipeline: the distilled guidance scale times 1000, one per row.
+            guidance = torch.full((b,), self.embedded_guidance * 1000.0, device=dev, dtype=self.dtype)
+        t = text.parts
+        out = self.experts[expert](hidden_states=x.to(device=dev, dtype=self.dtype), timestep=timestep,
+                                   encoder_hidden_states=t["embeds"].to(device=dev, dtype=self.dtype),
+                                   encoder_attention_mask=t["mask"].to(device=dev),
+                                   pooled_projections=t["pooled"].to(device=dev, dtype=self.dtype),
+                                   guidance=guidance, return_dict=False)[0]
+        return out.float()
