@@ -15,6 +15,10 @@ from .registry import (REWARDS, RewardError, RewardSpec, build_rewards, parse_re
 
 from . import basic  # noqa: F401,E402  (registers the built-in rewards)
 from . import world  # noqa: F401,E402
+from . import vlm  # noqa: F401,E402  (VLM judges; transformers is imported when one is built)
+from . import clip  # noqa: F401,E402
+from . import remote  # noqa: F401,E402  (the client of rewards.server)
+from . import motion  # noqa: F401,E402
 
 __all__ = ["REWARDS", "RewardError", "RewardSpec", "build_rewards", "parse_reward_specs", "register", "reward_weights",
            "score_videos"]

@@ -1,0 +1,301 @@
+"""``flowdppo-video score``: score video files with registered rewards, outside training.
+
+    flowdppo-video score samples/ --reward motion_quality --reward frame_change=0.5
+    flowdppo-video score a.mp4 b.gif --prompts prompts.txt --rewards-config recipe.yaml --out scores/
+
+Videos: each argument is a file (any format av reads: mp4, gif, webm, ...) or a folder, whose
+files ending in .mp4, .gif, .webm, .mov, .mkv or .avi are taken (not recursively). The videos are
+scored in **sorted path order**, each once.
+
+Prompts, in this order of precedence:
+
+* ``--prompts FILE``: one line per video, in sorted path order (blank lines and ``#`` lines are
+  skipped, as in prompt files); a different count is an error;
+* else, per folder, ``prompts.txt`` beside the videos (as ``flowdppo-video sample`` writes it):
+  line ``i`` is the prompt of the folder's ``i``-th video file in sorted name order (all of the
+  folder's videos, even when only some are scored); or ``index.json`` (as a training run's
+  ``samples/iter_N/`` holds it) mapping file names to prompts;
+* else the empty prompt, with a note (prompt-free rewards such as the motion rewards need none).
+
+Rewards: ``--reward NAME[=WEIGHT]`` (repeatable) and/or ``--rewards-config YAML``, whose
+``rewards:`` mapping is read as in a training config (options allowed; the file may be a whole
+training recipe, whose other sections are ignored). ``--fps N`` sets the ``fps`` option of every
+reward that takes one (the motion rewards) unless the config sets it.
+
+Videos of one shape ``(F, H, W)`` are scored together in batches of ``--batch-size``. Outputs, in
+``--out`` (default: ``scores/`` in the first argument's folder): ``scores.csv`` and
+``scores.jsonl`` (one row per video: ``file``, ``prompt``, each reward, ``total`` = the weighted
+sum, then each reward's logged extras as ``reward/key``), and ``summary.json`` (weight, mean,
+population std and count per reward and of the total; the skipped files). A file that cannot be
+read is reported on stderr, one line naming it, and skipped; if none can be read, the command
+fails (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``score`` command to the CLI's subparsers."""
+    s = subparsers.add_parser("score", help="score video files with rewards (CSV, JSONL and a summary)",
+                              description="Score video files with registered rewards; see flowdppo_video/scoring.py.")
+    s.add_argument("inputs", nargs="+", metavar="VIDEO_DIR_OR_FILE", help="video files or folders of them")
+    s.add_argument("--prompts", metavar="FILE", help="one prompt a line, one line per video in sorted path order "
+                   "(default: prompts.txt or index.json beside the videos)")
+    s.add_argument("--reward", action="append", default=[], metavar="NAME[=WEIGHT]",
+                   help="a registered reward and its weight (default 1); repeatable")
+    s.add_argument("--rewards-config", metavar="YAML", help="YAML file with a rewards: mapping (options allowed)")
+    s.add_argument("--out", metavar="DIR", help="output folder (default: scores/ in the first argument's folder)")
+    s.add_argument("--fps", type=float, help="frame rate of the videos, for rewards that take fps (default: theirs)")
+    s.add_argument("--batch-size", type=int, default=8, choices=range(1, 1025), metavar="N",
+                   help="videos scored together (default 8)")
+    s.set_defaults(func=run_score)
+    return s
+
+
+# --------------------------------------------------------------------------- inputs
+
+def collect_videos(inputs: list[str]) -> list[Path]:
+    """The video files named by ``inputs`` (files, or folders of video files), in sorted path order."""
+    from .data import DataError
+
+    found: set[Path] = set()
+    for arg in inputs:
+        p = Path(arg)
+        if p.is_dir():
+            files = [f for f in p.iterdir() if _is_video_file(f)]
+            if not files:
+                raise DataError(f"{p}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
+            found.update(files)
+        elif p.is_file():
+            found.add(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return sorted(found, key=lambda f: str(f))
+
+
+def _is_video_file(f: Path) -> bool:
+    # write_video's unfinished files are NAME.part.mp4
+    return f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES and not f.stem.endswith(".part")
+
+
+def _prompt_lines(path: Path, what: str) -> list[str]:
+    from .data import DataError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path} is unreadable: {e}") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def match_prompts(videos: list[Path], prompts_file: str | None) -> list[str]:
+    """The prompt of each video (see the module docstring for the rule); a count mismatch names the file."""
+    from .data import DataError
+
+    if prompts_file is not None:
+        if not Path(prompts_file).is_file():
+            raise DataError(f"--prompts {prompts_file} does not exist")
+        lines = _prompt_lines(Path(prompts_file), "--prompts")
+        if len(lines) != len(videos):
+            raise DataError(f"--prompts {prompts_file}: {len(lines)} prompts for {len(videos)} videos "
+                            "(one line per video, in sorted path order)")
+        return lines
+    by_file: dict[Path, str] = {}
+    missing: dict[Path, int] = {}
+    for folder in sorted({v.parent for v in videos}, key=str):
+        txt, index = folder / "prompts.txt", folder / "index.json"
+        if txt.is_file():
+            siblings = sorted((f for f in folder.iterdir() if _is_video_file(f)), key=lambda f: f.name)
+            lines = _prompt_lines(txt, "prompt file")
+            if len(lines) != len(siblings):
+                raise DataError(f"{txt}: {len(lines)} prompts for the {len(siblings)} videos in {folder} "
+                                "(one line per video, in sorted file-name order)")
+            by_file.update(zip(siblings, lines))
+        elif index.is_file():
+            try:
+                rows = json.loads(index.read_text(encoding="utf-8"))["videos"]
+                by_file.update({folder / r["file"]: str(r["prompt"]) for r in rows})
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{index}: not a samples index ({{'videos': [{{'file', 'prompt'}}]}}): "
+                                f"{type(e).__name__}: {e}") from None
+    out = []
+    for v in videos:
+        if v not in by_file:
+            missing[v.parent] = missing.get(v.parent, 0) + 1
+        out.append(by_file.get(v, ""))
+    for folder, n in missing.items():
+        print(f"flowdppo-video: note: no prompt for {n} video(s) in {folder} (no --prompts, and no prompts.txt or "
+              "index.json entry): scoring with the empty prompt", file=sys.stderr)
+    return out
+
+
+def reward_entries(reward_args: list[str], config: str | None, fps: float | None) -> dict[str, Any]:
+    """The ``rewards:`` mapping from ``--rewards-config`` and ``--reward NAME[=WEIGHT]`` flags."""
+    import yaml
+
+    from rewards import REWARDS, RewardError, parse_reward_specs
+
+    entries: dict[str, Any] = {}
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise RewardError(f"--rewards-config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RewardError(f"--rewards-config {path} is not readable YAML: {_first_line(e)}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("rewards"), dict) or not data["rewards"]:
+            raise RewardError(f"--rewards-config {path} needs a non-empty 'rewards:' mapping of name to weight")
+        entries.update(data["rewards"])
+    for arg in reward_args:
+        name, eq, weight = arg.partition("=")
+        name = name.strip()
+        if not name:
+            raise RewardError(f"--reward {arg!r}: expected NAME or NAME=WEIGHT")
+        if name in entries:
+            raise RewardError(f"--reward {name} is given twice (or also in --rewards-config)")
+        try:
+            entries[name] = float(weight) if eq else 1.0
+        except ValueError:
+            raise RewardError(f"--reward {arg}: the weight {weight!r} is not a number") from None
+        if not math.isfinite(entries[name]):
+            raise RewardError(f"--reward {arg}: the weight must be finite")
+    if not entries:
+        raise RewardError("no rewards to score with: give --reward NAME[=WEIGHT] or --rewards-config YAML")
+    if fps is not None:
+        if not (math.isfinite(fps) and fps > 0):
+            raise RewardError(f"--fps must be a positive number, got {fps}")
+        for name, spec in parse_reward_specs(entries).items():   # validates, and tells each entry's type
+            factory = REWARDS.get(spec.type)
+            if factory is not None and "fps" not in spec.options and _takes(factory, "fps"):
+                entries[name] = {**({"weight": entries[name]} if not isinstance(entries[name], dict)
+                                    else entries[name]), "fps": fps}
+    return entries
+
+
+def _takes(factory: Any, option: str) -> bool:
+    try:
+        return option in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# --------------------------------------------------------------------------- scoring
+
+def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any], batch_size: int = 8
+                ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Read and score ``videos``; returns ``(rows, reward_names, skipped)``.
+
+    ``rows`` in the order of ``videos`` (unreadable ones left out, and reported on stderr), each
+    ``{"file", "prompt", <reward>: score, ..., "total", <reward/key>: extra, ...}``.
+    """
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    import rewards as R
+
+    from .data import DataError
+    from .video import read_video
+
+    built = R.build_rewards(entries)
+    weights = {n: s.weight for n, s in R.parse_reward_specs(entries).items()}
+    results: dict[int, dict[str, Any]] = {}
+    pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    skipped: list[str] = []
+
+    def flush(shape: tuple[int, ...]) -> None:
+        items = pending.pop(shape)
+        idx = [i for i, _ in items]
+        batch = torch.from_numpy(np.stack([v for _, v in items]))
+        scores, extras = R.score_videos(built, batch, [prompts[i] for i in idx])
+        for j, i in enumerate(idx):
+            row: dict[str, Any] = {"file": str(videos[i]), "prompt": prompts[i]}
+            row.update({n: float(s[j]) for n, s in scores.items()})
+            row["total"] = float(sum(weights[n] * float(s[j]) for n, s in scores.items()))
+            row.update({k: float(e.reshape(-1)[j]) for k, e in extras.items() if e.numel() == len(idx)})
+            results[i] = row
+
+    for i, path in enumerate(tqdm(videos, desc="scoring", unit="video", disable=None)):
+        try:
+            arr = read_video(path)
+            if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or arr.shape[0] < 1:
+                raise ValueError(f"decoded to {arr.shape} {arr.dtype}, not (F, H, W, 3) uint8 frames")
+        except Exception as e:  # a broken file must not stop the others: report it by name
+            print(f"flowdppo-video: warning: skipping {path}: cannot read it ({type(e).__name__}: {_first_line(e)})",
+                  file=sys.stderr)
+            skipped.append(str(path))
+            continue
+        pending.setdefault(arr.shape[:3], []).append((i, np.ascontiguousarray(arr)))
+        if len(pending[arr.shape[:3]]) >= batch_size:
+            flush(arr.shape[:3])
+    for shape in list(pending):
+        flush(shape)
+    if not results:
+        raise DataError(f"none of the {len(videos)} video files could be read (see the warnings above)")
+    return [results[i] for i in sorted(results)], list(built), skipped
+
+
+def summarize(rows: list[dict[str, Any]], names: list[str], weights: dict[str, float]) -> dict[str, Any]:
+    """Weight, mean, population std and count of each reward's column and of ``total``."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for n in [*names, "total"]:
+        vals = np.array([r[n] for r in rows], dtype=np.float64)
+        out[n] = {"weight": weights.get(n), "mean": float(vals.mean()), "std": float(vals.std()),
+                  "count": int(vals.size)}
+    return out
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """``scores.csv``, ``scores.jsonl`` and ``summary.json`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for r in rows:
+        columns.extend(k for k in r if k not in columns)
+    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "scores.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+
+
+def run_score(args: argparse.Namespace) -> None:
+    """The ``score`` command."""
+    from rewards import parse_reward_specs
+
+    entries = reward_entries(args.reward, args.rewards_config, args.fps)
+    parse_reward_specs(entries)                       # bad weights fail before any video is read
+    videos = collect_videos(args.inputs)
+    prompts = match_prompts(videos, args.prompts)
+    rows, names, skipped = score_files(videos, prompts, entries, args.batch_size)
+    weights = {n: s.weight for n, s in parse_reward_specs(entries).items()}
+    per_reward = summarize(rows, names, weights)
+    first = Path(args.inputs[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "scores"
+    write_outputs(out, rows, {"rewards": per_reward, "count": len(rows), "skipped": skipped})
+    print(f"scored {len(rows)} of {len(videos)} videos" + (f" ({len(skipped)} skipped)" if skipped else "")
+          + f"; wrote {out / 'scores.csv'}, scores.jsonl, summary.json")
+    print(f"{'reward':<24} {'weight':>8} {'mean':>10} {'std':>10} {'count':>6}")
+    for n, s in per_reward.items():
+        weight = "" if s["weight"] is None else f"{s['weight']:g}"
+        print(f"{n:<24} {weight:>8} {s['mean']:>10.4f} {s['std']:>10.4f} {s['count']:>6}")
