@@ -1,4 +1,4 @@
-"""``flowdppo-video``: train, sample."""
+"""``flowdppo-video``: train, sample, score, serve-rewards, report, eval."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import torch
+
+from . import scoring, serve
+from . import eval_checkpoints, report
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
@@ -94,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sde", action="store_true", help="sample with the training SDE steps (default: ODE)")
     s.add_argument("overrides", nargs="*", help="dotted overrides of the run's config")
     s.set_defaults(func=_sample)
+    serve.add_parser(sub)
+    scoring.add_parser(sub)
+    report.add_parser(sub)
+    eval_checkpoints.add_parser(sub)
     return p
 
 

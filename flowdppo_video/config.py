@@ -33,6 +33,10 @@ class RunConfig:
     progress: bool = True                 # tqdm progress bars
     tensorboard: bool = True              # TensorBoard scalars under RUN_DIR/tensorboard
     device: str = "auto"                  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
+    report_every: int = 20                # iterations between refreshes of RUN_DIR/report (HTML) and token-KL
+                                          # snapshots (also the first and last iteration); 0 = no report
+    wandb: bool = False                   # also log to Weights & Biases (optional package; offline unless
+                                          # WANDB_MODE says otherwise)
 
 
 @dataclass
@@ -53,6 +57,12 @@ class ModelConfig:
     max_sequence_length: int = 512        # text tokens per prompt (Wan: 512)
     gradient_checkpointing: bool = False  # recompute transformer blocks in the backward pass
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Wan 2.2 A14B: which experts train, of "high" (`transformer`, sigma >= boundary_ratio) and
+    # "low" (`transformer_2`); null = all the model has. SDE steps are drawn only where one trains.
+    train_experts: list[str] | None = None
+    # HunyuanVideo: the embedded (distilled) guidance scale fed to the transformer, part of the
+    # policy; null = the family's default (HunyuanVideo 6.0).
+    embedded_guidance: float | None = None
 
 
 @dataclass
@@ -78,6 +88,7 @@ class SamplerConfig:
     num_steps: int = 10                   # denoising steps K
     shift: float = 3.0                    # schedule shift (Wan: 3 at 480p, 5 at 720p)
     guidance_scale: float = 1.0           # classifier-free guidance w (1 = off); part of the policy
+    guidance_scale_2: float | None = None  # Wan 2.2 A14B: w of the low-noise expert's steps (null = guidance_scale)
     sde_steps: int = 3                    # how many steps are SDE (policy) steps per rollout
     window: list[float] = field(default_factory=lambda: [0.0, 0.5])  # schedule fraction they come from
     batch_size: int = 0                   # videos per transformer call in the rollout (0 = all)
@@ -176,12 +187,19 @@ class Config:
             raise ConfigError(str(e)) from None
         if self.sampler.eta <= 0:
             raise ConfigError(f"sampler.eta must be > 0 (SDE steps need noise), got {self.sampler.eta}")
+        te = self.model.train_experts
+        if te is not None:
+            if not te or len(set(te)) != len(te) or not set(te) <= {"high", "low"}:
+                raise ConfigError(f"model.train_experts must be a non-empty list of distinct 'high' and 'low', got {te}")
+        if self.model.embedded_guidance is not None and not self.model.embedded_guidance > 0:
+            raise ConfigError(f"model.embedded_guidance must be > 0, got {self.model.embedded_guidance}")
         if self.model.lora.rank < 0:
             raise ConfigError(f"model.lora.rank must be >= 0, got {self.model.lora.rank}")
         positive = [("run.sample_every", self.run.sample_every), ("video.fps", self.video.fps),
                     ("sampler.shift", self.sampler.shift), ("optim.lr", self.optim.lr),
                     ("advantages.clip", self.advantages.clip), ("objective.clip_range", self.objective.clip_range)]
         non_negative = [("run.num_sample_videos", self.run.num_sample_videos), ("eval.num_videos", self.eval.num_videos),
+                        ("run.report_every", self.run.report_every),
                         ("sampler.batch_size", self.sampler.batch_size), ("objective.beta", self.objective.beta),
                         ("objective.delta", self.objective.delta), ("optim.grad_clip", self.optim.grad_clip)]
         for key, value in positive:

@@ -1,21 +1,26 @@
-"""Per-iteration metrics: an append-only ``metrics.jsonl`` and TensorBoard scalars."""
+"""Per-iteration metrics: an append-only ``metrics.jsonl``, TensorBoard scalars and videos, and
+optionally Weights & Biases."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 class MetricsWriter:
     """One JSON object per iteration, flushed and synced so a kill loses nothing written."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, name: str = "metrics",
-                 step_key: str = "iteration", purge_step: int | None = None) -> None:
+                 step_key: str = "iteration", purge_step: int | None = None, wandb_run: Any = None) -> None:
         self.path = run_dir / f"{name}.jsonl"
         self.step_key = step_key
+        self._wandb = wandb_run
         self._tb = None
         if tensorboard:
             try:
@@ -38,10 +43,72 @@ class MetricsWriter:
                 if k != self.step_key and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            # wandb's own step counter: eval rows (after it + 1) are written before metric rows (it).
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float)) and v is not None})
+
+    def add_videos(self, tag: str, videos: Any, step: int, fps: int) -> None:
+        """A few ``(N, F, H, W, 3)`` uint8 videos as animated GIFs: TensorBoard's image dashboard
+        plays them (written as image summaries, so moviepy is not needed), and wandb when on."""
+        if self._tb is None and self._wandb is None:
+            return
+        arr = videos.numpy() if hasattr(videos, "numpy") else np.asarray(videos)
+        for k, frames in enumerate(arr):
+            gif, (h, w) = gif_bytes(frames, fps)
+            if self._tb is not None:
+                from tensorboard.compat.proto.summary_pb2 import Summary
+
+                image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif)
+                self._tb._get_file_writer().add_summary(
+                    Summary(value=[Summary.Value(tag=f"{tag}/{k}", image=image)]), step)
+            if self._wandb is not None:
+                import wandb
+
+                path = self.path.parent / "wandb_media" / f"{tag.replace('/', '_')}_{step:06d}_{k}.gif"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(gif)
+                self._wandb.log({f"{tag}/{k}": wandb.Video(str(path), fps=fps, format="gif"), self.step_key: step})
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def gif_bytes(frames: np.ndarray, fps: int, min_size: int = 128) -> tuple[bytes, tuple[int, int]]:
+    """``(F, H, W, 3)`` uint8 frames as a looping animated GIF, nearest-neighbour upscaled to at least
+    ``min_size`` pixels. Returns ``(bytes, (height, width))``."""
+    from PIL import Image
+
+    k = max(1, math.ceil(min_size / max(1, min(frames.shape[1:3]))))
+    frames = np.asarray(frames).repeat(k, axis=1).repeat(k, axis=2)
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=max(20, round(1000 / fps)),
+                   loop=0, disposal=1)
+    return buf.getvalue(), (int(frames.shape[1]), int(frames.shape[2]))
+
+
+def import_wandb() -> Any:
+    """The wandb module, or a one-line error when ``run.wandb`` is on without it."""
+    try:
+        import wandb
+    except ImportError:
+        from .config import ConfigError
+
+        raise ConfigError("run.wandb is true but the wandb package is not installed "
+                          "(pip install 'flowdppo-video[wandb]')") from None
+    return wandb
+
+
+def start_wandb(run_dir: Path, config: dict[str, Any]) -> Any:
+    """A Weights & Biases run logging into ``run_dir`` (``run.wandb: true``). Offline by default, so
+    it needs no network or account: ``WANDB_MODE=online`` (and a login) syncs as it goes, or
+    ``wandb sync RUN_DIR/wandb/offline-run-*`` later."""
+    wandb = import_wandb()
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "flowdppo-video"), name=Path(run_dir).name,
+                      dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE", "offline"))
 
 
 def read_metrics(run_dir: str | Path, name: str = "metrics") -> list[dict[str, Any]]:

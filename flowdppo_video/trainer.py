@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from rewards import build_rewards, reward_weights, score_videos
 
-from . import objectives, sde
+from . import kl_maps, objectives, sde
 from .advantages import compute_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
 from .data import load_prompts, prompts_for_iteration
 from .evaluation import evaluate, write_side_by_side
-from .metrics import MetricsWriter, truncate_metrics
+from .metrics import MetricsWriter, import_wandb, start_wandb, truncate_metrics
 from .models import build_adapter
 from .plots import plot_curves
 from .rollout import Trajectory, rollout, step_mean
@@ -80,6 +80,8 @@ class Trainer:
         self.eval_prompts = load_prompts(e.prompts) if e.prompts is not None else None
         self.eval_rewards = build_rewards(e.rewards or cfg.rewards, "eval.rewards" if e.rewards else "rewards") if self.eval_prompts else {}
         measure_base = bool(self.eval_prompts) and e.kl_to_base
+        if cfg.run.wandb:
+            import_wandb()
         self.device = resolve_device(cfg.run.device)
         self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0 or measure_base)
         v = cfg.video
@@ -100,9 +102,10 @@ class Trainer:
         # On resume too: the overrides given then (e.g. more iterations) are the run's config now.
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         purge = self.start_iteration if resume else None
-        self.metrics = MetricsWriter(self.run_dir, cfg.run.tensorboard, purge_step=purge)
+        self.wandb = start_wandb(self.run_dir, config_to_dict(cfg)) if cfg.run.wandb else None
+        self.metrics = MetricsWriter(self.run_dir, cfg.run.tensorboard, purge_step=purge, wandb_run=self.wandb)
         self.eval_log = MetricsWriter(self.run_dir, cfg.run.tensorboard, "eval", "after_iterations",
-                                      purge_step=None if purge is None else purge + 1)
+                                      purge_step=None if purge is None else purge + 1, wandb_run=self.wandb)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[dict[str, Any]]:
@@ -118,15 +121,30 @@ class Trainer:
                 rows.append(row)
                 self._maybe_write_samples(it, traj, row)
                 self._maybe_checkpoint(it)
+                every = self.cfg.run.report_every
+                if every and (it + 1) % every == 0 and it + 1 < self.cfg.run.iterations:
+                    self._write_report()                     # a refresh; the final report follows the loop
             self._write_before_after()
         finally:
             self.metrics.close()
             self.eval_log.close()
+            if self.wandb is not None:
+                self.wandb.finish()
             try:
                 plot_curves(self.run_dir)
             except Exception as e:  # a picture must not hide the run's own outcome
                 print(f"flowdppo-video: warning: could not plot curves: {e}")
+            if self.cfg.run.report_every:
+                self._write_report()
         return rows
+
+    def _write_report(self) -> None:
+        from .report import write_report
+
+        try:
+            write_report(self.run_dir)
+        except Exception as e:  # nor must the report
+            print(f"flowdppo-video: warning: could not write the report: {e}")
 
     def _maybe_evaluate(self, done: int) -> dict[str, float]:
         """Held-out evaluation of the model after ``done`` iterations (every ``eval.every``, the
@@ -142,6 +160,7 @@ class Trainer:
         for k in range(min(e.num_videos, traj.batch_size)):
             write_video(folder / f"{k:02d}.mp4", traj.videos[k], fps=self.cfg.video.fps)
         (folder / "prompts.txt").write_text("\n".join(traj.prompts[:e.num_videos]) + "\n")
+        self.eval_log.add_videos("eval/videos", traj.videos[:min(e.num_videos, 4)], done, self.cfg.video.fps)
         return out
 
     def _write_before_after(self) -> None:
@@ -181,11 +200,12 @@ class Trainer:
         return traj, row
 
     # ------------------------------------------------------------------ the update
-    def replay_step(self, mb: Trajectory, j: int, advantages: torch.Tensor
+    def replay_step(self, mb: Trajectory, j: int, advantages: torch.Tensor, tokens: dict | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Loss of SDE step ``j`` for a minibatch: recompute ``mu_theta`` and apply the objective.
 
-        Returns ``(loss, stats, token_log_ratio)`` with the log-ratio ``(b, N)`` detached.
+        Returns ``(loss, stats, token_log_ratio)`` with the log-ratio ``(b, N)`` detached. Given a
+        ``tokens`` dict, also puts the token KL ``(b, N)`` there (detached), for KL maps.
         """
         cfg, dev, patch = self.cfg, self.device, self.adapter.patch_size
         std = mb.stds[:, j].to(dev)
@@ -195,6 +215,8 @@ class Trainer:
         with torch.no_grad():
             logp_old = sde.token_log_prob(x_next, mean_old, std, patch)
         kl = sde.token_kl(mean, mean_old, std, patch)
+        if tokens is not None:
+            tokens["kl"] = kl.detach()
         a = advantages.to(dev)
         o = cfg.objective
         if o.kind == "flow_dppo":
@@ -221,13 +243,21 @@ class Trainer:
         b = traj.batch_size
         n_mb = math.ceil(b / cfg.optim.minibatch_size) * cfg.optim.inner_epochs
         bar = tqdm(total=n_mb, desc="update", leave=False, disable=not cfg.run.progress)
+        # KL-map snapshot: the token KL and mask of the last minibatch (after the others' steps).
+        snap_at = n_mb - 1 if self._snapshot_iteration(it) else -1
+        snap: list[tuple[torch.Tensor, torch.Tensor]] = []
+        mb_i = -1
         for _ in range(cfg.optim.inner_epochs):
             for idx in torch.randperm(b, generator=gen).split(cfg.optim.minibatch_size):
                 mb, a = traj.select(idx), advantages[idx]
+                mb_i += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 finite, mb_max, mb_loss = True, 0.0, 0.0
                 for j in range(n_steps):
-                    loss, stats, log_ratio = self.replay_step(mb, j, a)
+                    tokens = {} if mb_i == snap_at else None
+                    loss, stats, log_ratio = self.replay_step(mb, j, a, tokens)
+                    if tokens is not None:
+                        snap.append((tokens["kl"], self._drop_mask(log_ratio, tokens["kl"], a)))
                     mb_max = max(mb_max, float(log_ratio.abs().max()))
                     if not torch.isfinite(loss):
                         finite = False
@@ -255,6 +285,9 @@ class Trainer:
                             f"stopped, checkpoints and metrics up to the previous iteration are kept")
                 bar.update(1)
         bar.close()
+        if len(snap) == n_steps > 0:
+            self._save_klmap(it, mb, a, snap)          # (mb, a): the last minibatch
+
         def frac(num: str, den: str) -> float:   # pooled over all minibatches and steps
             d = acc.sums.get(den, 0.0)
             return acc.sums.get(num, 0.0) / d if d else float("nan")
@@ -270,6 +303,24 @@ class Trainer:
         if "kl_ref_mean" in acc.sums:
             out["kl_ref/mean"] = acc.mean("kl_ref_mean")
         return out
+
+    def _snapshot_iteration(self, it: int) -> bool:
+        """Token-KL snapshots for the report: first and last iteration, every ``run.report_every``."""
+        r = self.cfg.run
+        return bool(r.report_every) and (it in (0, r.iterations - 1) or (it + 1) % r.report_every == 0)
+
+    def _save_klmap(self, it: int, mb: Trajectory, a: torch.Tensor, snap: list[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> None:
+        o = self.cfg.objective
+        kl_maps.save_snapshot(self.run_dir / "klmaps" / f"iter_{it:06d}.npz", iteration=it,
+                              kl=torch.stack([k for k, _ in snap]), drop=torch.stack([d for _, d in snap]),
+                              advantages=a, traj=mb, patch=self.adapter.patch_size, latent_frames=self.latent_shape[1],
+                              objective={"kind": o.kind, "delta": o.delta, "granularity": o.granularity})
+
+    def _drop_mask(self, log_ratio: torch.Tensor, kl: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        o = self.cfg.objective
+        return kl_maps.drop_mask(o.kind, log_ratio, kl, a.to(kl.device), delta=o.delta, granularity=o.granularity,
+                                 clip_range=o.clip_range, elements_per_token=self.elements_per_token)
 
     # ------------------------------------------------------------------ outputs
     def _maybe_write_samples(self, it: int, traj: Trajectory, row: dict[str, Any]) -> None:

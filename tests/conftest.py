@@ -19,7 +19,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
     """The tiny Wan test recipe with its run directory under ``tmp_path``."""
     from flowdppo_video.config import load_config
 
-    return load_config(TINY_CONFIG, [f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+    return load_config(TINY_CONFIG, [f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", "run.report_every=0",
                                      f"data.prompts={ROOT / 'configs/prompts/demo.txt'}", *overrides])
 
 

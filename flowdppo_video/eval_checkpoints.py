@@ -1,0 +1,299 @@
+"""Evaluate checkpoints against each other: same prompts, same seeds, scored, compared.
+
+``flowdppo-video eval --checkpoints base RUN/checkpoints/iter_000100 ... --prompts FILE``
+samples every prompt with the seeds ``seed, seed + 1, ...`` for each model (the base model
+always among them, evaluated first), scores the videos, and writes into ``--out``:
+
+``scores.jsonl``  one row per (model, prompt, seed): every reward's score
+``summary.json``  per reward: mean and 95% bootstrap interval per model, pairwise win-rates
+``table.md``      the same as Markdown tables
+``index.html``    a report page: the tables and the videos of each (prompt, seed) side by side
+``videos/``       the first ``--num-videos`` (prompt, seed) videos of every model
+
+Every model sees the same initial noise for a given (prompt, seed), so scores are paired and
+win-rates compare like with like (see :mod:`flowdppo_video.winrates`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .winrates import Estimate, WinRate, fmt, mean_ci, win_matrix
+
+BASE = "base"
+
+
+@dataclasses.dataclass
+class Model:
+    label: str
+    path: Path | None     # None: the base model
+
+
+def resolve_models(checkpoints: list[str]) -> list[Model]:
+    """``base`` and checkpoint directories, base first; labels unique and readable."""
+    from .config import ConfigError
+
+    models, seen = [Model(BASE, None)], set()
+    for c in checkpoints:
+        if c == BASE:
+            continue
+        p = Path(c)
+        if not (p / "meta.json").is_file() or not (p / "model").is_dir():
+            raise ConfigError(f"--checkpoints: {p} is not a checkpoint directory (no meta.json and model/ there)")
+        if p.resolve() in seen:
+            continue
+        seen.add(p.resolve())
+        models.append(Model(p.name, p))
+    names = [m.label for m in models]
+    for m in models:   # the same iteration of two runs: prefix the run's folder name
+        if m.path is not None and names.count(m.label) > 1:
+            m.label = f"{m.path.resolve().parent.parent.name}/{m.path.name}"
+    return models
+
+
+def reward_specs(items: list[str] | None, default: dict[str, Any]) -> dict[str, Any]:
+    """``--reward`` values: registered names (weight 1), or YAML mappings of full reward entries
+    (``'{judge: {type: vlm_judge, model: /ckpt}}'``); none: the run's evaluation rewards."""
+    from .config import ConfigError
+
+    if not items:
+        return dict(default)
+    out: dict[str, Any] = {}
+    for item in items:
+        if item.lstrip().startswith("{"):
+            try:
+                spec = yaml.safe_load(item)
+            except yaml.YAMLError:
+                raise ConfigError(f"--reward {item!r}: not a valid YAML mapping") from None
+            if not isinstance(spec, dict):
+                raise ConfigError(f"--reward {item!r}: expected a mapping name -> entry")
+            out.update(spec)
+        else:
+            out[item] = 1.0
+    return out
+
+
+def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, out: Path,
+                         rewards: list[str] | None = None, samples: int = 2, seed: int = 0, sde: bool = False,
+                         num_videos: int = 8, overrides: list[str] | None = None, progress: bool = True
+                         ) -> dict[str, Any]:
+    """Sample, score and compare; returns the summary written to ``out/summary.json``."""
+    from rewards import build_rewards, reward_weights, score_videos
+
+    from .checkpoint import load_checkpoint
+    from .config import ConfigError, load_config
+    from .data import load_prompts
+    from .models import build_adapter
+    from .rollout import rollout
+    from .trainer import resolve_device
+    from .video import write_video
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a run directory)")
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    cfg = load_config(run_dir / "config.yaml", overrides or [])
+    models = resolve_models(checkpoints)
+    prompt_list = load_prompts(prompts)
+    specs = reward_specs(rewards, cfg.eval.rewards or cfg.rewards)
+    reward_fns = build_rewards(specs, "--reward")
+    weights = reward_weights(specs)
+    sampler = cfg.sampler if sde else dataclasses.replace(cfg.sampler, sde_steps=0)
+    adapter = build_adapter(cfg.model, resolve_device(cfg.run.device))
+    latent_shape = adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
+    seeds = list(range(seed, seed + samples))
+    out.mkdir(parents=True, exist_ok=True)
+
+    # scores[reward][model][(prompt_index, seed)]
+    names = list(reward_fns) + (["total"] if len(reward_fns) > 1 else [])
+    scores: dict[str, dict[str, dict[tuple[int, int], float]]] = {n: {m.label: {} for m in models} for n in names}
+    rows: list[dict[str, Any]] = []
+    videos: dict[str, dict[tuple[int, int], str]] = {m.label: {} for m in models}
+    bar = tqdm(total=len(models) * len(seeds), desc="eval", disable=not progress)
+    for m in models:                       # base first: the adapter has no trained weights yet
+        if m.path is not None:
+            load_checkpoint(m.path, adapter, None)
+        for s in seeds:
+            with torch.no_grad():
+                traj = rollout(adapter, prompt_list, 1, latent_shape, sampler, torch.Generator().manual_seed(s),
+                               negative_prompt=cfg.data.negative_prompt, progress=False)
+            got, extras = score_videos(reward_fns, traj.videos, traj.prompts)
+            if "total" in names:
+                got = {**got, "total": sum(weights[n] * got[n] for n in reward_fns)}
+            for i, prompt in enumerate(prompt_list):
+                row = {"model": m.label, "checkpoint": str(m.path) if m.path else BASE, "prompt_index": i,
+                       "prompt": prompt, "seed": s, **{n: float(got[n][i]) for n in names},
+                       **{n: float(v[i]) for n, v in extras.items()}}
+                rows.append(row)
+                for n in names:
+                    scores[n][m.label][(i, s)] = row[n]
+                if i * len(seeds) + (s - seed) < num_videos:      # the first items, prompt-major
+                    rel = f"videos/{m.label.replace('/', '_')}/p{i:03d}_s{s}.mp4"
+                    write_video(out / rel, traj.videos[i], fps=cfg.video.fps)
+                    videos[m.label][(i, s)] = rel
+            bar.update(1)
+    bar.close()
+
+    summary: dict[str, Any] = {"run": str(run_dir), "prompts": prompts, "seeds": seeds,
+                               "sampler": "sde" if sde else "ode", "rewards": specs,
+                               "models": {m.label: str(m.path) if m.path else BASE for m in models},
+                               "ci": "95% percentile bootstrap (10,000 resamples, seed 0)",
+                               "win_rate": "row over column, paired by (prompt, seed), ties count half",
+                               "results": {}}
+    for n in names:
+        means = {lab: mean_ci(list(v.values())) for lab, v in scores[n].items()}
+        wins = win_matrix(scores[n])
+        summary["results"][n] = {
+            "mean": {lab: dataclasses.asdict(e) for lab, e in means.items()},
+            "win_rate": {f"{a} > {b}": dataclasses.asdict(w) for (a, b), w in wins.items()}}
+    with open(out / "scores.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "table.md").write_text(markdown_tables(summary))
+    write_eval_report(out, summary, cfg, prompt_list, videos, scores)
+    return summary
+
+
+def _estimates(summary: dict[str, Any], reward: str) -> tuple[dict[str, Estimate], dict[tuple[str, str], WinRate]]:
+    res = summary["results"][reward]
+    means = {k: Estimate(**v) for k, v in res["mean"].items()}
+    wins = {tuple(k.split(" > ")): WinRate(**v) for k, v in res["win_rate"].items()}
+    return means, wins
+
+
+def markdown_tables(summary: dict[str, Any]) -> str:
+    """Mean [95% CI] per model and reward, then one win-rate matrix per reward."""
+    models = list(summary["models"])
+    rewards = list(summary["results"])
+    lines = [f"Prompts {summary['prompts']}, seeds {summary['seeds']}, {summary['sampler'].upper()} sampling; "
+             f"CI: {summary['ci']}; win-rate: {summary['win_rate']}.", "",
+             "| model | " + " | ".join(rewards) + " |", "|---" * (len(rewards) + 1) + "|"]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(fmt(_estimates(summary, r)[0][m]) for r in rewards) + " |")
+    for r in rewards:
+        _, wins = _estimates(summary, r)
+        lines += ["", f"Win-rate on {r} (row over column)", "",
+                  "| | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+        for a in models:
+            cells = ["—" if a == b else f"{wins[(a, b)].value:.3f} [{wins[(a, b)].lo:.2f}, {wins[(a, b)].hi:.2f}]"
+                     for b in models]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_report(out: Path, summary: dict[str, Any], cfg: Any, prompts: list[str],
+                      videos: dict[str, dict[tuple[int, int], str]],
+                      scores: dict[str, dict[str, dict[tuple[int, int], float]]]) -> Path:
+    """``out/index.html``: score table, win-rate matrices, videos side by side, setup."""
+    from .config import config_to_dict
+    from .report import _atomic_write, config_table, esc, page, report_video, table
+
+    models = list(summary["models"])
+    rewards = list(summary["results"])
+    score_rows = []
+    for m in models:
+        cells = []
+        for r in rewards:
+            e = _estimates(summary, r)[0][m]
+            cells.append(f'{e.value:.4f} <span class="muted">[{e.lo:.4f}, {e.hi:.4f}]</span>')
+        score_rows.append([esc(m), *cells, str(_estimates(summary, rewards[0])[0][m].n)])
+    scores_html = (f"<p>Mean score per model with its 95% percentile-bootstrap interval, over "
+                   f"{len(prompts)} prompts × {len(summary['seeds'])} seeds ({summary['sampler'].upper()} sampling; "
+                   f"the same initial noise for every model).</p>" +
+                   table(["model", *rewards, "n"], score_rows, raw=True))
+    win_parts = ["<p>Each cell: how often the row model scores higher than the column model on the same "
+                 "(prompt, seed), ties counting half, with a paired-bootstrap 95% interval and wins-ties-losses.</p>"]
+    for r in rewards:
+        _, wins = _estimates(summary, r)
+        rows = []
+        for a in models:
+            cells = [esc(a)]
+            for b in models:
+                if a == b:
+                    cells.append('<span class="muted">—</span>')
+                    continue
+                w = wins[(a, b)]
+                cls = "good" if w.lo > 0.5 else "bad" if w.hi < 0.5 else ""
+                cells.append(f'<span class="{cls}">{w.value:.3f}</span> <span class="muted">[{w.lo:.2f}, '
+                             f'{w.hi:.2f}] {w.wins}-{w.ties}-{w.losses}</span>')
+            rows.append(cells)
+        win_parts.append(f"<h3>{esc(r)}</h3>" + table(["row over column", *models], rows, raw=True))
+    items = sorted({k for v in videos.values() for k in v})
+    video_rows = []
+    for i, s in items:
+        cells = [f'<span class="prompt">{esc(prompts[i])}</span><br><span class="muted">seed {s}</span>']
+        for m in models:
+            rel = videos[m].get((i, s))
+            if rel is None:
+                cells.append('<span class="muted">—</span>')
+                continue
+            shown = f"report_{rel}"
+            _, width = report_video(out / rel, out / shown, cfg.video.fps)
+            score = " ".join(f"{r} {scores[r][m][(i, s)]:.3f}" for r in rewards)
+            cells.append(f'<video src="{esc(shown)}" width="{width}" controls muted loop playsinline autoplay '
+                         f'preload="auto"></video><span class="muted">{esc(score)}</span>')
+        video_rows.append(cells)
+    videos_html = (table(["prompt", *models], video_rows, cls="videos", raw=True) if video_rows
+                   else '<p class="muted">No videos kept (--num-videos 0).</p>')
+    setup = table(["item", "value"], [["run", summary["run"]], ["prompts", summary["prompts"]],
+                             ["seeds", ", ".join(map(str, summary["seeds"]))], ["sampler", summary["sampler"]],
+                             ["rewards", json.dumps(summary["rewards"])],
+                             *[[f"model {k}", v] for k, v in summary["models"].items()]])
+    sections = [("scores", "Scores", scores_html), ("winrates", "Win-rates", "\n".join(win_parts)),
+                ("videos", "Videos side by side", videos_html),
+                ("setup", "Setup", setup + "<h3>Run config</h3>" + config_table(config_to_dict(cfg)))]
+    index = out / "index.html"
+    _atomic_write(index, page("flowdppo-video checkpoint evaluation", sections, esc(out.resolve())))
+    return index
+
+
+def _run_dir_of(checkpoints: list[str]) -> Path | None:
+    """The run directory holding the first checkpoint (``RUN/checkpoints/iter_N``)."""
+    for c in checkpoints:
+        if c != BASE and (Path(c).resolve().parent.parent / "config.yaml").is_file():
+            return Path(c).resolve().parent.parent
+    return None
+
+
+def _main(args: Any) -> None:
+    from .config import ConfigError
+
+    resolve_models(args.checkpoints)       # a bad checkpoint path is the first thing to name
+    run_dir = Path(args.run) if args.run else _run_dir_of(args.checkpoints)
+    if run_dir is None:
+        raise ConfigError("eval: give --run RUN_DIR (the run whose config built the checkpoints); none of "
+                          "--checkpoints lies in a run directory")
+    out = Path(args.out) if args.out else run_dir / "eval_checkpoints"
+    summary = evaluate_checkpoints(run_dir, args.checkpoints, args.prompts, out, args.reward, args.samples,
+                                   args.seed, args.sde, args.num_videos, args.override)
+    print(markdown_tables(summary), end="")
+    print(f"wrote {out / 'summary.json'}, {out / 'table.md'} and the report {out / 'index.html'}")
+
+
+def add_parser(sub: Any) -> None:
+    """The ``eval`` subcommand."""
+    e = sub.add_parser("eval", help="compare checkpoints (and the base model) on the same prompts and seeds")
+    e.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
+                   help="checkpoint directories (RUN/checkpoints/iter_N); 'base' is always included")
+    e.add_argument("--prompts", required=True, help="prompt file, one prompt a line")
+    e.add_argument("--reward", action="append", metavar="NAME",
+                   help="a registered reward, or a YAML mapping of reward entries; repeatable "
+                        "(default: the run's eval.rewards, else its rewards)")
+    e.add_argument("--run", help="run directory whose config built the checkpoints (default: the first "
+                                 "checkpoint's run)")
+    e.add_argument("--samples", type=int, default=2, help="seeds per prompt (seed, seed+1, ...; default 2)")
+    e.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    e.add_argument("--sde", action="store_true", help="sample with the training SDE steps (default: ODE)")
+    e.add_argument("--num-videos", type=int, default=8, help="(prompt, seed) items whose videos are kept")
+    e.add_argument("--out", help="output folder (default: RUN_DIR/eval_checkpoints)")
+    e.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the run's config, e.g. run.device=cpu; repeatable")
+    e.set_defaults(func=_main)

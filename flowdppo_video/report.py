@@ -1,0 +1,370 @@
+"""The run report: ``RUN_DIR/report/index.html``, one page to see a run.
+
+Everything the page shows lies beside it under ``RUN_DIR/report/`` and is linked relatively
+(PNG plots and heatmaps, H.264 mp4 videos in ``<video controls muted loop playsinline>``); no
+script, style sheet or font comes from the network, so the folder can be copied anywhere and
+opened offline. Sections: training curves (reward per reward, token KL, mask-drop fractions),
+held-out evaluation curves, videos of the same prompts at the start, middle and end, token-KL
+maps over video frames, and the run's config.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import yaml
+
+from .metrics import read_metrics
+
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1400px;
+     padding:0 18px 40px;color:#1d1d1f;background:#fafafa}
+h1{font-size:22px;margin:18px 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:15px;margin:14px 0 6px}
+nav a{margin-right:14px} .muted{color:#666} img.plot{max-width:100%;background:#fff;border:1px solid #e3e3e3}
+table{border-collapse:collapse;margin:6px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
+     vertical-align:top} th{background:#f0f0f0} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.videos td{text-align:center} video{background:#000;image-rendering:pixelated;display:block;margin:0 auto}
+.prompt{max-width:280px;font-size:13px} .good{background:#e6f4ea} .bad{background:#fdecea}
+"""
+
+VIDEO_MIN_SIZE = 128   # small videos are upscaled (nearest neighbour) to at least this many pixels
+
+
+# ---------------------------------------------------------------------- page building blocks
+def esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def page(title: str, sections: Sequence[tuple[str, str, str]], subtitle: str = "") -> str:
+    """A whole HTML page: ``sections`` are ``(id, heading, body_html)``, linked from a top bar."""
+    nav = " ".join(f'<a href="#{esc(i)}">{esc(h)}</a>' for i, h, _ in sections)
+    body = "\n".join(f'<section id="{esc(i)}"><h2>{esc(h)}</h2>\n{b}\n</section>' for i, h, b in sections)
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f'<title>{esc(title)}</title><link rel="icon" href="data:,"><style>{STYLE}</style></head>\n<body>\n'
+            f'<h1>{esc(title)}</h1><p class="muted">{subtitle}</p>\n<nav>{nav}</nav>\n{body}\n</body></html>\n')
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "",
+          raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless ``raw`` (numbers right-aligned)."""
+    def cell(v: Any) -> str:
+        if raw:
+            return f"<td>{v}</td>"
+        if isinstance(v, float):
+            return f'<td class="num">{"—" if not math.isfinite(v) else f"{v:.4g}"}</td>'
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f'<td class="num">{v}</td>'
+        return f"<td>{esc(v)}</td>"
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def video_tag(rel: str, width: int) -> str:
+    return (f'<video src="{esc(rel)}" width="{width}" controls muted loop playsinline autoplay '
+            f'preload="auto"></video>')
+
+
+def report_video(src: Path, dst: Path, fps: int, min_size: int = VIDEO_MIN_SIZE) -> tuple[Path, int]:
+    """Re-encode ``src`` into ``dst`` (H.264 mp4), nearest-neighbour upscaled to ``min_size``
+    pixels, unless ``dst`` is already newer. Returns ``(dst, displayed width)``."""
+    from .video import read_video, write_video
+
+    if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
+        meta = dst.with_suffix(".json")
+        if meta.is_file():
+            return dst, int(json.loads(meta.read_text())["width"])
+    frames = read_video(src)
+    k = max(1, math.ceil(min_size / max(1, min(frames.shape[1:3]))))
+    frames = frames.repeat(k, axis=1).repeat(k, axis=2)
+    write_video(dst, frames, fps=fps)
+    dst.with_suffix(".json").write_text(json.dumps({"width": int(frames.shape[2])}))
+    return dst, int(frames.shape[2])
+
+
+def flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings as ``[("a.b.c", value), ...]``; lists stay values."""
+    if isinstance(tree, dict) and tree:
+        out = []
+        for k, v in tree.items():
+            out.extend(flatten(v, f"{prefix}{k}."))
+        return out
+    return [(prefix[:-1], tree)]
+
+
+def config_table(config: dict[str, Any]) -> str:
+    rows = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(config)]
+    return (f"<details><summary>{len(rows)} keys (click to show)</summary>"
+            f"{table(['key', 'value'], rows)}</details>")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _pick(items: Sequence[Any], n: int = 3) -> list[Any]:
+    """First, middle and last (``n`` evenly spaced, without repeats)."""
+    if len(items) <= n:
+        return list(items)
+    idx = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in idx]
+
+
+# ---------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(rows: list[dict], key: str) -> list[float]:
+    return [float("nan") if r.get(key) is None else float(r[key]) for r in rows]
+
+
+def plot_training(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Reward per reward, token KL and mask-drop fractions per iteration (one PNG)."""
+    plt = _plt()
+    it = [r["iteration"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    mean, std = np.array(_series(rows, "reward/mean")), np.array(_series(rows, "reward/std"))
+    ax = axes[0]
+    ax.plot(it, mean, color="black", lw=2, label="total (weighted)")
+    ax.fill_between(it, mean - std, mean + std, color="black", alpha=0.1, label="± batch std")
+    names = sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/mean")
+                    and k != "reward/mean"})
+    for k in names:
+        ax.plot(it, _series(rows, k), lw=1.2, label=k[len("reward/"):-len("/mean")])
+    ax.set_title("reward per reward (batch mean)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.plot(it, _series(rows, "kl/mean"), color="tab:orange", label="token KL mean")
+    ax.plot(it, _series(rows, "kl/max"), color="tab:red", alpha=0.6, label="token KL max")
+    if any(r.get("kl_ref/mean") is not None for r in rows):
+        ax.plot(it, _series(rows, "kl_ref/mean"), color="tab:purple", label="KL to reference")
+    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_title("KL(π_old ‖ π_θ), nats per token")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    ax.plot(it, _series(rows, "mask/drop_frac"), color="tab:green", label="all")
+    ax.plot(it, _series(rows, "mask/drop_frac_pos"), color="tab:olive", alpha=0.7, label="A > 0")
+    ax.plot(it, _series(rows, "mask/drop_frac_neg"), color="tab:cyan", alpha=0.7, label="A < 0")
+    ax.set_title("dropped fraction (trust-region mask)")
+    ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if len(it) == 1:   # one point draws no line: show it
+            for line in ax.get_lines():
+                line.set_marker("o")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_evaluation(evals: list[dict[str, Any]], path: Path) -> Path:
+    """Held-out rewards (and KL to the base model) after each evaluated iteration count."""
+    plt = _plt()
+    x = [r["after_iterations"] for r in evals]
+    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k.endswith("/mean")
+                   and k != "eval/kl_base/mean"})
+    has_kl = any(r.get("eval/kl_base/mean") is not None for r in evals)
+    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(11 if has_kl else 6, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    for k in keys:
+        ax.plot(x, _series(evals, k), marker="o", ms=4, label=k[len("eval/"):-len("/mean")])
+    ax.set_title("held-out reward (fixed prompts and noise)")
+    ax.legend(fontsize=7)
+    if has_kl:
+        ax = axes[0, 1]
+        ax.plot(x, _series(evals, "eval/kl_base/mean"), marker="o", ms=4, color="black")
+        ax.set_title("KL(π_θ ‖ π_base), nats per token")
+    for ax in axes[0]:
+        ax.set_xlabel("after iterations")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_klmap(snapshot: dict[str, Any], path: Path, min_size: int = 96) -> Path:
+    """One snapshot: for each kept video and SDE step, every token frame's KL drawn over its
+    video frame (cyan outlines: dropped tokens), with one colour scale for the snapshot."""
+    from .kl_maps import overlay
+
+    plt = _plt()
+    kl, drop, frames = snapshot["kl"], snapshot["drop"], snapshot.get("frames")
+    s, rows, fp = kl.shape[:3]
+    vmax = float(kl.max()) if float(kl.max()) > 0 else 1.0
+    if frames is None:   # no decoded videos: the maps alone on grey
+        frames = np.full((rows, fp, kl.shape[3] * 8, kl.shape[4] * 8, 3), 128, np.uint8)
+    scale = max(1, math.ceil(min_size / max(frames.shape[2:4])))
+    fig, axes = plt.subplots(s * rows, fp, figsize=(1.9 * fp + 1.4, 1.9 * s * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for r in range(rows):
+        for j in range(s):
+            for f in range(fp):
+                ax = axes[r * s + j, f]
+                ax.imshow(overlay(frames[r, f], kl[j, r, f], drop[j, r, f], vmax, scale), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if f == 0:
+                    ax.set_ylabel(f"video {r} A={snapshot['advantages'][r]:+.2f}\nstep {int(snapshot['steps'][j])} "
+                                  f"σ={float(snapshot['sigmas'][j]):.2f}", fontsize=7)
+                if r == 0 and j == 0:
+                    fi = snapshot.get("frame_index")
+                    ax.set_title(f"token frame {f}" + (f" (px {int(fi[f])})" if fi is not None else ""), fontsize=7)
+                ax.text(1, 1, f"max {kl[j, r, f].max():.1e}\ndrop {int(drop[j, r, f].sum())}", fontsize=5,
+                        color="white", va="top", ha="left",
+                        transform=ax.transData, bbox={"facecolor": "black", "alpha": 0.4, "lw": 0, "pad": 1})
+    import matplotlib as mpl
+
+    sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, vmax), cmap="inferno")
+    cb = fig.colorbar(sm, ax=axes, fraction=0.04, pad=0.02)
+    cb.set_label("token KL (nats)", fontsize=7)
+    cb.ax.tick_params(labelsize=6)
+    fig.suptitle(f"iteration {snapshot['iteration']}: token KL(π_old ‖ π_θ) of the update's last minibatch",
+                 fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- sections
+def _videos_section(run_dir: Path, out: Path, fps: int) -> str:
+    """The same held-out prompts and noise after the first, a middle and the last evaluation;
+    without held-out evaluation, training samples (whose prompts differ between iterations)."""
+    evals = sorted(p for p in (run_dir / "eval").glob("after_*") if p.is_dir()) if (run_dir / "eval").is_dir() else []
+    cols: list[tuple[str, Path, list[str]]] = []
+    if evals:
+        for d in _pick(evals):
+            prompts = (d / "prompts.txt").read_text().splitlines() if (d / "prompts.txt").is_file() else []
+            cols.append((f"after {int(d.name.split('_')[1])} iterations", d, prompts))
+        intro = ("Held-out prompts with the same noise at every evaluation: the base model (left), "
+                 "a middle evaluation and the last one.")
+    else:
+        samples = sorted(p for p in (run_dir / "samples").glob("iter_*") if p.is_dir()) \
+            if (run_dir / "samples").is_dir() else []
+        for d in _pick(samples):
+            idx = json.loads((d / "index.json").read_text()) if (d / "index.json").is_file() else {"videos": []}
+            cols.append((f"iteration {int(d.name.split('_')[1])}", d, [v["prompt"] for v in idx["videos"]]))
+        intro = ("Training samples of the first, a middle and the last sampled iteration. No held-out "
+                 "evaluation is configured (<code>eval.prompts</code>), so prompts differ between columns.")
+    if not cols:
+        return '<p class="muted">No videos yet (no evaluation or sample iteration has finished).</p>'
+    names = sorted({p.name for _, d, _ in cols for p in d.glob("*.mp4")})
+    rows = []
+    for name in names:
+        k = int(Path(name).stem) if Path(name).stem.isdigit() else -1
+        cells, prompts = [], []
+        for label, d, ps in cols:
+            src = d / name
+            if not src.is_file():
+                cells.append('<span class="muted">—</span>')
+                continue
+            rel = f"videos/{d.parent.name}_{d.name}_{name}"
+            _, width = report_video(src, out / rel, fps)
+            cells.append(video_tag(rel, width))
+            if 0 <= k < len(ps):
+                prompts.append(ps[k])
+        same = len(set(prompts)) <= 1
+        prompt = esc(prompts[0]) if prompts and same else "<br>".join(esc(p) for p in prompts)
+        rows.append([f'<span class="prompt">{prompt}</span>', *cells])
+    return f"<p>{intro}</p>" + table(["prompt", *[c[0] for c in cols]], rows, cls="videos", raw=True)
+
+
+def _klmap_section(run_dir: Path, out: Path) -> str:
+    from .kl_maps import load_snapshot
+
+    snaps = sorted((run_dir / "klmaps").glob("iter_*.npz")) if (run_dir / "klmaps").is_dir() else []
+    if not snaps:
+        return ('<p class="muted">No token-KL snapshots (they are taken at the first and last iteration and '
+                'every <code>run.report_every</code> iterations).</p>')
+    parts = ["<p>Token KL between the rollout policy π_old and the policy being updated, for the last "
+             "minibatch of the update (the KL and mask its last optimizer step used), per SDE step, drawn "
+             "over one frame per token frame of the video. Up to two videos: the highest and the lowest advantage. "
+             "Tokens outlined in cyan were dropped by the trust-region mask. With a single optimizer step "
+             "per iteration the KL is zero by construction (the replay of π_old).</p>"]
+    for p in _pick(snaps):
+        snap = load_snapshot(p)
+        rel = f"klmaps/{p.stem}.png"
+        (out / "klmaps").mkdir(parents=True, exist_ok=True)
+        if not (out / rel).is_file() or (out / rel).stat().st_mtime < p.stat().st_mtime:
+            plot_klmap(snap, out / rel)
+        prompts = "; ".join(f"video {i}: {esc(t)}" for i, t in enumerate(snap["prompts"]))
+        parts.append(f"<h3>iteration {snap['iteration']}</h3><p class=\"muted\">{prompts}. Minibatch mean "
+                     f"token KL {float(snap['kl_mean_all']):.3g} nats, dropped fraction "
+                     f"{float(snap['drop_frac_all']):.3g}.</p><img class=\"plot\" src=\"{esc(rel)}\" "
+                     f"alt=\"token KL map, iteration {snap['iteration']}\">")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Build ``RUN_DIR/report/index.html`` from what the run has written so far; returns its path."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        from .config import ConfigError
+
+        raise ConfigError(f"{run_dir}: no config.yaml there (not a run directory)")
+    config = yaml.safe_load(cfg_path.read_text()) or {}
+    out = Path(out_dir) if out_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    fps = int(config.get("video", {}).get("fps", 8))
+    rows, evals = read_metrics(run_dir), read_metrics(run_dir, "eval")
+
+    if rows:
+        plot_training(rows, out / "training.png")
+        last = rows[-1]
+        summary = [["iterations done", len(rows)], ["configured iterations", config.get("run", {}).get("iterations", "?")],
+                   ["reward/mean, first → last", f"{rows[0]['reward/mean']:.4f} → {last['reward/mean']:.4f}"],
+                   ["kl/mean, last", last.get("kl/mean")], ["mask/drop_frac, last", last.get("mask/drop_frac")]]
+        training = (table(["", ""], summary) +
+                    '<img class="plot" src="training.png" alt="reward, KL and mask-drop curves">')
+    else:
+        training = '<p class="muted">No iteration has finished yet.</p>'
+    if evals:
+        plot_evaluation(evals, out / "evaluation.png")
+        keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
+        evaluation = ('<img class="plot" src="evaluation.png" alt="held-out evaluation curves">' +
+                      table(["after iterations", *[k[5:] for k in keys]],
+                            [[r["after_iterations"], *[float("nan") if r.get(k) is None else float(r[k]) for k in keys]]
+                             for r in evals]))
+    else:
+        evaluation = '<p class="muted">No held-out evaluation configured (<code>eval.prompts</code>) or none done yet.</p>'
+    sections = [("training", "Training curves", training),
+                ("evaluation", "Held-out evaluation", evaluation),
+                ("videos", "Videos: start, middle, end", _videos_section(run_dir, out, fps)),
+                ("klmaps", "Token-KL maps", _klmap_section(run_dir, out)),
+                ("config", "Config", config_table(config))]
+    index = out / "index.html"
+    _atomic_write(index, page(f"flowdppo-video run: {run_dir.resolve().name}", sections,
+                              f"{esc(run_dir.resolve())} — {len(rows)} iterations recorded"))
+    return index
+
+
+def _main(args: Any) -> None:
+    index = write_report(args.run_dir, args.out)
+    print(f"wrote {index}")
+
+
+def add_parser(sub: Any) -> None:
+    """The ``report`` subcommand."""
+    r = sub.add_parser("report", help="write RUN_DIR/report/index.html (curves, videos, token-KL maps, config)")
+    r.add_argument("run_dir", help="run directory")
+    r.add_argument("--out", help="output folder (default: RUN_DIR/report)")
+    r.set_defaults(func=_main)

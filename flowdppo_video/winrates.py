@@ -1,0 +1,98 @@
+"""Comparing models on the same prompts and seeds: means with confidence intervals, win-rates.
+
+Pure functions over scores keyed by ``(prompt, seed)``.
+
+* Confidence intervals are **percentile bootstrap** intervals: ``resamples`` resamplings of
+  the items with replacement, from ``numpy.random.default_rng(seed)`` with a fixed seed, so the
+  same scores always give the same interval. No normality is assumed (rewards are often
+  bounded and skewed), and the same procedure serves means and win-rates.
+* A **win-rate** of A over B is ``(wins + ties / 2) / n`` over the ``n`` pairs that share a
+  ``(prompt, seed)``: A wins a pair when its score is higher. Ties count as half a win, so
+  ``winrate(A, B) + winrate(B, A) = 1``, and a model against itself scores 0.5. Its interval
+  resamples the pairs (a paired bootstrap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+
+LEVEL = 0.95
+RESAMPLES = 10_000
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A value with its ``LEVEL`` confidence interval ``[lo, hi]`` over ``n`` items."""
+
+    value: float
+    lo: float
+    hi: float
+    n: int
+
+
+@dataclass(frozen=True)
+class WinRate(Estimate):
+    """``value`` = ``(wins + ties / 2) / n``."""
+
+    wins: int = 0
+    ties: int = 0
+    losses: int = 0
+
+
+def _bootstrap(values: np.ndarray, stat, level: float, resamples: int, seed: int) -> tuple[float, float]:
+    n = len(values)
+    if n < 2:
+        v = float(stat(values[None])[0])
+        return v, v
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    stats = stat(values[idx])
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1.0 - alpha))
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, level: float = LEVEL, resamples: int = RESAMPLES,
+            seed: int = SEED) -> Estimate:
+    """Mean of ``values`` with a percentile-bootstrap interval (one value: a zero-width interval)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"mean_ci needs a non-empty 1-D list of scores, got shape {v.shape}")
+    lo, hi = _bootstrap(v, lambda x: x.mean(axis=-1), level, resamples, seed)
+    return Estimate(float(v.mean()), lo, hi, int(v.size))
+
+
+def paired(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The scores of ``a`` and ``b`` on the same keys, in a fixed order; the key sets must match."""
+    if set(a) != set(b):
+        only_a, only_b = len(set(a) - set(b)), len(set(b) - set(a))
+        raise ValueError(f"paired scores need the same (prompt, seed) items: {only_a} only in the first, "
+                         f"{only_b} only in the second")
+    if not a:
+        raise ValueError("no paired scores to compare")
+    keys = sorted(a, key=repr)
+    return np.array([a[k] for k in keys], dtype=np.float64), np.array([b[k] for k in keys], dtype=np.float64)
+
+
+def win_rate(a: Mapping[Hashable, float], b: Mapping[Hashable, float], level: float = LEVEL,
+             resamples: int = RESAMPLES, seed: int = SEED) -> WinRate:
+    """Win-rate of ``a`` over ``b``, paired by key (``(prompt, seed)``), ties as half a win."""
+    x, y = paired(a, b)
+    points = np.where(x > y, 1.0, np.where(x == y, 0.5, 0.0))
+    lo, hi = _bootstrap(points, lambda p: p.mean(axis=-1), level, resamples, seed)
+    wins, ties = int((x > y).sum()), int((x == y).sum())
+    return WinRate(float(points.mean()), lo, hi, int(points.size), wins=wins, ties=ties,
+                   losses=int(points.size) - wins - ties)
+
+
+def win_matrix(scores: Mapping[str, Mapping[Hashable, float]], **kw) -> dict[tuple[str, str], WinRate]:
+    """``{(A, B): win_rate(A over B)}`` for every ordered pair of distinct models in ``scores``."""
+    names = list(scores)
+    return {(p, q): win_rate(scores[p], scores[q], **kw) for p in names for q in names if p != q}
+
+
+def fmt(e: Estimate, digits: int = 4) -> str:
+    """``value [lo, hi]``."""
+    return f"{e.value:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}]"
