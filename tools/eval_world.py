@@ -28,8 +28,9 @@ from rewards.world import adherence_table
 
 def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
     if state:
-        adapter = build_world_adapter(torch.device("cpu"))
         st = torch.load(state, weights_only=False)
+        in_ch = st["model"]["transformer.patch_embedding.weight"].shape[1]
+        adapter = build_world_adapter(torch.device("cpu"), position_channels=in_ch - 3)
         mods = torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder})
         mods.load_state_dict(st["model" if raw else "ema"])
         print(f"pretraining state at step {st['step']}")

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowdppo_video.world import DIRECTIONS, Scene, render_batch, split_scenes
-from flowdppo_video.world.model import WEIGHTS_DIR, build_world_adapter, video_to_latent
+from flowdppo_video.world.model import POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, video_to_latent
 
 
 def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) -> str:
@@ -36,6 +36,25 @@ def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) 
         other = rng.choice([d for d in DIRECTIONS if d != scene.direction])
         scene = Scene(scene.colour, scene.shape, other, scene.speed, scene.background)
     return scene.prompt
+
+
+def load_init(modules: torch.nn.ModuleDict, path: Path) -> dict:
+    """Load a state's raw weights into ``modules``; a weight with fewer input channels than its
+    new shape (the patch embedding when position channels are added) is zero-padded, so the
+    model starts out computing exactly what it did."""
+    st = torch.load(path, weights_only=False)
+    own = modules.state_dict()
+    for k, v in st["model"].items():
+        if v.shape != own[k].shape:
+            if v.ndim < 2 or v.shape[0] != own[k].shape[0] or v.shape[2:] != own[k].shape[2:]:
+                raise SystemExit(f"--init {path}: {k} has shape {tuple(v.shape)}, the model wants {tuple(own[k].shape)}")
+            pad = torch.zeros(own[k].shape, dtype=v.dtype)
+            pad[:, :v.shape[1]] = v
+            v = pad
+        own[k] = v
+    modules.load_state_dict(own)
+    print(f"initialised from {path} (step {st['step']})")
+    return {"state": str(path), "step": st["step"], "log_tail": st["log"][-1] if st["log"] else None}
 
 
 def main() -> None:
@@ -53,6 +72,9 @@ def main() -> None:
     ap.add_argument("--work", default="runs/pretrain_world", help="work folder (checkpoints, log)")
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="where the final diffusers directory goes")
     ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--init", help="start from another run's state.pt (its raw weights; input channels the "
+                    "old model lacks, e.g. new position channels, start at zero); fresh optimizer and schedule")
+    ap.add_argument("--position-channels", type=int, default=POSITION_CHANNELS, choices=[0, 3])
     ap.add_argument("--ship", choices=["ema", "raw"], default="ema",
                     help="which weights of the final state go into --out")
     args = ap.parse_args()
@@ -60,15 +82,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    adapter = build_world_adapter(torch.device("cpu"), seed=args.seed)
+    adapter = build_world_adapter(torch.device("cpu"), seed=args.seed, position_channels=args.position_channels)
     modules = torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder})
     modules.train()
+    init_from = None
+    if args.init and not (work / "state.pt").is_file():
+        init_from = load_init(modules, Path(args.init))
     ema = {k: v.detach().clone() for k, v in modules.state_dict().items()}
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
     train_scenes, _ = split_scenes()
     start, log, resumes = 0, [], []
+    init_meta = init_from
     ckpt = work / "state.pt"
     if ckpt.is_file():
         st = torch.load(ckpt, weights_only=False)
@@ -76,6 +102,7 @@ def main() -> None:
         ema, start, log = st["ema"], st["step"], st["log"]
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
+        init_meta = st.get("init")
         resumes = st.get("resumes", []) + [{"at_step": start, **{k: v for k, v in vars(args).items() if k not in ("out", "work")}}]
         print(f"resumed at step {start}")
     elapsed0 = log[-1]["elapsed_s"] if log else 0.0
@@ -113,7 +140,8 @@ def main() -> None:
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             tmp = work / "state.pt.tmp"
             torch.save({"model": modules.state_dict(), "ema": ema, "step": step + 1, "log": log,
-                        "opt": opt.state_dict(), "sched": sched.state_dict(), "resumes": resumes}, tmp)
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "resumes": resumes,
+                        "init": init_meta}, tmp)
             tmp.replace(ckpt)
             (work / "log.json").write_text(json.dumps(log, indent=0))
     bar.close()
@@ -132,6 +160,7 @@ def main() -> None:
                                                          if k not in ("out", "work")),
         "steps": args.steps, "final_loss": log[-1]["loss"] if log else None, "train_seconds": round(total),
         "resumed": resumes,  # a resume with another --steps changes the LR schedule from there on
+        "init": init_meta,
         "torch": torch.__version__, "threads": args.threads, "shipped": args.ship}, indent=1))
     print(f"saved {out} after {args.steps} steps, {total / 60:.1f} min")
 
