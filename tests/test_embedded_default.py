@@ -15,9 +15,7 @@ from flowdppo_video.trainer import Trainer
 from flowdppo_video.world.model import WEIGHTS_DIR
 from rewards.world import adherence_table
 
-from .conftest import ROOT
-
-WORLD_RECIPE = ROOT / "configs" / "shapes_world.yaml"
+from flowdppo_video.cli import DEFAULT_RECIPE as WORLD_RECIPE
 
 
 def test_shipped_weights_load_and_sample_offline(monkeypatch):

@@ -67,11 +67,17 @@ def main() -> None:
     ap.add_argument("--wrong-motion", type=float, default=0.5, help="fraction of captions with a wrong direction")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--logit-mean", type=float, default=0.5, help="logit-normal sigma sampling: mean (>0 favours noise)")
+    ap.add_argument("--high-noise-frac", type=float, default=0.0,
+                    help="fraction of each batch with sigma ~ U[0.85, 1): where a trajectory's direction is decided")
+    ap.add_argument("--embed-lr-mult", type=float, default=1.0,
+                    help="learning-rate multiplier of the patch embedding (new position channels start at 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/pretrain_world", help="work folder (checkpoints, log)")
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="where the final diffusers directory goes")
     ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--stop-at", type=int, help="save the state and stop after this step (a stage of a longer "
+                    "recipe, see tools/pretrain_world_stages.sh); nothing is shipped")
     ap.add_argument("--init", help="start from another run's state.pt (its raw weights; input channels the "
                     "old model lacks, e.g. new position channels, start at zero); fresh optimizer and schedule")
     ap.add_argument("--position-channels", type=int, default=POSITION_CHANNELS, choices=[0, 3])
@@ -89,7 +95,10 @@ def main() -> None:
     if args.init and not (work / "state.pt").is_file():
         init_from = load_init(modules, Path(args.init))
     ema = {k: v.detach().clone() for k, v in modules.state_dict().items()}
-    opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01)
+    embed = [p for n, p in modules.named_parameters() if n.startswith("transformer.patch_embedding.")]
+    rest = [p for n, p in modules.named_parameters() if not n.startswith("transformer.patch_embedding.")]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": embed, "lr": args.lr * args.embed_lr_mult}],
+                            lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
     train_scenes, _ = split_scenes()
@@ -117,6 +126,9 @@ def main() -> None:
         x0 = video_to_latent(torch.from_numpy(render_batch(scenes, seed=args.seed * 1_000_003 + step)))
         text = adapter.embed_text([caption(s, rng, args.wrong_motion, args.caption_dropout) for s in scenes])
         sigma = torch.sigmoid(torch.randn(args.batch, generator=gen) + args.logit_mean)
+        n_high = round(args.high_noise_frac * args.batch)
+        if n_high:
+            sigma[:n_high] = 0.85 + 0.15 * torch.rand(n_high, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1, 1)
         v = adapter.velocity((1 - s) * x0 + s * eps, sigma, text)
@@ -137,14 +149,19 @@ def main() -> None:
         if (step + 1) % 50 == 0:
             log.append({"step": step + 1, "loss": running, "lr": sched.get_last_lr()[0],
                         "elapsed_s": elapsed0 + time.time() - t0})
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 in (args.steps, args.stop_at):
             tmp = work / "state.pt.tmp"
             torch.save({"model": modules.state_dict(), "ema": ema, "step": step + 1, "log": log,
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "resumes": resumes,
                         "init": init_meta}, tmp)
             tmp.replace(ckpt)
             (work / "log.json").write_text(json.dumps(log, indent=0))
+        if args.stop_at is not None and step + 1 >= args.stop_at:
+            break
     bar.close()
+    if args.stop_at is not None and args.stop_at < args.steps:
+        print(f"stopped at step {args.stop_at} as asked; state in {ckpt}")
+        return
 
     # Ship the EMA (or raw) weights as a diffusers directory.
     if args.ship == "ema":

@@ -5,7 +5,7 @@
 
 Variants: Flow-DPPO token-wise, Flow-DPPO ``granularity: sample``, Flow-GRPO ratio clipping,
 and no trust region (Flow-DPPO with an infinite delta: every token kept, plain importance
-ratio). Each with 1 and 4 inner epochs, several seeds, every run ``configs/shapes_world.yaml`` otherwise.
+ratio). Each with 1 and 4 inner epochs, several seeds, every run the default recipe (``flowdppo_video/recipes/default.yaml``) otherwise.
 Reports the final train reward (mean of the last 5 iterations), held-out direction adherence,
 held-out KL to the base model, and forgetting (held-out colour and shape adherence lost
 against the base model). Writes ``docs/algorithms.json``, ``docs/algorithms.png`` and a
@@ -26,7 +26,7 @@ VARIANTS = {
     "grpo_clip": ["objective.kind=grpo_clip"],
     "no trust region": ["objective.kind=flow_dppo", "objective.delta=.inf"],
 }
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "shapes_world.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "flowdppo_video" / "recipes" / "default.yaml"
 EVAL_REWARDS = "eval.rewards={world_direction: 1.0, world_colour: 1.0, world_shape: 1.0}"
 
 
