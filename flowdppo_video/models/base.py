@@ -63,6 +63,36 @@ def cat_text(items: list[Text]) -> Text:
 
 
 
+def init_parts(init: dict[str, Any], tiny: dict[str, dict[str, Any]], optional: tuple[str, ...] = ()
+               ) -> dict[str, dict[str, Any]]:
+    """``model.init`` checked against a family's tiny defaults: every part a mapping, no unknown
+    part; returns each known part of ``tiny`` updated by ``init`` (optional parts only if given)."""
+    unknown = set(init) - set(tiny) - set(optional)
+    if unknown:
+        raise ModelError(f"unknown model.init part(s) {sorted(unknown)}; known: {sorted(tiny) + list(optional)}")
+    bad = [k for k, v in init.items() if not isinstance(v, dict)]
+    if bad:
+        raise ModelError(f"model.init.{bad[0]} must be a mapping of config values")
+    return {k: {**tiny[k], **init.get(k, {})} for k in tiny}
+
+
+def causal_latent_shape(num_frames: int, height: int, width: int, scale_temporal: int, scale_spatial: int,
+                        patch_size: tuple[int, int, int], channels: int) -> tuple[int, int, int, int]:
+    """``(C, F, H, W)`` of a causal video autoencoder's latent (``F = (frames - 1) / st + 1``),
+    checking the frame count, the size and the transformer patch; one-line errors naming the key."""
+    st, ss = scale_temporal, scale_spatial
+    pt, ph, pw = patch_size
+    if num_frames < 1 or (num_frames - 1) % st:
+        raise ModelError(f"video.num_frames={num_frames} must be {st}k+1 for this autoencoder")
+    if height % (ss * ph) or width % (ss * pw):
+        raise ModelError(f"video size {height}x{width} must be divisible by {ss * ph}x{ss * pw} "
+                         f"(autoencoder x{ss} times patch {ph}x{pw})")
+    f = (num_frames - 1) // st + 1
+    if f % pt:
+        raise ModelError(f"latent frames {f} (video.num_frames={num_frames}) not divisible by patch {pt}")
+    return channels, f, height // ss, width // ss
+
+
 class VideoFlowAdapter(abc.ABC):
     """A text-to-video flow model seen as a velocity field over latents ``(B, C, F, H, W)``.
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ._training import TrainableExperts
-from .base import ModelError, TextBatch, VideoFlowAdapter, cat_text
+from .base import ModelError, TextBatch, VideoFlowAdapter, cat_text, causal_latent_shape, init_parts
 from .tokenizers import byte_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,17 +89,8 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
         raise NotImplementedError
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        st, ss = self.scale_temporal, self.scale_spatial
-        pt, ph, pw = self.patch_size
-        if num_frames < 1 or (num_frames - 1) % st:
-            raise ModelError(f"video.num_frames={num_frames} must be {st}k+1 for this autoencoder")
-        if height % (ss * ph) or width % (ss * pw):
-            raise ModelError(f"video size {height}x{width} must be divisible by {ss * ph}x{ss * pw} "
-                             f"(autoencoder x{ss} times patch {ph}x{pw})")
-        f = (num_frames - 1) // st + 1
-        if f % pt:
-            raise ModelError(f"latent frames {f} (video.num_frames={num_frames}) not divisible by patch {pt}")
-        return self.latent_channels, f, height // ss, width // ss
+        return causal_latent_shape(num_frames, height, width, self.scale_temporal, self.scale_spatial,
+                                   self.patch_size, self.latent_channels)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextBatch:
@@ -201,13 +192,7 @@ class HunyuanVideoAdapter(HunyuanCommon):
         from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
         from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-        unknown = set(init) - set(TINY_INIT)
-        if unknown:
-            raise ModelError(f"unknown model.init part(s) {sorted(unknown)}; known: {sorted(TINY_INIT)}")
-        bad = [k for k, v in init.items() if not isinstance(v, dict)]
-        if bad:
-            raise ModelError(f"model.init.{bad[0]} must be a mapping of config values")
-        parts = {k: {**TINY_INIT[k], **init.get(k, {})} for k in TINY_INIT}
+        parts = init_parts(init, TINY_INIT)
         tok, tok_2 = byte_tokenizer(), byte_tokenizer()
         tok_2.model_max_length = CLIP_MAX_LENGTH
         state = torch.random.get_rng_state()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import ModelError, TextBatch
+from .base import ModelError, TextBatch, init_parts
 from .hunyuan import _DTYPES, HunyuanCommon
 from .tokenizers import byte_tokenizer
 
@@ -140,13 +140,7 @@ class HunyuanVideo15Adapter(HunyuanCommon):
         from transformers import ByT5Tokenizer, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 
-        unknown = set(init) - set(TINY_INIT)
-        if unknown:
-            raise ModelError(f"unknown model.init part(s) {sorted(unknown)}; known: {sorted(TINY_INIT)}")
-        bad = [k for k, v in init.items() if not isinstance(v, dict)]
-        if bad:
-            raise ModelError(f"model.init.{bad[0]} must be a mapping of config values")
-        parts = {k: {**TINY_INIT[k], **init.get(k, {})} for k in TINY_INIT}
+        parts = init_parts(init, TINY_INIT)
         tok, tok_2 = byte_tokenizer(), ByT5Tokenizer()
         tok.chat_template = _CHAT_TEMPLATE
         state = torch.random.get_rng_state()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ._training import EXPERT_DIRS, TrainableExperts
-from .base import ModelError, VideoFlowAdapter
+from .base import ModelError, VideoFlowAdapter, causal_latent_shape, init_parts
 from .tokenizers import byte_tokenizer
 
 EXPERT_NAMES = ("high", "low")                 # model.train_experts -> transformer, transformer_2
@@ -175,18 +175,11 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        unknown = set(init) - set(TINY_INIT) - set(OPTIONAL_INIT)
-        if unknown:
-            raise ModelError(f"unknown model.init part(s) {sorted(unknown)}; "
-                             f"known: {sorted(TINY_INIT) + list(OPTIONAL_INIT)}")
-        bad = [k for k, v in init.items() if not isinstance(v, dict)]
-        if bad:
-            raise ModelError(f"model.init.{bad[0]} must be a mapping of config values")
+        parts = init_parts(init, TINY_INIT, tuple(OPTIONAL_INIT))
         pipeline = dict(init.get("pipeline", {}))
         unknown = set(pipeline) - set(_PIPELINE_KEYS)
         if unknown:
             raise ModelError(f"unknown model.init.pipeline key(s) {sorted(unknown)}; known: {list(_PIPELINE_KEYS)}")
-        parts = {k: {**TINY_INIT[k], **init.get(k, {})} for k in TINY_INIT}
         tokenizer = byte_tokenizer()
         tcfg = dict(parts["text_encoder"])
         tcfg.setdefault("vocab_size", len(tokenizer))
@@ -247,17 +240,8 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
 
     # ---------------------------------------------------------------- the interface
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        st, ss = self.scale_temporal, self.scale_spatial
-        pt, ph, pw = self.patch_size
-        if num_frames < 1 or (num_frames - 1) % st:
-            raise ModelError(f"video.num_frames={num_frames} must be {st}k+1 for this autoencoder")
-        if height % (ss * ph) or width % (ss * pw):
-            raise ModelError(f"video size {height}x{width} must be divisible by {ss * ph}x{ss * pw} "
-                             f"(autoencoder x{ss} times patch {ph}x{pw})")
-        f = (num_frames - 1) // st + 1
-        if f % pt:
-            raise ModelError(f"latent frames {f} (video.num_frames={num_frames}) not divisible by patch {pt}")
-        return self.latent_channels, f, height // ss, width // ss
+        return causal_latent_shape(num_frames, height, width, self.scale_temporal, self.scale_spatial,
+                                   self.patch_size, self.latent_channels)
 
     def embed_text(self, prompts: list[str]) -> torch.Tensor:
         """UMT5 embeddings ``(P, L, D)`` as WanPipeline makes them (padding zeroed); no cache."""
