@@ -233,6 +233,11 @@ def write_doc(path: Path, results: list[tuple[str, dict[str, Any] | None, float]
             lines += _section(r, wall)
     if findings:
         lines += ["## Findings", "", findings.strip(), ""]
+    # Benchmarks run on their own (the algorithm comparison takes an hour): their write-ups,
+    # from tools/bench/reward_throughput.py and algorithms.py, are kept across rewrites.
+    for extra in ("rewards_section.md", "algorithms_section.md"):   # tools/bench/reward_throughput.py
+        if (path.parent / extra).is_file():
+            lines += [(path.parent / extra).read_text().strip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     print(f"\nwrote {_rel(path)}")
