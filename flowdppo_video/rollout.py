@@ -147,17 +147,14 @@ def _choose_steps(adapter: VideoFlowAdapter, sampler: SamplerConfig, generator: 
                   schedule: torch.Tensor) -> list[int]:
     """SDE steps of this rollout: drawn from the window, and only among steps whose expert trains
     (a step of a frozen Wan 2.2 expert would carry no gradient)."""
-    frozen = [e for e in range(adapter.num_experts) if not adapter.expert_trains(e)]
-    if not frozen:
+    frozen = any(not adapter.expert_trains(e) for e in range(adapter.num_experts))
+    allowed = (lambda k: adapter.expert_trains(adapter.expert_for(float(schedule[k])))) if frozen else None
+    try:
         return sde.choose_sde_steps(sampler.num_steps, sampler.sde_steps, tuple(sampler.window), sampler.kind,
-                                    generator, schedule)
-    cands = [k for k in sde.sde_candidates(sampler.num_steps, tuple(sampler.window), sampler.kind, schedule)
-             if adapter.expert_trains(adapter.expert_for(float(schedule[k])))]
-    if sampler.sde_steps > len(cands):
-        raise ModelError(f"sampler.sde_steps={sampler.sde_steps} exceeds the {len(cands)} steps of sampler.window "
-                         f"{sampler.window} that the training expert(s) take (model.train_experts)")
-    perm = torch.randperm(len(cands), generator=generator)[:sampler.sde_steps]
-    return sorted(cands[i] for i in perm.tolist())
+                                    generator, schedule, allowed, "steps that the training expert(s) take "
+                                    "(model.train_experts)" if frozen else "candidate steps")
+    except ValueError as e:
+        raise ModelError(str(e)) from None
 
 
 @torch.no_grad()

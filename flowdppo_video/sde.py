@@ -12,6 +12,7 @@ elements each. Everything here is computed in float32.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -180,16 +181,20 @@ def sde_candidates(num_steps: int, window: tuple[float, float], kind: str,
 
 
 def choose_sde_steps(num_steps: int, count: int, window: tuple[float, float], kind: str,
-                     generator: torch.Generator, schedule: torch.Tensor | None = None) -> list[int]:
+                     generator: torch.Generator, schedule: torch.Tensor | None = None,
+                     allowed: Callable[[int], bool] | None = None, label: str = "candidate steps") -> list[int]:
     """Pick which steps of a ``num_steps`` schedule are SDE (policy) steps.
 
-    ``count`` of the :func:`sde_candidates` are drawn without replacement with ``generator``.
+    ``count`` of the :func:`sde_candidates` (those ``allowed`` keeps, if given; ``label`` names them
+    in the error) are drawn without replacement with ``generator``.
     Returns sorted step indices.
     """
     cands = sde_candidates(num_steps, window, kind, schedule)
+    if allowed is not None:
+        cands = [k for k in cands if allowed(k)]
     if count > len(cands):
         raise ValueError(
-            f"sampler.sde_steps={count} exceeds the {len(cands)} candidate steps in window {list(window)} "
+            f"sampler.sde_steps={count} exceeds the {len(cands)} {label} in window {list(window)} "
             f"of {num_steps} steps")
     perm = torch.randperm(len(cands), generator=generator)[:count]
     return sorted(cands[i] for i in perm.tolist())

@@ -16,12 +16,11 @@ Returns ``{"score": (B,), "cosine": (B,)}`` (the raw mean cosine, for logging).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from .registry import RewardError, register
-from .vlm import _check_videos, _positive, _read_json, _resolve_device, _resolve_dtype
+from .vlm import _check_videos, _checkpoint_dir, _positive, _read_json, _resolve_device, _resolve_dtype
 
 
 def frame_indices(num_frames: int, frames: int) -> list[int]:
@@ -53,10 +52,7 @@ class ClipAlignment:
         self.frames, self.batch_size = _positive("frames", frames, int), _positive("batch_size", batch_size, int)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        path = Path(str(model)).expanduser()
-        if not (path / "config.json").is_file():
-            raise RewardError(f"model must be a local checkpoint directory with config.json, got {str(model)!r}")
-        self.path = path
+        self.path = path = _checkpoint_dir(model)
         from transformers import AutoModel, AutoProcessor
 
         try:

@@ -257,6 +257,14 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def _checkpoint_dir(model: Any) -> Path:
+    """A local transformers checkpoint directory (with ``config.json``); one-line error otherwise."""
+    path = Path(str(model)).expanduser()
+    if not (path / "config.json").is_file():
+        raise RewardError(f"model must be a local checkpoint directory with config.json, got {str(model)!r}")
+    return path
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -288,10 +296,7 @@ class VLMJudge:
         self.max_frames, self.batch_size = _positive("max_frames", max_frames, int), _positive("batch_size", batch_size, int)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        path = Path(str(model)).expanduser()
-        if not (path / "config.json").is_file():
-            raise RewardError(f"model must be a local checkpoint directory with config.json, got {str(model)!r}")
-        self.path = path
+        self.path = path = _checkpoint_dir(model)
         family = _read_json(path / "config.json").get("model_type", "")
         _check_choice("processing", processing, ("auto", "builtin", "processor"))
         if processing == "auto":

@@ -85,6 +85,22 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
     latent_channels: int
     _text_cache: dict[str, TextBatch]
 
+    def _setup(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+               tokenizer: Any, text_encoder_2: torch.nn.Module, tokenizer_2: Any, device: torch.device,
+               dtype: torch.dtype, max_sequence_length: int, scheduler_config: dict[str, Any] | None) -> None:
+        """One trainable transformer; two frozen text encoders and the frozen VAE on ``device``."""
+        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
+        self.experts = [transformer.to(device=device)]
+        self.trained = [0]
+        self._init_training()
+        self.vae = vae.to(device=device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(device=device).eval().requires_grad_(False)
+        self.text_encoder_2 = text_encoder_2.to(device=device).eval().requires_grad_(False)
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.scheduler_config = scheduler_config or {}
+        tcfg = self.transformer.config
+        self.patch_size = (int(tcfg.patch_size_t), int(tcfg.patch_size), int(tcfg.patch_size))
+
     def embed_text(self, prompts: list[str]) -> TextBatch:
         raise NotImplementedError
 
@@ -121,17 +137,9 @@ class HunyuanVideoAdapter(HunyuanCommon):
                  scheduler_config: dict[str, Any] | None = None) -> None:
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
-        self.experts = [transformer.to(device=device)]
-        self.trained = [0]
-        self._init_training()
-        self.vae = vae.to(device=device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(device=device).eval().requires_grad_(False)
-        self.text_encoder_2 = text_encoder_2.to(device=device).eval().requires_grad_(False)
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.scheduler_config = scheduler_config or {}
+        self._setup(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, device, dtype,
+                    max_sequence_length, scheduler_config)
         tcfg = self.transformer.config
-        self.patch_size = (int(tcfg.patch_size_t), int(tcfg.patch_size), int(tcfg.patch_size))
         self.embedded_guidance = DEFAULT_EMBEDDED_GUIDANCE if embedded_guidance is None else float(embedded_guidance)
         if not tcfg.guidance_embeds:
             self.embedded_guidance = None            # a model without the guidance embedder

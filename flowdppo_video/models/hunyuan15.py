@@ -67,17 +67,9 @@ class HunyuanVideo15Adapter(HunyuanCommon):
                  tokenizer: Any, text_encoder_2: torch.nn.Module, tokenizer_2: Any, *, device: torch.device,
                  dtype: torch.dtype, max_sequence_length: int,
                  scheduler_config: dict[str, Any] | None = None) -> None:
-        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
-        self.experts = [transformer.to(device=device)]
-        self.trained = [0]
-        self._init_training()
-        self.vae = vae.to(device=device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(device=device).eval().requires_grad_(False)
-        self.text_encoder_2 = text_encoder_2.to(device=device).eval().requires_grad_(False)
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.scheduler_config = scheduler_config or {}
+        self._setup(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, device, dtype,
+                    max_sequence_length, scheduler_config)
         tcfg = self.transformer.config
-        self.patch_size = (int(tcfg.patch_size_t), int(tcfg.patch_size), int(tcfg.patch_size))
         self.system_message = _system_message()
         self.crop_start = _crop_start(tokenizer, self.system_message)
         vcfg = self.vae.config

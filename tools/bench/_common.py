@@ -197,6 +197,23 @@ def peak_memory_of(fn: Callable[[], Any], device: torch.device) -> dict[str, Any
             "rss_before_mb": rss_before / 1024}
 
 
+def time_and_probe(script: Path, variants: dict[str, Callable[[], Any]], repeats: int, dev: torch.device,
+                   device: str, traj: Any, workdir: Path, memory: bool
+                   ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Time ``variants`` interleaved, then (with ``memory``) each variant's peak memory once in a
+    fresh process of ``script`` replaying the same trajectory (saved under ``workdir``)."""
+    print(f" timing (1 warm-up each, then {repeats} interleaved repeats)", flush=True)
+    timed = time_interleaved(variants, repeats, dev)
+    traj_file = workdir / "traj.pt"
+    torch.save(traj, traj_file)
+    mem: dict[str, dict[str, Any]] = {}
+    if memory:
+        print(" peak memory, each variant once in a fresh process", flush=True)
+        for n in variants:
+            mem[n] = probe_in_subprocess(script, n, ["--device", device, "--trajectory", str(traj_file)])
+    return timed, mem
+
+
 def probe_in_subprocess(script: Path, variant: str, extra: list[str] | None = None,
                         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``script --memory-probe VARIANT`` in a fresh interpreter; it prints one JSON line."""

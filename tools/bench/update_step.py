@@ -80,15 +80,7 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
     with tempfile.TemporaryDirectory() as d:
         trainer, traj, adv = setup(dev, d)
         variants = variants_for(trainer, traj, adv)
-        print(f" timing (1 warm-up each, then {repeats} interleaved repeats)", flush=True)
-        timed = C.time_interleaved(variants, repeats, dev)
-        traj_file = Path(d) / "traj.pt"
-        torch.save(traj, traj_file)
-        mem: dict[str, dict[str, Any]] = {}
-        if memory:
-            print(" peak memory, each variant once in a fresh process", flush=True)
-            for n in variants:
-                mem[n] = C.probe_in_subprocess(Path(__file__), n, ["--device", device, "--trajectory", str(traj_file)])
+        timed, mem = C.time_and_probe(Path(__file__), variants, repeats, dev, device, traj, Path(d), memory)
     config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": [16, 9, 32, 32], "tokens": 2304,
               "minibatch_videos": traj.batch_size, "rows_per_forward": 2 * traj.batch_size,
               "sde_steps_replayed": traj.num_sde_steps, "guidance_scale": C.GUIDANCE, "finetune": "full",
