@@ -42,14 +42,16 @@ TINY_INIT: dict[str, dict[str, Any]] = {
 _PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def _check_checkpoint_dir(path: Path) -> None:
+def _check_checkpoint_dir(path: Path, transformer_class: str = "HunyuanVideoTransformer3DModel",
+                          family: str = "hunyuan_video") -> None:
+    """``path`` holds a ``transformer_class`` and every folder of a HunyuanVideo pipeline."""
     cfg_file = path / "transformer" / "config.json"
     if not cfg_file.is_file():
         raise ModelError(f"model.path {path} has no transformer/config.json")
     cls = json.loads(cfg_file.read_text()).get("_class_name")
-    if cls != "HunyuanVideoTransformer3DModel":
-        raise ModelError(f"model.path {path} holds a {cls}, not a HunyuanVideoTransformer3DModel "
-                         "(model.family is 'hunyuan_video')")
+    if cls != transformer_class:
+        raise ModelError(f"model.path {path} holds a {cls}, not a {transformer_class} "
+                         f"(model.family is {family!r})")
     for sub in _PARTS:
         if not (path / sub).is_dir():
             raise ModelError(f"model.path {path} has no {sub}/ folder")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import ModelError, TextBatch, init_parts
-from .hunyuan import _DTYPES, HunyuanCommon
+from .hunyuan import _DTYPES, HunyuanCommon, _check_checkpoint_dir
 from .tokenizers import byte_tokenizer
 
 # The tiny models' chat template (Qwen's layout); real checkpoints bring their own tokenizer.
@@ -38,7 +38,6 @@ TINY_INIT: dict[str, dict[str, Any]] = {
                      "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
     "text_encoder_2": {"d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2},
 }
-_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 _IMAGE_TOKENS = 729               # HunyuanVideo15Pipeline.vision_num_semantic_tokens
 
 
@@ -102,16 +101,7 @@ class HunyuanVideo15Adapter(HunyuanCommon):
         from transformers import AutoTokenizer, Qwen2_5_VLTextModel, T5EncoderModel
 
         p = Path(path)
-        cfg_file = p / "transformer" / "config.json"
-        if not cfg_file.is_file():
-            raise ModelError(f"model.path {p} has no transformer/config.json")
-        cls_name = json.loads(cfg_file.read_text()).get("_class_name")
-        if cls_name != "HunyuanVideo15Transformer3DModel":
-            raise ModelError(f"model.path {p} holds a {cls_name}, not a HunyuanVideo15Transformer3DModel "
-                             "(model.family is 'hunyuan_video_1.5')")
-        for sub in _PARTS:
-            if not (p / sub).is_dir():
-                raise ModelError(f"model.path {p} has no {sub}/ folder")
+        _check_checkpoint_dir(p, "HunyuanVideo15Transformer3DModel", "hunyuan_video_1.5")
         tdtype = _DTYPES[dtype]
         transformer = HunyuanVideo15Transformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
         vae = AutoencoderKLHunyuanVideo15.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
