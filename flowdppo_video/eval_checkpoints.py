@@ -107,6 +107,9 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     weights = reward_weights(specs)
     sampler = cfg.sampler if sde else dataclasses.replace(cfg.sampler, sde_steps=0)
     adapter = build_adapter(cfg.model, resolve_device(cfg.run.device))
+    from .images import load_run_images
+
+    load_run_images(adapter, cfg)  # image-to-video: the images of the run's training and held-out prompts
     latent_shape = adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
     seeds = list(range(seed, seed + samples))
     out.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,12 @@ from .base import ModelError, TextBatch, VideoFlowAdapter
 # family -> the diffusers pipeline class its checkpoints declare in model_index.json
 FAMILIES: dict[str, str] = {
     "wan": "WanPipeline",                         # Wan 2.1, Wan 2.2 T2V-A14B (two experts), TI2V-5B
+    "wan_i2v": "WanImageToVideoPipeline",         # Wan 2.1 I2V (CLIP), Wan 2.2 I2V-A14B, expand_timesteps
     "hunyuan_video": "HunyuanVideoPipeline",      # HunyuanVideo (1.0) T2V
     "hunyuan_video_1.5": "HunyuanVideo15Pipeline",  # HunyuanVideo 1.5 T2V
 }
-# Image-to-video pipelines of the same transformers: named in errors so a user learns what they hold.
-_OTHER_PIPELINES = {"WanImageToVideoPipeline": "wan", "HunyuanVideoImageToVideoPipeline": "hunyuan_video",
+# Image-to-video pipelines not supported yet: named in errors so a user learns what they hold.
+_OTHER_PIPELINES = {"HunyuanVideoImageToVideoPipeline": "hunyuan_video",
                     "HunyuanVideo15ImageToVideoPipeline": "hunyuan_video_1.5"}
 
 
@@ -57,19 +58,21 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
         if found is not None and found != cfg.family:
             raise ModelError(f"model.path {path} holds a {FAMILIES[found]} checkpoint (family {found!r}), "
                              f"but model.family is {cfg.family!r}")
-    if cfg.family != "wan" and cfg.train_experts not in (None, ["high"]):
+    if cfg.family not in ("wan", "wan_i2v") and cfg.train_experts not in (None, ["high"]):
         raise ModelError(f"model.train_experts {cfg.train_experts}: only Wan 2.2 A14B has two experts")
-    if cfg.family == "wan":
+    if cfg.family in ("wan", "wan_i2v"):
         from .wan import WanAdapter
+        from .wan_i2v import WanI2VAdapter
 
+        wan = WanI2VAdapter if cfg.family == "wan_i2v" else WanAdapter
         if path is not None:
-            adapter = WanAdapter.from_pretrained(path, device=device, dtype=cfg.dtype,
-                                                 max_sequence_length=cfg.max_sequence_length,
-                                                 train_experts=cfg.train_experts)
+            adapter = wan.from_pretrained(path, device=device, dtype=cfg.dtype,
+                                          max_sequence_length=cfg.max_sequence_length,
+                                          train_experts=cfg.train_experts)
         else:
-            adapter = WanAdapter.from_config(cfg.init or {}, device=device, dtype=cfg.dtype,
-                                             max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed,
-                                             train_experts=cfg.train_experts)
+            adapter = wan.from_config(cfg.init or {}, device=device, dtype=cfg.dtype,
+                                      max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed,
+                                      train_experts=cfg.train_experts)
     elif cfg.family == "hunyuan_video":
         from .hunyuan import HunyuanVideoAdapter
 
