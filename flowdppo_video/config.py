@@ -71,6 +71,10 @@ class DataConfig:
     negative_prompt: str = ""             # unconditional prompt for classifier-free guidance
     prompts_per_iteration: int = 2        # P prompts per iteration
     group_size: int = 4                   # G samples per prompt (the advantage group)
+    # Image-to-video models: one conditioning image per prompt: a file of image paths (one a line, in
+    # prompt order, relative to the file), a folder of images named by prompt index (0.png, 1.png, ...)
+    # or a list of paths (see flowdppo_video/images.py).
+    images: str | list[str] | None = None
 
 
 @dataclass
@@ -132,6 +136,25 @@ class EvalConfig:
     rewards: dict[str, Any] = field(default_factory=dict)  # logged as eval/<name>/mean; {} = training rewards
     kl_to_base: bool = True               # measure KL(pi_theta || pi_base) on the evaluation rollouts
     num_videos: int = 8                   # videos kept per evaluation (before/after comparisons)
+    images: str | list[str] | None = None  # image-to-video: one image per held-out prompt (as data.images)
+
+
+@dataclass
+class ParallelConfig:
+    """Multi-process layout. World = data-parallel x sequence-parallel ranks (from the launcher:
+    torchrun, deepspeed or accelerate set RANK / WORLD_SIZE / LOCAL_RANK)."""
+
+    sequence_parallel: int = 1            # Ulysses degree: ranks sharing one video's tokens (divides the
+                                          # world size and the attention heads)
+    zero_stage: int = 0                   # 0: torch AdamW, gradients averaged over ranks; 1-3: DeepSpeed ZeRO
+    offload_optimizer: bool = False       # ZeRO: optimizer state (and its step) on the CPU
+    offload_params: bool = False          # ZeRO-3: parameters on the CPU between uses
+    rollout_gather: str = "layer"         # ZeRO-3 rollout: "layer" (each layer gathered as it runs) or "full"
+                                          # (the whole trained model gathered once per rollout)
+    zero_persistence_threshold: int = 100000  # ZeRO-3 keeps parameters smaller than this whole on every rank
+                                          # (DeepSpeed's default; 0 shards everything)
+    backend: str = "auto"                 # process-group backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo
+    timeout_s: float = 600.0              # a collective waiting longer than this ends the job with an error
 
 
 @dataclass
@@ -146,6 +169,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     rewards: dict[str, Any] = field(default_factory=lambda: {"frame_change": 1.0})  # name -> weight or {weight, ...}
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
         _check_choice("sampler.kind", self.sampler.kind, ("flow_sde", "cps"))
@@ -156,6 +180,21 @@ class Config:
         _check_choice("advantages.aggregation", self.advantages.aggregation, ("sum", "gdpo"))
         _check_choice("advantages.std", self.advantages.std, ("group", "batch"))
         _check_choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
+        par = self.parallel
+        _check_choice("parallel.rollout_gather", par.rollout_gather, ("layer", "full"))
+        _check_choice("parallel.backend", par.backend, ("auto", "nccl", "gloo"))
+        if par.sequence_parallel < 1:
+            raise ConfigError(f"parallel.sequence_parallel must be >= 1, got {par.sequence_parallel}")
+        if par.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}")
+        if par.offload_params and par.zero_stage != 3:
+            raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+        if par.offload_optimizer and par.zero_stage == 0:
+            raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage 1, 2 or 3")
+        if par.zero_persistence_threshold < 0:
+            raise ConfigError(f"parallel.zero_persistence_threshold must be >= 0, got {par.zero_persistence_threshold}")
+        if not par.timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s must be > 0, got {par.timeout_s}")
         for key, value in [("run.iterations", self.run.iterations), ("data.group_size", self.data.group_size),
                            ("data.prompts_per_iteration", self.data.prompts_per_iteration),
                            ("optim.minibatch_size", self.optim.minibatch_size),
@@ -174,6 +213,8 @@ class Config:
                               "(or model.init to build a random model)")
         if self.model.path is not None and self.model.init is not None:
             raise ConfigError("set only one of model.path and model.init")
+        if self.eval.images is not None and self.eval.prompts is None:
+            raise ConfigError("eval.images is set but eval.prompts is not (one image per held-out prompt)")
         if len(self.sampler.window) != 2:
             raise ConfigError(f"sampler.window must be [start, end], got {self.sampler.window}")
         if not self.rewards:

@@ -117,6 +117,24 @@ class Trajectory:
             out[f.name] = v
         return Trajectory(**out)
 
+    @staticmethod
+    def concat(parts: list["Trajectory"]) -> "Trajectory":
+        """Rows of several trajectories of the same rollout (data-parallel ranks' slices), in order."""
+        if len(parts) == 1:
+            return parts[0]
+        first, out = parts[0], {}
+        for f in fields(first):
+            vals = [getattr(p, f.name) for p in parts]
+            if f.name == "prompts":
+                out[f.name] = [x for v in vals for x in v]
+            elif f.name in ("text", "text_uncond"):
+                out[f.name] = None if vals[0] is None else cat_text(vals)
+            elif f.name in ("latents", "next_latents", "means", "stds", "final", "videos"):
+                out[f.name] = None if vals[0] is None else torch.cat(vals)
+            else:                                   # per-step data and settings: the same on every part
+                out[f.name] = vals[0]
+        return Trajectory(**out)
+
 
 def step_mean(adapter: VideoFlowAdapter, traj: Trajectory, j: int) -> torch.Tensor:
     """``mu`` of SDE step ``j`` recomputed for every row of ``traj`` with the adapter's weights now.
@@ -160,7 +178,7 @@ def _choose_steps(adapter: VideoFlowAdapter, sampler: SamplerConfig, generator: 
 @torch.no_grad()
 def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, latent_shape: tuple[int, ...],
             sampler: SamplerConfig, generator: torch.Generator, negative_prompt: str | None = None,
-            progress: bool = True, decode: bool = True) -> Trajectory:
+            progress: bool = True, decode: bool = True, rows: slice | None = None) -> Trajectory:
     """Sample ``G`` videos for each prompt with the current policy.
 
     Args:
@@ -169,20 +187,25 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
         generator: a CPU generator; it draws the initial noise, the SDE steps and their noise,
             so the same seed gives the same trajectory on any device.
         negative_prompt: the unconditional prompt for CFG (used when ``guidance_scale != 1``).
+        rows: only these rows of the ``P * G`` batch (a data-parallel rank's share). Noise is still
+            drawn for the whole batch and sliced, so the rows equal those of a one-process rollout.
     """
-    b = len(prompts) * group_size
-    batch_prompts = [p for p in prompts for _ in range(group_size)]
+    full = len(prompts) * group_size
+    rows = rows or slice(0, full)
+    batch_prompts = [p for p in prompts for _ in range(group_size)][rows]
+    b = len(batch_prompts)
     text = adapter.encode_prompts(batch_prompts)
     g2 = sampler.guidance_scale_2 if adapter.num_experts > 1 else None
     cfg_on = sampler.guidance_scale != 1.0 or (g2 is not None and g2 != 1.0)
-    text_u = adapter.encode_prompts([negative_prompt or ""] * b) if cfg_on else None
+    # Per row: an image-to-video model keeps each row's image in its unconditional branch.
+    text_u = adapter.encode_negative(negative_prompt or "", batch_prompts) if cfg_on else None
 
     schedule = sde.flow_schedule(sampler.num_steps, sampler.shift)
     steps = _choose_steps(adapter, sampler, generator, schedule)
     sigma_1 = float(schedule[1])
     dev = adapter.device
     # Noise is drawn on the CPU generator and moved, so a seed means the same video anywhere.
-    x = torch.randn((b, *latent_shape), generator=generator, dtype=torch.float32).to(dev)
+    x = torch.randn((full, *latent_shape), generator=generator, dtype=torch.float32)[rows].to(dev)
     s_count = len(steps)
     lat = torch.empty((b, s_count, *latent_shape))
     nxt = torch.empty_like(lat)
@@ -204,7 +227,7 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
             j = slot[k]
             experts[j] = expert
             mean, std = sde.sde_step(sampler.kind, x, v, sig, sig_next, sampler.eta, sigma_1)
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(dev)
+            noise = torch.randn((full, *latent_shape), generator=generator, dtype=torch.float32)[rows].to(dev)
             x_next = mean + std.view(-1, 1, 1, 1, 1) * noise
             lat[:, j], nxt[:, j], means[:, j], stds[:, j] = x.cpu(), x_next.cpu(), mean.cpu(), std.cpu()
             x = x_next

@@ -108,6 +108,20 @@ class VideoFlowAdapter(abc.ABC):
     # transformers by its sigma; the trajectory records the expert of every SDE step.
     num_experts: int = 1
 
+    # Image-to-video families condition every video on an image as well as its prompt. The caller
+    # hands each prompt's image over once (:meth:`set_images`); from then on the image travels inside
+    # the prompt conditioning that :meth:`encode_prompts` returns, row by row, like the text.
+    takes_images: bool = False
+
+    def set_images(self, images: dict[str, Any], num_frames: int, height: int, width: int) -> None:
+        """Condition ``prompt -> image`` (PIL RGB images) for videos of that size."""
+        raise ModelError("this model is text-to-video: it takes no conditioning images")
+
+    def encode_negative(self, negative_prompt: str, prompts: list[str]) -> "Text":
+        """The unconditional (CFG) conditioning of the rows ``prompts``: the negative prompt's text;
+        image-to-video families keep each row's image, as their pipelines do."""
+        return self.encode_prompts([negative_prompt] * len(prompts))
+
     def expert_for(self, sigma: float) -> int:
         """The expert (0 = ``transformer``, 1 = ``transformer_2``) that denoises at ``sigma``."""
         return 0
@@ -156,3 +170,13 @@ class VideoFlowAdapter(abc.ABC):
     @abc.abstractmethod
     def save_pretrained(self, directory: Path) -> None:
         """Write the whole model as a diffusers-format directory (``from_pretrained`` loads it)."""
+
+    def enable_sequence_parallel(self, group: Any) -> None:
+        """Shard the transformer(s)' tokens over the ranks of ``group`` (Ulysses attention, see
+        :mod:`flowdppo_video.parallel.sequence`); :meth:`velocity` still returns the whole
+        ``(B, C, F, H, W)``, the same on every rank. ``None`` or a group of one rank: nothing.
+        Call it after LoRA / fine-tuning setup (its hooks sit on the modules present then)."""
+        from ..parallel.sequence import group_degree
+
+        if group_degree(group) > 1:
+            raise ModelError(f"{type(self).__name__} does not support sequence parallelism")

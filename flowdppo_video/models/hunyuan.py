@@ -119,6 +119,16 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
                 self._text_cache[p] = batch[i:i + 1]
         return cat_text([self._text_cache[p] for p in prompts])
 
+    def enable_sequence_parallel(self, group: Any) -> None:
+        """Ulysses SP over ``group`` on the transformer (and a frozen reference copy); see
+        :func:`_sequence_parallel` for where the tokens are sharded and gathered."""
+        from ..parallel.sequence import group_degree
+
+        if group_degree(group) <= 1:
+            return
+        for t in [*self.experts, *self._frozen_base.values()]:
+            _sequence_parallel(t, group)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
         outs = []
@@ -270,3 +280,37 @@ class HunyuanVideoAdapter(HunyuanCommon):
                                    pooled_projections=t["pooled"].to(device=dev, dtype=self.dtype),
                                    guidance=guidance, return_dict=False)[0]
         return out.float()
+
+
+def _sequence_parallel(transformer: torch.nn.Module, group: Any) -> None:
+    """Install Ulysses SP on a ``HunyuanVideoTransformer3DModel`` (1.0) or
+    ``HunyuanVideo15Transformer3DModel`` with hooks and processors.
+
+    ``x_embedder`` flattens the patches into ``(B, N, D)`` before the first block (sharded there);
+    ``rope`` returns ``(cos, sin)`` of ``(N, d)`` (sharded on its output). Every block's attention is
+    joint (video tokens, then the text tokens): the video part goes through the all-to-all, the
+    text, replicated on every rank, is split by heads; the attention masks the models build (over
+    the full or the local token count) are laid out again for the gathered sequence. The text
+    stream itself stays replicated. ``proj_out`` (per token) gathers the tokens before unpatchifying.
+    """
+    from ..parallel.sequence import SequenceParallel, check_heads, model_input
+
+    if getattr(transformer, "_sequence_parallel", None) is not None:
+        raise ModelError("sequence parallelism is already enabled on this transformer")
+    sp = SequenceParallel(group)
+    cfg = transformer.config
+    check_heads(int(cfg.num_attention_heads), sp.degree)
+    pt, p = int(cfg.patch_size_t), int(cfg.patch_size)
+    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+    def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = model_input(args, kwargs, "hidden_states", 0)
+        sp.begin((x.shape[2] // pt) * (x.shape[3] // p) * (x.shape[4] // p))
+
+    transformer.register_forward_pre_hook(begin, with_kwargs=True)
+    transformer.rope.register_forward_hook(sp.shard_output_hook(0))
+    blocks[0].register_forward_pre_hook(sp.shard_input_hook(1), with_kwargs=True)
+    transformer.proj_out.register_forward_hook(sp.gather_output_hook(1))
+    for block in blocks:
+        block.attn.set_processor(sp.wrap(block.attn.processor))
+    transformer._sequence_parallel = sp

@@ -35,10 +35,10 @@ TINY_INIT: dict[str, dict[str, Any]] = {
 # Optional parts of `model.init` (Wan 2.2): a second expert (its config over `transformer`'s) and
 # the pipeline's routing settings.
 OPTIONAL_INIT = ("transformer_2", "pipeline")
-_PIPELINE_KEYS = ("boundary_ratio", "expand_timesteps")
+_PIPELINE_KEYS = ("boundary_ratio", "expand_timesteps", "position_channels")
 
 
-def _check_checkpoint_dir(path: Path) -> None:
+def _check_checkpoint_dir(path: Path, pipeline: str = "WanPipeline") -> None:
     if not path.exists():
         raise ModelError(f"model.path {path} does not exist")
     if not (path / "model_index.json").is_file():
@@ -52,9 +52,10 @@ def _check_checkpoint_dir(path: Path) -> None:
                          "(model.family is 'wan')")
     index = json.loads((path / "model_index.json").read_text())
     pipe = index.get("_class_name")
-    if pipe not in (None, "WanPipeline"):
-        raise ModelError(f"model.path {path} is a {pipe} checkpoint; the wan family trains text-to-video "
-                         "WanPipeline checkpoints (Wan 2.1, Wan 2.2 T2V-A14B, TI2V-5B)")
+    if pipe not in (None, pipeline):
+        family = "wan_i2v" if pipeline == "WanImageToVideoPipeline" else "wan"
+        raise ModelError(f"model.path {path} is a {pipe} checkpoint; model.family {family!r} takes "
+                         f"{pipeline} checkpoints")
     if (index.get("transformer_2") or [None])[0] is not None:
         if not (path / "transformer_2" / "config.json").is_file():
             raise ModelError(f"model.path {path}: model_index.json names a transformer_2 but there is no "
@@ -76,6 +77,12 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
     ``train_experts`` (of :data:`EXPERT_NAMES`) picks the experts that train; the others stay
     frozen and get neither LoRA adapters nor optimizer state.
     """
+
+    # What subclasses (Wan image-to-video, models/wan_i2v.py) change: the pipeline their checkpoints
+    # declare, their tiny defaults, and the extra parts they load or build (see the `_extra_*` hooks).
+    PIPELINE = "WanPipeline"
+    TINY = TINY_INIT
+    CONDITION_LABEL = "position channels"
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
                  tokenizer: Any, *, device: torch.device, dtype: torch.dtype,
@@ -122,8 +129,9 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
             raise ModelError(f"position_channels must be 0 or 3, got {position_channels}")
         self._positions: dict[tuple[int, ...], torch.Tensor] = {}
         for i, t in enumerate(self.experts):
-            if int(t.config.in_channels) != self.latent_channels + self.position_channels:
-                extra = f" + {self.position_channels} position channels" if self.position_channels else ""
+            if int(t.config.in_channels) != self.latent_channels + self._condition_channels():
+                n = self._condition_channels()
+                extra = f" + {n} {self.CONDITION_LABEL}" if n else ""
                 raise ModelError(f"{EXPERT_DIRS[i]} in_channels {t.config.in_channels} != "
                                  f"vae z_dim {self.latent_channels}{extra}")
             if tuple(int(p) for p in t.config.patch_size) != self.patch_size:
@@ -137,7 +145,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         p = Path(path)
-        _check_checkpoint_dir(p)
+        _check_checkpoint_dir(p, cls.PIPELINE)
         tdtype = _DTYPES[dtype]
         index = json.loads((p / "model_index.json").read_text())
         transformer = WanTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
@@ -160,7 +168,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                    max_sequence_length=max_sequence_length, scheduler_config=sched_cfg,
                    transformer_2=transformer_2, boundary_ratio=index.get("boundary_ratio"),
                    expand_timesteps=bool(index.get("expand_timesteps", False)), train_experts=train_experts,
-                   position_channels=int(index.get("position_channels", 0)))
+                   position_channels=int(index.get("position_channels", 0)), **cls._extra_pretrained(p, index))
 
     @classmethod
     def from_config(cls, init: dict[str, Any], *, device: torch.device, dtype: str = "float32",
@@ -175,7 +183,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        parts = init_parts(init, TINY_INIT, tuple(OPTIONAL_INIT))
+        parts = init_parts(init, cls.TINY, tuple(OPTIONAL_INIT))
         pipeline = dict(init.get("pipeline", {}))
         unknown = set(pipeline) - set(_PIPELINE_KEYS)
         if unknown:
@@ -197,6 +205,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
             vae = AutoencoderKLWan(**vcfg)
             text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
                                                        decoder_start_token_id=0))
+            extra = cls._extra_config(parts, transformer)
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
@@ -212,7 +221,20 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                    max_sequence_length=max_sequence_length, transformer_2=transformer_2,
                    boundary_ratio=pipeline.get("boundary_ratio"),
                    expand_timesteps=bool(pipeline.get("expand_timesteps", False)), train_experts=train_experts,
-                   position_channels=int(pipeline.get("position_channels", 0)))
+                   position_channels=int(pipeline.get("position_channels", 0)), **extra)
+
+    # Hooks for subclasses: constructor arguments beyond the text-to-video parts.
+    @classmethod
+    def _extra_pretrained(cls, path: Path, index: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def _extra_config(cls, parts: dict[str, dict[str, Any]], transformer: torch.nn.Module) -> dict[str, Any]:
+        return {}
+
+    def _condition_channels(self) -> int:
+        """Channels concatenated to the noisy latent before the transformer (position channels here)."""
+        return self.position_channels
 
     def save_pretrained(self, directory: Path) -> None:
         """A diffusers ``WanPipeline`` directory (``WanPipeline.from_pretrained`` loads it)."""
@@ -276,6 +298,16 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                                    return_dict=False)[0]
         return out.float()
 
+    def enable_sequence_parallel(self, group: Any) -> None:
+        """Ulysses SP over ``group`` on every expert (and the frozen reference copies); see
+        :func:`_sequence_parallel` for where the tokens are sharded and gathered."""
+        from ..parallel.sequence import group_degree
+
+        if group_degree(group) <= 1:
+            return
+        for t in [*self.experts, *self._frozen_base.values()]:
+            _sequence_parallel(t, group)
+
     def _position_grid(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, 3, F, H, W)`` latent coordinates (frame, row, column), each spanning ``[-1, 1]``."""
         key = tuple(h.shape[2:])
@@ -298,3 +330,37 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
             outs.append(video.permute(0, 2, 3, 4, 1).cpu())
         return torch.cat(outs)
 
+
+
+def _sequence_parallel(transformer: torch.nn.Module, group: Any) -> None:
+    """Install Ulysses SP on one ``WanTransformer3DModel`` with hooks and processors.
+
+    The model flattens the patches into ``(B, N, D)`` before ``blocks[0]`` (sharded there); its
+    ``rope`` returns ``(cos, sin)`` of ``(1, N, 1, d)`` (sharded on its output); TI2V's per-token
+    ``timestep`` ``(B, N)`` is sharded on the way in, so its projections match the tokens; the
+    self-attention ``attn1`` goes through the all-to-all, the cross-attention ``attn2`` to the
+    replicated text needs none; ``proj_out`` (per token) gathers the tokens before unpatchifying.
+    """
+    from ..parallel.sequence import SequenceParallel, check_heads, model_input, replace_input
+
+    if getattr(transformer, "_sequence_parallel", None) is not None:
+        raise ModelError("sequence parallelism is already enabled on this transformer")
+    sp = SequenceParallel(group)
+    check_heads(int(transformer.config.num_attention_heads), sp.degree)
+    pt, ph, pw = (int(p) for p in transformer.config.patch_size)
+
+    def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = model_input(args, kwargs, "hidden_states", 0)
+        sp.begin((x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw))
+        timestep = model_input(args, kwargs, "timestep", 1)
+        if timestep.ndim == 2:                      # TI2V-5B: one timestep per token
+            args, kwargs = replace_input(args, kwargs, "timestep", 1, sp.shard(timestep, 1))
+        return args, kwargs
+
+    transformer.register_forward_pre_hook(begin, with_kwargs=True)
+    transformer.rope.register_forward_hook(sp.shard_output_hook(1))
+    transformer.blocks[0].register_forward_pre_hook(sp.shard_input_hook(1), with_kwargs=True)
+    transformer.proj_out.register_forward_hook(sp.gather_output_hook(1))
+    for block in transformer.blocks:
+        block.attn1.set_processor(sp.wrap(block.attn1.processor))
+    transformer._sequence_parallel = sp

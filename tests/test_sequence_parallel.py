@@ -1,0 +1,99 @@
+"""Ulysses sequence parallelism (flowdppo_video/parallel/sequence.py and the adapters' hookups).
+
+One torchrun launch (2 processes, gloo, CPU) runs tests/dist/sp_worker.py over tiny Wan 2.1,
+Wan 2.2 (two experts; TI2V ``expand_timesteps``), HunyuanVideo and HunyuanVideo 1.5 models: the
+SP=2 velocity and the parameter gradients summed over the group must equal the single-process
+ones, with batches of 2, token counts the degree does not divide (padding), gradient
+checkpointing, LoRA and a frozen reference copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowdppo_video.models.base import ModelError
+from flowdppo_video.parallel.sequence import check_heads, group_degree
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist" / "sp_worker.py"
+TOL = 1e-5                      # float32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sp_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("sp") / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", str(WORKER), str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the SP worker hung for {e.timeout} s:\n{(e.stderr or b'')[-3000:]!s}")
+    assert proc.returncode == 0, f"SP worker failed (rc {proc.returncode}):\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_sp2_equals_single_process(sp_results):
+    cases = {c["case"]: c for c in sp_results["cases"]}
+    assert len(cases) == 7
+    for name, c in cases.items():
+        # Each rank really held half of the (padded) tokens, and the padding path ran where N is odd.
+        assert c["local_tokens"] == [c["padded"] // 2], name
+        assert c["padded"] == c["tokens"] + c["tokens"] % 2, name
+        assert c["out_diff"] <= TOL, (name, c["out_diff"])
+        assert c["grad_diff"] <= TOL, (name, c["grad_diff"])
+        assert c["between_ranks"] == 0.0, name                       # the same output on every rank
+        assert c["out_scale"] > 0.1 and c["grad_scale"] > 0.1, name  # not a comparison of zeros
+        assert c["grads_nonzero"] > 0, name
+    assert any(c["tokens"] % 2 for c in cases.values())
+    assert any(c["shape"][0] > 1 for c in cases.values())
+    assert cases["wan2.2 two experts, both"]["experts"] == [0, 1]
+    assert cases["wan2.2 two experts, both"]["grads_nonzero"] == cases["wan2.2 two experts, both"]["grads"]
+    # The frozen reference (a copy) and LoRA's disabled adapters go through SP as well.
+    assert cases["wan2.1 batch 2, 12 tokens, frozen reference"]["outputs"] == 2
+    assert cases["hunyuan_video batch 2, 12 tokens, LoRA"]["outputs"] == 2
+
+
+@pytest.mark.slow
+def test_sp_refusals_name_the_cause(sp_results):
+    errors = sp_results["errors"]
+    assert errors["heads"] == ("sequence parallel degree 2 does not divide the 3 attention heads "
+                               "(parallel.sequence_parallel must divide the model's head count)")
+    assert errors["default"] == "WanAdapter does not support sequence parallelism"
+
+
+def test_check_heads():
+    check_heads(40, 4)
+    check_heads(3, 1)
+    with pytest.raises(ModelError, match=r"^sequence parallel degree 3 does not divide the 40 attention heads"):
+        check_heads(40, 3)
+
+
+def test_no_group_is_a_no_op():
+    from flowdppo_video.models.wan import WanAdapter
+
+    adapter = WanAdapter.from_config({}, device=torch.device("cpu"), max_sequence_length=8)
+    t = adapter.transformer
+    processors = dict(t.attn_processors)
+    x, sigma, text = torch.randn(1, 4, 1, 4, 4), torch.tensor([0.5]), torch.randn(1, 8, 32)
+    before = adapter.velocity(x, sigma, text)
+    assert group_degree(None) == 1
+    adapter.enable_sequence_parallel(None)
+    assert getattr(t, "_sequence_parallel", None) is None and not t._forward_pre_hooks
+    assert dict(t.attn_processors) == processors
+    assert torch.equal(adapter.velocity(x, sigma, text), before)
