@@ -1,4 +1,5 @@
-"""Checkpoints: what trains (safetensors), the optimiser, RNG states and the iteration.
+"""Checkpoints: what trains (safetensors), the optimizer (the updater's own files), RNG states and
+the iteration.
 
 A checkpoint is written into a temporary folder and renamed into place, so a kill at any
 moment leaves either the previous checkpoint or the new one, never a torn one.
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from .models.base import VideoFlowAdapter
+from .parallel.groups import ParallelState
+from .parallel.updaters import Updater
 
 _PREFIX = "iter_"
 
@@ -32,23 +35,39 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, optimizer: torch.optim.Optimizer,
-                    next_iteration: int, extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/iter_{next_iteration:06d}`` atomically; prune old ones."""
+def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
+                    next_iteration: int, extra: dict[str, Any], keep: int = 2,
+                    par: ParallelState | None = None) -> Path:
+    """Write ``run_dir/checkpoints/iter_{next_iteration:06d}`` atomically; prune old ones.
+
+    Collective when several ranks run: each writes its share of the optimizer state (ZeRO), rank
+    0 the full trained weights, the RNG state and the meta, then renames the folder into place.
+    """
+    par = par or ParallelState()
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{next_iteration:06d}"
     tmp = root / f".tmp_{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    adapter.save_trainable(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"next_iteration": next_iteration, **extra}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if par.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    par.barrier("checkpoint start")
+    updater.save(tmp)
+    with updater.gathered():                 # ZeRO-3: the whole trained weights, for rank 0 to write
+        if par.is_main:
+            adapter.save_trainable(tmp / "model")
+    if par.is_main:
+        torch.save({"rng": _rng_state()}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"next_iteration": next_iteration, **extra}, indent=1))
+    par.barrier("checkpoint write")
+    if par.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    par.barrier("checkpoint rename")
     return final
 
 
@@ -65,12 +84,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, adapter: VideoFlowAdapter, optimizer: torch.optim.Optimizer | None
-                    ) -> dict[str, Any]:
-    """Load weights (and optimiser and RNG states when ``optimizer`` is given); return the meta."""
-    adapter.load_trainable(path / "model")
-    if optimizer is not None:
+def load_checkpoint(path: Path, adapter: VideoFlowAdapter, updater: Updater | None) -> dict[str, Any]:
+    """Load weights (and the optimizer and RNG states when ``updater`` is given); return the meta."""
+    if updater is None or not updater.restores_weights:
+        adapter.load_trainable(path / "model")
+    if updater is not None:
+        updater.load(path)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
     return json.loads((path / "meta.json").read_text())

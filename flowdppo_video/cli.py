@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import scoring, serve
-from . import eval_checkpoints, report
+from . import eval_checkpoints, planner, report
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
@@ -29,7 +29,13 @@ def _train(args: argparse.Namespace) -> None:
                           extra={"run": {"output_dir": str(run_dir)}})
     else:
         cfg = load_config(args.config or DEFAULT_RECIPE, args.overrides)
-    rows = Trainer(cfg, resume=bool(args.resume)).run()
+    trainer = Trainer(cfg, resume=bool(args.resume))
+    try:
+        rows = trainer.run()
+    finally:
+        trainer.close()
+    if not trainer.is_main:                 # rank 0 reports
+        return
     if rows:
         print(f"done: {len(rows)} iterations, reward/mean {rows[0]['reward/mean']:.4f} -> "
               f"{rows[-1]['reward/mean']:.4f}; run directory {cfg.run.output_dir}")
@@ -61,6 +67,9 @@ def _sample(args: argparse.Namespace) -> None:
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     device = resolve_device(cfg.run.device)
     adapter = build_adapter(cfg.model, device)
+    from .images import load_run_images
+
+    load_run_images(adapter, cfg)  # image-to-video: the images of the run's prompts
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
     if args.checkpoint != "base":
         if ckpt is None or not ckpt.is_dir():
@@ -101,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_parser(sub)
     report.add_parser(sub)
     eval_checkpoints.add_parser(sub)
+    planner.add_parser(sub)
     return p
 
 

@@ -5,6 +5,7 @@ from rewards import RewardError
 from .config import ConfigError
 from .data import DataError
 from .models.base import ModelError
+from .parallel.groups import CollectiveTimeout
 from .trainer import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, RewardError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RewardError, TrainingError, CollectiveTimeout)

@@ -22,11 +22,14 @@ from rewards import build_rewards, reward_weights, score_videos
 from . import kl_maps, objectives, sde
 from .advantages import compute_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, config_to_dict
+from .config import Config, ConfigError, config_to_dict
 from .data import load_prompts, prompts_for_iteration
 from .evaluation import evaluate, write_side_by_side
+from .images import attach_images, run_images
 from .metrics import MetricsWriter, import_wandb, start_wandb, truncate_metrics
 from .models import build_adapter
+from .parallel.groups import ParallelState, adopt_launcher_settings, init_parallel
+from .parallel.updaters import build_updater
 from .plots import plot_curves
 from .rollout import Trajectory, rollout, step_mean
 from .video import write_video
@@ -36,10 +39,27 @@ class TrainingError(RuntimeError):
     """Training cannot go on; one line saying why and what is kept."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``run.device``; "auto" is this process's GPU (``LOCAL_RANK``) if there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+class _NullWriter:
+    """What ranks other than 0 log: nothing (rank 0 writes every file)."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def add_videos(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def derive_seed(*parts: int) -> int:
@@ -67,6 +87,21 @@ class _Mean:
         return self.sums[k] / self.weights[k] if self.weights.get(k) else float("nan")
 
 
+def _pooled(par: ParallelState, acc: _Mean, first: float | None) -> tuple[_Mean, float | None]:
+    """The update's statistics of every rank pooled (SP ranks repeat theirs: means are unchanged)."""
+    out = _Mean()
+    parts = par.all_gather_objects((acc.sums, acc.weights, acc.maxes, first), par.world_group,
+                                   "pooling update statistics")
+    for sums, weights, maxes, _ in parts:
+        for k, v in sums.items():
+            out.sums[k] = out.sums.get(k, 0.0) + v
+            out.weights[k] = out.weights.get(k, 0.0) + weights[k]
+        for k, v in maxes.items():
+            out.maxes[k] = max(out.maxes.get(k, -math.inf), v)
+    firsts = [f for *_, f in parts if f is not None]
+    return out, (max(firsts) if firsts else None)
+
+
 class Trainer:
     """Flow-DPPO (or ratio-clipping) fine-tuning of a video flow model."""
 
@@ -80,32 +115,64 @@ class Trainer:
         self.eval_prompts = load_prompts(e.prompts) if e.prompts is not None else None
         self.eval_rewards = build_rewards(e.rewards or cfg.rewards, "eval.rewards" if e.rewards else "rewards") if self.eval_prompts else {}
         measure_base = bool(self.eval_prompts) and e.kl_to_base
+        images = run_images(cfg.data.prompts, cfg.data.images, e.prompts, e.images)  # image-to-video models
         if cfg.run.wandb:
             import_wandb()
-        self.device = resolve_device(cfg.run.device)
+        requested = resolve_device(cfg.run.device)
+        cfg.parallel = adopt_launcher_settings(cfg.parallel)
+        self.par: ParallelState = init_parallel(cfg.parallel, requested.type)
+        self._check_layout()
+        self.device = resolve_device(cfg.run.device, self.par.local_rank)
         self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0 or measure_base)
+        if self.par.sp > 1:
+            self.adapter.enable_sequence_parallel(self.par.sp_group)
         v = cfg.video
         self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
+        attach_images(self.adapter, images, cfg)
         _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
-        params = self.adapter.trainable_parameters()
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        self.updater = build_updater(self.adapter, cfg, self.par)
         self.start_iteration = 0
         self.nonfinite_in_row = 0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.par.is_main
         if resume:
             self._resume()
         elif any((self.run_dir / n).exists() for n in ("metrics.jsonl", "eval.jsonl", "checkpoints")):
             raise TrainingError(f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
                                 "or another run.output_dir")
-        # On resume too: the overrides given then (e.g. more iterations) are the run's config now.
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        self.par.barrier("start")             # every rank has looked before rank 0 writes
         purge = self.start_iteration if resume else None
-        self.wandb = start_wandb(self.run_dir, config_to_dict(cfg)) if cfg.run.wandb else None
-        self.metrics = MetricsWriter(self.run_dir, cfg.run.tensorboard, purge_step=purge, wandb_run=self.wandb)
-        self.eval_log = MetricsWriter(self.run_dir, cfg.run.tensorboard, "eval", "after_iterations",
-                                      purge_step=None if purge is None else purge + 1, wandb_run=self.wandb)
+        self.wandb = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # On resume too: the overrides given then (e.g. more iterations) are the run's config now.
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            self.wandb = start_wandb(self.run_dir, config_to_dict(cfg)) if cfg.run.wandb else None
+            self.metrics: MetricsWriter | _NullWriter = MetricsWriter(
+                self.run_dir, cfg.run.tensorboard, purge_step=purge, wandb_run=self.wandb)
+            self.eval_log: MetricsWriter | _NullWriter = MetricsWriter(
+                self.run_dir, cfg.run.tensorboard, "eval", "after_iterations",
+                purge_step=None if purge is None else purge + 1, wandb_run=self.wandb)
+        else:
+            self.metrics, self.eval_log = _NullWriter(), _NullWriter()
+
+    @property
+    def is_main(self) -> bool:
+        return self.par.is_main
+
+    def _check_layout(self) -> None:
+        """Data-parallel ranks split prompts and minibatches evenly (one line naming the key if not)."""
+        dp, cfg = self.par.dp, self.cfg
+        if dp == 1:
+            return
+        b = cfg.data.prompts_per_iteration * cfg.data.group_size
+        m = cfg.optim.minibatch_size
+        if cfg.data.prompts_per_iteration % dp:
+            raise ConfigError(f"data.prompts_per_iteration={cfg.data.prompts_per_iteration} must be divisible by "
+                              f"the {dp} data-parallel ranks (world {self.par.world} / parallel.sequence_parallel "
+                              f"{self.par.sp})")
+        if m % dp or b % m:
+            raise ConfigError(f"optim.minibatch_size={m} must be divisible by the {dp} data-parallel ranks and "
+                              f"divide the batch of {b} videos")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[dict[str, Any]]:
@@ -124,23 +191,31 @@ class Trainer:
                 every = self.cfg.run.report_every
                 if every and (it + 1) % every == 0 and it + 1 < self.cfg.run.iterations:
                     self._write_report()                     # a refresh; the final report follows the loop
-            self._write_before_after()
+            if self.is_main:
+                self._write_before_after()
         finally:
             self.metrics.close()
             self.eval_log.close()
             if self.wandb is not None:
                 self.wandb.finish()
-            try:
-                plot_curves(self.run_dir)
-            except Exception as e:  # a picture must not hide the run's own outcome
-                print(f"flowdppo-video: warning: could not plot curves: {e}")
-            if self.cfg.run.report_every:
-                self._write_report()
+            if self.is_main:
+                try:
+                    plot_curves(self.run_dir)
+                except Exception as e:  # a picture must not hide the run's own outcome
+                    print(f"flowdppo-video: warning: could not plot curves: {e}")
+                if self.cfg.run.report_every:
+                    self._write_report()
         return rows
+
+    def close(self) -> None:
+        """Leave the process group this trainer joined (if it made one)."""
+        self.par.close()
 
     def _write_report(self) -> None:
         from .report import write_report
 
+        if not self.is_main:
+            return
         try:
             write_report(self.run_dir)
         except Exception as e:  # nor must the report
@@ -152,10 +227,15 @@ class Trainer:
         e = self.cfg.eval
         if not self.eval_prompts or not (done % e.every == 0 or done == self.cfg.run.iterations):
             return {}
-        out, traj = evaluate(self.adapter, self.eval_prompts, e.samples_per_prompt, self.latent_shape,
-                             self.cfg.sampler, e.seed, self.eval_rewards, self.cfg.data.negative_prompt,
-                             e.kl_to_base)
+        # Every rank evaluates the same prompts (each forward needs all ranks of an SP group, and
+        # under ZeRO-3 all ranks); rank 0 writes.
+        with self.updater.rollout():
+            out, traj = evaluate(self.adapter, self.eval_prompts, e.samples_per_prompt, self.latent_shape,
+                                 self.cfg.sampler, e.seed, self.eval_rewards, self.cfg.data.negative_prompt,
+                                 e.kl_to_base)
         self.eval_log.write({"after_iterations": done, **out})
+        if not self.is_main:
+            return out
         folder = self.run_dir / "eval" / f"after_{done:06d}"
         for k in range(min(e.num_videos, traj.batch_size)):
             write_video(folder / f"{k:02d}.mp4", traj.videos[k], fps=self.cfg.video.fps)
@@ -174,11 +254,21 @@ class Trainer:
         cfg = self.cfg
         prompts = prompts_for_iteration(self.prompts, it, cfg.data.prompts_per_iteration, cfg.run.seed)
         t0 = time.perf_counter()
-        traj = rollout(self.adapter, prompts, cfg.data.group_size, self.latent_shape, cfg.sampler,
-                       torch.Generator().manual_seed(derive_seed(cfg.run.seed, it, 0)),
-                       negative_prompt=cfg.data.negative_prompt, progress=cfg.run.progress)
+        par = self.par
+        share = len(prompts) * cfg.data.group_size // par.dp     # this DP rank's videos
+        with self.updater.rollout():
+            traj = rollout(self.adapter, prompts, cfg.data.group_size, self.latent_shape, cfg.sampler,
+                           torch.Generator().manual_seed(derive_seed(cfg.run.seed, it, 0)),
+                           negative_prompt=cfg.data.negative_prompt, progress=cfg.run.progress and self.is_main,
+                           rows=slice(par.dp_rank * share, (par.dp_rank + 1) * share))
         t1 = time.perf_counter()
         scores, extras = score_videos(self.rewards, traj.videos, traj.prompts)
+        if par.dp > 1:
+            # Advantages are over the whole batch's groups: gather every DP rank's rows (in order).
+            parts = par.all_gather_objects((traj, scores, extras), par.dp_group, "gathering rollouts and rewards")
+            traj = Trajectory.concat([t for t, _, _ in parts])
+            scores = {n: torch.cat([s[n] for _, s, _ in parts]) for n in scores}
+            extras = {n: torch.cat([x[n] for _, _, x in parts]) for n in extras}
         weights = reward_weights(cfg.rewards)
         adv, adv_stats = compute_advantages(scores, weights, cfg.data.group_size,
                                             cfg.advantages.aggregation, cfg.advantages.std,
@@ -235,23 +325,26 @@ class Trainer:
 
     def update(self, traj: Trajectory, advantages: torch.Tensor, it: int) -> dict[str, float]:
         """``inner_epochs`` passes of shuffled minibatches over the stored SDE steps."""
-        cfg = self.cfg
+        cfg, par, upd = self.cfg, self.par, self.updater
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, it, 1))
-        params = self.adapter.trainable_parameters()
         acc, n_steps, skipped = _Mean(), traj.num_sde_steps, 0
         first_max_abs_log: float | None = None
         b = traj.batch_size
         n_mb = math.ceil(b / cfg.optim.minibatch_size) * cfg.optim.inner_epochs
-        bar = tqdm(total=n_mb, desc="update", leave=False, disable=not cfg.run.progress)
+        bar = tqdm(total=n_mb, desc="update", leave=False, disable=not (cfg.run.progress and self.is_main))
         # KL-map snapshot: the token KL and mask of the last minibatch (after the others' steps).
         snap_at = n_mb - 1 if self._snapshot_iteration(it) else -1
         snap: list[tuple[torch.Tensor, torch.Tensor]] = []
         mb_i = -1
         for _ in range(cfg.optim.inner_epochs):
-            for idx in torch.randperm(b, generator=gen).split(cfg.optim.minibatch_size):
+            for whole in torch.randperm(b, generator=gen).split(cfg.optim.minibatch_size):
+                # Every rank draws the same permutation; a DP rank takes its equal part of each
+                # minibatch. Its loss (a mean over its part) times the SP degree, averaged over the
+                # world by the updater, is the whole minibatch's loss: the layout changes nothing.
+                idx = whole.tensor_split(par.dp)[par.dp_rank]
                 mb, a = traj.select(idx), advantages[idx]
                 mb_i += 1
-                self.optimizer.zero_grad(set_to_none=True)
+                upd.zero_grad()
                 finite, mb_max, mb_loss = True, 0.0, 0.0
                 for j in range(n_steps):
                     tokens = {} if mb_i == snap_at else None
@@ -259,23 +352,23 @@ class Trainer:
                     if tokens is not None:
                         snap.append((tokens["kl"], self._drop_mask(log_ratio, tokens["kl"], a)))
                     mb_max = max(mb_max, float(log_ratio.abs().max()))
-                    if not torch.isfinite(loss):
+                    # All ranks take the same branch (a backward may hold collectives).
+                    if not par.all_true(bool(torch.isfinite(loss)), "the finite-loss check"):
                         finite = False
                         break
-                    (loss / n_steps).backward()
+                    upd.backward(loss * (par.sp / n_steps))
                     mb_loss += float(loss.detach()) / n_steps
                     counts = {k: v for k, v in stats.items() if k.startswith(("dropped", "terms"))}
                     acc.add({k: v for k, v in stats.items() if k not in counts}, weight=float(idx.numel()))
                     acc.add(counts)                                # summed, then pooled by frac()
                 if first_max_abs_log is None:
                     first_max_abs_log = mb_max
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-                if finite and torch.isfinite(grad_norm):
-                    self.optimizer.step()
+                stepped, grad_norm = upd.step() if finite else (False, float("nan"))
+                if stepped:
                     self.nonfinite_in_row = 0
-                    acc.add({"loss": mb_loss, "grad_norm": float(grad_norm)})
+                    acc.add({"loss": mb_loss, "grad_norm": grad_norm})
                 else:
-                    self.optimizer.zero_grad(set_to_none=True)
+                    upd.zero_grad()
                     skipped += 1
                     self.nonfinite_in_row += 1
                     if self.nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
@@ -285,8 +378,10 @@ class Trainer:
                             f"stopped, checkpoints and metrics up to the previous iteration are kept")
                 bar.update(1)
         bar.close()
-        if len(snap) == n_steps > 0:
-            self._save_klmap(it, mb, a, snap)          # (mb, a): the last minibatch
+        if len(snap) == n_steps > 0 and self.is_main:
+            self._save_klmap(it, mb, a, snap)          # (mb, a): rank 0's part of the last minibatch
+        if par.distributed:
+            acc, first_max_abs_log = _pooled(par, acc, first_max_abs_log)
 
         def frac(num: str, den: str) -> float:   # pooled over all minibatches and steps
             d = acc.sums.get(den, 0.0)
@@ -325,7 +420,7 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def _maybe_write_samples(self, it: int, traj: Trajectory, row: dict[str, Any]) -> None:
         r = self.cfg.run
-        if not (it == 0 or it == r.iterations - 1 or (it + 1) % r.sample_every == 0):
+        if not self.is_main or not (it == 0 or it == r.iterations - 1 or (it + 1) % r.sample_every == 0):
             return
         folder = self.run_dir / "samples" / f"iter_{it:06d}"
         n = min(r.num_sample_videos, traj.batch_size)
@@ -338,9 +433,11 @@ class Trainer:
     def _maybe_checkpoint(self, it: int) -> None:
         r = self.cfg.run
         if (it + 1) % r.checkpoint_every == 0 or it == r.iterations - 1:
-            save_checkpoint(self.run_dir, self.adapter, self.optimizer, it + 1,
-                            {"nonfinite_in_row": self.nonfinite_in_row, "prompts_sha": self._prompts_sha()},
-                            keep=r.keep_checkpoints)
+            save_checkpoint(self.run_dir, self.adapter, self.updater, it + 1,
+                            {"nonfinite_in_row": self.nonfinite_in_row, "prompts_sha": self._prompts_sha(),
+                             "world": self.par.world, "sequence_parallel": self.par.sp,
+                             "zero_stage": self.cfg.parallel.zero_stage},
+                            keep=r.keep_checkpoints, par=self.par)
 
     def _prompts_sha(self) -> str:
         return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
@@ -349,13 +446,14 @@ class Trainer:
         """Continue from the newest checkpoint, or from the start if the run died before its first."""
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None:
-            meta = load_checkpoint(ckpt, self.adapter, self.optimizer)
+            meta = load_checkpoint(ckpt, self.adapter, self.updater)
             if meta.get("prompts_sha") != self._prompts_sha():
                 raise TrainingError(f"--resume {self.run_dir}: the prompts differ from the run's (data.prompts)")
             self.start_iteration = int(meta["next_iteration"])
             self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
-        truncate_metrics(self.run_dir, self.start_iteration)
-        # Evaluations after `start_iteration` updates were made before that checkpoint: keep them.
-        truncate_metrics(self.run_dir, self.start_iteration + 1 if ckpt is not None else 0, "eval",
-                         "after_iterations")
+        if self.is_main:
+            truncate_metrics(self.run_dir, self.start_iteration)
+            # Evaluations after `start_iteration` updates were made before that checkpoint: keep them.
+            truncate_metrics(self.run_dir, self.start_iteration + 1 if ckpt is not None else 0, "eval",
+                             "after_iterations")
 

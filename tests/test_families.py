@@ -113,7 +113,7 @@ def test_wan22_only_the_training_expert_trains(tmp_path, train):
     traj, row = trainer.train_iteration(0)
     assert set(traj.experts.tolist()) == {idx}                  # SDE steps only where it trains
     assert row["ratio/first_max_abs_log"] < 1e-5
-    state_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"] if p in trainer.optimizer.state}
+    state_params = {id(p) for g in trainer.updater.optimizer.param_groups for p in g["params"] if p in trainer.updater.optimizer.state}
     assert state_params and state_params <= owned               # optimizer state: the training expert only
     adapter.save_trainable(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [["transformer", "transformer_2"][idx]]
