@@ -39,7 +39,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
 
 import argparse
-import contextlib
 import gc
 import json
 import socket
@@ -202,6 +201,23 @@ def saved_bytes(adapter: Any, data: tuple[torch.Tensor, ...], ckpt: bool) -> dic
             "kept": sum(by.values())}
 
 
+def peak_allocated(fn: Callable[[], Any]) -> int:
+    """Peak bytes of live tensors during one call of ``fn``, above those live before it: the running
+    sum of the CPU allocator's allocations and frees that ``torch.profiler`` records
+    (``profile_memory``), the CPU analogue of ``torch.cuda.max_memory_allocated``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 # ---------------------------------------------------------------- the planner
 def planner_rows(sp: int, world: int, zero_stage: int = 0) -> dict[str, float]:
     """The plan's device bytes for the benchmark's model and tokens (full fine-tuning, one video per
@@ -244,7 +260,7 @@ def zero_measure(rank: int) -> dict[str, Any]:
     upd.step()
     mems: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(mems, upd.memory())
-    return {"memory_stage0": mem0, "memory_zero3_per_rank": mems, "source": "measured here (zero_memory.py's code)"}
+    return {"memory_stage0": mem0, "memory_zero3_per_rank": mems, "source": "measured in this run with its code"}
 
 
 # ---------------------------------------------------------------- the worker
@@ -294,6 +310,16 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         rss[n] = C.peak_memory_of(variants[n], torch.device("cpu"))["peak_extra_mb"] * 2**20
         log(f"  {n}: +{rss[n] / 2**20:.1f} MiB", flush=True)
+    # (1c) peak live tensor bytes (the allocator's view): the median of 3 profiled calls per variant
+    # (it moves by a few MiB between calls), variants interleaved.
+    allocs: dict[str, list[int]] = {n: [] for n in names}
+    for _ in range(3):
+        for n in names:
+            dist.barrier()
+            allocs[n].append(peak_allocated(variants[n]))
+    alloc = {n: int(statistics.median(v)) for n, v in allocs.items()}
+    log("peak allocated (MiB): " + ", ".join(
+        f"{n} {alloc[n] / 2**20:.1f} ({', '.join(f'{b / 2**20:.1f}' for b in allocs[n])})" for n in names), flush=True)
     # (2) timing, interleaved, the order rotating every repeat.
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     log(f"timing: {args.repeats} interleaved repeats", flush=True)
@@ -321,7 +347,7 @@ def worker(args: argparse.Namespace) -> None:
         log("ZeRO-3 memory measurement (zero_memory.py's code)", flush=True)
         zero = zero_measure(rank)
     everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, {"rss": rss, "runs": runs, "saved": saved})
+    dist.all_gather_object(everyone, {"rss": rss, "alloc": alloc, "allocs": allocs, "runs": runs, "saved": saved})
     if rank == 0:
         result = {"ranks": everyone, "plans": plans, "zero": zero, "machine": machine, "world": world,
                   "tokens": tokens, "latent": list(latent), "batch": BATCH, "repeats": args.repeats,
@@ -348,6 +374,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         share = [statistics.median(x["comm_fn_s"] / x["wall_s"] for x in r["runs"][n]) for r in ranks]
         coll = [statistics.median(x["comm_coll_s"] / x["wall_s"] for x in r["runs"][n]) for r in ranks]
         out[n] = {"saved": sv, "saved_total": total, "rss": max(r["rss"][n] for r in ranks),
+                  "alloc": max(r["alloc"][n] for r in ranks),
+                  "alloc_range": (min(min(r["allocs"][n]) for r in ranks), max(max(r["allocs"][n]) for r in ranks)),
                   "median_s": statistics.median(x["slowest_s"] for x in ranks[0]["runs"][n]), "runs_s": [x["slowest_s"] for x in ranks[0]["runs"][n]],
                   "comm_share": share, "coll_share": coll,
                   "comm_s": [statistics.median(x["comm_fn_s"] for x in r["runs"][n]) for r in ranks],
@@ -359,11 +387,18 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
     s = summarize(res)
     m = res["machine"]
     p1, p2 = res["plans"]["sp1"], res["plans"]["sp2"]
+    sv1, sv2 = s["sp1"]["saved"], s["sp2"]["saved"]
+    blk1, blk2 = statistics.median(sv1["blocks"]), statistics.median(sv2["blocks"])
+    out1, out2 = sv1["outside"], sv2["outside"]
     NO, CK = "activations, update, no checkpointing", "activations, update, checkpointing"
     r_saved = s["sp2"]["saved_total"] / s["sp1"]["saved_total"]
     r_saved_ck = s["sp2_ckpt"]["saved_total"] / s["sp1_ckpt"]["saved_total"]
     r_rss = s["sp2"]["rss"] / s["sp1"]["rss"]
     r_rss_ck = s["sp2_ckpt"]["rss"] / s["sp1_ckpt"]["rss"]
+
+    def alloc_cell(v: dict[str, Any]) -> str:
+        lo, hi = v["alloc_range"]
+        return f"{_mb(v['alloc'])} ({_mb(lo)}-{_mb(hi)})"
 
     def verdict(r: float) -> str:
         return f"<= {TARGET:.1f}x {'PASS' if r <= TARGET else 'FAIL'}"
@@ -382,22 +417,35 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
         "",
         "Per-rank activation memory (the fuller rank). *Saved for backward*: tensors autograd keeps during the "
         "forward (`saved_tensors_hooks`, each storage once, weights excluded); with checkpointing, what the "
-        "checkpoint keeps (the blocks' tensor arguments and what lies outside the blocks) plus the largest block's "
-        "saved set, which the backward re-runs one block at a time. *Peak RSS growth*: resident-set high-water "
-        "mark during the call minus the resident set before (after gc and `malloc_trim`, variant warmed up), "
-        "so it also holds the gradients (4.68 MiB) and the backward's temporaries:",
+        "checkpoint keeps (the blocks' inputs and what lies outside the blocks) plus the largest block's "
+        "saved set, which the backward re-runs one block at a time. *Peak allocated*: the peak of live tensor "
+        "bytes during the call above those live before it, from the CPU allocator's events (`torch.profiler`, "
+        "`profile_memory`; the CPU analogue of `torch.cuda.max_memory_allocated`; median of 3 calls): it also holds the gradients "
+        "(4.68 MiB, whole on every rank) and the backward's working set. *Peak RSS growth*: the process's "
+        "resident-set high-water mark during the call minus its resident set before (after gc and "
+        "`malloc_trim`, variant warmed up), which adds glibc's heap behaviour to the allocator's peak. "
+        "The range in brackets is over both ranks' calls: at SP=2 the allocator peak moves by several MiB "
+        "from call to call (all its allocations and frees are on the calling thread, and not with gc disabled "
+        "either; the cause is not pinned down here), at SP=1 it barely moves:",
         "",
-        "| per rank (MiB) | saved for backward | SP=2 / SP=1 | peak RSS growth | SP=2 / SP=1 | target |",
-        "|---|---|---|---|---|---|",
-        f"| SP=1, no checkpointing | {_mb(s['sp1']['saved_total'])} | | {_mb(s['sp1']['rss'])} | | |",
-        f"| SP=2, no checkpointing | {_mb(s['sp2']['saved_total'])} | **{r_saved:.3f}x** | {_mb(s['sp2']['rss'])} | "
-        f"{r_rss:.3f}x | {verdict(r_saved)} |",
-        f"| SP=1, checkpointing | {_mb(s['sp1_ckpt']['saved_total'])} "
-        f"({_mb(s['sp1_ckpt']['saved']['kept'])} kept + {_mb(s['sp1_ckpt']['saved']['rerun'])} re-run) | | "
-        f"{_mb(s['sp1_ckpt']['rss'])} | | |",
-        f"| SP=2, checkpointing | {_mb(s['sp2_ckpt']['saved_total'])} "
-        f"({_mb(s['sp2_ckpt']['saved']['kept'])} kept + {_mb(s['sp2_ckpt']['saved']['rerun'])} re-run) | "
-        f"**{r_saved_ck:.3f}x** | {_mb(s['sp2_ckpt']['rss'])} | {r_rss_ck:.3f}x | {verdict(r_saved_ck)} |",
+        "| per rank (MiB) | saved for backward | SP=2 / SP=1 | peak allocated | SP=2 / SP=1 | peak RSS growth "
+        "| SP=2 / SP=1 | target (saved) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, label in [("sp1", "SP=1, no checkpointing"), ("sp2", "SP=2, no checkpointing"),
+                     ("sp1_ckpt", "SP=1, checkpointing"), ("sp2_ckpt", "SP=2, checkpointing")]:
+        v, base = s[n], s[n.replace("sp2", "sp1")]
+        saved = _mb(v["saved_total"])
+        if n.endswith("ckpt"):
+            saved += f" ({_mb(v['saved']['kept'])} kept + {_mb(v['saved']['rerun'])} re-run)"
+        if n.startswith("sp2"):
+            r = v["saved_total"] / base["saved_total"]
+            cells = [f"**{r:.3f}x**", alloc_cell(v), f"{v['alloc'] / base['alloc']:.3f}x", _mb(v["rss"]),
+                     f"{v['rss'] / base['rss']:.3f}x", verdict(r)]
+        else:
+            cells = ["", alloc_cell(v), "", _mb(v["rss"]), "", ""]
+        lines.append(f"| {label} | {saved} | " + " | ".join(cells) + " |")
+    lines += [
         "",
         f"Step time and SP communication: median of {res['repeats']} interleaved runs after a warm-up, each run's "
         "time the slowest rank's. *Comm share*: time inside `parallel/sequence.py`'s `_all_to_all` / `_all_gather` "
@@ -426,6 +474,13 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
         "their inverses in backward, and with checkpointing the forward's again when each block is re-run. On this "
         "machine two single-thread ranks share 2 cores with another job, so a collective's time includes waiting "
         "for the other rank to arrive (load imbalance), not only the copy; GPU timings (NCCL) are not measured here.",
+        "",
+        f"Where SP=2 keeps more than half: per block {_mb(blk2)} MiB against half of SP=1's {_mb(blk1)} "
+        f"({_mb(blk2 - blk1 / 2)} MiB more, {(blk2 - blk1 / 2) / (res['tokens'] // 2):.0f} bytes per local token, "
+        "one float32 row of D = 128: the input of attention's output projection is the inverse all-to-all's "
+        "result, a new tensor, where without SP it is a view of the attention output that attention itself "
+        f"saves); outside the blocks {_mb(out2)} MiB against half of {_mb(out1)} (the patch embedding's input, "
+        "the gathered output the loss reads and the conditioning embeddings are whole on every rank).",
         "",
         "### The memory planner beside the measurements",
         "",
