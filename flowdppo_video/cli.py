@@ -1,4 +1,4 @@
-"""``flowdppo-video``: train, sample, score, serve-rewards, report, eval."""
+"""``flowdppo-video``: train, sample, export, score, serve-rewards, report, eval, plan."""
 
 from __future__ import annotations
 
@@ -88,6 +88,36 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(traj.prompts)} videos to {out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    """A run's checkpoint as a diffusers directory (LoRA merged) or as its LoRA adapter alone."""
+    import shutil
+
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .config import ConfigError, load_config
+    from .models import build_adapter
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a run directory)")
+    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / "model").is_dir():
+        raise ConfigError(f"--checkpoint: no checkpoint at {ckpt or run_dir / 'checkpoints'}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; nothing was written")
+    if args.lora:
+        if cfg.model.lora.rank == 0:
+            raise ConfigError(f"--lora: the run in {run_dir} fine-tuned the whole transformer (model.lora.rank=0)")
+        shutil.copytree(ckpt / "model", out, dirs_exist_ok=True)   # peft adapter files per expert
+        print(f"wrote the LoRA adapter of {ckpt} to {out}")
+        return
+    adapter = build_adapter(cfg.model, torch.device("cpu"))
+    load_checkpoint(ckpt, adapter, None)
+    adapter.save_pretrained(out)
+    print(f"wrote {ckpt} as a diffusers directory to {out} (LoRA merged)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowdppo-video", description="Online RL for text-to-video flow models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sde", action="store_true", help="sample with the training SDE steps (default: ODE)")
     s.add_argument("overrides", nargs="*", help="dotted overrides of the run's config")
     s.set_defaults(func=_sample)
+    x = sub.add_parser("export", help="write a run's checkpoint as a diffusers directory (or its LoRA adapter)")
+    x.add_argument("--run", required=True, help="run directory")
+    x.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
+    x.add_argument("--out", required=True, help="new folder for the export")
+    x.add_argument("--lora", action="store_true", help="only the LoRA adapter (peft safetensors), not a merged model")
+    x.add_argument("overrides", nargs="*", help="dotted overrides of the run's config")
+    x.set_defaults(func=_export)
     serve.add_parser(sub)
     scoring.add_parser(sub)
     report.add_parser(sub)

@@ -136,7 +136,9 @@ class Trainer:
         main = self.par.is_main
         if resume:
             self._resume()
-        elif any((self.run_dir / n).exists() for n in ("metrics.jsonl", "eval.jsonl", "checkpoints")):
+        # Rank 0 decides from the files it writes (other nodes may not see them), every rank obeys.
+        elif self.par.broadcast_object(any((self.run_dir / n).exists() for n in
+                                           ("metrics.jsonl", "eval.jsonl", "checkpoints")), "the run-directory check"):
             raise TrainingError(f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
                                 "or another run.output_dir")
         self.par.barrier("start")             # every rank has looked before rank 0 writes
@@ -164,6 +166,10 @@ class Trainer:
         dp, cfg = self.par.dp, self.cfg
         if dp == 1:
             return
+        if cfg.objective.normalize == "kept":
+            # Each rank would divide by the kept count of its own part of the minibatch.
+            raise ConfigError("objective.normalize=kept is per minibatch and would change with data-parallel "
+                              f"ranks ({dp} here); use objective.normalize=all")
         b = cfg.data.prompts_per_iteration * cfg.data.group_size
         m = cfg.optim.minibatch_size
         if cfg.data.prompts_per_iteration % dp:
@@ -179,9 +185,10 @@ class Trainer:
         rows = []
         its = range(self.start_iteration, self.cfg.run.iterations)
         try:
-            if self.start_iteration == 0 and not (self.run_dir / "eval.jsonl").exists():
+            base_done = self.par.broadcast_object((self.run_dir / "eval.jsonl").exists(), "the evaluation check")
+            if self.start_iteration == 0 and not base_done:
                 self._maybe_evaluate(0)                      # the base model, before any update
-            for it in tqdm(its, desc="iterations", disable=not self.cfg.run.progress):
+            for it in tqdm(its, desc="iterations", disable=not (self.cfg.run.progress and self.is_main)):
                 traj, row = self.train_iteration(it)
                 row.update(self._maybe_evaluate(it + 1))
                 self.metrics.write(row)
@@ -444,8 +451,14 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from the newest checkpoint, or from the start if the run died before its first."""
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = self.par.broadcast_object(latest_checkpoint(self.run_dir), "finding the checkpoint")
         if ckpt is not None:
+            meta = json.loads((ckpt / "meta.json").read_text())
+            was, now = meta.get("zero_stage", 0), self.cfg.parallel.zero_stage
+            if was != now or (now and meta.get("world") != self.par.world):
+                raise TrainingError(f"--resume {self.run_dir}: its checkpoint was written with parallel.zero_stage={was} "
+                                    f"on {meta.get('world', 1)} rank(s); this run has zero_stage={now} on "
+                                    f"{self.par.world} (a ZeRO checkpoint resumes with the same stage and ranks)")
             meta = load_checkpoint(ckpt, self.adapter, self.updater)
             if meta.get("prompts_sha") != self._prompts_sha():
                 raise TrainingError(f"--resume {self.run_dir}: the prompts differ from the run's (data.prompts)")

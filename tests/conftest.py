@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,20 @@ def tiny_config(tmp_path: Path, *overrides: str):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return tiny_config(tmp_path)
+
+
+def run_two_ranks(*args: str, timeout: int = 300, env: dict[str, str] | None = None,
+                  launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2`` (gloo, one thread each) on a script or ``-m module`` and its
+    arguments; a hang fails the test after ``timeout`` seconds instead of blocking the suite."""
+    from flowdppo_video.parallel.groups import free_port
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), **(env or {})}
+    cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                       f"--master_port={free_port()}"]
+    try:
+        return subprocess.run([*cmd, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the 2-process run {' '.join(args[:3])} ... did not finish in {e.timeout} s")

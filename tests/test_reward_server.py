@@ -7,7 +7,6 @@ import concurrent.futures
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from flowdppo_video.world import all_scenes, render_batch
 from rewards.registry import REWARDS, RewardError, register
 from rewards.server import BackgroundServer, create_app
 from rewards.wire import BINARY_TYPE, decode_response, encode_json_request, encode_request
+from flowdppo_video.parallel.groups import free_port
 
 from .conftest import ROOT
 
@@ -314,14 +314,11 @@ def test_remote_reward_bad_options(url):
         rewards.build_rewards({"r": {"type": "remote", "url": url, "urls": 1}})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def test_a_down_server_is_a_reward_error_after_retries():
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RewardError, match=rf"reward server {down}/health unreachable: ConnectError"):
         rewards.build_rewards({"r": {"type": "remote", "url": down}})
     built = rewards.build_rewards({"r": {"type": "remote", "url": down, "check": False, "timeout": 5}})

@@ -10,10 +10,6 @@ checkpointing, LoRA and a frozen reference copy.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,27 +18,17 @@ import torch
 from flowdppo_video.models.base import ModelError
 from flowdppo_video.parallel.sequence import check_heads, group_degree
 
+from .conftest import run_two_ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "sp_worker.py"
 TOL = 1e-5                      # float32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sp_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sp") / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(WORKER), str(out)]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the SP worker hung for {e.timeout} s:\n{(e.stderr or b'')[-3000:]!s}")
+    proc = run_two_ranks(str(WORKER), str(out), timeout=240)
     assert proc.returncode == 0, f"SP worker failed (rc {proc.returncode}):\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text())
 

@@ -12,10 +12,6 @@ the memory against unsharded AdamW. The errors a user can cause run in this proc
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,29 +21,16 @@ from flowdppo_video.models.base import ModelError
 from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.parallel.zero import ZeroUpdater
 
-from .conftest import ROOT
+from .conftest import ROOT, run_two_ranks
 
 WORKER = ROOT / "tests" / "dist" / "zero_worker.py"
 TOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("zero") / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(WORKER), "--out", str(out)]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:   # a hang in a collective fails instead of blocking
-        pytest.fail(f"the 2-process ZeRO run did not finish in {e.timeout} s")
+    proc = run_two_ranks(str(WORKER), "--out", str(out), timeout=300)
     results = json.loads(out.read_text()) if out.is_file() else {}
     if proc.returncode != 0 or "error" in results:
         pytest.fail(f"zero worker failed (rc {proc.returncode}): {results.get('error', '')}\n{proc.stderr[-3000:]}")

@@ -119,15 +119,9 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
                 self._text_cache[p] = batch[i:i + 1]
         return cat_text([self._text_cache[p] for p in prompts])
 
-    def enable_sequence_parallel(self, group: Any) -> None:
-        """Ulysses SP over ``group`` on the transformer (and a frozen reference copy); see
-        :func:`_sequence_parallel` for where the tokens are sharded and gathered."""
-        from ..parallel.sequence import group_degree
-
-        if group_degree(group) <= 1:
-            return
-        for t in [*self.experts, *self._frozen_base.values()]:
-            _sequence_parallel(t, group)
+    def _install_sequence_parallel(self, transformer: torch.nn.Module, group: Any) -> None:
+        """Ulysses SP hooks on one transformer; see :func:`_sequence_parallel`."""
+        _sequence_parallel(transformer, group)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:

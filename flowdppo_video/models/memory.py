@@ -104,9 +104,13 @@ def _init_from_folder(family: str, folder: Path) -> tuple[dict[str, Any], list[s
         raise ModelError(f"{folder}: no transformer/config.json (a model-config folder holds "
                          "<part>/config.json files, as a diffusers checkpoint does)")
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    parts = {"wan": ("transformer", "vae", "text_encoder"),
+    known = {"wan": ("transformer", "vae", "text_encoder"),
              "hunyuan_video": ("transformer", "vae", "text_encoder", "text_encoder_2"),
-             "hunyuan_video_1.5": ("transformer", "vae", "text_encoder", "text_encoder_2")}[family]
+             "hunyuan_video_1.5": ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    if family not in known:
+        raise ModelError(f"the planner cannot read a model-config folder for model.family={family!r} yet "
+                         f"(known: {', '.join(known)}); give it a checkpoint's model.path instead")
+    parts = known[family]
     init: dict[str, Any] = {}
     missing = []
     for part in parts:

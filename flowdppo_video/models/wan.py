@@ -298,15 +298,9 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                                    return_dict=False)[0]
         return out.float()
 
-    def enable_sequence_parallel(self, group: Any) -> None:
-        """Ulysses SP over ``group`` on every expert (and the frozen reference copies); see
-        :func:`_sequence_parallel` for where the tokens are sharded and gathered."""
-        from ..parallel.sequence import group_degree
-
-        if group_degree(group) <= 1:
-            return
-        for t in [*self.experts, *self._frozen_base.values()]:
-            _sequence_parallel(t, group)
+    def _install_sequence_parallel(self, transformer: torch.nn.Module, group: Any) -> None:
+        """Ulysses SP hooks on one transformer; see :func:`_sequence_parallel`."""
+        _sequence_parallel(transformer, group)
 
     def _position_grid(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, 3, F, H, W)`` latent coordinates (frame, row, column), each spanning ``[-1, 1]``."""

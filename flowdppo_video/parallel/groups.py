@@ -114,20 +114,35 @@ class ParallelState:
         """
         if not self.distributed:
             return
+        # A parameter no step reached (a Wan 2.2 expert that took none of this minibatch's SDE steps)
+        # has no gradient on any rank (the steps are drawn identically): it stays None, so AdamW
+        # skips it as one process would.
+        used = [p for p in params if p.grad is not None]
         by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        for p in used:
             by_dtype.setdefault(p.grad.dtype, []).append(p)
         for group in by_dtype.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in group])
-            self.all_reduce_(flat, what="gradient all-reduce")
-            flat /= self.world
-            offset = 0
-            for p in group:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-                offset += n
+            for bucket in _buckets(group, self.BUCKET_ELEMENTS):
+                flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+                self.all_reduce_(flat, what="gradient all-reduce")
+                flat /= self.world
+                offset = 0
+                for p in bucket:
+                    n = p.grad.numel()
+                    p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                    offset += n
+
+    # Gradients go through the all-reduce in flat buffers of at most this many elements (one
+    # collective per bucket, and never a second copy of all gradients at once).
+    BUCKET_ELEMENTS = 64 * 2 ** 20
+
+    def broadcast_object(self, obj: T, what: str) -> T:
+        """Rank 0's ``obj`` on every rank (decisions that rank 0 makes from files it writes)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        self.guard(what, lambda: dist.broadcast_object_list(box, src=0))
+        return box[0]
 
     def _comm_device(self) -> torch.device:
         if dist.is_initialized() and dist.get_backend() == "nccl":
@@ -157,7 +172,10 @@ def adopt_launcher_settings(cfg: ParallelConfig) -> ParallelConfig:
     raw = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if raw is None:
         return cfg
-    stage = int(raw)
+    try:
+        stage = int(raw)
+    except ValueError:
+        raise ConfigError(f"ACCELERATE_DEEPSPEED_ZERO_STAGE={raw!r} (from accelerate launch) is not 0-3") from None
     if cfg.zero_stage not in (0, stage):
         raise ConfigError(f"parallel.zero_stage={cfg.zero_stage} but the accelerate DeepSpeed config says "
                           f"zero_stage {stage}: make them agree (or leave parallel.zero_stage at 0)")
@@ -179,10 +197,12 @@ def init_parallel(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelStat
     if cfg.zero_stage and world == 1 and not dist.is_initialized():
         # DeepSpeed wants a process group even for one rank: make a private one.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     state = ParallelState(rank=rank, world=world, local_rank=local_rank, sp=sp, timeout_s=cfg.timeout_s)
     if world == 1 and not cfg.zero_stage:
         return state
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)      # collectives and object gathers use this rank's GPU
     if not dist.is_initialized():
         backend = cfg.backend
         if backend == "auto":
@@ -219,7 +239,20 @@ def init_parallel(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelStat
     return state
 
 
-def _free_port() -> int:
+def _buckets(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
+    out: list[list[torch.nn.Parameter]] = [[]]
+    size = 0
+    for p in params:
+        if out[-1] and size + p.numel() > limit:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += p.numel()
+    return [b for b in out if b]
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a local rendezvous)."""
     import socket
 
     with socket.socket() as s:

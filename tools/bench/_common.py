@@ -450,3 +450,23 @@ def trajectory_main(doc: str, variants_for: VariantsFor, run: Callable[..., dict
         trajectory_probe(variants_for, a.memory_probe, a.device, a.out, a.trajectory)
         return None
     return run(a.repeats, a.out, a.device, memory=not a.no_memory)
+
+
+def launch_two_ranks(script: str | Path, argv: list[str]) -> int:
+    """Re-run ``script --worker ARGV`` under torchrun with 2 CPU processes of one thread each."""
+    from flowdppo_video.parallel.groups import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(Path(script).resolve()), "--worker", *argv]
+    return subprocess.run(cmd, cwd=REPO, env=env).returncode
+
+
+def build_bench_wan(seed: int = 0) -> Any:
+    """The benchmarks' Wan (:data:`WAN_INIT`) on the CPU, set up for full fine-tuning."""
+    from flowdppo_video.models.wan import WanAdapter
+
+    a = WanAdapter.from_config(WAN_INIT, device=torch.device("cpu"), max_sequence_length=MAX_SEQUENCE_LENGTH,
+                               seed=seed)
+    a.enable_full_finetune(keep_reference=False)
+    return a

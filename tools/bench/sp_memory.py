@@ -41,9 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common
 import argparse
 import gc
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,27 +59,11 @@ BATCH = 1                      # videos per forward (per rank: SP=2 ranks share 
 VARIANTS = [("sp1", 1, False), ("sp1_ckpt", 1, True), ("sp2", 2, False), ("sp2_ckpt", 2, True)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(argv: list[str]) -> int:
-    """Re-run this script under torchrun with 2 CPU processes of one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(Path(__file__).resolve()), "--worker", *argv]
-    return subprocess.run(cmd, cwd=C.REPO, env=env).returncode
+    return C.launch_two_ranks(__file__, argv)
 
 
-def build(seed: int = 0) -> Any:
-    from flowdppo_video.models.wan import WanAdapter
-
-    a = WanAdapter.from_config(C.WAN_INIT, device=torch.device("cpu"), max_sequence_length=C.MAX_SEQUENCE_LENGTH,
-                               seed=seed)
-    a.enable_full_finetune(keep_reference=False)
-    return a
+build = C.build_bench_wan
 
 
 def inputs(adapter: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,11 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,27 +41,11 @@ TARGET = 0.55
 SECTION = C.REPO / "docs" / "zero_section.md"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(argv: list[str]) -> int:
-    """Re-run this script under torchrun with 2 CPU processes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(Path(__file__).resolve()), "--worker", *argv]
-    return subprocess.run(cmd, cwd=C.REPO, env=env).returncode
+    return C.launch_two_ranks(__file__, argv)
 
 
-def build(seed: int = 0) -> Any:
-    from flowdppo_video.models.wan import WanAdapter
-
-    a = WanAdapter.from_config(C.WAN_INIT, device=torch.device("cpu"), max_sequence_length=C.MAX_SEQUENCE_LENGTH,
-                               seed=seed)
-    a.enable_full_finetune(keep_reference=False)
-    return a
+build = C.build_bench_wan
 
 
 def one_update(adapter: Any, backward: Callable[[torch.Tensor], Any], rows: slice, latent: tuple[int, ...]) -> None:
