@@ -16,11 +16,11 @@ FAMILIES: dict[str, str] = {
     "wan": "WanPipeline",                         # Wan 2.1, Wan 2.2 T2V-A14B (two experts), TI2V-5B
     "wan_i2v": "WanImageToVideoPipeline",         # Wan 2.1 I2V (CLIP), Wan 2.2 I2V-A14B, expand_timesteps
     "hunyuan_video": "HunyuanVideoPipeline",      # HunyuanVideo (1.0) T2V
+    "hunyuan_video_i2v": "HunyuanVideoImageToVideoPipeline",  # HunyuanVideo-I2V (token_replace, latent_concat)
     "hunyuan_video_1.5": "HunyuanVideo15Pipeline",  # HunyuanVideo 1.5 T2V
 }
 # Image-to-video pipelines not supported yet: named in errors so a user learns what they hold.
-_OTHER_PIPELINES = {"HunyuanVideoImageToVideoPipeline": "hunyuan_video",
-                    "HunyuanVideo15ImageToVideoPipeline": "hunyuan_video_1.5"}
+_OTHER_PIPELINES = {"HunyuanVideo15ImageToVideoPipeline": "hunyuan_video_1.5"}
 
 
 def checkpoint_family(path: Path) -> str | None:
@@ -73,12 +73,14 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
             adapter = wan.from_config(cfg.init or {}, device=device, dtype=cfg.dtype,
                                       max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed,
                                       train_experts=cfg.train_experts)
-    elif cfg.family == "hunyuan_video":
+    elif cfg.family in ("hunyuan_video", "hunyuan_video_i2v"):
         from .hunyuan import HunyuanVideoAdapter
+        from .hunyuan_i2v import HunyuanVideoI2VAdapter
 
-        adapter = HunyuanVideoAdapter.build(path, cfg.init, device=device, dtype=cfg.dtype,
-                                            max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed,
-                                            embedded_guidance=cfg.embedded_guidance)
+        hunyuan = HunyuanVideoI2VAdapter if cfg.family == "hunyuan_video_i2v" else HunyuanVideoAdapter
+        adapter = hunyuan.build(path, cfg.init, device=device, dtype=cfg.dtype,
+                                max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed,
+                                embedded_guidance=cfg.embedded_guidance)
     else:
         from .hunyuan15 import HunyuanVideo15Adapter
 
