@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "wan_tiny.yaml"
@@ -45,3 +46,20 @@ def run_two_ranks(*args: str, timeout: int = 300, env: dict[str, str] | None = N
                               timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the 2-process run {' '.join(args[:3])} ... did not finish in {e.timeout} s")
+
+
+def write_image(path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, int], size=(40, 48)) -> Path:
+    im = Image.new("RGB", size, (20, 20, 20))
+    ImageDraw.Draw(im).rectangle(box, fill=colour)
+    im.save(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A folder with one image per prompt of PROMPTS (0.png, 1.png), not at the video size."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "0.png", (230, 40, 40), (4, 4, 20, 20))
+    write_image(folder / "1.png", (40, 60, 230), (18, 24, 36, 44))
+    return folder

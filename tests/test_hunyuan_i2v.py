@@ -23,24 +23,14 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
-from .conftest import ROOT
+from .conftest import ROOT, write_image
 from .test_families import max_abs_log_ratio
-from .test_i2v import PROMPTS, write_image
+from .test_i2v import PROMPTS
 
 CONFIG = ROOT / "configs" / "hunyuan_i2v_tiny.yaml"
 # model.init of each image_condition_type (over configs/hunyuan_i2v_tiny.yaml's latent_concat default).
 VARIANTS = {"latent_concat": "{}",
             "token_replace": "{transformer: {image_condition_type: token_replace, in_channels: 4}}"}
-
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    """A folder with one image per prompt of PROMPTS (0.png, 1.png), not at the video size."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    write_image(folder / "0.png", (230, 40, 40), (4, 4, 20, 20))
-    write_image(folder / "1.png", (40, 60, 230), (18, 24, 36, 44))
-    return folder
 
 
 def i2v_config(tmp_path, images: Path | str, variant: str = "latent_concat", *overrides: str):

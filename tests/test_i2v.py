@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from flowdppo_video.config import ConfigError, load_config
 from flowdppo_video.data import DataError
@@ -24,7 +24,7 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
-from .conftest import ROOT
+from .conftest import ROOT, write_image
 from .test_families import max_abs_log_ratio
 
 CONFIG = ROOT / "configs" / "wan_i2v_tiny.yaml"
@@ -37,23 +37,6 @@ VARIANTS = {
     "expand_timesteps": "{transformer: {image_dim: null, added_kv_proj_dim: null, in_channels: 4}, "
                         "pipeline: {expand_timesteps: true}}",
 }
-
-
-def write_image(path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, int], size=(40, 48)) -> Path:
-    im = Image.new("RGB", size, (20, 20, 20))
-    ImageDraw.Draw(im).rectangle(box, fill=colour)
-    im.save(path)
-    return path
-
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    """A folder with one image per prompt of PROMPTS (0.png, 1.png), not at the video size."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    write_image(folder / "0.png", (230, 40, 40), (4, 4, 20, 20))
-    write_image(folder / "1.png", (40, 60, 230), (18, 24, 36, 44))
-    return folder
 
 
 def i2v_config(tmp_path, images: Path | str, variant: str = "wan2.1_i2v", *overrides: str):

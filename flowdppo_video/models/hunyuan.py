@@ -134,6 +134,20 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
         return torch.cat(outs)
 
 
+def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``HunyuanVideoTransformer3DModel`` and ``AutoencoderKLHunyuanVideo`` from ``model.init`` parts
+    (random weights; the caller seeds and turns errors into ModelError)."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+    tr = dict(parts["transformer"])
+    tr["rope_axes_dim"] = tuple(tr["rope_axes_dim"])
+    vcfg = dict(parts["vae"])
+    n = len(vcfg["block_out_channels"])
+    vcfg.setdefault("down_block_types", ["HunyuanVideoDownBlock3D"] * n)
+    vcfg.setdefault("up_block_types", ["HunyuanVideoUpBlock3D"] * n)
+    return HunyuanVideoTransformer3DModel(**tr), AutoencoderKLHunyuanVideo(**vcfg)
+
+
 class HunyuanVideoAdapter(HunyuanCommon):
     """HunyuanVideo T2V: the transformer trains; Llama, CLIP and the VAE are frozen."""
 
@@ -203,7 +217,6 @@ class HunyuanVideoAdapter(HunyuanCommon):
                     max_sequence_length: int = 256, seed: int = 0, embedded_guidance: float | None = None
                     ) -> "HunyuanVideoAdapter":
         """Random weights from sub-configs (missing ones take :data:`TINY_INIT`); byte tokenizers."""
-        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
         from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
         parts = init_parts(init, TINY_INIT)
@@ -212,14 +225,7 @@ class HunyuanVideoAdapter(HunyuanCommon):
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            tr = dict(parts["transformer"])
-            tr["rope_axes_dim"] = tuple(tr["rope_axes_dim"])
-            transformer = HunyuanVideoTransformer3DModel(**tr)
-            vcfg = dict(parts["vae"])
-            n = len(vcfg["block_out_channels"])
-            vcfg.setdefault("down_block_types", ["HunyuanVideoDownBlock3D"] * n)
-            vcfg.setdefault("up_block_types", ["HunyuanVideoUpBlock3D"] * n)
-            vae = AutoencoderKLHunyuanVideo(**vcfg)
+            transformer, vae = tiny_transformer_and_vae(parts)
             text_encoder = LlamaModel(LlamaConfig(**{"vocab_size": len(tok), "pad_token_id": 0,
                                                      "bos_token_id": 1, "eos_token_id": 1,
                                                      **parts["text_encoder"]}))

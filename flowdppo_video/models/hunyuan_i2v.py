@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from .base import ModelError, TextBatch, cat_text, causal_latent_shape, init_parts
-from .hunyuan import _DTYPES, CLIP_MAX_LENGTH, TINY_INIT, HunyuanVideoAdapter, _check_checkpoint_dir
+from .hunyuan import (_DTYPES, CLIP_MAX_LENGTH, TINY_INIT, HunyuanVideoAdapter, _check_checkpoint_dir,
+                      tiny_transformer_and_vae)
 
 DEFAULT_I2V_EMBEDDED_GUIDANCE = 1.0     # HunyuanVideoImageToVideoPipeline's `guidance_scale` default
 CONDITION_TYPES = ("latent_concat", "token_replace")
@@ -63,15 +64,12 @@ def llava_llama_tokenizer() -> Any:
     """A byte-level tokenizer with Llama 3's template tokens, ``<image>`` and ``assistant`` as single
     tokens (the pipeline crops the 4 tokens ``<|eot_id|><|start_header_id|>assistant<|end_header_id|>``),
     ``<|begin_of_text|>`` prepended, ``<pad>`` 0. Built locally (tests and random demo models)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(_SPECIALS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() order varies by process
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
+    from .tokenizers import byte_level
+
+    tok = byte_level(_SPECIALS)
     tok.add_special_tokens(_SPECIALS)
     tok.add_tokens(["assistant"])
     tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
@@ -190,7 +188,6 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
                     ) -> "HunyuanVideoI2VAdapter":
         """Random weights from sub-configs (missing ones take :data:`TINY_I2V_INIT`; ``text_encoder`` is
         the Llava's Llama, ``vision`` its CLIP vision tower); locally built tokenizers."""
-        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
         from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                                   LlavaForConditionalGeneration)
 
@@ -204,14 +201,7 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            tr = dict(parts["transformer"])
-            tr["rope_axes_dim"] = tuple(tr["rope_axes_dim"])
-            transformer = HunyuanVideoTransformer3DModel(**tr)
-            vcfg = dict(parts["vae"])
-            n = len(vcfg["block_out_channels"])
-            vcfg.setdefault("down_block_types", ["HunyuanVideoDownBlock3D"] * n)
-            vcfg.setdefault("up_block_types", ["HunyuanVideoUpBlock3D"] * n)
-            vae = AutoencoderKLHunyuanVideo(**vcfg)
+            transformer, vae = tiny_transformer_and_vae(parts)
             text = LlamaConfig(**{"vocab_size": len(tok), "pad_token_id": ids["<pad>"],
                                   "bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": ids["<|end_of_text|>"],
                                   **parts["text_encoder"]})

@@ -18,17 +18,22 @@ def _wrap(tok: Any) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def byte_tokenizer() -> Any:
-    """One token per UTF-8 byte: any text, 259 symbols (tests and random demo models)."""
+def byte_level(specials: list[str]) -> Any:
+    """A ``tokenizers.Tokenizer``: ``specials`` first (ids 0, 1, ...), then one token per UTF-8 byte."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {t: i for i, t in enumerate(_SPECIALS)}
+    vocab = {t: i for i, t in enumerate(specials)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() order varies by process
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return _wrap(tok)
+    return tok
+
+
+def byte_tokenizer() -> Any:
+    """One token per UTF-8 byte: any text, 259 symbols (tests and random demo models)."""
+    return _wrap(byte_level(_SPECIALS))
 
 
 def word_tokenizer(words: list[str]) -> Any:

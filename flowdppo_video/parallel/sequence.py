@@ -88,16 +88,11 @@ class _GatherKeepSlice(torch.autograd.Function):
         return grad.tensor_split(n, dim=ctx.dim)[rank].contiguous(), None, None
 
 
-class _GatherReduceSlice(torch.autograd.Function):
+class _GatherReduceSlice(_GatherKeepSlice):
     """Forward: all-gather along ``dim``; backward: the gradient summed over the group, sliced.
 
     For a replicated result (the text stream) whose gradient on each rank is partial: the rank's
     slice needs every rank's part of it."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
