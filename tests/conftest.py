@@ -63,3 +63,18 @@ def images(tmp_path) -> Path:
     write_image(folder / "0.png", (230, 40, 40), (4, 4, 20, 20))
     write_image(folder / "1.png", (40, 60, 230), (18, 24, 36, 44))
     return folder
+
+
+def record_transformer_calls(pipe) -> list:
+    """Wrap a diffusers pipeline's transformer so every call's keyword inputs and output are kept:
+    ``[(kwargs, output), ...]`` in call order (to compare our inputs with the pipeline's own)."""
+    calls: list = []
+    forward = pipe.transformer.forward
+
+    def record(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append((kwargs, out[0]))
+        return out
+
+    pipe.transformer.forward = record
+    return calls

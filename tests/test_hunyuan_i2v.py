@@ -23,7 +23,7 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
-from .conftest import ROOT, write_image
+from .conftest import ROOT, record_transformer_calls, write_image
 from .test_families import max_abs_log_ratio
 from .test_i2v import PROMPTS
 
@@ -93,15 +93,7 @@ def test_transformer_inputs_match_the_diffusers_pipeline(tmp_path, images, varia
     load_run_images(adapter, cfg)
     adapter.save_pretrained(tmp_path / "ckpt")
     pipe = HunyuanVideoImageToVideoPipeline.from_pretrained(tmp_path / "ckpt")
-    calls: list[tuple[dict, torch.Tensor]] = []
-    forward = pipe.transformer.forward
-
-    def record(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        calls.append((kwargs, out[0]))
-        return out
-
-    pipe.transformer.forward = record
+    calls = record_transformer_calls(pipe)
     v = cfg.video
     shape = adapter.latent_shape(v.num_frames, v.height, v.width)
     # latent_concat: the pipeline makes (and later drops) the image's frame within num_frames.

@@ -24,7 +24,7 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
-from .conftest import ROOT, write_image
+from .conftest import ROOT, record_transformer_calls, write_image
 from .test_families import max_abs_log_ratio
 
 CONFIG = ROOT / "configs" / "wan_i2v_tiny.yaml"
@@ -99,15 +99,7 @@ def test_transformer_inputs_match_the_diffusers_pipeline(tmp_path, images, varia
     load_run_images(adapter, cfg)
     adapter.save_pretrained(tmp_path / "ckpt")
     pipe = WanImageToVideoPipeline.from_pretrained(tmp_path / "ckpt")
-    calls: list[tuple[dict, torch.Tensor]] = []
-    forward = pipe.transformer.forward
-
-    def record(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        calls.append((kwargs, out[0]))
-        return out
-
-    pipe.transformer.forward = record
+    calls = record_transformer_calls(pipe)
     v = cfg.video
     shape = adapter.latent_shape(v.num_frames, v.height, v.width)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))

@@ -134,6 +134,21 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
         return torch.cat(outs)
 
 
+def load_shared_parts(p: Path, tdtype: torch.dtype) -> dict[str, Any]:
+    """What every HunyuanVideo pipeline directory holds alike (text-to-video and image-to-video):
+    the transformer, the VAE (float32), the CLIP text encoder, both tokenizers, the scheduler config."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    sched = p / "scheduler" / "scheduler_config.json"
+    return {"transformer": HunyuanVideoTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype),
+            "vae": AutoencoderKLHunyuanVideo.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32),
+            "text_encoder_2": CLIPTextModel.from_pretrained(p / "text_encoder_2", dtype=tdtype),
+            "tokenizer": AutoTokenizer.from_pretrained(p / "tokenizer"),
+            "tokenizer_2": AutoTokenizer.from_pretrained(p / "tokenizer_2"),
+            "scheduler_config": json.loads(sched.read_text()) if sched.is_file() else None}
+
+
 def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]]) -> tuple[torch.nn.Module, torch.nn.Module]:
     """``HunyuanVideoTransformer3DModel`` and ``AutoencoderKLHunyuanVideo`` from ``model.init`` parts
     (random weights; the caller seeds and turns errors into ModelError)."""
@@ -196,21 +211,16 @@ class HunyuanVideoAdapter(HunyuanCommon):
                         max_sequence_length: int = 256, embedded_guidance: float | None = None
                         ) -> "HunyuanVideoAdapter":
         """A ``HunyuanVideoPipeline`` directory (e.g. hunyuanvideo-community/HunyuanVideo)."""
-        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
-        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+        from transformers import LlamaModel
 
         p = Path(path)
         _check_checkpoint_dir(p)
         tdtype = _DTYPES[dtype]
-        transformer = HunyuanVideoTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
-        vae = AutoencoderKLHunyuanVideo.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = LlamaModel.from_pretrained(p / "text_encoder", dtype=tdtype)
-        text_encoder_2 = CLIPTextModel.from_pretrained(p / "text_encoder_2", dtype=tdtype)
-        sched = p / "scheduler" / "scheduler_config.json"
-        return cls(transformer, vae, text_encoder, AutoTokenizer.from_pretrained(p / "tokenizer"), text_encoder_2,
-                   AutoTokenizer.from_pretrained(p / "tokenizer_2"), device=device, dtype=tdtype,
+        s = load_shared_parts(p, tdtype)
+        return cls(s["transformer"], s["vae"], LlamaModel.from_pretrained(p / "text_encoder", dtype=tdtype),
+                   s["tokenizer"], s["text_encoder_2"], s["tokenizer_2"], device=device, dtype=tdtype,
                    max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance,
-                   scheduler_config=json.loads(sched.read_text()) if sched.is_file() else None)
+                   scheduler_config=s["scheduler_config"])
 
     @classmethod
     def from_config(cls, init: dict[str, Any], *, device: torch.device, dtype: str = "float32",

@@ -30,7 +30,6 @@ from the noise.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import torch
 
 from .base import ModelError, TextBatch, cat_text, causal_latent_shape, init_parts
 from .hunyuan import (_DTYPES, CLIP_MAX_LENGTH, TINY_INIT, HunyuanVideoAdapter, _check_checkpoint_dir,
-                      tiny_transformer_and_vae)
+                      load_shared_parts, tiny_transformer_and_vae)
 
 DEFAULT_I2V_EMBEDDED_GUIDANCE = 1.0     # HunyuanVideoImageToVideoPipeline's `guidance_scale` default
 CONDITION_TYPES = ("latent_concat", "token_replace")
@@ -161,8 +160,7 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
                         max_sequence_length: int = 256, embedded_guidance: float | None = None
                         ) -> "HunyuanVideoI2VAdapter":
         """A ``HunyuanVideoImageToVideoPipeline`` directory (e.g. hunyuanvideo-community/HunyuanVideo-I2V)."""
-        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
-        from transformers import AutoTokenizer, CLIPTextModel, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
         from .wan_i2v import _clip_processor_class
 
@@ -171,16 +169,12 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         if not (p / "image_processor").is_dir():
             raise ModelError(f"model.path {p} has no image_processor/ folder")
         tdtype = _DTYPES[dtype]
-        transformer = HunyuanVideoTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
-        vae = AutoencoderKLHunyuanVideo.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = LlavaForConditionalGeneration.from_pretrained(p / "text_encoder", dtype=tdtype)
-        text_encoder_2 = CLIPTextModel.from_pretrained(p / "text_encoder_2", dtype=tdtype)
-        sched = p / "scheduler" / "scheduler_config.json"
-        return cls(transformer, vae, text_encoder, AutoTokenizer.from_pretrained(p / "tokenizer"), text_encoder_2,
-                   AutoTokenizer.from_pretrained(p / "tokenizer_2"),
+        sh = load_shared_parts(p, tdtype)
+        return cls(sh["transformer"], sh["vae"], LlavaForConditionalGeneration.from_pretrained(p / "text_encoder", dtype=tdtype),
+                   sh["tokenizer"], sh["text_encoder_2"], sh["tokenizer_2"],
                    _clip_processor_class().from_pretrained(p / "image_processor"), device=device, dtype=tdtype,
                    max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance,
-                   scheduler_config=json.loads(sched.read_text()) if sched.is_file() else None)
+                   scheduler_config=sh["scheduler_config"])
 
     @classmethod
     def from_config(cls, init: dict[str, Any], *, device: torch.device, dtype: str = "float32",
