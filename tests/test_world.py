@@ -60,8 +60,9 @@ def test_shipped_prompt_files_match_the_split():
 
 
 def test_position_channels_round_trip_and_reach_the_transformer(tmp_path):
-    """The world model's transformer also sees absolute (frame, row, column) channels: they survive
-    save_pretrained/from_pretrained, span [-1, 1] per axis, and the transformer reads them."""
+    """The world model's transformer also sees absolute (frame, row, column) channels and the
+    products frame x row, frame x column: they survive save_pretrained/from_pretrained, span
+    [-1, 1] per axis, and the transformer reads them."""
     import json
 
     import torch
@@ -71,25 +72,26 @@ def test_position_channels_round_trip_and_reach_the_transformer(tmp_path):
     from flowdppo_video.world.model import MAX_TEXT_TOKENS, build_world_adapter
 
     ad = build_world_adapter(torch.device("cpu"), seed=1)
-    assert ad.position_channels == 3 and ad.transformer.config.in_channels == 6
+    assert ad.position_channels == 5 and ad.transformer.config.in_channels == 8
     x = torch.randn(2, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.3, 0.8])
     text = ad.encode_prompts(["a red circle moves left slowly on black"] * 2)
     with torch.no_grad():
         v = ad.velocity(x, sigma, text)
         ad.save_pretrained(tmp_path / "m")
-        assert json.loads((tmp_path / "m" / "model_index.json").read_text())["position_channels"] == 3
+        assert json.loads((tmp_path / "m" / "model_index.json").read_text())["position_channels"] == 5
         again = WanAdapter.from_pretrained(tmp_path / "m", device=torch.device("cpu"),
                                            max_sequence_length=MAX_TEXT_TOKENS)
-        assert again.position_channels == 3
+        assert again.position_channels == 5
         assert torch.allclose(again.velocity(x, sigma, text), v, atol=1e-6)
-        grid = ad._position_grid(x)                              # (B, 3, F, H, W): frame, row, column
-        assert grid.shape == (2, 3, 8, 16, 16)
-        assert grid[0, :, 0, 0, 0].tolist() == [-1.0, -1.0, -1.0] and grid[0, :, -1, -1, -1].tolist() == [1.0, 1.0, 1.0]
+        grid = ad._position_grid(x)            # (B, 5, F, H, W): frame, row, column, frame*row, frame*column
+        assert grid.shape == (2, 5, 8, 16, 16)
+        assert torch.equal(grid[:, 3], grid[:, 0] * grid[:, 1]) and torch.equal(grid[:, 4], grid[:, 0] * grid[:, 2])
+        assert grid[0, :3, 0, 0, 0].tolist() == [-1.0, -1.0, -1.0] and grid[0, :3, -1, -1, -1].tolist() == [1.0, 1.0, 1.0]
         assert torch.equal(grid[0, 0, 3], torch.full((16, 16), grid[0, 0, 3, 0, 0].item()))  # frame index only
         # The transformer reads them: zeroing their input weights changes the velocity.
         ad.transformer.patch_embedding.weight[:, 3:] = 0
         assert (ad.velocity(x, sigma, text) - v).abs().max() > 1e-4
-    with pytest.raises(ModelError, match=r"in_channels 6 != vae z_dim 3$"):
+    with pytest.raises(ModelError, match=r"in_channels 8 != vae z_dim 3$"):
         WanAdapter(ad.transformer, ad.vae, ad.text_encoder, ad.tokenizer, device=torch.device("cpu"),
                    dtype=torch.float32, max_sequence_length=MAX_TEXT_TOKENS)

@@ -7,13 +7,22 @@
 Samples every held-out prompt ``--samples`` times with fixed seeds, with the same sampler the
 default run uses (``--sde-steps 0`` for plain ODE sampling), and scores the videos with the
 pixel checker in ``rewards.world``. Prints a table and, with ``--json``, writes it.
+
+``--confusion`` also prints which direction the checker measured for each direction word, and
+``--word-loss`` whether the model reads its direction words at all: the flow-matching loss on
+held-out ground-truth videos at a few noise levels with the right word, the opposite word
+(left <-> right), a word of the other axis, and no caption. A model that ignores the sign of its
+motion words has equal losses in the first two columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
+import os
+import random
 from pathlib import Path
 
 import torch
@@ -22,8 +31,12 @@ from flowdppo_video.config import SamplerConfig
 from flowdppo_video.data import load_prompts
 from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.rollout import rollout
-from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter
-from rewards.world import adherence_table
+from flowdppo_video.world import Scene, parse_prompt, render_batch, split_scenes
+from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter, video_to_latent
+from rewards.world import adherence_table, classify
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+OTHER_AXIS = {"left": "up", "right": "down", "up": "left", "down": "right"}
 
 
 def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
@@ -39,11 +52,36 @@ def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
                                       max_sequence_length=MAX_TEXT_TOKENS)
 
 
-def adherence(adapter: WanAdapter, prompts: list[str], samples: int, sampler: SamplerConfig, seed: int
-              ) -> dict[str, float]:
-    shape = adapter.latent_shape(8, 16, 16)
-    traj = rollout(adapter, prompts, samples, shape, sampler, torch.Generator().manual_seed(seed), progress=False)
-    return adherence_table(traj.videos, traj.prompts)
+def confusion(videos: torch.Tensor, prompts: list[str]) -> dict[str, collections.Counter]:
+    """For each direction word, how often the checker measured each direction (None: no motion)."""
+    table: dict[str, collections.Counter] = {d: collections.Counter() for d in OPPOSITE}
+    for p, got in zip(prompts, classify(videos)):
+        table[parse_prompt(p).direction][got["direction"]] += 1
+    return table
+
+
+@torch.no_grad()
+def word_losses(adapter: WanAdapter, sigmas: list[float], n: int = 256, seed: int = 0) -> dict[float, dict[str, float]]:
+    """Flow-matching loss on ``n`` held-out ground-truth videos per noise level, captioned with the
+    right direction word, the opposite one, one of the other axis, and nothing."""
+    _, held = split_scenes()
+    rng = random.Random(seed)
+    scenes = [rng.choice(held) for _ in range(n)]
+    x0 = video_to_latent(torch.from_numpy(render_batch(scenes, seed=seed)))
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+
+    def caps(words: dict[str, str] | None) -> list[str]:
+        return [Scene(s.colour, s.shape, words[s.direction], s.speed, s.background).prompt if words else ""
+                for s in scenes]
+
+    captions = {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
+                "other axis": caps(OTHER_AXIS), "no caption": caps(None)}
+    out = {}
+    for sigma in sigmas:
+        xt = (1 - sigma) * x0 + sigma * eps
+        out[sigma] = {k: float((adapter.velocity(xt, torch.full((n,), sigma), adapter.embed_text(c))
+                                - (eps - x0)).square().mean()) for k, c in captions.items()}
+    return out
 
 
 def main() -> None:
@@ -59,20 +97,45 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=0.7)
     ap.add_argument("--sde-steps", type=int, default=3)
     ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--confusion", action="store_true", help="also print direction word x measured direction")
+    ap.add_argument("--word-loss", action="store_true", help="only print the flow loss with right, opposite, "
+                    "other-axis and no direction word (does the model read its motion words?)")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     adapter = load(args.model, args.state, args.raw)
     sampler = dataclasses.replace(SamplerConfig(), num_steps=args.steps, shift=args.shift, eta=args.eta,
                                   sde_steps=args.sde_steps, guidance_scale=args.guidance, window=[0.0, 0.6])
+    if args.word_loss:
+        table = word_losses(adapter, [0.95, 0.8, 0.6, 0.4])
+        cols = list(next(iter(table.values())))
+        print("sigma " + "  ".join(f"{c:>10}" for c in cols))
+        for sigma, row in table.items():
+            print(f"{sigma:<5} " + "  ".join(f"{row[c]:10.5f}" for c in cols))
+        return
     prompts = load_prompts(args.prompts)
-    rows = {seed: adherence(adapter, prompts, args.samples, sampler, seed) for seed in args.seeds}
+    rows, confusions = {}, {}
+    for seed in args.seeds:
+        shape = adapter.latent_shape(8, 16, 16)
+        traj = rollout(adapter, prompts, args.samples, shape, sampler, torch.Generator().manual_seed(seed),
+                       progress=False)
+        rows[seed] = adherence_table(traj.videos, traj.prompts)
+        if args.confusion:
+            confusions[seed] = confusion(traj.videos, traj.prompts)
     keys = list(next(iter(rows.values())))
     print("seed  " + "  ".join(f"{k:>9}" for k in keys))
     for seed, r in rows.items():
         print(f"{seed:<5} " + "  ".join(f"{r[k]:9.3f}" for k in keys))
+    for seed, table in confusions.items():
+        print(f"seed {seed}: direction word (rows) x measured direction (columns)")
+        cols = [*OPPOSITE, None]
+        print("         " + "".join(f"{str(c):>7}" for c in cols))
+        for word, counts in table.items():
+            print(f"{word:>8} " + "".join(f"{counts[c]:7d}" for c in cols))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "by_seed": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "by_seed": rows, "confusion": {
+            seed: {w: {str(k): v for k, v in c.items()} for w, c in t.items()} for seed, t in confusions.items()}},
+            indent=1))
 
 
 if __name__ == "__main__":

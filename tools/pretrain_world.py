@@ -71,6 +71,7 @@ def main() -> None:
                     help="fraction of each batch with sigma ~ U[0.85, 1): where a trajectory's direction is decided")
     ap.add_argument("--embed-lr-mult", type=float, default=1.0,
                     help="learning-rate multiplier of the patch embedding (new position channels start at 0)")
+    ap.add_argument("--text-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the text encoder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/pretrain_world", help="work folder (checkpoints, log)")
@@ -80,7 +81,7 @@ def main() -> None:
                     "recipe, see tools/pretrain_world_stages.sh); nothing is shipped")
     ap.add_argument("--init", help="start from another run's state.pt (its raw weights; input channels the "
                     "old model lacks, e.g. new position channels, start at zero); fresh optimizer and schedule")
-    ap.add_argument("--position-channels", type=int, default=POSITION_CHANNELS, choices=[0, 3])
+    ap.add_argument("--position-channels", type=int, default=POSITION_CHANNELS, choices=[0, 3, 5])
     ap.add_argument("--ship", choices=["ema", "raw"], default="ema",
                     help="which weights of the final state go into --out")
     args = ap.parse_args()
@@ -95,9 +96,12 @@ def main() -> None:
     if args.init and not (work / "state.pt").is_file():
         init_from = load_init(modules, Path(args.init))
     ema = {k: v.detach().clone() for k, v in modules.state_dict().items()}
-    embed = [p for n, p in modules.named_parameters() if n.startswith("transformer.patch_embedding.")]
-    rest = [p for n, p in modules.named_parameters() if not n.startswith("transformer.patch_embedding.")]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": embed, "lr": args.lr * args.embed_lr_mult}],
+    groups: dict[str, list] = {"rest": [], "embed": [], "text": []}
+    for n, p in modules.named_parameters():
+        groups["embed" if n.startswith("transformer.patch_embedding.") else
+               "text" if n.startswith("text_encoder.") else "rest"].append(p)
+    opt = torch.optim.AdamW([{"params": groups["rest"]}, {"params": groups["embed"], "lr": args.lr * args.embed_lr_mult},
+                             {"params": groups["text"], "lr": args.lr * args.text_lr_mult}],
                             lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
@@ -144,7 +148,7 @@ def main() -> None:
                     ema[k].mul_(args.ema).add_(p, alpha=1 - args.ema)
                 else:
                     ema[k].copy_(p)
-        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+        running = float(loss.detach()) if running is None else 0.98 * running + 0.02 * float(loss.detach())
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % 50 == 0:
             log.append({"step": step + 1, "loss": running, "lr": sched.get_last_lr()[0],

@@ -125,8 +125,8 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         # Wan I2V appends its image channels: they give a small model absolute positions, which
         # Wan's relative RoPE does not (the shapes-world model uses them; real Wan checkpoints: 0).
         self.position_channels = int(position_channels)
-        if self.position_channels not in (0, 3):
-            raise ModelError(f"position_channels must be 0 or 3, got {position_channels}")
+        if self.position_channels not in (0, 3, 5):
+            raise ModelError(f"position_channels must be 0, 3 or 5, got {position_channels}")
         self._positions: dict[tuple[int, ...], torch.Tensor] = {}
         for i, t in enumerate(self.experts):
             if int(t.config.in_channels) != self.latent_channels + self._condition_channels():
@@ -303,11 +303,15 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         _sequence_parallel(transformer, group)
 
     def _position_grid(self, h: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, F, H, W)`` latent coordinates (frame, row, column), each spanning ``[-1, 1]``."""
+        """``(B, P, F, H, W)`` latent coordinates (frame, row, column), each spanning ``[-1, 1]``;
+        with ``P = 5`` also frame x row and frame x column, the odd products that tell a motion's
+        sign (leftward: the column falls as the frame rises)."""
         key = tuple(h.shape[2:])
         if key not in self._positions:
             axes = [torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(1) for n in key]
-            self._positions[key] = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+            f, r, c = torch.meshgrid(*axes, indexing="ij")
+            grid = [f, r, c] + ([f * r, f * c] if self.position_channels == 5 else [])
+            self._positions[key] = torch.stack(grid)
         grid = self._positions[key].to(device=h.device, dtype=h.dtype)
         return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1, -1)
 

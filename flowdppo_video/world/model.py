@@ -21,7 +21,7 @@ TEXT_ENCODER: dict[str, Any] = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_lay
 MAX_TEXT_TOKENS = 10
 
 
-POSITION_CHANNELS = 3   # (frame, row, column) coordinates appended to the latent: see WanAdapter
+POSITION_CHANNELS = 5   # (frame, row, column, frame*row, frame*column) appended to the latent: see WanAdapter
 
 
 def build_world_adapter(device: torch.device, seed: int = 0, position_channels: int = POSITION_CHANNELS) -> Any:
