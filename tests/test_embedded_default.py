@@ -54,3 +54,20 @@ def test_one_training_iteration_on_the_world_recipe(tmp_path):
     assert {"eval/world_direction/mean", "eval/world_colour/mean", "eval/kl_base/mean"} <= set(evals[1])
     assert len(list((tmp_path / "run" / "before_after").glob("*.mp4"))) == 2
     assert os.path.getsize(tmp_path / "run" / "curves.png") > 10_000
+
+
+def test_shipped_model_reads_the_sign_of_its_motion_words():
+    """The base model follows its direction words partly: the flow loss on held-out ground truth is
+    higher with the opposite word (left <-> right) and with a word of the other axis than with the
+    right one, and far higher with no caption. (An earlier model learnt the axis but not the sign:
+    its opposite-word loss equalled the right one's to 4 digits.)"""
+    from flowdppo_video.models.wan import WanAdapter
+    from flowdppo_video.world.diagnostics import direction_word_losses
+    from flowdppo_video.world.model import MAX_TEXT_TOKENS
+
+    adapter = WanAdapter.from_pretrained(WEIGHTS_DIR, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
+    for sigma, loss in direction_word_losses(adapter, [0.95, 0.8], n=128).items():
+        right = loss["right word"]
+        assert loss["opposite"] > right * 1.005, (sigma, loss)
+        assert loss["other axis"] > right * 1.005, (sigma, loss)
+        assert loss["no caption"] > right * 1.2, (sigma, loss)

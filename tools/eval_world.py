@@ -22,7 +22,6 @@ import collections
 import dataclasses
 import json
 import os
-import random
 from pathlib import Path
 
 import torch
@@ -31,12 +30,10 @@ from flowdppo_video.config import SamplerConfig
 from flowdppo_video.data import load_prompts
 from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.rollout import rollout
-from flowdppo_video.world import Scene, parse_prompt, render_batch, split_scenes
-from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter, video_to_latent
+from flowdppo_video.world import parse_prompt
+from flowdppo_video.world.diagnostics import OPPOSITE, direction_word_losses
+from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter
 from rewards.world import adherence_table, classify
-
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-OTHER_AXIS = {"left": "up", "right": "down", "up": "left", "down": "right"}
 
 
 def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
@@ -58,30 +55,6 @@ def confusion(videos: torch.Tensor, prompts: list[str]) -> dict[str, collections
     for p, got in zip(prompts, classify(videos)):
         table[parse_prompt(p).direction][got["direction"]] += 1
     return table
-
-
-@torch.no_grad()
-def word_losses(adapter: WanAdapter, sigmas: list[float], n: int = 256, seed: int = 0) -> dict[float, dict[str, float]]:
-    """Flow-matching loss on ``n`` held-out ground-truth videos per noise level, captioned with the
-    right direction word, the opposite one, one of the other axis, and nothing."""
-    _, held = split_scenes()
-    rng = random.Random(seed)
-    scenes = [rng.choice(held) for _ in range(n)]
-    x0 = video_to_latent(torch.from_numpy(render_batch(scenes, seed=seed)))
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-
-    def caps(words: dict[str, str] | None) -> list[str]:
-        return [Scene(s.colour, s.shape, words[s.direction], s.speed, s.background).prompt if words else ""
-                for s in scenes]
-
-    captions = {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
-                "other axis": caps(OTHER_AXIS), "no caption": caps(None)}
-    out = {}
-    for sigma in sigmas:
-        xt = (1 - sigma) * x0 + sigma * eps
-        out[sigma] = {k: float((adapter.velocity(xt, torch.full((n,), sigma), adapter.embed_text(c))
-                                - (eps - x0)).square().mean()) for k, c in captions.items()}
-    return out
 
 
 def main() -> None:
@@ -107,7 +80,7 @@ def main() -> None:
     sampler = dataclasses.replace(SamplerConfig(), num_steps=args.steps, shift=args.shift, eta=args.eta,
                                   sde_steps=args.sde_steps, guidance_scale=args.guidance, window=[0.0, 0.6])
     if args.word_loss:
-        table = word_losses(adapter, [0.95, 0.8, 0.6, 0.4])
+        table = direction_word_losses(adapter, [0.95, 0.8, 0.6, 0.4])
         cols = list(next(iter(table.values())))
         print("sigma " + "  ".join(f"{c:>10}" for c in cols))
         for sigma, row in table.items():
