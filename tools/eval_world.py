@@ -30,8 +30,8 @@ from flowdppo_video.config import SamplerConfig
 from flowdppo_video.data import load_prompts
 from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.rollout import rollout
-from flowdppo_video.world import parse_prompt
-from flowdppo_video.world.diagnostics import OPPOSITE, direction_word_losses
+from flowdppo_video.world import DIRECTIONS, parse_prompt
+from flowdppo_video.world.diagnostics import direction_word_losses
 from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter
 from rewards.world import adherence_table, classify
 
@@ -51,7 +51,7 @@ def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
 
 def confusion(videos: torch.Tensor, prompts: list[str]) -> dict[str, collections.Counter]:
     """For each direction word, how often the checker measured each direction (None: no motion)."""
-    table: dict[str, collections.Counter] = {d: collections.Counter() for d in OPPOSITE}
+    table: dict[str, collections.Counter] = {d: collections.Counter() for d in DIRECTIONS}
     for p, got in zip(prompts, classify(videos)):
         table[parse_prompt(p).direction][got["direction"]] += 1
     return table
@@ -88,8 +88,8 @@ def main() -> None:
         return
     prompts = load_prompts(args.prompts)
     rows, confusions = {}, {}
+    shape = adapter.latent_shape(8, 16, 16)
     for seed in args.seeds:
-        shape = adapter.latent_shape(8, 16, 16)
         traj = rollout(adapter, prompts, args.samples, shape, sampler, torch.Generator().manual_seed(seed),
                        progress=False)
         rows[seed] = adherence_table(traj.videos, traj.prompts)
@@ -101,7 +101,7 @@ def main() -> None:
         print(f"{seed:<5} " + "  ".join(f"{r[k]:9.3f}" for k in keys))
     for seed, table in confusions.items():
         print(f"seed {seed}: direction word (rows) x measured direction (columns)")
-        cols = [*OPPOSITE, None]
+        cols = [*DIRECTIONS, None]
         print("         " + "".join(f"{str(c):>7}" for c in cols))
         for word, counts in table.items():
             print(f"{word:>8} " + "".join(f"{counts[c]:7d}" for c in cols))

@@ -13,6 +13,7 @@ interruption.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -25,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from flowdppo_video.world import DIRECTIONS, Scene, render_batch, split_scenes
-from flowdppo_video.world.model import POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, video_to_latent
+from flowdppo_video.world.model import (POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, flow_matching_loss,
+                                         video_to_latent)
 
 
 def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) -> str:
@@ -35,7 +37,7 @@ def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) 
         return ""
     if rng.random() < wrong_motion:
         other = rng.choice([d for d in DIRECTIONS if d != scene.direction])
-        scene = Scene(scene.colour, scene.shape, other, scene.speed, scene.background)
+        scene = dataclasses.replace(scene, direction=other)
     return scene.prompt
 
 
@@ -72,7 +74,6 @@ def main() -> None:
                     help="fraction of each batch with sigma ~ U[0.85, 1): where a trajectory's direction is decided")
     ap.add_argument("--embed-lr-mult", type=float, default=1.0,
                     help="learning-rate multiplier of the patch embedding (new position channels start at 0)")
-    ap.add_argument("--text-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the text encoder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/pretrain_world", help="work folder (checkpoints, log)")
@@ -97,12 +98,9 @@ def main() -> None:
     if args.init and not (work / "state.pt").is_file():
         init_from = load_init(modules, Path(args.init))
     ema = {k: v.detach().clone() for k, v in modules.state_dict().items()}
-    groups: dict[str, list] = {"rest": [], "embed": [], "text": []}
-    for n, p in modules.named_parameters():
-        groups["embed" if n.startswith("transformer.patch_embedding.") else
-               "text" if n.startswith("text_encoder.") else "rest"].append(p)
-    opt = torch.optim.AdamW([{"params": groups["rest"]}, {"params": groups["embed"], "lr": args.lr * args.embed_lr_mult},
-                             {"params": groups["text"], "lr": args.lr * args.text_lr_mult}],
+    embed = [p for n, p in modules.named_parameters() if n.startswith("transformer.patch_embedding.")]
+    rest = [p for n, p in modules.named_parameters() if not n.startswith("transformer.patch_embedding.")]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": embed, "lr": args.lr * args.embed_lr_mult}],
                             lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
@@ -135,9 +133,7 @@ def main() -> None:
         if n_high:
             sigma[:n_high] = 0.85 + 0.15 * torch.rand(n_high, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        v = adapter.velocity((1 - s) * x0 + s * eps, sigma, text)
-        loss = (v - (eps - x0)).square().mean()
+        loss = flow_matching_loss(adapter, x0, eps, sigma, text)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)

@@ -52,10 +52,18 @@ def build_world_adapter(device: torch.device, seed: int = 0, position_channels: 
                       dtype=torch.float32, max_sequence_length=MAX_TEXT_TOKENS, position_channels=position_channels)
 
 
+def flow_matching_loss(adapter: Any, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor,
+                       text: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the predicted velocity at ``x_sigma = (1 - sigma) x0 + sigma eps``
+    against ``eps - x0`` (SPEC conventions); ``x0, eps (B, C, F, H, W)``, ``sigma (B,)``."""
+    s = sigma.view(-1, 1, 1, 1, 1)
+    return (adapter.velocity((1 - s) * x0 + s * eps, sigma, text) - (eps - x0)).square().mean()
+
+
 def video_to_latent(videos: torch.Tensor) -> torch.Tensor:
     """``(B, F, H, W, 3)`` uint8 -> pixel latents ``(B, 3, F, H, W)`` in ``[-1, 1]``."""
     return videos.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
 __all__ = ["FRAMES", "MAX_TEXT_TOKENS", "POSITION_CHANNELS", "SIZE", "TEXT_ENCODER", "TRANSFORMER", "WEIGHTS_DIR",
-           "build_world_adapter", "video_to_latent"]
+           "build_world_adapter", "flow_matching_loss", "video_to_latent"]
