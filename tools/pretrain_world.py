@@ -57,7 +57,9 @@ def load_init(modules: torch.nn.ModuleDict, path: Path) -> dict:
         own[k] = v
     modules.load_state_dict(own)
     print(f"initialised from {path} (step {st['step']})")
-    return {"state": str(path), "step": st["step"], "log_tail": st["log"][-1] if st["log"] else None}
+    # The init's own command and init travel along, so the final pretrain.json holds every stage.
+    return {"state": str(path), "step": st["step"], "log_tail": st["log"][-1] if st["log"] else None,
+            "command": st.get("command"), "init": st.get("init")}
 
 
 def main() -> None:
@@ -117,6 +119,8 @@ def main() -> None:
         init_meta = st.get("init")
         resumes = st.get("resumes", []) + [{"at_step": start, **{k: v for k, v in vars(args).items() if k not in ("out", "work")}}]
         print(f"resumed at step {start}")
+    command = "tools/pretrain_world.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                    if k not in ("out", "work"))
     elapsed0 = log[-1]["elapsed_s"] if log else 0.0
     t0 = time.time()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
@@ -154,7 +158,7 @@ def main() -> None:
             tmp = work / "state.pt.tmp"
             torch.save({"model": modules.state_dict(), "ema": ema, "step": step + 1, "log": log,
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "resumes": resumes,
-                        "init": init_meta}, tmp)
+                        "init": init_meta, "command": command}, tmp)
             tmp.replace(ckpt)
             (work / "log.json").write_text(json.dumps(log, indent=0))
         if args.stop_at is not None and step + 1 >= args.stop_at:
@@ -174,8 +178,7 @@ def main() -> None:
     adapter.save_pretrained(out)
     total = log[-1]["elapsed_s"] if log else time.time() - t0
     (out / "pretrain.json").write_text(json.dumps({
-        "command": "tools/pretrain_world.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                         if k not in ("out", "work")),
+        "command": command,
         "steps": args.steps, "final_loss": log[-1]["loss"] if log else None, "train_seconds": round(total),
         "resumed": resumes,  # a resume with another --steps changes the LR schedule from there on
         "init": init_meta,
