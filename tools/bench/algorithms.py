@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 VARIANTS = {
@@ -39,7 +38,6 @@ def one_run(out: Path, variant: str, epochs: int, seed: int, iterations: int, ex
     overrides = [f"run.output_dir={run_dir}", f"run.seed={seed}", f"run.iterations={iterations}",
                  f"optim.inner_epochs={epochs}", "run.progress=false", "run.tensorboard=false",
                  f"eval.every={iterations}", EVAL_REWARDS, *VARIANTS[variant], *extra]
-    t0 = time.perf_counter()
     if not (run_dir / "eval.jsonl").is_file() or len(read_metrics(run_dir, "eval")) < 2:
         import shutil
 
@@ -48,7 +46,9 @@ def one_run(out: Path, variant: str, epochs: int, seed: int, iterations: int, ex
     rows, evals = read_metrics(run_dir), read_metrics(run_dir, "eval")
     base, final = evals[0], evals[-1]
     return {
-        "variant": variant, "epochs": epochs, "seed": seed, "seconds": time.perf_counter() - t0,
+        # Rollout + reward + update time from the run's own metrics, so a reused run reports it too.
+        "variant": variant, "epochs": epochs, "seed": seed,
+        "train_seconds": sum(r["time/rollout_s"] + r["time/reward_s"] + r["time/update_s"] for r in rows),
         "train_reward_final": statistics.fmean(r["reward/mean"] for r in rows[-5:]),
         "train_reward_first": rows[0]["reward/mean"],
         "heldout_direction_base": base["eval/world_direction/mean"],
@@ -76,7 +76,14 @@ def summarise(results: list[dict]) -> str:
             cells.append(f"{100 * m:.1f} ± {100 * sd:.1f}" if k == "forgetting" else f"{m:.3f} ± {sd:.3f}")
         lines.append(f"| {variant} | {epochs} | {len(rs)} | " + " | ".join(cells) + " |")
     base = statistics.fmean(r["heldout_direction_base"] for r in results)
-    lines.append(f"\nBase model held-out direction score: {base:.3f}.")
+    lines.append(f"\nBase model held-out direction score: {base:.3f}.\n")
+    lines += ["| variant | inner epochs | seed | train reward first → last 5 | held-out direction | KL to base "
+              "| forgetting (pts) | dropped/clipped terms | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["epochs"], list(VARIANTS).index(r["variant"]), r["seed"])):
+        lines.append(f"| {r['variant']} | {r['epochs']} | {r['seed']} | {r['train_reward_first']:.3f} → "
+                     f"{r['train_reward_final']:.3f} | {r['heldout_direction_base']:.3f} → {r['heldout_direction']:.3f} | "
+                     f"{r['kl_to_base']:.3f} | {100 * r['forgetting']:.1f} | {100 * r['drop_frac_mean']:.2f}% | "
+                     f"{r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 
