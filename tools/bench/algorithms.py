@@ -92,6 +92,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     markers = {1: "o", 4: "s"}
@@ -103,7 +104,13 @@ def plot(results: list[dict], path: Path) -> None:
         ax.scatter([], [], color=c, label=v)
     for e, m in markers.items():
         ax.scatter([], [], color="black", marker=m, label=f"{e} inner epoch(s)")
+    base = sum(r["heldout_direction_base"] for r in results) / len(results)
+    ax.axhline(base, color="black", linestyle="--", linewidth=0.8, label="base model")
     ax.set_xscale("log")
+    kls = [r["kl_to_base"] for r in results]
+    ax.set_xticks([t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0) if min(kls) / 1.5 <= t <= max(kls) * 1.5])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # 2x10^-2 style labels collide
     ax.set_xlabel("held-out KL(π_θ ‖ π_base), nats per token (log)")
     ax.set_ylabel("held-out direction score")
     ax.grid(alpha=0.3)
