@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from flowdppo_video.world.model import WEIGHTS_DIR
 from rewards.world import adherence_table
 
 from flowdppo_video.cli import DEFAULT_RECIPE as WORLD_RECIPE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_weights_load_and_sample_offline(monkeypatch):
@@ -71,3 +74,64 @@ def test_shipped_model_reads_the_sign_of_its_motion_words():
         assert loss["opposite"] > right * 1.005, (sigma, loss)
         assert loss["other axis"] > right * 1.005, (sigma, loss)
         assert loss["no caption"] > right * 1.2, (sigma, loss)
+
+
+def test_a_pretraining_stage_starts_from_a_shipped_model_and_keeps_its_history(tmp_path):
+    """``tools/pretrain_world.py --init DIR`` starts from a diffusers directory's weights exactly
+    (the first step's loss is the shipped model's), draws scenes by ``--shape-mix``, and the new
+    model's pretrain.json carries every earlier stage's command."""
+    import random
+    import subprocess
+    import sys
+
+
+    out = tmp_path / "model"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/pretrain_world.py"), "--init", str(WEIGHTS_DIR),
+                           "--work", str(tmp_path / "work"), "--out", str(out), "--steps", "2", "--batch", "4",
+                           "--warmup", "1", "--save-every", "1", "--threads", "1",
+                           "--shape-mix", "square=1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "pretrain.json").read_text())
+    shipped = json.loads((WEIGHTS_DIR / "pretrain.json").read_text())
+    assert "--shape-mix square=1" in meta["command"]
+    assert meta["init"]["state"] == str(WEIGHTS_DIR) and meta["init"]["weights"] == shipped["shipped"]
+    assert meta["init"]["command"] == shipped["command"] and meta["init"]["init"] == shipped["init"]
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import pretrain_world
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    from flowdppo_video.models.wan import WanAdapter
+    from flowdppo_video.world import split_scenes
+    from flowdppo_video.world.model import MAX_TEXT_TOKENS
+
+    # The init's weights are the shipped model's, every one of them (tied embeddings too).
+    init = pretrain_world.read_init(WEIGHTS_DIR)["model"]
+    adapter = WanAdapter.from_pretrained(WEIGHTS_DIR, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
+    own = torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder}).state_dict()
+    assert set(init) == set(own) and all(torch.equal(init[k], own[k]) for k in own)
+    # The trained model differs from its init (two steps were taken) and loads as a diffusers directory.
+    trained = WanAdapter.from_pretrained(out, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
+    assert not torch.equal(trained.transformer.proj_out.weight, adapter.transformer.proj_out.weight)
+
+    train, _ = split_scenes()
+    rng = random.Random(0)
+    mix = pretrain_world.parse_shape_mix("circle=1,square=3")
+    drawn = [pretrain_world.draw_scene(train, rng, mix).shape for _ in range(2000)]
+    assert "triangle" not in drawn and 0.70 < drawn.count("square") / len(drawn) < 0.80
+
+
+@pytest.mark.parametrize("mix, message", [("squar=1", "unknown shape 'squar'"), ("square=x", "not a number"),
+                                          ("square=0", "not all 0")])
+def test_a_bad_shape_mix_is_one_line_naming_it(tmp_path, mix, message):
+    import subprocess
+    import sys
+
+
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/pretrain_world.py"), "--shape-mix", mix,
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--shape-mix" in last and message in last, proc.stderr
+    assert not (tmp_path / "w").exists()

@@ -1,13 +1,16 @@
 """Pretrain the shapes-world model that ships with the package (flow matching on world videos).
 
-    .venv/bin/python tools/pretrain_world.py --seed 7 --work runs/pretrain_world
+    .venv/bin/python tools/pretrain_world.py --seed 7 --work runs/pretrain_world     # one stage
+    tools/pretrain_world_stages.sh                                                   # the shipped model
 
-Reproduces ``flowdppo_video/world/weights/shapes-world`` on a 2-core CPU in about 55 minutes
-(4,000 steps of batch 32; the seed fixes data, initialisation and noise; the same torch build
-and thread count give the same weights). The captions' motion words are wrong for 30% of the
-videos, as web captions are, so the model learns colour from its prompt but follows the
-direction only partly: the headroom RL must close. Resumable: rerun the same command after an
-interruption.
+One call is one stage: from scratch, or ``--init`` from an earlier stage's ``state.pt`` (its raw
+weights) or a diffusers directory this script wrote (its shipped weights). The shipped model is
+four stages (``tools/pretrain_world_stages.sh``); its ``pretrain.json`` records every stage's
+command. The seed fixes data, initialisation and noise; the same torch build and thread count
+give the same weights. The captions' motion words are wrong for 30% of the videos, as web
+captions are, so the model learns colour from its prompt but follows the direction only
+partly: the headroom RL must close. ``--shape-mix`` draws some shapes more often than others.
+Resumable: rerun the same command after an interruption.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flowdppo_video.world import DIRECTIONS, Scene, render_batch, split_scenes
-from flowdppo_video.world.model import (POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, flow_matching_loss,
+from flowdppo_video.world import DIRECTIONS, SHAPES, Scene, render_batch, split_scenes
+from flowdppo_video.world.model import (MAX_TEXT_TOKENS, POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, flow_matching_loss,
                                          video_to_latent)
 
 
@@ -41,11 +44,52 @@ def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) 
     return scene.prompt
 
 
+def parse_shape_mix(text: str) -> dict[str, float]:
+    """``'circle=1,square=2'`` -> ``{'circle': 1.0, 'square': 2.0, 'triangle': 0.0}``."""
+    mix = dict.fromkeys(SHAPES, 0.0)
+    for item in text.split(","):
+        name, _, weight = item.partition("=")
+        if name.strip() not in mix:
+            raise ValueError(f"unknown shape {name.strip()!r} (shapes: {', '.join(SHAPES)})")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"weight of {name.strip()!r} is {weight!r}, not a number") from None
+    if min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"shape weights must be >= 0 and not all 0: {text!r}")
+    return mix
+
+
+def draw_scene(scenes: list[Scene], rng: random.Random, shape_mix: dict[str, float] | None) -> Scene:
+    """A training scene: uniform over ``scenes``, or first a shape by ``shape_mix`` then a scene of it."""
+    if shape_mix is None:
+        return rng.choice(scenes)
+    shape = rng.choices(list(shape_mix), weights=list(shape_mix.values()))[0]
+    return rng.choice([s for s in scenes if s.shape == shape])
+
+
+def read_init(path: Path) -> dict:
+    """The weights and provenance to start from: a ``state.pt`` of this script (its raw weights)
+    or a diffusers directory this script wrote (its shipped weights, and the stages recorded in
+    its ``pretrain.json``)."""
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    if not (path / "model_index.json").is_file():
+        raise SystemExit(f"--init {path}: neither a state.pt nor a diffusers directory with model_index.json")
+    from flowdppo_video.models.wan import WanAdapter
+    loaded = WanAdapter.from_pretrained(path, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
+    model = torch.nn.ModuleDict({"transformer": loaded.transformer, "text_encoder": loaded.text_encoder}).state_dict()
+    meta = path / "pretrain.json"
+    rec = json.loads(meta.read_text()) if meta.is_file() else {}
+    return {"model": model, "step": rec.get("steps"), "log": [],
+            "command": rec.get("command"), "init": rec.get("init"), "shipped": rec.get("shipped")}
+
+
 def load_init(modules: torch.nn.ModuleDict, path: Path) -> dict:
-    """Load a state's raw weights into ``modules``; a weight with fewer input channels than its
-    new shape (the patch embedding when position channels are added) is zero-padded, so the
-    model starts out computing exactly what it did."""
-    st = torch.load(path, weights_only=False)
+    """Load the weights of ``path`` (see :func:`read_init`) into ``modules``; a weight with fewer
+    input channels than its new shape (the patch embedding when position channels are added) is
+    zero-padded, so the model starts out computing exactly what it did."""
+    st = read_init(path)
     own = modules.state_dict()
     for k, v in st["model"].items():
         if v.shape != own[k].shape:
@@ -59,7 +103,7 @@ def load_init(modules: torch.nn.ModuleDict, path: Path) -> dict:
     print(f"initialised from {path} (step {st['step']})")
     # The init's own command and init travel along, so the final pretrain.json holds every stage.
     return {"state": str(path), "step": st["step"], "log_tail": st["log"][-1] if st["log"] else None,
-            "command": st.get("command"), "init": st.get("init")}
+            "command": st.get("command"), "init": st.get("init"), "weights": st.get("shipped", "raw")}
 
 
 def main() -> None:
@@ -76,6 +120,8 @@ def main() -> None:
                     help="fraction of each batch with sigma ~ U[0.85, 1): where a trajectory's direction is decided")
     ap.add_argument("--embed-lr-mult", type=float, default=1.0,
                     help="learning-rate multiplier of the patch embedding (new position channels start at 0)")
+    ap.add_argument("--shape-mix", help="how often each shape is drawn, e.g. "
+                    "'circle=1,square=2,triangle=1' (default: every training scene equally often)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/pretrain_world", help="work folder (checkpoints, log)")
@@ -89,6 +135,10 @@ def main() -> None:
     ap.add_argument("--ship", choices=["ema", "raw"], default="ema",
                     help="which weights of the final state go into --out")
     args = ap.parse_args()
+    try:
+        shape_mix = parse_shape_mix(args.shape_mix) if args.shape_mix else None
+    except ValueError as e:
+        ap.error(f"--shape-mix: {e}")
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -129,7 +179,7 @@ def main() -> None:
         # Everything random in a step derives from (seed, step): resuming changes nothing.
         rng = random.Random(args.seed * 1_000_003 + step)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        scenes = [rng.choice(train_scenes) for _ in range(args.batch)]
+        scenes = [draw_scene(train_scenes, rng, shape_mix) for _ in range(args.batch)]
         x0 = video_to_latent(torch.from_numpy(render_batch(scenes, seed=args.seed * 1_000_003 + step)))
         text = adapter.embed_text([caption(s, rng, args.wrong_motion, args.caption_dropout) for s in scenes])
         sigma = torch.sigmoid(torch.randn(args.batch, generator=gen) + args.logit_mean)
