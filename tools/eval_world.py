@@ -12,7 +12,8 @@ pixel checker in ``rewards.world``. Prints a table and, with ``--json``, writes 
 ``--word-loss`` whether the model reads its direction words at all: the flow-matching loss on
 held-out ground-truth videos at a few noise levels with the right word, the opposite word
 (left <-> right), a word of the other axis, and no caption. A model that ignores the sign of its
-motion words has equal losses in the first two columns.
+motion words has equal losses in the first two columns. The same probe for squares and circles
+(the right shape word, the other one, ``triangle``, none) shows whether it tells them apart.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from flowdppo_video.config import SamplerConfig
 from flowdppo_video.data import load_prompts
 from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.rollout import rollout
-from flowdppo_video.world import DIRECTIONS, parse_prompt
-from flowdppo_video.world.diagnostics import direction_word_losses
+from flowdppo_video.world import DIRECTIONS, SHAPES, parse_prompt
+from flowdppo_video.world.diagnostics import direction_word_losses, shape_word_losses
 from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter
 from rewards.world import adherence_table, classify
 
@@ -49,11 +50,12 @@ def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
                                       max_sequence_length=MAX_TEXT_TOKENS)
 
 
-def confusion(videos: torch.Tensor, prompts: list[str]) -> dict[str, collections.Counter]:
-    """For each direction word, how often the checker measured each direction (None: no motion)."""
-    table: dict[str, collections.Counter] = {d: collections.Counter() for d in DIRECTIONS}
+def confusion(videos: torch.Tensor, prompts: list[str], what: str = "direction") -> dict[str, collections.Counter]:
+    """For each direction (or shape) word, how often the checker measured each direction (or
+    shape); None: no motion (or no object)."""
+    table: dict[str, collections.Counter] = {d: collections.Counter() for d in (DIRECTIONS if what == "direction" else SHAPES)}
     for p, got in zip(prompts, classify(videos)):
-        table[parse_prompt(p).direction][got["direction"]] += 1
+        table[getattr(parse_prompt(p), what)][got[what]] += 1
     return table
 
 
@@ -70,9 +72,10 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=0.7)
     ap.add_argument("--sde-steps", type=int, default=3)
     ap.add_argument("--guidance", type=float, default=1.0)
-    ap.add_argument("--confusion", action="store_true", help="also print direction word x measured direction")
+    ap.add_argument("--confusion", action="store_true", help="also print direction (and shape) word x measured direction (and shape)")
     ap.add_argument("--word-loss", action="store_true", help="only print the flow loss with right, opposite, "
-                    "other-axis and no direction word (does the model read its motion words?)")
+                    "other-axis and no direction word, and with right, swapped (square <-> circle), triangle "
+                    "and no shape word (does the model read its words?)")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
@@ -80,11 +83,13 @@ def main() -> None:
     sampler = dataclasses.replace(SamplerConfig(), num_steps=args.steps, shift=args.shift, eta=args.eta,
                                   sde_steps=args.sde_steps, guidance_scale=args.guidance, window=[0.0, 0.6])
     if args.word_loss:
-        table = direction_word_losses(adapter, [0.95, 0.8, 0.6, 0.4])
-        cols = list(next(iter(table.values())))
-        print("sigma " + "  ".join(f"{c:>10}" for c in cols))
-        for sigma, row in table.items():
-            print(f"{sigma:<5} " + "  ".join(f"{row[c]:10.5f}" for c in cols))
+        for title, probe in (("direction words", direction_word_losses), ("shape words (squares and circles)",
+                                                                          shape_word_losses)):
+            table = probe(adapter, [0.95, 0.8, 0.6, 0.4])
+            cols = list(next(iter(table.values())))
+            print(f"{title}\nsigma " + "  ".join(f"{c:>10}" for c in cols))
+            for sigma, row in table.items():
+                print(f"{sigma:<5} " + "  ".join(f"{row[c]:10.5f}" for c in cols))
         return
     prompts = load_prompts(args.prompts)
     rows, confusions = {}, {}
@@ -94,20 +99,22 @@ def main() -> None:
                        progress=False)
         rows[seed] = adherence_table(traj.videos, traj.prompts)
         if args.confusion:
-            confusions[seed] = confusion(traj.videos, traj.prompts)
+            confusions[seed] = {w: confusion(traj.videos, traj.prompts, w) for w in ("direction", "shape")}
     keys = list(next(iter(rows.values())))
     print("seed  " + "  ".join(f"{k:>9}" for k in keys))
     for seed, r in rows.items():
         print(f"{seed:<5} " + "  ".join(f"{r[k]:9.3f}" for k in keys))
-    for seed, table in confusions.items():
-        print(f"seed {seed}: direction word (rows) x measured direction (columns)")
-        cols = [*DIRECTIONS, None]
-        print("         " + "".join(f"{str(c):>7}" for c in cols))
-        for word, counts in table.items():
-            print(f"{word:>8} " + "".join(f"{counts[c]:7d}" for c in cols))
+    for seed, tables in confusions.items():
+        for what, table in tables.items():
+            print(f"seed {seed}: {what} word (rows) x measured {what} (columns)")
+            cols = [*(DIRECTIONS if what == "direction" else SHAPES), None]
+            print("         " + "".join(f"{str(c):>9}" for c in cols))
+            for word, counts in table.items():
+                print(f"{word:>8} " + "".join(f"{counts[c]:9d}" for c in cols))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "by_seed": rows, "confusion": {
-            seed: {w: {str(k): v for k, v in c.items()} for w, c in t.items()} for seed, t in confusions.items()}},
+            seed: {what: {w: {str(k): v for k, v in c.items()} for w, c in t.items()} for what, t in tables.items()}
+        for seed, tables in confusions.items()}},
             indent=1))
 
 
