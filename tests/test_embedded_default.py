@@ -77,13 +77,12 @@ def test_shipped_model_reads_the_sign_of_its_motion_words():
 
 
 def test_a_pretraining_stage_starts_from_a_shipped_model_and_keeps_its_history(tmp_path):
-    """``tools/pretrain_world.py --init DIR`` starts from a diffusers directory's weights exactly
-    (the first step's loss is the shipped model's), draws scenes by ``--shape-mix``, and the new
-    model's pretrain.json carries every earlier stage's command."""
+    """``tools/pretrain_world.py --init DIR`` starts from a diffusers directory's weights exactly,
+    draws scenes by ``--shape-mix``, and the new model's pretrain.json carries every earlier
+    stage's command."""
     import random
     import subprocess
     import sys
-
 
     out = tmp_path / "model"
     proc = subprocess.run([sys.executable, str(ROOT / "tools/pretrain_world.py"), "--init", str(WEIGHTS_DIR),
@@ -104,12 +103,12 @@ def test_a_pretraining_stage_starts_from_a_shipped_model_and_keeps_its_history(t
         sys.path.remove(str(ROOT / "tools"))
     from flowdppo_video.models.wan import WanAdapter
     from flowdppo_video.world import split_scenes
-    from flowdppo_video.world.model import MAX_TEXT_TOKENS
+    from flowdppo_video.world.model import MAX_TEXT_TOKENS, world_modules
 
     # The init's weights are the shipped model's, every one of them (tied embeddings too).
     init = pretrain_world.read_init(WEIGHTS_DIR)["model"]
     adapter = WanAdapter.from_pretrained(WEIGHTS_DIR, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
-    own = torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder}).state_dict()
+    own = world_modules(adapter).state_dict()
     assert set(init) == set(own) and all(torch.equal(init[k], own[k]) for k in own)
     # The trained model differs from its init (two steps were taken) and loads as a diffusers directory.
     trained = WanAdapter.from_pretrained(out, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
@@ -127,7 +126,6 @@ def test_a_pretraining_stage_starts_from_a_shipped_model_and_keeps_its_history(t
 def test_a_bad_shape_mix_is_one_line_naming_it(tmp_path, mix, message):
     import subprocess
     import sys
-
 
     proc = subprocess.run([sys.executable, str(ROOT / "tools/pretrain_world.py"), "--shape-mix", mix,
                            "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -33,7 +33,7 @@ from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.rollout import rollout
 from flowdppo_video.world import DIRECTIONS, SHAPES, parse_prompt
 from flowdppo_video.world.diagnostics import direction_word_losses, shape_word_losses
-from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter
+from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter, world_modules
 from rewards.world import adherence_table, classify
 
 
@@ -42,18 +42,20 @@ def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
         st = torch.load(state, weights_only=False)
         in_ch = st["model"]["transformer.patch_embedding.weight"].shape[1]
         adapter = build_world_adapter(torch.device("cpu"), position_channels=in_ch - 3)
-        mods = torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder})
-        mods.load_state_dict(st["model" if raw else "ema"])
+        world_modules(adapter).load_state_dict(st["model" if raw else "ema"])
         print(f"pretraining state at step {st['step']}")
         return adapter
     return WanAdapter.from_pretrained(model or WEIGHTS_DIR, device=torch.device("cpu"),
                                       max_sequence_length=MAX_TEXT_TOKENS)
 
 
+WORDS = {"direction": DIRECTIONS, "shape": SHAPES}   # what a confusion table is over
+
+
 def confusion(videos: torch.Tensor, prompts: list[str], what: str = "direction") -> dict[str, collections.Counter]:
     """For each direction (or shape) word, how often the checker measured each direction (or
     shape); None: no motion (or no object)."""
-    table: dict[str, collections.Counter] = {d: collections.Counter() for d in (DIRECTIONS if what == "direction" else SHAPES)}
+    table: dict[str, collections.Counter] = {d: collections.Counter() for d in WORDS[what]}
     for p, got in zip(prompts, classify(videos)):
         table[getattr(parse_prompt(p), what)][got[what]] += 1
     return table
@@ -99,7 +101,7 @@ def main() -> None:
                        progress=False)
         rows[seed] = adherence_table(traj.videos, traj.prompts)
         if args.confusion:
-            confusions[seed] = {w: confusion(traj.videos, traj.prompts, w) for w in ("direction", "shape")}
+            confusions[seed] = {w: confusion(traj.videos, traj.prompts, w) for w in WORDS}
     keys = list(next(iter(rows.values())))
     print("seed  " + "  ".join(f"{k:>9}" for k in keys))
     for seed, r in rows.items():
@@ -107,7 +109,7 @@ def main() -> None:
     for seed, tables in confusions.items():
         for what, table in tables.items():
             print(f"seed {seed}: {what} word (rows) x measured {what} (columns)")
-            cols = [*(DIRECTIONS if what == "direction" else SHAPES), None]
+            cols = [*WORDS[what], None]
             print("         " + "".join(f"{str(c):>9}" for c in cols))
             for word, counts in table.items():
                 print(f"{word:>8} " + "".join(f"{counts[c]:9d}" for c in cols))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from flowdppo_video.world import DIRECTIONS, SHAPES, Scene, render_batch, split_scenes
 from flowdppo_video.world.model import (MAX_TEXT_TOKENS, POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, flow_matching_loss,
-                                         video_to_latent)
+                                         video_to_latent, world_modules)
 
 
 def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) -> str:
@@ -78,7 +78,7 @@ def read_init(path: Path) -> dict:
         raise SystemExit(f"--init {path}: neither a state.pt nor a diffusers directory with model_index.json")
     from flowdppo_video.models.wan import WanAdapter
     loaded = WanAdapter.from_pretrained(path, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
-    model = torch.nn.ModuleDict({"transformer": loaded.transformer, "text_encoder": loaded.text_encoder}).state_dict()
+    model = world_modules(loaded).state_dict()
     meta = path / "pretrain.json"
     rec = json.loads(meta.read_text()) if meta.is_file() else {}
     return {"model": model, "step": rec.get("steps"), "log": [],
@@ -144,7 +144,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     adapter = build_world_adapter(torch.device("cpu"), seed=args.seed, position_channels=args.position_channels)
-    modules = torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder})
+    modules = world_modules(adapter)
     modules.train()
     init_from = None
     if args.init and not (work / "state.pt").is_file():

@@ -52,6 +52,11 @@ def build_world_adapter(device: torch.device, seed: int = 0, position_channels: 
                       dtype=torch.float32, max_sequence_length=MAX_TEXT_TOKENS, position_channels=position_channels)
 
 
+def world_modules(adapter: Any) -> torch.nn.ModuleDict:
+    """The modules a pretraining state holds: ``{"transformer", "text_encoder"}`` (its state-dict keys)."""
+    return torch.nn.ModuleDict({"transformer": adapter.transformer, "text_encoder": adapter.text_encoder})
+
+
 def flow_matching_loss(adapter: Any, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor,
                        text: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the predicted velocity at ``x_sigma = (1 - sigma) x0 + sigma eps``
@@ -66,4 +71,4 @@ def video_to_latent(videos: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["FRAMES", "MAX_TEXT_TOKENS", "POSITION_CHANNELS", "SIZE", "TEXT_ENCODER", "TRANSFORMER", "WEIGHTS_DIR",
-           "build_world_adapter", "flow_matching_loss", "video_to_latent"]
+           "build_world_adapter", "flow_matching_loss", "video_to_latent", "world_modules"]
