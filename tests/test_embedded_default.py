@@ -113,12 +113,41 @@ def test_a_pretraining_stage_starts_from_a_shipped_model_and_keeps_its_history(t
     # The trained model differs from its init (two steps were taken) and loads as a diffusers directory.
     trained = WanAdapter.from_pretrained(out, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
     assert not torch.equal(trained.transformer.proj_out.weight, adapter.transformer.proj_out.weight)
+    # Without --train-text-encoder the text encoder is the init's, to the bit.
+    assert all(torch.equal(a, b) for a, b in zip(trained.text_encoder.state_dict().values(),
+                                                  adapter.text_encoder.state_dict().values()))
 
     train, _ = split_scenes()
     rng = random.Random(0)
     mix = pretrain_world.parse_shape_mix("circle=1,square=3")
     drawn = [pretrain_world.draw_scene(train, rng, mix).shape for _ in range(2000)]
     assert "triangle" not in drawn and 0.70 < drawn.count("square") / len(drawn) < 0.80
+
+
+def test_train_text_encoder_trains_it_and_says_so(tmp_path):
+    """``--train-text-encoder`` updates the UMT5 (the adapter freezes it otherwise) and the
+    stage's recorded command says so."""
+    import subprocess
+    import sys
+
+    from flowdppo_video.models.wan import WanAdapter
+    from flowdppo_video.world.model import MAX_TEXT_TOKENS
+
+    out = tmp_path / "model"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/pretrain_world.py"), "--init", str(WEIGHTS_DIR),
+                           "--work", str(tmp_path / "work"), "--out", str(out), "--steps", "2", "--batch", "4",
+                           "--warmup", "1", "--threads", "1", "--train-text-encoder", "--text-lr-mult", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "pretrain.json").read_text())
+    assert "--train-text-encoder --text-lr-mult 2.0" in meta["command"]
+    base = WanAdapter.from_pretrained(WEIGHTS_DIR, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
+    trained = WanAdapter.from_pretrained(out, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
+    changed = [k for k, v in trained.text_encoder.state_dict().items()
+               if not torch.equal(v, base.text_encoder.state_dict()[k])]
+    assert "shared.weight" in changed and any(".layer." in k for k in changed), changed
+    # Loaded for RL, the text encoder is frozen again.
+    assert not any(p.requires_grad for p in trained.text_encoder.parameters())
 
 
 @pytest.mark.parametrize("mix, message", [("squar=1", "unknown shape 'squar'"), ("square=x", "not a number"),

@@ -120,6 +120,10 @@ def main() -> None:
                     help="fraction of each batch with sigma ~ U[0.85, 1): where a trajectory's direction is decided")
     ap.add_argument("--embed-lr-mult", type=float, default=1.0,
                     help="learning-rate multiplier of the patch embedding (new position channels start at 0)")
+    ap.add_argument("--train-text-encoder", action="store_true",
+                    help="also train the UMT5 text encoder (it is frozen, i.e. random, otherwise)")
+    ap.add_argument("--text-lr-mult", type=float, default=1.0,
+                    help="with --train-text-encoder: learning-rate multiplier of the text encoder")
     ap.add_argument("--shape-mix", help="how often each shape is drawn, e.g. "
                     "'circle=1,square=2,triangle=1' (default: every training scene equally often)")
     ap.add_argument("--seed", type=int, default=0)
@@ -145,14 +149,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     adapter = build_world_adapter(torch.device("cpu"), seed=args.seed, position_channels=args.position_channels)
     modules = world_modules(adapter)
+    # The adapter freezes its text encoder (RL never trains it); pretraining may.
+    adapter.text_encoder.requires_grad_(args.train_text_encoder)
     modules.train()
     init_from = None
     if args.init and not (work / "state.pt").is_file():
         init_from = load_init(modules, Path(args.init))
     ema = {k: v.detach().clone() for k, v in modules.state_dict().items()}
-    embed = [p for n, p in modules.named_parameters() if n.startswith("transformer.patch_embedding.")]
-    rest = [p for n, p in modules.named_parameters() if not n.startswith("transformer.patch_embedding.")]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": embed, "lr": args.lr * args.embed_lr_mult}],
+    def group(name: str) -> str:
+        return ("embed" if name.startswith("transformer.patch_embedding.") else
+                "text" if name.startswith("text_encoder.") else "rest")
+    params: dict[str, list[torch.nn.Parameter]] = {"rest": [], "embed": [], "text": []}
+    for n, p in modules.named_parameters():
+        if p.requires_grad:
+            params[group(n)].append(p)
+    trainable = {n for n, p in modules.named_parameters(remove_duplicate=False) if p.requires_grad}
+    mult = {"rest": 1.0, "embed": args.embed_lr_mult, "text": args.text_lr_mult}
+    opt = torch.optim.AdamW([{"params": ps, "lr": args.lr * mult[g]} for g, ps in params.items() if ps],
                             lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
@@ -169,8 +182,9 @@ def main() -> None:
         init_meta = st.get("init")
         resumes = st.get("resumes", []) + [{"at_step": start, **{k: v for k, v in vars(args).items() if k not in ("out", "work")}}]
         print(f"resumed at step {start}")
-    command = "tools/pretrain_world.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                    if k not in ("out", "work"))
+    command = "tools/pretrain_world.py " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+        if k not in ("out", "work") and v is not False)
     elapsed0 = log[-1]["elapsed_s"] if log else 0.0
     t0 = time.time()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
@@ -195,9 +209,9 @@ def main() -> None:
         sched.step()
         with torch.no_grad():
             for k, p in modules.state_dict().items():
-                if p.dtype.is_floating_point:
+                if k in trainable:
                     ema[k].mul_(args.ema).add_(p, alpha=1 - args.ema)
-                else:
+                else:   # frozen weights stay bit-exact (x * d + x * (1 - d) is not always x)
                     ema[k].copy_(p)
         running = float(loss.detach()) if running is None else 0.98 * running + 0.02 * float(loss.detach())
         bar.set_postfix(loss=f"{running:.4f}")
