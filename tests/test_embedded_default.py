@@ -165,9 +165,10 @@ def test_a_bad_shape_mix_is_one_line_naming_it(tmp_path, mix, message):
 
 
 def test_shape_word_probe_tells_the_triangle_apart():
-    """``shape_word_losses`` on held-out squares and circles: a triangle caption and no caption
-    cost clearly more than the right word (the square <-> circle swap is what the probe watches;
-    the shipped model tells those two apart only weakly, so no margin is asserted for it)."""
+    """``shape_word_losses`` on held-out squares and circles: a triangle caption, no caption and
+    the swapped word (square <-> circle) all cost more than the right word. The shipped model
+    reads that swap since its text encoder was trained (stage 5: 13% at σ = 0.6; the
+    four-stage model, with a random text encoder, was within 2%)."""
     from flowdppo_video.models.wan import WanAdapter
     from flowdppo_video.world.diagnostics import shape_word_losses
     from flowdppo_video.world.model import MAX_TEXT_TOKENS
@@ -177,4 +178,4 @@ def test_shape_word_probe_tells_the_triangle_apart():
     assert set(loss) == {"right word", "swapped", "triangle", "no caption"}
     assert loss["triangle"] > loss["right word"] * 1.3, loss
     assert loss["no caption"] > loss["right word"] * 1.1, loss
-    assert loss["swapped"] >= loss["right word"] * 0.99, loss
+    assert loss["swapped"] > loss["right word"] * 1.05, loss
