@@ -5,9 +5,10 @@
 
 One call is one stage: from scratch, or ``--init`` from an earlier stage's ``state.pt`` (its raw
 weights) or a diffusers directory this script wrote (its shipped weights). The shipped model is
-four stages (``tools/pretrain_world_stages.sh``); its ``pretrain.json`` records every stage's
-command. The seed fixes data, initialisation and noise; the same torch build and thread count
-give the same weights. The captions' motion words are wrong for 30% of the videos, as web
+five stages (``tools/pretrain_world_stages.sh``); its ``pretrain.json`` records every stage's
+command. The text encoder stays frozen (as the RL adapter keeps it) unless
+``--train-text-encoder``. The seed fixes data, initialisation and noise; the same torch build
+and thread count give the same weights. The captions' motion words are wrong for 30% of the videos, as web
 captions are, so the model learns colour from its prompt but follows the direction only
 partly: the headroom RL must close. ``--shape-mix`` draws some shapes more often than others.
 Resumable: rerun the same command after an interruption.
