@@ -131,6 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    Path(args.docs).mkdir(parents=True, exist_ok=True)   # before the first run, not after it
     results = []
     for seed in args.seeds:
         for epochs in args.epochs:
