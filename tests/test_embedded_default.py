@@ -167,8 +167,8 @@ def test_a_bad_shape_mix_is_one_line_naming_it(tmp_path, mix, message):
 def test_shape_word_probe_tells_the_triangle_apart():
     """``shape_word_losses`` on held-out squares and circles: a triangle caption, no caption and
     the swapped word (square <-> circle) all cost more than the right word. The shipped model
-    reads that swap since its text encoder was trained (stage 5: 13% at σ = 0.6; the
-    four-stage model, with a random text encoder, was within 2%)."""
+    reads that swap since stage 5 trained at middle noise (13% at σ = 0.6; the four-stage model
+    was within 2%)."""
     from flowdppo_video.models.wan import WanAdapter
     from flowdppo_video.world.diagnostics import shape_word_losses
     from flowdppo_video.world.model import MAX_TEXT_TOKENS

@@ -8,8 +8,8 @@
 #   4. from stage 3's shipped (EMA) weights, squares drawn twice as often as circles or triangles
 #      (the three-stage model drew its squares round); its schedule was lengthened from 1,200 to
 #      1,800 steps at step 800, which the two calls below replay: shape 84%;
-#   5. from stage 4's EMA weights, the text encoder trained too (every earlier stage kept the
-#      random UMT5 it started with), noise levels centred (logit-normal mean 0): shape 96%.
+#   5. from stage 4's EMA weights, noise levels centred (logit-normal mean 0, where shapes are
+#      decided) and the text encoder trained too: shape 96% (94% with the encoder frozen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
