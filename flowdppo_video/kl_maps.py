@@ -60,33 +60,16 @@ def step_kl_map(traj: Trajectory, j: int, mean_new: torch.Tensor, patch: tuple[i
 
 def drop_mask(kind: str, log_ratio: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor, *,
               delta: float, granularity: str = "token", clip_range: float = 1e-3,
-              elements_per_token: int | None = None) -> torch.Tensor:
-    """Which tokens the objective drops (no gradient), bool ``(B, N)``, with its own semantics.
-
-    ``flow_dppo``/``token``: :func:`objectives.dppo_drop_mask` per token. ``flow_dppo``/``sample``:
-    the same rule on each row's per-element means, spread over the row's tokens. ``grpo_clip``:
-    rows whose clipped ratio binds the way their advantage pushes, spread over their tokens.
+              elements_per_token: int) -> torch.Tensor:
+    """Which tokens the objective drops (no gradient), bool ``(B, N)``: the objective's own rule,
+    :func:`objectives.trust_region_mask` (``delta`` in nats per latent element).
 
     Args:
         log_ratio, kl: ``(B, N)`` token log-ratio ``log pi_theta - log pi_old`` and token KL.
-        advantages: ``(B,)``.
+        advantages: ``(B,)``. elements_per_token: ``D``.
     """
-    adv = advantages.to(log_ratio.dtype)
-    if kind == "flow_dppo" and granularity == "token":
-        return objectives.dppo_drop_mask(log_ratio, kl, adv, delta)
-    if not elements_per_token:
-        raise ValueError(f"{kind}/{granularity} masks need elements_per_token (D = C*pt*ph*pw)")
-    n_el = log_ratio.shape[1] * elements_per_token
-    row_log_ratio = log_ratio.sum(dim=1, keepdim=True) / n_el
-    if kind == "flow_dppo":
-        rows = objectives.dppo_drop_mask(row_log_ratio, kl.sum(dim=1, keepdim=True) / n_el, adv, delta)
-    elif kind == "grpo_clip":
-        ratio = torch.exp(row_log_ratio)
-        a = adv[:, None]
-        rows = ((ratio > 1.0 + clip_range) & (a > 0)) | ((ratio < 1.0 - clip_range) & (a < 0))
-    else:
-        raise ValueError(f"unknown objective kind {kind!r}")
-    return rows.expand_as(log_ratio)
+    return objectives.trust_region_mask(kind, log_ratio, kl, advantages, elements_per_token=elements_per_token,
+                                        delta=delta, granularity=granularity, clip_range=clip_range)
 
 
 def latent_to_pixel_frames(num_latent: int, num_pixel: int) -> list[int]:
@@ -165,7 +148,8 @@ def snapshot_rows(advantages: torch.Tensor, rows: int = SNAPSHOT_ROWS) -> list[i
 
 def save_snapshot(path: str | Path, *, iteration: int, kl: torch.Tensor, drop: torch.Tensor,
                   advantages: torch.Tensor, traj: Trajectory, patch: tuple[int, int, int],
-                  latent_frames: int, objective: dict[str, Any]) -> Path:
+                  latent_frames: int, objective: dict[str, Any],
+                  frozen_by_epoch: list[float] | None = None) -> Path:
     """Write the token KL and drop mask of one minibatch, per SDE step, as ``.npz``.
 
     Args:
@@ -173,6 +157,8 @@ def save_snapshot(path: str | Path, *, iteration: int, kl: torch.Tensor, drop: t
         advantages: ``(b,)``. patch: the transformer's ``(pt, ph, pw)``.
         latent_frames: ``F`` of the latent (to place token frames on pixel frames).
         objective: ``kind``, ``delta``, ... (shown in the report).
+        frozen_by_epoch: the share of terms the trust region froze in each inner epoch of the
+            iteration (all minibatches), shown beside the map.
     Keeps :data:`SNAPSHOT_ROWS` rows, and of their videos only one representative frame per
     token frame, strided to at most :data:`SNAPSHOT_MAX_SIDE` pixels.
     """
@@ -188,6 +174,7 @@ def save_snapshot(path: str | Path, *, iteration: int, kl: torch.Tensor, drop: t
         "prompts": np.array([traj.prompts[i] for i in keep]),
         "patch": np.array(patch), "objective": np.array(repr(sorted(objective.items()))),
         "kl_mean_all": np.float32(kl.float().mean()), "drop_frac_all": np.float32(drop.float().mean()),
+        "frozen_by_epoch": np.asarray(frozen_by_epoch if frozen_by_epoch is not None else [], dtype=np.float32),
     }
     if traj.videos is not None:
         vids = traj.videos[keep].numpy()

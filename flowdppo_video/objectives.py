@@ -6,9 +6,11 @@ stacked along the first axis, with their advantages repeated) and advantages ``(
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-GRANULARITIES = ("token", "sample")
+GRANULARITIES = ("token", "sample", "row_gated")
 NORMALIZATIONS = ("all", "kept")
 
 
@@ -20,14 +22,18 @@ def _check(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Ten
         raise ValueError(f"advantages must be ({logp_new.shape[0]},), got {tuple(advantages.shape)}")
 
 
-def _sample_means(logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor,
-                  elements_per_token: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample log-ratio and KL, each the mean over all latent elements: ``(B, 1)``."""
-    if not elements_per_token or elements_per_token < 1:
-        raise ValueError("granularity='sample' needs elements_per_token (D = C*pt*ph*pw)")
-    n_el = logp_new.shape[1] * elements_per_token
-    log_ratio = (logp_new - logp_old).sum(dim=1, keepdim=True) / n_el
-    return log_ratio, kl.sum(dim=1, keepdim=True) / n_el
+def _row_means(log_ratio: torch.Tensor, kl: torch.Tensor, elements_per_token: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row log-ratio and KL, each the mean over all latent elements of the row: ``(B, 1)``."""
+    n_el = log_ratio.shape[1] * elements_per_token
+    return log_ratio.sum(dim=1, keepdim=True) / n_el, kl.sum(dim=1, keepdim=True) / n_el
+
+
+def _check_elements(elements_per_token: int | None) -> int:
+    if elements_per_token is None or isinstance(elements_per_token, bool) or elements_per_token < 1:
+        raise ValueError(f"elements_per_token (D = C*pt*ph*pw) must be a positive integer, got {elements_per_token!r}: "
+                         "delta is in nats per latent element for every granularity")
+    return int(elements_per_token)
 
 
 def dppo_drop_mask(log_ratio: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor,
@@ -36,6 +42,7 @@ def dppo_drop_mask(log_ratio: torch.Tensor, kl: torch.Tensor, advantages: torch.
 
     ``drop = (KL > delta) and ((rho > 1 and A > 0) or (rho < 1 and A < 0))``: a term far from
     ``pi_old`` is frozen only while the update pushes it further the way its advantage wants.
+    ``kl`` and ``delta`` must be in the same unit (callers pass a per-element KL).
 
     Args:
         log_ratio, kl: ``(B, N)``; advantages: ``(B,)``.
@@ -47,38 +54,91 @@ def dppo_drop_mask(log_ratio: torch.Tensor, kl: torch.Tensor, advantages: torch.
     return (kl > delta) & pushing
 
 
+def clip_frozen_rows(row_log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """Rows whose clipped ratio binds the way their advantage pushes (no gradient): bool, the
+    shape of ``row_log_ratio`` (``(B,)`` or ``(B, 1)``)."""
+    ratio = torch.exp(row_log_ratio)
+    a = advantages.reshape(advantages.shape[0], *([1] * (row_log_ratio.ndim - 1)))
+    return ((ratio > 1.0 + clip_range) & (a > 0)) | ((ratio < 1.0 - clip_range) & (a < 0))
+
+
+def trust_region_mask(kind: str, log_ratio: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor, *,
+                      elements_per_token: int, delta: float = math.inf, granularity: str = "token",
+                      clip_range: float = 1e-3) -> torch.Tensor:
+    """Which token terms an objective freezes (no gradient), bool ``(B, N)``: the one place the
+    rules are written (the losses and the KL maps both use it).
+
+    - ``flow_dppo`` / ``token``: per token, ``KL_n / D > delta`` and pushing (SPEC section 3).
+    - ``flow_dppo`` / ``sample``: one decision per row on its per-element mean KL and log-ratio,
+      spread over the row's tokens.
+    - ``flow_dppo`` / ``row_gated``: the token rule, but only inside rows whose own per-element
+      mean KL is past ``delta``: a row that drifts as a whole has its far tokens frozen, a row
+      whose change is concentrated in a few tokens (an object moving) keeps them.
+    - ``grpo_clip``: rows whose clipped ratio binds the way their advantage pushes.
+
+    Args:
+        log_ratio, kl: ``(B, N)`` token log-ratio ``log pi_theta - log pi_old`` and exact token KL.
+        advantages: ``(B,)``. elements_per_token: ``D``. delta: nats per latent element.
+    """
+    d = _check_elements(elements_per_token)
+    adv = advantages.to(log_ratio.dtype)
+    row_log_ratio, row_kl = _row_means(log_ratio, kl, d)
+    if kind == "grpo_clip":
+        return clip_frozen_rows(row_log_ratio, adv, clip_range).expand_as(log_ratio)
+    if kind != "flow_dppo":
+        raise ValueError(f"unknown objective kind {kind!r}")
+    if granularity == "sample":
+        return dppo_drop_mask(row_log_ratio, row_kl, adv, delta).expand_as(log_ratio)
+    token = dppo_drop_mask(log_ratio, kl / d, adv, delta)
+    if granularity == "token":
+        return token
+    if granularity == "row_gated":
+        return token & (row_kl > delta)
+    raise ValueError(f"objective.granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
 def flow_dppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor,
-                   advantages: torch.Tensor, delta: float, granularity: str = "token",
-                   normalize: str = "all", elements_per_token: int | None = None
+                   advantages: torch.Tensor, delta: float, *, elements_per_token: int,
+                   granularity: str = "token", normalize: str = "all"
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Flow-DPPO: ``L = -(1/Z) sum A * rho * 1[not drop]``.
 
     Args:
         logp_new: ``(B, N)`` token log-probs under ``pi_theta`` (carries the gradient).
         logp_old: ``(B, N)`` token log-probs under ``pi_old``.
-        kl: ``(B, N)`` token ``KL(pi_old || pi_theta)``; only compared with ``delta``.
+        kl: ``(B, N)`` exact token ``KL(pi_old || pi_theta)`` (summed over the token's ``D``
+            elements); only compared with ``delta``.
         advantages: ``(B,)``.
-        delta: threshold in nats per token (``"token"``) or per latent element (``"sample"``).
-        granularity: ``"token"`` (one decision per token) or ``"sample"`` (the image-model
-            reference: one ratio and KL per row, each the mean over all latent elements).
+        delta: threshold in nats **per latent element**, for every granularity: a token is
+            dropped when ``KL_n / D > delta`` (and it pushes the way its advantage wants).
+        elements_per_token: ``D = C*pt*ph*pw``.
+        granularity: ``"token"`` (one decision and one ratio per token), ``"sample"`` (the
+            image-model reference: one ratio and KL per row, each the mean over all latent
+            elements) or ``"row_gated"`` (token terms, frozen only inside rows whose mean KL
+            per element is past ``delta``; see :func:`trust_region_mask`).
         normalize: ``"all"`` divides by the number of terms, ``"kept"`` by the kept count.
-        elements_per_token: ``D``; required for ``granularity="sample"``.
 
     Returns:
         ``loss`` (scalar) and ``stats`` (detached scalars): ``drop_frac``, ``drop_frac_pos``,
-        ``drop_frac_neg``, ``kl_mean``, ``kl_max``, ``log_ratio_max_abs``.
+        ``drop_frac_neg``, the counts ``dropped``, ``terms``, ``dropped_pos``, ``terms_pos``,
+        ``dropped_neg``, ``terms_neg`` (rows with a zero advantage count on neither side),
+        ``kl_mean``, ``kl_max``, ``log_ratio_max_abs``.
     """
     _check(logp_new, logp_old, advantages)
     if granularity not in GRANULARITIES:
         raise ValueError(f"objective.granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"objective.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    if granularity == "token":
-        log_ratio, div = logp_new - logp_old, kl
+    d = _check_elements(elements_per_token)
+    token_log_ratio = logp_new - logp_old
+    drop = trust_region_mask("flow_dppo", token_log_ratio.detach(), kl.detach(), advantages,
+                             elements_per_token=d, delta=delta, granularity=granularity)
+    if granularity == "sample":
+        log_ratio, _ = _row_means(token_log_ratio, kl, d)
+        drop = drop[:, :1]
     else:
-        log_ratio, div = _sample_means(logp_new, logp_old, kl, elements_per_token)
+        log_ratio = token_log_ratio
     adv = advantages.to(log_ratio.dtype)
-    drop = dppo_drop_mask(log_ratio.detach(), div.detach(), adv, delta)
     # Mask the log-ratio before exp, and the product after: a dropped, overflowing rho then
     # contributes neither inf to the loss nor 0*inf=NaN to the gradient.
     safe_log_ratio = torch.where(drop, torch.zeros_like(log_ratio), log_ratio)
@@ -135,7 +195,7 @@ def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
     loss = torch.maximum(unclipped, clipped).mean()
     with torch.no_grad():
         # A clipped row carries no gradient when the clip binds the way its advantage pushes.
-        frozen = ((ratio > 1.0 + clip_range) & (adv > 0)) | ((ratio < 1.0 - clip_range) & (adv < 0))
+        frozen = clip_frozen_rows(log_ratio, adv, clip_range)
         stats = _mask_stats(frozen[:, None], adv, log_ratio[:, None],
                             kl if kl is not None else torch.zeros_like(logp_new))
         stats["clip_frac"] = ((ratio - 1.0).abs() > clip_range).float().mean()

@@ -161,6 +161,7 @@ def plot_training(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.plot(it, _series(rows, "mask/drop_frac"), color="tab:green", label="all")
     ax.plot(it, _series(rows, "mask/drop_frac_pos"), color="tab:olive", alpha=0.7, label="A > 0")
     ax.plot(it, _series(rows, "mask/drop_frac_neg"), color="tab:cyan", alpha=0.7, label="A < 0")
+    ax.plot(it, _series(rows, "mask/offpolicy_drop_frac"), color="black", linestyle="--", label="off-policy")
     ax.set_title("dropped fraction (trust-region mask)")
     ax.legend(fontsize=7)
     for ax in axes:
@@ -287,6 +288,14 @@ def _videos_section(run_dir: Path, out: Path, fps: int) -> str:
     return f"<p>{intro}</p>" + table(["prompt", *[c[0] for c in cols]], rows, cls="videos", raw=True)
 
 
+def _by_epoch(snap: dict[str, Any]) -> str:
+    """The iteration's frozen share per inner epoch (snapshots from before it was recorded have none)."""
+    fr = snap.get("frozen_by_epoch")
+    if fr is None or len(fr) == 0:
+        return ""
+    return "; frozen share by inner epoch " + ", ".join(f"{100 * float(x):.1f}%" for x in fr)
+
+
 def _klmap_section(run_dir: Path, out: Path) -> str:
     from .kl_maps import load_snapshot
 
@@ -308,7 +317,7 @@ def _klmap_section(run_dir: Path, out: Path) -> str:
         prompts = "; ".join(f"video {i}: {esc(t)}" for i, t in enumerate(snap["prompts"]))
         parts.append(f"<h3>iteration {snap['iteration']}</h3><p class=\"muted\">{prompts}. Minibatch mean "
                      f"token KL {float(snap['kl_mean_all']):.3g} nats, dropped fraction "
-                     f"{float(snap['drop_frac_all']):.3g}.</p><img class=\"plot\" src=\"{esc(rel)}\" "
+                     f"{float(snap['drop_frac_all']):.3g}{_by_epoch(snap)}.</p><img class=\"plot\" src=\"{esc(rel)}\" "
                      f"alt=\"token KL map, iteration {snap['iteration']}\">")
     return "\n".join(parts)
 

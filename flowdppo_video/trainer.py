@@ -102,6 +102,11 @@ def _pooled(par: ParallelState, acc: _Mean, first: float | None) -> tuple[_Mean,
     return out, (max(firsts) if firsts else None)
 
 
+def _nan_max(a: float, b: float) -> float:
+    """``max`` that keeps a NaN (``max(0.0, nan)`` is 0.0, which would hide a broken ratio)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
 class Trainer:
     """Flow-DPPO (or ratio-clipping) fine-tuning of a video flow model."""
 
@@ -317,8 +322,9 @@ class Trainer:
         a = advantages.to(dev)
         o = cfg.objective
         if o.kind == "flow_dppo":
-            loss, stats = objectives.flow_dppo_loss(logp_new, logp_old, kl, a, o.delta, o.granularity,
-                                                    o.normalize, self.elements_per_token)
+            loss, stats = objectives.flow_dppo_loss(logp_new, logp_old, kl, a, o.delta,
+                                                    elements_per_token=self.elements_per_token,
+                                                    granularity=o.granularity, normalize=o.normalize)
         else:
             loss, stats = objectives.grpo_clip_loss(logp_new, logp_old, a, o.clip_range,
                                                     self.elements_per_token, kl=kl)
@@ -343,7 +349,10 @@ class Trainer:
         snap_at = n_mb - 1 if self._snapshot_iteration(it) else -1
         snap: list[tuple[torch.Tensor, torch.Tensor]] = []
         mb_i = -1
-        for _ in range(cfg.optim.inner_epochs):
+        # A minibatch after the iteration's first optimizer step is off-policy: only there can a
+        # trust region act (the first one has ratio 1), so its frozen share is logged apart.
+        stepped_once = False
+        for epoch in range(cfg.optim.inner_epochs):
             for whole in torch.randperm(b, generator=gen).split(cfg.optim.minibatch_size):
                 # Every rank draws the same permutation; a DP rank takes its equal part of each
                 # minibatch. Its loss (a mean over its part) times the SP degree, averaged over the
@@ -358,7 +367,7 @@ class Trainer:
                     loss, stats, log_ratio = self.replay_step(mb, j, a, tokens)
                     if tokens is not None:
                         snap.append((tokens["kl"], self._drop_mask(log_ratio, tokens["kl"], a)))
-                    mb_max = max(mb_max, float(log_ratio.abs().max()))
+                    mb_max = _nan_max(mb_max, float(log_ratio.abs().max()))
                     # All ranks take the same branch (a backward may hold collectives).
                     if not par.all_true(bool(torch.isfinite(loss)), "the finite-loss check"):
                         finite = False
@@ -368,10 +377,14 @@ class Trainer:
                     counts = {k: v for k, v in stats.items() if k.startswith(("dropped", "terms"))}
                     acc.add({k: v for k, v in stats.items() if k not in counts}, weight=float(idx.numel()))
                     acc.add(counts)                                # summed, then pooled by frac()
+                    acc.add({f"epoch{epoch}_{k}": counts[k] for k in ("dropped", "terms")})
+                    if stepped_once:
+                        acc.add({f"offpolicy_{k}": v for k, v in counts.items()})
                 if first_max_abs_log is None:
                     first_max_abs_log = mb_max
                 stepped, grad_norm = upd.step() if finite else (False, float("nan"))
                 if stepped:
+                    stepped_once = True
                     self.nonfinite_in_row = 0
                     acc.add({"loss": mb_loss, "grad_norm": grad_norm})
                 else:
@@ -386,7 +399,9 @@ class Trainer:
                 bar.update(1)
         bar.close()
         if len(snap) == n_steps > 0 and self.is_main:
-            self._save_klmap(it, mb, a, snap)          # (mb, a): rank 0's part of the last minibatch
+            by_epoch = [acc.sums.get(f"epoch{e}_dropped", 0.0) / max(acc.sums.get(f"epoch{e}_terms", 0.0), 1.0)
+                        for e in range(cfg.optim.inner_epochs)]
+            self._save_klmap(it, mb, a, snap, by_epoch)   # (mb, a): rank 0's part of the last minibatch
         if par.distributed:
             acc, first_max_abs_log = _pooled(par, acc, first_max_abs_log)
 
@@ -398,6 +413,11 @@ class Trainer:
                "kl/mean": acc.mean("kl_mean"), "kl/max": acc.maxes.get("kl_max", float("nan")),
                "mask/drop_frac": frac("dropped", "terms"), "mask/drop_frac_pos": frac("dropped_pos", "terms_pos"),
                "mask/drop_frac_neg": frac("dropped_neg", "terms_neg"),
+               "mask/offpolicy_drop_frac": frac("offpolicy_dropped", "offpolicy_terms"),
+               "mask/offpolicy_drop_frac_pos": frac("offpolicy_dropped_pos", "offpolicy_terms_pos"),
+               "mask/offpolicy_drop_frac_neg": frac("offpolicy_dropped_neg", "offpolicy_terms_neg"),
+               "mask/drop_frac_by_epoch": [frac(f"epoch{e}_dropped", f"epoch{e}_terms")
+                                           for e in range(cfg.optim.inner_epochs)],
                "ratio/first_max_abs_log": first_max_abs_log if first_max_abs_log is not None else float("nan"),
                "nonfinite_skipped": skipped}
         if "clip_frac" in acc.sums:
@@ -411,18 +431,20 @@ class Trainer:
         r = self.cfg.run
         return bool(r.report_every) and (it in (0, r.iterations - 1) or (it + 1) % r.report_every == 0)
 
-    def _save_klmap(self, it: int, mb: Trajectory, a: torch.Tensor, snap: list[tuple[torch.Tensor, torch.Tensor]]
-                    ) -> None:
+    def _save_klmap(self, it: int, mb: Trajectory, a: torch.Tensor, snap: list[tuple[torch.Tensor, torch.Tensor]],
+                    frozen_by_epoch: list[float]) -> None:
         o = self.cfg.objective
         kl_maps.save_snapshot(self.run_dir / "klmaps" / f"iter_{it:06d}.npz", iteration=it,
                               kl=torch.stack([k for k, _ in snap]), drop=torch.stack([d for _, d in snap]),
                               advantages=a, traj=mb, patch=self.adapter.patch_size, latent_frames=self.latent_shape[1],
-                              objective={"kind": o.kind, "delta": o.delta, "granularity": o.granularity})
+                              objective={"kind": o.kind, "delta": o.delta, "granularity": o.granularity},
+                              frozen_by_epoch=frozen_by_epoch)
 
     def _drop_mask(self, log_ratio: torch.Tensor, kl: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         o = self.cfg.objective
-        return kl_maps.drop_mask(o.kind, log_ratio, kl, a.to(kl.device), delta=o.delta, granularity=o.granularity,
-                                 clip_range=o.clip_range, elements_per_token=self.elements_per_token)
+        return objectives.trust_region_mask(o.kind, log_ratio, kl, a.to(kl.device), delta=o.delta,
+                                            granularity=o.granularity, clip_range=o.clip_range,
+                                            elements_per_token=self.elements_per_token)
 
     # ------------------------------------------------------------------ outputs
     def _maybe_write_samples(self, it: int, traj: Trajectory, row: dict[str, Any]) -> None:

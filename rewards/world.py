@@ -464,3 +464,56 @@ def adherence_table(videos: torch.Tensor, prompts: list[str]) -> dict[str, float
 
 __all__ = ["Analysis", "adherence_table", "analyse", "classify", "WorldAdherence", "WorldColour",
            "WorldDirection", "WorldShape", "WorldSmoothness"]
+
+
+# ---------------------------------------------------------------------- artifacts (forgetting)
+BACKGROUND_SCALE = 16.0            # 8-bit levels: background fidelity exp(-(error / 16)^2)
+GRID_SCALE = 4.0                   # 8-bit levels: grid cleanliness exp(-(energy / 4)^2)
+GRID_BACKGROUND_WEIGHT = 0.1       # pixels with foreground weight below this count as background
+
+
+def artifact_measurements(videos, prompts: list[str]) -> dict[str, np.ndarray]:
+    """Two pixel measurements of what RL can break without any adherence check seeing it, (B,) each:
+
+    - ``background_error``: RMS over channels of the measured background colour (the video's median
+      border colour) minus the background the prompt asks for, in 8-bit levels (black is 12, gray
+      128): a black background turned brownish (RGB ~9 -> ~28) reads ~16.
+    - ``grid_energy``: the RMS of the 2x2-periodic component of the background pixels (foreground
+      weight < 0.1), in 8-bit levels: for each of the four phases ``(y % 2, x % 2)`` the mean colour
+      over the video, minus the mean of the four. The transformer's 2x2 patch grid showing through
+      has this period; a column pattern whose even and odd columns differ by ``2a`` reads ``a``.
+
+    Args:
+        videos: ``(B, F, H, W, 3)`` uint8 (or float in [0, 255]). prompts: one per video.
+    """
+    scenes = _scenes(prompts, len(videos))
+    rgb = _as_rgb(videos).astype(np.float64) * 255.0
+    an = analyse(videos)
+    want = np.array([BACKGROUNDS[s.background] for s in scenes], dtype=np.float64)       # (B, 3)
+    bg_err = np.sqrt(((an.video_background.astype(np.float64) * 255.0 - want) ** 2).mean(-1))
+    mask = (an.weight < GRID_BACKGROUND_WEIGHT).astype(np.float64)                       # (B, F, H, W)
+    h, w = rgb.shape[2] // 2 * 2, rgb.shape[3] // 2 * 2
+    phases = []
+    for i in (0, 1):
+        for j in (0, 1):
+            m = mask[:, :, i:h:2, j:w:2, None]
+            x = rgb[:, :, i:h:2, j:w:2]
+            phases.append((x * m).sum(axis=(1, 2, 3)) / np.maximum(m.sum(axis=(1, 2, 3)), 1.0))  # (B, 3)
+    p = np.stack(phases, axis=1)                                                          # (B, 4, 3)
+    energy = np.sqrt(((p - p.mean(axis=1, keepdims=True)) ** 2).mean(axis=(1, 2)))
+    return {"background_error": bg_err, "grid_energy": energy}
+
+
+@register("world_fidelity")
+class WorldFidelity:
+    """Artifact-free output in ``[0, 1]``: the mean of background fidelity
+    ``exp(-(background_error / 16)^2)`` and grid cleanliness ``exp(-(grid_energy / 4)^2)``
+    (:func:`artifact_measurements`; errors in 8-bit levels). An evaluation metric for forgetting,
+    not meant as a training reward. Returns a dict: ``score``, ``background_error``, ``grid_energy``.
+    """
+
+    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        m = artifact_measurements(videos, prompts)
+        score = (np.exp(-(m["background_error"] / BACKGROUND_SCALE) ** 2)
+                 + np.exp(-(m["grid_energy"] / GRID_SCALE) ** 2)) / 2
+        return {k: torch.from_numpy(v.astype(np.float32)) for k, v in {"score": score, **m}.items()}

@@ -1,7 +1,7 @@
 """Tests for flowdppo_video.objectives: SPEC section 3 and section 5 invariant 3.
 
-Truth table of the Flow-DPPO mask (SPEC section 3):
-    drop = (KL > delta) and ((rho > 1 and A > 0) or (rho < 1 and A < 0))
+Truth table of the Flow-DPPO mask (SPEC section 3), delta in nats per latent element:
+    drop = (KL / D > delta) and ((rho > 1 and A > 0) or (rho < 1 and A < 0))
 """
 
 from __future__ import annotations
@@ -17,9 +17,16 @@ from flowdppo_video.objectives import (
     flow_dppo_loss,
     grpo_clip_loss,
     reference_kl_loss,
+    trust_region_mask,
 )
 
-DELTA = 0.5
+DELTA = 0.5       # nats per latent element
+D = 4             # elements per token: a per-token threshold reads these tables wrongly
+
+
+def _dppo(logp_new, logp_old, kl_per_element, adv, delta, **kw):
+    """flow_dppo_loss with the token KL given per element (the token KL is D times it)."""
+    return flow_dppo_loss(logp_new, logp_old, kl_per_element * D, adv, delta, elements_per_token=D, **kw)
 
 
 def _spec_drop(kl: float, log_ratio: float, a: float, delta: float) -> bool:
@@ -78,7 +85,7 @@ def test_drop_mask_ratio_exactly_one_is_never_dropped(a):
     assert not dppo_drop_mask(log_ratio, kl, torch.tensor([a]), DELTA).any()
     # Through the loss too: rho == 1 with huge KL keeps every term.
     logp = torch.randn(1, 4, generator=torch.Generator().manual_seed(0))
-    _, stats = flow_dppo_loss(logp.clone(), logp, kl, torch.tensor([a]), DELTA)
+    _, stats = _dppo(logp.clone(), logp, kl, torch.tensor([a]), DELTA)
     assert float(stats["dropped"]) == 0.0
 
 
@@ -97,7 +104,7 @@ def test_flow_dppo_loss_follows_truth_table(kl_above, rho_above, a_pos, expected
     logp_new = logp_old + lr
     kl = torch.tensor([[DELTA + 0.1 if kl_above else DELTA - 0.1]])
     a = 1.2 if a_pos else -1.2
-    loss, stats = flow_dppo_loss(logp_new, logp_old, kl, torch.tensor([a]), DELTA)
+    loss, stats = _dppo(logp_new, logp_old, kl, torch.tensor([a]), DELTA)
     assert float(stats["dropped"]) == float(expected)
     if expected:
         assert loss.item() == 0.0
@@ -132,7 +139,7 @@ def test_mixed_batch_mask_matches_spec():
 def test_flow_dppo_loss_value_by_hand(normalize):
     logp_old, log_ratio, kl, adv, drop = _mixed_batch()
     logp_new = logp_old + log_ratio
-    loss, stats = flow_dppo_loss(logp_new, logp_old, kl, adv, DELTA, normalize=normalize)
+    loss, stats = _dppo(logp_new, logp_old, kl, adv, DELTA, normalize=normalize)
     total = 0.0
     kept = 0
     for b, n in itertools.product(range(2), range(4)):
@@ -150,7 +157,7 @@ def test_flow_dppo_loss_kept_normalisation_with_everything_dropped_is_zero():
     logp_old = torch.zeros(2, 3)
     logp_new = torch.full((2, 3), 0.5)
     kl = torch.full((2, 3), 10.0)
-    loss, stats = flow_dppo_loss(logp_new, logp_old, kl, torch.tensor([1.0, 2.0]), DELTA, normalize="kept")
+    loss, stats = _dppo(logp_new, logp_old, kl, torch.tensor([1.0, 2.0]), DELTA, normalize="kept")
     assert float(stats["drop_frac"]) == 1.0
     assert loss.item() == 0.0 and torch.isfinite(loss)
 
@@ -166,19 +173,19 @@ def test_flow_dppo_stats_drop_fractions_by_hand():
     adv = torch.tensor([1.0, -1.0, 0.3])
     # Dropped: row 0 -> cols 0, 3 (2); row 1 -> cols 0, 1, 2 (3); row 2 -> col 3 (1).
     logp_old = torch.zeros(3, 5)
-    _, stats = flow_dppo_loss(logp_old + log_ratio, logp_old, kl, adv, DELTA)
+    _, stats = _dppo(logp_old + log_ratio, logp_old, kl, adv, DELTA)
     assert float(stats["dropped"]) == 6.0
     assert float(stats["drop_frac"]) == pytest.approx(6 / 15)
     assert float(stats["drop_frac_pos"]) == pytest.approx(3 / 10)   # rows 0 and 2
     assert float(stats["drop_frac_neg"]) == pytest.approx(3 / 5)    # row 1
-    assert float(stats["kl_mean"]) == pytest.approx(float(kl.double().mean()), rel=1e-6)
-    assert float(stats["kl_max"]) == pytest.approx(0.9)
+    assert float(stats["kl_mean"]) == pytest.approx(D * float(kl.double().mean()), rel=1e-6)   # token KL
+    assert float(stats["kl_max"]) == pytest.approx(D * 0.9)
     assert float(stats["log_ratio_max_abs"]) == pytest.approx(0.1, rel=1e-5)
 
 
 def test_flow_dppo_stats_without_negative_advantages_report_zero():
     logp_old = torch.zeros(2, 2)
-    _, stats = flow_dppo_loss(logp_old + 0.1, logp_old, torch.full((2, 2), 0.9), torch.tensor([1.0, 2.0]), DELTA)
+    _, stats = _dppo(logp_old + 0.1, logp_old, torch.full((2, 2), 0.9), torch.tensor([1.0, 2.0]), DELTA)
     assert float(stats["drop_frac_pos"]) == 1.0
     assert float(stats["drop_frac_neg"]) == 0.0
 
@@ -191,7 +198,7 @@ def test_flow_dppo_stats_without_negative_advantages_report_zero():
 def test_dropped_token_has_exactly_zero_gradient_kept_token_nonzero(normalize):
     logp_old, log_ratio, kl, adv, drop = _mixed_batch()
     logp_new = (logp_old + log_ratio).requires_grad_(True)
-    loss, _ = flow_dppo_loss(logp_new, logp_old, kl, adv, DELTA, normalize=normalize)
+    loss, _ = _dppo(logp_new, logp_old, kl, adv, DELTA, normalize=normalize)
     loss.backward()
     grad = logp_new.grad
     assert grad is not None
@@ -211,7 +218,7 @@ def test_overflowing_dropped_ratio_gives_finite_loss_and_zero_gradient():
     kl = torch.tensor([[5.0, 0.1, 0.1]])
     adv = torch.tensor([1.0])
     assert bool(torch.isinf(torch.exp(torch.tensor(1000.0))))  # the naive product would be inf*0
-    loss, stats = flow_dppo_loss(logp_new, logp_old, kl, adv, DELTA)
+    loss, stats = _dppo(logp_new, logp_old, kl, adv, DELTA)
     assert bool(torch.isfinite(loss))
     loss.backward()
     g = logp_new.grad
@@ -229,7 +236,7 @@ def test_overflowing_dropped_ratio_negative_advantage_is_finite():
     logp_old = torch.tensor([[1000.0, 0.0]])
     logp_new = torch.tensor([[0.0, 0.1]], requires_grad=True)
     kl = torch.tensor([[5.0, 5.0]])
-    loss, stats = flow_dppo_loss(logp_new, logp_old, kl, torch.tensor([-1.0]), DELTA)
+    loss, stats = _dppo(logp_new, logp_old, kl, torch.tensor([-1.0]), DELTA)
     loss.backward()
     assert bool(torch.isfinite(loss)) and bool(torch.isfinite(logp_new.grad).all())
     assert float(logp_new.grad[0, 0]) == 0.0
@@ -256,13 +263,99 @@ def test_flow_dppo_loss_rejects_bad_arguments():
     z = torch.zeros(2, 3)
     a = torch.ones(2)
     with pytest.raises(ValueError, match="granularity"):
-        flow_dppo_loss(z, z, z, a, 0.1, granularity="element")
+        _dppo(z, z, z, a, 0.1, granularity="element")
     with pytest.raises(ValueError, match="normalize"):
-        flow_dppo_loss(z, z, z, a, 0.1, normalize="sum")
+        _dppo(z, z, z, a, 0.1, normalize="sum")
     with pytest.raises(ValueError, match="advantages"):
-        flow_dppo_loss(z, z, z, torch.ones(3), 0.1)
+        _dppo(z, z, z, torch.ones(3), 0.1)
     with pytest.raises(ValueError, match=r"\(B, N\)"):
-        flow_dppo_loss(z, torch.zeros(2, 4), z, a, 0.1)
+        _dppo(z, torch.zeros(2, 4), z, a, 0.1)
+
+
+def test_delta_is_per_latent_element_not_per_token():
+    # SPEC invariant 3 with D > 1: a token KL of 3 nats over D = 12 elements is 0.25 nats per
+    # element. delta = 0.3 per element keeps it (a per-token reading, 3 > 0.3, would drop it);
+    # delta = 0.2 per element drops it (a per-token reading of 3 > 2 would too, so also check 2.9).
+    logp_old = torch.zeros(1, 1)
+    logp_new = torch.full((1, 1), 0.1)
+    kl = torch.tensor([[3.0]])
+    adv = torch.tensor([1.0])
+    for delta, expected in [(0.3, 0.0), (0.2, 1.0), (0.26, 0.0), (0.24, 1.0)]:
+        _, stats = flow_dppo_loss(logp_new, logp_old, kl, adv, delta, elements_per_token=12)
+        assert float(stats["dropped"]) == expected, delta
+    with pytest.raises(ValueError, match="elements_per_token"):
+        flow_dppo_loss(logp_new, logp_old, kl, adv, 0.1, elements_per_token=0)
+
+
+def test_kept_normalisation_divides_by_exactly_the_kept_count():
+    # Three terms dropped, one kept: "kept" divides by 1, "all" by 4 (a count of the dropped
+    # terms, 3, would give a third of the kept loss).
+    logp_old = torch.zeros(1, 4)
+    log_ratio = torch.tensor([[0.2, 0.2, 0.2, -0.2]])
+    kl = torch.tensor([[0.9, 0.9, 0.9, 0.9]])              # per element, all past delta
+    adv = torch.tensor([2.0])                               # A > 0: rho > 1 is pushing
+    loss_kept, stats = _dppo(logp_old + log_ratio, logp_old, kl, adv, DELTA, normalize="kept")
+    loss_all, _ = _dppo(logp_old + log_ratio, logp_old, kl, adv, DELTA, normalize="all")
+    assert float(stats["dropped"]) == 3.0 and float(stats["terms"]) == 4.0
+    assert loss_kept.item() == pytest.approx(-2.0 * math.exp(-0.2), rel=1e-6)
+    assert loss_all.item() == pytest.approx(-2.0 * math.exp(-0.2) / 4, rel=1e-6)
+
+
+def test_mask_stats_keys_and_zero_advantage_rows_on_neither_side():
+    # The trainer pools these exact keys; a row with A == 0 (a silent group) is counted in
+    # "terms" but neither in the positive nor the negative side.
+    logp_old = torch.zeros(3, 2)
+    log_ratio = torch.tensor([[0.3, -0.3], [-0.3, 0.3], [0.3, -0.3]])
+    kl = torch.full((3, 2), 0.9)
+    adv = torch.tensor([1.0, -1.0, 0.0])
+    _, stats = _dppo(logp_old + log_ratio, logp_old, kl, adv, DELTA)
+    expected = {"dropped": 2.0, "terms": 6.0, "dropped_pos": 1.0, "terms_pos": 2.0,
+                "dropped_neg": 1.0, "terms_neg": 2.0}
+    for k, v in expected.items():
+        assert float(stats[k]) == v, k
+    assert float(stats["drop_frac_pos"]) == 0.5 and float(stats["drop_frac_neg"]) == 0.5
+    assert float(stats["drop_frac"]) == pytest.approx(1 / 3)
+    # The clipping baseline reports the same keys, per row.
+    _, cstats = grpo_clip_loss(logp_old + log_ratio * 100, logp_old, adv, 1e-3, 1)
+    for k in expected:
+        assert k in cstats, k
+    assert float(cstats["terms"]) == 3.0 and float(cstats["terms_pos"]) == 1.0 and float(cstats["terms_neg"]) == 1.0
+
+
+def test_row_gated_freezes_far_tokens_only_in_rows_that_drift_as_a_whole():
+    # Row 0: one token far (a concentrated change), row mean below delta: nothing frozen.
+    # Row 1: every token past delta (diffuse drift): the pushing tokens are frozen.
+    d = 2
+    log_ratio = torch.tensor([[0.2, 0.0, 0.0, 0.0], [0.2, 0.2, -0.2, 0.2]])
+    kl = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])   # token KL (D = 2); row means 0.25, 0.5
+    adv = torch.tensor([1.0, 1.0])
+    delta = 0.4                                                          # per element
+    token = trust_region_mask("flow_dppo", log_ratio, kl, adv, elements_per_token=d, delta=delta)
+    gated = trust_region_mask("flow_dppo", log_ratio, kl, adv, elements_per_token=d, delta=delta,
+                              granularity="row_gated")
+    assert token.tolist() == [[True, False, False, False], [True, True, False, True]]
+    assert gated.tolist() == [[False, False, False, False], [True, True, False, True]]
+    logp_old = torch.zeros(2, 4)
+    _, stats = flow_dppo_loss(logp_old + log_ratio, logp_old, kl, adv, delta, elements_per_token=d,
+                              granularity="row_gated")
+    assert float(stats["dropped"]) == 3.0
+
+
+def test_trust_region_mask_is_the_rule_the_losses_apply():
+    g = torch.Generator().manual_seed(3)
+    d = 3
+    logp_old = torch.randn(4, 6, generator=g)
+    log_ratio = 0.2 * torch.randn(4, 6, generator=g)
+    kl = torch.rand(4, 6, generator=g) * d
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    for gran in ("token", "sample", "row_gated"):
+        m = trust_region_mask("flow_dppo", log_ratio, kl, adv, elements_per_token=d, delta=0.5, granularity=gran)
+        _, st = flow_dppo_loss(logp_old + log_ratio, logp_old, kl, adv, 0.5, elements_per_token=d, granularity=gran)
+        per_row = m[:, :1] if gran == "sample" else m
+        assert float(st["dropped"]) == float(per_row.sum()), gran
+    m = trust_region_mask("grpo_clip", log_ratio, kl, adv, elements_per_token=d, clip_range=1e-3)
+    _, st = grpo_clip_loss(logp_old + log_ratio, logp_old, adv, 1e-3, d)
+    assert float(st["dropped"]) == float(m[:, 0].sum())
 
 
 # --------------------------------------------------------------------------------------------

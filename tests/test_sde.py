@@ -550,10 +550,12 @@ def test_sample_granularity_mask_uses_per_element_mean_kl(factor, dropped):
         assert float(stats["drop_frac"]) == 0.0
         expected = -(1.5 + 0.5) * math.exp(0.01) / 2  # Z = B terms, one per (b, k)
         assert float(loss) == pytest.approx(expected, rel=1e-6)
-    # Per token, every token has KL far above delta: token granularity drops everything.
+    # Token granularity, the same delta per element: exactly the tokens whose own KL per element
+    # is past delta (a per-token reading, every token KL > 5 delta, would drop them all).
     assert float(kl.min()) > 5 * delta
-    _, tok_stats = flow_dppo_loss(logp_new, logp_old, kl, adv, delta, granularity="token")
-    assert float(tok_stats["drop_frac"]) == 1.0
+    _, tok_stats = flow_dppo_loss(logp_new, logp_old, kl, adv, delta, granularity="token",
+                                  elements_per_token=d)
+    assert float(tok_stats["dropped"]) == float((kl / d > delta).sum())
 
 
 def test_sample_granularity_loss_value_uses_per_element_mean_log_ratio():
@@ -584,12 +586,16 @@ def test_sample_granularity_loss_value_uses_per_element_mean_log_ratio():
     expected2 = -(float(adv[1]) * rho2[1] + float(adv[2]) * rho2[2]) / 3
     assert float(loss2) == pytest.approx(expected2, rel=1e-5)
     assert float(stats2["dropped"]) == 1.0 and float(stats2["terms"]) == 3.0
-    # The same per-token KL of 1.0 is far below a per-token delta of 2: token mode keeps all.
-    _, tok_stats = flow_dppo_loss(logp_new2, logp_old, kl2, adv, 2.0, granularity="token")
+    # The same token KL of 1.0 is 1/8 per element, below a delta of 0.2 per element: token mode
+    # keeps all; at 0.1 per element it drops row 0's tokens (pushing) and keeps row 1's (corrective).
+    _, tok_stats = flow_dppo_loss(logp_new2, logp_old, kl2, adv, 0.2, granularity="token", elements_per_token=d)
     assert float(tok_stats["dropped"]) == 0.0
+    _, tok_stats = flow_dppo_loss(logp_new2, logp_old, kl2, adv, 0.1, granularity="token", elements_per_token=d)
+    assert float(tok_stats["dropped"]) == float(n)
 
 
-def test_sample_granularity_requires_elements_per_token():
+@pytest.mark.parametrize("granularity", ["token", "sample"])
+def test_every_granularity_requires_elements_per_token(granularity):
     z = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="elements_per_token"):
-        flow_dppo_loss(z, z, z, torch.ones(2), 0.1, granularity="sample")
+        flow_dppo_loss(z, z, z, torch.ones(2), 0.1, granularity=granularity, elements_per_token=None)

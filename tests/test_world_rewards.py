@@ -236,3 +236,27 @@ def test_rewards_use_pixels_only(truth, monkeypatch):
         monkeypatch.setattr(world_pkg, fn, forbidden)
     assert_in_range(criteria(truth[2]), len(SCENES))
     world.classify(truth[2][:4])
+
+
+def test_artifact_measurements_see_a_tinted_background_and_a_patch_grid(truth):
+    """Clean renders read no artifacts; a black background lifted to ~28 reads a background error
+    near 16 levels; a column pattern whose even and odd columns differ by 8 levels reads a grid
+    energy of 4, and neither corruption changes the other measurement much."""
+    clean = truth[0]
+    m = world.artifact_measurements(clean, PROMPTS)
+    assert m["background_error"].max() < 3.0 and m["grid_energy"].max() < 1.0
+    black = np.array([s.background == "black" for s in SCENES])
+    tinted = clean.clone()
+    tinted[torch.from_numpy(black)] = (tinted[torch.from_numpy(black)].int() + 16).clamp(0, 255).to(torch.uint8)
+    t = world.artifact_measurements(tinted, PROMPTS)
+    assert np.all(np.abs(t["background_error"][black] - 16.0) < 2.0)
+    assert np.all(t["background_error"][~black] < 3.0) and t["grid_energy"].max() < 1.0
+    grid = clean.int().clone()
+    grid[..., 0::2, :] += 4
+    grid[..., 1::2, :] -= 4
+    g = world.artifact_measurements(grid.clamp(0, 255).to(torch.uint8), PROMPTS)
+    # (The border median falls on one phase of the pattern: up to its amplitude, 4, off.)
+    assert np.all(np.abs(g["grid_energy"] - 4.0) < 0.5) and g["background_error"].max() < 4.5
+    score = rewards.build_rewards({"world_fidelity": 1.0})["world_fidelity"]
+    clean_s, grid_s = score(clean, PROMPTS)["score"], score(grid.clamp(0, 255).to(torch.uint8), PROMPTS)["score"]
+    assert float(clean_s.min()) > 0.95 and float(grid_s.max()) < 0.75

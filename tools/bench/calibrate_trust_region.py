@@ -1,0 +1,126 @@
+"""Calibrate trust-region knobs: the off-policy frozen share for a grid of delta and epsilon.
+
+    .venv/bin/python tools/bench/calibrate_trust_region.py                 # the shapes-world recipe
+    .venv/bin/python tools/bench/calibrate_trust_region.py --config configs/wan2.1_t2v_1.3b.yaml
+
+A trust region is a knob, calibrated like a clip range: by the share of objective terms it
+freezes where it can act, i.e. in the minibatches after the iteration's first optimizer step
+(the first one replays the rollout policy, ratio 1). This takes one rollout of the recipe
+(iteration 0, its prompts, rewards and advantages), then for every knob value restores the
+model and its optimizer and runs the same update (``optim.inner_epochs`` passes), and reports the
+off-policy frozen share, per inner epoch and by advantage sign. Pick each arm's sweep so that it
+spans roughly 5% to 50% frozen. Writes ``--out`` (JSON and a markdown table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
+GRID = {
+    "flow_dppo (token)": ("delta", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
+    "flow_dppo (sample)": ("delta", [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
+    "flow_dppo (row_gated)": ("delta", [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4]),
+    "grpo_clip": ("clip_range", [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
+}
+SETTINGS = {
+    "flow_dppo (token)": {"kind": "flow_dppo", "granularity": "token"},
+    "flow_dppo (sample)": {"kind": "flow_dppo", "granularity": "sample"},
+    "flow_dppo (row_gated)": {"kind": "flow_dppo", "granularity": "row_gated"},
+    "grpo_clip": {"kind": "grpo_clip"},
+}
+
+
+def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int) -> dict:
+    from rewards import reward_weights, score_videos
+
+    from flowdppo_video.advantages import compute_advantages
+    from flowdppo_video.config import load_config
+    from flowdppo_video.data import prompts_for_iteration
+    from flowdppo_video.parallel.updaters import build_updater
+    from flowdppo_video.rollout import rollout
+    from flowdppo_video.trainer import Trainer, derive_seed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config, [f"run.output_dir={tmp}/run", "run.progress=false", "run.tensorboard=false",
+                                   "run.report_every=0", f"run.seed={seed}", "eval.prompts=null", *overrides])
+        trainer = Trainer(cfg)
+        prompts = prompts_for_iteration(trainer.prompts, 0, cfg.data.prompts_per_iteration, cfg.run.seed)
+        t0 = time.perf_counter()
+        with trainer.updater.rollout():
+            traj = rollout(trainer.adapter, prompts, cfg.data.group_size, trainer.latent_shape, cfg.sampler,
+                           torch.Generator().manual_seed(derive_seed(cfg.run.seed, 0, 0)),
+                           negative_prompt=cfg.data.negative_prompt, progress=False)
+        scores, _ = score_videos(trainer.rewards, traj.videos, traj.prompts)
+        adv, _ = compute_advantages(scores, reward_weights(cfg.rewards), cfg.data.group_size,
+                                    cfg.advantages.aggregation, cfg.advantages.std, cfg.advantages.clip)
+        rollout_s = time.perf_counter() - t0
+        start = copy.deepcopy({k: v.detach().clone() for k, v in trainer.adapter.transformer.state_dict().items()})
+        rows = []
+        todo = [(arm, v) for arm in arms for v in GRID[arm][1]]
+        for arm, value in tqdm(todo, desc="calibration"):
+            knob = GRID[arm][0]
+            trainer.adapter.transformer.load_state_dict(start)
+            trainer.cfg.objective = dataclasses.replace(cfg.objective, **SETTINGS[arm], **{knob: value})
+            trainer.updater = build_updater(trainer.adapter, trainer.cfg, trainer.par)   # fresh optimizer state
+            t = time.perf_counter()
+            out = trainer.update(traj, adv, 0)
+            rows.append({"arm": arm, "knob": knob, "value": value,
+                         "offpolicy_frozen": out["mask/offpolicy_drop_frac"],
+                         "offpolicy_frozen_pos": out["mask/offpolicy_drop_frac_pos"],
+                         "offpolicy_frozen_neg": out["mask/offpolicy_drop_frac_neg"],
+                         "pooled_frozen": out["mask/drop_frac"], "by_epoch": out["mask/drop_frac_by_epoch"],
+                         "kl_mean": out["kl/mean"], "update_s": time.perf_counter() - t})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"config": str(config), "overrides": overrides, "seed": seed, "rollout_s": rollout_s,
+            "videos": traj.batch_size, "inner_epochs": cfg.optim.inner_epochs, "lr": cfg.optim.lr,
+            "elements_per_token": trainer.elements_per_token, "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"One rollout of {result['videos']} videos (seed {result['seed']}), then per knob value the same "
+             f"{result['inner_epochs']}-epoch update at lr {result['lr']:g} from the same weights; "
+             f"D = {result['elements_per_token']} elements per token.", "",
+             "| arm | knob | value | off-policy frozen | A > 0 | A < 0 | pooled | by inner epoch | token KL (mean) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(x: float) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+    for r in result["rows"]:
+        lines.append(f"| {r['arm']} | {r['knob']} | {r['value']:g} | {pct(r['offpolicy_frozen'])} | "
+                     f"{pct(r['offpolicy_frozen_pos'])} | {pct(r['offpolicy_frozen_neg'])} | {pct(r['pooled_frozen'])} | "
+                     f"{' / '.join(pct(x) for x in r['by_epoch'])} | {r['kl_mean']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=RECIPE)
+    ap.add_argument("--arms", nargs="+", default=list(GRID), choices=list(GRID))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("docs/trust_region_calibration"),
+                    help="writes OUT.json and OUT.md")
+    ap.add_argument("overrides", nargs="*", default=["optim.lr=1e-4", "optim.inner_epochs=4"],
+                    help="dotted overrides (default: the frontier benchmark's lr 1e-4 and 4 inner epochs)")
+    args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = calibrate(args.config, args.overrides, args.arms, args.seed)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
