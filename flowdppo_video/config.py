@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
+        # Before any range check: NaN compares false both ways, so `nan > 0` style checks would
+        # name the wrong rule (or none), and an inf passes every `> 0`.
+        _check_finite("", dataclasses.asdict(self))
         _check_choice("sampler.kind", self.sampler.kind, ("flow_sde", "cps"))
         _check_choice("objective.kind", self.objective.kind, ("flow_dppo", "grpo_clip"))
         _check_choice("sampler.cfg_batch", self.sampler.cfg_batch, ("auto", "joint", "split"))
@@ -207,7 +211,9 @@ class Config:
                            ("run.keep_checkpoints", self.run.keep_checkpoints),
                            ("eval.every", self.eval.every),
                            ("run.max_nonfinite_in_row", self.run.max_nonfinite_in_row),
-                           ("eval.samples_per_prompt", self.eval.samples_per_prompt)]:
+                           ("eval.samples_per_prompt", self.eval.samples_per_prompt),
+                           ("video.num_frames", self.video.num_frames), ("video.height", self.video.height),
+                           ("video.width", self.video.width)]:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if self.model.path is None and self.model.init is None:
@@ -251,6 +257,13 @@ class Config:
         for key, value in non_negative:
             if not value >= 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
+        o = self.optim
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        if not o.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0, got {o.eps}")
+        if not o.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
         if self.sampler.kind == "cps" and self.sampler.eta > 1:
             raise ConfigError(f"sampler.eta={self.sampler.eta} > 1 is meaningless for cps (std = sigma' sin(eta pi/2))")
         from .sde import sde_candidates  # the math module owns what a window admits
@@ -263,6 +276,19 @@ class Config:
             raise ConfigError(f"sampler.sde_steps={self.sampler.sde_steps} exceeds the {n} candidate steps in "
                               f"sampler.window {self.sampler.window} of {self.sampler.num_steps} steps")
         return self
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """A one-line error naming the first NaN or infinite number anywhere under ``value``
+    (sections, lists, reward options, ``model.init`` sub-configs)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(f"{key}.{k}" if key else str(k), v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(f"{key}[{i}]", v)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -359,8 +385,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_error_line(e)})") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -377,20 +403,39 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """A YAML error as one line that keeps where it is: ``line L, column C: problem``."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def load_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
+        if _including:
+            raise ConfigError(f"config file {_including[-1]}: base {p} does not exist")
         raise ConfigError(f"config file {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {yaml_error_line(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is unreadable: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level")
     # `base: other.yaml` derives a recipe from a documented base.
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(load_yaml(p.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {p}: base must be a file name, got {base!r}")
+        chain = (*_including, p.resolve())
+        target = (p.parent / base).resolve()
+        if target in chain:   # a recipe that includes itself, directly or through others
+            cycle = " -> ".join(str(c) for c in chain[chain.index(target):] + (target,))
+            raise ConfigError(f"config file {p}: base includes form a cycle: {cycle}")
+        data = _merge(load_yaml(target, chain), data)
     return data
 
 
