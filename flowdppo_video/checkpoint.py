@@ -2,11 +2,16 @@
 the iteration.
 
 A checkpoint is written into a temporary folder and renamed into place, so a kill at any
-moment leaves either the previous checkpoint or the new one, never a torn one.
+moment leaves either the previous checkpoint or the new one, never a torn one. Its last file,
+``manifest.json``, holds the size and SHA-256 of every other file: a checkpoint damaged later
+(a truncated or rewritten file) fails :func:`verify_checkpoint`, and resume falls back to the
+newest one that verifies (:func:`newest_loadable`), moving the damaged one aside, never deleting it.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import random
 import shutil
@@ -21,6 +26,12 @@ from .parallel.groups import ParallelState
 from .parallel.updaters import Updater
 
 _PREFIX = "iter_"
+MANIFEST = "manifest.json"
+CORRUPT_PREFIX = "corrupt_"        # where a damaged checkpoint is moved (not listed, not pruned)
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written or read; one line naming the folder or file."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -53,15 +64,23 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
             shutil.rmtree(tmp)
         tmp.mkdir()
     par.barrier("checkpoint start")
-    updater.save(tmp)
+    with _writing(tmp, final):
+        updater.save(tmp)
     with updater.gathered():                 # ZeRO-3: the whole trained weights, for rank 0 to write
         if par.is_main:
-            adapter.save_trainable(tmp / "model")
+            with _writing(tmp, final):
+                adapter.save_trainable(tmp / "model")
     if par.is_main:
-        torch.save({"rng": _rng_state()}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"next_iteration": next_iteration, **extra}, indent=1))
+        with _writing(tmp, final):
+            torch.save({"rng": _rng_state()}, tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"next_iteration": next_iteration, **extra}, indent=1))
     par.barrier("checkpoint write")
     if par.is_main:
+        with _writing(tmp, final):
+            # Last: every rank's files are in place; written after them, it vouches for them all.
+            manifest = {"files": {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                                  for f in sorted(tmp.rglob("*")) if f.is_file()}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -69,6 +88,82 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
             shutil.rmtree(old, ignore_errors=True)
     par.barrier("checkpoint rename")
     return final
+
+
+class _writing:
+    """Turn a failed write into ``tmp`` (disk full, read-only, ...; torch and safetensors wrap
+    them in their own errors) into one :class:`CheckpointError` naming the checkpoint; the
+    partial folder is removed, the previous checkpoints are untouched."""
+
+    def __init__(self, tmp: Path, final: Path) -> None:
+        self.tmp, self.final = tmp, final
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: type | None, e: BaseException | None, tb: object) -> bool:
+        from .parallel.groups import CollectiveTimeout
+
+        if e is None or not isinstance(e, Exception) or isinstance(e, CollectiveTimeout):
+            return False
+        try:
+            free = shutil.disk_usage(self.tmp.parent).free
+        except OSError:
+            free = -1
+        lines = str(e).splitlines()
+        reason = getattr(e, "strerror", None) or (lines[0] if lines else type(e).__name__)
+        if getattr(e, "errno", None) == errno.ENOSPC or 0 <= free < (1 << 20):
+            reason = f"no space left on the device ({free} bytes free)"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {self.final}: {reason}; "
+                              f"the previous checkpoints are kept") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is damaged (one line), or None if its manifest vouches for
+    every file. A checkpoint from before manifests were written also gives None: only loading it
+    can tell (see :func:`newest_loadable`)."""
+    m = path / MANIFEST
+    if not m.is_file():
+        return None
+    try:
+        files = json.loads(m.read_text())["files"]
+        for name, want in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            size = f.stat().st_size
+            if size != want["bytes"]:
+                return f"{name} has {size} bytes, the manifest says {want['bytes']}"
+            if _sha256(f) != want["sha256"]:
+                return f"{name} does not match its SHA-256 in the manifest"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def has_manifest(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``corrupt_<name>`` beside it (never deleted; a second one of
+    the same name gets a counter) and return where it went."""
+    target = path.with_name(CORRUPT_PREFIX + path.name)
+    k = 1
+    while target.exists():
+        k += 1
+        target = path.with_name(f"{CORRUPT_PREFIX}{path.name}.{k}")
+    path.rename(target)
+    return target
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -86,10 +181,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, adapter: VideoFlowAdapter, updater: Updater | None) -> dict[str, Any]:
     """Load weights (and the optimizer and RNG states when ``updater`` is given); return the meta."""
+    meta = json.loads((path / "meta.json").read_text())   # first: a torn meta changes nothing
     if updater is None or not updater.restores_weights:
         adapter.load_trainable(path / "model")
     if updater is not None:
         updater.load(path)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         _set_rng_state(state["rng"])
-    return json.loads((path / "meta.json").read_text())
+    return meta

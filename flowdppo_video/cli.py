@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"flowdppo-video: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # disk full, read-only, permissions, missing: expected, one line naming the path
+        from .fsio import os_error_line
+
+        print(f"flowdppo-video: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("flowdppo-video: interrupted; metrics and checkpoints written so far are kept", file=sys.stderr)
         return 130

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -21,10 +24,11 @@ from rewards import build_rewards, reward_weights, score_videos
 
 from . import kl_maps, objectives, sde
 from .advantages import compute_advantages
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import has_manifest, list_checkpoints, load_checkpoint, move_aside, save_checkpoint, verify_checkpoint
 from .config import Config, ConfigError, config_to_dict
 from .data import load_prompts, prompts_for_iteration
 from .evaluation import evaluate, write_side_by_side
+from .fsio import check_output_dir, naming
 from .images import attach_images, run_images
 from .metrics import MetricsWriter, import_wandb, start_wandb, truncate_metrics
 from .models import build_adapter
@@ -114,6 +118,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
         # Check everything cheap before loading weights or touching the run directory.
+        check_output_dir(self.run_dir, "run.output_dir")
         self.prompts = load_prompts(cfg.data.prompts)
         self.rewards = build_rewards(cfg.rewards)
         e = cfg.eval
@@ -136,11 +141,16 @@ class Trainer:
         attach_images(self.adapter, images, cfg)
         _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
         self.updater = build_updater(self.adapter, cfg, self.par)
+        # The global generators, for code outside the trainer's own seeded streams (a user's reward
+        # drawing random numbers): seeded here, after the model's own init seeds, and restored
+        # from the checkpoint on resume.
+        seed_global_rngs(cfg.run.seed)
         self.start_iteration = 0
         self.nonfinite_in_row = 0
         main = self.par.is_main
         if resume:
-            self._resume()
+            with naming(self.run_dir):
+                self._resume()
         # Rank 0 decides from the files it writes (other nodes may not see them), every rank obeys.
         elif self.par.broadcast_object(any((self.run_dir / n).exists() for n in
                                            ("metrics.jsonl", "eval.jsonl", "checkpoints")), "the run-directory check"):
@@ -150,15 +160,16 @@ class Trainer:
         purge = self.start_iteration if resume else None
         self.wandb = None
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # On resume too: the overrides given then (e.g. more iterations) are the run's config now.
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            self.wandb = start_wandb(self.run_dir, config_to_dict(cfg)) if cfg.run.wandb else None
-            self.metrics: MetricsWriter | _NullWriter = MetricsWriter(
-                self.run_dir, cfg.run.tensorboard, purge_step=purge, wandb_run=self.wandb)
-            self.eval_log: MetricsWriter | _NullWriter = MetricsWriter(
-                self.run_dir, cfg.run.tensorboard, "eval", "after_iterations",
-                purge_step=None if purge is None else purge + 1, wandb_run=self.wandb)
+            with naming(self.run_dir):            # a full disk's write() names no file: name the run
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                # On resume too: the overrides given then (e.g. more iterations) are the run's config now.
+                (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+                self.wandb = start_wandb(self.run_dir, config_to_dict(cfg)) if cfg.run.wandb else None
+                self.metrics: MetricsWriter | _NullWriter = MetricsWriter(
+                    self.run_dir, cfg.run.tensorboard, purge_step=purge, wandb_run=self.wandb)
+                self.eval_log: MetricsWriter | _NullWriter = MetricsWriter(
+                    self.run_dir, cfg.run.tensorboard, "eval", "after_iterations",
+                    purge_step=None if purge is None else purge + 1, wandb_run=self.wandb)
         else:
             self.metrics, self.eval_log = _NullWriter(), _NullWriter()
 
@@ -205,6 +216,10 @@ class Trainer:
                     self._write_report()                     # a refresh; the final report follows the loop
             if self.is_main:
                 self._write_before_after()
+        except OSError as e:
+            if e.filename is None and e.errno is not None:   # a write() on a full disk names no file
+                e.filename = str(self.run_dir)
+            raise
         finally:
             self.metrics.close()
             self.eval_log.close()
@@ -274,6 +289,7 @@ class Trainer:
                            negative_prompt=cfg.data.negative_prompt, progress=cfg.run.progress and self.is_main,
                            rows=slice(par.dp_rank * share, (par.dp_rank + 1) * share))
         t1 = time.perf_counter()
+        nonfinite = _nonfinite_rows(traj.final)       # before the gather: each rank counts its own
         scores, extras = score_videos(self.rewards, traj.videos, traj.prompts)
         if par.dp > 1:
             # Advantages are over the whole batch's groups: gather every DP rank's rows (in order).
@@ -285,6 +301,12 @@ class Trainer:
         adv, adv_stats = compute_advantages(scores, weights, cfg.data.group_size,
                                             cfg.advantages.aggregation, cfg.advantages.std,
                                             cfg.advantages.clip)
+        if par.dp > 1:
+            nonfinite = sum(par.all_gather_objects(nonfinite, par.dp_group, "counting non-finite videos"))
+        if nonfinite and self.is_main:
+            # A NaN latent decodes to black frames that rewards score as if real: say so.
+            print(f"flowdppo-video: warning: iteration {it}: {nonfinite} of {traj.batch_size} videos have "
+                  f"non-finite latents (decoded as black frames); counted in videos/nonfinite", file=sys.stderr)
         t2 = time.perf_counter()
         upd = self.update(traj, adv, it)
         t3 = time.perf_counter()
@@ -296,7 +318,7 @@ class Trainer:
         for n, s in extras.items():
             row[f"reward/{n}/mean"] = float(s.float().mean())
         row.update({"advantage/abs_mean": float(adv.abs().mean()),
-                    "advantage/zero_std_groups": adv_stats["zero_std_groups"], **upd,
+                    "advantage/zero_std_groups": adv_stats["zero_std_groups"], "videos/nonfinite": nonfinite, **upd,
                     "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
                     "sde_steps": traj.steps.tolist()})
         return traj, row
@@ -453,6 +475,8 @@ class Trainer:
             return
         folder = self.run_dir / "samples" / f"iter_{it:06d}"
         n = min(r.num_sample_videos, traj.batch_size)
+        if n == 0:                # run.num_sample_videos=0: no folder, no index (it would name none)
+            return
         for k in range(n):
             write_video(folder / f"{k:02d}.mp4", traj.videos[k], fps=self.cfg.video.fps)
         (folder / "index.json").write_text(json.dumps(
@@ -472,16 +496,10 @@ class Trainer:
         return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
 
     def _resume(self) -> None:
-        """Continue from the newest checkpoint, or from the start if the run died before its first."""
-        ckpt = self.par.broadcast_object(latest_checkpoint(self.run_dir), "finding the checkpoint")
+        """Continue from the newest checkpoint that verifies and loads, or from the start if the
+        run died before its first. A newer damaged one is moved aside (one warning line each)."""
+        ckpt, meta = self._newest_loadable()
         if ckpt is not None:
-            meta = json.loads((ckpt / "meta.json").read_text())
-            was, now = meta.get("zero_stage", 0), self.cfg.parallel.zero_stage
-            if was != now or (now and meta.get("world") != self.par.world):
-                raise TrainingError(f"--resume {self.run_dir}: its checkpoint was written with parallel.zero_stage={was} "
-                                    f"on {meta.get('world', 1)} rank(s); this run has zero_stage={now} on "
-                                    f"{self.par.world} (a ZeRO checkpoint resumes with the same stage and ranks)")
-            meta = load_checkpoint(ckpt, self.adapter, self.updater)
             if meta.get("prompts_sha") != self._prompts_sha():
                 raise TrainingError(f"--resume {self.run_dir}: the prompts differ from the run's (data.prompts)")
             self.start_iteration = int(meta["next_iteration"])
@@ -492,3 +510,68 @@ class Trainer:
             truncate_metrics(self.run_dir, self.start_iteration + 1 if ckpt is not None else 0, "eval",
                              "after_iterations")
 
+    def _check_resumable(self, ckpt: Path, meta: dict[str, Any]) -> None:
+        """What no other checkpoint would change: one line and exit 2, nothing rewritten."""
+        was, now = meta.get("zero_stage", 0), self.cfg.parallel.zero_stage
+        if was != now or (now and meta.get("world") != self.par.world):
+            raise TrainingError(f"--resume {self.run_dir}: its checkpoint was written with parallel.zero_stage={was} "
+                                f"on {meta.get('world', 1)} rank(s); this run has zero_stage={now} on "
+                                f"{self.par.world} (a ZeRO checkpoint resumes with the same stage and ranks)")
+        done, want = int(meta["next_iteration"]), self.cfg.run.iterations
+        if want < done:
+            raise TrainingError(f"--resume {self.run_dir}: run.iterations={want} is below the {done} iterations "
+                                f"already done ({ckpt.name}); give run.iterations >= {done} (nothing was changed)")
+
+    def _newest_loadable(self) -> tuple[Path | None, dict[str, Any]]:
+        """The newest checkpoint whose manifest verifies (one written before manifests: that loads)
+        and its meta, loaded into the model, updater and RNGs. Rank 0 verifies and decides."""
+        par = self.par
+        found = par.broadcast_object(list_checkpoints(self.run_dir), "finding the checkpoints")
+        skipped: list[tuple[Path, str]] = []
+        for ckpt in reversed(found):
+            reason = par.broadcast_object(verify_checkpoint(ckpt) if par.is_main else None, "verifying a checkpoint")
+            meta: dict[str, Any] = {}
+            if reason is None:
+                try:
+                    meta = json.loads((ckpt / "meta.json").read_text())
+                    int(meta["next_iteration"])
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    reason = f"meta.json is unreadable ({type(e).__name__})"
+            if reason is None:
+                self._check_resumable(ckpt, meta)
+                try:
+                    meta = load_checkpoint(ckpt, self.adapter, self.updater)
+                    error = None
+                except Exception as e:   # noqa: BLE001 - any damage a file can do to its reader
+                    if has_manifest(ckpt):
+                        raise             # verified files that do not load: not damage, a real error
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                if par.all_true(error is None, "loading a checkpoint"):
+                    break
+                reason = error or "it failed to load on another rank"
+            skipped.append((ckpt, reason))
+        else:
+            if skipped:      # none loads: keep every one where it is, and say why
+                raise TrainingError(f"--resume {self.run_dir}: no checkpoint verifies or loads (newest "
+                                    f"{skipped[0][0].name}: {skipped[0][1]}); nothing was moved or changed")
+            return None, {}
+        if par.is_main:
+            for bad, reason in skipped:
+                aside = move_aside(bad)
+                print(f"flowdppo-video: warning: skipped checkpoint {bad.name} ({reason}); moved it to "
+                      f"{aside}; resuming from {ckpt.name}", file=sys.stderr)
+        par.barrier("moving damaged checkpoints aside")
+        return ckpt, meta
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed ``random``, numpy and torch's global generators from ``run.seed``."""
+    s = derive_seed(seed, 2)                  # its own stream (0: rollouts, 1: minibatch order)
+    random.seed(s)
+    np.random.seed(s % (1 << 32))
+    torch.manual_seed(s)
+
+
+def _nonfinite_rows(final: torch.Tensor) -> int:
+    """How many videos of ``final`` ``(B, ...)`` hold a NaN or infinite latent."""
+    return int((~torch.isfinite(final.flatten(1))).any(1).sum())

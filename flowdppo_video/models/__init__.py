@@ -44,6 +44,20 @@ def checkpoint_family(path: Path) -> str | None:
     return None
 
 
+def check_weight_files(path: Path) -> None:
+    """Open the header of every safetensors file under ``path`` (cheap: no tensor is read) so a
+    truncated or garbled one is a :class:`ModelError` naming it, not a loader's traceback."""
+    from safetensors import safe_open
+
+    for f in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: either way the file is bad
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ModelError(f"model.path {path}: {f} is not a readable safetensors file ({first})") from None
+
+
 def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool = False) -> VideoFlowAdapter:
     """Load (``cfg.path``) or build (``cfg.init``) the model and set up what trains.
 
@@ -58,6 +72,7 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
         if found is not None and found != cfg.family:
             raise ModelError(f"model.path {path} holds a {FAMILIES[found]} checkpoint (family {found!r}), "
                              f"but model.family is {cfg.family!r}")
+        check_weight_files(Path(path))
     if cfg.family not in ("wan", "wan_i2v") and cfg.train_experts not in (None, ["high"]):
         raise ModelError(f"model.train_experts {cfg.train_experts}: only Wan 2.2 A14B has two experts")
     if cfg.family in ("wan", "wan_i2v"):
@@ -96,4 +111,5 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
     return adapter
 
 
-__all__ = ["FAMILIES", "ModelError", "TextBatch", "VideoFlowAdapter", "build_adapter", "checkpoint_family"]
+__all__ = ["FAMILIES", "ModelError", "TextBatch", "VideoFlowAdapter", "build_adapter", "check_weight_files",
+           "checkpoint_family"]

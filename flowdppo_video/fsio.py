@@ -1,0 +1,50 @@
+"""File-system failures as one line naming the path: output folders checked before a run writes,
+and ``OSError`` (disk full, read-only, permissions, missing) worded for the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from .config import ConfigError
+
+
+def check_output_dir(path: str | Path, key: str) -> None:
+    """Refuse an output folder that cannot be made, before anything is written: ``path`` or one of
+    its parents is a file, or the nearest existing parent is not writable. Creates nothing."""
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == p else f"is under {probe}, which is a file"
+        raise ConfigError(f"{key} {p} {where}, not a folder")
+    # The nearest existing folder must let us create the rest (root ignores the mode bits, so
+    # os.access answers for the real process).
+    target = p if p.exists() else probe
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {p}: {target} is not writable (permission denied or a read-only file system)")
+
+
+def os_error_line(e: OSError) -> str:
+    """``cannot write PATH: No space left on device`` style: one line, the path first."""
+    if e.errno is None and e.filename is None:   # already worded (e.g. a checkpoint write)
+        return str(e)
+    reason = e.strerror or str(e)
+    names = [n for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(str(n) for n in names)}: {reason}" if names else reason
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Within: an ``OSError`` that names no file (a ``write()`` on a full disk) names ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            e.filename = str(path)
+        raise

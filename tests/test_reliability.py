@@ -1,0 +1,307 @@
+"""Faults and bad inputs (issue 17): each is one line naming the key, path or file, exit 2, and
+nothing written before is lost. The table of what these tests try is in docs/reliability.md."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowdppo_video.config import ConfigError, load_config, load_yaml
+from flowdppo_video.trainer import Trainer, TrainingError
+
+from .conftest import TINY_CONFIG, tiny_config
+
+QUIET = ["run.sample_every=100", "run.num_sample_videos=0"]
+
+
+# ---------------------------------------------------------------- config: checked before anything
+@pytest.mark.parametrize("override, expected", [
+    ("sampler.eta=.nan", "sampler.eta must be a finite number, got nan"),
+    ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+    ("rewards={frame_change: .nan}", "rewards.frame_change must be a finite number, got nan"),
+    ("rewards={frame_change: {weight: -.inf}}", "rewards.frame_change.weight must be a finite number, got -inf"),
+    ("sampler.window=[0.0, .nan]", "sampler.window[1] must be a finite number, got nan"),
+    ("model.init={transformer: {eps: .nan}}", "model.init.transformer.eps must be a finite number"),
+    ("optim.betas=[2, 3]", "optim.betas must be two numbers in [0, 1), got [2.0, 3.0]"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.eps=-1e-8", "optim.eps must be > 0, got -1e-08"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0, got -0.1"),
+    ("video.height=0", "video.height must be >= 1, got 0"),
+    ("video.width=-32", "video.width must be >= 1, got -32"),
+    ("video.num_frames=0", "video.num_frames must be >= 1, got 0"),
+])
+def test_config_values_are_checked_and_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY_CONFIG, [override])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_base_cycle_or_self_include_is_one_line(tmp_path):
+    me = tmp_path / "me.yaml"
+    me.write_text("base: me.yaml\nrun: {iterations: 1}\n")
+    with pytest.raises(ConfigError, match=r"base includes form a cycle: .*me.yaml -> .*me.yaml$"):
+        load_yaml(me)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: sub/c.yaml\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("base: ../a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a.yaml -> .*b.yaml -> .*c.yaml -> .*a.yaml$"):
+        load_yaml(tmp_path / "a.yaml")
+    # a diamond (two files sharing a base) is no cycle
+    (tmp_path / "d.yaml").write_text("base: sub/e.yaml\nrun: {seed: 3}\n")
+    (tmp_path / "sub" / "e.yaml").write_text("run: {iterations: 4}\n")
+    assert load_yaml(tmp_path / "d.yaml") == {"run": {"seed": 3, "iterations": 4}}
+    (tmp_path / "f.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"f.yaml: base .*nowhere.yaml does not exist"):
+        load_yaml(tmp_path / "f.yaml")
+
+
+def test_a_yaml_syntax_error_keeps_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  iterations: 2\n  seed: [1, 2\noptim: {lr: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"config file {bad} is not valid YAML: line 4, column ") and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"override 'run.seed=\{1': the value is not valid YAML \(line 1, column"):
+        load_config(TINY_CONFIG, ["run.seed={1"])
+
+
+def test_output_dir_under_a_file_is_refused_before_anything(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    cfg = tiny_config(tmp_path, f"run.output_dir={blocker / 'run'}")
+    with pytest.raises(ConfigError, match=r"run.output_dir .*afile/run is under .*afile, which is a file"):
+        Trainer(cfg)
+    cfg = tiny_config(tmp_path, f"run.output_dir={blocker}")
+    with pytest.raises(ConfigError, match=r"run.output_dir .*afile is a file, not a folder"):
+        Trainer(cfg)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_size_the_model_cannot_take_fails_before_the_run_directory_exists(tmp_path):
+    cfg = tiny_config(tmp_path, "video.height=36")
+    with pytest.raises(Exception, match=r"video size 36x32 must be divisible by 16x16"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- resume
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A tiny 2-iteration run with checkpoints iter_000001 and iter_000002 (copied per test)."""
+    root = tmp_path_factory.mktemp("finished")
+    Trainer(tiny_config(root, "run.iterations=2", *QUIET)).run()
+    return root / "run"
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _resume(tmp_path: Path, *overrides: str) -> Trainer:
+    return Trainer(tiny_config(tmp_path, "run.iterations=3", *QUIET, *overrides), resume=True)
+
+
+def test_resume_to_fewer_iterations_than_done_is_refused_and_changes_nothing(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match=r"run.iterations=1 is below the 2 iterations already done "
+                                            r"\(iter_000002\); give run.iterations >= 2"):
+        _resume(tmp_path, "run.iterations=1")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before   # config.yaml too
+
+
+@pytest.mark.parametrize("damage", ["model/pytorch_lora_weights.safetensors", "state.pt", "meta.json",
+                                    "optimizer.pt"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(finished_run, tmp_path, capsys, damage):
+    run = _copy(finished_run, tmp_path)
+    f = run / "checkpoints" / "iter_000002" / damage
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])       # truncated, as by a full disk
+    trainer = _resume(tmp_path)
+    assert trainer.start_iteration == 1
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "skipped checkpoint" in ln]
+    assert len(warned) == 1 and f"skipped checkpoint iter_000002 ({damage} has" in warned[0]
+    assert "resuming from iter_000001" in warned[0]
+    aside = run / "checkpoints" / "corrupt_iter_000002"
+    assert (aside / damage).is_file() and not (run / "checkpoints" / "iter_000002").exists()  # kept, not deleted
+    assert [r["iteration"] for r in trainer.run()] == [1, 2]
+
+
+def test_a_checkpoint_without_manifest_is_tried_by_loading(finished_run, tmp_path, capsys):
+    """Checkpoints written before manifests: the newest that loads is taken."""
+    run = _copy(finished_run, tmp_path)
+    for m in run.glob("checkpoints/*/manifest.json"):
+        m.unlink()
+    f = run / "checkpoints" / "iter_000002" / "model" / "pytorch_lora_weights.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    assert _resume(tmp_path).start_iteration == 1
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "skipped checkpoint" in ln]
+    assert len(warned) == 1 and "skipped checkpoint iter_000002 (SafetensorError" in warned[0]
+    assert (run / "checkpoints" / "corrupt_iter_000002").is_dir()
+
+
+def test_when_no_checkpoint_verifies_nothing_is_moved(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    for name in ("iter_000001", "iter_000002"):
+        (run / "checkpoints" / name / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(TrainingError, match=r"no checkpoint verifies or loads \(newest iter_000002: state.pt has 7 "
+                                            r"bytes, .*nothing was moved"):
+        _resume(tmp_path)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+
+
+# ---------------------------------------------------------------- seeds
+def _draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_run_seed_seeds_the_global_generators(tmp_path):
+    Trainer(tiny_config(tmp_path / "a", "run.seed=5"))
+    a = _draws()
+    Trainer(tiny_config(tmp_path / "b", "run.seed=5"))
+    assert _draws() == a
+    Trainer(tiny_config(tmp_path / "c", "run.seed=6"))
+    assert all(x != y for x, y in zip(_draws(), a))
+
+
+def test_a_reward_drawing_random_numbers_resumes_exactly(tmp_path):
+    """The checkpoint restores the global generators: 1 + resume 1 equals 2 straight."""
+    import rewards
+
+    @rewards.register("test_noisy_reward")
+    class Noisy:
+        def __call__(self, videos, prompts):
+            return torch.rand(len(prompts)) + float(np.random.rand()) + random.random()
+
+    try:
+        over = ["rewards={test_noisy_reward: 1.0}", *QUIET]
+        straight = Trainer(tiny_config(tmp_path / "a", "run.iterations=2", *over)).run()
+        Trainer(tiny_config(tmp_path / "b", "run.iterations=1", *over)).run()
+        random.seed(99), np.random.seed(99), torch.manual_seed(99)      # whatever ran in between
+        resumed = Trainer(tiny_config(tmp_path / "b", "run.iterations=2", *over), resume=True).run()
+        assert resumed[0]["reward/mean"] == straight[1]["reward/mean"]
+    finally:
+        rewards.REWARDS.pop("test_noisy_reward")
+
+
+# ---------------------------------------------------------------- NaN is never hidden
+def test_nonfinite_videos_are_counted_and_named(tmp_path, monkeypatch, capsys):
+    from flowdppo_video import trainer as trainer_mod
+
+    real = trainer_mod.rollout
+
+    def nan_first(*a, **k):
+        traj = real(*a, **k)
+        traj.final[0] = float("nan")
+        return traj
+
+    monkeypatch.setattr(trainer_mod, "rollout", nan_first)
+    row = Trainer(tiny_config(tmp_path, "run.iterations=1", *QUIET)).run()[0]
+    assert row["videos/nonfinite"] == 1
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["videos/nonfinite"] == 1
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "non-finite latents" in ln]
+    assert warned == ["flowdppo-video: warning: iteration 0: 1 of 4 videos have non-finite latents "
+                      "(decoded as black frames); counted in videos/nonfinite"]
+
+
+# ---------------------------------------------------------------- disk full, read-only (root: a tmpfs)
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (root only; skipped otherwise), unmounted after the test."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous(small_disk, tmp_path):
+    from flowdppo_video.checkpoint import CheckpointError, list_checkpoints, save_checkpoint, verify_checkpoint
+
+    cfg = tiny_config(small_disk, "run.iterations=1", *QUIET, "run.keep_checkpoints=5")
+    trainer = Trainer(cfg)
+    trainer.run()
+    run = small_disk / "run"
+    _fill(small_disk)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*iter_000002: no space left on the "
+                                              r"device \(\d+ bytes free\); the previous checkpoints are kept"):
+        save_checkpoint(run, trainer.adapter, trainer.updater, 2, {}, keep=5)
+    assert [p.name for p in list_checkpoints(run)] == ["iter_000001"]
+    assert verify_checkpoint(run / "checkpoints" / "iter_000001") is None
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001"]   # no partial left
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    from .test_cli_e2e import cli
+    return cli(*args, check=False)
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warning" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("flowdppo-video: error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_cli_disk_full_and_read_only_are_one_line(small_disk):
+    run = small_disk / "run"
+    proc = _cli("train", "--config", str(TINY_CONFIG), f"run.output_dir={run}", "run.iterations=1",
+                "run.tensorboard=false", "run.report_every=0", *QUIET)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        line = _one_line(_cli("train", "--resume", str(run), "run.iterations=2"))
+        assert str(run) in line and "not writable" in line
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    filler = _fill(small_disk)
+    line = _one_line(_cli("train", "--resume", str(run), "run.iterations=2"))
+    assert str(run) in line and ("No space left" in line or "no space left" in line), line
+    filler.unlink()
+    # the checkpoint and the metrics of the first iteration are as they were
+    for p, data in snapshot.items():
+        if p.name not in ("config.yaml", "metrics.jsonl"):
+            assert p.read_bytes() == data, p
+    assert (run / "metrics.jsonl").read_bytes().startswith(snapshot[run / "metrics.jsonl"])
+    proc = _cli("train", "--resume", str(run), "run.iterations=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_cli_corrupt_model_path_file_is_one_line(tmp_path):
+    model = tmp_path / "model"
+    cfg = tiny_config(tmp_path, "run.iterations=1", *QUIET)
+    trainer = Trainer(cfg)
+    trainer.adapter.save_pretrained(model)
+    weights = sorted((model / "transformer").glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])    # header intact, data cut
+    line = _one_line(_cli("train", "--config", str(TINY_CONFIG), f"run.output_dir={tmp_path / 'run2'}",
+                          "model.init=null", f"model.path={model}", *QUIET))
+    assert f"{weights} is not a readable safetensors file (Error while deserializing header: incomplete" in line
+    assert not (tmp_path / "run2").exists()
