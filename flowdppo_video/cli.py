@@ -36,56 +36,17 @@ def _train(args: argparse.Namespace) -> None:
         trainer.close()
     if not trainer.is_main:                 # rank 0 reports
         return
-    if rows:
-        print(f"done: {len(rows)} iterations, reward/mean {rows[0]['reward/mean']:.4f} -> "
-              f"{rows[-1]['reward/mean']:.4f}; run directory {cfg.run.output_dir}")
     from .metrics import read_metrics
+    from .run_summary import summary_lines
 
-    evals = read_metrics(cfg.run.output_dir, "eval")
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
-        for k in sorted(k for k in last if k.startswith("eval/")):
-            if k in first and first[k] is not None and last[k] is not None:
-                print(f"  held-out {k[5:]:<28} {first[k]:8.4f} (after {first['after_iterations']}) -> "
-                      f"{last[k]:8.4f} (after {last['after_iterations']})")
+    run_dir = Path(cfg.run.output_dir)
+    print("\n".join(summary_lines(run_dir, rows, read_metrics(run_dir, "eval"))))
 
 
 def _sample(args: argparse.Namespace) -> None:
-    import dataclasses
+    from .sample import run_sample
 
-    from .checkpoint import latest_checkpoint, load_checkpoint
-    from .config import ConfigError, load_config
-    from .data import load_prompts
-    from .models import build_adapter
-    from .rollout import rollout
-    from .trainer import resolve_device
-    from .video import write_video
-
-    run_dir = Path(args.run)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a run directory)")
-    cfg = load_config(run_dir / "config.yaml", args.overrides)
-    device = resolve_device(cfg.run.device)
-    adapter = build_adapter(cfg.model, device)
-    from .images import load_run_images
-
-    load_run_images(adapter, cfg)  # image-to-video: the images of the run's prompts
-    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
-    if args.checkpoint != "base":
-        if ckpt is None or not ckpt.is_dir():
-            raise ConfigError(f"--checkpoint: no checkpoint at {ckpt or run_dir / 'checkpoints'}")
-        load_checkpoint(ckpt, adapter, None)
-    prompts = load_prompts(args.prompts if args.prompts else cfg.data.prompts)
-    sampler = dataclasses.replace(cfg.sampler, sde_steps=cfg.sampler.sde_steps if args.sde else 0)
-    latent_shape = adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
-    out = Path(args.out)
-    with torch.no_grad():
-        traj = rollout(adapter, prompts, args.num, latent_shape, sampler,
-                       torch.Generator().manual_seed(args.seed), negative_prompt=cfg.data.negative_prompt)
-    for k, (p, v) in enumerate(zip(traj.prompts, traj.videos)):
-        write_video(out / f"{k:03d}.mp4", v, fps=cfg.video.fps)
-    (out / "prompts.txt").write_text("\n".join(traj.prompts) + "\n")
-    print(f"wrote {len(traj.prompts)} videos to {out}")
+    run_sample(args)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -126,12 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 run.iterations=20")
     t.set_defaults(func=_train)
-    s = sub.add_parser("sample", help="generate videos from a run's checkpoint")
+    s = sub.add_parser("sample", help="generate videos from a run's checkpoint (writes NNN.mp4 and index.json)")
     s.add_argument("--run", required=True, help="run directory")
     s.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest; 'base': no weights)")
-    s.add_argument("--prompts", help="prompt file (default: the run's prompts)")
-    s.add_argument("--out", required=True, help="output folder for mp4 files")
-    s.add_argument("--num", type=int, default=1, choices=range(1, 1025), metavar="N", help="videos per prompt")
+    s.add_argument("--prompts", metavar="SPEC", help="train (default) or heldout: the run's prompts, either with "
+                   ":INDICES for a subset (heldout:0-3,7); bare INDICES of the training prompts; or a prompt file")
+    s.add_argument("--out", required=True, help="output folder for mp4 files and index.json")
+    s.add_argument("--num", type=int, default=1, choices=range(1, 1025), metavar="N",
+                   help="videos per prompt (default 1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--sde", action="store_true", help="sample with the training SDE steps (default: ODE)")
     s.add_argument("overrides", nargs="*", help="dotted overrides of the run's config")

@@ -47,8 +47,17 @@ def rows(run_dir: Path, name: str = "metrics") -> list[dict]:
 
 def test_two_iterations_then_resume_reproduces(tmp_path):
     run = tmp_path / "run"
-    train(run, *EVAL)
+    end = train(run, *EVAL).stdout
     got = rows(run)
+    # The end of the run: one aligned table (each held-out metric once, base -> final, the KL to
+    # the base model), then the files to open.
+    assert "done: 2 iterations; training reward/mean" in end
+    header = next(ln for ln in end.splitlines() if ln.split()[:1] == ["held-out"])
+    assert header.split() == ["held-out", "base", "after", "2", "change"]
+    assert sum(ln.split()[:1] == ["frame_change"] for ln in end.splitlines()) == 1
+    assert "KL to base (nats/token)" in end
+    for path in (run / "report" / "index.html", f"{run / 'before_after'}/", run / "curves.png"):
+        assert f"  {path}" in end
     assert [r["iteration"] for r in got] == [0, 1]
     for r in got:
         assert REQUIRED_KEYS <= set(r), REQUIRED_KEYS - set(r)
@@ -116,7 +125,25 @@ def test_sample_command_writes_videos(tmp_path):
     run = tmp_path / "run"
     train(run, "run.iterations=1")
     out = tmp_path / "samples"
-    cli("sample", "--run", str(run), "--out", str(out), "--num", "1")
+    said = cli("sample", "--run", str(run), "--out", str(out), "--num", "1").stdout
     vids = sorted(out.glob("*.mp4"))
     assert len(vids) == 4                                     # 4 prompts in the demo prompt file
     assert read_video(vids[0]).shape == (9, 32, 32, 3)
+    ckpt = run / "checkpoints" / "iter_000001"
+    # It says how many videos it will write and from which checkpoint, before writing them.
+    assert said.startswith(f"sampling 4 videos: 1 per prompt x 4 prompts (the run's training prompts), "
+                           f"from checkpoint {ckpt} (after 1 iteration)")
+    index = json.loads((out / "index.json").read_text())
+    assert (index["checkpoint"], index["iterations"], index["videos_per_prompt"]) == (str(ckpt), 1, 1)
+    demo = (ROOT / "configs/prompts/demo.txt").read_text().splitlines()
+    assert [v["prompt"] for v in index["videos"]] == [p for p in demo if p.strip() and not p.startswith("#")]
+    assert not (out / "prompts.txt").exists()
+    # --num is per prompt, --prompts picks a subset; the base model on request.
+    sub = tmp_path / "subset"
+    said = cli("sample", "--run", str(run), "--out", str(sub), "--num", "3", "--prompts", "1,3",
+               "--checkpoint", "base").stdout
+    assert "sampling 6 videos: 3 per prompt x 2 prompts" in said and "from the base model" in said
+    index = json.loads((sub / "index.json").read_text())
+    assert [(v["file"], v["prompt_index"], v["sample"]) for v in index["videos"]] == \
+        [(f"{k:03d}.mp4", [1, 3][k // 3], k % 3) for k in range(6)]
+    assert len(list(sub.glob("*.mp4"))) == 6 and index["checkpoint"] == "base"
