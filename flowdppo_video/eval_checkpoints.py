@@ -1,11 +1,14 @@
 """Evaluate checkpoints against each other: same prompts, same seeds, scored, compared.
 
-``flowdppo-video eval --checkpoints base RUN/checkpoints/iter_000100 ... --prompts FILE``
+``flowdppo-video eval --checkpoints base RUN/checkpoints/iter_000100 ... --prompts FILE [key=value ...]``
 samples every prompt with the seeds ``seed, seed + 1, ...`` for each model (the base model
 always among them, evaluated first), scores the videos, and writes into ``--out``:
 
 ``scores.jsonl``  one row per (model, prompt, seed): every reward's score
-``summary.json``  per reward: mean and 95% bootstrap interval per model, pairwise win-rates
+``summary.json``  per reward: mean and 95% bootstrap interval per model, pairwise win-rates with
+                  Wilson intervals, a warning when there are fewer than ``winrates.SMALL_N`` pairs,
+                  and what ``total`` sums (a composite reward is never added to its own parts:
+                  :func:`total_terms`)
 ``table.md``      the same as Markdown tables
 ``index.html``    a report page: the tables and the videos of each (prompt, seed) side by side
 ``videos/``       the first ``--num-videos`` (prompt, seed) videos of every model
@@ -16,16 +19,21 @@ win-rates compare like with like (see :mod:`flowdppo_video.winrates`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import re
+import sys
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .winrates import Estimate, WinRate, fmt, mean_ci, win_matrix
+from .winrates import Estimate, WinRate, fmt, mean_ci, small_sample_warning, win_matrix
 
 BASE = "base"
 
@@ -80,6 +88,56 @@ def reward_specs(items: list[str] | None, default: dict[str, Any]) -> dict[str, 
     return out
 
 
+def _part_name(key: str) -> str:
+    return key.rsplit("/", 1)[1]
+
+
+def composite_parts(rows: list[dict[str, Any]], reward: str) -> tuple[str, ...]:
+    """The logged parts (``reward/k`` keys) whose mean ``reward``'s score is on every row, or ``()``.
+
+    A reward that returns a dict logs its parts beside its score (the shapes world's
+    ``world_adherence`` logs colour, shape, direction, smoothness, ...; its score is the mean of
+    the first three). The parts are found from the numbers, not from a list kept here: the largest
+    set of at least two logged parts whose mean equals the score on every row (1e-5).
+    """
+    keys = [k for k in rows[0] if k.startswith(reward + "/")] if rows else []
+    score = np.array([r[reward] for r in rows], dtype=np.float64)
+    logged = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
+    for size in range(len(keys), 1, -1):
+        for combo in combinations(keys, size):
+            if np.allclose(np.mean([logged[k] for k in combo], axis=0), score, rtol=0, atol=1e-5):
+                return combo
+    return ()
+
+
+def total_terms(rows: list[dict[str, Any]], rewards: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Which rewards the ``total`` column sums, and why any other is left out.
+
+    A composite reward and its parts are never both counted: when every part of a composite is
+    among ``rewards`` the composite is left out (the parts carry their own weights); when only
+    some are, those parts are left out (the composite already averages them). A part ``reward/k``
+    is the reward ``Q`` named ``k`` or ``*_k`` that scores the same on every row.
+    """
+    left: dict[str, str] = {}
+    for c in rewards:
+        parts = composite_parts(rows, c)
+        if not parts:
+            continue
+        present = {}
+        for k in parts:
+            for q in rewards:
+                if q != c and (q == _part_name(k) or q.endswith("_" + _part_name(k))) and \
+                        all(abs(r[q] - r[k]) <= 1e-6 for r in rows):
+                    present[k] = q
+        names = ", ".join(present.get(k, _part_name(k)) for k in parts)
+        if len(present) == len(parts):
+            left.setdefault(c, f"the mean of {names}, which are counted")
+        else:
+            for q in present.values():
+                left.setdefault(q, f"already inside {c} (the mean of {names})")
+    return [n for n in rewards if n not in left], left
+
+
 def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, out: Path,
                          rewards: list[str] | None = None, samples: int = 2, seed: int = 0, sde: bool = False,
                          num_videos: int = 8, overrides: list[str] | None = None, progress: bool = True
@@ -115,7 +173,7 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     out.mkdir(parents=True, exist_ok=True)
 
     # scores[reward][model][(prompt_index, seed)]
-    names = list(reward_fns) + (["total"] if len(reward_fns) > 1 else [])
+    names = list(reward_fns)
     scores: dict[str, dict[str, dict[tuple[int, int], float]]] = {n: {m.label: {} for m in models} for n in names}
     rows: list[dict[str, Any]] = []
     videos: dict[str, dict[tuple[int, int], str]] = {m.label: {} for m in models}
@@ -128,8 +186,6 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
                 traj = rollout(adapter, prompt_list, 1, latent_shape, sampler, torch.Generator().manual_seed(s),
                                negative_prompt=cfg.data.negative_prompt, progress=False)
             got, extras = score_videos(reward_fns, traj.videos, traj.prompts)
-            if "total" in names:
-                got = {**got, "total": sum(weights[n] * got[n] for n in reward_fns)}
             for i, prompt in enumerate(prompt_list):
                 row = {"model": m.label, "checkpoint": str(m.path) if m.path else BASE, "prompt_index": i,
                        "prompt": prompt, "seed": s, **{n: float(got[n][i]) for n in names},
@@ -143,13 +199,25 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
                     videos[m.label][(i, s)] = rel
             bar.update(1)
     bar.close()
+    terms, left_out = total_terms(rows, names)
+    if len(terms) > 1:                      # one reward alone: its own column says it all
+        scores["total"] = {m.label: {} for m in models}
+        for row in rows:
+            row["total"] = sum(weights[n] * row[n] for n in terms)
+            scores["total"][row["model"]][(row["prompt_index"], row["seed"])] = row["total"]
+        names.append("total")
 
     summary: dict[str, Any] = {"run": str(run_dir), "prompts": prompts, "seeds": seeds,
                                "sampler": "sde" if sde else "ode", "rewards": specs,
                                "models": {m.label: str(m.path) if m.path else BASE for m in models},
                                "ci": "95% percentile bootstrap (10,000 resamples, seed 0)",
-                               "win_rate": "row over column, paired by (prompt, seed), ties count half",
+                               "win_rate": "row over column, paired by (prompt, seed), ties count half; "
+                                           "95% Wilson score interval",
+                               "warnings": [w for w in [small_sample_warning(len(prompt_list) * len(seeds))]
+                                            if w and len(models) > 1],
                                "results": {}}
+    if "total" in names:
+        summary["total"] = {"sums": {n: weights[n] for n in terms}, "left_out": left_out}
     for n in names:
         means = {lab: mean_ci(list(v.values())) for lab, v in scores[n].items()}
         wins = win_matrix(scores[n])
@@ -172,13 +240,23 @@ def _estimates(summary: dict[str, Any], reward: str) -> tuple[dict[str, Estimate
     return means, wins
 
 
+def total_note(total: dict[str, Any]) -> str:
+    """``total = a + 0.5 x b (c left out: ...)``: what the total column sums."""
+    sums = " + ".join(n if w == 1 else f"{w:g} x {n}" for n, w in total["sums"].items())
+    left = "; ".join(f"{n} left out: {why}" for n, why in total["left_out"].items())
+    return f"total = {sums}" + (f" ({left})" if left else "")
+
+
 def markdown_tables(summary: dict[str, Any]) -> str:
     """Mean [95% CI] per model and reward, then one win-rate matrix per reward."""
     models = list(summary["models"])
     rewards = list(summary["results"])
     lines = [f"Prompts {summary['prompts']}, seeds {summary['seeds']}, {summary['sampler'].upper()} sampling; "
-             f"CI: {summary['ci']}; win-rate: {summary['win_rate']}.", "",
-             "| model | " + " | ".join(rewards) + " |", "|---" * (len(rewards) + 1) + "|"]
+             f"CI: {summary['ci']}; win-rate: {summary['win_rate']}.", ""]
+    if summary.get("total"):
+        lines += [total_note(summary["total"]), ""]
+    lines += [*[f"**{w}**" for w in summary.get("warnings", [])], *([""] if summary.get("warnings") else []),
+              "| model | " + " | ".join(rewards) + " |", "|---" * (len(rewards) + 1) + "|"]
     for m in models:
         lines.append(f"| {m} | " + " | ".join(fmt(_estimates(summary, r)[0][m]) for r in rewards) + " |")
     for r in rewards:
@@ -208,12 +286,16 @@ def write_eval_report(out: Path, summary: dict[str, Any], cfg: Any, prompts: lis
             e = _estimates(summary, r)[0][m]
             cells.append(f'{e.value:.4f} <span class="muted">[{e.lo:.4f}, {e.hi:.4f}]</span>')
         score_rows.append([esc(m), *cells, str(_estimates(summary, rewards[0])[0][m].n)])
+    notes = "".join(f'<p class="bad">{esc(w)}</p>' for w in summary.get("warnings", []))
+    if summary.get("total"):
+        notes += f'<p class="muted">{esc(total_note(summary["total"]))}</p>'
     scores_html = (f"<p>Mean score per model with its 95% percentile-bootstrap interval, over "
                    f"{len(prompts)} prompts × {len(summary['seeds'])} seeds ({summary['sampler'].upper()} sampling; "
-                   f"the same initial noise for every model).</p>" +
+                   f"the same initial noise for every model).</p>" + notes +
                    table(["model", *rewards, "n"], score_rows, raw=True))
-    win_parts = ["<p>Each cell: how often the row model scores higher than the column model on the same "
-                 "(prompt, seed), ties counting half, with a paired-bootstrap 95% interval and wins-ties-losses.</p>"]
+    win_parts = [*(f'<p class="bad">{esc(w)}</p>' for w in summary.get("warnings", [])),
+                 "<p>Each cell: how often the row model scores higher than the column model on the same "
+                 "(prompt, seed), ties counting half, with a 95% Wilson score interval and wins-ties-losses.</p>"]
     for r in rewards:
         _, wins = _estimates(summary, r)
         rows = []
@@ -266,9 +348,26 @@ def _run_dir_of(checkpoints: list[str]) -> Path | None:
     return None
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)+=")
+
+
+def split_overrides(checkpoints: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--checkpoints a b run.device=cpu`` -> ``([a, b], [run.device=cpu])``: the option takes
+    several values, so it swallows the positional ``key=value`` overrides that follow it; an item
+    that looks like ``section.key=value`` and is not a path on disk is an override."""
+    ckpts = [c for c in checkpoints if not (_OVERRIDE.match(c) and not Path(c).exists())]
+    return ckpts, [c for c in checkpoints if c not in ckpts] + list(overrides)
+
+
 def _main(args: Any) -> None:
     from .config import ConfigError
 
+    args.checkpoints, overrides = split_overrides(args.checkpoints, args.overrides)
+    if args.override:
+        print("flowdppo-video: note: --override is deprecated; give overrides as key=value after the "
+              "command, as train and sample take them", file=sys.stderr)
+    if not args.checkpoints:
+        raise ConfigError("eval: --checkpoints needs at least one checkpoint directory (or base)")
     resolve_models(args.checkpoints)       # a bad checkpoint path is the first thing to name
     run_dir = Path(args.run) if args.run else _run_dir_of(args.checkpoints)
     if run_dir is None:
@@ -276,8 +375,10 @@ def _main(args: Any) -> None:
                           "--checkpoints lies in a run directory")
     out = Path(args.out) if args.out else run_dir / "eval_checkpoints"
     summary = evaluate_checkpoints(run_dir, args.checkpoints, args.prompts, out, args.reward, args.samples,
-                                   args.seed, args.sde, args.num_videos, args.override)
+                                   args.seed, args.sde, args.num_videos, [*overrides, *args.override])
     print(markdown_tables(summary), end="")
+    for w in summary["warnings"]:           # again at the end, where the eye lands
+        print(w)
     print(f"wrote {out / 'summary.json'}, {out / 'table.md'} and the report {out / 'index.html'}")
 
 
@@ -298,5 +399,6 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--num-videos", type=int, default=8, help="(prompt, seed) items whose videos are kept")
     e.add_argument("--out", help="output folder (default: RUN_DIR/eval_checkpoints)")
     e.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override of the run's config, e.g. run.device=cpu; repeatable")
+                   help=argparse.SUPPRESS)   # deprecated: overrides are positional, as in train and sample
+    e.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. run.device=cpu")
     e.set_defaults(func=_main)

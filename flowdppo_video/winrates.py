@@ -2,19 +2,26 @@
 
 Pure functions over scores keyed by ``(prompt, seed)``.
 
-* Confidence intervals are **percentile bootstrap** intervals: ``resamples`` resamplings of
+* Confidence intervals of means are **percentile bootstrap** intervals: ``resamples`` resamplings of
   the items with replacement, from ``numpy.random.default_rng(seed)`` with a fixed seed, so the
   same scores always give the same interval. No normality is assumed (rewards are often
-  bounded and skewed), and the same procedure serves means and win-rates.
+  bounded and skewed).
 * A **win-rate** of A over B is ``(wins + ties / 2) / n`` over the ``n`` pairs that share a
   ``(prompt, seed)``: A wins a pair when its score is higher. Ties count as half a win, so
-  ``winrate(A, B) + winrate(B, A) = 1``, and a model against itself scores 0.5. Its interval
-  resamples the pairs (a paired bootstrap).
+  ``winrate(A, B) + winrate(B, A) = 1``, and a model against itself scores 0.5. Its interval is
+  the **Wilson score interval** of a proportion over ``n`` pairs: unlike a bootstrap of the pairs,
+  it does not collapse to ``[1, 1]`` when A wins every one of a few pairs (2 wins of 2 give
+  ``[0.34, 1]``), and it is close to a paired bootstrap's when ``n`` is large. A tie varies
+  less than a win-or-loss coin flip would, so counting it as half a success keeps the interval
+  conservative.
+* Below ``SMALL_N`` pairs :func:`small_sample_warning` says so in words.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +29,7 @@ import numpy as np
 LEVEL = 0.95
 RESAMPLES = 10_000
 SEED = 0
+SMALL_N = 30          # fewer (prompt, seed) pairs than this: a win-rate is called a small sample
 
 
 @dataclass(frozen=True)
@@ -76,23 +84,46 @@ def paired(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[np
     return np.array([a[k] for k in keys], dtype=np.float64), np.array([b[k] for k in keys], dtype=np.float64)
 
 
-def win_rate(a: Mapping[Hashable, float], b: Mapping[Hashable, float], level: float = LEVEL,
-             resamples: int = RESAMPLES, seed: int = SEED) -> WinRate:
-    """Win-rate of ``a`` over ``b``, paired by key (``(prompt, seed)``), ties as half a win."""
+def wilson(successes: float, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (``successes`` may be fractional)."""
+    if n < 1:
+        raise ValueError("wilson needs n >= 1")
+    z = float(NormalDist().inv_cdf(0.5 + level / 2.0))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(a: Mapping[Hashable, float], b: Mapping[Hashable, float], level: float = LEVEL) -> WinRate:
+    """Win-rate of ``a`` over ``b``, paired by key (``(prompt, seed)``), ties as half a win, with
+    its Wilson score interval."""
     x, y = paired(a, b)
     points = np.where(x > y, 1.0, np.where(x == y, 0.5, 0.0))
-    lo, hi = _bootstrap(points, lambda p: p.mean(axis=-1), level, resamples, seed)
+    lo, hi = wilson(float(points.sum()), int(points.size), level)
     wins, ties = int((x > y).sum()), int((x == y).sum())
     return WinRate(float(points.mean()), lo, hi, int(points.size), wins=wins, ties=ties,
                    losses=int(points.size) - wins - ties)
 
 
-def win_matrix(scores: Mapping[str, Mapping[Hashable, float]], **kw) -> dict[tuple[str, str], WinRate]:
+def win_matrix(scores: Mapping[str, Mapping[Hashable, float]], level: float = LEVEL
+               ) -> dict[tuple[str, str], WinRate]:
     """``{(A, B): win_rate(A over B)}`` for every ordered pair of distinct models in ``scores``."""
     names = list(scores)
-    return {(p, q): win_rate(scores[p], scores[q], **kw) for p in names for q in names if p != q}
+    return {(p, q): win_rate(scores[p], scores[q], level) for p in names for q in names if p != q}
 
 
 def fmt(e: Estimate, digits: int = 4) -> str:
     """``value [lo, hi]``."""
     return f"{e.value:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}]"
+
+
+def small_sample_warning(n: int, what: str = "win-rates") -> str | None:
+    """A sentence for readers of ``what`` computed over ``n`` (prompt, seed) pairs, or ``None``
+    when ``n >= SMALL_N``."""
+    if n >= SMALL_N:
+        return None
+    lo, _ = wilson(n, n)
+    return (f"warning: the {what} rest on only {n} (prompt, seed) pair{'s' if n != 1 else ''} per comparison; "
+            f"even winning all of them gives an interval from {lo:.2f} to 1, so a difference may be luck. "
+            f"Use {SMALL_N} or more pairs (more prompts, or --samples) before deciding from them.")

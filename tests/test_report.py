@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from flowdppo_video.winrates import wilson
+
 from .chromium import check_page, find_chromium
 from .conftest import ROOT, TINY_CONFIG
 from .test_cli_e2e import cli, train
@@ -147,8 +149,10 @@ def test_tensorboard_gets_eval_videos(run_dir):
 @pytest.fixture(scope="module")
 def compared(run_dir, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    proc = cli("eval", "--checkpoints", str(run_dir / "checkpoints" / "iter_000002"), "--prompts", str(PROMPTS),
-               "--reward", "frame_change", "--samples", "2", "--num-videos", "3", "--out", str(out))
+    # The override comes right after --checkpoints (which takes several values): still an override.
+    proc = cli("eval", "--checkpoints", str(run_dir / "checkpoints" / "iter_000002"), "run.device=cpu",
+               "--prompts", str(PROMPTS), "--reward", "frame_change", "--samples", "2", "--num-videos", "3",
+               "--out", str(out))
     return out, proc.stdout
 
 
@@ -165,6 +169,12 @@ def test_eval_checkpoints(compared):
     w = summary["results"]["frame_change"]["win_rate"]["iter_000002 > base"]
     assert (w["wins"], w["ties"], w["n"]) == (wins, ties, 8)
     assert w["value"] == pytest.approx((wins + ties / 2) / 8)
+    assert (w["lo"], w["hi"]) == pytest.approx(wilson(wins + ties / 2, 8))    # small n: a wide interval
+    # 8 pairs: the page, the table and the end of the output say the sample is small.
+    warning = "warning: the win-rates rest on only 8 (prompt, seed) pairs per comparison"
+    assert summary["warnings"][0].startswith(warning) and stdout.strip().splitlines()[-2].startswith(warning)
+    assert warning in (out / "table.md").read_text() and warning in (out / "index.html").read_text()
+    assert "total" not in summary["results"]                           # one reward: no total column
     back = summary["results"]["frame_change"]["win_rate"]["base > iter_000002"]
     assert back["value"] == pytest.approx(1 - w["value"])
     m = summary["results"]["frame_change"]["mean"]["base"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowdppo_video.winrates import mean_ci, win_matrix, win_rate
+from flowdppo_video.winrates import SMALL_N, mean_ci, small_sample_warning, wilson, win_matrix, win_rate
 
 # 3 prompts x 2 seeds; keys are (prompt index, seed).
 KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
@@ -22,9 +22,11 @@ def test_win_rate_by_hand():
     assert win_rate(B, A).value == pytest.approx(2.5 / 6)       # ties are shared: the two sum to 1
     assert win_rate(A, A).value == 0.5
     assert 0.0 <= w.lo <= w.value <= w.hi <= 1.0
-    # C is above A everywhere: a win-rate of 1 with a zero-width interval.
+    # C is above A everywhere: a win-rate of 1, but 6 pairs cannot rule out much less (Wilson:
+    # 6 wins of 6 give [0.61, 1]; a bootstrap of the pairs would say [1, 1]).
     c = win_rate(C, A)
-    assert (c.value, c.lo, c.hi, c.wins) == (1.0, 1.0, 1.0, 6)
+    assert (c.value, c.hi, c.wins) == (1.0, 1.0, 6)
+    assert c.lo == pytest.approx(0.6097, abs=1e-4)
 
 
 def test_pairing_is_by_key_not_by_order():
@@ -57,3 +59,28 @@ def test_mean_ci():
     assert (big.hi - big.lo) / 2 == pytest.approx(half, rel=0.1)
     with pytest.raises(ValueError):
         mean_ci([])
+
+
+def test_wilson_interval_reflects_small_samples():
+    # Textbook values (Wilson 1927; e.g. 0 of 10 -> [0, 0.278], 5 of 10 -> [0.237, 0.763]).
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    lo2, hi2 = wilson(2, 2)
+    assert (round(lo2, 2), hi2) == (0.34, 1.0)             # 2 wins of 2 prove little
+    assert wilson(200, 200)[0] > 0.98                      # 200 of 200 prove a lot
+    # Many pairs: close to the paired bootstrap of the win points (what the interval was before).
+    rng = np.random.default_rng(0)
+    a = {i: float(v) for i, v in enumerate(rng.normal(size=400))}
+    b = {i: float(v) for i, v in enumerate(rng.normal(0.2, 1.0, size=400))}
+    w = win_rate(a, b)
+    points = np.array([1.0 if a[i] > b[i] else 0.0 for i in a])
+    boot = points[rng.integers(0, 400, size=(10_000, 400))].mean(axis=1)
+    assert w.lo == pytest.approx(np.quantile(boot, 0.025), abs=0.01)
+    assert w.hi == pytest.approx(np.quantile(boot, 0.975), abs=0.01)
+
+
+def test_small_sample_warning():
+    msg = small_sample_warning(2)
+    assert msg.startswith("warning: the win-rates rest on only 2 (prompt, seed) pairs")
+    assert "from 0.34 to 1" in msg and f"{SMALL_N} or more pairs" in msg
+    assert small_sample_warning(SMALL_N) is None
