@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import platform
 import re
 import resource
@@ -54,6 +55,37 @@ NUM_STEPS = 8
 SDE_STEPS = 2
 GUIDANCE = 4.5
 SHIFT = 3.0
+
+
+# --smoke: the same code paths at a size that runs in seconds, so CI notices when a benchmark no
+# longer runs against the current code (tests/test_bench_smoke.py). Its numbers mean nothing.
+SMOKE = False
+SMOKE_VIDEO = {"num_frames": 5, "height": 32, "width": 32}   # latent (16, 2, 4, 4) -> 8 tokens
+SMOKE_REPEATS = 2                 # timed repeats at smoke size (1 for the two-process benchmarks)
+
+
+def use_smoke_size() -> None:
+    """Shrink the shared video and sampler to smoke size (the model stays :data:`WAN_INIT`).
+
+    Set before anything is built: the scripts read :data:`VIDEO`, :data:`NUM_STEPS` and
+    :data:`SDE_STEPS` when they build, and pass ``--smoke`` on to their fresh processes.
+    """
+    global SMOKE, NUM_STEPS
+    SMOKE = True
+    VIDEO.update(SMOKE_VIDEO)
+    NUM_STEPS = 4          # 2 of them SDE steps, as at full size
+
+
+def smoke_args() -> list[str]:
+    """``["--smoke"]`` in a smoke run: the flag a child process of the same script needs."""
+    return ["--smoke"] if SMOKE else []
+
+
+def latent_and_tokens(adapter: Any) -> tuple[list[int], int]:
+    """The latent ``(C, F, H, W)`` of :data:`VIDEO` for ``adapter`` and its transformer token count."""
+    latent = list(adapter.latent_shape(VIDEO["num_frames"], VIDEO["height"], VIDEO["width"]))
+    pt, ph, pw = adapter.patch_size
+    return latent, (latent[1] // pt) * (latent[2] // ph) * (latent[3] // pw)
 
 
 def setup_torch() -> None:
@@ -155,6 +187,27 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def median_interval(xs: list[float], confidence: float = 0.9) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of ``xs``: ``(low, high, coverage)``.
+
+    Order statistics ``x_(k) .. x_(n+1-k)`` with the largest ``k`` whose coverage (the chance that
+    the true median lies between them, ``1 - 2 P(Binomial(n, 1/2) < k)``) is still at least
+    ``confidence``; with too few samples for that, the whole range and its coverage (5 samples:
+    min..max, 93.8%; 2 samples: 50%).
+    """
+    x, n = sorted(xs), len(xs)
+    if n == 0:
+        return float("nan"), float("nan"), 0.0
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return float(x[k - 1]), float(x[n - k]), coverage(k)
+
+
 # ---------------------------------------------------------------- memory
 def _status_kb(key: str) -> int:
     text = Path("/proc/self/status").read_text()
@@ -219,7 +272,8 @@ def probe_in_subprocess(script: Path, variant: str, extra: list[str] | None = No
     """Run ``script --memory-probe VARIANT`` in a fresh interpreter; it prints one JSON line."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "probe.json"
-        cmd = [sys.executable, str(script), "--memory-probe", variant, "--out", str(out), *(extra or [])]
+        cmd = [sys.executable, str(script), "--memory-probe", variant, "--out", str(out), *(extra or []),
+               *smoke_args()]
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
@@ -278,20 +332,38 @@ def summarize(result: dict[str, Any]) -> None:
     print_table(rows, ["variant", "median s", "min s", "max s", "others' CPU", "page faults", "peak MB",
                        "+MB in call"])
     print()
-    rows = [[c["label"], f"{c['ratio']:.3f}x", f"{c['paired_ratio_median']:.3f}x", f"{c['ratio_of_minima']:.3f}x",
-             f"<= {c['target']:.2f}x", "PASS" if c["pass"] else "FAIL"] for c in result["comparisons"]]
-    print_table(rows, ["comparison (ours / baseline)", "ratio of medians", "paired median", "ratio of min",
-                       "target", ""])
+    rows = [[c["label"], f"{c['ratio']:.3f}x", f"{c['paired_ratio_median']:.3f}x",
+             f"{c['paired_interval'][0]:.3f}x-{c['paired_interval'][1]:.3f}x ({100 * c['paired_interval_coverage']:.0f}%)",
+             f"{c['ratio_of_minima']:.3f}x", f"<= {c['target']:.2f}x", c["verdict_on"], verdict_text(c)]
+            for c in result["comparisons"]]
+    print_table(rows, ["comparison (ours / baseline)", "ratio of medians", "paired median", "paired interval",
+                       "ratio of min", "target", "verdict on", ""])
+
+
+def verdict_text(c: dict[str, Any]) -> str:
+    """PASS / FAIL of a comparison; for a paired verdict, whether its interval settles it."""
+    out = "PASS" if c["pass"] else "FAIL"
+    if c.get("verdict_on") == "paired_ratio_median":
+        lo, hi = c["paired_interval"]
+        if lo <= c["target"] < hi:
+            out += " (interval spans the target)"
+    return out
 
 
 def make_result(name: str, title: str, argv: list[str], repeats: int, machine: dict[str, Any],
                 timed: tuple[dict[str, list[float]], dict[str, list[float]]], memory: dict[str, dict[str, Any]],
-                pairs: list[tuple[str, str, str, float]], config: dict[str, Any], note: str) -> dict[str, Any]:
+                pairs: list[tuple[str, str, str, float]], config: dict[str, Any], note: str,
+                verdict_on: str = "ratio") -> dict[str, Any]:
     """``timed``: :func:`time_interleaved`'s ``(times, extra)``; ``pairs``: ``(label, ours, baseline, target)``.
 
-    The verdict uses the ratio of the medians. The median of the per-repeat ratios (each ours/baseline
-    pair ran back to back) and the ratio of the minima are kept as checks against load noise.
+    ``verdict_on="ratio"``: the verdict uses the ratio of the medians; the median of the per-repeat
+    ratios (each ours/baseline pair ran back to back) and the ratio of the minima are kept as
+    checks against load noise. ``verdict_on="paired_ratio_median"``: the verdict uses the median
+    of the per-repeat ratios, reported with :func:`median_interval`'s interval (a slow drift of
+    the machine's load moves both sides of a pair alike, so the paired ratio is the steadier one).
     """
+    if verdict_on not in ("ratio", "paired_ratio_median"):
+        raise ValueError(f"verdict_on must be 'ratio' or 'paired_ratio_median', got {verdict_on!r}")
     times, extra = timed
     foreign = {n: e["others_cpu_share"] for n, e in extra.items()}
     faults = {n: e["minor_faults"] for n, e in extra.items()}
@@ -304,9 +376,14 @@ def make_result(name: str, title: str, argv: list[str], repeats: int, machine: d
     comps = []
     for label, ours, base, target in pairs:
         ratio = variants[ours]["median_s"] / variants[base]["median_s"]
-        paired = median([a / b for a, b in zip(times[ours], times[base])])
+        per_pair = [a / b for a, b in zip(times[ours], times[base])]
+        paired = median(per_pair)
+        lo, hi, cover = median_interval(per_pair)
+        verdict = ratio if verdict_on == "ratio" else paired
         comps.append({"label": label, "ours": ours, "baseline": base, "ratio": ratio, "target": target,
-                      "pass": ratio <= target, "paired_ratio_median": paired,
+                      "verdict_on": verdict_on, "verdict_ratio": verdict, "pass": verdict <= target,
+                      "paired_ratio_median": paired, "paired_ratios": per_pair, "paired_interval": [lo, hi],
+                      "paired_interval_coverage": cover,
                       "ratio_of_minima": variants[ours]["min_s"] / variants[base]["min_s"]})
     return {"name": name, "title": title, "command": " ".join(argv), "repeats": repeats, "machine": machine,
             "variants": variants, "comparisons": comps, "config": config, "note": note}
@@ -318,6 +395,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write the result dict as JSON here")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (fresh processes)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"smoke size: a {SMOKE_VIDEO['num_frames']}-frame {SMOKE_VIDEO['height']}x"
+                        f"{SMOKE_VIDEO['width']} video, {SMOKE_REPEATS} repeats, seconds in all; checks "
+                        "that the benchmark runs, its numbers mean nothing")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)   # internal: one variant, one call
     return p
 
@@ -445,11 +526,20 @@ def trajectory_main(doc: str, variants_for: VariantsFor, run: Callable[..., dict
     """Command line of (b) and (c): a timed run, or (internal) one memory probe."""
     p = base_parser(doc.splitlines()[0])
     p.add_argument("--trajectory", type=Path, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    a = parse_args(p, argv)
     if a.memory_probe:
         trajectory_probe(variants_for, a.memory_probe, a.device, a.out, a.trajectory)
         return None
     return run(a.repeats, a.out, a.device, memory=not a.no_memory)
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a benchmark's arguments; ``--smoke`` shrinks the sizes and caps the repeats."""
+    a = p.parse_args(argv)
+    if a.smoke:
+        use_smoke_size()
+        a.repeats = min(a.repeats, SMOKE_REPEATS)
+    return a
 
 
 def launch_two_ranks(script: str | Path, argv: list[str]) -> int:

@@ -7,6 +7,7 @@ computes a per-token mask from the token KL and ratio; grpo_clip a per-row clipp
 compute the same token log-probs and the token KL (grpo_clip for its stats).
 
     .venv/bin/python tools/bench/objective_overhead.py --repeats 5 --out /tmp/c.json
+    .venv/bin/python tools/bench/objective_overhead.py --smoke --no-memory --out /tmp/c.json  # does it run?
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ def variants_for(trainer: Any, traj: Any, adv: torch.Tensor) -> dict[str, Callab
     def with_objective(kind: str) -> Callable[[], Any]:
         def step() -> Any:
             trainer.cfg.objective.kind = kind      # read by Trainer.replay_step on every call
-            return trainer.update(traj, adv, 0)
+            out = trainer.update(traj, adv, 0)
+            # Only ratio clipping reports a clip fraction: if the switch stops taking effect (an
+            # objective fixed when the trainer is built), both sides would time the same thing.
+            if ("ratio/clip_frac" in out) != (kind == "grpo_clip"):
+                raise RuntimeError(f"setting cfg.objective.kind={kind!r} did not change Trainer.update's "
+                                   "objective: this benchmark must switch objectives another way")
+            return out
         return step
 
     return {"flow_dppo_update": with_objective("flow_dppo"), "grpo_clip_update": with_objective("grpo_clip")}
@@ -50,8 +57,9 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
         adv = C.advantages_for(traj.batch_size)
         variants = variants_for(trainer, traj, adv)
         timed, mem = C.time_and_probe(Path(__file__), variants, repeats, dev, device, traj, Path(d), memory)
-    config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": [16, 9, 32, 32], "tokens": 2304,
-              "minibatch_videos": traj.batch_size, "sde_steps_replayed": traj.num_sde_steps,
+    latent, tokens = C.latent_and_tokens(trainer.adapter)
+    config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": latent, "tokens": tokens,
+              "smoke": C.SMOKE, "minibatch_videos": traj.batch_size, "sde_steps_replayed": traj.num_sde_steps,
               "guidance_scale": C.GUIDANCE, "finetune": "full", "delta": 0.01, "clip_range": 1e-3,
               "dtype": "float32"}
     note = ("Same trainer, model, trajectory and advantages; only objective.kind differs. The transformer "

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench/reward_throughput.py                      # writes docs/rewards_section.md
     .venv/bin/python tools/bench/reward_throughput.py --repeats 5 --sizes 256x256 480x832
+    .venv/bin/python tools/bench/reward_throughput.py --smoke --out /tmp/r.md       # seconds: does it run?
 
 (1) ``motion_quality`` (DIS flow, frames resized to a 128-pixel short side first, see
 rewards/motion.py) on batches of 16-frame videos: videos per second, median of ``--repeats``.
@@ -49,7 +50,11 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--sizes", nargs="+", default=["256x256", "480x832"])
     ap.add_argument("--out", default="docs/rewards_section.md")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one repeat of 2 videos of 4 frames at 32x32 (seconds; the numbers mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        args.repeats, args.batch, args.frames, args.sizes = 1, 2, 4, ["32x32"]
     torch.set_num_threads(2)
     import rewards
     from rewards.server import BackgroundServer, create_app
@@ -88,6 +93,7 @@ def main() -> None:
         lines.append(f"| {args.frames}×{size} | {mib:.1f} | {ml:.3f} | {mr:.3f} | **{ratio:.3f}x** |")
     lines += ["", "The server's scores equal the in-process ones exactly (checked in the run). Its overhead is "
               "the upload of raw pixels over loopback, their decoding and the batching window (10 ms).", ""]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -16,7 +16,13 @@ variant ``ours_latent_joint`` forces the one-call form. Legitimate differences, 
 the steps stochastic policy steps and stores ``x``, ``x'``, ``mu`` for them (what training needs),
 the pipeline takes deterministic Euler steps with its own (shifted) sigma schedule.
 
+Verdict: the median of the per-repeat ratios (ours / pipeline, each pair run back to back, so a
+slow drift of the machine's load moves both alike) against the target, reported with a
+distribution-free interval for that median (order statistics; ``_common.median_interval``). The
+ratio of the medians and of the minima are kept beside it as checks.
+
     .venv/bin/python tools/bench/rollout_vs_pipeline.py --repeats 5 --out /tmp/a.json
+    .venv/bin/python tools/bench/rollout_vs_pipeline.py --smoke --no-memory --out /tmp/a.json   # does it run?
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ EXTRA = ("latent, sampler.cfg_batch=joint: rollout / WanPipeline(output_type='la
          "pipeline_latent")
 
 
-def build(device: torch.device) -> dict[str, Callable[[], Any]]:
-    """The model, both samplers, and one closure per variant."""
+def build(device: torch.device) -> tuple[Any, dict[str, Callable[[], Any]]]:
+    """The model (its adapter), both samplers, and one closure per variant."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     from flowdppo_video.config import SamplerConfig
@@ -94,7 +100,7 @@ def build(device: torch.device) -> dict[str, Callable[[], Any]]:
                 "ours_decoded": ours(True), "pipeline_decoded": theirs("np"),
                 # Warm-up of the VAE before the decoded pair (the transformer is warm from the latent pair).
                 "_vae_warmup": lambda: adapter.decode(noise)}
-    return variants
+    return adapter, variants
 
 
 def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: bool = True,
@@ -104,7 +110,7 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
     dev = C.resolve_device(device)
     machine = C.machine_info(dev)
     print(f"(a) rollout vs WanPipeline: building the model on {dev} ...", flush=True)
-    variants = build(dev)
+    adapter, variants = build(dev)
     pairs = PAIRS if decoded else PAIRS[:1]
     names = [n for _, o, t in pairs for n in (o, t)]       # these also get a peak-memory probe
     groups = [[o, t] for _, o, t in pairs]
@@ -127,7 +133,7 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
             extra_stats.update(f)
     timed = (times, extra_stats)
     prof = None
-    lat_ratio = C.median(times["ours_latent"]) / C.median(times["pipeline_latent"])
+    lat_ratio = C.median([a / b for a, b in zip(times["ours_latent"], times["pipeline_latent"])])
     if profile == "always" or (profile == "on-miss" and lat_ratio > TARGET):
         print(f" latent ratio {lat_ratio:.3f}x: profiling ours_latent vs pipeline_latent (1 run each)", flush=True)
         with torch.no_grad():
@@ -141,7 +147,8 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
         for n in names:
             mem[n] = C.probe_in_subprocess(Path(__file__), n,
                                            ["--device", device, *(["--malloc-tuned"] if MALLOC else [])])
-    config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": [16, 9, 32, 32], "tokens": 2304,
+    latent, tokens = C.latent_and_tokens(adapter)
+    config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": latent, "tokens": tokens, "smoke": C.SMOKE,
               "batch_videos": C.GROUP_SIZE, "rows_per_forward_ours": C.GROUP_SIZE if dev.type == "cpu" else 2 * C.GROUP_SIZE,
               "rows_per_forward_pipeline": C.GROUP_SIZE, "num_steps": C.NUM_STEPS, "sde_steps": C.SDE_STEPS,
               "guidance_scale": C.GUIDANCE, "text_tokens": C.MAX_SEQUENCE_LENGTH, "dtype": "float32"}
@@ -157,7 +164,7 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
     result = C.make_result("rollout_vs_pipeline", "(a) rollout() vs diffusers WanPipeline.__call__",
                            argv or C.command_line(), repeats, machine, timed, mem,
                            [(lbl, o, t, TARGET) for lbl, o, t in pairs + ([EXTRA] if extra else [])],
-                           config, note)
+                           config, note, verdict_on="paired_ratio_median")
     result["profile"] = prof
     C.summarize(result)
     C.write_json(out, result)
@@ -167,7 +174,7 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
 def probe(variant: str, device: str, out: Path | None) -> None:
     C.setup_torch()
     dev = C.resolve_device(device)
-    variants = build(dev)
+    _, variants = build(dev)
     with torch.no_grad():
         data = C.peak_memory_of(variants[variant], dev)
     C.write_json(out, data)
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                    help="diagnostic: glibc malloc keeps freed memory (see _common.tune_malloc)")
     p.add_argument("--profile", choices=["on-miss", "always", "never"], default="on-miss",
                    help="torch.profiler breakdown of the latent pair (default: when it misses the target)")
-    a = p.parse_args(argv)
+    a = C.parse_args(p, argv)
     if a.malloc_tuned:
         MALLOC.update(C.tune_malloc())
     if a.memory_probe:

@@ -28,6 +28,7 @@ SP=1 runs in the same two processes (each computes the whole video alone, no com
 both sides see the same machine load.
 
     .venv/bin/python tools/bench/sp_memory.py --repeats 5     # starts itself under torchrun
+    .venv/bin/python tools/bench/sp_memory.py --smoke --section /tmp/s.md --out /tmp/s.json   # does it run?
 
 Prints markdown tables and writes them to ``docs/sp_section.md`` (``--section``), the JSON to ``--out``.
 """
@@ -293,9 +294,9 @@ def worker(args: argparse.Namespace) -> None:
         rss[n] = C.peak_memory_of(variants[n], torch.device("cpu"))["peak_extra_mb"] * 2**20
         log(f"  {n}: +{rss[n] / 2**20:.1f} MiB", flush=True)
     # (1c) peak live tensor bytes (the allocator's view): the median of 3 profiled calls per variant
-    # (it moves by a few MiB between calls), variants interleaved.
+    # (it moves by a few MiB between calls), variants interleaved; one call at smoke size.
     allocs: dict[str, list[int]] = {n: [] for n in names}
-    for _ in range(3):
+    for _ in range(1 if C.SMOKE else 3):
         for n in names:
             dist.barrier()
             allocs[n].append(peak_allocated(variants[n]))
@@ -333,7 +334,7 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         result = {"ranks": everyone, "plans": plans, "zero": zero, "machine": machine, "world": world,
                   "tokens": tokens, "latent": list(latent), "batch": BATCH, "repeats": args.repeats,
-                  "text_tokens": C.MAX_SEQUENCE_LENGTH,
+                  "text_tokens": C.MAX_SEQUENCE_LENGTH, "smoke": C.SMOKE,
                   "trained_weights": sum(p.numel() for p in adapters[1].trainable_parameters()),
                   "command": " ".join(C.command_line()).replace(" --worker", "")}
         report(result, args)
@@ -521,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-json", type=Path, default=None,
                    help="read the ZeRO-3 measurement from zero_memory.py's --out JSON instead of measuring it")
     p.add_argument("--device", default="cpu", help="cpu only (gloo)")
+    p.add_argument("--smoke", action="store_true", help="smoke size (seconds; its numbers mean nothing): does it run?")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--render", type=Path, default=None, help="only rewrite the tables from a saved --out JSON")
     args = p.parse_args(argv)
@@ -532,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.zero_json is not None and not args.zero_json.is_file():
         p.error(f"--zero-json {args.zero_json}: no such file")
     if args.worker:
+        if args.smoke:
+            C.use_smoke_size()
+            args.repeats = 1         # two processes start slowly: one repeat is enough to run every path
         worker(args)
         return 0
     return launch([a for a in (argv if argv is not None else sys.argv[1:])])

@@ -5,12 +5,14 @@ Ours is ``Trainer.update`` on a stored rollout, configured so that it is exactly
 stored SDE steps ``Trainer.replay_step`` (CFG velocity, SDE mean, token log-probs, KL, the
 Flow-DPPO loss) and ``backward``, then gradient clipping and the AdamW step.
 
-The baseline is the same transformer, the same optimizer object, the same latents: ``zero_grad``,
-then ``S`` times one plain forward on the same ``[cond; uncond]`` rows (``2B``, as the replay's
-CFG forward), an MSE loss on the output and ``backward``, then the same clipping and AdamW step.
-Full fine-tuning (every transformer weight trains), float32.
+The baseline is the same transformer, the same updater (``trainer.updater``: its AdamW, its
+gradient clipping), the same latents: ``zero_grad``, then ``S`` times one plain forward on the
+same ``[cond; uncond]`` rows (``2B``, as the replay's CFG forward), an MSE loss on the output and
+the updater's ``backward``, then the updater's ``step`` (clipping and AdamW), as ``Trainer.update``
+drives it. Full fine-tuning (every transformer weight trains), float32.
 
     .venv/bin/python tools/bench/update_step.py --repeats 5 --out /tmp/b.json
+    .venv/bin/python tools/bench/update_step.py --smoke --no-memory --out /tmp/b.json   # seconds: does it run?
 """
 
 from __future__ import annotations
@@ -33,15 +35,14 @@ TARGET = 1.10
 
 
 def bare_step(trainer: Any, traj: Any) -> Callable[[], float]:
-    """Forward + MSE + backward per stored SDE step on the replay's rows, then clip + AdamW."""
-    adapter, opt, dev = trainer.adapter, trainer.optimizer, trainer.device
-    params = adapter.trainable_parameters()
+    """Forward + MSE + backward per stored SDE step on the replay's rows, then the updater's step
+    (clipping + AdamW): the optimizer work of ``Trainer.update`` through the same interface."""
+    adapter, upd, dev = trainer.adapter, trainer.updater, trainer.device
     b, s = traj.batch_size, traj.num_sde_steps
     text = torch.cat([traj.text, traj.text_uncond]).to(dev)
-    clip = trainer.cfg.optim.grad_clip or float("inf")
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
+        upd.zero_grad()
         total = 0.0
         for j in range(s):
             x = traj.latents[:, j].to(dev)
@@ -50,10 +51,11 @@ def bare_step(trainer: Any, traj: Any) -> Callable[[], float]:
             out = adapter.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([sigma, sigma]) * 1000.0,
                                       encoder_hidden_states=text, return_dict=False)[0]
             loss = (out.float() - torch.cat([target, target])).square().mean()
-            (loss / s).backward()
+            upd.backward(loss / s)
             total += float(loss.detach()) / s
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+        stepped, _ = upd.step()
+        if not stepped:
+            raise RuntimeError("the bare step's gradient is not finite: the comparison would time a skipped step")
         return total
 
     return step
@@ -81,8 +83,9 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
         trainer, traj, adv = setup(dev, d)
         variants = variants_for(trainer, traj, adv)
         timed, mem = C.time_and_probe(Path(__file__), variants, repeats, dev, device, traj, Path(d), memory)
-    config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": [16, 9, 32, 32], "tokens": 2304,
-              "minibatch_videos": traj.batch_size, "rows_per_forward": 2 * traj.batch_size,
+    latent, tokens = C.latent_and_tokens(trainer.adapter)
+    config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": latent, "tokens": tokens,
+              "smoke": C.SMOKE, "minibatch_videos": traj.batch_size, "rows_per_forward": 2 * traj.batch_size,
               "sde_steps_replayed": traj.num_sde_steps, "guidance_scale": C.GUIDANCE, "finetune": "full",
               "optimizer": "AdamW", "grad_clip": 1.0, "dtype": "float32"}
     note = (f"One optimizer step over one minibatch of {traj.batch_size} videos x {traj.num_sde_steps} stored SDE steps. "

@@ -14,6 +14,7 @@ tokens), float32, CPU, gloo, 2 processes of 1 thread each. Every weight is shard
 here would be all of them, and in a real Wan only biases and norms).
 
     .venv/bin/python tools/bench/zero_memory.py --repeats 3     # starts itself under torchrun
+    .venv/bin/python tools/bench/zero_memory.py --smoke --section /tmp/z.md --out /tmp/z.json  # does it run?
 
 Prints a markdown table and writes it to ``docs/zero_section.md`` (``--section``), the JSON to ``--out``.
 """
@@ -134,6 +135,7 @@ def worker(args: argparse.Namespace) -> None:
                   "median_s": {n: statistics.median(t) for n, t in times.items()},
                   "machine": C.machine_info(torch.device("cpu")), "world": world, "init_s": init_s,
                   "trained_weights": sum(p.numel() for p in params), "latent": list(latent),
+                  "tokens": C.latent_and_tokens(plain)[1], "smoke": C.SMOKE,
                   "command": " ".join(C.command_line()).replace(" --worker", "")}
         report(result, args)
     dist.barrier()
@@ -153,7 +155,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
         "## ZeRO-3 at 2 ranks against unsharded AdamW",
         "",
         f"`{res['command']}`: full fine-tuning of the benchmarks' Wan ({res['trained_weights'] / 1e6:.2f}M weights, "
-        f"latent {tuple(res['latent'])}, 2304 tokens), float32, CPU, gloo, 2 processes x 1 thread, every weight "
+        f"latent {tuple(res['latent'])}, {res.get('tokens', 2304)} tokens), float32, CPU, gloo, 2 processes x 1 thread, every weight "
         f"sharded. {res['machine']['cpu']}, {res['machine']['logical_cpus']} logical CPUs, "
         f"load average at start {res['machine']['loadavg_at_start'][0]:.2f} (another job was running).",
         "",
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the result dict as JSON here")
     p.add_argument("--section", type=Path, default=SECTION, help="markdown section to write")
     p.add_argument("--device", default="cpu", help="cpu only (gloo)")
+    p.add_argument("--smoke", action="store_true", help="smoke size (seconds; its numbers mean nothing): does it run?")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--render", type=Path, default=None, help="only rewrite the table from a saved --out JSON")
     args = p.parse_args(argv)
@@ -215,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device != "cpu":
         p.error("this benchmark runs on the CPU (gloo, 2 processes)")
     if args.worker:
+        if args.smoke:
+            C.use_smoke_size()
+            args.repeats = 1         # two processes start slowly: one repeat is enough to run every path
         worker(args)
         return 0
     return launch([a for a in (argv if argv is not None else sys.argv[1:])])

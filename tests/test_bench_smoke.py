@@ -1,0 +1,112 @@
+"""Every benchmark in ``tools/bench`` runs at smoke size against the current code (issue 19, item 0).
+
+Each script runs in its own process with ``--smoke`` (a 5-frame 32x32 video, 8 tokens, one or two
+repeats) and its outputs go to a temporary folder. The tests assert only that it ran and wrote its
+figures: the JSON and markdown exist and hold the keys the document is built from. The numbers at
+this size mean nothing. ``algorithms.py`` and ``calibrate*.py`` are kept by their owner and not
+run here.
+
+Not covered: the peak-memory probes of (a)-(c) (one fresh process per variant, 8 in all, ~40 s on
+this 2-core machine; they rebuild the same setup through the same functions the timed runs use).
+The two-process benchmarks (ZeRO-3, sequence parallelism) are marked ``slow``: torchrun, two
+torch imports and a DeepSpeed engine take ~20 s each here however small the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "tools" / "bench"
+TIMED = ["rollout_vs_pipeline", "update_step", "objective_overhead"]
+# Every script here must be covered by a test below, or named as kept elsewhere.
+COVERED = {*TIMED, "run_all", "reward_throughput", "zero_memory", "sp_memory"}
+NOT_OURS = {"algorithms", "_common"}
+
+
+def _run(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(map(str, args[:2]))} did not finish in {e.timeout} s at smoke size")
+    assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def test_every_benchmark_script_has_a_smoke_test() -> None:
+    scripts = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("calibrate")}
+    assert scripts - NOT_OURS == COVERED, "a benchmark without a smoke test (add it here), or a stale name"
+
+
+def test_timed_benchmarks_run_through_run_all(tmp_path: Path) -> None:
+    """(a), (b), (c) through the runner, which also writes the document from their JSON."""
+    doc = tmp_path / "benchmarks.md"
+    _run(BENCH / "run_all.py", "--smoke", "--no-memory", "--doc", doc, "--json-dir", tmp_path)
+    for name in TIMED:
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["name"] == name and data["config"]["smoke"] is True and data["repeats"] == 2
+        assert data["config"]["tokens"] == 8 and data["config"]["video"]["num_frames"] == 5
+        for v in data["variants"].values():
+            assert len(v["times_s"]) == 2 and min(v["times_s"]) > 0 and v["memory"] is None
+        for c in data["comparisons"]:
+            lo, hi = c["paired_interval"]
+            assert lo <= c["paired_ratio_median"] <= hi and 0 < c["paired_interval_coverage"] <= 1
+            assert c["pass"] == (c["verdict_ratio"] <= c["target"])
+            assert len(c["paired_ratios"]) == 2
+        # (a) decides on the paired ratio; (b) and (c) on the ratio of medians
+        want = "paired_ratio_median" if name == "rollout_vs_pipeline" else "ratio"
+        assert {c["verdict_on"] for c in data["comparisons"]} == {want}
+        assert data["command"].startswith(f".venv/bin/python tools/bench/{name}.py")
+    text = doc.read_text()
+    for head in ["## (a) rollout() vs diffusers WanPipeline.__call__",
+                 "## (b) Flow-DPPO update step vs bare forward+backward",
+                 "## (c) Flow-DPPO vs grpo_clip objective step time"]:
+        assert head in text
+    assert "Failed:" not in text and "What the numbers mean:" in text and "interval" in text
+
+
+def test_reward_throughput(tmp_path: Path) -> None:
+    out = tmp_path / "rewards_section.md"
+    _run(BENCH / "reward_throughput.py", "--smoke", "--out", out)
+    text = out.read_text()
+    assert text.startswith("## (e) Rewards")
+    assert "| 4×32x32 |" in text and "| video size | videos/s |" in text and "through the server s" in text
+
+
+@pytest.mark.slow
+def test_zero_and_sequence_parallel_memory(tmp_path: Path) -> None:
+    """ZeRO-3 and SP at 2 ranks; the SP run reads the ZeRO measurement from the first (one engine less)."""
+    zj, zmd = tmp_path / "zero.json", tmp_path / "zero_section.md"
+    _run(BENCH / "zero_memory.py", "--smoke", "--out", zj, "--section", zmd)
+    z = json.loads(zj.read_text())
+    assert z["smoke"] is True and z["world"] == 2 and set(z["median_s"]) == {"unsharded", "zero3_layer", "zero3_full"}
+    assert len(z["memory_zero3_per_rank"]) == 2 and z["memory_stage0"]["total"] > 0 and "ratio" in z
+    assert zmd.read_text().startswith("## ZeRO-3 at 2 ranks")
+    sj, smd = tmp_path / "sp.json", tmp_path / "sp_section.md"
+    _run(BENCH / "sp_memory.py", "--smoke", "--out", sj, "--section", smd, "--zero-json", zj)
+    s = json.loads(sj.read_text())
+    assert s["smoke"] is True and s["tokens"] == 8 and set(s["summary"]) == {"sp1", "sp1_ckpt", "sp2", "sp2_ckpt"}
+    assert {"saved", "saved_ckpt", "rss", "rss_ckpt"} <= set(s["ratios"]) and "pass" in s
+    text = smd.read_text()
+    assert text.startswith("## Sequence parallelism") and "### The memory planner beside the measurements" in text
+
+
+def test_median_interval_is_the_order_statistics_interval() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common as C
+    finally:
+        sys.path.remove(str(BENCH))
+    lo, hi, cover = C.median_interval([1.3, 1.0, 1.2, 0.9, 1.1])
+    assert (lo, hi) == (0.9, 1.3) and cover == pytest.approx(1 - 2 / 32)        # min..max of 5: 93.75%
+    lo, hi, cover = C.median_interval([float(x) for x in range(10)])
+    assert (lo, hi) == (1.0, 8.0) and cover == pytest.approx(1 - 2 * 11 / 1024)  # x_(2)..x_(9) of 10
+    assert C.median_interval([2.0, 1.0])[2] == pytest.approx(0.5)
