@@ -37,6 +37,8 @@ def add_parser(subparsers: Any) -> None:
                                                          f"(default {SERVER_DEFAULTS['batch_window_ms']:g})")
     s.add_argument("--max-batch", type=int,
                    help=f"most videos per reward call (default {SERVER_DEFAULTS['max_batch']})")
+    s.add_argument("--allow-open", action="store_true",
+                   help="serve a non-loopback --host without a token (anyone who reaches the port can use it)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(func=serve_rewards)
 
@@ -88,6 +90,7 @@ def serve_rewards(args: argparse.Namespace) -> None:
 
     entries, opts = load_server_config(args.config, args)
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    check_open_bind(opts["host"], token, getattr(args, "allow_open", False))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(entries, token=token, max_request_bytes=int(opts["max_request_mb"] * (1 << 20)),
                      batch_window_s=opts["batch_window_ms"] / 1e3, max_batch=opts["max_batch"])
@@ -98,9 +101,9 @@ def serve_rewards(args: argparse.Namespace) -> None:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     port = sock.getsockname()[1]
     log = logging.getLogger("rewards.server")
-    if not _is_loopback(host) and not token:
-        log.warning("listening on %s without a token: anyone who can reach this port can use the rewards "
-                    "(set --token or $%s)", host, TOKEN_ENV)
+    if not _is_loopback(host) and not token:   # only with --allow-open (check_open_bind)
+        log.warning("listening on %s without a token (--allow-open): anyone who can reach this port can use "
+                    "the rewards", host)
     log.info("serving %s on %s (%s; batches of <= %d videos within %g ms; requests <= %g MB)",
              ", ".join(app.state.rewards), http_url(host, port), "token required" if token else "no token",
              opts["max_batch"], opts["batch_window_ms"], opts["max_request_mb"])
@@ -111,6 +114,16 @@ def serve_rewards(args: argparse.Namespace) -> None:
     st = app.state.stats
     log.info("stopped after %d requests (%d videos in %d reward calls; %d rejected, %d failed)",
              st.requests_ok, st.videos_scored, st.reward_calls, st.requests_rejected, st.requests_failed)
+
+
+def check_open_bind(host: str, token: str | None, allow_open: bool) -> None:
+    """Refuse, before building anything, to serve a non-loopback address without a token unless
+    the user said so with ``--allow-open`` (a warning alone is hidden by ``--log-level error``)."""
+    from .config import ConfigError
+
+    if not token and not allow_open and not _is_loopback(host):
+        raise ConfigError(f"--host {host} is reachable from other machines and no token is set: give --token "
+                          f"(or ${TOKEN_ENV}), or --allow-open to serve it to anyone who reaches the port")
 
 
 def _is_loopback(host: str) -> bool:

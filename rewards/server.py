@@ -16,9 +16,11 @@ so the event loop keeps accepting, checking and answering requests while a batch
 a batched call fails, each request of that batch is scored again alone, so one request whose
 prompts a reward rejects fails only itself.
 
-Status codes: 400 a malformed request (the reason names the field), 401 a missing or wrong bearer
-token, 413 a body over ``max_request_bytes``, 500 a reward that raised (its one-line error),
-503 the server shutting down. The server keeps serving after any of them.
+Status codes: 400 a malformed request (the reason names the field; JSON nested deeper than
+:data:`rewards.wire.MAX_JSON_DEPTH` too), 401 a missing or wrong bearer token, 413 a body over
+``max_request_bytes``, 500 a reward that raised (its one-line error) or any unexpected error (a
+JSON ``{"error"}`` counted in ``/health``'s ``requests_failed``), 503 the server shutting down. The
+server keeps serving after any of them.
 """
 
 from __future__ import annotations
@@ -268,8 +270,20 @@ def create_app(entries: Mapping[str, Any], *, token: str | None = None, max_requ
         return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"},
                             status_code=exc.status_code)
 
+    def unexpected(what: str, e: Exception) -> JSONResponse:
+        # A bug, not the request's fault: a JSON 500 like any other failure, counted in /health,
+        # with the traceback in the log; the server keeps serving.
+        log.error("%s failed unexpectedly", what, exc_info=e)
+        return error(500, f"internal error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
+        try:
+            return _health(request)
+        except Exception as e:
+            return unexpected("GET /health", e)
+
+    def _health(request: Request) -> JSONResponse:
         if not authorised(request):
             return error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
         return JSONResponse({"ok": True, "version": _version(), "wire": WIRE_VERSION,
@@ -279,6 +293,12 @@ def create_app(entries: Mapping[str, Any], *, token: str | None = None, max_requ
 
     @app.post("/score")
     async def score(request: Request) -> JSONResponse:
+        try:
+            return await _score(request)
+        except Exception as e:
+            return unexpected("POST /score", e)
+
+    async def _score(request: Request) -> JSONResponse:
         if not authorised(request):
             return error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
         try:

@@ -41,6 +41,7 @@ MAGIC = b"FDV1"
 BINARY_TYPE = "application/x-flowdppo-videos"
 JSON_TYPE = "application/json"
 MAX_HEADER_BYTES = 16 << 20   # prompts of a large batch fit many times over
+MAX_JSON_DEPTH = 16           # a request nests 3 deep; deeper is refused (a clean 400)
 
 
 class WireError(ValueError):
@@ -91,10 +92,7 @@ def _decode_binary(body: bytes | bytearray) -> ScoreRequest:
     (n,) = struct.unpack("<I", body[4:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(body):
         raise WireError(f"header length {n} exceeds the body ({len(body)} bytes)")
-    try:
-        header = json.loads(bytes(body[8:8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WireError(f"header is not valid JSON: {e}") from None
+    header = _loads(bytes(body[8:8 + n]), "header")
     if not isinstance(header, dict):
         raise WireError("header must be a JSON object with shape, dtype, prompts")
     shape = _check_shape(header.get("shape"), header.get("dtype"), "header")
@@ -102,10 +100,7 @@ def _decode_binary(body: bytes | bytearray) -> ScoreRequest:
 
 
 def _decode_json(body: bytes | bytearray) -> ScoreRequest:
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WireError(f"body is not valid JSON: {e}") from None
+    doc = _loads(body, "body")
     if not isinstance(doc, dict) or not isinstance(doc.get("videos"), dict):
         raise WireError("body must be a JSON object with videos {shape, dtype, data}, prompts")
     v = doc["videos"]
@@ -117,6 +112,31 @@ def _decode_json(body: bytes | bytearray) -> ScoreRequest:
     except (binascii.Error, ValueError) as e:
         raise WireError(f"videos.data is not valid base64: {e}") from None
     return _finish(_pixels(raw, 0, shape, "videos.data"), doc, "body")
+
+
+def _depth(doc: Any) -> int:
+    """How deeply lists and objects nest in a parsed document (iterative: it cannot recurse)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _loads(text: bytes | bytearray, where: str) -> Any:
+    """``json.loads`` with a nesting limit: a deeply nested document is a :class:`WireError`, never
+    a ``RecursionError`` from inside the parser."""
+    try:
+        doc = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WireError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:   # the parser's own guard (about 1,000 levels) tripped
+        raise WireError(f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth(doc) > MAX_JSON_DEPTH:
+        raise WireError(f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    return doc
 
 
 def _check_shape(shape: Any, dtype: Any, where: str) -> tuple[int, ...]:

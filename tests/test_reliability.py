@@ -4,9 +4,11 @@ nothing written before is lost. The table of what these tests try is in docs/rel
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +307,90 @@ def test_cli_corrupt_model_path_file_is_one_line(tmp_path):
                           "model.init=null", f"model.path={model}", *QUIET))
     assert f"{weights} is not a readable safetensors file (Error while deserializing header: incomplete" in line
     assert not (tmp_path / "run2").exists()
+
+
+# ---------------------------------------------------------------- the reward server
+@pytest.fixture(scope="module")
+def server_url():
+    from rewards.server import BackgroundServer, create_app
+
+    with BackgroundServer(create_app({"frame_change": 1.0})) as u:
+        yield u
+
+
+def _stats(url: str) -> dict:
+    import httpx
+    return httpx.get(url + "/health").json()["stats"]
+
+
+@pytest.mark.parametrize("kind", ["json", "binary"])
+def test_deeply_nested_json_is_a_clean_400(server_url, kind):
+    import struct
+
+    import httpx
+
+    from rewards.wire import BINARY_TYPE
+
+    nested = b"[" * 50_000 + b"]" * 50_000
+    if kind == "json":
+        body, ctype = b'{"videos": ' + nested + b"}", "application/json"
+    else:
+        body, ctype = b"FDV1" + struct.pack("<I", len(nested)) + nested, BINARY_TYPE
+    before = _stats(server_url)
+    r = httpx.post(server_url + "/score", content=body, headers={"content-type": ctype}, timeout=60)
+    assert r.status_code == 400, r.text
+    where = "body" if kind == "json" else "header"
+    assert r.json() == {"error": f"{where} nests JSON deeper than 16 levels"}
+    after = _stats(server_url)
+    assert after["requests_rejected"] == before["requests_rejected"] + 1
+    assert after["requests_failed"] == before["requests_failed"]
+    # 17 levels (just past the limit) is refused too; the server kept serving
+    r = httpx.post(server_url + "/score", content=b"[" * 17 + b"]" * 17, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "deeper than 16" in r.json()["error"]
+
+
+def test_an_unexpected_error_is_a_json_500_counted_in_health(server_url, monkeypatch):
+    import httpx
+
+    import rewards.server as server
+    from rewards.wire import encode_request
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(server, "decode_request", broken)
+    before = _stats(server_url)["requests_failed"]
+    body = encode_request(torch.zeros(1, 3, 8, 8, 3, dtype=torch.uint8), ["a"])
+    r = httpx.post(server_url + "/score", content=body, headers={"content-type": "application/x-flowdppo-videos"})
+    assert r.status_code == 500 and r.json() == {"error": "internal error: ZeroDivisionError: a bug"}
+    assert _stats(server_url)["requests_failed"] == before + 1
+    monkeypatch.undo()
+    r = httpx.post(server_url + "/score", content=body, headers={"content-type": "application/x-flowdppo-videos"})
+    assert r.status_code == 200                                          # and it keeps serving
+
+
+def test_an_open_bind_without_a_token_is_refused(tmp_path):
+    from flowdppo_video.config import ConfigError
+    from flowdppo_video.serve import check_open_bind
+
+    for host in ("0.0.0.0", "::", "192.168.1.7", "example.org"):
+        with pytest.raises(ConfigError, match=rf"--host {host} is reachable from other machines and no token"):
+            check_open_bind(host, None, allow_open=False)
+        check_open_bind(host, "s3cret", allow_open=False)               # a token: fine
+        check_open_bind(host, None, allow_open=True)                    # said so explicitly: fine
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_open_bind(host, None, allow_open=False)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("rewards: {frame_change: 1.0}\n")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "flowdppo_video", "serve-rewards", "--config", str(cfg),
+                               "--host", "0.0.0.0", "--port", "0", "--log-level", "error"],
+                              capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != "FLOWDPPO_REWARD_TOKEN"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve-rewards --host 0.0.0.0 without a token started serving")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "flowdppo-video: error: --host 0.0.0.0 is reachable from other machines and no token is set: give --token "
+        "(or $FLOWDPPO_REWARD_TOKEN), or --allow-open to serve it to anyone who reaches the port"]
+
