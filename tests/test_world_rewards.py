@@ -185,7 +185,7 @@ def test_empty_frames_in_a_video_lower_presence_not_correctness(truth):
 def test_plain_import_registers_the_world_rewards():
     code = "import rewards; print(sorted(n for n in rewards.REWARDS if n.startswith('world_')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(sorted(NAMES))
+    assert out.strip() == str(sorted([*NAMES, "world_fidelity"]))
 
 
 def test_registered_and_scored_through_the_registry(truth):
