@@ -278,10 +278,14 @@ class Config:
         return self
 
 
+# Keys where +inf means "off": objective.delta=.inf (no trust region), objective.clip_range=.inf (no clipping).
+INF_ALLOWED = ("objective.delta", "objective.clip_range")
+
+
 def _check_finite(key: str, value: Any) -> None:
     """A one-line error naming the first NaN or infinite number anywhere under ``value``
     (sections, lists, reward options, ``model.init`` sub-configs)."""
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value) and not (value == math.inf and key in INF_ALLOWED):
         raise ConfigError(f"{key} must be a finite number, got {value}")
     if isinstance(value, dict):
         for k, v in value.items():

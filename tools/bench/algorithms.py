@@ -1,149 +1,435 @@
-"""Trust regions compared on the shapes world, at the same rollout budget.
+"""Trust regions compared at matched strength: reward against KL, one front per arm.
 
-    .venv/bin/python tools/bench/algorithms.py                       # full grid: 4 x 2 x 3 runs
-    .venv/bin/python tools/bench/algorithms.py --seeds 0 --epochs 1 4 --iterations 30
+    .venv/bin/python tools/bench/algorithms.py --stage seed0 --jobs 2      # run (resumable)
+    .venv/bin/python tools/bench/algorithms.py --report                    # tables, plots, matched-KL
 
-Variants: Flow-DPPO token-wise, Flow-DPPO ``granularity: sample``, Flow-GRPO ratio clipping,
-and no trust region (Flow-DPPO with an infinite delta: every token kept, plain importance
-ratio). Each with 1 and 4 inner epochs, several seeds, every run the default recipe (``flowdppo_video/recipes/default.yaml``) otherwise.
-Reports the final train reward (mean of the last 5 iterations), held-out direction adherence,
-held-out KL to the base model, and forgetting (held-out colour and shape adherence lost
-against the base model). Writes ``docs/algorithms.json``, ``docs/algorithms.png`` and a
-markdown table to paste into ``docs/benchmarks.md``.
+A trust region is a knob, so each arm is swept over its own: token-wise Flow-DPPO (delta per latent
+element), sample-level Flow-DPPO (the paper's algorithm, delta per element), row-gated Flow-DPPO
+(token terms frozen only inside rows whose own mean KL per element is past delta), Flow-GRPO ratio
+clipping (epsilon), and no trust region. Each at 1 and 4 inner epochs, with paired seeds (the same
+rollout seeds in every arm). Every run is the shapes-world recipe
+(``flowdppo_video/recipes/default.yaml``) at the same rollout budget (``--iterations`` x 32 videos),
+lr 1e-4, 2 held-out samples per prompt; only the arm, its knob, the inner epochs and the seed change.
+
+The base model's evaluation is the same in every run (fixed evaluation noise), so it is computed
+once (``OUT/_base``) and copied into each run. Runs are claimed with a lock file, so several
+invocations (or ``--jobs N`` workers, one thread each) can work through one grid side by side;
+an interrupted run is redone from scratch. Each run writes ``bench.json`` (its numbers, wall time,
+and the commit it ran) beside its metrics.
+
+``--report`` reads every finished run and writes ``DOCS/frontier.json`` (per run),
+``DOCS/frontier.md`` (fronts, matched-KL paired differences with bootstrap intervals over seeds,
+4 against 1 epoch), ``DOCS/frontier.png`` (held-out direction against KL to the base model) and
+``DOCS/frontier_forgetting.png`` (forgetting and artifacts against KL).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import random
+import shutil
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-VARIANTS = {
-    "flow_dppo (token)": ["objective.kind=flow_dppo", "objective.granularity=token"],
-    "flow_dppo (sample)": ["objective.kind=flow_dppo", "objective.granularity=sample"],
-    "grpo_clip": ["objective.kind=grpo_clip"],
-    "no trust region": ["objective.kind=flow_dppo", "objective.delta=.inf"],
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
+EVAL_REWARDS = ("eval.rewards={world_direction: 1.0, world_colour: 1.0, world_shape: 1.0, "
+                "world_smoothness: 1.0, world_fidelity: 1.0}")
+COMMON = ["optim.lr=1e-4", "eval.samples_per_prompt=2", "run.report_every=0", "run.progress=false",
+          "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", EVAL_REWARDS]
+
+# arm -> (overrides, knob key, knob values). The values span roughly 5-50% of the off-policy
+# terms frozen at 4 inner epochs (docs/trust_region_calibration.md).
+ARMS: dict[str, tuple[list[str], str | None, list[float]]] = {
+    "token": (["objective.kind=flow_dppo", "objective.granularity=token"], "objective.delta",
+              [1e-5, 3e-5, 1e-4, 3e-4]),
+    "sample": (["objective.kind=flow_dppo", "objective.granularity=sample"], "objective.delta",
+               [3e-6, 1e-5, 3e-5, 1e-4]),
+    "clip": (["objective.kind=grpo_clip"], "objective.clip_range", [1e-4, 3e-4, 1e-3, 3e-3]),
+    "row_gated": (["objective.kind=flow_dppo", "objective.granularity=row_gated"], "objective.delta",
+                  [3e-6, 1e-5, 3e-5, 1e-4]),
+    "none": (["objective.kind=flow_dppo", "objective.delta=.inf"], None, [math.inf]),
 }
-RECIPE = Path(__file__).resolve().parents[2] / "flowdppo_video" / "recipes" / "default.yaml"
-EVAL_REWARDS = "eval.rewards={world_direction: 1.0, world_colour: 1.0, world_shape: 1.0}"
+LABELS = {"token": "Flow-DPPO token", "sample": "Flow-DPPO sample (paper)", "clip": "ratio clipping",
+          "row_gated": "Flow-DPPO row-gated", "none": "no trust region"}
+COLOURS = {"token": "tab:blue", "sample": "tab:orange", "clip": "tab:red", "row_gated": "tab:green",
+           "none": "tab:gray"}
+# Stages: what to run, in order (the whole grid does not fit one sitting on 2 cores).
+STAGES = {
+    "seed0": {"seeds": [0], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none", "row_gated"]},
+    "seeds12": {"seeds": [1, 2], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none", "row_gated"]},
+}
 
 
-def one_run(out: Path, variant: str, epochs: int, seed: int, iterations: int, extra: list[str]) -> dict:
+def run_name(arm: str, value: float, epochs: int, seed: int, tag: str = "") -> str:
+    knob = "inf" if math.isinf(value) else f"{value:g}"
+    return f"{arm}-{knob}-e{epochs}-s{seed}{('-' + tag) if tag else ''}"
+
+
+def grid(arms: list[str], epochs: list[int], seeds: list[int], values: dict[str, list[float]] | None = None
+         ) -> list[tuple[str, float, int, int]]:
+    out = []
+    for seed in seeds:
+        for e in epochs:
+            for arm in arms:
+                for v in (values or {}).get(arm, ARMS[arm][2]):
+                    out.append((arm, v, e, seed))
+    return out
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def overrides_for(arm: str, value: float, epochs: int, seed: int, iterations: int, run_dir: Path,
+                  extra: list[str]) -> list[str]:
+    arm_ov, knob, _ = ARMS[arm]
+    ov = [f"run.output_dir={run_dir}", f"run.seed={seed}", f"run.iterations={iterations}",
+          f"optim.inner_epochs={epochs}", f"eval.every={iterations}", *COMMON, *arm_ov]
+    if knob is not None:
+        ov.append(f"{knob}={value!r}")
+    return ov + extra
+
+
+def base_eval(out: Path, iterations: int, extra: list[str]) -> Path:
+    """The base model's held-out evaluation, once for the grid: ``OUT/_base/eval.jsonl`` and its videos."""
     from flowdppo_video.config import load_config
-    from flowdppo_video.metrics import read_metrics
     from flowdppo_video.trainer import Trainer
 
-    run_dir = out / f"{variant.replace(' ', '_').replace('(', '').replace(')', '')}-e{epochs}-s{seed}"
-    overrides = [f"run.output_dir={run_dir}", f"run.seed={seed}", f"run.iterations={iterations}",
-                 f"optim.inner_epochs={epochs}", "run.progress=false", "run.tensorboard=false",
-                 f"eval.every={iterations}", EVAL_REWARDS, *VARIANTS[variant], *extra]
-    if not (run_dir / "eval.jsonl").is_file() or len(read_metrics(run_dir, "eval")) < 2:
-        import shutil
+    base = out / "_base"
+    if (base / "done").is_file():
+        return base
+    shutil.rmtree(base, ignore_errors=True)
+    cfg = load_config(RECIPE, overrides_for("none", math.inf, 1, 0, iterations, base / "run", extra))
+    t = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer._maybe_evaluate(0)
+    trainer.eval_log.close()
+    shutil.copy(base / "run" / "eval.jsonl", base / "eval.jsonl")
+    shutil.copytree(base / "run" / "eval" / "after_000000", base / "after_000000")
+    (base / "done").write_text(json.dumps({"seconds": time.perf_counter() - t, "commit": _commit()}))
+    return base
 
-        shutil.rmtree(run_dir, ignore_errors=True)
-        Trainer(load_config(RECIPE, overrides)).run()
+
+def _claim(run_dir: Path) -> bool:
+    """Take the run, or leave it to the live process that holds it (a dead holder's claim is stale)."""
+    lock = run_dir.with_name(run_dir.name + ".claim")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text() or 0)
+            os.kill(pid, 0)
+            return False
+        except (ValueError, ProcessLookupError, PermissionError, FileNotFoundError):
+            lock.unlink(missing_ok=True)
+            return _claim(run_dir)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def summarise_run(run_dir: Path) -> dict:
+    from flowdppo_video.metrics import read_metrics
+
     rows, evals = read_metrics(run_dir), read_metrics(run_dir, "eval")
     base, final = evals[0], evals[-1]
+
+    def ev(row: dict, k: str) -> float:
+        v = row.get(f"eval/{k}/mean")
+        return float("nan") if v is None else float(v)
+
+    def mean_of(key: str, rs: list[dict]) -> float:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return statistics.fmean(vals) if vals else float("nan")
+
     return {
-        # Rollout + reward + update time from the run's own metrics, so a reused run reports it too.
-        "variant": variant, "epochs": epochs, "seed": seed,
         "train_seconds": sum(r["time/rollout_s"] + r["time/reward_s"] + r["time/update_s"] for r in rows),
-        "train_reward_final": statistics.fmean(r["reward/mean"] for r in rows[-5:]),
         "train_reward_first": rows[0]["reward/mean"],
-        "heldout_direction_base": base["eval/world_direction/mean"],
-        "heldout_direction": final["eval/world_direction/mean"],
-        "kl_to_base": final.get("eval/kl_base/mean"),
-        "forgetting": (base["eval/world_colour/mean"] + base["eval/world_shape/mean"]
-                       - final["eval/world_colour/mean"] - final["eval/world_shape/mean"]) / 2,
-        "drop_frac_mean": statistics.fmean(r["mask/drop_frac"] for r in rows),
+        "train_reward_final": statistics.fmean(r["reward/mean"] for r in rows[-5:]),
+        "direction_base": ev(base, "world_direction"), "direction": ev(final, "world_direction"),
+        "kl_to_base": ev(final, "kl_base"),
+        "forgetting": (ev(base, "world_colour") + ev(base, "world_shape")
+                       - ev(final, "world_colour") - ev(final, "world_shape")) / 2,
+        "colour": ev(final, "world_colour"), "shape": ev(final, "world_shape"),
+        "smoothness": ev(final, "world_smoothness"), "smoothness_base": ev(base, "world_smoothness"),
+        "fidelity": ev(final, "world_fidelity"), "fidelity_base": ev(base, "world_fidelity"),
+        "background_error": ev(final, "world_fidelity/background_error"),
+        "background_error_base": ev(base, "world_fidelity/background_error"),
+        "grid_energy": ev(final, "world_fidelity/grid_energy"),
+        "grid_energy_base": ev(base, "world_fidelity/grid_energy"),
+        "offpolicy_frozen": mean_of("mask/offpolicy_drop_frac", rows),
+        "pooled_frozen": mean_of("mask/drop_frac", rows),
+        "colour_train_final": mean_of("reward/world_colour/mean", rows[-5:]),
+        "colour_train_first": rows[0].get("reward/world_colour/mean"),
     }
 
 
-def summarise(results: list[dict]) -> str:
-    keys = ["train_reward_final", "heldout_direction", "kl_to_base", "forgetting"]
-    lines = ["| variant | inner epochs | runs | train reward (last 5) | held-out direction | KL to base "
-             "(nats/token) | forgetting (colour+shape, pts) |", "|---|---|---|---|---|---|---|"]
+def one_run(out: Path, arm: str, value: float, epochs: int, seed: int, iterations: int, extra: list[str],
+            tag: str = "") -> dict | None:
+    """Run one cell of the grid (or read it if finished); None if another process holds it."""
+    from flowdppo_video.config import load_config
+    from flowdppo_video.trainer import Trainer
+
+    run_dir = out / run_name(arm, value, epochs, seed, tag)
+    done = run_dir / "bench.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if not _claim(run_dir):
+        return None
+    try:
+        shutil.rmtree(run_dir, ignore_errors=True)             # an interrupted run starts again
+        base = base_eval(out, iterations, extra)
+        t = time.perf_counter()
+        trainer = Trainer(load_config(RECIPE, overrides_for(arm, value, epochs, seed, iterations, run_dir, extra)))
+        shutil.copy(base / "eval.jsonl", run_dir / "eval.jsonl")     # the shared base evaluation
+        shutil.copytree(base / "after_000000", run_dir / "eval" / "after_000000")
+        trainer.run()
+        result = {"arm": arm, "knob": ARMS[arm][1], "value": value, "epochs": epochs, "seed": seed, "tag": tag,
+                  "iterations": iterations, "extra": extra, "wall_seconds": time.perf_counter() - t,
+                  "commit": _commit(), **summarise_run(run_dir)}
+        done.write_text(json.dumps(result, indent=1))
+        return result
+    finally:
+        run_dir.with_name(run_dir.name + ".claim").unlink(missing_ok=True)
+
+
+def work(out: Path, cells: list[tuple[str, float, int, int]], iterations: int, extra: list[str], tag: str) -> None:
+    from tqdm.auto import tqdm
+
+    for arm, v, e, s in tqdm(cells, desc=f"grid (pid {os.getpid()})"):
+        r = one_run(out, arm, v, e, s, iterations, extra, tag)
+        if r is not None:
+            print(json.dumps({k: r[k] for k in ("arm", "value", "epochs", "seed", "direction", "kl_to_base",
+                                                "forgetting", "offpolicy_frozen", "wall_seconds")}), flush=True)
+
+
+# ---------------------------------------------------------------------- analysis
+def _median(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def interp_at(points: list[tuple[float, float]], kl: float) -> float | None:
+    """Reward at ``kl`` on one front: linear in log KL between the knob values' points (sorted by
+    KL), None outside the front's KL range."""
+    pts = sorted((k, r) for k, r in points if k > 0 and k == k and r == r)
+    if not pts or not (pts[0][0] <= kl <= pts[-1][0]):
+        return None
+    for (k0, r0), (k1, r1) in zip(pts, pts[1:]):
+        if k0 <= kl <= k1:
+            w = 0.0 if k1 == k0 else (math.log(kl) - math.log(k0)) / (math.log(k1) - math.log(k0))
+            return r0 + w * (r1 - r0)
+    return pts[0][1]
+
+
+def bootstrap_ci(xs: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean over resampled seeds (degenerate with one seed)."""
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def fronts(results: list[dict], key: str = "direction") -> dict[tuple[str, int, int], list[tuple[float, float]]]:
+    """(arm, epochs, seed) -> [(KL to base, key)] over the arm's knob values."""
+    out: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
+    for r in results:
+        out.setdefault((r["arm"], r["epochs"], r["seed"]), []).append((r["kl_to_base"], r[key]))
+    return out
+
+
+def matched_kl(results: list[dict], epochs: int, key: str = "direction", budgets: list[float] | None = None
+               ) -> list[dict]:
+    """Paired differences of ``key`` between arms at matched KL budgets, per seed, with intervals."""
+    fr = fronts([r for r in results if r["epochs"] == epochs and r["arm"] != "none"], key)
+    arms = sorted({a for a, _, _ in fr}, key=list(ARMS).index)
+    seeds = sorted({s for _, _, s in fr})
+    if budgets is None:
+        # Inside every arm's range in every seed: between the largest minimum and the smallest maximum.
+        lo = max(min(k for k, _ in pts) for pts in fr.values())
+        hi = min(max(k for k, _ in pts) for pts in fr.values())
+        budgets = [] if lo >= hi else [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) for f in (0.2, 0.5, 0.8)]
+    rows = []
+    for kl in budgets:
+        at = {(a, s): interp_at(fr.get((a, epochs, s), []), kl) for a in arms for s in seeds}
+        for i, a in enumerate(arms):
+            for b in arms[i + 1:]:
+                diffs = [at[a, s] - at[b, s] for s in seeds if at[a, s] is not None and at[b, s] is not None]
+                if diffs:
+                    lo_ci, hi_ci = bootstrap_ci(diffs)
+                    rows.append({"epochs": epochs, "kl": kl, "a": a, "b": b, "n_seeds": len(diffs),
+                                 "mean_diff": statistics.fmean(diffs), "ci": [lo_ci, hi_ci], "diffs": diffs,
+                                 "a_mean": statistics.fmean(at[a, s] for s in seeds if at[a, s] is not None),
+                                 "b_mean": statistics.fmean(at[b, s] for s in seeds if at[b, s] is not None)})
+    return rows
+
+
+def report(results: list[dict], docs: Path, stage_times: dict) -> str:
+    def f(x: float, d: int = 3) -> str:
+        return "n/a" if x is None or x != x else f"{x:.{d}f}"
+
+    base = _median([r["direction_base"] for r in results])
+    lines = [f"Runs: {len(results)}. Base model held-out direction {f(base)} (one evaluation, fixed noise, "
+             f"shared by every run). Commits: {', '.join(sorted({r['commit'][:12] for r in results}))}.", ""]
+    if stage_times:
+        lines += ["Stage wall times: " + "; ".join(f"{k} {v / 60:.0f} min" for k, v in stage_times.items()), ""]
+    lines += ["### Fronts (median over seeds, [min, max] in brackets)", "",
+              "| arm | knob | inner epochs | seeds | off-policy frozen | held-out direction | KL to base (nats/token) "
+              "| forgetting (pts) | background error (levels) | grid energy (levels) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["variant"], r["epochs"]), []).append(r)
-    for (variant, epochs), rs in groups.items():
-        cells = []
-        for k in keys:
-            vals = [r[k] for r in rs if r[k] is not None]
-            m = statistics.fmean(vals)
-            sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{100 * m:.1f} ± {100 * sd:.1f}" if k == "forgetting" else f"{m:.3f} ± {sd:.3f}")
-        lines.append(f"| {variant} | {epochs} | {len(rs)} | " + " | ".join(cells) + " |")
-    base = statistics.fmean(r["heldout_direction_base"] for r in results)
-    lines.append(f"\nBase model held-out direction score: {base:.3f}.\n")
-    lines += ["| variant | inner epochs | seed | train reward first → last 5 | held-out direction | KL to base "
-              "| forgetting (pts) | dropped/clipped terms | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["epochs"], list(VARIANTS).index(r["variant"]), r["seed"])):
-        lines.append(f"| {r['variant']} | {r['epochs']} | {r['seed']} | {r['train_reward_first']:.3f} → "
-                     f"{r['train_reward_final']:.3f} | {r['heldout_direction_base']:.3f} → {r['heldout_direction']:.3f} | "
-                     f"{r['kl_to_base']:.3f} | {100 * r['forgetting']:.1f} | {100 * r['drop_frac_mean']:.2f}% | "
-                     f"{r['train_seconds']:.0f} |")
+        groups.setdefault((r["arm"], r["value"], r["epochs"]), []).append(r)
+
+    def cell(rs: list[dict], k: str, scale: float = 1.0, d: int = 3) -> str:
+        xs = [r[k] * scale for r in rs if r[k] == r[k]]
+        if not xs:
+            return "n/a"
+        return f"{_median(xs):.{d}f}" + (f" [{min(xs):.{d}f}, {max(xs):.{d}f}]" if len(xs) > 1 else "")
+
+    for (arm, v, e), rs in sorted(groups.items(), key=lambda t: (t[0][2], list(ARMS).index(t[0][0]), t[0][1])):
+        knob = "—" if ARMS[arm][1] is None else f"{ARMS[arm][1].split('.')[-1]} {v:g}"
+        lines.append(f"| {LABELS[arm]} | {knob} | {e} | {len(rs)} | {cell(rs, 'offpolicy_frozen', 100, 1)}% | "
+                     f"{cell(rs, 'direction')} | {cell(rs, 'kl_to_base')} | {cell(rs, 'forgetting', 100, 1)} | "
+                     f"{cell(rs, 'background_error', 1, 1)} | {cell(rs, 'grid_energy', 1, 2)} |")
+    b0 = results[0]
+    lines += ["", f"Base model: background error {f(b0['background_error_base'], 1)} levels, grid energy "
+              f"{f(b0['grid_energy_base'], 2)} levels.", ""]
+    for e in sorted({r["epochs"] for r in results}):
+        mk = matched_kl(results, e)
+        if not mk:
+            continue
+        lines += [f"### Matched KL, {e} inner epoch(s): held-out direction, arm a minus arm b", "",
+                  "| KL budget | a | b | seeds | a | b | a − b (mean) | 95% bootstrap interval |", "|---|---|---|---|---|---|---|---|"]
+        for m in mk:
+            lines.append(f"| {m['kl']:.3f} | {LABELS[m['a']]} | {LABELS[m['b']]} | {m['n_seeds']} | {m['a_mean']:.3f} | "
+                         f"{m['b_mean']:.3f} | {m['mean_diff']:+.3f} | [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], docs: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    markers = {1: "o", 4: "s"}
-    colours = dict(zip(VARIANTS, ["tab:blue", "tab:cyan", "tab:red", "tab:gray"]))
-    for r in results:
-        ax.scatter(r["kl_to_base"], r["heldout_direction"], marker=markers.get(r["epochs"], "x"),
-                   color=colours[r["variant"]], alpha=0.8)
-    for v, c in colours.items():
-        ax.scatter([], [], color=c, label=v)
-    for e, m in markers.items():
-        ax.scatter([], [], color="black", marker=m, label=f"{e} inner epoch(s)")
-    base = sum(r["heldout_direction_base"] for r in results) / len(results)
-    ax.axhline(base, color="black", linestyle="--", linewidth=0.8, label="base model")
-    ax.set_xscale("log")
-    kls = [r["kl_to_base"] for r in results]
-    ax.set_xticks([t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0) if min(kls) / 1.5 <= t <= max(kls) * 1.5])
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # 2x10^-2 style labels collide
-    ax.set_xlabel("held-out KL(π_θ ‖ π_base), nats per token (log)")
-    ax.set_ylabel("held-out direction score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    epochs = sorted({r["epochs"] for r in results})
+    panels = [("direction", "held-out direction score", "frontier.png"),
+              ("forgetting", "forgetting: colour + shape lost (points)", "frontier_forgetting.png"),
+              ("grid_energy", "patch-grid energy (8-bit levels)", "frontier_grid.png")]
+    base = _median([r["direction_base"] for r in results])
+    for key, ylabel, name in panels:
+        fig, axes = plt.subplots(1, len(epochs), figsize=(6.0 * len(epochs), 4.4), sharey=True, squeeze=False)
+        for ax, e in zip(axes[0], epochs):
+            for arm in ARMS:
+                rs = [r for r in results if r["arm"] == arm and r["epochs"] == e]
+                if not rs:
+                    continue
+                by_v: dict[float, list[dict]] = {}
+                for r in rs:
+                    by_v.setdefault(r["value"], []).append(r)
+                scale = 100.0 if key == "forgetting" else 1.0
+                xs, ys = [], []
+                for v, g in sorted(by_v.items(), key=lambda t: _median([r["kl_to_base"] for r in t[1]])):
+                    kx = [r["kl_to_base"] for r in g]
+                    ky = [r[key] * scale for r in g]
+                    x, y = _median(kx), _median(ky)
+                    xs.append(x)
+                    ys.append(y)
+                    ax.errorbar([x], [y], xerr=[[x - min(kx)], [max(kx) - x]], yerr=[[y - min(ky)], [max(ky) - y]],
+                                color=COLOURS[arm], alpha=0.5, capsize=2, linewidth=0.8)
+                    if ARMS[arm][1] is not None:
+                        ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                                    color=COLOURS[arm])
+                ax.plot(xs, ys, marker="o", color=COLOURS[arm], label=LABELS[arm])
+            if key == "direction":
+                ax.axhline(base, color="black", linestyle="--", linewidth=0.8, label="base model")
+            if key == "grid_energy":
+                ax.axhline(results[0]["grid_energy_base"], color="black", linestyle="--", linewidth=0.8, label="base model")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_title(f"{e} inner epoch{'s' if e > 1 else ''} (median over seeds, bars: seed range)", fontsize=9)
+            ax.set_xlabel("held-out KL(π_θ ‖ π_base), nats per token (log)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        handles, labels = axes[0][-1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        fig.savefig(docs / name, dpi=110)
+        plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--iterations", type=int, default=40)
-    ap.add_argument("--out", default="runs/bench_algorithms")
-    ap.add_argument("--docs", default="docs")
-    ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
+    ap.add_argument("--stage", choices=list(STAGES), help="a predefined part of the grid")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--epochs", type=int, nargs="+")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS))
+    ap.add_argument("--values", nargs="+", default=[], metavar="ARM=V1,V2",
+                    help="override an arm's knob values, e.g. token=1e-5,3e-5")
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes side by side, one thread each")
+    ap.add_argument("--tag", default="", help="names a variant of the grid (with its extra overrides)")
+    ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
+    ap.add_argument("--docs", type=Path, default=Path("docs"))
+    ap.add_argument("--report", action="store_true", help="only read finished runs and write the docs")
+    ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (with --tag)")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    Path(args.docs).mkdir(parents=True, exist_ok=True)   # before the first run, not after it
-    results = []
-    for seed in args.seeds:
-        for epochs in args.epochs:
-            for variant in args.variants:
-                r = one_run(out, variant, epochs, seed, args.iterations, args.overrides)
-                results.append(r)
-                print(json.dumps(r), flush=True)
-                (Path(args.docs) / "algorithms.json").write_text(json.dumps(results, indent=1))
-    plot(results, Path(args.docs) / "algorithms.png")
-    table = summarise(results)
-    (Path(args.docs) / "algorithms.md").write_text(table + "\n")
-    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/bench.json"))]
+        if not results:
+            sys.exit(f"algorithms.py: no finished runs under {args.out}")
+        stage_times = json.loads((args.out / "stages.json").read_text()) if (args.out / "stages.json").is_file() else {}
+        (args.docs / "frontier.json").write_text(json.dumps(results, indent=1))
+        md = report(results, args.docs, stage_times)
+        (args.docs / "frontier.md").write_text(md + "\n")
+        plot(results, args.docs)
+        print(md)
+        return
+    st = STAGES.get(args.stage, {})
+    seeds, epochs, arms = args.seeds or st.get("seeds", [0]), args.epochs or st.get("epochs", [4, 1]), \
+        args.arms or st.get("arms", list(ARMS))
+    values = {a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in args.values)}
+    cells = grid(arms, epochs, seeds, values)
+    t = time.perf_counter()
+    if args.jobs > 1:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        cmd = [sys.executable, __file__, "--iterations", str(args.iterations), "--out", str(args.out),
+               "--docs", str(args.docs), "--tag", args.tag, "--seeds", *map(str, seeds), "--epochs", *map(str, epochs),
+               "--arms", *arms, "--values", *args.values, "--", *args.overrides]
+        procs = []
+        for k in range(args.jobs):
+            procs.append(subprocess.Popen(cmd, env=env))
+            time.sleep(20 if k == 0 else 1)    # the first one writes the shared base evaluation
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            sys.exit(f"algorithms.py: a worker failed ({codes})")
+    else:
+        work(args.out, cells, args.iterations, args.overrides, args.tag)
+    if args.stage:
+        path = args.out / "stages.json"
+        times = json.loads(path.read_text()) if path.is_file() else {}
+        times[args.stage] = times.get(args.stage, 0.0) + time.perf_counter() - t
+        path.write_text(json.dumps(times, indent=1))
 
 
 if __name__ == "__main__":

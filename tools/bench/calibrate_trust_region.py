@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,28 +42,26 @@ SETTINGS = {
 
 
 def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int) -> dict:
-    from rewards import reward_weights, score_videos
-
-    from flowdppo_video.advantages import compute_advantages
     from flowdppo_video.config import load_config
-    from flowdppo_video.data import prompts_for_iteration
     from flowdppo_video.parallel.updaters import build_updater
-    from flowdppo_video.rollout import rollout
-    from flowdppo_video.trainer import Trainer, derive_seed
+    from flowdppo_video.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [f"run.output_dir={tmp}/run", "run.progress=false", "run.tensorboard=false",
                                    "run.report_every=0", f"run.seed={seed}", "eval.prompts=null", *overrides])
         trainer = Trainer(cfg)
-        prompts = prompts_for_iteration(trainer.prompts, 0, cfg.data.prompts_per_iteration, cfg.run.seed)
+        # Iteration 0 exactly as training does it (rollout, rewards, advantages), keeping the batch.
+        batch: dict = {}
+
+        def keep(traj, adv, it):
+            batch.update(traj=traj, adv=adv)
+            return {}
+
         t0 = time.perf_counter()
-        with trainer.updater.rollout():
-            traj = rollout(trainer.adapter, prompts, cfg.data.group_size, trainer.latent_shape, cfg.sampler,
-                           torch.Generator().manual_seed(derive_seed(cfg.run.seed, 0, 0)),
-                           negative_prompt=cfg.data.negative_prompt, progress=False)
-        scores, _ = score_videos(trainer.rewards, traj.videos, traj.prompts)
-        adv, _ = compute_advantages(scores, reward_weights(cfg.rewards), cfg.data.group_size,
-                                    cfg.advantages.aggregation, cfg.advantages.std, cfg.advantages.clip)
+        trainer.update = keep
+        trainer.train_iteration(0)
+        del trainer.update
+        traj, adv = batch["traj"], batch["adv"]
         rollout_s = time.perf_counter() - t0
         start = copy.deepcopy({k: v.detach().clone() for k, v in trainer.adapter.transformer.state_dict().items()})
         rows = []
