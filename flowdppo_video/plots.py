@@ -38,7 +38,9 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     axes[2].plot(it, series("mask/drop_frac"), label="all", color="tab:green")
     axes[2].plot(it, series("mask/drop_frac_pos"), label="A > 0", color="tab:olive", alpha=0.7)
     axes[2].plot(it, series("mask/drop_frac_neg"), label="A < 0", color="tab:cyan", alpha=0.7)
-    axes[2].set_title("dropped fraction (trust-region mask)")
+    # Where a trust region can act: the minibatches after the iteration's first optimizer step.
+    axes[2].plot(it, series("mask/offpolicy_drop_frac"), label="off-policy", color="black", linestyle="--")
+    axes[2].set_title("frozen share (trust region)")
     axes[2].legend(fontsize=8)
     if evals:
         ax = axes[3]
