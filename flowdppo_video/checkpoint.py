@@ -85,7 +85,15 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
             shutil.rmtree(final)
         tmp.rename(final)
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed out of the list first (atomic), then deleted: a kill inside the delete leaves
+            # a hidden folder, never a half-deleted checkpoint that still lists.
+            trash = old.with_name(f".trash_{old.name}")
+            if trash.exists():
+                shutil.rmtree(trash, ignore_errors=True)
+            old.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        for left in root.glob(".trash_*"):   # what an earlier kill left mid-delete
+            shutil.rmtree(left, ignore_errors=True)
     par.barrier("checkpoint rename")
     return final
 

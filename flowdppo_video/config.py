@@ -278,6 +278,12 @@ class Config:
         return self
 
 
+def _name(key: Any) -> str:
+    """A key as it goes into a message: as written, or quoted if it would break the line."""
+    k = str(key)
+    return k if k.isprintable() else repr(k)
+
+
 # Keys where +inf means "off": objective.delta=.inf (no trust region), objective.clip_range=.inf (no clipping).
 INF_ALLOWED = ("objective.delta", "objective.clip_range")
 
@@ -289,7 +295,7 @@ def _check_finite(key: str, value: Any) -> None:
         raise ConfigError(f"{key} must be a finite number, got {value}")
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_finite(f"{key}.{k}" if key else str(k), v)
+            _check_finite(f"{key}.{_name(k)}" if key else _name(k), v)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             _check_finite(f"{key}[{i}]", v)
@@ -329,7 +335,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         _, vt = typing.get_args(tp) or (Any, Any)
-        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+        return {str(k): _coerce(f"{key}.{_name(k)}", v, vt) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is float:
@@ -364,7 +370,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if k not in names:
             near = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {prefix}{near[0]}?)" if near else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown config key {prefix}{k}{hint}")
+            raise ConfigError(f"unknown config key {prefix}{_name(k)}{hint}")
         kwargs[k] = _coerce(prefix + k, v, hints[k])
     return cls(**kwargs)
 
@@ -375,7 +381,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted}: {p} is not a section")
+            raise ConfigError(f"override {_name(dotted)}: {_name(p)} is not a section")
         node = nxt
     node[parts[-1]] = value
 

@@ -287,11 +287,14 @@ def run_score(args: argparse.Namespace) -> None:
     parse_reward_specs(entries)                       # bad weights fail before any video is read
     videos = collect_videos(args.inputs)
     prompts = match_prompts(videos, args.prompts)
+    first = Path(args.inputs[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "scores"
+    from .fsio import check_output_dir
+
+    check_output_dir(out, "--out")                    # a file or read-only folder fails before scoring
     rows, names, skipped = score_files(videos, prompts, entries, args.batch_size)
     weights = {n: s.weight for n, s in parse_reward_specs(entries).items()}
     per_reward = summarize(rows, names, weights)
-    first = Path(args.inputs[0])
-    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "scores"
     write_outputs(out, rows, {"rewards": per_reward, "count": len(rows), "skipped": skipped})
     print(f"scored {len(rows)} of {len(videos)} videos" + (f" ({len(skipped)} skipped)" if skipped else "")
           + f"; wrote {out / 'scores.csv'}, scores.jsonl, summary.json")

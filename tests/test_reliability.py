@@ -183,7 +183,7 @@ def test_a_reward_drawing_random_numbers_resumes_exactly(tmp_path):
 
     @rewards.register("test_noisy_reward")
     class Noisy:
-        def __call__(self, videos, prompts):
+        def __call__(self, videos, prompts, *, fps):
             return torch.rand(len(prompts)) + float(np.random.rand()) + random.random()
 
     try:
@@ -360,7 +360,7 @@ def test_an_unexpected_error_is_a_json_500_counted_in_health(server_url, monkeyp
 
     monkeypatch.setattr(server, "decode_request", broken)
     before = _stats(server_url)["requests_failed"]
-    body = encode_request(torch.zeros(1, 3, 8, 8, 3, dtype=torch.uint8), ["a"])
+    body = encode_request(torch.zeros(1, 3, 8, 8, 3, dtype=torch.uint8), ["a"], 8.0)
     r = httpx.post(server_url + "/score", content=body, headers={"content-type": "application/x-flowdppo-videos"})
     assert r.status_code == 500 and r.json() == {"error": "internal error: ZeroDivisionError: a bug"}
     assert _stats(server_url)["requests_failed"] == before + 1
@@ -394,3 +394,90 @@ def test_an_open_bind_without_a_token_is_refused(tmp_path):
         "flowdppo-video: error: --host 0.0.0.0 is reachable from other machines and no token is set: give --token "
         "(or $FLOWDPPO_REWARD_TOKEN), or --allow-open to serve it to anyone who reaches the port"]
 
+
+
+# ---------------------------------------------------------------- SIGKILL inside checkpoint writes
+_SAVE_FOREVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.conftest import tiny_config
+from flowdppo_video.checkpoint import latest_checkpoint, save_checkpoint
+from flowdppo_video.trainer import Trainer
+base = Path(sys.argv[1])
+last = latest_checkpoint(base / "run")
+t = Trainer(tiny_config(base, "run.iterations=1000000", "run.sample_every=100", "run.num_sample_videos=0"),
+            resume=last is not None)                       # a resume loads (and verifies) the newest
+i = int(last.name[5:]) if last else 0
+print("ready", flush=True)
+while True:
+    i += 1
+    save_checkpoint(base / "run", t.adapter, t.updater, i, {{"prompts_sha": t._prompts_sha()}}, keep=2)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_inside_checkpoint_writes_never_leaves_a_torn_checkpoint(tmp_path):
+    """Kill a process that does nothing but write checkpoints, at random moments, three times:
+    every checkpoint left verifies against its manifest, and the next writer carries on."""
+    import signal
+    import time
+
+    from flowdppo_video.checkpoint import list_checkpoints, verify_checkpoint
+
+    from .conftest import ROOT
+
+    script = tmp_path / "save_forever.py"
+    script.write_text(_SAVE_FOREVER.format(root=str(ROOT)))
+    rng = random.Random(17)
+    seen = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+            time.sleep(rng.uniform(0.2, 1.0))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        found = list_checkpoints(tmp_path / "run")
+        assert found and all(verify_checkpoint(c) is None for c in found), [verify_checkpoint(c) for c in found]
+        assert int(found[-1].name[5:]) > seen                       # each writer got further
+        seen = int(found[-1].name[5:])
+
+
+def test_score_out_naming_a_file_or_a_read_only_folder_fails_before_scoring(tmp_path, capsys, monkeypatch):
+    from flowdppo_video import scoring
+    from flowdppo_video.cli import main
+    from flowdppo_video.video import write_video
+
+    write_video(tmp_path / "v" / "a.mp4", np.zeros((5, 16, 16, 3), dtype=np.uint8))
+    (tmp_path / "v" / "prompts.txt").write_text("a prompt\n")
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+
+    def never(*a, **k):
+        raise AssertionError("scored before the output folder was checked")
+
+    monkeypatch.setattr(scoring, "score_files", never)
+    assert main(["score", str(tmp_path / "v"), "--reward", "frame_change", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"flowdppo-video: error: --out {blocker} is a file, not a folder"]
+    assert main(["score", str(tmp_path / "v"), "--reward", "frame_change", "--out", str(blocker / "sub")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--out {blocker / 'sub'} is under {blocker}, which is a file, "
+                                                    "not a folder")
+    assert blocker.read_text() == "keep me"
+
+
+def test_an_os_error_in_any_command_is_one_line_naming_the_path(tmp_path, capsys):
+    """A read-only output folder (report here; train, score and sample go the same way) is exit 2
+    and one line naming the path, from a real EROFS: /proc refuses every new entry, root or not."""
+    from flowdppo_video.cli import main
+
+    Trainer(tiny_config(tmp_path, "run.iterations=1", *QUIET)).run()
+    out = Path("/proc/flowdppo_report_test")
+    assert main(["report", str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"flowdppo-video: error: {out}") and ": " in err[0], err
