@@ -6,6 +6,9 @@ from pathlib import Path
 
 from .metrics import read_metrics
 
+# Legends go under their panel (saved with bbox_inches="tight"): inside, they covered the lines.
+_BELOW = {"fontsize": 7, "loc": "upper center", "bbox_to_anchor": (0.5, -0.2), "ncol": 2, "frameon": False}
+
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     """Reward, KL and mask-drop fraction per iteration as one PNG (``RUN_DIR/curves.png``)."""
@@ -29,19 +32,19 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     axes[0].fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                          color="tab:blue", alpha=0.15, label="± std")
     axes[0].set_title("reward")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(**_BELOW)
     axes[1].plot(it, series("kl/mean"), label="token KL mean", color="tab:orange")
     axes[1].plot(it, series("kl/max"), label="token KL max", color="tab:red", alpha=0.6)
     axes[1].set_yscale("symlog", linthresh=1e-6)
     axes[1].set_title("KL(π_old ‖ π_θ), nats per token")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(**_BELOW)
     axes[2].plot(it, series("mask/drop_frac"), label="all", color="tab:green")
     axes[2].plot(it, series("mask/drop_frac_pos"), label="A > 0", color="tab:olive", alpha=0.7)
     axes[2].plot(it, series("mask/drop_frac_neg"), label="A < 0", color="tab:cyan", alpha=0.7)
     # Where a trust region can act: the minibatches after the iteration's first optimizer step.
     axes[2].plot(it, series("mask/offpolicy_drop_frac"), label="off-policy", color="black", linestyle="--")
     axes[2].set_title("frozen share (trust region)")
-    axes[2].legend(fontsize=8)
+    axes[2].legend(**_BELOW)
     if evals:
         ax = axes[3]
         x = [r["after_iterations"] for r in evals]
@@ -50,17 +53,22 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
         for k in keys:
             ax.plot(x, [r.get(k) for r in evals], marker="o", ms=3, label=k[len("eval/"):-len("/mean")])
         ax.set_title("held-out evaluation")
-        ax.legend(fontsize=7, loc="upper left")
+        handles, labels = ax.get_legend_handles_labels()
         if any("eval/kl_base/mean" in r for r in evals):
             ax2 = ax.twinx()
             ax2.plot(x, [r.get("eval/kl_base/mean") for r in evals], color="black", ls="--", label="KL to base")
             ax2.set_ylabel("KL(π_θ ‖ π_base), nats/token", fontsize=8)
-            ax2.legend(fontsize=7, loc="lower right")
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels, **_BELOW)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

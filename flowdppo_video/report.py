@@ -32,6 +32,7 @@ table{border-collapse:collapse;margin:6px 0} td,th{border:1px solid #ddd;padding
      vertical-align:top} th{background:#f0f0f0} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .videos td{text-align:center} video{background:#000;image-rendering:pixelated;display:block;margin:0 auto}
 .prompt{max-width:280px;font-size:13px} .good{background:#e6f4ea} .bad{background:#fdecea}
+.scroll{overflow-x:auto;max-width:100%} td{overflow-wrap:anywhere}
 """
 
 VIDEO_MIN_SIZE = 128   # small videos are upscaled (nearest neighbour) to at least this many pixels
@@ -65,7 +66,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "",
         return f"<td>{esc(v)}</td>"
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    # A table wider than the window scrolls inside its own box instead of widening the page.
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def video_tag(rel: str, width: int) -> str:
@@ -130,6 +132,10 @@ def _plt():
     return plt
 
 
+# Legends go under their plot (the figure is saved with bbox_inches="tight"), never over the lines.
+_BELOW = {"fontsize": 7, "loc": "upper center", "bbox_to_anchor": (0.5, -0.2), "ncol": 2, "frameon": False}
+
+
 def _series(rows: list[dict], key: str) -> list[float]:
     return [float("nan") if r.get(key) is None else float(r[key]) for r in rows]
 
@@ -148,7 +154,7 @@ def plot_training(rows: list[dict[str, Any]], path: Path) -> Path:
     for k in names:
         ax.plot(it, _series(rows, k), lw=1.2, label=k[len("reward/"):-len("/mean")])
     ax.set_title("reward per reward (batch mean)")
-    ax.legend(fontsize=7)
+    ax.legend(**_BELOW)
     ax = axes[1]
     ax.plot(it, _series(rows, "kl/mean"), color="tab:orange", label="token KL mean")
     ax.plot(it, _series(rows, "kl/max"), color="tab:red", alpha=0.6, label="token KL max")
@@ -156,48 +162,90 @@ def plot_training(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.plot(it, _series(rows, "kl_ref/mean"), color="tab:purple", label="KL to reference")
     ax.set_yscale("symlog", linthresh=1e-6)
     ax.set_title("KL(π_old ‖ π_θ), nats per token")
-    ax.legend(fontsize=7)
+    ax.legend(**_BELOW)
     ax = axes[2]
     ax.plot(it, _series(rows, "mask/drop_frac"), color="tab:green", label="all")
     ax.plot(it, _series(rows, "mask/drop_frac_pos"), color="tab:olive", alpha=0.7, label="A > 0")
     ax.plot(it, _series(rows, "mask/drop_frac_neg"), color="tab:cyan", alpha=0.7, label="A < 0")
     ax.plot(it, _series(rows, "mask/offpolicy_drop_frac"), color="black", linestyle="--", label="off-policy")
     ax.set_title("dropped fraction (trust-region mask)")
-    ax.legend(fontsize=7)
+    ax.legend(**_BELOW)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(it) == 1:   # one point draws no line: show it
             for line in ax.get_lines():
                 line.set_marker("o")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+def held_out_groups(evals: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[str, tuple[str, ...]]]:
+    """The held-out metrics to show, each once: ``(rewards, logged parts, composites)``.
+
+    ``rewards`` are the evaluated rewards' names, ``parts`` what a reward logged beside its score
+    that no other reward shows (``world_adherence/smoothness``), ``composites`` maps a reward
+    whose score is the mean of some of its parts to those parts (``world_adherence`` -> colour,
+    shape, direction), found from the numbers (:func:`eval_checkpoints.composite_parts`).
+    """
+    from .eval_checkpoints import composite_parts
+    from .run_summary import held_out_metrics
+
+    keys = held_out_metrics(evals)
+    name = {k: k[len("eval/"):-len("/mean")] for k in keys}
+    rewards = [name[k] for k in keys if "/" not in name[k]]
+    parts = [name[k] for k in keys if "/" in name[k]]
+    rows = [{n[len("eval/"):-len("/mean")]: r[n] for n in r if n.startswith("eval/") and n.endswith("/mean")
+             and r[n] is not None} for r in evals]
+    complete = [r for r in rows if all(q in r for q in rows[0])] if rows else []
+    composites = {}
+    for c in rewards:
+        got = composite_parts(complete, c) if len(complete) >= 2 else ()
+        if got:
+            composites[c] = tuple(k.rsplit("/", 1)[1] for k in got)
+    return rewards, parts, composites
+
+
 def plot_evaluation(evals: list[dict[str, Any]], path: Path) -> Path:
-    """Held-out rewards (and KL to the base model) after each evaluated iteration count."""
+    """Held-out rewards, the parts a reward logs, and the KL to the base model, after each
+    evaluated iteration count; legends below the plots, never over the lines."""
     plt = _plt()
     x = [r["after_iterations"] for r in evals]
-    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k.endswith("/mean")
-                   and k != "eval/kl_base/mean"})
+    rewards, parts, composites = held_out_groups(evals)
     has_kl = any(r.get("eval/kl_base/mean") is not None for r in evals)
-    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(11 if has_kl else 6, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    for k in keys:
-        ax.plot(x, _series(evals, k), marker="o", ms=4, label=k[len("eval/"):-len("/mean")])
+    panels = 1 + bool(parts) + has_kl
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.4), squeeze=False)
+    axes = list(axes[0])
+    ax = axes.pop(0)
+    for n in rewards:
+        if n in composites:     # a composite is drawn once, marked, beside the parts it averages
+            ax.plot(x, _series(evals, f"eval/{n}/mean"), color="black", lw=2.2, ls="--", marker="o", ms=4,
+                    label=f"{n} (mean of {', '.join(composites[n])})")
+        else:
+            ax.plot(x, _series(evals, f"eval/{n}/mean"), marker="o", ms=4, label=n)
     ax.set_title("held-out reward (fixed prompts and noise)")
-    ax.legend(fontsize=7)
+    ax.legend(**_BELOW)
+    if parts:
+        ax = axes.pop(0)
+        for n in parts:
+            ax.plot(x, _series(evals, f"eval/{n}/mean"), marker="o", ms=4, label=n)
+        ax.set_title("logged beside a reward (not in its score)" if composites else "logged beside a reward")
+        ax.legend(**_BELOW)
     if has_kl:
-        ax = axes[0, 1]
+        ax = axes.pop(0)
         ax.plot(x, _series(evals, "eval/kl_base/mean"), marker="o", ms=4, color="black")
         ax.set_title("KL(π_θ ‖ π_base), nats per token")
-    for ax in axes[0]:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
         ax.set_xlabel("after iterations")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -322,6 +370,23 @@ def _klmap_section(run_dir: Path, out: Path) -> str:
     return "\n".join(parts)
 
 
+def _evaluation_table(evals: list[dict[str, Any]]) -> str:
+    """One row per held-out metric (each once; a composite next to a note of its parts), one
+    column per evaluation: as many columns as evaluations, not as metrics, so it fits the page."""
+    rewards, parts, composites = held_out_groups(evals)
+    rows = []
+    for n in [*rewards, *parts]:
+        label = f"{n} (mean of {', '.join(composites[n])})" if n in composites else n
+        rows.append([label, *[float("nan") if r.get(f"eval/{n}/mean") is None else float(r[f"eval/{n}/mean"])
+                              for r in evals]])
+    if any(r.get("eval/kl_base/mean") is not None for r in evals):
+        rows.append(["KL to base (nats/token)", *[float("nan") if r.get("eval/kl_base/mean") is None
+                                                   else float(r["eval/kl_base/mean"]) for r in evals]])
+    head = ["held-out metric", *[("base" if r["after_iterations"] == 0 else f"after {r['after_iterations']}")
+                                 for r in evals]]
+    return table(head, rows)
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Build ``RUN_DIR/report/index.html`` from what the run has written so far; returns its path."""
     run_dir = Path(run_dir)
@@ -348,11 +413,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         training = '<p class="muted">No iteration has finished yet.</p>'
     if evals:
         plot_evaluation(evals, out / "evaluation.png")
-        keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
         evaluation = ('<img class="plot" src="evaluation.png" alt="held-out evaluation curves">' +
-                      table(["after iterations", *[k[5:] for k in keys]],
-                            [[r["after_iterations"], *[float("nan") if r.get(k) is None else float(r[k]) for k in keys]]
-                             for r in evals]))
+                      _evaluation_table(evals))
     else:
         evaluation = '<p class="muted">No held-out evaluation configured (<code>eval.prompts</code>) or none done yet.</p>'
     sections = [("training", "Training curves", training),

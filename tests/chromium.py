@@ -57,6 +57,7 @@ class PageCheck:
     videos: list[dict] = field(default_factory=list)          # per <video>: src, readyState, error, duration
     images: list[dict] = field(default_factory=list)          # per <img>: src, complete, naturalWidth
     screenshot: bytes = b""
+    content_width: float = 0.0                                # the page's CSS width: over the window = side-scrolling
 
 
 _MEDIA_JS = """
@@ -148,6 +149,7 @@ def check_page(chromium: str, page: Path, width: int = 1280, height: int = 900,
         out.videos, out.images = state["videos"], state["images"]
         metrics = cdp.call("Page.getLayoutMetrics")
         size = metrics.get("cssContentSize") or metrics["contentSize"]
+        out.content_width = float(size["width"])
         shot = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
                         clip={"x": 0, "y": 0, "width": min(size["width"], 4000),
                               "height": min(size["height"], 12000), "scale": 1})

@@ -105,7 +105,12 @@ def test_report_has_every_section_and_file(run_dir):
         assert {"controls", "muted", "loop", "playsinline"} <= set(v)
     for k in ("after 0 iterations", "after 1 iterations", "after 2 iterations", "a red ball rolls to the left"):
         assert k in page.text["videos"]
-    assert "objective.delta" in page.text["config"] and "frame_change/mean" in page.text["evaluation"]
+    assert "objective.delta" in page.text["config"]
+    # The held-out table: one row per metric, one column per evaluation (base, after 1, after 2).
+    heads = [a for t, a in page.tags["evaluation"] if t == "th"]
+    assert len(heads) == 1 + 3
+    text = page.text["evaluation"]
+    assert "held-out metric" in text and text.count("frame_change") == 1 and "KL to base (nats/token)" in text
     assert_links_exist(page, index.parent)
     # The snapshots behind the maps: per SDE step, the token grid (3, 2, 2) of the tiny model.
     import numpy as np
@@ -117,12 +122,13 @@ def test_report_has_every_section_and_file(run_dir):
 
 
 def test_report_loads_in_headless_chromium(run_dir, chromium):
-    check = check_page(chromium, run_dir / "report" / "index.html")
+    check = check_page(chromium, run_dir / "report" / "index.html", width=1400, height=900)
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report_screenshot.png"
     shot.write_bytes(check.screenshot)
     print(f"screenshot: {shot}")
     assert check.console_errors == []
+    assert check.content_width <= 1400              # readable in a 1400-pixel window: nothing scrolls sideways
     assert len(check.videos) == 6
     for v in check.videos:
         assert v["error"] is None and v["readyState"] >= 2 and v["duration"] > 0, v   # decoded, playable
