@@ -85,7 +85,7 @@ class _Mean:
             v = float(v)
             self.sums[k] = self.sums.get(k, 0.0) + v * weight
             self.weights[k] = self.weights.get(k, 0.0) + weight
-            self.maxes[k] = max(self.maxes.get(k, -math.inf), v)
+            self.maxes[k] = _nan_max(self.maxes.get(k, -math.inf), v)   # a NaN stays visible
 
     def mean(self, k: str) -> float:
         return self.sums[k] / self.weights[k] if self.weights.get(k) else float("nan")
@@ -101,7 +101,7 @@ def _pooled(par: ParallelState, acc: _Mean, first: float | None) -> tuple[_Mean,
             out.sums[k] = out.sums.get(k, 0.0) + v
             out.weights[k] = out.weights.get(k, 0.0) + weights[k]
         for k, v in maxes.items():
-            out.maxes[k] = max(out.maxes.get(k, -math.inf), v)
+            out.maxes[k] = _nan_max(out.maxes.get(k, -math.inf), v)
     firsts = [f for *_, f in parts if f is not None]
     return out, (max(firsts) if firsts else None)
 

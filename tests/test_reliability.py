@@ -4,6 +4,7 @@ nothing written before is lost. The table of what these tests try is in docs/rel
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -481,3 +482,14 @@ def test_an_os_error_in_any_command_is_one_line_naming_the_path(tmp_path, capsys
     assert main(["report", str(tmp_path / "run"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"flowdppo-video: error: {out}") and ": " in err[0], err
+
+
+def test_running_maxima_keep_a_nan():
+    """``max(x, nan)`` is x: a NaN KL or ratio would vanish from kl/max; the stats keep it."""
+    from flowdppo_video.trainer import _Mean
+
+    acc = _Mean()
+    acc.add({"kl_max": 0.5})
+    acc.add({"kl_max": float("nan")})
+    acc.add({"kl_max": 0.25})
+    assert math.isnan(acc.maxes["kl_max"]) and math.isnan(acc.mean("kl_max"))
