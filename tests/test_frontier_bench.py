@@ -1,0 +1,80 @@
+"""The trust-region frontier benchmark and its calibration tool run, resume and analyse (tiny size)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
+import algorithms  # noqa: E402
+
+TINY = ["data.prompts_per_iteration=1", "data.group_size=4", "optim.minibatch_size=2", "eval.samples_per_prompt=1",
+        "eval.prompts=[a red circle moves left slowly on black, a blue square moves up quickly on gray]"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+
+
+def test_interpolation_at_matched_kl_is_linear_in_log_kl():
+    pts = [(0.01, 0.5), (0.1, 0.7), (1.0, 0.6)]
+    assert algorithms.interp_at(pts, 0.1) == pytest.approx(0.7)
+    assert algorithms.interp_at(pts, math.sqrt(0.01 * 0.1)) == pytest.approx(0.6)    # halfway in log KL
+    assert algorithms.interp_at(pts, 0.005) is None and algorithms.interp_at(pts, 2.0) is None
+
+
+def test_matched_kl_pairs_seeds_and_gives_an_interval():
+    rs = []
+    for seed, shift in [(0, 0.0), (1, 0.02), (2, -0.01)]:
+        for kl, a, b in [(0.01, 0.6, 0.5), (0.1, 0.8, 0.6)]:
+            rs.append({"arm": "token", "epochs": 4, "seed": seed, "kl_to_base": kl, "direction": a + shift})
+            rs.append({"arm": "clip", "epochs": 4, "seed": seed, "kl_to_base": kl, "direction": b + shift})
+    rows = algorithms.matched_kl(rs, 4, budgets=[0.01, 0.1])
+    assert [(r["a"], r["b"]) for r in rows] == [("token", "clip")] * 2
+    assert [r["mean_diff"] for r in rows] == pytest.approx([0.1, 0.2])       # the shift cancels: paired
+    assert all(r["n_seeds"] == 3 and r["ci"][0] <= r["mean_diff"] <= r["ci"][1] for r in rows)
+    lo, hi = algorithms.bootstrap_ci([1.0, 2.0, 3.0])
+    assert 1.0 <= lo < 2.0 < hi <= 3.0
+
+
+def test_frontier_grid_runs_resumes_and_reports(tmp_path):
+    cmd = [sys.executable, str(ROOT / "tools/bench/algorithms.py"), "--out", str(tmp_path / "runs"), "--docs",
+           str(tmp_path / "docs"), "--iterations", "1", "--arms", "token", "none", "--values", "token=1e-4",
+           "--epochs", "2", "--seeds", "0", "--", *TINY]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    runs = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/bench.json"))
+    assert runs == ["none-inf-e2-s0", "token-0.0001-e2-s0"]
+    r = json.loads((tmp_path / "runs" / "token-0.0001-e2-s0" / "bench.json").read_text())
+    assert r["commit"] and 0.0 <= r["offpolicy_frozen"] <= 1.0 and r["kl_to_base"] > 0
+    # The base evaluation is shared: every run's first evaluation row is the grid's one.
+    base = (tmp_path / "runs" / "_base" / "eval.jsonl").read_text().splitlines()[0]
+    assert all((tmp_path / "runs" / n / "eval.jsonl").read_text().splitlines()[0] == base for n in runs)
+    # A second invocation reuses the finished runs (nothing is rerun), then the report.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and json.loads((tmp_path / "runs" / "token-0.0001-e2-s0" / "bench.json")
+                                                .read_text())["wall_seconds"] == r["wall_seconds"]
+    rep = subprocess.run([*cmd[:6], "--report"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert len(json.loads((tmp_path / "docs" / "frontier.json").read_text())) == 2
+    assert "Flow-DPPO token" in (tmp_path / "docs" / "frontier.md").read_text()
+    for name in ("frontier.png", "frontier_forgetting.png", "frontier_grid.png"):
+        assert (tmp_path / "docs" / name).stat().st_size > 10_000
+
+
+def test_calibration_reports_the_off_policy_frozen_share(tmp_path):
+    out = tmp_path / "cal"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench/calibrate_trust_region.py"), "--arms", "grpo_clip",
+                           "--out", str(out), "optim.lr=1e-4", "optim.inner_epochs=2", *TINY[:3]],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    shares = [r["offpolicy_frozen"] for r in rows]
+    assert [r["value"] for r in rows] == sorted(r["value"] for r in rows)
+    # A wider clip range never freezes more, and the first epoch's first minibatch froze nothing.
+    assert all(a >= b for a, b in zip(shares, shares[1:])) and shares[0] > shares[-1]
+    assert "off-policy frozen" in out.with_suffix(".md").read_text()
