@@ -449,7 +449,7 @@ def test_sigkill_inside_checkpoint_writes_never_leaves_a_torn_checkpoint(tmp_pat
         seen = int(found[-1].name[5:])
 
 
-def test_score_out_naming_a_file_or_a_read_only_folder_fails_before_scoring(tmp_path, capsys, monkeypatch):
+def test_score_out_naming_a_file_fails_before_scoring(tmp_path, capsys, monkeypatch):
     from flowdppo_video import scoring
     from flowdppo_video.cli import main
     from flowdppo_video.video import write_video
