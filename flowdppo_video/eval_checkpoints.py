@@ -185,7 +185,7 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
             with torch.no_grad():
                 traj = rollout(adapter, prompt_list, 1, latent_shape, sampler, torch.Generator().manual_seed(s),
                                negative_prompt=cfg.data.negative_prompt, progress=False)
-            got, extras = score_videos(reward_fns, traj.videos, traj.prompts)
+            got, extras = score_videos(reward_fns, traj.videos, traj.prompts, fps=cfg.video.fps)
             for i, prompt in enumerate(prompt_list):
                 row = {"model": m.label, "checkpoint": str(m.path) if m.path else BASE, "prompt_index": i,
                        "prompt": prompt, "seed": s, **{n: float(got[n][i]) for n in names},

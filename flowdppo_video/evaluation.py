@@ -38,15 +38,17 @@ def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> t
 
 def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: int,
              latent_shape: tuple[int, ...], sampler: SamplerConfig, seed: int, rewards: dict,
-             negative_prompt: str = "", measure_kl: bool = True) -> tuple[dict[str, float], Trajectory]:
+             negative_prompt: str = "", measure_kl: bool = True, *, fps: float
+             ) -> tuple[dict[str, float], Trajectory]:
     """Sample every prompt ``samples_per_prompt`` times with a fixed seed (the same noise at every
-    evaluation, so numbers are paired across iterations) and score the videos.
+    evaluation, so numbers are paired across iterations) and score the videos as shown at ``fps``
+    (the run's ``video.fps``).
 
     Returns ``({"eval/<reward>/mean": ..., "eval/kl_base/mean": ...}, trajectory)``.
     """
     traj = rollout(adapter, prompts, samples_per_prompt, latent_shape, sampler,
                    torch.Generator().manual_seed(seed), negative_prompt=negative_prompt, progress=False)
-    scores, extras = score_videos(rewards, traj.videos, traj.prompts)
+    scores, extras = score_videos(rewards, traj.videos, traj.prompts, fps=fps)
     out = {f"eval/{n}/mean": float(s.mean()) for n, s in scores.items()}
     out.update({f"eval/{n}/mean": float(s.float().mean()) for n, s in extras.items()})
     if measure_kl and traj.num_sde_steps:

@@ -19,13 +19,19 @@ Prompts, in this order of precedence:
 
 Rewards: ``--reward NAME[=WEIGHT]`` (repeatable) and/or ``--rewards-config YAML``, whose
 ``rewards:`` mapping is read as in a training config (options allowed; the file may be a whole
-training recipe, whose other sections are ignored). ``--fps N`` sets the ``fps`` option of every
-reward that takes one (the motion rewards) unless the config sets it.
+training recipe, whose other sections are ignored).
 
-Videos of one shape ``(F, H, W)`` are scored together in batches of ``--batch-size``. Outputs, in
-``--out`` (default: ``scores/`` in the first argument's folder): ``scores.csv`` and
-``scores.jsonl`` (one row per video: ``file``, ``prompt``, each reward, ``total`` = the weighted
-sum, then each reward's logged extras as ``reward/key``), and ``summary.json`` (weight, mean,
+Frame rate: every reward is called with the videos' real frame rate (the motion rewards measure
+speed per second, the judges sample frames per second of video). Each file's own rate is read
+from its container (a folder of mixed rates is scored at each file's rate); ``--fps N`` gives one
+rate for every file instead. A file whose rate cannot be read is skipped with a warning naming it
+(give ``--fps``).
+
+Videos of one shape ``(F, H, W)`` and frame rate are scored together in batches of
+``--batch-size``. Outputs, in ``--out`` (default: ``scores/`` in the first argument's folder):
+``scores.csv`` and ``scores.jsonl`` (one row per video: ``file``, ``prompt``, ``fps`` (the rate
+it was scored at), each reward, ``total`` = the weighted sum, then each reward's logged extras
+as ``reward/key``), and ``summary.json`` (weight, mean,
 population std and count per reward and of the total; the skipped files). A file that cannot be
 read is reported on stderr, one line naming it, and skipped; if none can be read, the command
 fails (exit 2).
@@ -35,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import math
 import sys
@@ -56,7 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a registered reward and its weight (default 1); repeatable")
     s.add_argument("--rewards-config", metavar="YAML", help="YAML file with a rewards: mapping (options allowed)")
     s.add_argument("--out", metavar="DIR", help="output folder (default: scores/ in the first argument's folder)")
-    s.add_argument("--fps", type=float, help="frame rate of the videos, for rewards that take fps (default: theirs)")
+    s.add_argument("--fps", type=float, help="frame rate to score every video at (default: each file's own, "
+                   "read from its container)")
     s.add_argument("--batch-size", type=int, default=8, choices=range(1, 1025), metavar="N",
                    help="videos scored together (default 8)")
     s.set_defaults(func=run_score)
@@ -140,11 +146,11 @@ def match_prompts(videos: list[Path], prompts_file: str | None) -> list[str]:
     return out
 
 
-def reward_entries(reward_args: list[str], config: str | None, fps: float | None) -> dict[str, Any]:
+def reward_entries(reward_args: list[str], config: str | None) -> dict[str, Any]:
     """The ``rewards:`` mapping from ``--rewards-config`` and ``--reward NAME[=WEIGHT]`` flags."""
     import yaml
 
-    from rewards import REWARDS, RewardError, parse_reward_specs
+    from rewards import RewardError
 
     entries: dict[str, Any] = {}
     if config is not None:
@@ -173,22 +179,16 @@ def reward_entries(reward_args: list[str], config: str | None, fps: float | None
             raise RewardError(f"--reward {arg}: the weight must be finite")
     if not entries:
         raise RewardError("no rewards to score with: give --reward NAME[=WEIGHT] or --rewards-config YAML")
-    if fps is not None:
-        if not (math.isfinite(fps) and fps > 0):
-            raise RewardError(f"--fps must be a positive number, got {fps}")
-        for name, spec in parse_reward_specs(entries).items():   # validates, and tells each entry's type
-            factory = REWARDS.get(spec.type)
-            if factory is not None and "fps" not in spec.options and _takes(factory, "fps"):
-                entries[name] = {**({"weight": entries[name]} if not isinstance(entries[name], dict)
-                                    else entries[name]), "fps": fps}
     return entries
 
 
-def _takes(factory: Any, option: str) -> bool:
-    try:
-        return option in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
+def check_fps_flag(fps: float | None) -> float | None:
+    """``--fps``: ``None`` (each file's own rate) or a positive number."""
+    from rewards import RewardError
+
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise RewardError(f"--fps must be a positive number, got {fps}")
+    return fps
 
 
 def _first_line(e: BaseException) -> str:
@@ -197,12 +197,13 @@ def _first_line(e: BaseException) -> str:
 
 # --------------------------------------------------------------------------- scoring
 
-def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any], batch_size: int = 8
-                ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any], batch_size: int = 8,
+                fps: float | None = None) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Read and score ``videos``; returns ``(rows, reward_names, skipped)``.
 
+    ``fps``: the frame rate every video is scored at; ``None``: each file's own (its container's).
     ``rows`` in the order of ``videos`` (unreadable ones left out, and reported on stderr), each
-    ``{"file", "prompt", <reward>: score, ..., "total", <reward/key>: extra, ...}``.
+    ``{"file", "prompt", "fps", <reward>: score, ..., "total", <reward/key>: extra, ...}``.
     """
     import numpy as np
     import torch
@@ -211,21 +212,23 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
     import rewards as R
 
     from .data import DataError
-    from .video import read_video
+    from .video import read_video, video_fps
 
     built = R.build_rewards(entries)
     weights = {n: s.weight for n, s in R.parse_reward_specs(entries).items()}
     results: dict[int, dict[str, Any]] = {}
-    pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    # one batch per (frames, height, width, fps): a batch's videos share one frame rate
+    pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
     skipped: list[str] = []
 
-    def flush(shape: tuple[int, ...]) -> None:
-        items = pending.pop(shape)
+    def flush(key: tuple[Any, ...]) -> None:
+        items = pending.pop(key)
         idx = [i for i, _ in items]
         batch = torch.from_numpy(np.stack([v for _, v in items]))
-        scores, extras = R.score_videos(built, batch, [prompts[i] for i in idx])
+        rate = key[-1]
+        scores, extras = R.score_videos(built, batch, [prompts[i] for i in idx], fps=rate)
         for j, i in enumerate(idx):
-            row: dict[str, Any] = {"file": str(videos[i]), "prompt": prompts[i]}
+            row: dict[str, Any] = {"file": str(videos[i]), "prompt": prompts[i], "fps": rate}
             row.update({n: float(s[j]) for n, s in scores.items()})
             row["total"] = float(sum(weights[n] * float(s[j]) for n, s in scores.items()))
             row.update({k: float(e.reshape(-1)[j]) for k, e in extras.items() if e.numel() == len(idx)})
@@ -236,16 +239,18 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
             arr = read_video(path)
             if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or arr.shape[0] < 1:
                 raise ValueError(f"decoded to {arr.shape} {arr.dtype}, not (F, H, W, 3) uint8 frames")
+            rate = fps if fps is not None else video_fps(path)
         except Exception as e:  # a broken file must not stop the others: report it by name
             print(f"flowdppo-video: warning: skipping {path}: cannot read it ({type(e).__name__}: {_first_line(e)})",
                   file=sys.stderr)
             skipped.append(str(path))
             continue
-        pending.setdefault(arr.shape[:3], []).append((i, np.ascontiguousarray(arr)))
-        if len(pending[arr.shape[:3]]) >= batch_size:
-            flush(arr.shape[:3])
-    for shape in list(pending):
-        flush(shape)
+        key = (*arr.shape[:3], rate)
+        pending.setdefault(key, []).append((i, np.ascontiguousarray(arr)))
+        if len(pending[key]) >= batch_size:
+            flush(key)
+    for key in list(pending):
+        flush(key)
     if not results:
         raise DataError(f"none of the {len(videos)} video files could be read (see the warnings above)")
     return [results[i] for i in sorted(results)], list(built), skipped
@@ -283,7 +288,8 @@ def run_score(args: argparse.Namespace) -> None:
     """The ``score`` command."""
     from rewards import parse_reward_specs
 
-    entries = reward_entries(args.reward, args.rewards_config, args.fps)
+    fps = check_fps_flag(args.fps)
+    entries = reward_entries(args.reward, args.rewards_config)
     parse_reward_specs(entries)                       # bad weights fail before any video is read
     videos = collect_videos(args.inputs)
     prompts = match_prompts(videos, args.prompts)
@@ -292,7 +298,7 @@ def run_score(args: argparse.Namespace) -> None:
     from .fsio import check_output_dir
 
     check_output_dir(out, "--out")                    # a file or read-only folder fails before scoring
-    rows, names, skipped = score_files(videos, prompts, entries, args.batch_size)
+    rows, names, skipped = score_files(videos, prompts, entries, args.batch_size, fps)
     weights = {n: s.weight for n, s in parse_reward_specs(entries).items()}
     per_reward = summarize(rows, names, weights)
     write_outputs(out, rows, {"rewards": per_reward, "count": len(rows), "skipped": skipped})

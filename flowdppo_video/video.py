@@ -53,3 +53,21 @@ def read_video(path: str | Path) -> np.ndarray:
 
     with av.open(str(path)) as src:
         return np.stack([f.to_ndarray(format="rgb24") for f in src.decode(video=0)])
+
+
+def video_fps(path: str | Path) -> float:
+    """The frame rate a video file's container gives its first video stream (frames per second).
+
+    The stream's average rate, else its guessed (r_frame_rate) one; a ``ValueError`` naming the
+    file when neither is there (then the caller must be told the rate).
+    """
+    import av
+
+    with av.open(str(path)) as src:
+        if not src.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = src.streams.video[0]
+        for rate in (stream.average_rate, stream.guessed_rate):
+            if rate is not None and rate > 0:
+                return float(rate)
+    raise ValueError(f"{path}: its container gives no frame rate (give --fps)")

@@ -1,8 +1,10 @@
 """Reward models for generated videos, registered by name.
 
-A reward is a callable ``reward(videos, prompts) -> scores``: ``videos`` is ``(B, F, H, W, 3)``
-uint8, ``prompts`` a list of ``B`` strings, ``scores`` a ``(B,)`` float tensor, or a dict of
-``(B,)`` tensors holding at least ``"score"`` (the rest is logged). A config names rewards
+A reward is a callable ``reward(videos, prompts, fps=fps) -> scores``: ``videos`` is
+``(B, F, H, W, 3)`` uint8, ``prompts`` a list of ``B`` strings, ``fps`` the videos' real frame
+rate (a required keyword: training passes ``video.fps``, ``score`` each file's own rate, the
+reward server the one on the wire), ``scores`` a ``(B,)`` float tensor, or a dict of ``(B,)``
+tensors holding at least ``"score"`` (the rest is logged). A config names rewards
 with weights, ``rewards: {frame_change: 1.0}``, or with options,
 ``rewards: {align: {type: vlm_judge, weight: 0.5, retries: 2, model: /ckpt/qwen2-vl}}``
 (see :class:`rewards.registry.RewardSpec`).

@@ -15,7 +15,8 @@ class FrameChange:
     and it is trivially hackable by flicker, so do not use it to judge motion quality.
     """
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
+        # per frame pair, not per second: the frame rate does not enter
         v = videos.float() / 255.0                                    # (B, F, H, W, 3)
         if v.shape[1] < 2:
             return torch.zeros(v.shape[0])

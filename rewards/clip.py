@@ -84,8 +84,8 @@ class ClipAlignment:
         txt_e = torch.nn.functional.normalize(txt_e, dim=-1)
         return torch.einsum("bnd,bd->bn", img_e, txt_e).cpu()
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        _check_videos(videos, prompts)
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        _check_videos(videos, prompts)       # fps unused: frames are judged one by one
         cos = torch.cat([self.cosines(videos[s:s + self.batch_size], prompts[s:s + self.batch_size])
                          for s in range(0, videos.shape[0], self.batch_size)])             # (B, n)
         if self.siglip:

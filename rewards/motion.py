@@ -15,9 +15,11 @@ grey frames. With ``x`` a pixel of frame ``t`` and ``w(g, f)`` the field ``g`` s
 ``x + f(x)`` (bilinear; pixels whose target leaves the frame are left out):
 
 * **speed** of a pair: the mean of the top ``top`` fraction (5%) of flow magnitudes, in frame
-  short sides per second (``|f| / size * fps``), so it measures the moving part of the frame,
-  however small, as VBench's dynamic degree does with RAFT (top 5%, a threshold of 6 px per
-  frame at a 256 px short side and 8 fps, i.e. 0.1875 short sides per second);
+  short sides per second (``|f| / size * fps``, ``fps`` the videos' real frame rate, which every
+  call receives: ``video.fps`` in training, the file's own in ``score``), so it measures the
+  moving part of the frame, however small, as VBench's dynamic degree does with RAFT (top 5%,
+  a threshold of 6 px per frame at a 256 px short side and 8 fps, i.e. 0.1875 short sides per
+  second);
 * **dynamic degree**: per pair a ramp from 0 at ``threshold / 4`` (slower is flow-estimation
   noise, not motion) to 1 at ``threshold``, averaged over pairs: a soft fraction of moving pairs,
   0 for a static video, 1 when every pair moves at least ``threshold``;
@@ -273,10 +275,11 @@ def _texture_weight(grey: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(np.minimum(1.0, mag / TEXTURE_GRADIENT), (5, 5), 0)
 
 
-def analyse_motion(videos: torch.Tensor, estimator: FlowEstimator, fps: float = 8.0,
+def analyse_motion(videos: torch.Tensor, estimator: FlowEstimator, fps: float,
                    threshold: float = VBENCH_THRESHOLD, top: float = 0.05, alpha: float = 0.05,
                    beta: float = 1.0, scale: float = 0.05, need_backward: bool = True) -> MotionStats:
-    """Every motion measurement of ``(B, F, H, W, 3)`` uint8 videos (see the module docstring).
+    """Every motion measurement of ``(B, F, H, W, 3)`` uint8 videos shown at ``fps`` frames per
+    second (see the module docstring).
 
     ``need_backward=False`` skips the backward flows (and reports consistencies of 1), for
     rewards that do not use smoothness.
@@ -342,24 +345,24 @@ class DynamicDegree(_MotionReward):
     """How much of the video moves, in ``[0, 1]``: 0 static, 1 when every frame pair moves.
 
     Per pair, the speed of its fastest ``top`` fraction of pixels (frame short sides per second at
-    ``fps``), ramped from 0 at ``threshold / 4`` to 1 at ``threshold`` (default VBench's, 0.1875),
-    averaged over pairs. Noise
-    moves too: pair it with smoothness and flicker (``motion_quality``). Extras: ``speed``
-    (short sides/s), ``flow_px`` (mean flow, original px/frame), ``moving_pixels`` (fraction).
+    the videos' real ``fps``, given with each call), ramped from 0 at ``threshold / 4`` to 1 at
+    ``threshold`` (default VBench's, 0.1875), averaged over pairs. Noise moves too: pair it with
+    smoothness and flicker (``motion_quality``). Extras: ``speed`` (short sides/s), ``flow_px``
+    (mean flow, original px/frame), ``moving_pixels`` (fraction).
     """
 
     name = "dynamic_degree"
 
-    def __init__(self, flow: str = "dis", size: int = 128, fps: float = 8.0, threshold: float = VBENCH_THRESHOLD,
+    def __init__(self, flow: str = "dis", size: int = 128, threshold: float = VBENCH_THRESHOLD,
                  top: float = 0.05, raft_weights: str | None = None) -> None:
         super().__init__(flow, size, raft_weights)
-        _check_positive(self.name, fps=fps, threshold=threshold, top=top)
+        _check_positive(self.name, threshold=threshold, top=top)
         if top > 1:
             raise RewardError(f"{self.name}: option top (fraction of pixels) must be in (0, 1], got {top!r}")
-        self.fps, self.threshold, self.top = float(fps), float(threshold), float(top)
+        self.threshold, self.top = float(threshold), float(top)
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        m = analyse_motion(videos, self.estimator, fps=self.fps, threshold=self.threshold, top=self.top,
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        m = analyse_motion(videos, self.estimator, fps=fps, threshold=self.threshold, top=self.top,
                            need_backward=False)
         return _tensors(score=m.dynamic_degree, speed=m.speed, flow_px=m.flow_px, moving_pixels=m.moving_pixels)
 
@@ -381,8 +384,8 @@ class MotionSmoothness(_MotionReward):
         _check_positive(self.name, alpha=alpha, beta=beta)
         self.alpha, self.beta = float(alpha), float(beta)
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        m = analyse_motion(videos, self.estimator, alpha=self.alpha, beta=self.beta)
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        m = analyse_motion(videos, self.estimator, fps=fps, alpha=self.alpha, beta=self.beta)
         return _tensors(score=m.smoothness, fb_consistency=m.fb_consistency,
                         temporal_consistency=m.temporal_consistency)
 
@@ -401,8 +404,8 @@ class TemporalFlicker(_MotionReward):
         _check_positive(self.name, scale=scale)
         self.scale = float(scale)
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        m = analyse_motion(videos, self.estimator, scale=self.scale, need_backward=False)
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        m = analyse_motion(videos, self.estimator, fps=fps, scale=self.scale, need_backward=False)
         return _tensors(score=m.flicker_score, residual=m.residual)
 
 
@@ -417,18 +420,18 @@ class MotionQuality(_MotionReward):
 
     name = "motion_quality"
 
-    def __init__(self, flow: str = "dis", size: int = 128, fps: float = 8.0, threshold: float = VBENCH_THRESHOLD,
+    def __init__(self, flow: str = "dis", size: int = 128, threshold: float = VBENCH_THRESHOLD,
                  top: float = 0.05, alpha: float = 0.05, beta: float = 1.0, scale: float = 0.05,
                  raft_weights: str | None = None) -> None:
         super().__init__(flow, size, raft_weights)
-        _check_positive(self.name, fps=fps, threshold=threshold, top=top, alpha=alpha, beta=beta, scale=scale)
+        _check_positive(self.name, threshold=threshold, top=top, alpha=alpha, beta=beta, scale=scale)
         if top > 1:
             raise RewardError(f"{self.name}: option top (fraction of pixels) must be in (0, 1], got {top!r}")
-        self.kw = dict(fps=float(fps), threshold=float(threshold), top=float(top), alpha=float(alpha),
+        self.kw = dict(threshold=float(threshold), top=float(top), alpha=float(alpha),
                        beta=float(beta), scale=float(scale))
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        m = analyse_motion(videos, self.estimator, **self.kw)
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        m = analyse_motion(videos, self.estimator, fps=fps, **self.kw)
         return _tensors(score=m.motion_quality, dynamic_degree=m.dynamic_degree, smoothness=m.smoothness,
                         flicker_score=m.flicker_score, speed=m.speed, flow_px=m.flow_px,
                         fb_consistency=m.fb_consistency, temporal_consistency=m.temporal_consistency,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
@@ -16,7 +17,12 @@ class RewardError(ValueError):
 
 
 class Reward(Protocol):
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """``reward(videos, prompts, fps=fps)``: ``(B, F, H, W, 3)`` uint8 videos, ``B`` prompts and the
+    videos' real frame rate (a required keyword: a reward never guesses it) -> ``(B,)`` scores or a
+    dict of ``(B,)`` tensors holding ``"score"``."""
+
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float
+                 ) -> torch.Tensor | dict[str, torch.Tensor]:
         ...
 
 
@@ -91,8 +97,11 @@ def build_rewards(entries: Mapping[str, Any], key: str = "rewards") -> dict[str,
             inspect.signature(factory).bind(**spec.options)
         except TypeError:
             params = [p for p in inspect.signature(factory).parameters if p != "self"]
+            # fps was an option of the motion rewards and judges; now every call carries the real one
+            hint = (" (fps is not an option: rewards receive the videos' real frame rate, video.fps in "
+                    "training, each file's own in score)" if "fps" in spec.options and "fps" not in params else "")
             raise RewardError(f"{key}.{name}: reward {spec.type!r} takes options {params or 'none'}, "
-                              f"got {sorted(spec.options)}") from None
+                              f"got {sorted(spec.options)}{hint}") from None
         except ValueError:  # builtins without a signature: let the call decide
             pass
         try:
@@ -112,9 +121,16 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
-def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list[str]
+def check_fps(fps: Any, where: str = "fps") -> float:
+    """``fps`` as a float if it is a finite number > 0 (frames per second), else a :class:`RewardError`."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise RewardError(f"{where} must be the videos' frame rate, a number > 0, got {fps!r}")
+    return float(fps)
+
+
+def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list[str], *, fps: float
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Score ``(B, F, H, W, 3)`` uint8 videos with every reward.
+    """Score ``(B, F, H, W, 3)`` uint8 videos, shown at ``fps`` frames per second, with every reward.
 
     Returns ``(scores, extras)``: ``scores[name]`` ``(B,)`` float32; ``extras["name/key"]`` the
     other entries of rewards that return dicts. A wrong shape or a non-finite score is an error,
@@ -122,10 +138,11 @@ def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list
     """
     if videos.ndim != 5 or videos.shape[-1] != 3 or videos.dtype != torch.uint8:
         raise RewardError(f"videos must be (B, F, H, W, 3) uint8, got {tuple(videos.shape)} {videos.dtype}")
+    fps = check_fps(fps)
     b = videos.shape[0]
     scores, extras = {}, {}
     for name, fn in rewards.items():
-        out = _call_with_retries(name, fn, videos, prompts)
+        out = _call_with_retries(name, fn, videos, prompts, fps)
         if isinstance(out, dict):
             if "score" not in out:
                 raise RewardError(f"reward {name!r} returned a dict without 'score'")
@@ -140,13 +157,13 @@ def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list
     return scores, extras
 
 
-def _call_with_retries(name: str, fn: Reward, videos: torch.Tensor, prompts: list[str]) -> Any:
+def _call_with_retries(name: str, fn: Reward, videos: torch.Tensor, prompts: list[str], fps: float) -> Any:
     """Call a reward; on an exception retry ``retries`` times (a remote judge may time out once),
     then fail the iteration with the last error: a failed reward is never a silent default."""
     retries = int(getattr(fn, "_flowdppo_retries", 0))
     for attempt in range(retries + 1):
         try:
-            return fn(videos, prompts)
+            return fn(videos, prompts, fps=fps)
         except RewardError as e:
             err: BaseException = e
         except Exception as e:

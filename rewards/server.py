@@ -9,9 +9,9 @@ training) and returns a FastAPI app with two endpoints (wire format in :mod:`rew
   a subset of the served rewards), answered with per-reward ``(B,)`` float32 scores and extras.
 
 Requests that arrive within ``batch_window_s`` of each other (and while the worker is busy) are
-grouped by video size and reward subset, scored with one :func:`rewards.score_videos` call of at
-most ``max_batch`` videos (one request larger than that is scored alone), and the results split
-back. Rewards run in one worker thread, one batch at a time (a GPU model is rarely thread-safe),
+grouped by video size, frame rate and reward subset, scored with one :func:`rewards.score_videos`
+call of at most ``max_batch`` videos (one request larger than that is scored alone), and the
+results split back. Rewards run in one worker thread, one batch at a time (a GPU model is rarely thread-safe),
 so the event loop keeps accepting, checking and answering requests while a batch is scored. When
 a batched call fails, each request of that batch is scored again alone, so one request whose
 prompts a reward rejects fails only itself.
@@ -43,11 +43,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .registry import Reward, RewardError, build_rewards, parse_reward_specs, score_videos
-from .wire import ScoreRequest, WireError, decode_request, encode_response
+from .wire import WIRE_VERSION, ScoreRequest, WireError, decode_request, encode_response
 
 log = logging.getLogger("rewards.server")
 
-WIRE_VERSION = 1
 DECODE_IN_THREAD_BYTES = 1 << 20   # bodies larger than this are decoded off the event loop
 
 
@@ -90,11 +89,12 @@ class _Pending:
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key = (tuple(self.request.videos.shape[1:]), self.names)
+        # one score_videos call sees one frame rate
+        self.key = (tuple(self.request.videos.shape[1:]), self.request.fps, self.names)
 
 
 class Batcher:
-    """Collects requests for ``window_s``, groups them by video size and reward subset, and scores
+    """Collects requests for ``window_s``, groups them by video size, fps and reward subset, and scores
     each group with one ``score_videos`` call of at most ``max_batch`` videos in a worker thread."""
 
     def __init__(self, rewards: dict[str, Reward], window_s: float, max_batch: int, stats: ServerStats) -> None:
@@ -153,7 +153,7 @@ class Batcher:
                         p.future.set_result(r)
 
     def _chunks(self, items: list[_Pending]) -> list[list[_Pending]]:
-        """Group by (frames, height, width, rewards) in arrival order, then cut each group into
+        """Group by (frames, height, width, fps, rewards) in arrival order, then cut each group into
         chunks of at most ``max_batch`` videos (a larger request alone)."""
         groups: dict[tuple, list[_Pending]] = {}
         for p in items:
@@ -195,7 +195,8 @@ class Batcher:
         t0 = time.perf_counter()
         self.stats.reward_calls += 1
         try:
-            scores, extras = score_videos({n: self.rewards[n] for n in names}, videos, prompts)
+            scores, extras = score_videos({n: self.rewards[n] for n in names}, videos, prompts,
+                                          fps=chunk[0].request.fps)
         finally:
             dt = time.perf_counter() - t0
             self.stats.busy_s += dt

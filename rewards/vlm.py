@@ -24,9 +24,9 @@ Questions: one template per ``criterion`` (``text_alignment``, ``visual_quality`
 ``motion_quality``) and scoring mode, with ``{prompt}`` replaced by the video's prompt, or a
 custom ``question`` template.
 
-Frames. ``fps`` is the real frame rate of the videos handed to the reward (the config's
-``video.fps``); the judge sees ``sample_fps`` frames per second of video (Qwen-VL's training
-rate, 2), at most ``max_frames`` and a multiple of the vision tower's temporal patch, chosen
+Frames. ``fps`` is the real frame rate of the videos, given with every call (training's
+``video.fps``, the file's own in ``score``, the one on the wire at the reward server); the
+judge sees ``sample_fps`` frames per second of video (Qwen-VL's training rate, 2), at most ``max_frames`` and a multiple of the vision tower's temporal patch, chosen
 uniformly; the processor is told both (``VideoMetadata`` with the frame indices), so temporal
 positions (Qwen2.5-VL's ``second_per_grid_ts``, Qwen3-VL's timestamps) are right.
 
@@ -279,7 +279,7 @@ class VLMJudge:
     """A local vision-language model judging each video (see the module docstring).
 
     Options: ``model`` (a local checkpoint directory), ``criterion``, ``question``, ``scoring``,
-    ``fps`` (the videos' real frame rate), ``sample_fps`` (frames per second the judge sees),
+    ``sample_fps`` (frames per second the judge sees; the videos' real rate comes with each call),
     ``max_frames``, ``batch_size`` (videos per forward), ``device``, ``dtype``
     (``auto``: bfloat16 on CUDA, float32 on CPU), ``processing`` (``auto``, ``builtin``, ``processor``).
     Returns ``{"score": (B,), "answer_mass": (B,)}``.
@@ -288,11 +288,11 @@ class VLMJudge:
     default_retries = 0
 
     def __init__(self, model: str, criterion: str = "text_alignment", question: str | None = None,
-                 scoring: str = "yes_prob", fps: float = 8.0, sample_fps: float = 2.0, max_frames: int = 16,
+                 scoring: str = "yes_prob", sample_fps: float = 2.0, max_frames: int = 16,
                  batch_size: int = 4, device: str = "auto", dtype: str = "auto", processing: str = "auto") -> None:
         self.template = _question(criterion, scoring, question)
         self.scoring = scoring
-        self.fps, self.sample_fps = _positive("fps", fps), _positive("sample_fps", sample_fps)
+        self.sample_fps = _positive("sample_fps", sample_fps)
         self.max_frames, self.batch_size = _positive("max_frames", max_frames, int), _positive("batch_size", batch_size, int)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -353,13 +353,14 @@ class VLMJudge:
         return [{"role": "user", "content": [{"type": "video"},
                                              {"type": "text", "text": render_question(self.template, prompt)}]}]
 
-    def build_inputs(self, videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Model inputs for ``(b, F, H, W, 3)`` uint8 videos: left-padded ``input_ids``,
-        ``attention_mask``, the video patches and grids (and whatever else the family takes)."""
+    def build_inputs(self, videos: torch.Tensor, prompts: Sequence[str], fps: float) -> dict[str, torch.Tensor]:
+        """Model inputs for ``(b, F, H, W, 3)`` uint8 videos shown at ``fps``: left-padded
+        ``input_ids``, ``attention_mask``, the video patches and grids (and whatever else the
+        family takes)."""
         f = videos.shape[1]
         tps = (self.packer if self.processing == "builtin" else self.processor.video_processor).temporal_patch_size
-        idx = sample_frame_indices(f, self.fps, self.sample_fps, self.max_frames, int(tps or 1))
-        sampled_fps = len(idx) / f * self.fps
+        idx = sample_frame_indices(f, fps, self.sample_fps, self.max_frames, int(tps or 1))
+        sampled_fps = len(idx) / f * fps
         clips = videos[:, idx].cpu()
         if self.processing == "builtin":
             return self._pack_builtin(clips, prompts, sampled_fps)
@@ -367,8 +368,8 @@ class VLMJudge:
 
         texts = [self.processor.apply_chat_template(self._messages(p), tokenize=False, add_generation_prompt=True)
                  for p in prompts]
-        meta = [VideoMetadata(total_num_frames=f, fps=self.fps, frames_indices=list(idx), height=videos.shape[2],
-                              width=videos.shape[3], duration=f / self.fps) for _ in prompts]
+        meta = [VideoMetadata(total_num_frames=f, fps=fps, frames_indices=list(idx), height=videos.shape[2],
+                              width=videos.shape[3], duration=f / fps) for _ in prompts]
         self.tokenizer.padding_side = "left"
         return dict(self.processor(text=texts, videos=[c.numpy() for c in clips], video_metadata=meta,
                                    do_sample_frames=False, padding=True, return_tensors="pt"))
@@ -404,7 +405,7 @@ class VLMJudge:
         out = self.model(**inputs, logits_to_keep=1, use_cache=False)
         return out.logits[:, -1].float()
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
         from tqdm.auto import tqdm
 
         _check_videos(videos, prompts)
@@ -412,7 +413,7 @@ class VLMJudge:
         rows = []
         for s in tqdm(chunks, desc="vlm_judge", leave=False, disable=len(chunks) <= 1):
             logits = self.next_token_logits(self.build_inputs(videos[s:s + self.batch_size],
-                                                              prompts[s:s + self.batch_size]))
+                                                              prompts[s:s + self.batch_size], fps))
             logp = torch.log_softmax(logits, dim=-1).cpu()
             rows.append(torch.stack([torch.logsumexp(logp[:, ids], dim=-1) for ids in self.answer_ids], dim=-1))
         return score_from_logprobs(torch.cat(rows), self.scoring)
@@ -459,7 +460,7 @@ class RemoteVLMJudge:
     ``top_logprobs: 20``. Scores come from the first position's top log-probabilities (an answer
     not among them counts as probability 0; neither answer there is an error). Requests go out
     ``concurrency`` at a time. Options: ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``),
-    ``model`` (the served name), ``api_key``, ``criterion``, ``question``, ``scoring``, ``fps``,
+    ``model`` (the served name), ``api_key``, ``criterion``, ``question``, ``scoring``,
     ``sample_fps``, ``max_frames``, ``image_format`` (``jpeg`` or ``png``), ``timeout`` (seconds per
     request), ``concurrency``. A failed call is retried ``default_retries = 2`` times by the registry.
     """
@@ -467,7 +468,7 @@ class RemoteVLMJudge:
     default_retries = 2
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, criterion: str = "text_alignment",
-                 question: str | None = None, scoring: str = "yes_prob", fps: float = 8.0, sample_fps: float = 2.0,
+                 question: str | None = None, scoring: str = "yes_prob", sample_fps: float = 2.0,
                  max_frames: int = 16, image_format: str = "jpeg", timeout: float = 60.0, concurrency: int = 8,
                  top_logprobs: int = 20) -> None:
         import httpx
@@ -479,7 +480,7 @@ class RemoteVLMJudge:
         self.template = _question(criterion, scoring, question)
         self.scoring, self.model = scoring, model
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.fps, self.sample_fps = _positive("fps", fps), _positive("sample_fps", sample_fps)
+        self.sample_fps = _positive("sample_fps", sample_fps)
         self.max_frames = _positive("max_frames", max_frames, int)
         self.image_format = _check_choice("image_format", image_format, ("jpeg", "png"))
         self.concurrency = _positive("concurrency", concurrency, int)
@@ -518,9 +519,9 @@ class RemoteVLMJudge:
                               f"{', '.join(ANSWERS[self.scoring])} (first token {first.get('token')!r})")
         return lps
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
         _check_videos(videos, prompts)
-        idx = sample_frame_indices(videos.shape[1], self.fps, self.sample_fps, self.max_frames)
+        idx = sample_frame_indices(videos.shape[1], fps, self.sample_fps, self.max_frames)
         clips = videos[:, idx].cpu().numpy()
         bodies = [self.request_body(c, p) for c, p in zip(clips, prompts)]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:

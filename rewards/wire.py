@@ -9,13 +9,16 @@ Request (``POST /score``), either of two bodies:
 
       b"FDV1" | uint32 little-endian n | n bytes of UTF-8 JSON header | raw video bytes
 
-  header ``{"shape": [B, F, H, W, 3], "dtype": "uint8", "prompts": [B strings],
+  header ``{"shape": [B, F, H, W, 3], "dtype": "uint8", "prompts": [B strings], "fps": F,
   "rewards": [names] or null}``; the raw bytes are the C-order array, exactly
   ``B*F*H*W*3`` of them.
 * ``Content-Type: application/json`` (easy from any language)::
 
       {"videos": {"shape": [B, F, H, W, 3], "dtype": "uint8", "data": "<base64 of the raw bytes>"},
-       "prompts": [...], "rewards": [...] or null}
+       "prompts": [...], "fps": F, "rewards": [...] or null}
+
+``fps`` (required since wire version 2) is the videos' real frame rate, a number > 0: the served
+rewards are called with it (motion speed is per second, judges sample frames per second).
 
 Response (JSON): ``{"scores": {name: ARRAY}, "extras": {"name/key": ARRAY}, "weights": {name: w},
 "batch": {"requests": r, "videos": n}, "elapsed_s": t}`` where ``ARRAY`` is
@@ -41,6 +44,7 @@ MAGIC = b"FDV1"
 BINARY_TYPE = "application/x-flowdppo-videos"
 JSON_TYPE = "application/json"
 MAX_HEADER_BYTES = 16 << 20   # prompts of a large batch fit many times over
+WIRE_VERSION = 2              # 2: requests carry fps (a version 1 server would ignore it)
 MAX_JSON_DEPTH = 16           # a request nests 3 deep; deeper is refused (a clean 400)
 
 
@@ -50,30 +54,36 @@ class WireError(ValueError):
 
 @dataclass
 class ScoreRequest:
-    """A decoded request: ``videos`` ``(B, F, H, W, 3)`` uint8, ``B`` prompts, an optional reward subset."""
+    """A decoded request: ``videos`` ``(B, F, H, W, 3)`` uint8, ``B`` prompts, their frame rate, an
+    optional reward subset."""
 
     videos: torch.Tensor
     prompts: list[str]
+    fps: float
     rewards: list[str] | None
 
 
-def encode_request(videos: torch.Tensor, prompts: list[str], rewards: list[str] | None = None) -> bytes:
-    """The binary body for ``(B, F, H, W, 3)`` uint8 ``videos`` (see the module docstring)."""
+def encode_request(videos: torch.Tensor, prompts: list[str], fps: float,
+                   rewards: list[str] | None = None) -> bytes:
+    """The binary body for ``(B, F, H, W, 3)`` uint8 ``videos`` shown at ``fps`` (module docstring)."""
     if videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
         raise WireError(f"videos must be (B, F, H, W, 3) uint8, got {tuple(videos.shape)} {videos.dtype}")
     header = json.dumps({"shape": list(videos.shape), "dtype": "uint8", "prompts": list(prompts),
+                         "fps": _check_fps(fps, "fps"),
                          "rewards": None if rewards is None else list(rewards)}).encode()
     pixels = videos.detach().cpu().contiguous().numpy()
     # join copies the pixels once (tobytes() first would copy them twice)
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, memoryview(pixels).cast("B")])
 
 
-def encode_json_request(videos: torch.Tensor, prompts: list[str], rewards: list[str] | None = None) -> dict[str, Any]:
-    """The JSON body for ``(B, F, H, W, 3)`` uint8 ``videos`` (base64 of the raw bytes)."""
+def encode_json_request(videos: torch.Tensor, prompts: list[str], fps: float,
+                        rewards: list[str] | None = None) -> dict[str, Any]:
+    """The JSON body for ``(B, F, H, W, 3)`` uint8 ``videos`` shown at ``fps`` (base64 of the raw bytes)."""
     v = videos.detach().cpu().contiguous()
     return {"videos": {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                        "data": base64.b64encode(v.numpy().tobytes()).decode()},
-            "prompts": list(prompts), "rewards": None if rewards is None else list(rewards)}
+            "prompts": list(prompts), "fps": _check_fps(fps, "fps"),
+            "rewards": None if rewards is None else list(rewards)}
 
 
 def decode_request(body: bytes | bytearray, content_type: str) -> ScoreRequest:
@@ -167,7 +177,14 @@ def _finish(videos: torch.Tensor, doc: dict[str, Any], where: str) -> ScoreReque
     if subset is not None and (not isinstance(subset, list) or not subset
                                or not all(isinstance(r, str) for r in subset) or len(set(subset)) != len(subset)):
         raise WireError(f"{where}.rewards must be null or a non-empty list of distinct reward names, got {subset!r}")
-    return ScoreRequest(videos, prompts, subset)
+    return ScoreRequest(videos, prompts, _check_fps(doc.get("fps"), f"{where}.fps"), subset)
+
+
+def _check_fps(fps: Any, where: str) -> float:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise WireError(f"{where} must be the videos' frame rate, a number > 0 (required since wire version "
+                        f"{WIRE_VERSION}), got {fps!r}")
+    return float(fps)
 
 
 def encode_array(x: torch.Tensor) -> dict[str, Any]:

@@ -351,7 +351,7 @@ class WorldColour:
     faint to tell the colour apart about 0.25.
     """
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
         return _criteria(videos, prompts)["colour"]
 
 
@@ -367,7 +367,7 @@ class WorldShape:
     circle and blurred square).
     """
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
         return _criteria(videos, prompts)["shape"]
 
 
@@ -381,7 +381,7 @@ class WorldDirection:
     scores 0; presence as in ``world_colour``. The speed word is not scored here.
     """
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
         return _criteria(videos, prompts)["direction"]
 
 
@@ -396,7 +396,7 @@ class WorldSmoothness:
     the prompt.
     """
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
         return _criteria(videos, prompts)["smoothness"]
 
 
@@ -411,7 +411,7 @@ class WorldAdherence:
     Smoothness is logged, not part of the score.
     """
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
         c = _criteria(videos, prompts)
         score = (c["colour"] + c["shape"] + c["direction"]) / 3.0
         return {"score": score, **c}
@@ -512,7 +512,7 @@ class WorldFidelity:
     not meant as a training reward. Returns a dict: ``score``, ``background_error``, ``grid_energy``.
     """
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
         m = artifact_measurements(videos, prompts)
         score = (np.exp(-(m["background_error"] / BACKGROUND_SCALE) ** 2)
                  + np.exp(-(m["grid_energy"] / GRID_SCALE) ** 2)) / 2

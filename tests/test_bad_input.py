@@ -56,13 +56,13 @@ def test_a_failing_reward_names_itself():
 
     @rewards.register("test_broken_reward")
     class Broken:
-        def __call__(self, videos, prompts):
+        def __call__(self, videos, prompts, *, fps):
             raise KeyError("boom")
 
     try:
         fns = rewards.build_rewards({"test_broken_reward": 1.0})
         with pytest.raises(rewards.RewardError, match=r"reward 'test_broken_reward' failed: KeyError"):
-            rewards.score_videos(fns, torch.zeros(2, 3, 4, 4, 3, dtype=torch.uint8), ["a", "b"])
+            rewards.score_videos(fns, torch.zeros(2, 3, 4, 4, 3, dtype=torch.uint8), ["a", "b"], fps=8.0)
     finally:
         rewards.REWARDS.pop("test_broken_reward")
 

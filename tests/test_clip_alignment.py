@@ -27,11 +27,11 @@ def _videos(b: int = 3, f: int = 8, seed: int = 0) -> torch.Tensor:
 def test_scores_in_range_and_batch_invariant(clip_dir) -> None:
     built = rewards.build_rewards({"align": {"type": "clip_alignment", "model": str(clip_dir), "device": "cpu",
                                              "frames": 3, "batch_size": 3}})
-    scores, extras = rewards.score_videos(built, _videos(), PROMPTS)
+    scores, extras = rewards.score_videos(built, _videos(), PROMPTS, fps=8.0)
     s = scores["align"]
     assert s.shape == (3,) and ((s > 0) & (s < 1)).all() and len(set(s.tolist())) == 3
     assert torch.allclose(s, (extras["align/cosine"] + 1) / 2, atol=1e-6)            # a mean of (cos+1)/2
-    one = ClipAlignment(str(clip_dir), device="cpu", frames=3, batch_size=1)(_videos(), PROMPTS)["score"]
+    one = ClipAlignment(str(clip_dir), device="cpu", frames=3, batch_size=1)(_videos(), PROMPTS, fps=8.0)["score"]
     assert torch.allclose(one, s, atol=1e-5, rtol=0)
 
 
@@ -40,7 +40,7 @@ def test_score_equals_manual_computation(clip_dir) -> None:
 
     reward = ClipAlignment(str(clip_dir), device="cpu", frames=3)
     videos = _videos(2, seed=1)
-    got = reward(videos, PROMPTS[:2])["score"]
+    got = reward(videos, PROMPTS[:2], fps=8.0)["score"]
     model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
     for i in range(2):
         frames = [videos[i, j].numpy() for j in (0, 4, 7)]                           # first, middle, last of 8
@@ -58,4 +58,4 @@ def test_frame_sampling_and_bad_input(clip_dir, tmp_path) -> None:
     with pytest.raises(RewardError, match=r"frames must be a positive integer, got 0"):
         ClipAlignment(str(clip_dir), frames=0)
     with pytest.raises(RewardError, match=r"got 1 prompts for 2 videos"):
-        ClipAlignment(str(clip_dir), device="cpu")(_videos(2), ["a cat"])
+        ClipAlignment(str(clip_dir), device="cpu")(_videos(2), ["a cat"], fps=8.0)

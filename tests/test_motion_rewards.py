@@ -47,19 +47,19 @@ def test_measured_flow_matches_the_shift(flow: str) -> None:
         assert abs(dx + k) < 0.1 * k and abs(dy) < 0.05, (flow, k, dx, dy)   # content moves left
     # the dynamic_degree reward reports the same magnitude, in original pixels a frame
     out = rewards.build_rewards({"dynamic_degree": {"weight": 1.0, "flow": flow}})["dynamic_degree"](
-        _batch(_sliding(2)), [""])
+        _batch(_sliding(2)), [""], fps=8.0)
     assert abs(float(out["flow_px"][0]) - 2.0) < 0.2
 
 
 def test_static_video_has_no_motion_and_loses() -> None:
-    m = analyse_motion(_batch(STATIC), FlowEstimator())
+    m = analyse_motion(_batch(STATIC), FlowEstimator(), fps=8)
     assert m.flow_px[0] < 0.01 and m.dynamic_degree[0] == 0.0
     assert m.smoothness[0] > 0.99 and m.flicker_score[0] > 0.99
     assert m.motion_quality[0] < 0.01
 
 
 def test_noise_is_neither_smooth_nor_flicker_free() -> None:
-    m = analyse_motion(_batch(NOISE), FlowEstimator())
+    m = analyse_motion(_batch(NOISE), FlowEstimator(), fps=8)
     assert m.dynamic_degree[0] > 0.5                       # noise "moves"...
     assert m.smoothness[0] < 0.2 and m.flicker_score[0] < 0.1   # ...but inconsistently, unexplained by flow
     assert m.residual[0] > 0.1
@@ -71,7 +71,7 @@ def test_smooth_motion_beats_static_noise_jitter_and_flicker() -> None:
     pumping = (STATIC.astype(np.float32) * np.array([1.0, 0.75] * 3)[:, None, None, None]).astype(np.uint8)
     built = rewards.build_rewards({"motion_quality": 1.0, "motion_smoothness": 1.0, "temporal_flicker": 1.0,
                                    "dynamic_degree": 1.0})
-    scores, extras = rewards.score_videos(built, _batch(smooth, STATIC, NOISE, jitter, pumping), [""] * 5)
+    scores, extras = rewards.score_videos(built, _batch(smooth, STATIC, NOISE, jitter, pumping), [""] * 5, fps=8.0)
     q = scores["motion_quality"]
     assert q[0] > 0.9 and (q[0] > q[1:] + 0.5).all(), q
     assert scores["motion_smoothness"][0] > 0.95 and scores["motion_smoothness"][3] < 0.1   # jitter
@@ -105,14 +105,14 @@ def test_shapes_world_ground_truth_is_smoother_than_its_shuffle() -> None:
 
     gt = render_batch(all_scenes()[::24], seed=0)                  # (8, 8, 16, 16, 3), constant velocity
     shuffled = np.ascontiguousarray(gt[:, [0, 2, 1, 3, 2, 4, 3, 5]])
-    a = analyse_motion(torch.from_numpy(gt), FlowEstimator())
-    b = analyse_motion(torch.from_numpy(shuffled), FlowEstimator())
+    a = analyse_motion(torch.from_numpy(gt), FlowEstimator(), fps=8)
+    b = analyse_motion(torch.from_numpy(shuffled), FlowEstimator(), fps=8)
     assert a.dynamic_degree.min() > 0.9 and a.smoothness.mean() > 0.7
     assert (a.smoothness > b.smoothness).all() and b.smoothness.mean() < 0.1
 
 
 def test_single_frame_video() -> None:
-    out = rewards.build_rewards({"motion_quality": 1.0})["motion_quality"](_batch(STATIC[:1]), [""])
+    out = rewards.build_rewards({"motion_quality": 1.0})["motion_quality"](_batch(STATIC[:1]), [""], fps=8.0)
     assert float(out["score"][0]) == 0.0 and float(out["smoothness"][0]) == 1.0
 
 
@@ -123,7 +123,10 @@ def test_single_frame_video() -> None:
     ({"type": "dynamic_degree", "top": 2}, r"^dynamic_degree: option top .* got 2$"),
     ({"type": "temporal_flicker", "scale": -1}, r"^temporal_flicker: option scale must be a positive number, got -1$"),
     ({"type": "motion_smoothness", "flow": "dis", "raft_weights": "w.pt"}, r"option raft_weights is only used"),
-    ({"type": "dynamic_degree", "speed": 3}, r"rewards.m: reward 'dynamic_degree' takes options .*got \['speed'\]"),
+    ({"type": "dynamic_degree", "speed": 3}, r"rewards.m: reward 'dynamic_degree' takes options .*got \['speed'\]$"),
+    # fps was an option; the real rate now comes with every call, and the error says so
+    ({"type": "motion_quality", "fps": 16}, r"got \['fps'\] \(fps is not an option: rewards receive the videos' "
+                                             r"real frame rate, video.fps in training, each file's own in score\)$"),
 ])
 def test_bad_options_are_one_line_errors(entry: dict, message: str) -> None:
     with pytest.raises(RewardError, match=message) as e:
@@ -145,4 +148,4 @@ def test_raft_needs_torchvision_and_local_weights(tmp_path) -> None:
 def test_wrong_video_shape_is_named() -> None:
     fn = rewards.build_rewards({"dynamic_degree": 1.0})["dynamic_degree"]
     with pytest.raises(RewardError, match=r"\(B, F, H, W, 3\) uint8 videos, got \(6, 64, 64, 3\)"):
-        fn(torch.from_numpy(STATIC), [""])
+        fn(torch.from_numpy(STATIC), [""], fps=8.0)

@@ -28,6 +28,7 @@ ENTRIES = {"world_direction": 1.0, "frame_change": {"weight": 0.5}}
 SCENES = all_scenes()
 TOKEN = "s3cret-token"
 SMALL_LIMIT = 20_000          # bytes: one 8x16x16 video (6,144 bytes) fits, four (24,576) do not
+FPS = 8.0                     # the videos' frame rate on the wire (any real rate: the server passes it on)
 
 
 def batch(k: int, b: int = 4) -> tuple[torch.Tensor, list[str]]:
@@ -67,7 +68,7 @@ def assert_equal_scores(got: dict, want: dict) -> None:
 
 def test_health(url):
     doc = httpx.get(f"{url}/health").json()
-    assert doc["ok"] is True and doc["version"] and doc["wire"] == 1
+    assert doc["ok"] is True and doc["version"] and doc["wire"] == 2                 # 2: requests carry fps
     assert doc["rewards"] == {"world_direction": {"type": "world_direction", "weight": 1.0},
                               "frame_change": {"type": "frame_change", "weight": 0.5}}
     assert doc["max_batch"] == 32 and doc["batch_window_ms"] == pytest.approx(10.0)
@@ -88,7 +89,7 @@ class _Slow:
     def __init__(self, seconds: float = 0.6) -> None:
         self.seconds = seconds
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
         time.sleep(self.seconds)
         return torch.ones(videos.shape[0])
 
@@ -100,7 +101,7 @@ def test_the_server_answers_while_a_reward_is_busy():
             videos, prompts = batch(7, b=1)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 t0 = time.perf_counter()
-                pending = pool.submit(post, u, encode_request(videos, prompts))
+                pending = pool.submit(post, u, encode_request(videos, prompts, FPS))
                 time.sleep(0.2)   # the request is now in the worker thread
                 health = httpx.get(f"{u}/health", timeout=5)
                 t_health = time.perf_counter() - t0
@@ -113,31 +114,31 @@ def test_the_server_answers_while_a_reward_is_busy():
 @pytest.mark.parametrize("fmt", ["binary", "json"])
 def test_scores_equal_in_process_scores_exactly(url, local, fmt):
     videos, prompts = batch(0)
-    want_scores, want_extras = rewards.score_videos(local, videos, prompts)
+    want_scores, want_extras = rewards.score_videos(local, videos, prompts, fps=FPS)
     if fmt == "binary":
-        resp = post(url, encode_request(videos, prompts))
+        resp = post(url, encode_request(videos, prompts, FPS))
     else:
-        resp = httpx.post(f"{url}/score", json=encode_json_request(videos, prompts), timeout=30)
+        resp = httpx.post(f"{url}/score", json=encode_json_request(videos, prompts, FPS), timeout=30)
     assert resp.status_code == 200, resp.text
     scores, extras, weights = decode_response(resp.json())
     assert_equal_scores(scores, want_scores)
     assert_equal_scores(extras, want_extras)
     assert weights == {"world_direction": 1.0, "frame_change": 0.5}
     assert (scores["world_direction"] > 0.9).all()   # ground truth moves as its prompt says
-    sub = decode_response(post(url, encode_request(videos, prompts, ["frame_change"])).json())[0]
+    sub = decode_response(post(url, encode_request(videos, prompts, FPS, ["frame_change"])).json())[0]
     assert list(sub) == ["frame_change"] and torch.equal(sub["frame_change"], want_scores["frame_change"])
 
 
 def test_concurrent_requests_are_batched_and_none_lost(url, local):
     n = 50
     reqs = [batch(k) for k in range(n)]
-    want = [rewards.score_videos(local, v, p)[0] for v, p in reqs]
+    want = [rewards.score_videos(local, v, p, fps=FPS)[0] for v, p in reqs]
     before = httpx.get(f"{url}/health").json()["stats"]
 
     async def send_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as client:
             return await asyncio.gather(*[
-                client.post(f"{url}/score", content=encode_request(v, p), headers={"Content-Type": BINARY_TYPE})
+                client.post(f"{url}/score", content=encode_request(v, p, FPS), headers={"Content-Type": BINARY_TYPE})
                 for v, p in reqs])
 
     resps = asyncio.run(send_all())
@@ -163,8 +164,8 @@ def test_a_failing_reward_fails_only_its_own_request(url, local):
 
     async def send_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
-            bodies = [encode_request(v, p) for v, p in good[:3]] + [encode_request(bad_videos, bad_prompts)] + \
-                     [encode_request(v, p) for v, p in good[3:]]
+            bodies = [encode_request(v, p, FPS) for v, p in good[:3]] + [encode_request(bad_videos, bad_prompts, FPS)] + \
+                     [encode_request(v, p, FPS) for v, p in good[3:]]
             return await asyncio.gather(*[client.post(f"{url}/score", content=b,
                                                       headers={"Content-Type": BINARY_TYPE}) for b in bodies])
 
@@ -174,7 +175,7 @@ def test_a_failing_reward_fails_only_its_own_request(url, local):
                     resps[3].json()["error"]), resps[3].json()
     for r, (v, p) in zip(resps[:3] + resps[4:], good):
         assert r.status_code == 200
-        assert_equal_scores(decode_response(r.json())[0], rewards.score_videos(local, v, p)[0])
+        assert_equal_scores(decode_response(r.json())[0], rewards.score_videos(local, v, p, fps=FPS)[0])
     assert httpx.get(f"{url}/health").json()["ok"]
 
 
@@ -182,7 +183,7 @@ def _json_body(**change) -> bytes:
     import json
 
     videos, prompts = batch(0, b=2)
-    doc = encode_json_request(videos, prompts)
+    doc = encode_json_request(videos, prompts, FPS)
     for k, v in change.items():
         if k.startswith("videos_"):
             doc["videos"][k[7:]] = v
@@ -193,7 +194,7 @@ def _json_body(**change) -> bytes:
 
 def _binary_body(cut: int = 0, magic: bytes = b"FDV1") -> bytes:
     videos, prompts = batch(0, b=2)
-    body = encode_request(videos, prompts)
+    body = encode_request(videos, prompts, FPS)
     return magic + body[4:len(body) - cut]
 
 
@@ -226,13 +227,13 @@ def test_unknown_path_is_a_json_error(url):
 
 def test_token_required_when_set(locked_url, monkeypatch):
     videos, prompts = batch(1, b=1)
-    body = encode_request(videos, prompts)
+    body = encode_request(videos, prompts, FPS)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         for resp in (httpx.get(f"{locked_url}/health", headers=headers), post(locked_url, body, headers=headers)):
             assert resp.status_code == 401 and "bearer token" in resp.json()["error"]
     ok = post(locked_url, body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert ok.status_code == 200
-    want = rewards.score_videos(rewards.build_rewards({"frame_change": 1.0}), videos, prompts)[0]["frame_change"]
+    want = rewards.score_videos(rewards.build_rewards({"frame_change": 1.0}), videos, prompts, fps=FPS)[0]["frame_change"]
     assert torch.equal(decode_response(ok.json())[0]["frame_change"], want)
     # the remote reward: without a token it fails when built (naming the URL), with one it scores
     monkeypatch.delenv("FLOWDPPO_REWARD_TOKEN", raising=False)
@@ -240,14 +241,14 @@ def test_token_required_when_set(locked_url, monkeypatch):
         rewards.build_rewards({"r": {"type": "remote", "url": locked_url}})
     monkeypatch.setenv("FLOWDPPO_REWARD_TOKEN", TOKEN)
     scores, _ = rewards.score_videos(rewards.build_rewards({"r": {"type": "remote", "url": locked_url}}),
-                                     videos, prompts)
+                                     videos, prompts, fps=FPS)
     assert torch.equal(scores["r"], want)
 
 
 def test_oversize_request_is_413_and_the_client_splits_to_fit(locked_url, monkeypatch):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     videos, prompts = batch(2, b=4)
-    body = encode_request(videos, prompts)
+    body = encode_request(videos, prompts, FPS)
     assert len(body) > SMALL_LIMIT
     resp = post(locked_url, body, headers=auth)
     assert resp.status_code == 413 and f"exceeds the server's limit of {SMALL_LIMIT} bytes" in resp.json()["error"]
@@ -259,22 +260,22 @@ def test_oversize_request_is_413_and_the_client_splits_to_fit(locked_url, monkey
     # the remote reward learns the limit from /health and sends the 4 videos in requests that fit
     before = httpx.get(f"{locked_url}/health", headers=auth).json()["stats"]["requests_ok"]
     remote = rewards.build_rewards({"r": {"type": "remote", "url": locked_url, "token": TOKEN}})
-    scores, _ = rewards.score_videos(remote, videos, prompts)
-    want = rewards.score_videos(rewards.build_rewards({"frame_change": 1.0}), videos, prompts)[0]["frame_change"]
+    scores, _ = rewards.score_videos(remote, videos, prompts, fps=FPS)
+    want = rewards.score_videos(rewards.build_rewards({"frame_change": 1.0}), videos, prompts, fps=FPS)[0]["frame_change"]
     assert torch.equal(scores["r"], want)
     assert httpx.get(f"{locked_url}/health", headers=auth).json()["stats"]["requests_ok"] - before >= 2
 
 
 def test_remote_reward_through_build_rewards(url, local):
     videos, prompts = batch(3)
-    want, want_extras = rewards.score_videos(local, videos, prompts)
+    want, want_extras = rewards.score_videos(local, videos, prompts, fps=FPS)
     built = rewards.build_rewards({
         "all": {"type": "remote", "url": url, "weight": 1.0},
         "change": {"type": "remote", "url": url, "rewards": ["frame_change"]},
         # one entry per served reward, as GDPO wants them
         "direction": {"type": "remote", "url": url, "reward": "world_direction", "weight": 2.0},
     })
-    scores, extras = rewards.score_videos(built, videos, prompts)
+    scores, extras = rewards.score_videos(built, videos, prompts, fps=FPS)
     # several served rewards: the server's weighted sum; each is logged as an extra
     assert torch.allclose(scores["all"], want["world_direction"] + 0.5 * want["frame_change"], atol=0, rtol=1e-6)
     assert torch.equal(extras["all/world_direction"], want["world_direction"])
@@ -293,9 +294,9 @@ def test_remote_reward_keeps_the_served_rewards_extras():
     with BackgroundServer(create_app({"adherence": {"type": "world_adherence"}})) as u:
         videos, prompts = batch(4)
         want, want_extras = rewards.score_videos(rewards.build_rewards({"adherence": {"type": "world_adherence"}}),
-                                                 videos, prompts)
+                                                 videos, prompts, fps=FPS)
         scores, extras = rewards.score_videos(
-            rewards.build_rewards({"adh": {"type": "remote", "url": u, "reward": "adherence"}}), videos, prompts)
+            rewards.build_rewards({"adh": {"type": "remote", "url": u, "reward": "adherence"}}), videos, prompts, fps=FPS)
     assert torch.equal(scores["adh"], want["adherence"])
     assert {f"adh/{k.split('/', 1)[1]}" for k in want_extras} == set(extras)
     assert torch.equal(extras["adh/direction"], want_extras["adherence/direction"])
@@ -325,7 +326,7 @@ def test_a_down_server_is_a_reward_error_after_retries():
     videos, prompts = batch(5, b=2)
     t0 = time.perf_counter()
     with pytest.raises(RewardError) as e:
-        rewards.score_videos(built, videos, prompts)
+        rewards.score_videos(built, videos, prompts, fps=FPS)
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(f"reward 'r' failed after 3 attempts: reward server {down}/health unreachable: "
@@ -369,8 +370,8 @@ def test_cli_serve_rewards_serves_until_interrupted(tmp_path):
                 time.sleep(0.05)
         videos, prompts = batch(6)
         remote = rewards.build_rewards({"r": {"type": "remote", "url": u, "token": TOKEN}})
-        want = rewards.score_videos(rewards.build_rewards({"frame_change": 1.0}), videos, prompts)[0]["frame_change"]
-        assert torch.equal(rewards.score_videos(remote, videos, prompts)[0]["r"], want)
+        want = rewards.score_videos(rewards.build_rewards({"frame_change": 1.0}), videos, prompts, fps=FPS)[0]["frame_change"]
+        assert torch.equal(rewards.score_videos(remote, videos, prompts, fps=FPS)[0]["r"], want)
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=30)[1]
         assert proc.returncode == 0, rest

@@ -17,7 +17,7 @@ class _Flaky:
     def __init__(self, value: float = 0.5, fail_times: int = 0) -> None:
         self.value, self.fail_times, self.calls = value, fail_times, 0
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
         self.calls += 1
         if self.calls <= self.fail_times:
             raise ConnectionError(f"judge unreachable (call {self.calls})")
@@ -43,17 +43,17 @@ def test_weights_and_mappings_parse() -> None:
 
 def test_two_instances_of_one_type_with_their_own_options() -> None:
     built = rewards.build_rewards({"x": {"type": "test_flaky", "value": 0.1}, "y": {"type": "test_flaky", "value": 0.9}})
-    scores, _ = rewards.score_videos(built, VIDEOS, ["p", "q"])
+    scores, _ = rewards.score_videos(built, VIDEOS, ["p", "q"], fps=8.0)
     assert torch.allclose(scores["x"], torch.full((2,), 0.1)) and torch.allclose(scores["y"], torch.full((2,), 0.9))
 
 
 def test_retry_then_success_and_retry_then_failure() -> None:
     ok = rewards.build_rewards({"j": {"type": "test_flaky", "fail_times": 2}})   # class default: 2 retries
-    scores, _ = rewards.score_videos(ok, VIDEOS, ["p", "q"])
+    scores, _ = rewards.score_videos(ok, VIDEOS, ["p", "q"], fps=8.0)
     assert ok["j"].calls == 3 and torch.allclose(scores["j"], torch.full((2,), 0.5))
     bad = rewards.build_rewards({"j": {"type": "test_flaky", "fail_times": 5, "retries": 1}})
     with pytest.raises(RewardError, match=r"reward 'j' failed after 2 attempts: ConnectionError: judge unreachable"):
-        rewards.score_videos(bad, VIDEOS, ["p", "q"])
+        rewards.score_videos(bad, VIDEOS, ["p", "q"], fps=8.0)
     assert bad["j"].calls == 2
 
 

@@ -12,7 +12,7 @@ import torch
 
 import rewards
 from flowdppo_video.cli import main
-from flowdppo_video.video import read_video, write_video
+from flowdppo_video.video import read_video, video_fps, write_video
 
 F = 6
 
@@ -22,6 +22,21 @@ def _moving(h: int, w: int, k: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     big = np.kron(rng.integers(0, 256, (h // 4 + 1, (w + F * k) // 4 + 2, 3)), np.ones((4, 4, 1))).astype(np.uint8)
     return np.stack([big[:h, t * k:t * k + w] for t in range(F)])
+
+
+def write_lossless(path: Path, frames: np.ndarray, fps: float) -> Path:
+    """``(F, H, W, 3)`` uint8 frames as an FFV1 .mkv at ``fps``: decodes to the very same pixels
+    (H.264, as write_video writes, changes them, and differently at different rates)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        out.mux(stream.encode())
+    return path
 
 
 def _write_gif(path: Path, frames: np.ndarray) -> None:
@@ -70,9 +85,12 @@ def test_scores_match_in_process_rewards_and_skip_the_broken_file(video_dir: Pat
     assert [r["prompt"] for r in jsonl_rows] == [f"prompt {i}" for i in range(5)]
 
     built = rewards.build_rewards({"frame_change": 1.0, "motion_quality": 0.5})
+    # each file at its own frame rate: write_video's default 8 fps; the gif's 125 ms frames are 12 cs
+    assert [r["fps"] for r in jsonl_rows] == [8.0] * 4 + [pytest.approx(100 / 12)]
     for c, j in zip(csv_rows, jsonl_rows):
         video = torch.from_numpy(read_video(j["file"]))[None]
-        scores, extras = rewards.score_videos(built, video, [j["prompt"]])
+        assert j["fps"] == video_fps(j["file"])
+        scores, extras = rewards.score_videos(built, video, [j["prompt"]], fps=j["fps"])
         for name in ("frame_change", "motion_quality"):
             assert j[name] == pytest.approx(float(scores[name][0]), abs=1e-6)
             assert float(c[name]) == j[name]                        # the CSV holds the same numbers
@@ -116,12 +134,37 @@ def test_rewards_config_with_options_prompts_file_and_fps(video_dir: Path, tmp_p
     _, rows = _rows(tmp_path / "out")
     assert [Path(r["file"]).name for r in rows] == ["a_moving.mp4", "c_noise.mp4", "e_moving.gif"]
     assert [r["prompt"] for r in rows] == ["q0", "q1", "q2"]
-    ref = rewards.build_rewards({"mq": {"type": "motion_quality", "flow": "farneback", "fps": 16.0}})["mq"]
+    ref = rewards.build_rewards({"mq": {"type": "motion_quality", "flow": "farneback"}})["mq"]
     for r in rows:
-        expect = ref(torch.from_numpy(read_video(r["file"]))[None], [r["prompt"]])
+        assert r["fps"] == 16.0                                                      # --fps overrides the files'
+        expect = ref(torch.from_numpy(read_video(r["file"]))[None], [r["prompt"]], fps=16.0)
         assert r["mq"] == pytest.approx(float(expect["score"][0]), abs=1e-6)
         assert r["mq/speed"] == pytest.approx(float(expect["speed"][0]), abs=1e-6)   # at 16 fps
         assert r["total"] == pytest.approx(2.0 * r["mq"] + 0.25 * r["frame_change"], abs=1e-9)
+
+
+def test_each_file_is_scored_at_its_own_frame_rate(tmp_path: Path, capsys) -> None:
+    """The same frames at 8 and 24 fps in one folder: speed (short sides per second) triples, and
+    each file scores as the in-process reward does at its container's rate; --fps overrides both."""
+    frames = _moving(32, 32, 2, 5)
+    d = tmp_path / "mixed"
+    write_lossless(d / "a_8fps.mkv", frames, fps=8)
+    write_lossless(d / "b_24fps.mkv", frames, fps=24)
+    assert main(["score", str(d), "--reward", "dynamic_degree", "--out", str(tmp_path / "own")]) == 0
+    own = {Path(r["file"]).name: r for r in _rows(tmp_path / "own")[1]}
+    assert own["a_8fps.mkv"]["fps"] == 8.0 and own["b_24fps.mkv"]["fps"] == 24.0
+    ref = rewards.build_rewards({"dynamic_degree": 1.0})
+    for name, r in own.items():
+        video = torch.from_numpy(read_video(d / name))[None]
+        scores, extras = rewards.score_videos(ref, video, [""], fps=r["fps"])
+        assert r["dynamic_degree"] == pytest.approx(float(scores["dynamic_degree"][0]), abs=1e-6)
+        assert r["dynamic_degree/speed"] == pytest.approx(float(extras["dynamic_degree/speed"][0]), abs=1e-6)
+    # the two files decode to the same pixels (lossless), so the speed is in proportion to the rate
+    assert own["b_24fps.mkv"]["dynamic_degree/speed"] == pytest.approx(3 * own["a_8fps.mkv"]["dynamic_degree/speed"])
+    assert main(["score", str(d), "--reward", "dynamic_degree", "--fps", "24", "--out", str(tmp_path / "all24")]) == 0
+    all24 = {Path(r["file"]).name: r for r in _rows(tmp_path / "all24")[1]}
+    assert [r["fps"] for r in all24.values()] == [24.0, 24.0]
+    assert all24["a_8fps.mkv"]["dynamic_degree/speed"] == pytest.approx(own["b_24fps.mkv"]["dynamic_degree/speed"])
 
 
 def test_index_json_of_training_samples(tmp_path: Path, capsys) -> None:

@@ -41,11 +41,11 @@ def judge(qwen2_dir):
 
 def test_scores_shape_range_deterministic_and_batch_invariant(qwen2_dir, judge) -> None:
     videos = _videos()
-    out = judge(videos, PROMPTS)
+    out = judge(videos, PROMPTS, fps=8.0)
     assert out["score"].shape == (3,) and out["answer_mass"].shape == (3,)
     assert ((out["score"] > 0) & (out["score"] < 1)).all() and ((out["answer_mass"] > 0) & (out["answer_mass"] <= 1)).all()
-    assert torch.equal(judge(videos, PROMPTS)["score"], out["score"])                  # deterministic
-    one_by_one = VLMJudge(str(qwen2_dir), device="cpu", batch_size=1)(videos, PROMPTS)["score"]
+    assert torch.equal(judge(videos, PROMPTS, fps=8.0)["score"], out["score"])          # deterministic
+    one_by_one = VLMJudge(str(qwen2_dir), device="cpu", batch_size=1)(videos, PROMPTS, fps=8.0)["score"]
     assert torch.allclose(one_by_one, out["score"], atol=1e-5, rtol=0)
     assert len(set(out["score"].tolist())) == 3                                        # the videos are told apart
 
@@ -54,10 +54,10 @@ def test_scores_shape_range_deterministic_and_batch_invariant(qwen2_dir, judge) 
 def test_score_equals_manual_computation_from_logits(qwen2_dir, scoring) -> None:
     j = VLMJudge(str(qwen2_dir), device="cpu", scoring=scoring, criterion="motion_quality")
     videos = _videos(2, seed=1)
-    got = j(videos, PROMPTS[:2])["score"]
+    got = j(videos, PROMPTS[:2], fps=8.0)["score"]
     vocab = j.tokenizer.get_vocab()
     for i in range(2):
-        inputs = j.build_inputs(videos[i:i + 1], PROMPTS[i:i + 1])
+        inputs = j.build_inputs(videos[i:i + 1], PROMPTS[i:i + 1], 8.0)
         with torch.no_grad():
             logits = j.model(**inputs).logits[0, -1].double()                          # full forward, last position
         p = torch.softmax(logits, -1)
@@ -70,14 +70,14 @@ def test_score_equals_manual_computation_from_logits(qwen2_dir, scoring) -> None
 
 
 def test_question_and_chat_template_reach_the_model(qwen2_dir, judge) -> None:
-    inputs = judge.build_inputs(_videos(1), ["a cat"])
+    inputs = judge.build_inputs(_videos(1), ["a cat"], 8.0)
     text = judge.tokenizer.decode(inputs["input_ids"][0])
     assert text.startswith("<|im_start|>") and text.rstrip().endswith("assistant")
     assert "cat" in text and "description" in text                                     # the text_alignment template
     n_video = int((inputs["input_ids"] == judge.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum())
     assert n_video == int(inputs["video_grid_thw"].prod()) // 4 == int(inputs["mm_token_type_ids"].sum()) // 2
     custom = VLMJudge(str(qwen2_dir), device="cpu", question="Is the {prompt} red? Answer Yes or No.")
-    text = custom.tokenizer.decode(custom.build_inputs(_videos(1), ["circle"])["input_ids"][0])
+    text = custom.tokenizer.decode(custom.build_inputs(_videos(1), ["circle"], 8.0)["input_ids"][0])
     assert "Is the circle red ? Answer Yes or No ." in text
 
 
@@ -96,21 +96,21 @@ def test_builtin_video_packing_matches_transformers_patch_layout(qwen2_dir) -> N
 
 def test_fps_reaches_the_frame_sampling_and_temporal_positions(qwen2_dir, tmp_path) -> None:
     videos = _videos(1)                                                                # 16 frames
-    grids = {fps: VLMJudge(str(qwen2_dir), device="cpu", fps=fps, max_frames=16).build_inputs(videos, ["a cat"])
-             ["video_grid_thw"][0].tolist() for fps in (8.0, 2.0)}
+    sixteen = VLMJudge(str(qwen2_dir), device="cpu", max_frames=16)
+    grids = {fps: sixteen.build_inputs(videos, ["a cat"], fps)["video_grid_thw"][0].tolist() for fps in (8.0, 2.0)}
     # at 8 fps 16 frames last 2 s: 4 frames at the judge's 2 fps (2 temporal patches); at 2 fps, 8 s: all 16.
     assert grids == {8.0: [2, 8, 8], 2.0: [8, 8, 8]}
     # Qwen2.5-VL: the same 4 frames mean 2 s or 8 s of video; its temporal positions must say which.
     d25 = build_tiny_qwen2_vl(tmp_path / "qwen2_5_vl", family="qwen2_5_vl")
     pos = {}
     for fps in (8.0, 2.0):
-        j = VLMJudge(str(d25), device="cpu", fps=fps, max_frames=4)
-        inputs = j.build_inputs(videos, ["a cat"])
+        j = VLMJudge(str(d25), device="cpu", max_frames=4)
+        inputs = j.build_inputs(videos, ["a cat"], fps)
         assert inputs["video_grid_thw"][0].tolist() == [2, 8, 8]
         assert inputs["second_per_grid_ts"].tolist() == [2 / (4 / 16 * fps)]          # temporal patch / sampled fps
         keys = ("input_ids", "mm_token_type_ids", "video_grid_thw", "attention_mask", "second_per_grid_ts")
         pos[fps] = j.model.model.get_rope_index(**{k: inputs[k] for k in keys})[0]
-        s = j(videos, ["a cat"])["score"]
+        s = j(videos, ["a cat"], fps=fps)["score"]
         assert s.shape == (1,) and 0 < float(s) < 1
     assert pos[8.0].shape == pos[2.0].shape and not torch.equal(pos[8.0][0], pos[2.0][0])  # temporal axis differs
     assert torch.equal(pos[8.0][1:], pos[2.0][1:])                                          # height, width do not
@@ -133,7 +133,7 @@ def test_answer_tokens_found_with_or_without_leading_space() -> None:
 def test_built_from_a_config_entry_and_bad_options_named(qwen2_dir, tmp_path) -> None:
     built = rewards.build_rewards({"align": {"type": "vlm_judge", "weight": 0.5, "model": str(qwen2_dir),
                                              "device": "cpu", "scoring": "rating"}})
-    scores, extras = rewards.score_videos(built, _videos(2), PROMPTS[:2])
+    scores, extras = rewards.score_videos(built, _videos(2), PROMPTS[:2], fps=8.0)
     assert scores["align"].shape == (2,) and extras["align/answer_mass"].shape == (2,)
     with pytest.raises(RewardError, match=r"model must be a local checkpoint directory with config.json, got '.*nowhere'"):
         rewards.build_rewards({"j": {"type": "vlm_judge", "model": str(tmp_path / "nowhere")}})
@@ -142,7 +142,7 @@ def test_built_from_a_config_entry_and_bad_options_named(qwen2_dir, tmp_path) ->
     with pytest.raises(RewardError, match=r"scoring must be one of yes_prob, rating"):
         VLMJudge(str(qwen2_dir), scoring="logit")
     with pytest.raises(RewardError, match=r"videos must be a \(B, F, H, W, 3\) uint8 tensor, got \(2, 16, 32, 32\)"):
-        VLMJudge(str(qwen2_dir), device="cpu")(torch.zeros(2, 16, 32, 32, dtype=torch.uint8), ["a", "b"])
+        VLMJudge(str(qwen2_dir), device="cpu")(torch.zeros(2, 16, 32, 32, dtype=torch.uint8), ["a", "b"], fps=8.0)
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("torchvision"), reason="transformers' video processors need torchvision")
@@ -150,7 +150,7 @@ def test_builtin_packing_equals_the_transformers_video_processor(qwen2_dir) -> N
     builtin = VLMJudge(str(qwen2_dir), device="cpu", processing="builtin")
     official = VLMJudge(str(qwen2_dir), device="cpu", processing="processor")
     videos = _videos()
-    a, b = builtin.build_inputs(videos, PROMPTS), official.build_inputs(videos, PROMPTS)
+    a, b = builtin.build_inputs(videos, PROMPTS, 8.0), official.build_inputs(videos, PROMPTS, 8.0)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["video_grid_thw"], b["video_grid_thw"])
     assert torch.allclose(a["pixel_values_videos"], b["pixel_values_videos"].float(), atol=1e-4)
     assert torch.allclose(builtin(videos, PROMPTS)["score"], official(videos, PROMPTS)["score"], atol=1e-5)
@@ -218,7 +218,7 @@ def _remote(srv, **kw) -> dict:
 def test_remote_yes_prob_equals_the_served_logprobs(server) -> None:
     built = rewards.build_rewards(_remote(server))
     videos = _videos(2)
-    scores, extras = rewards.score_videos(built, videos, PROMPTS[:2])
+    scores, extras = rewards.score_videos(built, videos, PROMPTS[:2], fps=8.0)
     assert len(server.requests) == 2
     for path, headers, body in server.requests:
         assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer k3y"
@@ -240,7 +240,7 @@ def test_remote_yes_prob_equals_the_served_logprobs(server) -> None:
 def test_remote_rating_equals_the_served_logprobs(server) -> None:
     built = rewards.build_rewards(_remote(server, scoring="rating", criterion="visual_quality", max_frames=2,
                                           image_format="png"))
-    scores, _ = rewards.score_videos(built, _videos(1), PROMPTS[:1])
+    scores, _ = rewards.score_videos(built, _videos(1), PROMPTS[:1], fps=8.0)
     pk = np.exp([-k * 2 / 4 for k in range(1, 6)])                                      # 2 images sent
     assert abs(float(scores["judge"][0]) - ((pk * np.arange(1, 6)).sum() / pk.sum() - 1) / 4) < 1e-6
     assert server.requests[0][2]["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
@@ -249,11 +249,11 @@ def test_remote_rating_equals_the_served_logprobs(server) -> None:
 def test_remote_retries_after_a_failed_request_and_errors_clearly(server) -> None:
     server.fail_next = 1
     built = rewards.build_rewards(_remote(server))
-    scores, _ = rewards.score_videos(built, _videos(1), PROMPTS[:1])                     # default_retries = 2
+    scores, _ = rewards.score_videos(built, _videos(1), PROMPTS[:1], fps=8.0)                     # default_retries = 2
     assert len(server.requests) == 2 and 0 < float(scores["judge"][0]) < 1
     server.top_for = lambda body: [{"token": "Maybe", "logprob": -0.1}]
     with pytest.raises(RewardError, match=r"top 1 tokens for video 0 hold none of Yes, No \(first token 'Maybe'\)"):
-        rewards.score_videos(rewards.build_rewards(_remote(server, retries=0)), _videos(1), PROMPTS[:1])
+        rewards.score_videos(rewards.build_rewards(_remote(server, retries=0)), _videos(1), PROMPTS[:1], fps=8.0)
 
 
 def test_remote_judge_down_is_a_clear_error() -> None:
@@ -264,6 +264,6 @@ def test_remote_judge_down_is_a_clear_error() -> None:
                                              "model": "m", "retries": 1, "timeout": 2}})
     with pytest.raises(RewardError, match=rf"reward 'judge' failed after 2 attempts: cannot reach the judge at "
                                           rf"http://127.0.0.1:{port}/v1/chat/completions: ConnectError"):
-        rewards.score_videos(built, _videos(1), PROMPTS[:1])
+        rewards.score_videos(built, _videos(1), PROMPTS[:1], fps=8.0)
     with pytest.raises(RewardError, match=r"base_url must be an http\(s\) URL"):
         rewards.build_rewards({"judge": {"type": "vlm_judge_remote", "base_url": "127.0.0.1:8000", "model": "m"}})

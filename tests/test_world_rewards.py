@@ -71,7 +71,7 @@ def corrupted(kind: str, truth: torch.Tensor) -> torch.Tensor:
 
 def criteria(videos: torch.Tensor) -> dict[str, torch.Tensor]:
     out = rewards.build_rewards(dict.fromkeys(NAMES, 1.0))
-    scores, extras = rewards.score_videos(out, videos, PROMPTS)
+    scores, extras = rewards.score_videos(out, videos, PROMPTS, fps=8.0)
     return scores
 
 
@@ -193,7 +193,7 @@ def test_registered_and_scored_through_the_registry(truth):
         assert name in rewards.REWARDS
     built = rewards.build_rewards({"world_adherence": 1.0, "world_smoothness": 0.5, "frame_change": 1.0})
     videos, prompts = truth[0][:32], PROMPTS[:32]
-    scores, extras = rewards.score_videos(built, videos, prompts)
+    scores, extras = rewards.score_videos(built, videos, prompts, fps=8.0)
     assert set(scores) == {"world_adherence", "world_smoothness", "frame_change"}
     for key in ("colour", "shape", "direction", "smoothness", "presence", "speed", "residual_rms"):
         assert extras[f"world_adherence/{key}"].shape == (32,), key
@@ -202,7 +202,7 @@ def test_registered_and_scored_through_the_registry(truth):
     assert torch.allclose(scores["world_adherence"], mean3)
     assert torch.allclose(scores["world_smoothness"], adh["world_adherence/smoothness"])
     # Deterministic.
-    again, _ = rewards.score_videos(built, videos, prompts)
+    again, _ = rewards.score_videos(built, videos, prompts, fps=8.0)
     assert all(torch.equal(scores[k], again[k]) for k in scores)
 
 
@@ -211,11 +211,11 @@ def test_prompt_outside_the_grammar_is_a_clear_error(truth):
     for name in NAMES:
         reward = rewards.build_rewards({name: 1.0})[name]
         with pytest.raises(ValueError, match="a purple circle moves left slowly on black"):
-            reward(videos, [PROMPTS[0], "a purple circle moves left slowly on black"])
+            reward(videos, [PROMPTS[0], "a purple circle moves left slowly on black"], fps=8.0)
         with pytest.raises(ValueError, match="a red dog"):
-            reward(videos, [PROMPTS[0], "a red dog"])
+            reward(videos, [PROMPTS[0], "a red dog"], fps=8.0)
         with pytest.raises(ValueError, match="one prompt per video"):
-            reward(videos, PROMPTS[:3])
+            reward(videos, PROMPTS[:3], fps=8.0)
     with pytest.raises(ValueError, match="purple"):
         world.adherence_table(videos, ["a purple circle moves left slowly on black"] * 2)
 
@@ -258,5 +258,6 @@ def test_artifact_measurements_see_a_tinted_background_and_a_patch_grid(truth):
     # (The border median falls on one phase of the pattern: up to its amplitude, 4, off.)
     assert np.all(np.abs(g["grid_energy"] - 4.0) < 0.5) and g["background_error"].max() < 4.5
     score = rewards.build_rewards({"world_fidelity": 1.0})["world_fidelity"]
-    clean_s, grid_s = score(clean, PROMPTS)["score"], score(grid.clamp(0, 255).to(torch.uint8), PROMPTS)["score"]
+    clean_s, grid_s = (score(clean, PROMPTS, fps=8.0)["score"],
+                       score(grid.clamp(0, 255).to(torch.uint8), PROMPTS, fps=8.0)["score"])
     assert float(clean_s.min()) > 0.95 and float(grid_s.max()) < 0.75

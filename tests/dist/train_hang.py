@@ -14,7 +14,7 @@ from rewards.registry import register
 
 @register("hang_on_rank_1")
 class HangOnRank1:
-    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
         if os.environ.get("RANK") == "1":
             time.sleep(600)
         return videos.float().mean(dim=(1, 2, 3, 4)) / 255.0

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+FPS = 16.0   # the videos' frame rate handed to the reward (speeds scale with it; the work does not)
+
 
 def moving_videos(b: int, frames: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """``(b, frames, h, w, 3)`` uint8: smooth random texture sliding 2 px per frame."""
@@ -69,10 +71,10 @@ def main() -> None:
             h, w = (int(x) for x in size.split("x"))
             videos = moving_videos(args.batch, args.frames, h, w)
             prompts = [""] * args.batch
-            t_local = timed(lambda: rewards.score_videos(local, videos, prompts), args.repeats)
-            t_remote = timed(lambda: rewards.score_videos(remote, videos, prompts), args.repeats)
-            a, _ = rewards.score_videos(local, videos, prompts)
-            b, _ = rewards.score_videos(remote, videos, prompts)
+            t_local = timed(lambda: rewards.score_videos(local, videos, prompts, fps=FPS), args.repeats)
+            t_remote = timed(lambda: rewards.score_videos(remote, videos, prompts, fps=FPS), args.repeats)
+            a, _ = rewards.score_videos(local, videos, prompts, fps=FPS)
+            b, _ = rewards.score_videos(remote, videos, prompts, fps=FPS)
             assert torch.equal(a["motion_quality"], b["motion_quality"]), "server and in-process scores differ"
             m_local, m_remote = statistics.median(t_local), statistics.median(t_remote)
             rows.append((size, args.batch / m_local, m_local, t_local))
