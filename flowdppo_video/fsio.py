@@ -48,3 +48,17 @@ def naming(path: str | Path) -> Iterator[None]:
         if e.filename is None and e.errno is not None:
             e.filename = str(path)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it: a full disk or a kill leaves the
+    old content whole, never a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None or str(e.filename) == str(tmp):
+            e.filename = str(path)
+        raise

@@ -137,7 +137,7 @@ def truncate_metrics(run_dir: Path, keep_below: int, name: str = "metrics", key:
     if stale:
         with open(run_dir / f"{name}.stale.jsonl", "a") as f:
             f.write("\n".join(stale) + "\n")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    tmp.replace(path)
+    from .fsio import write_text_atomic
+
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))   # a full disk leaves the old file whole
     return len(stale)

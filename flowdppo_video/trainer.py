@@ -28,7 +28,7 @@ from .checkpoint import has_manifest, list_checkpoints, load_checkpoint, move_as
 from .config import Config, ConfigError, config_to_dict
 from .data import load_prompts, prompts_for_iteration
 from .evaluation import evaluate, write_side_by_side
-from .fsio import check_output_dir, naming
+from .fsio import check_output_dir, naming, write_text_atomic
 from .images import attach_images, run_images
 from .metrics import MetricsWriter, import_wandb, start_wandb, truncate_metrics
 from .models import build_adapter
@@ -163,7 +163,7 @@ class Trainer:
             with naming(self.run_dir):            # a full disk's write() names no file: name the run
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 # On resume too: the overrides given then (e.g. more iterations) are the run's config now.
-                (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+                write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
                 self.wandb = start_wandb(self.run_dir, config_to_dict(cfg)) if cfg.run.wandb else None
                 self.metrics: MetricsWriter | _NullWriter = MetricsWriter(
                     self.run_dir, cfg.run.tensorboard, purge_step=purge, wandb_run=self.wandb)
@@ -259,7 +259,7 @@ class Trainer:
         with self.updater.rollout():
             out, traj = evaluate(self.adapter, self.eval_prompts, e.samples_per_prompt, self.latent_shape,
                                  self.cfg.sampler, e.seed, self.eval_rewards, self.cfg.data.negative_prompt,
-                                 e.kl_to_base, fps=self.cfg.video.fps)
+                                 e.kl_to_base)
         self.eval_log.write({"after_iterations": done, **out})
         if not self.is_main:
             return out
@@ -290,7 +290,7 @@ class Trainer:
                            rows=slice(par.dp_rank * share, (par.dp_rank + 1) * share))
         t1 = time.perf_counter()
         nonfinite = _nonfinite_rows(traj.final)       # before the gather: each rank counts its own
-        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts, fps=cfg.video.fps)
+        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts)
         if par.dp > 1:
             # Advantages are over the whole batch's groups: gather every DP rank's rows (in order).
             parts = par.all_gather_objects((traj, scores, extras), par.dp_group, "gathering rollouts and rewards")
