@@ -259,7 +259,7 @@ class Trainer:
         with self.updater.rollout():
             out, traj = evaluate(self.adapter, self.eval_prompts, e.samples_per_prompt, self.latent_shape,
                                  self.cfg.sampler, e.seed, self.eval_rewards, self.cfg.data.negative_prompt,
-                                 e.kl_to_base)
+                                 e.kl_to_base, fps=self.cfg.video.fps)
         self.eval_log.write({"after_iterations": done, **out})
         if not self.is_main:
             return out
@@ -290,7 +290,7 @@ class Trainer:
                            rows=slice(par.dp_rank * share, (par.dp_rank + 1) * share))
         t1 = time.perf_counter()
         nonfinite = _nonfinite_rows(traj.final)       # before the gather: each rank counts its own
-        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts)
+        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts, fps=cfg.video.fps)
         if par.dp > 1:
             # Advantages are over the whole batch's groups: gather every DP rank's rows (in order).
             parts = par.all_gather_objects((traj, scores, extras), par.dp_group, "gathering rollouts and rewards")
