@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -72,43 +73,55 @@ def test_health(url):
     assert doc["rewards"] == {"world_direction": {"type": "world_direction", "weight": 1.0},
                               "frame_change": {"type": "frame_change", "weight": 0.5}}
     assert doc["max_batch"] == 32 and doc["batch_window_ms"] == pytest.approx(10.0)
-    # keep-alive round trips take about a millisecond (without TCP_NODELAY on the server's
-    # sockets each took ~44 ms: its answer's body waited for a delayed ACK)
+    # Keep-alive round trips take about a millisecond only with TCP_NODELAY on the accepted sockets
+    # (without it each took ~44 ms: the answer's body waited for a delayed ACK). asyncio sets it on
+    # sockets created with proto=IPPROTO_TCP: the property is checked here, the time is the
+    # benchmarks' (a loaded CI machine must not fail a correct change).
+    import socket
+
+    from rewards.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
     with httpx.Client() as client:
-        times = []
-        for _ in range(11):
-            t0 = time.perf_counter()
-            assert client.get(f"{url}/health").status_code == 200
-            times.append(time.perf_counter() - t0)
-    assert sorted(times)[5] < 0.03, times
+        assert all(client.get(f"{url}/health").status_code == 200 for _ in range(3))
 
 
-class _Slow:
-    """Sleeps ``seconds`` per call (a slow judge), then scores 1."""
+class _Blocked:
+    """Blocks each call until the test releases it (a slow judge), then scores 1."""
 
-    def __init__(self, seconds: float = 0.6) -> None:
-        self.seconds = seconds
+    started = threading.Event()
+    release = threading.Event()
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> torch.Tensor:
-        time.sleep(self.seconds)
+        type(self).started.set()
+        assert type(self).release.wait(60), "the test never released the reward"
         return torch.ones(videos.shape[0])
 
 
 def test_the_server_answers_while_a_reward_is_busy():
-    register("test_slow_reward")(_Slow)
+    """Shown by the order of events, not by timing: /health answers while the reward call is
+    still blocked in the worker thread, and the blocked request completes once released."""
+    _Blocked.started.clear()
+    _Blocked.release.clear()
+    register("test_blocked_reward")(_Blocked)
     try:
-        with BackgroundServer(create_app({"slow": {"type": "test_slow_reward"}})) as u:
+        with BackgroundServer(create_app({"slow": {"type": "test_blocked_reward"}})) as u:
             videos, prompts = batch(7, b=1)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                t0 = time.perf_counter()
                 pending = pool.submit(post, u, encode_request(videos, prompts, FPS))
-                time.sleep(0.2)   # the request is now in the worker thread
-                health = httpx.get(f"{u}/health", timeout=5)
-                t_health = time.perf_counter() - t0
-                assert health.status_code == 200 and not pending.done() and t_health < 0.5
-                assert pending.result().status_code == 200 and time.perf_counter() - t0 >= 0.6
+                assert _Blocked.started.wait(60), "the reward was never called"
+                health = httpx.get(f"{u}/health", timeout=30)
+                assert health.status_code == 200
+                assert not _Blocked.release.is_set() and not pending.done()   # the reward is still blocked
+                _Blocked.release.set()
+                assert pending.result(timeout=60).status_code == 200
     finally:
-        REWARDS.pop("test_slow_reward")
+        _Blocked.release.set()
+        REWARDS.pop("test_blocked_reward")
 
 
 @pytest.mark.parametrize("fmt", ["binary", "json"])
