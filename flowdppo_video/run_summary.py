@@ -92,8 +92,10 @@ def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
         lines.append("")
         for r in table:
             lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}".rstrip())
+    ba = run_dir / "before_after"
     opens = [("report", run_dir / "report" / "index.html", ""),
-             ("before/after", run_dir / "before_after", "base model left, final model right"),
+             ("before/after", ba / "index.html" if (ba / "index.html").is_file() else ba,
+              "base model left, final model right"),
              ("curves", run_dir / "curves.png", ""),
              ("checkpoints", run_dir / "checkpoints", "")]
     found = [(label, p, note) for label, p, note in opens if p.exists()]
@@ -102,6 +104,6 @@ def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
     for label, p, note in found:
         shown = f"{p}/" if p.is_dir() else str(p)
         if label == "before/after":
-            note = f"{len(list(p.glob('*.mp4')))} videos, {note}"
+            note = f"{len(list(ba.glob('*.mp4')))} videos, {note}"
         lines.append(f"  {label:<{width}}  {shown}" + (f"  ({note})" if note else ""))
     return lines

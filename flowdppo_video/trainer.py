@@ -27,7 +27,8 @@ from .advantages import compute_advantages
 from .checkpoint import has_manifest, list_checkpoints, load_checkpoint, move_aside, save_checkpoint, verify_checkpoint
 from .config import Config, ConfigError, config_to_dict
 from .data import load_prompts, prompts_for_iteration
-from .evaluation import evaluate, write_side_by_side
+from .before_after import pick_videos, write_before_after
+from .evaluation import evaluate
 from .fsio import check_output_dir, naming, write_text_atomic
 from .images import attach_images, run_images
 from .metrics import MetricsWriter, import_wandb, start_wandb, truncate_metrics
@@ -264,18 +265,23 @@ class Trainer:
         if not self.is_main:
             return out
         folder = self.run_dir / "eval" / f"after_{done:06d}"
-        for k in range(min(e.num_videos, traj.batch_size)):
-            write_video(folder / f"{k:02d}.mp4", traj.videos[k], fps=self.cfg.video.fps)
-        (folder / "prompts.txt").write_text("\n".join(traj.prompts[:e.num_videos]) + "\n")
+        # One video of as many prompts as fit, spread over their words (every direction, speed, ...),
+        # the same ones at every evaluation: before_after/ and the report show these.
+        picked = pick_videos(self.eval_prompts, e.samples_per_prompt, min(e.num_videos, traj.batch_size))
+        for k, i in enumerate(picked):
+            write_video(folder / f"{k:02d}.mp4", traj.videos[i], fps=self.cfg.video.fps)
+        (folder / "prompts.txt").write_text("".join(traj.prompts[i] + "\n" for i in picked))
         self.eval_log.add_videos("eval/videos", traj.videos[:min(e.num_videos, 4)], done, self.cfg.video.fps)
         return out
 
     def _write_before_after(self) -> None:
-        """``before_after/NN.mp4``: the base model's evaluation videos beside the final model's."""
+        """``before_after/NN.mp4``: the base model's evaluation videos beside the final model's, and
+        ``before_after/index.html`` labelling each with its prompt."""
         root = self.run_dir / "eval"
         base, final = root / "after_000000", root / f"after_{self.cfg.run.iterations:06d}"
         if base.is_dir() and final.is_dir() and base != final:
-            write_side_by_side(base, final, self.run_dir / "before_after", self.cfg.video.fps)
+            write_before_after(base, final, self.run_dir / "before_after", self.cfg.video.fps,
+                               f"after {self.cfg.run.iterations}")
 
     def train_iteration(self, it: int) -> tuple[Trajectory, dict[str, Any]]:
         cfg = self.cfg

@@ -78,6 +78,10 @@ def test_two_iterations_then_resume_reproduces(tmp_path):
     assert "eval/frame_change/mean" in got[1]
     pair = read_video(run / "before_after" / "00.mp4")
     assert pair.shape == (9, 128, 2 * 128 + 4, 3)
+    # Two different prompts kept (not one prompt's two samples), labelled beside their videos.
+    labels = (run / "before_after" / "index.html").read_text()
+    assert "a red ball rolls to the left" in labels and "a green triangle moves to the right" in labels
+    assert "base (left) | after 2 (right)" in labels
 
     # Resume to 4 iterations == an uninterrupted 4-iteration run, exactly (CPU, float32).
     train(run, "run.iterations=4", resume=True)

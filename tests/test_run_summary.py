@@ -74,6 +74,10 @@ def test_summary_table_is_aligned_and_names_the_files(tmp_path):
     assert f"before/after  {run / 'before_after'}/  (3 videos, base model left, final model right)" in text
     assert f"curves        {run / 'curves.png'}" in text
     assert "checkpoints" not in text                  # not written in this run: not offered
+    # With its labelled page, before/after points at the page.
+    (run / "before_after" / "index.html").write_text("<html></html>")
+    text = "\n".join(summary_lines(run, ROWS, EVALS))
+    assert f"before/after  {run / 'before_after' / 'index.html'}  (3 videos," in text
 
 
 def test_summary_without_evaluation(tmp_path):
