@@ -44,6 +44,17 @@ def test_cli_bad_input_one_line(tmp_path, overrides, expected):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("override, expected", [
+    ("sampler.eta=.nan", "sampler.eta must be a finite number, got nan"),
+    ("optim.betas=[2, 3]", "optim.betas must be two numbers in [0, 1), got [2.0, 3.0]"),
+    ("video.height=0", "video.height must be >= 1, got 0"),
+])
+def test_cli_config_values_are_refused_before_the_run_directory_exists(tmp_path, override, expected):
+    assert expected in fails_with(tmp_path, override)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_second_config_and_a_non_run(tmp_path):
     proc = cli("train", "--resume", str(tmp_path), "--config", str(TINY_CONFIG), check=False)
     assert proc.returncode == 2 and "give --config or --resume, not both" in proc.stderr
