@@ -3,9 +3,11 @@ the iteration.
 
 A checkpoint is written into a temporary folder and renamed into place, so a kill at any
 moment leaves either the previous checkpoint or the new one, never a torn one. Its last file,
-``manifest.json``, holds the size and SHA-256 of every other file: a checkpoint damaged later
-(a truncated or rewritten file) fails :func:`verify_checkpoint`, and resume falls back to the
-newest one that verifies (:func:`newest_loadable`), moving the damaged one aside, never deleting it.
+``manifest.json``, holds the size and SHA-256 of every other file (of its first and last 16 MiB
+for a file over 1 GiB, so a save of a large model does not read it all again): a checkpoint
+damaged later (a truncated or rewritten file) fails :func:`verify_checkpoint`, and resume falls
+back to the newest one that verifies (``Trainer._newest_loadable``), moving the damaged one
+aside, never deleting it.
 """
 
 from __future__ import annotations
@@ -78,9 +80,7 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
     if par.is_main:
         with _writing(tmp, final):
             # Last: every rank's files are in place; written after them, it vouches for them all.
-            manifest = {"files": {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-                                  for f in sorted(tmp.rglob("*")) if f.is_file()}}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -127,18 +127,42 @@ class _writing:
                               f"the previous checkpoints are kept") from None
 
 
-def _sha256(path: Path) -> str:
+WHOLE_HASH_BYTES = 1 << 30   # files up to this size are hashed whole
+ENDS_BYTES = 16 << 20        # larger ones (a big model's shards): size, and the hash of both ends
+
+
+def _sha256(path: Path, ends: int = 0) -> str:
+    """SHA-256 of the file, or of its first and last ``ends`` bytes (a bounded cost per save)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        if ends:
+            h.update(f.read(ends))
+            f.seek(max(0, path.stat().st_size - ends))
+            h.update(f.read(ends))
+        else:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size <= WHOLE_HASH_BYTES:
+        return {"bytes": size, "sha256": _sha256(path)}
+    return {"bytes": size, "sha256_ends": _sha256(path, ENDS_BYTES), "ends_bytes": ENDS_BYTES}
+
+
+def write_manifest(folder: Path) -> None:
+    """``folder/manifest.json``: the size and hash of every file in ``folder`` (and below)."""
+    files = {str(f.relative_to(folder)): _fingerprint(f) for f in sorted(folder.rglob("*"))
+             if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
 def verify_checkpoint(path: Path) -> str | None:
     """Why the checkpoint at ``path`` is damaged (one line), or None if its manifest vouches for
     every file. A checkpoint from before manifests were written also gives None: only loading it
-    can tell (see :func:`newest_loadable`)."""
+    can tell (``Trainer._newest_loadable`` does)."""
     m = path / MANIFEST
     if not m.is_file():
         return None
@@ -151,8 +175,10 @@ def verify_checkpoint(path: Path) -> str | None:
             size = f.stat().st_size
             if size != want["bytes"]:
                 return f"{name} has {size} bytes, the manifest says {want['bytes']}"
-            if _sha256(f) != want["sha256"]:
+            if "sha256" in want and _sha256(f) != want["sha256"]:
                 return f"{name} does not match its SHA-256 in the manifest"
+            if "sha256_ends" in want and _sha256(f, int(want["ends_bytes"])) != want["sha256_ends"]:
+                return f"{name} does not match the SHA-256 of its ends in the manifest"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -119,7 +120,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
         # Check everything cheap before loading weights or touching the run directory.
-        check_output_dir(self.run_dir, "run.output_dir")
+        if int(os.environ.get("RANK", "0") or 0) == 0:     # rank 0 writes the run; other nodes may not see it
+            check_output_dir(self.run_dir, "run.output_dir")
         self.prompts = load_prompts(cfg.data.prompts)
         self.rewards = build_rewards(cfg.rewards)
         e = cfg.eval

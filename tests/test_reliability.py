@@ -490,3 +490,38 @@ def test_running_maxima_keep_a_nan():
     acc.add({"kl_max": float("nan")})
     acc.add({"kl_max": 0.25})
     assert math.isnan(acc.maxes["kl_max"]) and math.isnan(acc.mean("kl_max"))
+
+
+def test_manifest_hashes_small_files_whole_and_large_files_at_both_ends(tmp_path, monkeypatch):
+    """A save must not read a 100 GB optimizer state again: over WHOLE_HASH_BYTES a file is
+    vouched for by its size and the hash of its two ends (truncation and torn tails are caught)."""
+    from flowdppo_video import checkpoint as ck
+
+    monkeypatch.setattr(ck, "WHOLE_HASH_BYTES", 1000)
+    monkeypatch.setattr(ck, "ENDS_BYTES", 100)
+    (tmp_path / "sub").mkdir()
+    small, large = tmp_path / "small.bin", tmp_path / "sub" / "large.bin"
+    small.write_bytes(bytes(range(200)))
+    large.write_bytes(bytes(5000))
+    ck.write_manifest(tmp_path)
+    files = json.loads((tmp_path / "manifest.json").read_text())["files"]
+    assert set(files) == {"small.bin", "sub/large.bin"}
+    assert "sha256" in files["small.bin"] and "sha256_ends" in files["sub/large.bin"]
+    assert ck.verify_checkpoint(tmp_path) is None
+
+    def flipped(path: Path, at: int) -> str | None:
+        data = bytearray(path.read_bytes())
+        data[at] ^= 1
+        path.write_bytes(bytes(data))
+        try:
+            return ck.verify_checkpoint(tmp_path)
+        finally:
+            data[at] ^= 1
+            path.write_bytes(bytes(data))
+
+    assert flipped(small, 100) == "small.bin does not match its SHA-256 in the manifest"
+    assert flipped(large, 4990) == "sub/large.bin does not match the SHA-256 of its ends in the manifest"
+    assert flipped(large, 5) is not None
+    assert flipped(large, 2500) is None               # the middle of a large file: the documented limit
+    large.write_bytes(bytes(4000))
+    assert ck.verify_checkpoint(tmp_path) == "sub/large.bin has 4000 bytes, the manifest says 5000"
