@@ -479,7 +479,9 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def _maybe_write_samples(self, it: int, traj: Trajectory, row: dict[str, Any]) -> None:
         r = self.cfg.run
-        if not self.is_main or not (it == 0 or it == r.iterations - 1 or (it + 1) % r.sample_every == 0):
+        # Iteration `it` rolls out the model after `it` updates, so sampling where `it` is a multiple
+        # of sample_every puts samples/iter_N beside eval/after_N and checkpoints/iter_N: one N.
+        if not self.is_main or not (it % r.sample_every == 0 or it == r.iterations - 1):
             return
         folder = self.run_dir / "samples" / f"iter_{it:06d}"
         n = min(r.num_sample_videos, traj.batch_size)

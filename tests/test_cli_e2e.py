@@ -88,7 +88,12 @@ def test_two_iterations_then_resume_reproduces(tmp_path):
     import yaml
     assert yaml.safe_load((run / "config.yaml").read_text())["run"]["iterations"] == 4   # overrides persist
     straight = tmp_path / "straight"
-    train(straight, "run.iterations=4", *EVAL)
+    train(straight, "run.iterations=4", "run.sample_every=2", *EVAL)
+    # One N for every folder: samples/iter_2 are rolled out by the model after 2 iterations, the
+    # model eval/after_2 evaluates and checkpoints/iter_2 holds.
+    assert sorted(p.name for p in (straight / "samples").iterdir()) == ["iter_000000", "iter_000002", "iter_000003"]
+    assert sorted(p.name for p in (straight / "eval").iterdir()) == ["after_000000", "after_000002", "after_000004"]
+    assert json.loads((straight / "samples" / "iter_000002" / "index.json").read_text())["iteration"] == 2
     a, b = rows(run), rows(straight)
     assert [r["iteration"] for r in a] == [0, 1, 2, 3]
     for x, y in zip(a, b):
