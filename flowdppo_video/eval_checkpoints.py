@@ -33,7 +33,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .winrates import Estimate, WinRate, fmt, mean_ci, small_sample_warning, win_matrix
+from .winrates import SMALL_N, Estimate, WinRate, fmt, mean_ci, small_sample_warning, win_matrix
 
 BASE = "base"
 
@@ -393,7 +393,8 @@ def add_parser(sub: Any) -> None:
                         "(default: the run's eval.rewards, else its rewards)")
     e.add_argument("--run", help="run directory whose config built the checkpoints (default: the first "
                                  "checkpoint's run)")
-    e.add_argument("--samples", type=int, default=2, help="seeds per prompt (seed, seed+1, ...; default 2)")
+    e.add_argument("--samples", type=int, default=2, help="seeds per prompt (seed, seed+1, ...; default 2); under "
+                   f"{SMALL_N} (prompt, seed) pairs in all the win-rates come with a small-sample warning")
     e.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     e.add_argument("--sde", action="store_true", help="sample with the training SDE steps (default: ODE)")
     e.add_argument("--num-videos", type=int, default=8, help="(prompt, seed) items whose videos are kept")
