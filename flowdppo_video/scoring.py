@@ -203,7 +203,12 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
 
     ``fps``: the frame rate every video is scored at; ``None``: each file's own (its container's).
     ``rows`` in the order of ``videos`` (unreadable ones left out, and reported on stderr), each
-    ``{"file", "prompt", "fps", <reward>: score, ..., "total", <reward/key>: extra, ...}``.
+    ``{"file", "prompt", "fps", "frames", "ended_early", <reward>: score, ..., "total",
+    <reward/key>: extra, ...}``; ``ended_early`` marks a file that decoded to fewer frames than its
+    container declares (a truncated file: scored from what it has, with a warning naming it).
+
+    Memory is bounded whatever the mix of sizes: at most ``batch_size`` decoded videos wait for
+    their batch (over that, the largest waiting group is scored at once, however small).
     """
     import numpy as np
     import torch
@@ -212,7 +217,7 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
     import rewards as R
 
     from .data import DataError
-    from .video import read_video, video_fps
+    from .video import declared_frames, read_video, video_fps
 
     built = R.build_rewards(entries)
     weights = {n: s.weight for n, s in R.parse_reward_specs(entries).items()}
@@ -220,6 +225,7 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
     # one batch per (frames, height, width, fps): a batch's videos share one frame rate
     pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
     skipped: list[str] = []
+    early: set[int] = set()
 
     def flush(key: tuple[Any, ...]) -> None:
         items = pending.pop(key)
@@ -228,7 +234,8 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
         rate = key[-1]
         scores, extras = R.score_videos(built, batch, [prompts[i] for i in idx], fps=rate)
         for j, i in enumerate(idx):
-            row: dict[str, Any] = {"file": str(videos[i]), "prompt": prompts[i], "fps": rate}
+            row: dict[str, Any] = {"file": str(videos[i]), "prompt": prompts[i], "fps": rate,
+                                   "frames": int(batch.shape[1]), "ended_early": i in early}
             row.update({n: float(s[j]) for n, s in scores.items()})
             row["total"] = float(sum(weights[n] * float(s[j]) for n, s in scores.items()))
             row.update({k: float(e.reshape(-1)[j]) for k, e in extras.items() if e.numel() == len(idx)})
@@ -245,10 +252,17 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
                   file=sys.stderr)
             skipped.append(str(path))
             continue
+        declared = declared_frames(path)
+        if declared is not None and arr.shape[0] < declared:
+            early.add(i)
+            print(f"flowdppo-video: warning: {path} ends early: {arr.shape[0]} of the {declared} frames its "
+                  f"container declares decoded; scored from those (ended_early in the output)", file=sys.stderr)
         key = (*arr.shape[:3], rate)
         pending.setdefault(key, []).append((i, np.ascontiguousarray(arr)))
         if len(pending[key]) >= batch_size:
             flush(key)
+        elif sum(map(len, pending.values())) > batch_size:   # many sizes: bound what is held
+            flush(max(pending, key=lambda k: len(pending[k])))
     for key in list(pending):
         flush(key)
     if not results:

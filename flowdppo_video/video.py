@@ -55,6 +55,19 @@ def read_video(path: str | Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in src.decode(video=0)])
 
 
+def declared_frames(path: str | Path) -> int | None:
+    """The frame count a video file's container declares for its first video stream, or None
+    when it declares none (GIF, some streams) or cannot be opened."""
+    import av
+
+    try:
+        with av.open(str(path)) as src:
+            n = src.streams.video[0].frames if src.streams.video else 0
+    except Exception:  # noqa: BLE001 - an unreadable header: nothing declared
+        return None
+    return int(n) if n and n > 0 else None
+
+
 def video_fps(path: str | Path) -> float:
     """The frame rate a video file's container gives its first video stream (frames per second).
 

@@ -525,3 +525,58 @@ def test_manifest_hashes_small_files_whole_and_large_files_at_both_ends(tmp_path
     assert flipped(large, 2500) is None               # the middle of a large file: the documented limit
     large.write_bytes(bytes(4000))
     assert ck.verify_checkpoint(tmp_path) == "sub/large.bin has 4000 bytes, the manifest says 5000"
+
+
+# ---------------------------------------------------------------- score: bounded memory, frame counts
+def _mixed_sizes(folder: Path, n: int) -> list[Path]:
+    from flowdppo_video.video import write_video
+
+    rng = np.random.default_rng(0)
+    files = [write_video(folder / f"{k:02d}.mp4", rng.integers(0, 256, (5, 16 + 2 * k, 16, 3), dtype=np.uint8))
+             for k in range(n)]
+    (folder / "prompts.txt").write_text("".join(f"prompt {k}\n" for k in range(n)))
+    return files
+
+
+def test_score_holds_at_most_a_batch_of_videos_whatever_the_sizes(tmp_path, monkeypatch):
+    """12 videos of 12 sizes with --batch-size 4: before, all 12 waited for the end (one group
+    each); now at most 4 decoded videos wait, and every file is scored with its frame count."""
+    import rewards as R
+    from flowdppo_video import video as video_mod
+    from flowdppo_video.scoring import score_files
+
+    files = _mixed_sizes(tmp_path / "v", 12)
+    held = {"now": 0, "max": 0}
+    real_read, real_score = video_mod.read_video, R.score_videos
+
+    def read(path):
+        held["now"] += 1
+        held["max"] = max(held["max"], held["now"])
+        return real_read(path)
+
+    def score(fns, videos, prompts, **kw):
+        held["now"] -= videos.shape[0]
+        return real_score(fns, videos, prompts, **kw)
+
+    monkeypatch.setattr(video_mod, "read_video", read)
+    monkeypatch.setattr(R, "score_videos", score)
+    rows, _, skipped = score_files(files, [f"p{k}" for k in range(12)], {"frame_change": 1.0}, batch_size=4)
+    assert held["max"] <= 4 + 1 and held["now"] == 0       # the one just read, before it joins a batch
+    assert [r["file"] for r in rows] == [str(f) for f in files] and not skipped
+    assert all(r["frames"] == 5 and r["ended_early"] is False for r in rows)
+
+
+def test_a_file_that_ends_early_is_warned_about_and_flagged(tmp_path, monkeypatch, capsys):
+    from flowdppo_video import video as video_mod
+    from flowdppo_video.cli import main
+
+    files = _mixed_sizes(tmp_path / "v", 2)
+    assert video_mod.declared_frames(files[0]) == 5          # what the container says, when it says it
+    # A container that declares 17 frames but holds 5 (a cut faststart mp4 decodes like this).
+    monkeypatch.setattr(video_mod, "declared_frames", lambda p: 17 if Path(p) == files[1] else 5)
+    assert main(["score", str(tmp_path / "v"), "--reward", "frame_change", "--out", str(tmp_path / "out")]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "ends early" in ln]
+    assert err == [f"flowdppo-video: warning: {files[1]} ends early: 5 of the 17 frames its container declares "
+                   "decoded; scored from those (ended_early in the output)"]
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert [(r["frames"], r["ended_early"]) for r in rows] == [(5, False), (5, True)]
