@@ -30,7 +30,8 @@ rate for every file instead. A file whose rate cannot be read is skipped with a 
 Videos of one shape ``(F, H, W)`` and frame rate are scored together in batches of
 ``--batch-size``. Outputs, in ``--out`` (default: ``scores/`` in the first argument's folder):
 ``scores.csv`` and ``scores.jsonl`` (one row per video: ``file``, ``prompt``, ``fps`` (the rate
-it was scored at), each reward, ``total`` = the weighted sum, then each reward's logged extras
+it was scored at), ``frames`` (decoded), ``ended_early`` (fewer frames than the container
+declares: a truncated file, also warned about), each reward, ``total`` = the weighted sum, then each reward's logged extras
 as ``reward/key``), and ``summary.json`` (weight, mean,
 population std and count per reward and of the total; the skipped files). A file that cannot be
 read is reported on stderr, one line naming it, and skipped; if none can be read, the command
