@@ -216,7 +216,7 @@ class Trainer:
                 self._maybe_checkpoint(it)
                 every = self.cfg.run.report_every
                 if every and (it + 1) % every == 0 and it + 1 < self.cfg.run.iterations:
-                    self._write_report()                     # a refresh; the final report follows the loop
+                    self._write_report(say=True)             # a refresh; the final report follows the loop
             if self.is_main:
                 self._write_before_after()
         except OSError as e:
@@ -241,13 +241,17 @@ class Trainer:
         """Leave the process group this trainer joined (if it made one)."""
         self.par.close()
 
-    def _write_report(self) -> None:
+    def _write_report(self, say: bool = False) -> None:
+        """Write the report; ``say``: print where it is (a refresh mid-run: the user can look now;
+        the end of the run prints it in its summary)."""
         from .report import write_report
 
         if not self.is_main:
             return
         try:
-            write_report(self.run_dir)
+            index = write_report(self.run_dir)
+            if say:
+                tqdm.write(f"report refreshed: {index}")
         except Exception as e:  # nor must the report
             print(f"flowdppo-video: warning: could not write the report: {e}")
 

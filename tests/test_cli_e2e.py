@@ -156,3 +156,11 @@ def test_sample_command_writes_videos(tmp_path):
     assert [(v["file"], v["prompt_index"], v["sample"]) for v in index["videos"]] == \
         [(f"{k:03d}.mp4", [1, 3][k // 3], k % 3) for k in range(6)]
     assert len(list(sub.glob("*.mp4"))) == 6 and index["checkpoint"] == "base"
+
+
+def test_a_report_refresh_says_where_the_report_is(tmp_path):
+    run = tmp_path / "run"
+    out = train(run, "run.iterations=2", "run.report_every=1").stdout
+    # Refreshed after iteration 1 of 2 (mid-run: the user can look now); the end's summary has it too.
+    assert out.count(f"report refreshed: {run / 'report' / 'index.html'}") == 1
+    assert ["report", str(run / "report" / "index.html")] in [ln.split() for ln in out.splitlines()]
