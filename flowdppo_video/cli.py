@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:   # disk full, read-only, permissions, missing: expected, one line naming the path
         from .fsio import os_error_line
 
-        print(f"flowdppo-video: error: {os_error_line(e)}", file=sys.stderr)
+        # An error that names no file (av, a write() on a full disk) names the command's output.
+        print(f"flowdppo-video: error: {os_error_line(e, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flowdppo-video: interrupted; metrics and checkpoints written so far are kept", file=sys.stderr)

@@ -30,13 +30,16 @@ def check_output_dir(path: str | Path, key: str) -> None:
         raise ConfigError(f"{key} {p}: {target} is not writable (permission denied or a read-only file system)")
 
 
-def os_error_line(e: OSError) -> str:
-    """``cannot write PATH: No space left on device`` style: one line, the path first."""
+def os_error_line(e: OSError, out: str | Path | None = None) -> str:
+    """``PATH: No space left on device``: one line, the path first; an error that names no file
+    says the output folder it happened under (``out``), when the command has one."""
     if e.errno is None and e.filename is None:   # already worded (e.g. a checkpoint write)
-        return str(e)
-    reason = e.strerror or str(e)
+        return (str(e).splitlines() or [type(e).__name__])[0]
+    reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
     names = [n for n in (e.filename, e.filename2) if n is not None]
-    return f"{' -> '.join(str(n) for n in names)}: {reason}" if names else reason
+    if names:
+        return f"{' -> '.join(str(n) for n in names)}: {reason}"
+    return f"{reason} (writing under --out {out})" if out is not None else reason
 
 
 @contextlib.contextmanager

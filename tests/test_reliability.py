@@ -580,3 +580,23 @@ def test_a_file_that_ends_early_is_warned_about_and_flagged(tmp_path, monkeypatc
                    "decoded; scored from those (ended_early in the output)"]
     rows = [json.loads(ln) for ln in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
     assert [(r["frames"], r["ended_early"]) for r in rows] == [(5, False), (5, True)]
+
+
+def test_an_os_error_naming_no_file_names_the_output_folder(tmp_path, capsys, monkeypatch):
+    """av and a write() on a full disk raise OSErrors without a file name: the line names --out."""
+    import errno
+
+    from flowdppo_video import scoring
+    from flowdppo_video.cli import main
+    from flowdppo_video.fsio import os_error_line
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _mixed_sizes(tmp_path / "v", 1)
+    monkeypatch.setattr(scoring, "write_outputs", full)
+    assert main(["score", str(tmp_path / "v"), "--reward", "frame_change", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"flowdppo-video: error: No space left on device (writing under --out {tmp_path / 'o'})")
+    assert os_error_line(OSError(errno.EROFS, "Read-only file system", "/x/y")) == "/x/y: Read-only file system"
+    assert os_error_line(OSError("two\nlines")) == "two"
