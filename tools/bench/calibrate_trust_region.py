@@ -41,7 +41,8 @@ SETTINGS = {
 }
 
 
-def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int) -> dict:
+def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
+              values: dict[str, list[float]] | None = None) -> dict:
     from flowdppo_video.config import load_config
     from flowdppo_video.parallel.updaters import build_updater
     from flowdppo_video.trainer import Trainer
@@ -65,7 +66,7 @@ def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int) ->
         rollout_s = time.perf_counter() - t0
         start = copy.deepcopy({k: v.detach().clone() for k, v in trainer.adapter.transformer.state_dict().items()})
         rows = []
-        todo = [(arm, v) for arm in arms for v in GRID[arm][1]]
+        todo = [(arm, v) for arm in arms for v in (values or {}).get(arm, GRID[arm][1])]
         for arm, value in tqdm(todo, desc="calibration"):
             knob = GRID[arm][0]
             trainer.adapter.transformer.load_state_dict(start)
@@ -107,13 +108,19 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=RECIPE)
     ap.add_argument("--arms", nargs="+", default=list(GRID), choices=list(GRID))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--values", nargs="+", default=[], metavar="ARM=V1,V2",
+                    help="knob values for an arm instead of its default grid, e.g. 'flow_dppo (token)=1e-6,3e-6'")
     ap.add_argument("--out", type=Path, default=Path("docs/trust_region_calibration"),
                     help="writes OUT.json and OUT.md")
     ap.add_argument("overrides", nargs="*", default=["optim.lr=1e-4", "optim.inner_epochs=4"],
                     help="dotted overrides (default: the frontier benchmark's lr 1e-4 and 4 inner epochs)")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = calibrate(args.config, args.overrides, args.arms, args.seed)
+    values = {a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in args.values)}
+    unknown = set(values) - set(GRID)
+    if unknown:
+        ap.error(f"--values: unknown arm(s) {sorted(unknown)}; arms are {list(GRID)}")
+    result = calibrate(args.config, args.overrides, args.arms, args.seed, values)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(table(result))
     print(table(result))
