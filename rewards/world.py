@@ -3,10 +3,10 @@
 Every reward here looks at the video the way a judge would: it estimates the background, segments
 the one foreground object in each frame, measures its area, centroid, colour and a shape
 descriptor, tracks the centroid over frames, and compares what it measured with what the prompt
-(``"a red circle moves left slowly on black"``, see :mod:`flowdppo_video.world.grammar`) asks
+(``"a red circle moves left slowly on black"``, see :mod:`rewards.shapes_world`) asks
 for. Nothing reads the generator's state and nothing calls the renderer; the only world
 knowledge used is the grammar's palette and direction vectors, and the definition of the three
-shapes (:func:`flowdppo_video.world.render.shape_mask`), from which the shape classifier's
+shapes (:func:`rewards.shapes_world.shape_mask`), from which the shape classifier's
 reference descriptors are computed once.
 
 :func:`analyse` is the shared, vectorised measurement, pure numpy on the CPU (a batch of 32
@@ -51,10 +51,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flowdppo_video.world.grammar import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SPEEDS, Scene, parse_prompt
-from flowdppo_video.world.render import SIZE, shape_mask
-
 from .registry import register
+from .shapes_world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SIZE, SPEEDS, Scene, parse_prompt, shape_mask
 
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 DIRECTION_NAMES: tuple[str, ...] = tuple(DIRECTIONS)

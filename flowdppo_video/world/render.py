@@ -4,34 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The frame size, the shapes and their radius are the world's definition, shared with its rewards.
+from rewards.shapes_world import FRAMES, RADIUS, SIZE, shape_mask  # noqa: F401 (re-exported)
+
 from .grammar import BACKGROUNDS, COLOURS, DIRECTIONS, SPEEDS, Scene
-
-SIZE = 16          # frame height and width, pixels
-FRAMES = 8         # frames per video
-RADIUS = 2.6       # shape half-extent, pixels
-_SS = 4            # supersampling factor for anti-aliased edges
-
-
-def shape_mask(shape: str, cx: float, cy: float, size: int = SIZE, radius: float = RADIUS) -> np.ndarray:
-    """Anti-aliased coverage ``(size, size)`` in ``[0, 1]`` of a shape centred at ``(cx, cy)``."""
-    n = size * _SS
-    coords = (np.arange(n) + 0.5) / _SS
-    x, y = np.meshgrid(coords, coords)
-    dx, dy = x - cx, y - cy
-    if shape == "circle":
-        m = dx ** 2 + dy ** 2 <= radius ** 2
-    elif shape == "square":
-        h = radius * 0.9            # equal area to the circle would be 0.886 r; keep it a touch larger
-        m = (np.abs(dx) <= h) & (np.abs(dy) <= h)
-    elif shape == "triangle":
-        # Upward isosceles triangle inscribed in the radius box: apex on top, base at the bottom.
-        r = radius * 1.15
-        top, bottom = -r, r
-        t = (dy - top) / (bottom - top)               # 0 at the apex, 1 at the base
-        m = (dy >= top) & (dy <= bottom) & (np.abs(dx) <= t * r)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    return m.reshape(size, _SS, size, _SS).mean(axis=(1, 3))
 
 
 def path(scene: Scene, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES,
