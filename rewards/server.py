@@ -222,6 +222,43 @@ class Batcher:
         return out
 
 
+# The JSON body of POST /score (rewards.wire) and its answers, for the OpenAPI schema that
+# `app.openapi()` builds (not served: tests fuzz the API from it). The binary body is described
+# as bytes.
+_ARRAY = {"type": "object", "required": ["dtype", "shape", "data"],
+          "properties": {"dtype": {"type": "string", "enum": ["float32"]},
+                         "shape": {"type": "array", "items": {"type": "integer"}},
+                         "data": {"type": "string", "format": "byte"}}}
+_ERROR = {"description": "one line naming the problem",
+          "content": {"application/json": {"schema": {"type": "object", "required": ["error"],
+                                                      "properties": {"error": {"type": "string"}}}}}}
+SCORE_OPENAPI: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {
+            "type": "object", "required": ["videos", "prompts", "fps"],
+            "properties": {
+                "videos": {"type": "object", "required": ["shape", "dtype", "data"],
+                           "properties": {"shape": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                                                    "minItems": 5, "maxItems": 5},
+                                          "dtype": {"type": "string", "enum": ["uint8"]},
+                                          "data": {"type": "string", "format": "byte"}}},
+                "prompts": {"type": "array", "items": {"type": "string"}},
+                "fps": {"type": "number", "exclusiveMinimum": 0},
+                "rewards": {"anyOf": [{"type": "null"},
+                                      {"type": "array", "items": {"type": "string"}, "minItems": 1}]}}}},
+        "application/x-flowdppo-videos": {"schema": {"type": "string", "format": "binary"}}}},
+    "responses": {
+        "200": {"description": "per-reward scores and extras",
+                "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["scores", "extras", "weights", "batch", "elapsed_s"],
+                    "properties": {"scores": {"type": "object", "additionalProperties": _ARRAY},
+                                   "extras": {"type": "object", "additionalProperties": _ARRAY},
+                                   "weights": {"type": "object", "additionalProperties": {"type": "number"}},
+                                   "batch": {"type": "object"}, "elapsed_s": {"type": "number"}}}}}},
+        **{code: _ERROR for code in ("400", "401", "413", "500", "503")}},
+}
+
+
 def create_app(entries: Mapping[str, Any], *, token: str | None = None, max_request_bytes: int = 256 << 20,
                batch_window_s: float = 0.01, max_batch: int = 32, key: str = "rewards") -> FastAPI:
     """Build the rewards of ``entries`` (a config's ``rewards:`` mapping; errors are
@@ -292,7 +329,7 @@ def create_app(entries: Mapping[str, Any], *, token: str | None = None, max_requ
                              "max_request_bytes": max_request_bytes, "batch_window_ms": batch_window_s * 1e3,
                              "max_batch": max_batch, "stats": asdict(stats)})
 
-    @app.post("/score")
+    @app.post("/score", openapi_extra=SCORE_OPENAPI)
     async def score(request: Request) -> JSONResponse:
         try:
             return await _score(request)
