@@ -35,6 +35,7 @@ from .images import attach_images, run_images
 from .metrics import MetricsWriter, import_wandb, start_wandb, truncate_metrics
 from .models import build_adapter
 from .parallel.groups import ParallelState, adopt_launcher_settings, init_parallel
+from .parallel.sequence import apply_sequence_parallel
 from .parallel.updaters import build_updater
 from .plots import plot_curves
 from .rollout import Trajectory, rollout, step_mean
@@ -138,7 +139,7 @@ class Trainer:
         self.device = resolve_device(cfg.run.device, self.par.local_rank)
         self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0 or measure_base)
         if self.par.sp > 1:
-            self.adapter.enable_sequence_parallel(self.par.sp_group)
+            apply_sequence_parallel(self.adapter, self.par.sp_group)
         v = cfg.video
         self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
         attach_images(self.adapter, images, cfg)

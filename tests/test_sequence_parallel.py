@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism (flowdppo_video/parallel/sequence.py and the adapters' hookups).
+"""Ulysses sequence parallelism (flowdppo_video/parallel/sequence.py and the families' plans).
 
 One torchrun launch (2 processes, gloo, CPU) runs tests/dist/sp_worker.py over tiny Wan 2.1,
 Wan 2.2 (two experts; TI2V ``expand_timesteps``), HunyuanVideo and HunyuanVideo 1.5 models: the
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flowdppo_video.models.base import ModelError
-from flowdppo_video.parallel.sequence import check_heads, group_degree
+from flowdppo_video.parallel.sequence import apply_sequence_parallel, check_heads, group_degree
 
 from .conftest import run_two_ranks
 
@@ -79,7 +79,7 @@ def test_no_group_is_a_no_op():
     x, sigma, text = torch.randn(1, 4, 1, 4, 4), torch.tensor([0.5]), torch.randn(1, 8, 32)
     before = adapter.velocity(x, sigma, text)
     assert group_degree(None) == 1
-    adapter.enable_sequence_parallel(None)
+    apply_sequence_parallel(adapter, None)
     assert getattr(t, "_sequence_parallel", None) is None and not t._forward_pre_hooks
     assert dict(t.attn_processors) == processors
     assert torch.equal(adapter.velocity(x, sigma, text), before)

@@ -93,18 +93,8 @@ class TrainableExperts:
             if keep_reference:
                 self._frozen_base[i] = copy.deepcopy(self.experts[i]).eval().requires_grad_(False)
 
-    def enable_sequence_parallel(self, group: Any) -> None:
-        """Ulysses sequence parallelism over ``group`` on every expert and frozen reference copy
-        (each family's :meth:`_install_sequence_parallel` knows where its tokens are sharded)."""
-        from ..parallel.sequence import group_degree
-
-        if group_degree(group) <= 1:
-            return
-        for t in [*self.experts, *self._frozen_base.values()]:
-            self._install_sequence_parallel(t, group)
-
-    def _install_sequence_parallel(self, transformer: torch.nn.Module, group: Any) -> None:
-        raise ModelError(f"{type(self).__name__} does not support sequence parallelism")
+    def reference_copies(self) -> dict[int, torch.nn.Module]:
+        return dict(self._frozen_base)
 
     def enable_gradient_checkpointing(self) -> None:
         for i in self.trained:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-
-class ModelError(ValueError):
-    """A model that cannot be loaded or used as asked; one line naming the cause."""
+from ..exceptions import ModelError  # noqa: F401 (defined at the bottom, importable here as always)
 
 
 class TextBatch:
@@ -107,6 +106,11 @@ class VideoFlowAdapter(abc.ABC):
     # Mixture-of-experts families (Wan 2.2 A14B) route each denoising step to one of several
     # transformers by its sigma; the trajectory records the expert of every SDE step.
     num_experts: int = 1
+    # What the trainer, ZeRO, the planner and checkpoints read: the transformers (expert i is
+    # experts[i]; `transformer` is experts[0]), the indices of those that train, their dtype.
+    experts: list[torch.nn.Module]
+    trained: list[int]
+    dtype: torch.dtype
 
     # Image-to-video families condition every video on an image as well as its prompt. The caller
     # hands each prompt's image over once (:meth:`set_images`); from then on the image travels inside
@@ -171,12 +175,37 @@ class VideoFlowAdapter(abc.ABC):
     def save_pretrained(self, directory: Path) -> None:
         """Write the whole model as a diffusers-format directory (``from_pretrained`` loads it)."""
 
-    def enable_sequence_parallel(self, group: Any) -> None:
-        """Shard the transformer(s)' tokens over the ranks of ``group`` (Ulysses attention, see
-        :mod:`flowdppo_video.parallel.sequence`); :meth:`velocity` still returns the whole
-        ``(B, C, F, H, W)``, the same on every rank. ``None`` or a group of one rank: nothing.
-        Call it after LoRA / fine-tuning setup (its hooks sit on the modules present then)."""
-        from ..parallel.sequence import group_degree
+    # ---------------------------------------------------------------- what trains, for those outside
+    @abc.abstractmethod
+    def reference_copies(self) -> dict[int, torch.nn.Module]:
+        """Frozen copies of the trained experts kept as the reference (full fine-tuning with
+        ``keep_reference``), by expert index; empty under LoRA, whose reference is the base itself."""
 
-        if group_degree(group) > 1:
-            raise ModelError(f"{type(self).__name__} does not support sequence parallelism")
+    def sequence_parallel_plan(self, transformer: torch.nn.Module) -> "SequenceParallelPlan | None":
+        """Where Ulysses sequence parallelism cuts ``transformer`` (one of :attr:`experts` or of
+        :meth:`reference_copies`); ``None``: the family does not support it. Installed from outside
+        by :func:`flowdppo_video.parallel.sequence.apply_sequence_parallel`."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallelPlan:
+    """Where one transformer's video tokens are sharded under Ulysses sequence parallelism: plain
+    data a family gives (:meth:`VideoFlowAdapter.sequence_parallel_plan`) and
+    :mod:`flowdppo_video.parallel.sequence` installs as forward hooks and attention processors.
+
+    Module names are dotted paths inside the transformer; in ``attention`` and ``replicated``,
+    ``*`` matches any part of a path (``"blocks.*.attn1"``). Between ``tokens_enter`` and
+    ``tokens_leave`` each rank holds ``N / degree`` of the ``N`` video tokens ``(B, N, D)``.
+    """
+
+    heads: int                              # attention heads (the SP degree must divide them)
+    patch: tuple[int, int, int]             # (t, h, w): N = (F/t)(H/h)(W/w) of hidden_states (B, C, F, H, W)
+    tokens_enter: str                       # module whose first input (B, N, D) is sharded over tokens
+    tokens_leave: str                       # module whose output (B, N/sp, D') is gathered to (B, N, D')
+    rotary: str                             # module whose output (a tensor or a tuple) is sharded over tokens
+    rotary_token_dim: int                   # the token axis of that output
+    attention: tuple[str, ...]              # self or joint attention: through the all-to-all
+    replicated: tuple[str, ...]             # attention left as it is (to replicated text, text refiners)
+    per_token_inputs: tuple[tuple[str, int], ...] = ()   # forward arguments (name, position) sharded
+    #                                         when given per token, (B, N) (Wan TI2V's timestep)

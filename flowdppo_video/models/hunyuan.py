@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ._training import TrainableExperts
-from .base import ModelError, TextBatch, VideoFlowAdapter, cat_text, causal_latent_shape, init_parts
+from .base import (ModelError, SequenceParallelPlan, TextBatch, VideoFlowAdapter, cat_text, causal_latent_shape,
+                   init_parts)
 from .tokenizers import byte_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,9 +120,8 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
                 self._text_cache[p] = batch[i:i + 1]
         return cat_text([self._text_cache[p] for p in prompts])
 
-    def _install_sequence_parallel(self, transformer: torch.nn.Module, group: Any) -> None:
-        """Ulysses SP hooks on one transformer; see :func:`_sequence_parallel`."""
-        _sequence_parallel(transformer, group)
+    def sequence_parallel_plan(self, transformer: torch.nn.Module) -> SequenceParallelPlan:
+        return sequence_parallel_plan(transformer)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
@@ -292,35 +292,21 @@ class HunyuanVideoAdapter(HunyuanCommon):
         return out.float()
 
 
-def _sequence_parallel(transformer: torch.nn.Module, group: Any) -> None:
-    """Install Ulysses SP on a ``HunyuanVideoTransformer3DModel`` (1.0) or
-    ``HunyuanVideo15Transformer3DModel`` with hooks and processors.
+def sequence_parallel_plan(transformer: torch.nn.Module) -> SequenceParallelPlan:
+    """Ulysses SP on a ``HunyuanVideoTransformer3DModel`` (1.0) or ``HunyuanVideo15Transformer3DModel``.
 
     ``x_embedder`` flattens the patches into ``(B, N, D)`` before the first block (sharded there);
     ``rope`` returns ``(cos, sin)`` of ``(N, d)`` (sharded on its output). Every block's attention is
     joint (video tokens, then the text tokens): the video part goes through the all-to-all, the
     text, replicated on every rank, is split by heads; the attention masks the models build (over
     the full or the local token count) are laid out again for the gathered sequence. The text
-    stream itself stays replicated. ``proj_out`` (per token) gathers the tokens before unpatchifying.
+    stream itself stays replicated, and so does the text refiner (``context_embedder``) before the
+    blocks. ``proj_out`` (per token) gathers the tokens before unpatchifying.
     """
-    from ..parallel.sequence import SequenceParallel, check_heads, model_input
-
-    if getattr(transformer, "_sequence_parallel", None) is not None:
-        raise ModelError("sequence parallelism is already enabled on this transformer")
-    sp = SequenceParallel(group)
     cfg = transformer.config
-    check_heads(int(cfg.num_attention_heads), sp.degree)
     pt, p = int(cfg.patch_size_t), int(cfg.patch_size)
-    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
-
-    def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        x = model_input(args, kwargs, "hidden_states", 0)
-        sp.begin((x.shape[2] // pt) * (x.shape[3] // p) * (x.shape[4] // p))
-
-    transformer.register_forward_pre_hook(begin, with_kwargs=True)
-    transformer.rope.register_forward_hook(sp.shard_output_hook(0))
-    blocks[0].register_forward_pre_hook(sp.shard_input_hook(1), with_kwargs=True)
-    transformer.proj_out.register_forward_hook(sp.gather_output_hook(1))
-    for block in blocks:
-        block.attn.set_processor(sp.wrap(block.attn.processor))
-    transformer._sequence_parallel = sp
+    return SequenceParallelPlan(heads=int(cfg.num_attention_heads), patch=(pt, p, p),
+                                tokens_enter="transformer_blocks.0", tokens_leave="proj_out", rotary="rope",
+                                rotary_token_dim=0,
+                                attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+                                replicated=("context_embedder.*",))

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .base import ModelError, TextBatch, cat_text, causal_latent_shape, init_parts
+from .base import ModelError, SequenceParallelPlan, TextBatch, cat_text, causal_latent_shape, init_parts
 from .hunyuan import (_DTYPES, CLIP_MAX_LENGTH, TINY_INIT, HunyuanVideoAdapter, _check_checkpoint_dir,
                       load_shared_parts, tiny_transformer_and_vae)
 
@@ -346,11 +346,11 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
             out = torch.cat([(x0 - cond.float()) / sigma.view(-1, 1, 1, 1, 1), out[:, :, 1:]], dim=2)
         return out
 
-    def _install_sequence_parallel(self, transformer: torch.nn.Module, group: Any) -> None:
+    def sequence_parallel_plan(self, transformer: torch.nn.Module) -> SequenceParallelPlan:
         if self.condition_type == "token_replace":
             # Its blocks treat the first frame's token count as the leading tokens of whatever they hold.
             raise ModelError("sequence parallelism does not support image_condition_type 'token_replace'")
-        super()._install_sequence_parallel(transformer, group)
+        return super().sequence_parallel_plan(transformer)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ._training import EXPERT_DIRS, TrainableExperts
-from .base import ModelError, VideoFlowAdapter, causal_latent_shape, init_parts
+from .base import ModelError, SequenceParallelPlan, VideoFlowAdapter, causal_latent_shape, init_parts
 from .tokenizers import byte_tokenizer
 
 EXPERT_NAMES = ("high", "low")                 # model.train_experts -> transformer, transformer_2
@@ -298,9 +298,8 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                                    return_dict=False)[0]
         return out.float()
 
-    def _install_sequence_parallel(self, transformer: torch.nn.Module, group: Any) -> None:
-        """Ulysses SP hooks on one transformer; see :func:`_sequence_parallel`."""
-        _sequence_parallel(transformer, group)
+    def sequence_parallel_plan(self, transformer: torch.nn.Module) -> SequenceParallelPlan:
+        return sequence_parallel_plan(transformer)
 
     def _position_grid(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, P, F, H, W)`` latent coordinates (frame, row, column), each spanning ``[-1, 1]``;
@@ -330,8 +329,8 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
 
 
 
-def _sequence_parallel(transformer: torch.nn.Module, group: Any) -> None:
-    """Install Ulysses SP on one ``WanTransformer3DModel`` with hooks and processors.
+def sequence_parallel_plan(transformer: torch.nn.Module) -> SequenceParallelPlan:
+    """Ulysses SP on one ``WanTransformer3DModel``.
 
     The model flattens the patches into ``(B, N, D)`` before ``blocks[0]`` (sharded there); its
     ``rope`` returns ``(cos, sin)`` of ``(1, N, 1, d)`` (sharded on its output); TI2V's per-token
@@ -339,26 +338,9 @@ def _sequence_parallel(transformer: torch.nn.Module, group: Any) -> None:
     self-attention ``attn1`` goes through the all-to-all, the cross-attention ``attn2`` to the
     replicated text needs none; ``proj_out`` (per token) gathers the tokens before unpatchifying.
     """
-    from ..parallel.sequence import SequenceParallel, check_heads, model_input, replace_input
-
-    if getattr(transformer, "_sequence_parallel", None) is not None:
-        raise ModelError("sequence parallelism is already enabled on this transformer")
-    sp = SequenceParallel(group)
-    check_heads(int(transformer.config.num_attention_heads), sp.degree)
-    pt, ph, pw = (int(p) for p in transformer.config.patch_size)
-
-    def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        x = model_input(args, kwargs, "hidden_states", 0)
-        sp.begin((x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw))
-        timestep = model_input(args, kwargs, "timestep", 1)
-        if timestep.ndim == 2:                      # TI2V-5B: one timestep per token
-            args, kwargs = replace_input(args, kwargs, "timestep", 1, sp.shard(timestep, 1))
-        return args, kwargs
-
-    transformer.register_forward_pre_hook(begin, with_kwargs=True)
-    transformer.rope.register_forward_hook(sp.shard_output_hook(1))
-    transformer.blocks[0].register_forward_pre_hook(sp.shard_input_hook(1), with_kwargs=True)
-    transformer.proj_out.register_forward_hook(sp.gather_output_hook(1))
-    for block in transformer.blocks:
-        block.attn1.set_processor(sp.wrap(block.attn1.processor))
-    transformer._sequence_parallel = sp
+    cfg = transformer.config
+    pt, ph, pw = (int(p) for p in cfg.patch_size)
+    return SequenceParallelPlan(heads=int(cfg.num_attention_heads), patch=(pt, ph, pw), tokens_enter="blocks.0",
+                                tokens_leave="proj_out", rotary="rope", rotary_token_dim=1,
+                                attention=("blocks.*.attn1",), replicated=("blocks.*.attn2",),
+                                per_token_inputs=(("timestep", 1),))

@@ -18,22 +18,26 @@ zeros, so each rank's parameter gradients are the contributions of its own token
 tensors carry partial gradients); the caller sums gradients over the SP group (the trainer scales
 the loss by the degree and averages over the world).
 
-This module knows no model family: each adapter's ``enable_sequence_parallel`` tells it where its
-model flattens tokens, computes rotary embeddings and projects the output, using
-:class:`SequenceParallel`'s hooks and :class:`UlyssesAttnProcessor`.
+This module knows no model family: each family gives a :class:`~flowdppo_video.models.base.SequenceParallelPlan`
+(plain data: where its model flattens tokens and projects them out, its rotary module, which
+attention goes through the all-to-all and which stays replicated), and :func:`apply_sequence_parallel`
+installs it from outside with :class:`SequenceParallel`'s hooks and :class:`UlyssesAttnProcessor`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import inspect
+import math
 import types
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from ..models.base import ModelError
+from ..exceptions import ModelError
+from ..models.base import SequenceParallelPlan, VideoFlowAdapter
 
 
 # ---------------------------------------------------------------------------- collectives with autograd
@@ -338,3 +342,65 @@ class UlyssesAttnProcessor:
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+# ---------------------------------------------------------------------------- installing a family's plan
+def apply_sequence_parallel(adapter: VideoFlowAdapter, group: Any) -> None:
+    """Shard the tokens of every expert and frozen reference copy of ``adapter`` over the ranks of
+    ``group``, as each one's :meth:`~flowdppo_video.models.base.VideoFlowAdapter.sequence_parallel_plan`
+    says; ``adapter.velocity`` still returns the whole ``(B, C, F, H, W)``, the same on every rank.
+    ``None`` or a group of one rank: nothing. Call it after LoRA / fine-tuning setup (the hooks sit
+    on the modules present then)."""
+    if group_degree(group) <= 1:
+        return
+    for transformer in [*adapter.experts, *adapter.reference_copies().values()]:
+        plan = adapter.sequence_parallel_plan(transformer)
+        if plan is None:
+            raise ModelError(f"{type(adapter).__name__} does not support sequence parallelism")
+        install_plan(transformer, plan, group)
+
+
+def install_plan(transformer: torch.nn.Module, plan: SequenceParallelPlan, group: Any) -> SequenceParallel:
+    """Hooks and processors of ``plan`` on ``transformer``; its :class:`SequenceParallel` is kept as
+    ``transformer._sequence_parallel`` (read by tests and benchmarks)."""
+    if getattr(transformer, "_sequence_parallel", None) is not None:
+        raise ModelError("sequence parallelism is already enabled on this transformer")
+    sp = SequenceParallel(group)
+    check_heads(plan.heads, sp.degree)
+    attention = _place_attention(transformer, plan)
+
+    def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = model_input(args, kwargs, "hidden_states", 0)                       # (B, C, F, H, W)
+        sp.begin(math.prod(x.shape[2 + i] // p for i, p in enumerate(plan.patch)))
+        for name, index in plan.per_token_inputs:
+            if name in kwargs or len(args) > index:
+                value = model_input(args, kwargs, name, index)
+                if value is not None and value.ndim == 2:                        # (B, N): one per token
+                    args, kwargs = replace_input(args, kwargs, name, index, sp.shard(value, 1))
+        return args, kwargs
+
+    transformer.register_forward_pre_hook(begin, with_kwargs=True)
+    transformer.get_submodule(plan.rotary).register_forward_hook(sp.shard_output_hook(plan.rotary_token_dim))
+    transformer.get_submodule(plan.tokens_enter).register_forward_pre_hook(sp.shard_input_hook(1), with_kwargs=True)
+    transformer.get_submodule(plan.tokens_leave).register_forward_hook(sp.gather_output_hook(1))
+    for module in attention:
+        module.set_processor(sp.wrap(module.processor))
+    transformer._sequence_parallel = sp
+    return sp
+
+
+def _place_attention(transformer: torch.nn.Module, plan: SequenceParallelPlan) -> list[torch.nn.Module]:
+    """The attention modules ``plan.attention`` names; every other one must be ``plan.replicated``
+    (an attention the plan forgets would see only its rank's tokens: a wrong result, not an error)."""
+    sharded = []
+    for name, module in transformer.named_modules():
+        if not hasattr(module, "set_processor"):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in plan.attention):
+            sharded.append(module)
+        elif not any(fnmatch.fnmatchcase(name, pattern) for pattern in plan.replicated):
+            raise ModelError(f"the sequence-parallel plan of {type(transformer).__name__} does not place the "
+                             f"attention module {name!r} (neither sharded nor replicated)")
+    if not sharded:
+        raise ModelError(f"the sequence-parallel plan of {type(transformer).__name__} names no attention module")
+    return sharded

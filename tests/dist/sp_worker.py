@@ -2,7 +2,7 @@
 ``torchrun --nproc_per_node=2 tests/dist/sp_worker.py OUT.json`` (gloo, CPU).
 
 For each tiny model: the single-process velocity and parameter gradients of a fixed loss, then the
-same with ``adapter.enable_sequence_parallel(WORLD)``; gradients summed over the group. Rank 0
+same with ``apply_sequence_parallel(adapter, WORLD)``; gradients summed over the group. Rank 0
 writes, per case, the max |diff| of the output and of the gradients, the output's difference
 between the ranks and the tokens each rank held, as JSON.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from flowdppo_video.models.base import ModelError, TextBatch, VideoFlowAdapter
 from flowdppo_video.models.hunyuan import HunyuanVideoAdapter
 from flowdppo_video.models.hunyuan15 import HunyuanVideo15Adapter
 from flowdppo_video.models.wan import WanAdapter
+from flowdppo_video.parallel.sequence import apply_sequence_parallel
 
 CPU = torch.device("cpu")
 
@@ -93,7 +95,7 @@ def case(name: str, make, shape: tuple[int, ...], experts: list[int] = (0,), che
     if checkpointing:
         adapter.enable_gradient_checkpointing()
     ref_out, ref_grads = run(adapter, shape, list(experts), seed=1)
-    adapter.enable_sequence_parallel(group)
+    apply_sequence_parallel(adapter, group)
     local = []
     for t in adapter.experts:        # tokens entering the output projection on this rank
         t.proj_out.register_forward_pre_hook(lambda m, a: local.append(a[0].shape[1]))
@@ -136,10 +138,16 @@ def main() -> None:
         case("hunyuan_video_1.5 9 tokens (padded)", hunyuan15, (2, 4, 1, 3, 3)),
     ]
     errors = {}
+
+    def without_plan() -> WanAdapter:       # a Wan with the interface's default plan: none
+        a = wan()
+        a.sequence_parallel_plan = types.MethodType(VideoFlowAdapter.sequence_parallel_plan, a)
+        return a
+
     for key, call in [   # 3 heads cannot be split over 2 ranks; the interface's default refuses SP
-            ("heads", lambda: wan({"transformer": {"num_attention_heads": 3}}).enable_sequence_parallel(
-                dist.group.WORLD)),
-            ("default", lambda: VideoFlowAdapter.enable_sequence_parallel(wan(), dist.group.WORLD))]:
+            ("heads", lambda: apply_sequence_parallel(wan({"transformer": {"num_attention_heads": 3}}),
+                                                      dist.group.WORLD)),
+            ("default", lambda: apply_sequence_parallel(without_plan(), dist.group.WORLD))]:
         try:
             call()
             errors[key] = None

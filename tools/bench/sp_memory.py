@@ -257,7 +257,9 @@ def worker(args: argparse.Namespace) -> None:
     machine = C.machine_info(torch.device("cpu"))
     timer = CommTimer()
     adapters = {1: build(), 2: build()}
-    adapters[2].enable_sequence_parallel(dist.group.WORLD)
+    from flowdppo_video.parallel.sequence import apply_sequence_parallel
+
+    apply_sequence_parallel(adapters[2], dist.group.WORLD)
     data = inputs(adapters[1])
     latent = adapters[1].latent_shape(**C.VIDEO)
     pt, ph, pw = adapters[1].patch_size

@@ -1,0 +1,11 @@
+"""Error classes raised by more than one layer, at the bottom of the package: this module imports
+nothing from the project, so the model adapters (``models/``) and the parallelism applied to them
+(``parallel/``) can both raise them without importing each other. ``errors.py`` gathers every error
+a user can cause for the CLI."""
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or used as asked; one line naming the cause."""
+
+
+__all__ = ["ModelError"]
