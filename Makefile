@@ -23,7 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/flowdppo-video train run.output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# The import layers first (pyproject.toml's [tool.importlinter] contracts): seconds, and a broken
+# layer is named before the minutes of pytest.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
