@@ -17,6 +17,7 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,12 @@ CORRUPT_PREFIX = "corrupt_"        # where a damaged checkpoint is moved (not li
 
 
 class CheckpointError(OSError):
-    """A checkpoint could not be written or read; one line naming the folder or file."""
+    """A checkpoint could not be written or read; one line naming the folder or file. ``reason``:
+    the cause alone (``SafetensorError: ...``), for callers that name the checkpoint themselves."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def _rng_state() -> dict[str, Any]:
@@ -208,18 +214,48 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "meta.json").is_file())
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+def latest_checkpoint(run_dir: Path, verified: bool = True) -> Path | None:
+    """The newest checkpoint (``verified``: the newest whose manifest verifies; each newer one is
+    named on a warning line with why, and left where it is)."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        reason = verify_checkpoint(ckpt) if verified else None
+        if reason is None:
+            return ckpt
+        print(f"flowdppo-video: warning: skipping checkpoint {ckpt} ({reason})", file=sys.stderr)
+    return None
+
+
+class _reading:
+    """A checkpoint file that fails to load (truncated, garbled, of another shape) is one
+    :class:`CheckpointError` naming it, not its reader's traceback."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: type | None, e: BaseException | None, tb: object) -> bool:
+        from .parallel.groups import CollectiveTimeout
+
+        if e is None or not isinstance(e, Exception) or isinstance(e, (CollectiveTimeout, CheckpointError)):
+            return False
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+        raise CheckpointError(f"could not load checkpoint {self.path}: {reason}", reason) from e
 
 
 def load_checkpoint(path: Path, adapter: VideoFlowAdapter, updater: Updater | None) -> dict[str, Any]:
-    """Load weights (and the optimizer and RNG states when ``updater`` is given); return the meta."""
-    meta = json.loads((path / "meta.json").read_text())   # first: a torn meta changes nothing
+    """Load weights (and the optimizer and RNG states when ``updater`` is given); return the meta.
+    A file that does not load is a :class:`CheckpointError` naming it."""
+    with _reading(path / "meta.json"):
+        meta = json.loads((path / "meta.json").read_text())   # first: a torn meta changes nothing
     if updater is None or not updater.restores_weights:
-        adapter.load_trainable(path / "model")
+        with _reading(path / "model"):
+            adapter.load_trainable(path / "model")
     if updater is not None:
-        updater.load(path)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        _set_rng_state(state["rng"])
+        with _reading(path):                              # the updater's own files
+            updater.load(path)
+        with _reading(path / "state.pt"):
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+            _set_rng_state(state["rng"])
     return meta

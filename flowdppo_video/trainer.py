@@ -560,7 +560,8 @@ class Trainer:
                 except Exception as e:   # noqa: BLE001 - any damage a file can do to its reader
                     if has_manifest(ckpt):
                         raise             # verified files that do not load: not damage, a real error
-                    error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    # CheckpointError names the file's own error; anything else, its first line
+                    error = getattr(e, "reason", None) or f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 if par.all_true(error is None, "loading a checkpoint"):
                     break
                 reason = error or "it failed to load on another rank"

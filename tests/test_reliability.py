@@ -483,9 +483,9 @@ def test_an_os_error_in_any_command_is_one_line_naming_the_path(tmp_path, capsys
 
 def test_running_maxima_keep_a_nan():
     """``max(x, nan)`` is x: a NaN KL or ratio would vanish from kl/max; the stats keep it."""
-    from flowdppo_video.trainer import _Mean
+    from flowdppo_video.policy_update import RunningStats
 
-    acc = _Mean()
+    acc = RunningStats()
     acc.add({"kl_max": 0.5})
     acc.add({"kl_max": float("nan")})
     acc.add({"kl_max": 0.25})
@@ -600,3 +600,25 @@ def test_an_os_error_naming_no_file_names_the_output_folder(tmp_path, capsys, mo
         f"flowdppo-video: error: No space left on device (writing under --out {tmp_path / 'o'})")
     assert os_error_line(OSError(errno.EROFS, "Read-only file system", "/x/y")) == "/x/y: Read-only file system"
     assert os_error_line(OSError("two\nlines")) == "two"
+
+
+def test_latest_checkpoint_skips_a_damaged_one_and_load_names_the_file(finished_run, tmp_path, capsys):
+    """What sample, export and eval use: the newest checkpoint that verifies (a warning names the
+    one skipped, which stays where it is); loading a damaged file is one CheckpointError line."""
+    from flowdppo_video.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+    run = _copy(finished_run, tmp_path)
+    f = run / "checkpoints" / "iter_000002" / "model" / "pytorch_lora_weights.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    assert latest_checkpoint(run) == run / "checkpoints" / "iter_000001"
+    size = json.loads((f.parents[1] / "manifest.json").read_text())["files"][f"model/{f.name}"]["bytes"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"flowdppo-video: warning: skipping checkpoint {run / 'checkpoints' / 'iter_000002'} "
+        f"(model/pytorch_lora_weights.safetensors has 100 bytes, the manifest says {size})"]
+    assert latest_checkpoint(run, verified=False) == run / "checkpoints" / "iter_000002"
+    assert (run / "checkpoints" / "iter_000002").is_dir()                     # left where it is
+    trainer = Trainer(tiny_config(tmp_path / "other", *QUIET))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(run / "checkpoints" / "iter_000002", trainer.adapter, None)
+    assert str(e.value).startswith(f"could not load checkpoint {run / 'checkpoints' / 'iter_000002' / 'model'}: "
+                                   "SafetensorError: ") and "\n" not in str(e.value)
