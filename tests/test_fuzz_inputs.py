@@ -15,7 +15,14 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from flowdppo_video.config import Config, ConfigError, config_to_dict, load_config, parse_overrides  # noqa: E402
+from flowdppo_video.config import (  # noqa: E402
+    INF_ALLOWED,
+    Config,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+)
 from rewards.wire import BINARY_TYPE, MAGIC, WireError, decode_request  # noqa: E402
 
 from .conftest import TINY_CONFIG  # noqa: E402
@@ -58,13 +65,14 @@ def _yaml_value(v: object) -> str:
             .replace('"__ninf__"', "-.inf"))
 
 
-def _all_finite(x: object) -> bool:
+def _all_finite(x: object, key: str = "") -> bool:
+    """No NaN or infinity anywhere, but +inf where it means "off" (``INF_ALLOWED``)."""
     if isinstance(x, float):
-        return math.isfinite(x)
+        return math.isfinite(x) or (x == math.inf and key in INF_ALLOWED)
     if isinstance(x, dict):
-        return all(_all_finite(v) for v in x.values())
+        return all(_all_finite(v, f"{key}.{k}" if key else str(k)) for k, v in x.items())
     if isinstance(x, (list, tuple)):
-        return all(_all_finite(v) for v in x)
+        return all(_all_finite(v, f"{key}[{i}]") for i, v in enumerate(x))
     return True
 
 
@@ -164,3 +172,12 @@ def test_the_http_api_never_answers_5xx_to_any_request(served, body, content_typ
     if r.status_code >= 400:
         assert isinstance(r.json().get("error"), str) and "\n" not in r.json()["error"]
     assert httpx.get(served + "/health").json()["stats"]["requests_failed"] == 0
+
+
+@pytest.mark.parametrize("key", INF_ALLOWED)
+def test_inf_means_off_only_where_allowed(key):
+    assert math.isinf(getattr(load_config(TINY_CONFIG, [f"{key}=.inf"]).objective, key.split(".")[1]))
+    with pytest.raises(ConfigError, match=rf"{key} must be a finite number, got nan"):
+        load_config(TINY_CONFIG, [f"{key}=.nan"])
+    with pytest.raises(ConfigError, match=r"objective.beta must be a finite number, got inf"):
+        load_config(TINY_CONFIG, ["objective.beta=.inf"])
