@@ -91,7 +91,7 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     keep_reference = cfg.objective.beta > 0 or (cfg.eval.prompts is not None and cfg.eval.kl_to_base)
     adapter, missing = plan_adapter(cfg.model, model_config, keep_reference)
     parts = parameter_parts(adapter, missing)
-    trained_idx = list(getattr(adapter, "trained", [0]))
+    trained_idx = list(adapter.trained)
     profiles = [activation_profile(adapter, i) for i in trained_idx]
     heads = profiles[0].heads
     if heads % sp:
@@ -137,7 +137,7 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     n_local = tokens / sp
     text = text_tokens(adapter)
     g2 = cfg.sampler.guidance_scale_2
-    cfg_on = cfg.sampler.guidance_scale != 1.0 or (getattr(adapter, "num_experts", 1) > 1 and g2 not in (None, 1.0))
+    cfg_on = cfg.sampler.guidance_scale != 1.0 or (adapter.num_experts > 1 and g2 not in (None, 1.0))
     mult = 2 if cfg_on else 1
     mb = cfg.optim.minibatch_size * mult
 

@@ -183,9 +183,14 @@ class VideoFlowAdapter(abc.ABC):
 
     def sequence_parallel_plan(self, transformer: torch.nn.Module) -> "SequenceParallelPlan | None":
         """Where Ulysses sequence parallelism cuts ``transformer`` (one of :attr:`experts` or of
-        :meth:`reference_copies`); ``None``: the family does not support it. Installed from outside
-        by :func:`flowdppo_video.parallel.sequence.apply_sequence_parallel`."""
-        return None
+        :meth:`reference_copies`): the family spec's plan; ``None``: the family does not support it.
+        Installed from outside by :func:`flowdppo_video.parallel.sequence.apply_sequence_parallel`."""
+        from .registry import spec_for    # the registry imports this module
+
+        spec = spec_for(self)
+        if spec is None or spec.sequence_parallel_plan is None:
+            return None
+        return spec.sequence_parallel_plan(transformer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,20 +11,20 @@ guidance scale is fed to the transformer at every step: it is part of the policy
 
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._training import TrainableExperts
-from .base import (ModelError, SequenceParallelPlan, TextBatch, VideoFlowAdapter, cat_text, causal_latent_shape,
-                   init_parts)
+from . import hunyuan_common
+from .base import ModelError, TextBatch, init_parts
+from .common import DTYPES, check_pipeline_folders
+from .hunyuan_common import CLIP_MAX_LENGTH, HunyuanCommon, load_shared_parts, tiny_transformer_and_vae
+from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_EMBEDDED_GUIDANCE = 6.0            # HunyuanVideoPipeline's `guidance_scale` default
-CLIP_MAX_LENGTH = 77
 
 # A tiny HunyuanVideo for tests: every part is the real diffusers / transformers class.
 TINY_INIT: dict[str, dict[str, Any]] = {
@@ -40,24 +40,6 @@ TINY_INIT: dict[str, dict[str, Any]] = {
     "text_encoder_2": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
                        "num_attention_heads": 2, "projection_dim": 8},
 }
-_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-
-
-def _check_checkpoint_dir(path: Path, transformer_class: str = "HunyuanVideoTransformer3DModel",
-                          family: str = "hunyuan_video") -> None:
-    """``path`` holds a ``transformer_class`` and every folder of a HunyuanVideo pipeline."""
-    cfg_file = path / "transformer" / "config.json"
-    if not cfg_file.is_file():
-        raise ModelError(f"model.path {path} has no transformer/config.json")
-    cls = json.loads(cfg_file.read_text()).get("_class_name")
-    if cls != transformer_class:
-        raise ModelError(f"model.path {path} holds a {cls}, not a {transformer_class} "
-                         f"(model.family is {family!r})")
-    for sub in _PARTS:
-        if not (path / sub).is_dir():
-            raise ModelError(f"model.path {path} has no {sub}/ folder")
-
-
 def _crop_start(tokenizer: Any, template: str) -> int:
     """Tokens of the prompt template before the prompt, as the pipeline crops them.
 
@@ -75,92 +57,6 @@ def _crop_start(tokenizer: Any, template: str) -> int:
     while lead < len(empty) and lead < len(full) and full[lead] == empty[lead]:
         lead += 1
     return len(full) - (len(empty) - lead)
-
-
-class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
-    """What HunyuanVideo 1.0 and 1.5 share: the latent grid of their causal VAEs (``scaling_factor``,
-    ``spatial``/``temporal_compression_ratio``), decoding, and per-prompt caching of a
-    :class:`TextBatch` conditioning made by ``embed_text``."""
-
-    scale_temporal: int
-    scale_spatial: int
-    scaling_factor: float
-    latent_channels: int
-    _text_cache: dict[str, TextBatch]
-
-    def _setup(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
-               tokenizer: Any, text_encoder_2: torch.nn.Module, tokenizer_2: Any, device: torch.device,
-               dtype: torch.dtype, max_sequence_length: int, scheduler_config: dict[str, Any] | None) -> None:
-        """One trainable transformer; two frozen text encoders and the frozen VAE on ``device``."""
-        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
-        self.experts = [transformer.to(device=device)]
-        self.trained = [0]
-        self._init_training()
-        self.vae = vae.to(device=device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(device=device).eval().requires_grad_(False)
-        self.text_encoder_2 = text_encoder_2.to(device=device).eval().requires_grad_(False)
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.scheduler_config = scheduler_config or {}
-        tcfg = self.transformer.config
-        self.patch_size = (int(tcfg.patch_size_t), int(tcfg.patch_size), int(tcfg.patch_size))
-
-    def embed_text(self, prompts: list[str]) -> TextBatch:
-        raise NotImplementedError
-
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return causal_latent_shape(num_frames, height, width, self.scale_temporal, self.scale_spatial,
-                                   self.patch_size, self.latent_channels)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> TextBatch:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            batch = self.embed_text(missing)
-            for i, p in enumerate(missing):
-                self._text_cache[p] = batch[i:i + 1]
-        return cat_text([self._text_cache[p] for p in prompts])
-
-    def sequence_parallel_plan(self, transformer: torch.nn.Module) -> SequenceParallelPlan:
-        return sequence_parallel_plan(transformer)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
-        outs = []
-        for part in latents.split(chunk):
-            z = part.to(self.device, torch.float32) / self.scaling_factor
-            video = self.vae.decode(z, return_dict=False)[0]        # (b, 3, F, H, W) in [-1, 1]
-            video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            outs.append(video.permute(0, 2, 3, 4, 1).cpu())
-        return torch.cat(outs)
-
-
-def load_shared_parts(p: Path, tdtype: torch.dtype) -> dict[str, Any]:
-    """What every HunyuanVideo pipeline directory holds alike (text-to-video and image-to-video):
-    the transformer, the VAE (float32), the CLIP text encoder, both tokenizers, the scheduler config."""
-    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    sched = p / "scheduler" / "scheduler_config.json"
-    return {"transformer": HunyuanVideoTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype),
-            "vae": AutoencoderKLHunyuanVideo.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32),
-            "text_encoder_2": CLIPTextModel.from_pretrained(p / "text_encoder_2", dtype=tdtype),
-            "tokenizer": AutoTokenizer.from_pretrained(p / "tokenizer"),
-            "tokenizer_2": AutoTokenizer.from_pretrained(p / "tokenizer_2"),
-            "scheduler_config": json.loads(sched.read_text()) if sched.is_file() else None}
-
-
-def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]]) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``HunyuanVideoTransformer3DModel`` and ``AutoencoderKLHunyuanVideo`` from ``model.init`` parts
-    (random weights; the caller seeds and turns errors into ModelError)."""
-    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
-
-    tr = dict(parts["transformer"])
-    tr["rope_axes_dim"] = tuple(tr["rope_axes_dim"])
-    vcfg = dict(parts["vae"])
-    n = len(vcfg["block_out_channels"])
-    vcfg.setdefault("down_block_types", ["HunyuanVideoDownBlock3D"] * n)
-    vcfg.setdefault("up_block_types", ["HunyuanVideoUpBlock3D"] * n)
-    return HunyuanVideoTransformer3DModel(**tr), AutoencoderKLHunyuanVideo(**vcfg)
 
 
 class HunyuanVideoAdapter(HunyuanCommon):
@@ -214,8 +110,8 @@ class HunyuanVideoAdapter(HunyuanCommon):
         from transformers import LlamaModel
 
         p = Path(path)
-        _check_checkpoint_dir(p)
-        tdtype = _DTYPES[dtype]
+        check_pipeline_folders(p, "HunyuanVideoTransformer3DModel", "hunyuan_video")
+        tdtype = DTYPES[dtype]
         s = load_shared_parts(p, tdtype)
         return cls(s["transformer"], s["vae"], LlamaModel.from_pretrained(p / "text_encoder", dtype=tdtype),
                    s["tokenizer"], s["text_encoder_2"], s["tokenizer_2"], device=device, dtype=tdtype,
@@ -246,7 +142,7 @@ class HunyuanVideoAdapter(HunyuanCommon):
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
             torch.random.set_rng_state(state)
-        tdtype = _DTYPES[dtype]
+        tdtype = DTYPES[dtype]
         if tdtype != torch.float32:
             transformer, text_encoder, text_encoder_2 = (m.to(tdtype) for m in (transformer, text_encoder,
                                                                                 text_encoder_2))
@@ -292,21 +188,15 @@ class HunyuanVideoAdapter(HunyuanCommon):
         return out.float()
 
 
-def sequence_parallel_plan(transformer: torch.nn.Module) -> SequenceParallelPlan:
-    """Ulysses SP on a ``HunyuanVideoTransformer3DModel`` (1.0) or ``HunyuanVideo15Transformer3DModel``.
+def init_from_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """``model.init`` of a folder of ``<part>/config.json`` files (the four parts) for the planner."""
+    from .memory import read_part_configs
 
-    ``x_embedder`` flattens the patches into ``(B, N, D)`` before the first block (sharded there);
-    ``rope`` returns ``(cos, sin)`` of ``(N, d)`` (sharded on its output). Every block's attention is
-    joint (video tokens, then the text tokens): the video part goes through the all-to-all, the
-    text, replicated on every rank, is split by heads; the attention masks the models build (over
-    the full or the local token count) are laid out again for the gathered sequence. The text
-    stream itself stays replicated, and so does the text refiner (``context_embedder``) before the
-    blocks. ``proj_out`` (per token) gathers the tokens before unpatchifying.
-    """
-    cfg = transformer.config
-    pt, p = int(cfg.patch_size_t), int(cfg.patch_size)
-    return SequenceParallelPlan(heads=int(cfg.num_attention_heads), patch=(pt, p, p),
-                                tokens_enter="transformer_blocks.0", tokens_leave="proj_out", rotary="rope",
-                                rotary_token_dim=0,
-                                attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
-                                replicated=("context_embedder.*",))
+    return read_part_configs(folder, ("transformer", "vae", "text_encoder", "text_encoder_2"))
+
+
+# HunyuanVideo (1.0) T2V.
+register(FamilySpec(name="hunyuan_video", pipeline="HunyuanVideoPipeline", adapter=HunyuanVideoAdapter,
+                    build=functools.partial(hunyuan_common.build, HunyuanVideoAdapter), tiny_init=TINY_INIT,
+                    activation_profile=hunyuan_common.activation_profile, init_from_folder=init_from_folder,
+                    sequence_parallel_plan=hunyuan_common.sequence_parallel_plan))

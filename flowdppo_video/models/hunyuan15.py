@@ -10,6 +10,7 @@ condition latents and mask (``2C + 1`` input channels) and zero image embeddings
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -18,7 +19,11 @@ from typing import Any
 import torch
 
 from .base import ModelError, TextBatch, init_parts
-from .hunyuan import _DTYPES, HunyuanCommon, _check_checkpoint_dir
+from . import hunyuan_common
+from .base import VideoFlowAdapter
+from .common import DTYPES, check_pipeline_folders
+from .hunyuan_common import HunyuanCommon
+from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
 
 # The tiny models' chat template (Qwen's layout); real checkpoints bring their own tokenizer.
@@ -101,8 +106,8 @@ class HunyuanVideo15Adapter(HunyuanCommon):
         from transformers import AutoTokenizer, Qwen2_5_VLTextModel, T5EncoderModel
 
         p = Path(path)
-        _check_checkpoint_dir(p, "HunyuanVideo15Transformer3DModel", "hunyuan_video_1.5")
-        tdtype = _DTYPES[dtype]
+        check_pipeline_folders(p, "HunyuanVideo15Transformer3DModel", "hunyuan_video_1.5")
+        tdtype = DTYPES[dtype]
         transformer = HunyuanVideo15Transformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
         vae = AutoencoderKLHunyuanVideo15.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
         text_encoder = Qwen2_5_VLTextModel.from_pretrained(p / "text_encoder", dtype=tdtype)
@@ -142,7 +147,7 @@ class HunyuanVideo15Adapter(HunyuanCommon):
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
             torch.random.set_rng_state(state)
-        tdtype = _DTYPES[dtype]
+        tdtype = DTYPES[dtype]
         if tdtype != torch.float32:
             transformer, text_encoder, text_encoder_2 = (m.to(tdtype) for m in (transformer, text_encoder,
                                                                                 text_encoder_2))
@@ -195,3 +200,23 @@ class HunyuanVideo15Adapter(HunyuanCommon):
         # One video at a time: AutoencoderKLHunyuanVideo15's mid-block attention mask does not
         # broadcast over a batch of 2+ in diffusers 0.42 (a shape error in its decoder).
         return super().decode(latents, chunk=1)
+
+
+def text_tokens(adapter: VideoFlowAdapter) -> int:
+    """Tokens each video token attends to: the Qwen text, ByT5's and the (zero) image embeddings."""
+    return int(adapter.max_sequence_length) + BYT5_MAX_LENGTH + _IMAGE_TOKENS
+
+
+def init_from_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """``model.init`` of a folder of ``<part>/config.json`` files (the four parts) for the planner."""
+    from .memory import read_part_configs
+
+    return read_part_configs(folder, ("transformer", "vae", "text_encoder", "text_encoder_2"))
+
+
+# HunyuanVideo 1.5 T2V (its image-to-video pipeline is named in errors, not trained).
+register(FamilySpec(name="hunyuan_video_1.5", pipeline="HunyuanVideo15Pipeline", adapter=HunyuanVideo15Adapter,
+                    build=functools.partial(hunyuan_common.build, HunyuanVideo15Adapter), tiny_init=TINY_INIT,
+                    activation_profile=hunyuan_common.activation_profile, text_tokens=text_tokens,
+                    init_from_folder=init_from_folder, sequence_parallel_plan=hunyuan_common.sequence_parallel_plan,
+                    unsupported_pipelines={"HunyuanVideo15ImageToVideoPipeline": "image-to-video"}))

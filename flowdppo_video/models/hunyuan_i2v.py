@@ -30,14 +30,18 @@ from the noise.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import hunyuan_common
 from .base import ModelError, SequenceParallelPlan, TextBatch, cat_text, causal_latent_shape, init_parts
-from .hunyuan import (_DTYPES, CLIP_MAX_LENGTH, TINY_INIT, HunyuanVideoAdapter, _check_checkpoint_dir,
-                      load_shared_parts, tiny_transformer_and_vae)
+from .common import DTYPES, check_pipeline_folders, clip_processor_class
+from .hunyuan import TINY_INIT, HunyuanVideoAdapter
+from .hunyuan_common import CLIP_MAX_LENGTH, load_shared_parts, tiny_transformer_and_vae
+from .registry import FamilySpec, register
 
 DEFAULT_I2V_EMBEDDED_GUIDANCE = 1.0     # HunyuanVideoImageToVideoPipeline's `guidance_scale` default
 CONDITION_TYPES = ("latent_concat", "token_replace")
@@ -162,17 +166,15 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         """A ``HunyuanVideoImageToVideoPipeline`` directory (e.g. hunyuanvideo-community/HunyuanVideo-I2V)."""
         from transformers import LlavaForConditionalGeneration
 
-        from .wan_i2v import _clip_processor_class
-
         p = Path(path)
-        _check_checkpoint_dir(p, family="hunyuan_video_i2v")
+        check_pipeline_folders(p, "HunyuanVideoTransformer3DModel", "hunyuan_video_i2v")
         if not (p / "image_processor").is_dir():
             raise ModelError(f"model.path {p} has no image_processor/ folder")
-        tdtype = _DTYPES[dtype]
+        tdtype = DTYPES[dtype]
         sh = load_shared_parts(p, tdtype)
         return cls(sh["transformer"], sh["vae"], LlavaForConditionalGeneration.from_pretrained(p / "text_encoder", dtype=tdtype),
                    sh["tokenizer"], sh["text_encoder_2"], sh["tokenizer_2"],
-                   _clip_processor_class().from_pretrained(p / "image_processor"), device=device, dtype=tdtype,
+                   clip_processor_class().from_pretrained(p / "image_processor"), device=device, dtype=tdtype,
                    max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance,
                    scheduler_config=sh["scheduler_config"])
 
@@ -186,8 +188,6 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
                                   LlavaForConditionalGeneration)
 
         from .tokenizers import byte_tokenizer
-        from .wan_i2v import _clip_processor_class
-
         parts = init_parts(init, TINY_I2V_INIT)
         tok, tok_2 = llava_llama_tokenizer(), byte_tokenizer()
         tok_2.model_max_length = CLIP_MAX_LENGTH
@@ -211,8 +211,8 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         finally:
             torch.random.set_rng_state(state)
         side = int(vision.image_size)
-        processor = _clip_processor_class()(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-        tdtype = _DTYPES[dtype]
+        processor = clip_processor_class()(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        tdtype = DTYPES[dtype]
         if tdtype != torch.float32:
             transformer, text_encoder, text_encoder_2 = (m.to(tdtype) for m in (transformer, text_encoder,
                                                                                 text_encoder_2))
@@ -346,14 +346,23 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
             out = torch.cat([(x0 - cond.float()) / sigma.view(-1, 1, 1, 1, 1), out[:, :, 1:]], dim=2)
         return out
 
-    def sequence_parallel_plan(self, transformer: torch.nn.Module) -> SequenceParallelPlan:
-        if self.condition_type == "token_replace":
-            # Its blocks treat the first frame's token count as the leading tokens of whatever they hold.
-            raise ModelError("sequence parallelism does not support image_condition_type 'token_replace'")
-        return super().sequence_parallel_plan(transformer)
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
         video = super().decode(latents, chunk)
         # latent_concat: the image's latent frame decodes to the first pixel frames, which the pipeline drops.
         return video[:, self.scale_temporal:] if self.condition_type == "latent_concat" else video
+
+
+def sequence_parallel_plan(transformer: torch.nn.Module) -> SequenceParallelPlan:
+    """HunyuanVideo's plan (:func:`.hunyuan_common.sequence_parallel_plan`); ``token_replace`` refused."""
+    if transformer.config.image_condition_type == "token_replace":
+        # Its blocks treat the first frame's token count as the leading tokens of whatever they hold.
+        raise ModelError("sequence parallelism does not support image_condition_type 'token_replace'")
+    return hunyuan_common.sequence_parallel_plan(transformer)
+
+
+# HunyuanVideo-I2V (token_replace) and HunyuanVideo-I2V-33ch (latent_concat).
+register(FamilySpec(name="hunyuan_video_i2v", pipeline="HunyuanVideoImageToVideoPipeline",
+                    adapter=HunyuanVideoI2VAdapter, build=functools.partial(hunyuan_common.build, HunyuanVideoI2VAdapter),
+                    tiny_init=TINY_I2V_INIT, activation_profile=hunyuan_common.activation_profile,
+                    sequence_parallel_plan=sequence_parallel_plan))

@@ -8,19 +8,22 @@ Wan 2.2 A14B is a mixture of two experts: ``transformer`` takes the high-noise s
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import ModelConfig
 from ._training import EXPERT_DIRS, TrainableExperts
+from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import ModelError, SequenceParallelPlan, VideoFlowAdapter, causal_latent_shape, init_parts
+from .common import DTYPES
+from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
 
 EXPERT_NAMES = ("high", "low")                 # model.train_experts -> transformer, transformer_2
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # A tiny Wan for tests and demos: every part is the real diffusers / transformers class.
 TINY_INIT: dict[str, dict[str, Any]] = {
@@ -146,7 +149,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
 
         p = Path(path)
         _check_checkpoint_dir(p, cls.PIPELINE)
-        tdtype = _DTYPES[dtype]
+        tdtype = DTYPES[dtype]
         index = json.loads((p / "model_index.json").read_text())
         transformer = WanTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
         transformer_2 = None
@@ -214,10 +217,10 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
             raise ModelError(f"model.init: text_encoder.d_model {text_encoder.config.d_model} != "
                              f"transformer.text_dim {transformer.config.text_dim}")
         if dtype != "float32":
-            transformer = transformer.to(_DTYPES[dtype])
-            transformer_2 = None if transformer_2 is None else transformer_2.to(_DTYPES[dtype])
-            text_encoder = text_encoder.to(_DTYPES[dtype])
-        return cls(transformer, vae, text_encoder, tokenizer, device=device, dtype=_DTYPES[dtype],
+            transformer = transformer.to(DTYPES[dtype])
+            transformer_2 = None if transformer_2 is None else transformer_2.to(DTYPES[dtype])
+            text_encoder = text_encoder.to(DTYPES[dtype])
+        return cls(transformer, vae, text_encoder, tokenizer, device=device, dtype=DTYPES[dtype],
                    max_sequence_length=max_sequence_length, transformer_2=transformer_2,
                    boundary_ratio=pipeline.get("boundary_ratio"),
                    expand_timesteps=bool(pipeline.get("expand_timesteps", False)), train_experts=train_experts,
@@ -298,9 +301,6 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                                    return_dict=False)[0]
         return out.float()
 
-    def sequence_parallel_plan(self, transformer: torch.nn.Module) -> SequenceParallelPlan:
-        return sequence_parallel_plan(transformer)
-
     def _position_grid(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, P, F, H, W)`` latent coordinates (frame, row, column), each spanning ``[-1, 1]``;
         with ``P = 5`` also frame x row and frame x column, the odd products that tell a motion's
@@ -344,3 +344,107 @@ def sequence_parallel_plan(transformer: torch.nn.Module) -> SequenceParallelPlan
                                 tokens_leave="proj_out", rotary="rope", rotary_token_dim=1,
                                 attention=("blocks.*.attn1",), replicated=("blocks.*.attn2",),
                                 per_token_inputs=(("timestep", 1),))
+
+
+# ---------------------------------------------------------------- the planner
+# Wan's from_config sets these itself (UMT5Config keyword arguments); a checkpoint's values are equal.
+_TEXT_FIXED = ("pad_token_id", "eos_token_id", "decoder_start_token_id")
+
+
+def init_from_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """``model.init`` of a folder of Wan ``<part>/config.json`` files (a checkpoint or a shapes
+    folder): the three parts, a ``transformer_2`` and the pipeline's routing keys; and the parts
+    that have no config there."""
+    from .memory import SMALL_CHECKPOINT_BYTES, read_json, read_part_configs
+
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    init, missing = read_part_configs(folder, ("transformer", "vae", "text_encoder"), {"text_encoder": _TEXT_FIXED})
+    if index.get("position_channels"):
+        raise ModelError(f"{folder}: the planner builds AutoencoderKLWan/WanTransformer3DModel shapes only "
+                         "(this checkpoint's extras need its weights: use a checkpoint under "
+                         f"{SMALL_CHECKPOINT_BYTES // 2 ** 20} MiB or drop them)")
+    if (folder / "transformer_2" / "config.json").is_file():
+        init["transformer_2"] = read_part_configs(folder, ("transformer_2",))[0]["transformer_2"]
+    pipeline = {k: index[k] for k in ("boundary_ratio", "expand_timesteps") if index.get(k) is not None}
+    if "transformer_2" in init and "boundary_ratio" not in pipeline:
+        raise ModelError(f"{folder}: a transformer_2 needs boundary_ratio in model_index.json")
+    if pipeline:
+        init["pipeline"] = pipeline
+    return init, missing
+
+
+def activation_profile(t: torch.nn.Module, s: int) -> ActivationProfile:
+    """Saved-for-backward bytes of a ``WanTransformer3DModel`` in dtype of ``s`` bytes (the terms:
+    :mod:`flowdppo_video.models.memory`'s docstring)."""
+    c = t.config
+    D = int(c.num_attention_heads) * int(c.attention_head_dim)
+    H, hd = int(c.num_attention_heads), int(c.attention_head_dim)
+    blk = t.blocks[0]
+    Fw = int(blk.ffn.net[0].proj.out_features)
+    lin = Linears(s)
+    full = blk.scale_shift_table.requires_grad                       # modulation and gates train
+    a1, a2 = blk.attn1, blk.attn2
+    tok = 0.0
+    tok += F32 * D + 8                                               # norm1 (float32 input, mean, rstd)
+    tok += F32 * D if full else 0                                    # norm1 * (1 + scale)
+    tok += lin.saved([a1.to_q, a1.to_k, a1.to_v], D)
+    tok += rms(a1.norm_q, s, D) + rms(a1.norm_k, s, D)
+    tok += 4 * s * D + F32 * H                                       # fused attention: q, k, v, out, lse
+    tok += lin.saved([a1.to_out[0]], D, counted=True)                # its input is attention's output
+    tok += s * D if full else 0                                      # attn_output * gate
+    tok += F32 * D + 8 if not isinstance(blk.norm2, torch.nn.Identity) else 0  # norm2
+    tok += lin.saved([a2.to_q], D)
+    tok += rms(a2.norm_q, s, D)
+    tok += 2 * s * D + F32 * H                                       # cross attention: q, out, lse
+    tok += lin.saved([a2.to_out[0]], D, counted=True)
+    tok += F32 * D + 8                                               # norm3
+    tok += F32 * D if full else 0                                    # norm3 * (1 + c_scale)
+    tok += lin.saved([blk.ffn.net[0].proj], D)
+    tok += s * Fw                                                    # tanh-GELU input
+    tok += lin.saved([blk.ffn.net[2]], Fw)
+    tok += F32 * D if full else 0                                    # ff_output.float() * c_gate
+    txt = 0.0
+    txt += lin.saved([a2.to_k, a2.to_v], D, counted=True)            # the text states: once, below
+    txt += rms(a2.norm_k, s, D) + 2 * s * D                         # norm_k, then k and v in attention
+    per_block = BlockBytes(tok, txt)
+    n = len(t.blocks)
+    # Only when the blocks are not checkpointed: the RoPE cos/sin tables their attention keeps, and
+    # block 0's norm1 keeps nothing when nothing before the blocks trains (LoRA).
+    pe = t.patch_embedding
+    blocks_extra = 2 * s * hd
+    if not (trains(pe) or trains(t.condition_embedder)):
+        blocks_extra -= F32 * D + 8
+    # Outside the blocks (once per forward).
+    out_tok = F32 * D + 8 + (F32 * D if t.scale_shift_table.requires_grad else 0)  # norm_out, modulation
+    out_tok += lin.saved([t.proj_out], D)
+    if trains(pe):
+        out_tok += s * int(pe.in_channels) * int(torch.tensor(pe.kernel_size).prod())
+    text_emb = t.condition_embedder.text_embedder
+    out_txt = 0.0
+    if trains(text_emb):
+        out_txt += s * (int(text_emb.linear_1.in_features) + 2 * D)
+    if any(lin.shares([b.attn2.to_k, b.attn2.to_v]) for b in t.blocks):
+        out_txt += s * D                                             # the text states every block's k/v read
+    outside = BlockBytes(out_tok, out_txt)
+    inputs = BlockBytes(s * D * n, 0.0)
+    # No grad: the residual stream (model dtype) + its float32 norm copy, and the larger of the
+    # attention set (normed input, q, k, v, out) and the FFN set (normed input, hidden, GELU out).
+    live = s * D + 2 * F32 * D + max(5 * s * D, s * D + 2 * s * Fw)
+    return ActivationProfile(per_block.scale(n) + BlockBytes(blocks_extra), per_block, inputs, outside,
+                             BlockBytes(live, 2 * s * D), H)
+
+
+# ---------------------------------------------------------------- the family
+def build(cls: type[WanAdapter], cfg: ModelConfig, path: str | None, device: torch.device) -> WanAdapter:
+    """A Wan adapter of class ``cls`` loaded from ``path`` or built from ``cfg.init``."""
+    if path is not None:
+        return cls.from_pretrained(path, device=device, dtype=cfg.dtype, max_sequence_length=cfg.max_sequence_length,
+                                   train_experts=cfg.train_experts)
+    return cls.from_config(cfg.init or {}, device=device, dtype=cfg.dtype, max_sequence_length=cfg.max_sequence_length,
+                           seed=cfg.init_seed, train_experts=cfg.train_experts)
+
+
+# Wan 2.1, Wan 2.2 T2V-A14B (two experts), TI2V-5B.
+register(FamilySpec(name="wan", pipeline="WanPipeline", adapter=WanAdapter, build=functools.partial(build, WanAdapter),
+                    tiny_init=TINY_INIT, activation_profile=activation_profile, init_from_folder=init_from_folder,
+                    sequence_parallel_plan=sequence_parallel_plan, two_experts=True))

@@ -23,12 +23,16 @@ the unconditional (CFG) rows keep their image and change only the text, as in th
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import wan
 from .base import ModelError, TextBatch
+from .common import clip_processor_class
+from .registry import FamilySpec, register
 from .wan import TINY_INIT, WanAdapter
 
 # diffusers' Wan attention splits the image tokens off as everything before the last 512 context
@@ -44,18 +48,6 @@ TINY_I2V_INIT: dict[str, dict[str, Any]] = {
     "image_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
 }
-
-
-def _clip_processor_class() -> Any:
-    """transformers' CLIP image processor: the default one with torchvision, else its PIL backend (what
-    ``CLIPImageProcessor`` falls back to anyway, without the warning)."""
-    import importlib.util
-
-    import transformers
-
-    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
-        return transformers.CLIPImageProcessorPil
-    return transformers.CLIPImageProcessor
 
 
 class WanI2VAdapter(WanAdapter):
@@ -112,7 +104,7 @@ class WanI2VAdapter(WanAdapter):
             raise ModelError(f"model.path {path} has an image_encoder/ but no image_processor/")
         # float32, as diffusers' Wan I2V example loads it
         return {"image_encoder": CLIPVisionModel.from_pretrained(path / "image_encoder", dtype=torch.float32),
-                "image_processor": _clip_processor_class().from_pretrained(path / "image_processor")}
+                "image_processor": clip_processor_class().from_pretrained(path / "image_processor")}
 
     @classmethod
     def _extra_config(cls, parts: dict[str, dict[str, Any]], transformer: torch.nn.Module) -> dict[str, Any]:
@@ -123,7 +115,7 @@ class WanI2VAdapter(WanAdapter):
         cfg = CLIPVisionConfig(**parts["image_encoder"])
         side = int(cfg.image_size)
         return {"image_encoder": CLIPVisionModel(cfg),
-                "image_processor": _clip_processor_class()(size={"shortest_edge": side},
+                "image_processor": clip_processor_class()(size={"shortest_edge": side},
                                                            crop_size={"height": side, "width": side})}
 
     def save_pretrained(self, directory: Path) -> None:
@@ -237,3 +229,11 @@ class WanI2VAdapter(WanAdapter):
             x0 = x[:, :, :1].to(device=dev, dtype=torch.float32)
             out = torch.cat([(x0 - cond[:, :, :1].float()) / sigma.view(-1, 1, 1, 1, 1), out[:, :, 1:]], dim=2)
         return out
+
+
+# Wan 2.1 I2V (CLIP), Wan 2.2 I2V-A14B, the expand_timesteps layout: Wan's transformer, so Wan's
+# activation model and sequence-parallel plan.
+register(FamilySpec(name="wan_i2v", pipeline="WanImageToVideoPipeline", adapter=WanI2VAdapter,
+                    build=functools.partial(wan.build, WanI2VAdapter), tiny_init=TINY_I2V_INIT,
+                    activation_profile=wan.activation_profile, sequence_parallel_plan=wan.sequence_parallel_plan,
+                    two_experts=True))

@@ -123,7 +123,7 @@ def _check(adapter: VideoFlowAdapter, optim: OptimConfig, parallel: ParallelConf
                           "(stage 0 is plain torch AdamW)")
     if accumulation_steps < 1:
         raise ConfigError(f"accumulation steps (sampler.sde_steps) must be >= 1, got {accumulation_steps}")
-    dtype = getattr(adapter, "dtype", torch.float32)
+    dtype = adapter.dtype
     if dtype == torch.float16:
         # fp16 needs dynamic loss scaling, whose routine overflow skips would count as non-finite steps.
         raise ConfigError("parallel.zero_stage > 0 with model.dtype=float16 is not supported; use bfloat16 or float32")
@@ -173,9 +173,7 @@ class ZeroUpdater:
         self.stage = parallel.zero_stage
         self.rollout_gather = parallel.rollout_gather
         self.world = dist.get_world_size()
-        trained = list(getattr(adapter, "trained", [0]))
-        experts = list(getattr(adapter, "experts", [adapter.transformer]))
-        self._experts = [experts[i] for i in trained]
+        self._experts = [adapter.experts[i] for i in adapter.trained]
         self.module = _TrainedExperts(self._experts)
         # One parameter group per trained expert, so an expert that got no gradient in a minibatch
         # (Wan 2.2 A14B: all its SDE steps went to the other one) can sit out the step.

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-import types
 
 import torch
 import torch.distributed as dist
 
-from flowdppo_video.models.base import ModelError, TextBatch, VideoFlowAdapter
+from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.models.hunyuan import HunyuanVideoAdapter
 from flowdppo_video.models.hunyuan15 import HunyuanVideo15Adapter
 from flowdppo_video.models.wan import WanAdapter
@@ -139,12 +138,12 @@ def main() -> None:
     ]
     errors = {}
 
-    def without_plan() -> WanAdapter:       # a Wan with the interface's default plan: none
+    def without_plan() -> WanAdapter:       # a Wan as a family whose spec has no plan would be
         a = wan()
-        a.sequence_parallel_plan = types.MethodType(VideoFlowAdapter.sequence_parallel_plan, a)
+        a.sequence_parallel_plan = lambda transformer: None
         return a
 
-    for key, call in [   # 3 heads cannot be split over 2 ranks; the interface's default refuses SP
+    for key, call in [   # 3 heads cannot be split over 2 ranks; a family without a plan refuses SP
             ("heads", lambda: apply_sequence_parallel(wan({"transformer": {"num_attention_heads": 3}}),
                                                       dist.group.WORLD)),
             ("default", lambda: apply_sequence_parallel(without_plan(), dist.group.WORLD))]:

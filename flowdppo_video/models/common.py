@@ -1,0 +1,44 @@
+"""What several families share and none owns: the dtype names of ``model.dtype``, transformers'
+CLIP image processor class, and the check that a diffusers directory holds a pipeline's folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The folders of a pipeline with two text encoders (HunyuanVideo 1.0, its I2V, 1.5).
+TWO_ENCODER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def clip_processor_class() -> Any:
+    """transformers' CLIP image processor: the default one with torchvision, else its PIL backend (what
+    ``CLIPImageProcessor`` falls back to anyway, without the warning)."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
+
+
+def check_pipeline_folders(path: Path, transformer_class: str, family: str,
+                           parts: tuple[str, ...] = TWO_ENCODER_PARTS) -> None:
+    """``path`` holds a ``transformer_class`` and every folder of ``parts``; one-line errors naming
+    what is missing (``family``: the ``model.family`` the user asked for)."""
+    cfg_file = path / "transformer" / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"model.path {path} has no transformer/config.json")
+    cls = json.loads(cfg_file.read_text()).get("_class_name")
+    if cls != transformer_class:
+        raise ModelError(f"model.path {path} holds a {cls}, not a {transformer_class} "
+                         f"(model.family is {family!r})")
+    for sub in parts:
+        if not (path / sub).is_dir():
+            raise ModelError(f"model.path {path} has no {sub}/ folder")
