@@ -87,21 +87,25 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
         with _writing(tmp, final):
             # Last: every rank's files are in place; written after them, it vouches for them all.
             write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():                   # the same iteration saved again (a resumed run)
+            _delete(final)
         tmp.rename(final)
         for old in list_checkpoints(run_dir)[:-keep]:
-            # Renamed out of the list first (atomic), then deleted: a kill inside the delete leaves
-            # a hidden folder, never a half-deleted checkpoint that still lists.
-            trash = old.with_name(f".trash_{old.name}")
-            if trash.exists():
-                shutil.rmtree(trash, ignore_errors=True)
-            old.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            _delete(old)
         for left in root.glob(".trash_*"):   # what an earlier kill left mid-delete
             shutil.rmtree(left, ignore_errors=True)
     par.barrier("checkpoint rename")
     return final
+
+
+def _delete(ckpt: Path) -> None:
+    """Rename out of the listing first (atomic), then delete: a kill inside the delete leaves a
+    hidden folder, never a half-deleted checkpoint that still lists."""
+    trash = ckpt.with_name(f".trash_{ckpt.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    ckpt.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 class _writing:
@@ -125,7 +129,7 @@ class _writing:
         except OSError:
             free = -1
         lines = str(e).splitlines()
-        reason = getattr(e, "strerror", None) or (lines[0] if lines else type(e).__name__)
+        reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {lines[0] if lines else ''}"
         if getattr(e, "errno", None) == errno.ENOSPC or 0 <= free < (1 << 20):
             reason = f"no space left on the device ({free} bytes free)"
         shutil.rmtree(self.tmp, ignore_errors=True)

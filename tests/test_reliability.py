@@ -622,3 +622,26 @@ def test_latest_checkpoint_skips_a_damaged_one_and_load_names_the_file(finished_
         load_checkpoint(run / "checkpoints" / "iter_000002", trainer.adapter, None)
     assert str(e.value).startswith(f"could not load checkpoint {run / 'checkpoints' / 'iter_000002' / 'model'}: "
                                    "SafetensorError: ") and "\n" not in str(e.value)
+
+
+def test_a_failed_checkpoint_write_names_its_cause_and_a_resave_replaces_whole(finished_run, tmp_path, monkeypatch):
+    from flowdppo_video.checkpoint import CheckpointError, list_checkpoints, save_checkpoint, verify_checkpoint
+
+    run = _copy(finished_run, tmp_path)
+    trainer = Trainer(tiny_config(tmp_path / "other", *QUIET))
+    save_checkpoint(run, trainer.adapter, trainer.updater, 2, {}, keep=5)          # iter_000002 again
+    assert [c.name for c in list_checkpoints(run)] == ["iter_000001", "iter_000002"]
+    assert all(verify_checkpoint(c) is None for c in list_checkpoints(run))
+    assert not list((run / "checkpoints").glob(".*"))                             # no tmp, no trash
+
+    def broken(folder):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534\nmore")
+
+    monkeypatch.setattr(trainer.updater, "save", broken)
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint(run, trainer.adapter, trainer.updater, 3, {}, keep=5)
+    assert str(e.value) == (f"could not write checkpoint {run / 'checkpoints' / 'iter_000003'}: RuntimeError: "
+                            "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534; the previous "
+                            "checkpoints are kept")
+    assert [c.name for c in list_checkpoints(run)] == ["iter_000001", "iter_000002"]
+    assert not list((run / "checkpoints").glob(".*"))
