@@ -150,7 +150,7 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     from .data import load_prompts
     from .models import build_adapter
     from .rollout import rollout
-    from .trainer import resolve_device
+    from .seeding import resolve_device
     from .video import write_video
 
     if not (run_dir / "config.yaml").is_file():

@@ -7,6 +7,8 @@ stacked along the first axis, with their advantages repeated) and advantages ``(
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -124,6 +126,15 @@ def flow_dppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Ten
         ``dropped_neg``, ``terms_neg`` (rows with a zero advantage count on neither side),
         ``kl_mean``, ``kl_max``, ``log_ratio_max_abs``.
     """
+    loss, stats, _ = _flow_dppo(logp_new, logp_old, kl, advantages, delta, elements_per_token, granularity,
+                                normalize)
+    return loss, stats
+
+
+def _flow_dppo(logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor,
+               delta: float, elements_per_token: int, granularity: str, normalize: str
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`flow_dppo_loss` and its drop mask (``(B, N)``, or ``(B, 1)`` for ``sample``)."""
     _check(logp_new, logp_old, advantages)
     if granularity not in GRANULARITIES:
         raise ValueError(f"objective.granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -146,7 +157,7 @@ def flow_dppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Ten
     kept = (~drop).sum()
     z = terms.numel() if normalize == "all" else kept.clamp_min(1)
     loss = -terms.sum() / z
-    return loss, _mask_stats(drop, adv, log_ratio, kl)
+    return loss, _mask_stats(drop, adv, log_ratio, kl), drop
 
 
 def _mask_stats(drop: torch.Tensor, adv: torch.Tensor, log_ratio: torch.Tensor, kl: torch.Tensor
@@ -185,6 +196,14 @@ def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
     Returns:
         ``loss`` and ``stats`` (``clip_frac``, ``log_ratio_max_abs``, KL stats when given).
     """
+    loss, stats, _ = _grpo_clip(logp_new, logp_old, advantages, clip_range, elements_per_token, kl)
+    return loss, stats
+
+
+def _grpo_clip(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+               elements_per_token: int, kl: torch.Tensor | None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`grpo_clip_loss` and its frozen rows ``(B, 1)``."""
     _check(logp_new, logp_old, advantages)
     n_el = logp_new.shape[1] * elements_per_token
     log_ratio = (logp_new - logp_old).sum(dim=1) / n_el
@@ -201,9 +220,72 @@ def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
         stats["clip_frac"] = ((ratio - 1.0).abs() > clip_range).float().mean()
         if kl is None:
             del stats["kl_mean"], stats["kl_max"]
-    return loss, stats
+    return loss, stats, frozen[:, None]
 
 
 def reference_kl_loss(kl_ref: torch.Tensor, beta: float) -> torch.Tensor:
     """``beta * mean_{b,n} KL_n(pi_ref || pi_theta)`` from a ``(B, N)`` token KL."""
     return beta * kl_ref.mean()
+
+
+COUNT_KEYS = ("dropped", "terms", "dropped_pos", "terms_pos", "dropped_neg", "terms_neg")
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """What one objective evaluation gives the update.
+
+    ``loss``: scalar with the gradient. ``frozen``: bool ``(B, N)``, the token terms the trust
+    region froze (a row decision spread over its tokens). ``stats``: detached scalar means
+    (``kl_mean``, ``drop_frac``, ...). ``counts``: detached sums (``dropped``, ``terms`` and their
+    ``_pos`` / ``_neg`` sides), so fractions can be pooled over minibatches without bias.
+    """
+
+    loss: torch.Tensor
+    frozen: torch.Tensor
+    stats: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The policy objective of a run, built once from ``objective.*`` (SPEC section 3).
+
+    ``kind``: ``flow_dppo`` or ``grpo_clip``; ``delta`` in nats per latent element;
+    ``elements_per_token``: ``D`` of the model and video. Call it on one SDE step's token
+    tensors: ``objective(logp_new, logp_old, kl, advantages) -> ObjectiveOutput``.
+    """
+
+    kind: str
+    elements_per_token: int
+    delta: float = math.inf
+    granularity: str = "token"
+    normalize: str = "all"
+    clip_range: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flow_dppo", "grpo_clip"):
+            raise ValueError(f"objective.kind must be flow_dppo or grpo_clip, got {self.kind!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"objective.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"objective.normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        _check_elements(self.elements_per_token)
+
+    @classmethod
+    def from_config(cls, o: Any, elements_per_token: int) -> "Objective":
+        """From an ``objective`` config section (anything with its attributes)."""
+        return cls(o.kind, elements_per_token, o.delta, o.granularity, o.normalize, o.clip_range)
+
+    def __call__(self, logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor,
+                 advantages: torch.Tensor) -> ObjectiveOutput:
+        """Args: ``(B, N)`` token log-probs under ``pi_theta`` (with grad) and ``pi_old``, the exact
+        token KL ``(B, N)``, advantages ``(B,)``."""
+        if self.kind == "flow_dppo":
+            loss, stats, frozen = _flow_dppo(logp_new, logp_old, kl, advantages, self.delta,
+                                             self.elements_per_token, self.granularity, self.normalize)
+        else:
+            loss, stats, frozen = _grpo_clip(logp_new, logp_old, advantages, self.clip_range,
+                                             self.elements_per_token, kl)
+        counts = {k: stats.pop(k) for k in COUNT_KEYS}
+        return ObjectiveOutput(loss, frozen.expand(logp_new.shape), stats, counts)

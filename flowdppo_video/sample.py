@@ -88,7 +88,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     from .images import load_run_images
     from .models import build_adapter
     from .rollout import rollout
-    from .trainer import resolve_device
+    from .seeding import resolve_device
     from .video import write_video
 
     run_dir = Path(args.run)

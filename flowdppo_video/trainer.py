@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from rewards import build_rewards, reward_weights, score_videos
 
-from . import kl_maps, objectives, sde
+from . import kl_maps, sde
 from .advantages import compute_advantages
 from .checkpoint import has_manifest, list_checkpoints, load_checkpoint, move_aside, save_checkpoint, verify_checkpoint
 from .config import Config, ConfigError, config_to_dict
@@ -38,22 +35,11 @@ from .parallel.groups import ParallelState, adopt_launcher_settings, init_parall
 from .parallel.sequence import apply_sequence_parallel
 from .parallel.updaters import build_updater
 from .plots import plot_curves
-from .rollout import Trajectory, rollout, step_mean
+from .objectives import ObjectiveOutput
+from .policy_update import PolicyUpdate, TrainingError
+from .rollout import Trajectory, rollout
+from .seeding import derive_seed, resolve_device, seed_global_rngs
 from .video import write_video
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; one line saying why and what is kept."""
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``run.device``; "auto" is this process's GPU (``LOCAL_RANK``) if there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
 
 
 class _NullWriter:
@@ -67,51 +53,6 @@ class _NullWriter:
 
     def close(self) -> None:
         pass
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers: independent streams for (seed, iteration, purpose)."""
-    h = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-class _Mean:
-    """Weighted running means and maxima of scalar stats."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-        self.maxes: dict[str, float] = {}
-
-    def add(self, stats: dict[str, Any], weight: float = 1.0) -> None:
-        for k, v in stats.items():
-            v = float(v)
-            self.sums[k] = self.sums.get(k, 0.0) + v * weight
-            self.weights[k] = self.weights.get(k, 0.0) + weight
-            self.maxes[k] = _nan_max(self.maxes.get(k, -math.inf), v)   # a NaN stays visible
-
-    def mean(self, k: str) -> float:
-        return self.sums[k] / self.weights[k] if self.weights.get(k) else float("nan")
-
-
-def _pooled(par: ParallelState, acc: _Mean, first: float | None) -> tuple[_Mean, float | None]:
-    """The update's statistics of every rank pooled (SP ranks repeat theirs: means are unchanged)."""
-    out = _Mean()
-    parts = par.all_gather_objects((acc.sums, acc.weights, acc.maxes, first), par.world_group,
-                                   "pooling update statistics")
-    for sums, weights, maxes, _ in parts:
-        for k, v in sums.items():
-            out.sums[k] = out.sums.get(k, 0.0) + v
-            out.weights[k] = out.weights.get(k, 0.0) + weights[k]
-        for k, v in maxes.items():
-            out.maxes[k] = _nan_max(out.maxes.get(k, -math.inf), v)
-    firsts = [f for *_, f in parts if f is not None]
-    return out, (max(firsts) if firsts else None)
-
-
-def _nan_max(a: float, b: float) -> float:
-    """``max`` that keeps a NaN (``max(0.0, nan)`` is 0.0, which would hide a broken ratio)."""
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 class Trainer:
@@ -145,12 +86,13 @@ class Trainer:
         attach_images(self.adapter, images, cfg)
         _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
         self.updater = build_updater(self.adapter, cfg, self.par)
+        self.policy_update = PolicyUpdate(self.adapter, cfg, self.par, self.updater, self.device,
+                                          self.elements_per_token)
         # The global generators, for code outside the trainer's own seeded streams (a user's reward
         # drawing random numbers): seeded here, after the model's own init seeds, and restored
         # from the checkpoint on resume.
         seed_global_rngs(cfg.run.seed)
         self.start_iteration = 0
-        self.nonfinite_in_row = 0
         main = self.par.is_main
         if resume:
             with naming(self.run_dir):
@@ -268,6 +210,13 @@ class Trainer:
             out, traj = evaluate(self.adapter, self.eval_prompts, e.samples_per_prompt, self.latent_shape,
                                  self.cfg.sampler, e.seed, self.eval_rewards, self.cfg.data.negative_prompt,
                                  e.kl_to_base, fps=self.cfg.video.fps)
+        # Every rank evaluated the same videos: any rank's count is the count. Not under eval/ (the
+        # held-out tables list those); merged into the training row beside videos/nonfinite.
+        out["videos/eval_nonfinite"] = _nonfinite_rows(traj.final)
+        if out["videos/eval_nonfinite"] and self.is_main:
+            print(f"flowdppo-video: warning: evaluation after {done} iterations: {out['videos/eval_nonfinite']} of "
+                  f"{traj.batch_size} videos have non-finite latents (decoded as black frames); counted in "
+                  f"videos/eval_nonfinite", file=sys.stderr)
         self.eval_log.write({"after_iterations": done, **out})
         if not self.is_main:
             return out
@@ -337,149 +286,36 @@ class Trainer:
         return traj, row
 
     # ------------------------------------------------------------------ the update
-    def replay_step(self, mb: Trajectory, j: int, advantages: torch.Tensor, tokens: dict | None = None
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """Loss of SDE step ``j`` for a minibatch: recompute ``mu_theta`` and apply the objective.
+    def replay_step(self, mb: Trajectory, j: int, advantages: torch.Tensor
+                    ) -> tuple[ObjectiveOutput, torch.Tensor, torch.Tensor]:
+        """SDE step ``j`` of a minibatch replayed: :meth:`PolicyUpdate.replay_step`."""
+        return self.policy_update.replay_step(mb, j, advantages)
 
-        Returns ``(loss, stats, token_log_ratio)`` with the log-ratio ``(b, N)`` detached. Given a
-        ``tokens`` dict, also puts the token KL ``(b, N)`` there (detached), for KL maps.
-        """
-        cfg, dev, patch = self.cfg, self.device, self.adapter.patch_size
-        std = mb.stds[:, j].to(dev)
-        x_next, mean_old = mb.next_latents[:, j].to(dev), mb.means[:, j].to(dev)
-        mean = step_mean(self.adapter, mb, j)
-        logp_new = sde.token_log_prob(x_next, mean, std, patch)
-        with torch.no_grad():
-            logp_old = sde.token_log_prob(x_next, mean_old, std, patch)
-        kl = sde.token_kl(mean, mean_old, std, patch)
-        if tokens is not None:
-            tokens["kl"] = kl.detach()
-        a = advantages.to(dev)
-        o = cfg.objective
-        if o.kind == "flow_dppo":
-            loss, stats = objectives.flow_dppo_loss(logp_new, logp_old, kl, a, o.delta,
-                                                    elements_per_token=self.elements_per_token,
-                                                    granularity=o.granularity, normalize=o.normalize)
-        else:
-            loss, stats = objectives.grpo_clip_loss(logp_new, logp_old, a, o.clip_range,
-                                                    self.elements_per_token, kl=kl)
-        if o.beta > 0:
-            with torch.no_grad(), self.adapter.reference():
-                mean_ref = step_mean(self.adapter, mb, j)
-            kl_ref = sde.token_kl(mean, mean_ref, std, patch)
-            loss = loss + objectives.reference_kl_loss(kl_ref, o.beta)
-            stats["kl_ref_mean"] = kl_ref.detach().mean()
-        return loss, stats, (logp_new - logp_old).detach()
-
-    def update(self, traj: Trajectory, advantages: torch.Tensor, it: int) -> dict[str, float]:
+    def update(self, traj: Trajectory, advantages: torch.Tensor, it: int) -> dict[str, Any]:
         """``inner_epochs`` passes of shuffled minibatches over the stored SDE steps."""
-        cfg, par, upd = self.cfg, self.par, self.updater
-        gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, it, 1))
-        acc, n_steps, skipped = _Mean(), traj.num_sde_steps, 0
-        first_max_abs_log: float | None = None
-        b = traj.batch_size
-        n_mb = math.ceil(b / cfg.optim.minibatch_size) * cfg.optim.inner_epochs
-        bar = tqdm(total=n_mb, desc="update", leave=False, disable=not (cfg.run.progress and self.is_main))
-        # KL-map snapshot: the token KL and mask of the last minibatch (after the others' steps).
-        snap_at = n_mb - 1 if self._snapshot_iteration(it) else -1
-        snap: list[tuple[torch.Tensor, torch.Tensor]] = []
-        mb_i = -1
-        # A minibatch after the iteration's first optimizer step is off-policy: only there can a
-        # trust region act (the first one has ratio 1), so its frozen share is logged apart.
-        stepped_once = False
-        for epoch in range(cfg.optim.inner_epochs):
-            for whole in torch.randperm(b, generator=gen).split(cfg.optim.minibatch_size):
-                # Every rank draws the same permutation; a DP rank takes its equal part of each
-                # minibatch. Its loss (a mean over its part) times the SP degree, averaged over the
-                # world by the updater, is the whole minibatch's loss: the layout changes nothing.
-                idx = whole.tensor_split(par.dp)[par.dp_rank]
-                mb, a = traj.select(idx), advantages[idx]
-                mb_i += 1
-                upd.zero_grad()
-                finite, mb_max, mb_loss = True, 0.0, 0.0
-                for j in range(n_steps):
-                    tokens = {} if mb_i == snap_at else None
-                    loss, stats, log_ratio = self.replay_step(mb, j, a, tokens)
-                    if tokens is not None:
-                        snap.append((tokens["kl"], self._drop_mask(log_ratio, tokens["kl"], a)))
-                    mb_max = _nan_max(mb_max, float(log_ratio.abs().max()))
-                    # All ranks take the same branch (a backward may hold collectives).
-                    if not par.all_true(bool(torch.isfinite(loss)), "the finite-loss check"):
-                        finite = False
-                        break
-                    upd.backward(loss * (par.sp / n_steps))
-                    mb_loss += float(loss.detach()) / n_steps
-                    counts = {k: v for k, v in stats.items() if k.startswith(("dropped", "terms"))}
-                    acc.add({k: v for k, v in stats.items() if k not in counts}, weight=float(idx.numel()))
-                    acc.add(counts)                                # summed, then pooled by frac()
-                    acc.add({f"epoch{epoch}_{k}": counts[k] for k in ("dropped", "terms")})
-                    if stepped_once:
-                        acc.add({f"offpolicy_{k}": v for k, v in counts.items()})
-                if first_max_abs_log is None:
-                    first_max_abs_log = mb_max
-                stepped, grad_norm = upd.step() if finite else (False, float("nan"))
-                if stepped:
-                    stepped_once = True
-                    self.nonfinite_in_row = 0
-                    acc.add({"loss": mb_loss, "grad_norm": grad_norm})
-                else:
-                    upd.zero_grad()
-                    skipped += 1
-                    self.nonfinite_in_row += 1
-                    if self.nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
-                        raise TrainingError(
-                            f"non-finite loss or gradient in {self.nonfinite_in_row} optimizer steps in a row "
-                            f"(iteration {it}; run.max_nonfinite_in_row={cfg.run.max_nonfinite_in_row}); "
-                            f"stopped, checkpoints and metrics up to the previous iteration are kept")
-                bar.update(1)
-        bar.close()
-        if len(snap) == n_steps > 0 and self.is_main:
-            by_epoch = [acc.sums.get(f"epoch{e}_dropped", 0.0) / max(acc.sums.get(f"epoch{e}_terms", 0.0), 1.0)
-                        for e in range(cfg.optim.inner_epochs)]
-            self._save_klmap(it, mb, a, snap, by_epoch)   # (mb, a): rank 0's part of the last minibatch
-        if par.distributed:
-            acc, first_max_abs_log = _pooled(par, acc, first_max_abs_log)
+        metrics, snap = self.policy_update(traj, advantages, it, snapshot=self._snapshot_iteration(it))
+        if snap is not None and self.is_main:
+            o = self.cfg.objective
+            kl_maps.save_snapshot(self.run_dir / "klmaps" / f"iter_{it:06d}.npz", iteration=it, kl=snap.kl,
+                                  drop=snap.frozen, advantages=snap.advantages, traj=snap.minibatch,
+                                  patch=self.adapter.patch_size, latent_frames=self.latent_shape[1],
+                                  objective={"kind": o.kind, "delta": o.delta, "granularity": o.granularity},
+                                  frozen_by_epoch=snap.frozen_by_epoch)
+        return metrics
 
-        def frac(num: str, den: str) -> float:   # pooled over all minibatches and steps
-            d = acc.sums.get(den, 0.0)
-            return acc.sums.get(num, 0.0) / d if d else float("nan")
+    @property
+    def nonfinite_in_row(self) -> int:
+        """Skipped optimizer steps in a row (carried by checkpoints)."""
+        return self.policy_update.nonfinite_in_row
 
-        out = {"loss": acc.mean("loss"), "grad_norm": acc.mean("grad_norm"),
-               "kl/mean": acc.mean("kl_mean"), "kl/max": acc.maxes.get("kl_max", float("nan")),
-               "mask/drop_frac": frac("dropped", "terms"), "mask/drop_frac_pos": frac("dropped_pos", "terms_pos"),
-               "mask/drop_frac_neg": frac("dropped_neg", "terms_neg"),
-               "mask/offpolicy_drop_frac": frac("offpolicy_dropped", "offpolicy_terms"),
-               "mask/offpolicy_drop_frac_pos": frac("offpolicy_dropped_pos", "offpolicy_terms_pos"),
-               "mask/offpolicy_drop_frac_neg": frac("offpolicy_dropped_neg", "offpolicy_terms_neg"),
-               "mask/drop_frac_by_epoch": [frac(f"epoch{e}_dropped", f"epoch{e}_terms")
-                                           for e in range(cfg.optim.inner_epochs)],
-               "ratio/first_max_abs_log": first_max_abs_log if first_max_abs_log is not None else float("nan"),
-               "nonfinite_skipped": skipped}
-        if "clip_frac" in acc.sums:
-            out["ratio/clip_frac"] = acc.mean("clip_frac")
-        if "kl_ref_mean" in acc.sums:
-            out["kl_ref/mean"] = acc.mean("kl_ref_mean")
-        return out
+    @nonfinite_in_row.setter
+    def nonfinite_in_row(self, n: int) -> None:
+        self.policy_update.nonfinite_in_row = n
 
     def _snapshot_iteration(self, it: int) -> bool:
         """Token-KL snapshots for the report: first and last iteration, every ``run.report_every``."""
         r = self.cfg.run
         return bool(r.report_every) and (it in (0, r.iterations - 1) or (it + 1) % r.report_every == 0)
-
-    def _save_klmap(self, it: int, mb: Trajectory, a: torch.Tensor, snap: list[tuple[torch.Tensor, torch.Tensor]],
-                    frozen_by_epoch: list[float]) -> None:
-        o = self.cfg.objective
-        kl_maps.save_snapshot(self.run_dir / "klmaps" / f"iter_{it:06d}.npz", iteration=it,
-                              kl=torch.stack([k for k, _ in snap]), drop=torch.stack([d for _, d in snap]),
-                              advantages=a, traj=mb, patch=self.adapter.patch_size, latent_frames=self.latent_shape[1],
-                              objective={"kind": o.kind, "delta": o.delta, "granularity": o.granularity},
-                              frozen_by_epoch=frozen_by_epoch)
-
-    def _drop_mask(self, log_ratio: torch.Tensor, kl: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        o = self.cfg.objective
-        return objectives.trust_region_mask(o.kind, log_ratio, kl, a.to(kl.device), delta=o.delta,
-                                            granularity=o.granularity, clip_range=o.clip_range,
-                                            elements_per_token=self.elements_per_token)
 
     # ------------------------------------------------------------------ outputs
     def _maybe_write_samples(self, it: int, traj: Trajectory, row: dict[str, Any]) -> None:
@@ -578,14 +414,6 @@ class Trainer:
                       f"{aside}; resuming from {ckpt.name}", file=sys.stderr)
         par.barrier("moving damaged checkpoints aside")
         return ckpt, meta
-
-
-def seed_global_rngs(seed: int) -> None:
-    """Seed ``random``, numpy and torch's global generators from ``run.seed``."""
-    s = derive_seed(seed, 2)                  # its own stream (0: rollouts, 1: minibatch order)
-    random.seed(s)
-    np.random.seed(s % (1 << 32))
-    torch.manual_seed(s)
 
 
 def _nonfinite_rows(final: torch.Tensor) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -123,14 +125,14 @@ def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "run.iterations=3", "run.max_nonfinite_in_row=2", "optim.minibatch_size=4",
                       "optim.inner_epochs=1")
     trainer = Trainer(cfg)
-    real = objectives.flow_dppo_loss
+    real = objectives.Objective.__call__
     state = {"poison": False}
 
-    def maybe_nan(*a, **k):
-        loss, stats = real(*a, **k)
-        return (loss * float("nan"), stats) if state["poison"] else (loss, stats)
+    def maybe_nan(self, *a, **k):
+        out = real(self, *a, **k)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if state["poison"] else out
 
-    monkeypatch.setattr(objectives, "flow_dppo_loss", maybe_nan)
+    monkeypatch.setattr(objectives.Objective, "__call__", maybe_nan)
     weights = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
     # One clean iteration, written and checkpointed.
     trainer.cfg.run.iterations = 1
@@ -154,15 +156,15 @@ def test_nonfinite_skip_is_counted_in_metrics(tmp_path, monkeypatch):
     from .conftest import tiny_config
     cfg = tiny_config(tmp_path, "run.iterations=1", "run.max_nonfinite_in_row=5", "optim.minibatch_size=2",
                       "optim.inner_epochs=1")
-    real = objectives.flow_dppo_loss
+    real = objectives.Objective.__call__
     calls = {"n": 0}
 
-    def first_nan(*a, **k):
+    def first_nan(self, *a, **k):
         calls["n"] += 1
-        loss, stats = real(*a, **k)
-        return (loss * float("nan"), stats) if calls["n"] == 1 else (loss, stats)
+        out = real(self, *a, **k)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if calls["n"] == 1 else out
 
-    monkeypatch.setattr(objectives, "flow_dppo_loss", first_nan)
+    monkeypatch.setattr(objectives.Objective, "__call__", first_nan)
     row = Trainer(cfg).run()[0]
     assert row["nonfinite_skipped"] == 1
     assert row["loss"] == row["loss"]                                    # the other minibatch trained

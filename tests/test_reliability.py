@@ -645,3 +645,25 @@ def test_a_failed_checkpoint_write_names_its_cause_and_a_resave_replaces_whole(f
                             "checkpoints are kept")
     assert [c.name for c in list_checkpoints(run)] == ["iter_000001", "iter_000002"]
     assert not list((run / "checkpoints").glob(".*"))
+
+
+def test_nonfinite_evaluation_videos_are_counted_and_named(tmp_path, monkeypatch, capsys):
+    from flowdppo_video import evaluation
+
+    from .conftest import ROOT
+
+    real = evaluation.rollout
+
+    def nan_last(*a, **k):
+        traj = real(*a, **k)
+        traj.final[-1] = float("inf")
+        return traj
+
+    monkeypatch.setattr(evaluation, "rollout", nan_last)
+    cfg = tiny_config(tmp_path, "run.iterations=1", *QUIET, f"eval.prompts={ROOT / 'configs/prompts/demo.txt'}",
+                      "eval.kl_to_base=false")
+    row = Trainer(cfg).run()[0]
+    evals = [json.loads(ln) for ln in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["videos/eval_nonfinite"] for e in evals] == [1, 1] and row["videos/eval_nonfinite"] == 1
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "evaluation after" in ln]
+    assert len(warned) == 2 and warned[0].startswith("flowdppo-video: warning: evaluation after 0 iterations: 1 of ")

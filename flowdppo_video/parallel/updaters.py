@@ -3,7 +3,8 @@
 ``TorchUpdater``: AdamW over the trainable parameters, gradients averaged over the world
 before clipping (so every rank takes the same step). ``ZeroUpdater`` (``parallel/zero.py``):
 the same through a DeepSpeed ZeRO engine (``parallel.zero_stage`` 1-3). Per minibatch the
-trainer calls ``zero_grad``, ``backward`` once per SDE step, then ``step``.
+trainer calls ``zero_grad``, ``backward`` once per SDE step (it agrees over ranks that the loss is
+finite, and says so), then ``step``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Updater(Protocol):
     restores_weights: bool        # whether load() also restores the trained weights
 
     def zero_grad(self) -> None: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor) -> bool: ...   # False on every rank if any loss is not finite
     def step(self) -> tuple[bool, float]: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
@@ -51,8 +52,13 @@ class TorchUpdater:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Accumulate the gradient of ``loss`` once every rank's loss is finite (one collective);
+        ``False`` on every rank otherwise (nothing accumulated: the caller ends the minibatch)."""
+        if not self.par.all_true(bool(torch.isfinite(loss.detach()).all()), "the finite-loss check"):
+            return False
         loss.backward()
+        return True
 
     def step(self) -> tuple[bool, float]:
         self.par.average_gradients(self.params)
