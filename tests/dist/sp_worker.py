@@ -71,7 +71,7 @@ def run(adapter, shape: tuple[int, ...], experts: list[int], seed: int):
         loss = loss + (v * weights).sum()
     loss.backward()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-    if adapter._lora_rank or adapter._frozen_base:
+    if adapter._lora_rank or adapter.reference_copies():
         with torch.no_grad(), adapter.reference():
             outs += [adapter.velocity(x, sigma, text, expert=e) for e in experts]
     return outs, grads
