@@ -6,7 +6,7 @@ moment leaves either the previous checkpoint or the new one, never a torn one. I
 ``manifest.json``, holds the size and SHA-256 of every other file (of its first and last 16 MiB
 for a file over 1 GiB, so a save of a large model does not read it all again): a checkpoint
 damaged later (a truncated or rewritten file) fails :func:`verify_checkpoint`, and resume falls
-back to the newest one that verifies (``Trainer._newest_loadable``), moving the damaged one
+back to the newest one that verifies (``resume_checkpoint``), moving the damaged one
 aside, never deleting it.
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .exceptions import TrainingError
 from .models.base import VideoFlowAdapter
 from .parallel.groups import ParallelState
 from .parallel.updaters import Updater
@@ -172,7 +173,7 @@ def write_manifest(folder: Path) -> None:
 def verify_checkpoint(path: Path) -> str | None:
     """Why the checkpoint at ``path`` is damaged (one line), or None if its manifest vouches for
     every file. A checkpoint from before manifests were written also gives None: only loading it
-    can tell (``Trainer._newest_loadable`` does)."""
+    can tell (``resume_checkpoint`` does)."""
     m = path / MANIFEST
     if not m.is_file():
         return None
@@ -263,3 +264,63 @@ def load_checkpoint(path: Path, adapter: VideoFlowAdapter, updater: Updater | No
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
             _set_rng_state(state["rng"])
     return meta
+
+
+def resume_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater, par: ParallelState,
+                      zero_stage: int, iterations: int) -> tuple[Path | None, dict[str, Any]]:
+    """The newest checkpoint of ``run_dir`` whose manifest verifies (one written before manifests:
+    that loads), loaded into the model, updater and RNGs, and its meta; ``(None, {})`` if the run
+    has none. A newer damaged one is moved aside with one warning line; a checkpoint that this run
+    cannot continue (another ZeRO layout, more iterations done than ``iterations``) is a
+    one-line :class:`TrainingError`, nothing changed. Rank 0 verifies and decides."""
+    found = par.broadcast_object(list_checkpoints(run_dir), "finding the checkpoints")
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(found):
+        reason = par.broadcast_object(verify_checkpoint(ckpt) if par.is_main else None, "verifying a checkpoint")
+        meta: dict[str, Any] = {}
+        if reason is None:
+            try:
+                meta = json.loads((ckpt / "meta.json").read_text())
+                int(meta["next_iteration"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                reason = f"meta.json is unreadable ({type(e).__name__})"
+        if reason is None:
+            _check_resumable(run_dir, ckpt, meta, par, zero_stage, iterations)
+            try:
+                meta = load_checkpoint(ckpt, adapter, updater)
+                error = None
+            except Exception as e:   # noqa: BLE001 - any damage a file can do to its reader
+                if has_manifest(ckpt):
+                    raise             # verified files that do not load: not damage, a real error
+                # CheckpointError names the file's own error; anything else, its first line
+                error = getattr(e, "reason", None) or f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            if par.all_true(error is None, "loading a checkpoint"):
+                break
+            reason = error or "it failed to load on another rank"
+        skipped.append((ckpt, reason))
+    else:
+        if skipped:      # none loads: keep every one where it is, and say why
+            raise TrainingError(f"--resume {run_dir}: no checkpoint verifies or loads (newest "
+                                f"{skipped[0][0].name}: {skipped[0][1]}); nothing was moved or changed")
+        return None, {}
+    if par.is_main:
+        for bad, reason in skipped:
+            aside = move_aside(bad)
+            print(f"flowdppo-video: warning: skipped checkpoint {bad.name} ({reason}); moved it to "
+                  f"{aside}; resuming from {ckpt.name}", file=sys.stderr)
+    par.barrier("moving damaged checkpoints aside")
+    return ckpt, meta
+
+
+def _check_resumable(run_dir: Path, ckpt: Path, meta: dict[str, Any], par: ParallelState, zero_stage: int,
+                     iterations: int) -> None:
+    """What no other checkpoint would change: one line and exit 2, nothing rewritten."""
+    was, now = meta.get("zero_stage", 0), zero_stage
+    if was != now or (now and meta.get("world") != par.world):
+        raise TrainingError(f"--resume {run_dir}: its checkpoint was written with parallel.zero_stage={was} "
+                            f"on {meta.get('world', 1)} rank(s); this run has zero_stage={now} on "
+                            f"{par.world} (a ZeRO checkpoint resumes with the same stage and ranks)")
+    done = int(meta["next_iteration"])
+    if iterations < done:
+        raise TrainingError(f"--resume {run_dir}: run.iterations={iterations} is below the {done} iterations "
+                            f"already done ({ckpt.name}); give run.iterations >= {done} (nothing was changed)")

@@ -6,6 +6,6 @@ from .config import ConfigError
 from .data import DataError
 from .models.base import ModelError
 from .parallel.groups import CollectiveTimeout
-from .policy_update import TrainingError
+from .exceptions import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, RewardError, TrainingError, CollectiveTimeout)

@@ -8,4 +8,8 @@ class ModelError(ValueError):
     """A model that cannot be loaded or used as asked; one line naming the cause."""
 
 
-__all__ = ["ModelError"]
+class TrainingError(RuntimeError):
+    """Training cannot go on; one line saying why and what is kept."""
+
+
+__all__ = ["ModelError", "TrainingError"]

@@ -17,14 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import objectives, sde
+from .exceptions import TrainingError
 from .objectives import Objective, ObjectiveOutput
 from .parallel.groups import ParallelState
 from .rollout import Trajectory, step_mean
 from .seeding import derive_seed
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; one line saying why and what is kept."""
 
 
 class RunningStats:

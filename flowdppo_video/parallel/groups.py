@@ -239,6 +239,26 @@ def init_parallel(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelStat
     return state
 
 
+def check_layout(par: ParallelState, data: Any, optim: Any, objective: Any) -> None:
+    """Data-parallel ranks split prompts and minibatches evenly: a one-line :class:`ConfigError`
+    naming the key if the ``data``, ``optim`` and ``objective`` sections do not allow it."""
+    dp = par.dp
+    if dp == 1:
+        return
+    if objective.normalize == "kept":
+        # Each rank would divide by the kept count of its own part of the minibatch.
+        raise ConfigError("objective.normalize=kept is per minibatch and would change with data-parallel "
+                          f"ranks ({dp} here); use objective.normalize=all")
+    b = data.prompts_per_iteration * data.group_size
+    m = optim.minibatch_size
+    if data.prompts_per_iteration % dp:
+        raise ConfigError(f"data.prompts_per_iteration={data.prompts_per_iteration} must be divisible by "
+                          f"the {dp} data-parallel ranks (world {par.world} / parallel.sequence_parallel {par.sp})")
+    if m % dp or b % m:
+        raise ConfigError(f"optim.minibatch_size={m} must be divisible by the {dp} data-parallel ranks and "
+                          f"divide the batch of {b} videos")
+
+
 def _buckets(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
     out: list[list[torch.nn.Parameter]] = [[]]
     size = 0

@@ -116,7 +116,7 @@ def base_eval(out: Path, iterations: int, extra: list[str]) -> Path:
     t = time.perf_counter()
     trainer = Trainer(cfg)
     trainer._maybe_evaluate(0)
-    trainer.eval_log.close()
+    trainer.artifacts.eval_log.close()
     shutil.copy(base / "run" / "eval.jsonl", base / "eval.jsonl")
     shutil.copytree(base / "run" / "eval" / "after_000000", base / "after_000000")
     (base / "done").write_text(json.dumps({"seconds": time.perf_counter() - t, "commit": _commit()}))

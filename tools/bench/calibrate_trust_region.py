@@ -45,6 +45,7 @@ def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
               values: dict[str, list[float]] | None = None) -> dict:
     from flowdppo_video.config import load_config
     from flowdppo_video.parallel.updaters import build_updater
+    from flowdppo_video.policy_update import PolicyUpdate
     from flowdppo_video.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +72,10 @@ def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
             knob = GRID[arm][0]
             trainer.adapter.transformer.load_state_dict(start)
             trainer.cfg.objective = dataclasses.replace(cfg.objective, **SETTINGS[arm], **{knob: value})
-            trainer.updater = build_updater(trainer.adapter, trainer.cfg, trainer.par)   # fresh optimizer state
+            # A fresh optimizer and a policy update with this objective (both are built once per run).
+            trainer.updater = build_updater(trainer.adapter, trainer.cfg, trainer.par)
+            trainer.policy_update = PolicyUpdate(trainer.adapter, trainer.cfg, trainer.par, trainer.updater,
+                                                 trainer.device, trainer.elements_per_token)
             t = time.perf_counter()
             out = trainer.update(traj, adv, 0)
             rows.append({"arm": arm, "knob": knob, "value": value,
