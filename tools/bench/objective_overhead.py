@@ -1,8 +1,8 @@
 """Benchmark (c): Flow-DPPO against the ``grpo_clip`` (Flow-GRPO ratio clipping) objective, step time.
 
 One trainer, one model, one stored rollout; the only difference between the two variants is
-``cfg.objective.kind``, switched in place before each call of ``Trainer.update`` (exactly one
-minibatch of ``B`` videos x ``S`` SDE steps, one AdamW step, as in benchmark (b)). Flow-DPPO
+``objective.kind``, swapped in (``trainer.policy_update.objective``) before each call of
+``Trainer.update`` (exactly one minibatch of ``B`` videos x ``S`` SDE steps, one AdamW step, as in benchmark (b)). Flow-DPPO
 computes a per-token mask from the token KL and ratio; grpo_clip a per-row clipped ratio; both
 compute the same token log-probs and the token KL (grpo_clip for its stats).
 
@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
 
 import sys
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -30,14 +31,20 @@ TARGET = 1.02
 
 
 def variants_for(trainer: Any, traj: Any, adv: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    from flowdppo_video.objectives import Objective
+
     def with_objective(kind: str) -> Callable[[], Any]:
+        # The run's objective is built once; each side swaps in its own, built the same way.
+        objective = Objective.from_config(dataclasses.replace(trainer.cfg.objective, kind=kind),
+                                          trainer.elements_per_token)
+
         def step() -> Any:
-            trainer.cfg.objective.kind = kind      # read by Trainer.replay_step on every call
+            trainer.policy_update.objective = objective
             out = trainer.update(traj, adv, 0)
             # Only ratio clipping reports a clip fraction: if the switch stops taking effect (an
             # objective fixed when the trainer is built), both sides would time the same thing.
             if ("ratio/clip_frac" in out) != (kind == "grpo_clip"):
-                raise RuntimeError(f"setting cfg.objective.kind={kind!r} did not change Trainer.update's "
+                raise RuntimeError(f"swapping in the {kind!r} objective did not change Trainer.update's "
                                    "objective: this benchmark must switch objectives another way")
             return out
         return step
