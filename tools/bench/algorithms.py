@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench/algorithms.py --stage seed0 --jobs 2      # run (resumable)
     .venv/bin/python tools/bench/algorithms.py --report                    # tables, plots, matched-KL
+    .venv/bin/python tools/bench/algorithms.py --stage seeds12 --jobs 2 --reuse docs/frontier.json  # a new machine
 
 A trust region is a knob, so each arm is swept over its own: token-wise Flow-DPPO (delta per latent
 element), sample-level Flow-DPPO (the paper's algorithm, delta per element), row-gated Flow-DPPO
@@ -258,6 +259,8 @@ def matched_kl(results: list[dict], epochs: int, key: str = "direction", budgets
     fr = fronts([r for r in results if r["epochs"] == epochs and r["arm"] != "none"], key)
     arms = sorted({a for a, _, _ in fr}, key=list(ARMS).index)
     seeds = sorted({s for _, _, s in fr})
+    if len(arms) < 2:
+        return []
     if budgets is None:
         # Inside every arm's range in every seed: between the largest minimum and the smallest maximum.
         lo = max(min(k for k, _ in pts) for pts in fr.values())
@@ -390,10 +393,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
     ap.add_argument("--report", action="store_true", help="only read finished runs and write the docs")
+    ap.add_argument("--reuse", type=Path, metavar="JSON",
+                    help="finished runs from an earlier sitting (a frontier.json, e.g. the committed "
+                         "docs/frontier.json): counted as done here, so a fresh machine resumes the grid")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (with --tag)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        for r in json.loads(args.reuse.read_text()):
+            done = args.out / run_name(r["arm"], r["value"], r["epochs"], r["seed"], r.get("tag", "")) / "bench.json"
+            if not done.is_file():
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(r, indent=1))
     if args.report:
         results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/bench.json"))]
         if not results:
