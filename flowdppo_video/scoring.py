@@ -11,10 +11,10 @@ Prompts, in this order of precedence:
 
 * ``--prompts FILE``: one line per video, in sorted path order (blank lines and ``#`` lines are
   skipped, as in prompt files); a different count is an error;
-* else, per folder, ``index.json`` (as ``flowdppo-video sample`` and a training run's
-  ``samples/iter_N/`` write it) mapping file names to prompts; or ``prompts.txt`` beside the
-  videos (as ``eval/after_N/`` holds it): line ``i`` is the prompt of the folder's ``i``-th video
-  file in sorted name order (all of the folder's videos, even when only some are scored);
+* else, per folder, ``prompts.txt`` beside the videos (as a run's ``eval/after_N/`` holds it):
+  line ``i`` is the prompt of the folder's ``i``-th video file in sorted name order (all of the
+  folder's videos, even when only some are scored); or else ``index.json`` (as
+  ``flowdppo-video sample`` and a run's ``samples/iter_N/`` write it) mapping file names to prompts;
 * else the empty prompt, with a note (prompt-free rewards such as the motion rewards need none).
 
 Rewards: ``--reward NAME[=WEIGHT]`` (repeatable) and/or ``--rewards-config YAML``, whose
