@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from . import objectives, sde
 from .rollout import Trajectory
@@ -38,7 +39,8 @@ def to_grid(values: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """Per-token values ``(B, N)`` as a map ``(B, F', H', W')`` (``N = F' H' W'``)."""
     if values.ndim != 2 or values.shape[1] != math.prod(grid):
         raise ValueError(f"token values {tuple(values.shape)} do not fit the token grid {grid}")
-    return values.reshape(values.shape[0], *grid)
+    f, h, w = grid
+    return rearrange(values, "b (f h w) -> b f h w", f=f, h=h, w=w)
 
 
 def token_kl_map(mean_new: torch.Tensor, mean_old: torch.Tensor, std: torch.Tensor,
@@ -165,8 +167,9 @@ def save_snapshot(path: str | Path, *, iteration: int, kl: torch.Tensor, drop: t
     grid = token_grid(traj.means.shape[2:], patch)
     keep = snapshot_rows(advantages)
     s = kl.shape[0]
-    kl_maps = kl[:, keep].reshape(s, len(keep), *grid).float().cpu().numpy()
-    drop_maps = drop[:, keep].reshape(s, len(keep), *grid).bool().cpu().numpy()
+    f, h, w = grid
+    kl_maps = rearrange(kl[:, keep], "s b (f h w) -> s b f h w", f=f, h=h, w=w).float().cpu().numpy()
+    drop_maps = rearrange(drop[:, keep], "s b (f h w) -> s b f h w", f=f, h=h, w=w).bool().cpu().numpy()
     out: dict[str, Any] = {
         "iteration": np.int64(iteration), "kl": kl_maps.astype(np.float32), "drop": drop_maps,
         "steps": traj.steps.numpy(), "sigmas": traj.sigmas.numpy(),

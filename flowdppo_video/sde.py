@@ -15,6 +15,7 @@ import math
 from typing import Callable
 
 import torch
+from einops import reduce
 
 SAMPLERS = ("flow_sde", "cps")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -122,10 +123,9 @@ def token_sum(values: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor
     Tokens are in ``(f, h, w)`` row-major order, as the transformer's patch embedding.
     """
     patch_count(values.shape, patch)
-    b, c, f, h, w = values.shape
     pt, ph, pw = patch
-    v = values.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
-    return v.sum(dim=(1, 3, 5, 7)).reshape(b, -1)
+    # Channels and the positions inside a patch are summed; the token axis is (f', h', w') row-major.
+    return reduce(values, "b c (f pt) (h ph) (w pw) -> b (f h w)", "sum", pt=pt, ph=ph, pw=pw)
 
 
 def token_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
