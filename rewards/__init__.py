@@ -21,6 +21,7 @@ from . import vlm  # noqa: F401,E402  (VLM judges; transformers is imported when
 from . import clip  # noqa: F401,E402
 from . import remote  # noqa: F401,E402  (the client of rewards.server)
 from . import motion  # noqa: F401,E402
+from . import videoalign  # noqa: F401,E402  (VideoAlign VideoReward; transformers imported when built)
 
 __all__ = ["REWARDS", "RewardError", "RewardSpec", "build_rewards", "parse_reward_specs", "register", "reward_weights",
            "score_videos"]

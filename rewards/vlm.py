@@ -206,9 +206,10 @@ class QwenVideoPacker:
     with ``torch.nn.functional.interpolate`` and rounding).
     """
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path,
+                 config_names: Sequence[str] = ("video_preprocessor_config.json", "preprocessor_config.json")) -> None:
         cfg: dict = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        for name in config_names:                                  # the first that exists
             if (model_dir / name).is_file():
                 cfg = _read_json(model_dir / name)
                 break
