@@ -413,7 +413,12 @@ class VideoAlignReward:
             raise RewardError(f"the base model {base_dir} is {config.model_type!r}; VideoReward is built on qwen2_vl")
         config.text_config.vocab_size = int(embed.shape[0])
         config.pad_token_id = self.tokenizer.pad_token_id
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=self.dtype)
+        try:                                   # every weight comes from model.pth: skip the random init
+            from transformers.initialization import no_init_weights
+        except ImportError:
+            from contextlib import nullcontext as no_init_weights
+        with no_init_weights():
+            model = Qwen2VLForConditionalGeneration._from_config(config, dtype=self.dtype)
         state.setdefault("lm_head.weight", embed)                        # tied in Qwen2-VL-2B
         result = model.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=False)
         missing = [k for k in result.missing_keys if k != "lm_head.weight"]
