@@ -12,6 +12,10 @@ The checkpoint, in the layout the release publishes (``git clone`` of the VideoR
         model.pth                the whole state dict of the LoRA-wrapped reward model
         tokenizer/               (optional) the base tokenizer with the three reward tokens
 
+or, as the reference's training writes it with ``save_full_model: false``, ``checkpoint-<step>/``
+holding ``adapter_model.safetensors`` (the LoRA adapters) and ``non_lora_state_dict.pth`` (the
+other trained weights), the rest then read from the base model's weights.
+
 The base model (``model_config.model_name_or_path``, Qwen2-VL-2B-Instruct) gives the architecture,
 the tokenizer, the chat template and ``preprocessor_config.json``; pass its local directory as
 ``base`` when ``model_config.json`` names a Hub id. Its weights are not read: ``model.pth`` holds
@@ -304,17 +308,23 @@ class VideoAlignReward:
         self.dtype = _resolve_dtype(dtype, self.device)
 
         ckpt = find_checkpoint(root, step)
-        weights_file = ckpt / "model.pth"
-        if not weights_file.is_file():
+        adapter = [ckpt / "adapter_model.safetensors", ckpt / "non_lora_state_dict.pth"]
+        if not (ckpt / "model.pth").is_file() and not all(f.is_file() for f in adapter):
             have = ", ".join(sorted(p.name for p in ckpt.iterdir())) or "nothing"
-            raise RewardError(f"{ckpt} has no model.pth (the full reward-model state dict the release ships; has {have})")
+            raise RewardError(f"{ckpt} has no model.pth (the full reward-model state dict the release ships) nor "
+                              f"adapter_model.safetensors + non_lora_state_dict.pth; has {have}")
         base_dir = self._base_dir(base, mcfg, root)
         self.path, self.base = root, base_dir
         self.packer = QwenVideoPacker(base_dir, config_names=("preprocessor_config.json",))
         self.factor = self.packer.patch_size * self.packer.merge_size           # 28 for Qwen2-VL
         self.chat_template = VLMJudge._find_chat_template(base_dir)
         self.tokenizer = self._tokenizer(ckpt, base_dir)
-        self.model, self.rm_head = self._load_model(weights_file, base_dir, float(self._lora_scaling(peft)))
+        scaling = float(self._lora_scaling(peft))
+        if (ckpt / "model.pth").is_file():
+            state, where = self._full_state(ckpt / "model.pth", scaling), ckpt / "model.pth"
+        else:
+            state, where = self._adapter_state(ckpt, base_dir, scaling), ckpt
+        self.model, self.rm_head = self._load_model(state, where, base_dir)
 
     # -------------------------------------------------------------------------------- loading
 
@@ -387,16 +397,61 @@ class VideoAlignReward:
             raise RewardError(f"the tokenizer of {src} has no pad token")
         return tok
 
-    def _load_model(self, weights_file: Path, base_dir: Path, scaling: float) -> tuple[Any, torch.nn.Linear]:
+    @staticmethod
+    def _load_state(path: Path) -> Mapping[str, torch.Tensor]:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                raw = load_file(path)
+            else:
+                raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise RewardError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        if not isinstance(raw, Mapping):
+            raise RewardError(f"{path} is not a state dict")
+        return raw
+
+    def _full_state(self, path: Path, scaling: float) -> dict[str, torch.Tensor]:
+        """The release's ``model.pth``: every weight of the LoRA-wrapped model, adapters merged here."""
+        return {_to_current_layout(k): v for k, v in merge_lora_state(self._load_state(path), scaling).items()}
+
+    def _adapter_state(self, ckpt: Path, base_dir: Path, scaling: float) -> dict[str, torch.Tensor]:
+        """The layout of the reference's training with ``save_full_model: false``: the base model's
+        weights (embeddings resized to the tokenizer, as the reference does), overwritten by
+        ``non_lora_state_dict.pth`` (the trained non-LoRA weights: vision tower, reward head, ...),
+        plus the adapters of ``adapter_model.safetensors`` merged into their layers."""
+        from transformers import Qwen2VLForConditionalGeneration
+
+        def plain(k: str) -> str:
+            return _to_current_layout(k.removeprefix("base_model.model.").replace(".base_layer.", "."))
+
+        lora = {plain(k): v for k, v in self._load_state(ckpt / "adapter_model.safetensors").items()}
+        trained = {plain(k): v for k, v in self._load_state(ckpt / "non_lora_state_dict.pth").items()}
+        try:
+            base = Qwen2VLForConditionalGeneration.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
+        except Exception as e:
+            raise RewardError(f"cannot load the base model's weights from {base_dir} (an adapter checkpoint needs "
+                              f"them): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        base.resize_token_embeddings(len(self.tokenizer))
+        state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        del base
+        state.update(trained)
+        for key, a in lora.items():
+            if ".lora_A." not in key:
+                continue
+            module, _, rest = key.partition(".lora_A.")
+            b = lora.get(f"{module}.lora_B.{rest}")
+            if b is None or f"{module}.weight" not in state:
+                raise RewardError(f"{ckpt / 'adapter_model.safetensors'}: the LoRA layer {module} has no lora_B "
+                                  f"or no base weight")
+            w = state[f"{module}.weight"]
+            state[f"{module}.weight"] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+        return state
+
+    def _load_model(self, state: dict[str, torch.Tensor], weights_file: Path, base_dir: Path
+                    ) -> tuple[Any, torch.nn.Linear]:
         from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-        try:
-            raw = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise RewardError(f"cannot read {weights_file}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        if not isinstance(raw, Mapping):
-            raise RewardError(f"{weights_file} is not a state dict")
-        state = {_to_current_layout(k): v for k, v in merge_lora_state(raw, scaling).items()}
         head = state.pop("rm_head.weight", None)
         if head is None:
             raise RewardError(f"{weights_file} has no rm_head.weight (the reward head)")
@@ -419,7 +474,10 @@ class VideoAlignReward:
             from contextlib import nullcontext as no_init_weights
         with no_init_weights():
             model = Qwen2VLForConditionalGeneration._from_config(config, dtype=self.dtype)
-        state.setdefault("lm_head.weight", embed)                        # tied in Qwen2-VL-2B
+        if getattr(config, "tie_word_embeddings", False) or getattr(config.text_config, "tie_word_embeddings", False):
+            state["lm_head.weight"] = embed                                 # tied in Qwen2-VL-2B
+        else:
+            state.setdefault("lm_head.weight", embed)
         result = model.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=False)
         missing = [k for k in result.missing_keys if k != "lm_head.weight"]
         if missing or result.unexpected_keys:

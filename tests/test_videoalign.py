@@ -298,3 +298,29 @@ def test_an_explicit_base_and_step(tiny, tmp_path) -> None:
     assert r(_videos(1), PROMPTS[:1], fps=FPS)["score"].shape == (1,)
     with pytest.raises(RewardError, match="no checkpoint-5/"):
         VideoAlignReward(path, base=str(tiny[1]), step=5, device="cpu")
+
+
+def test_the_adapter_layout_of_the_references_training_scores_the_same(tiny, reward, tmp_path) -> None:
+    """``save_full_model: false`` (train.sh's setting): adapter_model.safetensors (LoRA, adapter name
+    dropped as PEFT saves it) + non_lora_state_dict.pth (the trainable rest); base weights from ``base``."""
+    from safetensors.torch import save_file
+
+    root, base, pm, tok = tiny
+    path = tmp_path / "VideoReward"
+    ckpt = path / "checkpoint-9"
+    (ckpt / "tokenizer").mkdir(parents=True)
+    shutil.copy(root / "model_config.json", path / "model_config.json")
+    tok.save_pretrained(ckpt / "tokenizer")
+    state = {to_445_layout(k): v for k, v in pm.state_dict().items()}
+    save_file({k.replace(".default", ""): v.contiguous() for k, v in state.items() if "lora_" in k},
+              str(ckpt / "adapter_model.safetensors"))
+    trained = ("base_model.model.visual.", "base_model.model.rm_head.", "base_model.model.model.embed_tokens.")
+    torch.save({k: v for k, v in state.items() if k.startswith(trained)}, ckpt / "non_lora_state_dict.pth")
+    videos = _videos(seed=7)
+    got = VideoAlignReward(str(path), device="cpu", min_pixels=MIN_PIXELS, batch_size=3)(videos, PROMPTS, fps=FPS)
+    want = reward(videos, PROMPTS, fps=FPS)
+    for k in ("vq", "mq", "ta", "score"):
+        assert torch.allclose(got[k], want[k], atol=1e-5, rtol=0), (k, got[k], want[k])
+    (ckpt / "non_lora_state_dict.pth").unlink()
+    with pytest.raises(RewardError, match="nor adapter_model.safetensors \\+ non_lora_state_dict.pth"):
+        VideoAlignReward(str(path), device="cpu")
