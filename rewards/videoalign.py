@@ -289,6 +289,9 @@ class VideoAlignReward:
         if mcfg.get("reward_token", "special") != "special" or not mcfg.get("use_special_tokens", True):
             raise RewardError(f"{root}: only reward_token: special checkpoints (the release) are supported, "
                               f"got reward_token {mcfg.get('reward_token')!r}")
+        if data.get("sample_type", "uniform") != "uniform":
+            raise RewardError(f"{root}: only data_config.sample_type: uniform (the release's) is supported, "
+                              f"got {data.get('sample_type')!r}")
         self.output_dim = int(mcfg.get("output_dim", 1))
         if self.output_dim not in (1, 3):
             raise RewardError(f"{root}: model_config.output_dim must be 1 or 3, got {self.output_dim}")
