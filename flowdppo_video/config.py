@@ -64,6 +64,9 @@ class ModelConfig:
     # HunyuanVideo: the embedded (distilled) guidance scale fed to the transformer, part of the
     # policy; null = the family's default (HunyuanVideo 6.0).
     embedded_guidance: float | None = None
+    # Keep the text encoder(s) after the run's prompts are encoded (at its start, cached in
+    # RUN_DIR/text_cache.safetensors): needed only when prompts change during a run.
+    keep_text_encoder: bool = False
 
 
 @dataclass

@@ -110,8 +110,12 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
         if engine and z == 3:
             b /= world
         host = b if (engine and par.offload_params) else 0.0
+        note = "sharded over the world (ZeRO-3)" if engine and z == 3 else ""
+        if p.name in adapter.TEXT_ENCODERS and not cfg.model.keep_text_encoder:
+            # Resident only while the run's prompts are encoded at its start (models/text_cache.py).
+            b, note = 0.0, f"released after encoding the prompts ({fmt_bytes(p.nbytes)} at start; model.keep_text_encoder)"
         rows.append(Row(("trained: " if p.role == "trained" else "frozen: ") + p.name, p.numel,
-                        p.dtypes, b - host, host, "sharded over the world (ZeRO-3)" if engine and z == 3 else ""))
+                        p.dtypes, b - host, host, note))
     # ---- gradients
     g = float(sum(t.numel() * t.element_size() for t in trained))
     if z >= 2:

@@ -194,11 +194,11 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     rows = rows or slice(0, full)
     batch_prompts = [p for p in prompts for _ in range(group_size)][rows]
     b = len(batch_prompts)
-    text = adapter.encode_prompts(batch_prompts)
+    text = adapter.prompt_text(batch_prompts)            # the run's cached rows, or encoded now
     g2 = sampler.guidance_scale_2 if adapter.num_experts > 1 else None
     cfg_on = sampler.guidance_scale != 1.0 or (g2 is not None and g2 != 1.0)
     # Per row: an image-to-video model keeps each row's image in its unconditional branch.
-    text_u = adapter.encode_negative(negative_prompt or "", batch_prompts) if cfg_on else None
+    text_u = adapter.negative_text(negative_prompt or "", batch_prompts) if cfg_on else None
 
     schedule = sde.flow_schedule(sampler.num_steps, sampler.shift)
     steps = _choose_steps(adapter, sampler, generator, schedule)

@@ -28,6 +28,7 @@ from .fsio import check_output_dir, naming
 from .images import attach_images, run_images
 from .metrics import import_wandb, truncate_metrics
 from .models import build_adapter
+from .models.text_cache import CACHE_FILE, cache_run_prompts
 from .objectives import ObjectiveOutput
 from .parallel.groups import ParallelState, adopt_launcher_settings, check_layout, init_parallel
 from .parallel.sequence import apply_sequence_parallel
@@ -67,6 +68,9 @@ class Trainer:
         v = cfg.video
         self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
         attach_images(self.adapter, images, cfg)
+        # Every prompt encoded once, then the text encoder released (model.keep_text_encoder keeps it).
+        self.text_stats = cache_run_prompts(self.adapter, cfg, self.prompts + (self.eval_prompts or []), images,
+                                            self.run_dir, cfg.run.progress and self.par.is_main)
         _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
         self.updater = build_updater(self.adapter, cfg, self.par)
         self.policy_update = PolicyUpdate(self.adapter, cfg, self.par, self.updater, self.device,
@@ -85,6 +89,9 @@ class Trainer:
             raise TrainingError(f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
                                 "or another run.output_dir")
         self.par.barrier("start")             # every rank has looked before rank 0 writes
+        if self.is_main and self.text_stats["text/encoded_prompts"]:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.adapter.text_cache.save(self.run_dir / CACHE_FILE)
         self.artifacts = RunArtifacts(cfg, self.run_dir, self.par.is_main,
                                       purge=self.start_iteration if resume else None)
 

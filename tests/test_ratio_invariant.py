@@ -46,7 +46,7 @@ def test_ratio_is_one_before_update(tmp_path, kind, guidance, lora_rank, cfg_bat
 
 def test_ratio_detects_a_changed_policy(tmp_path):
     """The check above is not vacuous: a perturbed transformer moves the token log-ratio."""
-    cfg = tiny_config(tmp_path, "sampler.guidance_scale=3.0")
+    cfg = tiny_config(tmp_path, "sampler.guidance_scale=3.0", "data.prompts=[a red ball]")
     trainer = Trainer(cfg)
     traj = rollout(trainer.adapter, ["a red ball"], 2, trainer.latent_shape, cfg.sampler,
                    torch.Generator().manual_seed(1), progress=False, decode=False)
@@ -57,7 +57,7 @@ def test_ratio_detects_a_changed_policy(tmp_path):
 
 
 def test_trajectory_contents(tmp_path):
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, "model.keep_text_encoder=true")     # prompts outside the run's
     trainer = Trainer(cfg)
     traj = rollout(trainer.adapter, ["a", "b"], 2, trainer.latent_shape, cfg.sampler,
                    torch.Generator().manual_seed(3), progress=False)

@@ -6,11 +6,14 @@ import abc
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
 from ..exceptions import ModelError  # noqa: F401 (defined at the bottom, importable here as always)
+
+if TYPE_CHECKING:
+    from .text_cache import TextCache
 
 
 class TextBatch:
@@ -120,6 +123,48 @@ class VideoFlowAdapter(abc.ABC):
     def set_images(self, images: dict[str, Any], num_frames: int, height: int, width: int) -> None:
         """Condition ``prompt -> image`` (PIL RGB images) for videos of that size."""
         raise ModelError("this model is text-to-video: it takes no conditioning images")
+
+    # Set by :func:`flowdppo_video.models.text_cache.cache_prompts`: conditioning encoded once at the
+    # start of a run, served by :meth:`prompt_text` / :meth:`negative_text` without the text encoders.
+    text_cache: "TextCache | None" = None
+    # The attributes holding frozen text encoders (those set on an adapter); released after caching.
+    TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+
+    def prompt_text(self, prompts: list[str]) -> "Text":
+        """The conditioning of ``prompts`` as the rollout uses it: rows of the run's cache when there
+        is one (bit-identical to :meth:`encode_prompts`), else :meth:`encode_prompts`."""
+        if self.text_cache is None:
+            return self.encode_prompts(prompts)
+        return self.text_cache.rows(self, None, prompts)
+
+    def negative_text(self, negative_prompt: str, prompts: list[str]) -> "Text":
+        """The unconditional conditioning of the rows ``prompts`` (:meth:`encode_negative`), cached alike."""
+        if self.text_cache is None:
+            return self.encode_negative(negative_prompt, prompts)
+        return self.text_cache.rows(self, negative_prompt, prompts)
+
+    def text_encoders_resident(self) -> bool:
+        """Whether any text encoder is still in memory (False after :meth:`release_text_encoders`)."""
+        return any(isinstance(getattr(self, a, None), torch.nn.Module) for a in self.TEXT_ENCODERS)
+
+    def release_text_encoders(self) -> int:
+        """Drop the text encoders (and the families' per-prompt caches on the device); returns the
+        bytes of parameters released. Prompts not cached by then can no longer be encoded."""
+        freed = 0
+        for attr in self.TEXT_ENCODERS:
+            m = getattr(self, attr, None)
+            if isinstance(m, torch.nn.Module):
+                freed += sum(p.numel() * p.element_size() for p in m.parameters())
+                setattr(self, attr, None)
+        for attr in ("_text_cache", "_negative_cache"):     # the families' own rows, now in text_cache
+            if isinstance(getattr(self, attr, None), dict):
+                getattr(self, attr).clear()
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
 
     def encode_negative(self, negative_prompt: str, prompts: list[str]) -> "Text":
         """The unconditional (CFG) conditioning of the rows ``prompts``: the negative prompt's text;

@@ -1,0 +1,76 @@
+"""Prompts encoded once per run (models/text_cache.py): the text encoder is released, the cached rows
+give bit-identical rollouts and replays, the file in the run directory is reused on resume and
+re-encoded for a changed prompt or model, and the planner counts the encoder as gone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowdppo_video import sde
+from flowdppo_video.models.base import ModelError
+from flowdppo_video.models.text_cache import CACHE_FILE, TextCache, cache_prompts
+from flowdppo_video.planner import plan_memory
+from flowdppo_video.rollout import rollout, step_mean
+from flowdppo_video.trainer import Trainer
+
+from .conftest import tiny_config
+
+PROMPTS = ["a red ball rolls to the left", "a blue square slides up"]
+
+
+def _rollout(trainer: Trainer, cfg) -> tuple:
+    traj = rollout(trainer.adapter, PROMPTS, 2, trainer.latent_shape, cfg.sampler, torch.Generator().manual_seed(3),
+                   "blurry", progress=False)
+    with torch.no_grad():
+        logps = [sde.token_log_prob(traj.next_latents[:, j], step_mean(trainer.adapter, traj, j), traj.stds[:, j],
+                                    trainer.adapter.patch_size) for j in range(traj.num_sde_steps)]
+    return traj, torch.stack(logps)
+
+
+def test_cached_prompts_give_identical_videos_and_log_probs(tmp_path):
+    over = ("sampler.guidance_scale=3.0", "data.negative_prompt=blurry", f"data.prompts={PROMPTS}")
+    cfg = tiny_config(tmp_path / "a", *over)
+    cached = Trainer(cfg)
+    assert cached.adapter.text_encoder is None and not cached.adapter.text_encoders_resident()
+    assert cached.text_stats["text/encoder_released_bytes"] > 0
+    assert (cached.run_dir / CACHE_FILE).is_file()
+    # Today's path: the encoder kept and no cache, every prompt encoded inside the rollout.
+    cfg_b = tiny_config(tmp_path / "b", *over, "model.keep_text_encoder=true")
+    plain = Trainer(cfg_b)
+    assert plain.adapter.text_encoders_resident()
+    plain.adapter.text_cache = None
+    plain.adapter._text_cache.clear()
+    (ta, la), (tb, lb) = _rollout(cached, cfg), _rollout(plain, cfg_b)
+    assert torch.equal(ta.videos, tb.videos) and torch.equal(ta.final, tb.final)
+    assert torch.equal(ta.means, tb.means) and torch.equal(la, lb)
+    # Invariant 1 on the cached path: replay gives mu_old exactly as stored.
+    _, _, log_ratio = cached.replay_step(ta, 0, torch.ones(ta.batch_size))
+    assert float(log_ratio.abs().max()) < 1e-5
+    # A prompt the run never saw: refused in one line naming the key.
+    with pytest.raises(ModelError, match="model.keep_text_encoder"):
+        cached.adapter.prompt_text(["an unseen prompt"])
+    # Kept, the encoder serves an unseen prompt.
+    assert plain.adapter.prompt_text(["an unseen prompt"]).shape[0] == 1
+
+
+def test_cache_file_reused_and_keyed_by_prompt_and_model(tmp_path):
+    cfg = tiny_config(tmp_path, f"data.prompts={PROMPTS}", "model.keep_text_encoder=true", "sampler.guidance_scale=1.0")
+    trainer = Trainer(cfg)
+    path = trainer.run_dir / CACHE_FILE
+    adapter, key = trainer.adapter, trainer.adapter.text_cache.key
+    first = trainer.adapter.text_cache.entries[(None, PROMPTS[0])]
+    stats = cache_prompts(adapter, PROMPTS, None, key, path, keep_encoder=True, progress=False)
+    assert stats["text/cached_prompts"] == 2 and stats["text/encoded_prompts"] == 0     # resume: read back
+    assert torch.equal(adapter.text_cache.entries[(None, PROMPTS[0])], first)
+    stats = cache_prompts(adapter, PROMPTS + ["a new prompt"], None, key, path, keep_encoder=True, progress=False)
+    assert stats["text/encoded_prompts"] == 1                                            # only the changed one
+    assert TextCache("another model").load(path) == 0                                    # another model: none
+    stats = cache_prompts(adapter, PROMPTS, None, "another model", path, keep_encoder=False, progress=False)
+    assert stats["text/encoded_prompts"] == 2 and not adapter.text_encoders_resident()
+
+
+def test_planner_counts_the_released_encoder(tmp_path):
+    released = plan_memory(tiny_config(tmp_path), 1).row("frozen: text_encoder")
+    kept = plan_memory(tiny_config(tmp_path, "model.keep_text_encoder=true"), 1).row("frozen: text_encoder")
+    assert released.device == 0 and "released" in released.note and kept.device > 0
