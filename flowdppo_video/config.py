@@ -67,6 +67,10 @@ class ModelConfig:
     # Keep the text encoder(s) after the run's prompts are encoded (at its start, cached in
     # RUN_DIR/text_cache.safetensors): needed only when prompts change during a run.
     keep_text_encoder: bool = False
+    # diffusers' attention dispatcher backend of the transformer(s): "native" (PyTorch SDPA), or
+    # "flash", "sage", "_native_cudnn", ... where installed (see flowdppo_video/models/speed.py).
+    attention_backend: str = "native"
+    compile: bool = False                 # torch.compile each repeated transformer block (regional)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..resources import resolve
 from .base import ModelError, SequenceParallelPlan, TextBatch, VideoFlowAdapter
 from .registry import FamilySpec, families, family, family_of_pipeline, register, spec_for
+from .speed import apply_speed_switches
 
 
 def checkpoint_family(path: Path) -> str | None:
@@ -66,6 +67,7 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
         adapter.enable_full_finetune(keep_reference)
     if cfg.gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
+    apply_speed_switches(adapter, cfg.attention_backend, cfg.compile)   # after LoRA: what is compiled is final
     return adapter
 
 
