@@ -38,6 +38,8 @@ class RunConfig:
                                           # snapshots (also the first and last iteration); 0 = no report
     wandb: bool = False                   # also log to Weights & Biases (optional package; offline unless
                                           # WANDB_MODE says otherwise)
+    peak_tflops: float | None = None      # the GPU's dense peak for perf/mfu (null: flowdppo_video/perf.py's
+                                          # table of H100/H200/A100/H20/L40S by the device's name)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .objectives import ObjectiveOutput
 from .parallel.groups import ParallelState, adopt_launcher_settings, check_layout, init_parallel
 from .parallel.sequence import apply_sequence_parallel
 from .parallel.updaters import build_updater
+from .perf import Throughput
 from .policy_update import PolicyUpdate
 from .rollout import Trajectory, rollout
 from .run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
@@ -73,6 +74,7 @@ class Trainer:
                                             self.run_dir, cfg.run.progress and self.par.is_main)
         _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
         self.updater = build_updater(self.adapter, cfg, self.par)
+        self.perf = Throughput(self.adapter, cfg, self.device, self.latent_shape)
         self.policy_update = PolicyUpdate(self.adapter, cfg, self.par, self.updater, self.device,
                                           self.elements_per_token)
         # The global generators, for code outside the trainer's own seeded streams (a user's reward
@@ -154,6 +156,9 @@ class Trainer:
     def train_iteration(self, it: int) -> tuple[Trajectory, dict[str, Any]]:
         cfg = self.cfg
         prompts = prompts_for_iteration(self.prompts, it, cfg.data.prompts_per_iteration, cfg.run.seed)
+        if self.perf.wants_flops:                     # once, on CUDA: one forward's FLOPs for perf/mfu
+            with self.updater.rollout():
+                self.perf.count(prompts[0])
         t0 = time.perf_counter()
         par = self.par
         share = len(prompts) * cfg.data.group_size // par.dp     # this DP rank's videos
@@ -193,6 +198,8 @@ class Trainer:
                     "advantage/zero_std_groups": adv_stats["zero_std_groups"], "videos/nonfinite": nonfinite, **upd,
                     "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
                     "sde_steps": traj.steps.tolist()})
+        row.update(self.perf.metrics(traj.batch_size, share, traj.num_sde_steps, traj.text_uncond is not None,
+                                     t1 - t0, t3 - t2, time.perf_counter() - t0))
         return traj, row
 
     # ------------------------------------------------------------------ the update
