@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from flowdppo_video import sde
+from flowdppo_video.config import load_config
+from flowdppo_video.images import load_run_images
+from flowdppo_video.models import build_adapter
 from flowdppo_video.models.base import ModelError
 from flowdppo_video.models.text_cache import CACHE_FILE, TextCache, cache_prompts
 from flowdppo_video.planner import plan_memory
 from flowdppo_video.rollout import rollout, step_mean
 from flowdppo_video.trainer import Trainer
 
-from .conftest import tiny_config
+from .conftest import ROOT, tiny_config
 
 PROMPTS = ["a red ball rolls to the left", "a blue square slides up"]
 
@@ -74,3 +77,21 @@ def test_planner_counts_the_released_encoder(tmp_path):
     released = plan_memory(tiny_config(tmp_path), 1).row("frozen: text_encoder")
     kept = plan_memory(tiny_config(tmp_path, "model.keep_text_encoder=true"), 1).row("frozen: text_encoder")
     assert released.device == 0 and "released" in released.note and kept.device > 0
+
+
+@pytest.mark.parametrize("config", ["hunyuan_tiny.yaml", "hunyuan15_tiny.yaml", "wan_i2v_tiny.yaml",
+                                    "hunyuan_i2v_tiny.yaml"])
+def test_cached_rows_equal_the_encoders_for_every_conditioning(tmp_path, images, config):
+    """TextBatch conditionings and image-to-video ones (image latents, CLIP states, Llava states of the
+    image; the negative keeps each row's image): the cached rows are the encoder's tensors, bit for bit."""
+    over = [f"data.prompts={PROMPTS}", f"data.images={images}"] if "i2v" in config else []
+    cfg = load_config(ROOT / "configs" / config, [f"run.output_dir={tmp_path / 'run'}", *over])
+    plain, adapter = (build_adapter(cfg.model, torch.device("cpu")) for _ in range(2))   # no shared caches
+    if adapter.takes_images:
+        load_run_images(plain, cfg), load_run_images(adapter, cfg)
+    rows = PROMPTS[::-1] + PROMPTS                       # repeated and reordered, as a rollout's batch
+    want, want_u = plain.encode_prompts(rows), plain.encode_negative("blurry", rows)
+    cache_prompts(adapter, PROMPTS, "blurry", "k", None, progress=False)
+    assert not adapter.text_encoders_resident()
+    for a, b in ((adapter.prompt_text(rows), want), (adapter.negative_text("blurry", rows), want_u)):
+        assert a.parts.keys() == b.parts.keys() and all(torch.equal(a.parts[k], b.parts[k]) for k in a.parts)

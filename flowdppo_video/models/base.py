@@ -156,7 +156,7 @@ class VideoFlowAdapter(abc.ABC):
             if isinstance(m, torch.nn.Module):
                 freed += sum(p.numel() * p.element_size() for p in m.parameters())
                 setattr(self, attr, None)
-        for attr in ("_text_cache", "_negative_cache"):     # the families' own rows, now in text_cache
+        for attr in ("_text_cache", "_negative_cache", "_cond_cache"):   # the families' rows, now in text_cache
             if isinstance(getattr(self, attr, None), dict):
                 getattr(self, attr).clear()
         import gc

@@ -60,6 +60,8 @@ class WanI2VAdapter(WanAdapter):
     TINY = TINY_I2V_INIT
     CONDITION_LABEL = "image condition channels"
     takes_images = True
+    # The CLIP image states are cached with each prompt's row too: the image encoder goes with UMT5.
+    TEXT_ENCODERS = ("text_encoder", "image_encoder")
 
     def __init__(self, *args: Any, image_encoder: torch.nn.Module | None = None, image_processor: Any = None,
                  **kwargs: Any) -> None:
