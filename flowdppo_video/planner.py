@@ -101,6 +101,7 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     rows: list[Row] = []
     # ---- parameters
     trained = [t for p in parts if p.role == "trained" for t in p.tensors]
+    released = 0.0                                      # text encoders freed after the start
     for p in parts:
         if not p.counted:
             rows.append(Row(p.name, None, "-", None, 0.0, "no config.json for this part: not counted"))
@@ -113,6 +114,7 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
         note = "sharded over the world (ZeRO-3)" if engine and z == 3 else ""
         if p.name in adapter.TEXT_ENCODERS and not cfg.model.keep_text_encoder:
             # Resident only while the run's prompts are encoded at its start (models/text_cache.py).
+            released += b
             b, note = 0.0, f"released after encoding the prompts ({fmt_bytes(p.nbytes)} at start; model.keep_text_encoder)"
         rows.append(Row(("trained: " if p.role == "trained" else "frozen: ") + p.name, p.numel,
                         p.dtypes, b - host, host, note))
@@ -174,8 +176,12 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     static = sum(r.device or 0.0 for r in rows if not r.name.startswith("activations"))
     update = on_k + on_r if ck else off_k
     total = static + max(update, roll)
-    rows.append(Row("total per GPU (config checkpointing; max of update, rollout)", None, "", total,
-                    sum(r.host for r in rows), ""))
+    # At the start the encoders sit beside the VAE (the transformers wait on the host, models/text_cache.py).
+    start = released + sum(float(p.nbytes) for p in parts if p.counted and not p.name.startswith("transformer")
+                           and p.name not in adapter.TEXT_ENCODERS)
+    rows.append(Row("total per GPU (config checkpointing; max of update, rollout)", None, "", max(total, start),
+                    sum(r.host for r in rows), f"the start is the peak: {fmt_bytes(start)} while the prompts are "
+                    "encoded" if start > total else ""))
     src = str(model_config) if model_config is not None else (cfg.model.path or "model.init")
     header = [
         f"model: {cfg.model.family} from {src}; dtype {cfg.model.dtype}; "
@@ -194,6 +200,9 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
         "not included: CUDA context and allocator fragmentation (~1-3 GiB), NCCL / all-to-all buffers, "
         "the VAE decode's peak, the trajectory buffers",
     ]
+    if not cfg.model.keep_text_encoder:
+        notes.append("text encoders: resident only while the run's prompts are encoded at its start (the "
+                     "transformers wait on the host meanwhile); the cached embeddings stay on the host")
     if missing:
         notes.append(f"no config.json for {', '.join(missing)}: those rows are not counted")
     return Plan(header, rows, notes)

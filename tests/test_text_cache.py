@@ -4,6 +4,8 @@ re-encoded for a changed prompt or model, and the planner counts the encoder as 
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -74,9 +76,28 @@ def test_cache_file_reused_and_keyed_by_prompt_and_model(tmp_path):
 
 
 def test_planner_counts_the_released_encoder(tmp_path):
-    released = plan_memory(tiny_config(tmp_path), 1).row("frozen: text_encoder")
+    plan = plan_memory(tiny_config(tmp_path), 1)
+    released = plan.row("frozen: text_encoder")
     kept = plan_memory(tiny_config(tmp_path, "model.keep_text_encoder=true"), 1).row("frozen: text_encoder")
     assert released.device == 0 and "released" in released.note and kept.device > 0
+    # The start (encoder and VAE; the transformer on the host) still counts toward the peak.
+    assert plan.row("total").device >= kept.device + plan.row("frozen: vae").device
+
+
+def test_transformers_wait_on_the_host_while_encoding(tmp_path):
+    adapter = build_adapter(tiny_config(tmp_path).model, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in adapter.transformer.named_parameters()}
+    encode, seen = adapter.encode_prompts, []
+
+    def spy(prompts):
+        seen.append([c.args for c in moved.call_args_list])
+        return encode(prompts)
+
+    with mock.patch.object(adapter.transformer, "to", wraps=adapter.transformer.to) as moved, \
+            mock.patch.object(adapter, "encode_prompts", side_effect=spy):
+        cache_prompts(adapter, PROMPTS, None, "k", None, progress=False, offload_transformers=True)
+    assert seen[0] == [("cpu",)] and moved.call_args_list[-1].args == (adapter.device,)   # out, then back
+    assert all(torch.equal(p, before[n]) for n, p in adapter.transformer.named_parameters())
 
 
 @pytest.mark.parametrize("config", ["hunyuan_tiny.yaml", "hunyuan15_tiny.yaml", "wan_i2v_tiny.yaml",

@@ -3,7 +3,8 @@
 Wan's UMT5-XXL (5.7B parameters) outweighs the 1.3B transformer it conditions, yet a run's prompts
 are known at its start. :func:`cache_prompts` encodes every training and held-out prompt (and the
 CFG negative of each) in batches, keeps the rows on the CPU, writes them to
-``RUN_DIR/text_cache.safetensors`` (read back on resume) and releases the encoders.
+``RUN_DIR/text_cache.safetensors`` (read back on resume) and releases the encoders. On a GPU the
+transformers wait in host memory meanwhile, so the start is no peak of its own.
 ``model.keep_text_encoder: true`` keeps them, for runs whose prompts change.
 
 The rows are what the adapter's own ``encode_prompts`` / ``encode_negative`` returned, sliced and
@@ -18,10 +19,11 @@ file is re-encoded where it changed and a changed model from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -132,14 +134,34 @@ def model_key(model: Any, video: tuple[int, int, int], images: dict[str, Any] | 
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+@contextlib.contextmanager
+def _transformers_on_host(adapter: VideoFlowAdapter, on: bool) -> Iterator[None]:
+    """Within: the transformers (experts, reference copies) in host memory, so the encoders' start is
+    not a peak above training's; moved back after (``Module.to``: the same parameters, bit-exact)."""
+    mods = list({id(m): m for m in list(adapter.experts) + list(adapter.reference_copies().values())}.values())
+    if not on:
+        yield
+        return
+    for m in mods:
+        m.to("cpu")
+    if adapter.device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.to(adapter.device)
+
+
 def cache_prompts(adapter: VideoFlowAdapter, prompts: list[str], negative: str | None, key: str,
                   path: Path | None, *, keep_encoder: bool = False, batch_size: int = 8, progress: bool = True,
-                  write: bool = True) -> dict[str, float]:
+                  write: bool = True, offload_transformers: bool = False) -> dict[str, float]:
     """Encode ``prompts`` (and, with ``negative``, their CFG negatives) once, install the cache on the
     adapter, and release its text encoders unless ``keep_encoder``.
 
     ``path``: the cache file read first and written after (``write``: this process writes it; other
-    ranks of a run read or encode alike). Returns ``{"text/cached_prompts", "text/encoded_prompts",
+    ranks of a run read or encode alike). ``offload_transformers``: hold the transformers in host
+    memory while encoding. Returns ``{"text/cached_prompts", "text/encoded_prompts",
     "text/encoder_released_bytes"}``.
     """
     cache = TextCache(key)
@@ -151,11 +173,12 @@ def cache_prompts(adapter: VideoFlowAdapter, prompts: list[str], negative: str |
         raise ModelError("the text encoder was released before every prompt was encoded "
                          "(model.keep_text_encoder)")
     bar = tqdm(total=len(jobs), desc="encoding prompts", unit="prompt", disable=not progress or not jobs)
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        for neg in dict.fromkeys(n for n, _ in chunk):      # a batch holds one kind (the two kinds meet once)
-            cache.fill(adapter, neg, [p for n, p in chunk if n == neg])
-        bar.update(len(chunk))
+    with _transformers_on_host(adapter, offload_transformers and bool(jobs)):
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            for neg in dict.fromkeys(n for n, _ in chunk):      # a batch holds one kind (the two meet once)
+                cache.fill(adapter, neg, [p for n, p in chunk if n == neg])
+            bar.update(len(chunk))
     bar.close()
     if jobs and path is not None and write:
         cache.save(path)
@@ -175,5 +198,13 @@ def cache_run_prompts(adapter: VideoFlowAdapter, cfg: Any, prompts: list[str], i
     cfg_on = s.guidance_scale != 1.0 or (g2 is not None and g2 != 1.0)
     v = cfg.video
     key = model_key(cfg.model, (v.num_frames, v.height, v.width), images)
-    return cache_prompts(adapter, prompts, cfg.data.negative_prompt if cfg_on else None, key, run_dir / CACHE_FILE,
-                         keep_encoder=cfg.model.keep_text_encoder, progress=progress, write=False)
+    stats = cache_prompts(adapter, prompts, cfg.data.negative_prompt if cfg_on else None, key, run_dir / CACHE_FILE,
+                          keep_encoder=cfg.model.keep_text_encoder, progress=progress, write=False,
+                          offload_transformers=adapter.device.type == "cuda" and not cfg.model.keep_text_encoder)
+    if progress:
+        freed = stats["text/encoder_released_bytes"]
+        tqdm.write(f"prompt conditioning: {stats['text/encoded_prompts']:.0f} rows encoded, "
+                   f"{stats['text/cached_prompts']:.0f} read from {run_dir / CACHE_FILE}; "
+                   + (f"text encoder released ({freed / 2 ** 30:.2f} GiB)" if freed else
+                      "text encoder kept (model.keep_text_encoder)"))
+    return stats
