@@ -42,6 +42,7 @@ def _worst_log_ratio(tmp_path, *overrides: str, groups: tuple = ([0, 1, 2, 3], [
     ("bogus", "model.attention_backend 'bogus' is not one of"),
     ("flash_hub", "model.attention_backend 'flash_hub' is not one of"),      # Hub downloads: refused
     ("cudnn", "model.attention_backend 'cudnn' needs a CUDA device"),
+    ("flex", "model.attention_backend 'flex' needs a CUDA device"),          # no backward on the CPU
     ("xformers", "model.attention_backend 'xformers' needs (the xformers package|a CUDA device)")])
 def test_unavailable_backends_are_refused_in_one_line(tiny_cfg, name, match):
     tiny_cfg.model.attention_backend = name

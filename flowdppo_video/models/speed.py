@@ -23,8 +23,9 @@ ALIASES = {"sdpa": "native", "cudnn": "_native_cudnn", "flash3": "_flash_3", "fl
 _PACKAGES = {"flash": "flash_attn", "flash_varlen": "flash_attn", "_flash_3": "flash_attn_interface",
              "_flash_varlen_3": "flash_attn_interface", "sage": "sageattention", "sage_varlen": "sageattention",
              "xformers": "xformers"}
+# Backends that need a GPU (flex runs forward on the CPU but has no backward there: training fails).
 _CUDA_ONLY = ("flash", "_flash", "sage", "_sage", "xformers", "_native_cudnn", "_native_flash",
-              "_native_efficient")
+              "_native_efficient", "flex")
 
 
 def attention_backend(name: str, device: torch.device) -> str:
