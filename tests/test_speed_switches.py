@@ -52,9 +52,13 @@ def test_unavailable_backends_are_refused_in_one_line(tiny_cfg, name, match):
 
 
 def test_invariant_one_with_another_attention_backend(tmp_path):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry._active_backend
     trainer, worst = _worst_log_ratio(tmp_path, "model.attention_backend=_native_math")
     attn = trainer.adapter.transformer.blocks[0].attn1
     assert getattr(attn.processor, "_attention_backend").value == "_native_math"
+    assert _AttentionBackendRegistry._active_backend == default      # the process default is left alone
     assert worst < 1e-5
 
 

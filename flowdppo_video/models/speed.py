@@ -60,10 +60,17 @@ def apply_speed_switches(adapter: VideoFlowAdapter, backend: str = "native", com
             if not hasattr(t, "set_attention_backend"):
                 raise ModelError(f"model.attention_backend {backend!r}: a {type(t).__name__} has no attention "
                                  "dispatcher (leave it native)")
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            # diffusers also makes the backend the process-wide default; keep it on these processors
+            # only, so other models in the process (rewards, a second adapter) are left as they were.
+            active = _AttentionBackendRegistry._active_backend
             try:
                 t.set_attention_backend(key)
             except (RuntimeError, ValueError, ImportError) as e:     # diffusers' own requirement checks
                 raise ModelError(f"model.attention_backend {backend!r}: {str(e).splitlines()[0]}") from None
+            finally:
+                _AttentionBackendRegistry.set_active_backend(active)
         if compile_blocks:
             if not getattr(t, "_repeated_blocks", None):
                 raise ModelError(f"model.compile: a {type(t).__name__} names no repeated blocks to compile")
