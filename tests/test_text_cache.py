@@ -57,6 +57,11 @@ def test_cached_prompts_give_identical_videos_and_log_probs(tmp_path):
         cached.adapter.prompt_text(["an unseen prompt"])
     # Kept, the encoder serves an unseen prompt.
     assert plain.adapter.prompt_text(["an unseen prompt"]).shape[0] == 1
+    # Resumed, the run reads its rows back and encodes nothing.
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.text_stats["text/encoded_prompts"] == 0 and resumed.text_stats["text/cached_prompts"] == 4
+    ta2, la2 = _rollout(resumed, cfg)
+    assert torch.equal(ta2.videos, ta.videos) and torch.equal(la2, la)
 
 
 def test_cache_file_reused_and_keyed_by_prompt_and_model(tmp_path):
