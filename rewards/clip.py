@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .common import check_videos, checkpoint_dir, positive, read_json, resolve_device, resolve_dtype
 from .registry import RewardError, register
-from .vlm import _check_videos, _checkpoint_dir, _positive, _read_json, _resolve_device, _resolve_dtype
 
 
 def frame_indices(num_frames: int, frames: int) -> list[int]:
@@ -49,10 +49,10 @@ class ClipAlignment:
 
     def __init__(self, model: str, frames: int = 4, batch_size: int = 8, device: str = "auto",
                  dtype: str = "auto") -> None:
-        self.frames, self.batch_size = _positive("frames", frames, int), _positive("batch_size", batch_size, int)
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
-        self.path = path = _checkpoint_dir(model)
+        self.frames, self.batch_size = positive("frames", frames, int), positive("batch_size", batch_size, int)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.path = path = checkpoint_dir(model)
         from transformers import AutoModel, AutoProcessor
 
         try:
@@ -66,7 +66,7 @@ class ClipAlignment:
         self.model.to(self.device).eval()
         self.siglip = hasattr(self.model, "logit_bias")
         # SigLIP was trained on max_length-padded text; CLIP pads to the longest prompt.
-        model_type = _read_json(path / "config.json").get("model_type", "")
+        model_type = read_json(path / "config.json").get("model_type", "")
         self.text_kwargs = {"padding": "max_length"} if self.siglip or "siglip" in model_type else {"padding": True}
 
     @torch.inference_mode()
@@ -85,7 +85,7 @@ class ClipAlignment:
         return torch.einsum("bnd,bd->bn", img_e, txt_e).cpu()
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
-        _check_videos(videos, prompts)       # fps unused: frames are judged one by one
+        check_videos(videos, prompts)       # fps unused: frames are judged one by one
         cos = torch.cat([self.cosines(videos[s:s + self.batch_size], prompts[s:s + self.batch_size])
                          for s in range(0, videos.shape[0], self.batch_size)])             # (B, n)
         if self.siglip:

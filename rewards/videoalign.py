@@ -54,8 +54,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .common import check_videos, positive, resolve_device, resolve_dtype
+from .qwen_video import VIDEO_TOKEN, QwenVideoPacker, find_chat_template
 from .registry import RewardError, register
-from .vlm import VIDEO_TOKEN, QwenVideoPacker, VLMJudge, _check_videos, _positive, _resolve_device, _resolve_dtype
 
 COMPONENTS = ("vq", "mq", "ta")
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
@@ -190,7 +191,7 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ checkpoint
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -280,7 +281,7 @@ class VideoAlignReward:
             raise RewardError(f"model must be a local VideoReward directory, got {str(model)!r}")
         if not (root / "model_config.json").is_file():
             raise RewardError(f"{root} is not a VideoReward checkpoint: missing model_config.json")
-        cfg = _read_json(root / "model_config.json", "VideoReward config")
+        cfg = read_json(root / "model_config.json", "VideoReward config")
         for section in ("data_config", "model_config"):
             if not isinstance(cfg.get(section), dict):
                 raise RewardError(f"{root / 'model_config.json'} has no {section} section")
@@ -298,17 +299,17 @@ class VideoAlignReward:
         self.weights = self._weights(weights)
         self.normalize = bool(normalize)
         self.stats = self._stats(cfg.get("inference_config"), root) if self.normalize else None
-        self.sample_fps = _positive("sample_fps", sample_fps if sample_fps is not None else data.get("fps") or 2.0)
+        self.sample_fps = positive("sample_fps", sample_fps if sample_fps is not None else data.get("fps") or 2.0)
         fixed = num_frames if num_frames is not None else data.get("num_frames")
-        self.num_frames = None if fixed is None else _positive("num_frames", fixed, int)
-        self.max_pixels = _positive("max_pixels", max_pixels if max_pixels is not None
+        self.num_frames = None if fixed is None else positive("num_frames", fixed, int)
+        self.max_pixels = positive("max_pixels", max_pixels if max_pixels is not None
                                     else data.get("max_frame_pixels") or 240 * 320, int)
-        self.min_pixels = _positive("min_pixels", min_pixels, int)
-        self.batch_size = _positive("batch_size", batch_size, int)
+        self.min_pixels = positive("min_pixels", min_pixels, int)
+        self.batch_size = positive("batch_size", batch_size, int)
         if step is not None:
-            step = _positive("step", step, int)
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+            step = positive("step", step, int)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
 
         ckpt = find_checkpoint(root, step)
         adapter = [ckpt / "adapter_model.safetensors", ckpt / "non_lora_state_dict.pth"]
@@ -320,7 +321,7 @@ class VideoAlignReward:
         self.path, self.base = root, base_dir
         self.packer = QwenVideoPacker(base_dir, config_names=("preprocessor_config.json",))
         self.factor = self.packer.patch_size * self.packer.merge_size           # 28 for Qwen2-VL
-        self.chat_template = VLMJudge._find_chat_template(base_dir)
+        self.chat_template = find_chat_template(base_dir)
         self.tokenizer = self._tokenizer(ckpt, base_dir)
         scaling = float(self._lora_scaling(peft))
         if (ckpt / "model.pth").is_file():
@@ -545,7 +546,7 @@ class VideoAlignReward:
         return raw.float().cpu()
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
-        _check_videos(videos, prompts)
+        check_videos(videos, prompts)
         rows = [self.raw_rewards(self.build_inputs(videos[s:s + self.batch_size], prompts[s:s + self.batch_size], fps))
                 for s in range(0, videos.shape[0], self.batch_size)]
         raw = torch.cat(rows).double()

@@ -47,15 +47,15 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .common import check_videos, checkpoint_dir, positive, read_json, resolve_device, resolve_dtype
+from .qwen_video import VIDEO_TOKEN, QwenVideoPacker, find_chat_template, sample_frame_indices
 from .registry import RewardError, register
 
 CRITERIA = ("text_alignment", "visual_quality", "motion_quality")
@@ -79,7 +79,6 @@ QUESTIONS: dict[str, dict[str, str]] = {
 }
 ANSWERS: dict[str, tuple[str, ...]] = {"yes_prob": ("Yes", "No"), "rating": ("1", "2", "3", "4", "5")}
 BUILTIN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-VIDEO_TOKEN = "<|video_pad|>"
 
 
 # ----------------------------------------------------------------------------------- shared parts
@@ -128,39 +127,6 @@ def score_from_logprobs(logp: torch.Tensor, scoring: str) -> dict[str, torch.Ten
     return {"score": score.float(), "answer_mass": torch.exp(total).clamp(max=1.0).float()}
 
 
-def sample_frame_indices(num_frames: int, fps: float, sample_fps: float, max_frames: int, multiple: int = 1
-                         ) -> list[int]:
-    """Indices of the frames a judge sees, uniformly spread (transformers' Qwen-VL rule).
-
-    ``num_frames / fps * sample_fps`` frames, clamped to ``[multiple, min(max_frames, num_frames)]``
-    and rounded down to a multiple of ``multiple`` (the temporal patch), at least ``multiple``
-    when the video has that many; a shorter video keeps all its frames (the packer pads).
-    """
-    if num_frames < 1:
-        raise RewardError("videos must have at least one frame")
-    cap = min(max_frames, num_frames)
-    if cap < multiple:
-        return list(range(num_frames))
-    n = num_frames / fps * sample_fps
-    n = min(max(n, multiple), cap)
-    n = max(multiple, int(math.floor(n / multiple)) * multiple)
-    return torch.arange(0, num_frames, num_frames / n).int()[:n].tolist()
-
-
-def _check_videos(videos: torch.Tensor, prompts: Sequence[str]) -> None:
-    if not isinstance(videos, torch.Tensor) or videos.ndim != 5 or videos.shape[-1] != 3 or videos.dtype != torch.uint8:
-        shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
-        raise RewardError(f"videos must be a (B, F, H, W, 3) uint8 tensor, got {shape}")
-    if len(prompts) != videos.shape[0]:
-        raise RewardError(f"got {len(prompts)} prompts for {videos.shape[0]} videos")
-
-
-def _positive(key: str, value: Any, kind: type = float) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
-        raise RewardError(f"{key} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
-    return kind(value)
-
-
 # --------------------------------------------------------------------------------- local backend
 
 def _answer_token_ids(tokenizer: Any, answers: Sequence[str], where: str) -> list[list[int]]:
@@ -189,92 +155,6 @@ def _answer_token_ids(tokenizer: Any, answers: Sequence[str], where: str) -> lis
     return out
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RewardError(f"cannot read {path}: {e}") from e
-
-
-class QwenVideoPacker:
-    """The Qwen2-VL / Qwen2.5-VL video preprocessing, without torchvision.
-
-    Built from a checkpoint's ``video_preprocessor_config.json`` (else ``preprocessor_config.json``),
-    defaults as transformers' ``Qwen2VLVideoProcessor``. :meth:`pack` turns ``(F, H, W, 3)`` uint8
-    frames into ``(T*h*w, 3*tps*p*p)`` patches and the grid ``(T, h, w)``, exactly as that processor
-    lays them out (its resize is torchvision's bicubic antialiased resize on uint8, reproduced here
-    with ``torch.nn.functional.interpolate`` and rounding).
-    """
-
-    def __init__(self, model_dir: Path,
-                 config_names: Sequence[str] = ("video_preprocessor_config.json", "preprocessor_config.json")) -> None:
-        cfg: dict = {}
-        for name in config_names:                                  # the first that exists
-            if (model_dir / name).is_file():
-                cfg = _read_json(model_dir / name)
-                break
-        size = dict(cfg.get("size") or {})
-        self.min_pixels = int(cfg.get("min_pixels") or size.get("shortest_edge") or 128 * 28 * 28)
-        self.max_pixels = int(cfg.get("max_pixels") or size.get("longest_edge") or 768 * 28 * 28)
-        self.patch_size = int(cfg.get("patch_size", 14))
-        self.temporal_patch_size = int(cfg.get("temporal_patch_size", 2))
-        self.merge_size = int(cfg.get("merge_size", 2))
-        self.rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
-        normalize = cfg.get("do_normalize", True)
-        mean = cfg.get("image_mean", [0.48145466, 0.4578275, 0.40821073]) if normalize else [0.0] * 3
-        std = cfg.get("image_std", [0.26862954, 0.26130258, 0.27577711]) if normalize else [1.0] * 3
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-
-    def pack(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """``frames`` ``(F, H, W, 3)`` uint8 -> patches ``(T*h*w, 3*tps*p*p)`` float32, grid ``(T, h, w)``."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        f, height, width, _ = frames.shape
-        p, m, tps = self.patch_size, self.merge_size, self.temporal_patch_size
-        try:
-            rh, rw = smart_resize(height, width, factor=p * m, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        except ValueError as e:
-            raise RewardError(f"videos of {height}x{width} cannot be judged: {e}") from e
-        x = frames.permute(0, 3, 1, 2).float()                                         # (F, 3, H, W)
-        if (rh, rw) != (height, width):
-            x = torch.nn.functional.interpolate(x, size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
-            x = x.round().clamp(0, 255)                                                # torchvision keeps uint8
-        x = (x * self.rescale - self.mean) / self.std
-        if pad := -f % tps:                                                            # repeat the last frame
-            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)], dim=0)
-        t, gh, gw = x.shape[0] // tps, rh // p, rw // p
-        x = x.view(t, tps, 3, gh // m, m, p, gw // m, m, p)
-        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)                                       # (t, h/m, w/m, m, m, C, tps, p, p)
-        return x.reshape(t * gh * gw, 3 * tps * p * p).contiguous(), (t, gh, gw)
-
-
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in table:
-        raise RewardError(f"dtype must be one of auto, {', '.join(table)}, got {dtype!r}")
-    return table[dtype]
-
-
-def _checkpoint_dir(model: Any) -> Path:
-    """A local transformers checkpoint directory (with ``config.json``); one-line error otherwise."""
-    path = Path(str(model)).expanduser()
-    if not (path / "config.json").is_file():
-        raise RewardError(f"model must be a local checkpoint directory with config.json, got {str(model)!r}")
-    return path
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise RewardError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from e
-
-
 @register("vlm_judge")
 class VLMJudge:
     """A local vision-language model judging each video (see the module docstring).
@@ -293,12 +173,12 @@ class VLMJudge:
                  batch_size: int = 4, device: str = "auto", dtype: str = "auto", processing: str = "auto") -> None:
         self.template = _question(criterion, scoring, question)
         self.scoring = scoring
-        self.sample_fps = _positive("sample_fps", sample_fps)
-        self.max_frames, self.batch_size = _positive("max_frames", max_frames, int), _positive("batch_size", batch_size, int)
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
-        self.path = path = _checkpoint_dir(model)
-        family = _read_json(path / "config.json").get("model_type", "")
+        self.sample_fps = positive("sample_fps", sample_fps)
+        self.max_frames, self.batch_size = positive("max_frames", max_frames, int), positive("batch_size", batch_size, int)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.path = path = checkpoint_dir(model)
+        family = read_json(path / "config.json").get("model_type", "")
         _check_choice("processing", processing, ("auto", "builtin", "processor"))
         if processing == "auto":
             processing = "builtin" if family in BUILTIN_FAMILIES else "processor"
@@ -314,7 +194,7 @@ class VLMJudge:
                 self.processor = None
                 self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
                 self.packer = QwenVideoPacker(path)
-                self.chat_template = self._find_chat_template(path)
+                self.chat_template = find_chat_template(path)
             else:
                 self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
                 self.tokenizer = self.processor.tokenizer
@@ -333,22 +213,6 @@ class VLMJudge:
             if self.video_token_id is None or self.video_token_id == self.tokenizer.unk_token_id:
                 raise RewardError(f"the tokenizer of {path} has no {VIDEO_TOKEN} token")
 
-    @staticmethod
-    def _find_chat_template(path: Path) -> str:
-        """The processor's chat template (it renders video parts), else the tokenizer's."""
-        if (path / "chat_template.json").is_file():
-            tpl = _read_json(path / "chat_template.json").get("chat_template")
-            if isinstance(tpl, str):
-                return tpl
-        for name in ("chat_template.jinja",):
-            if (path / name).is_file():
-                return (path / name).read_text()
-        cfg = path / "tokenizer_config.json"
-        tpl = _read_json(cfg).get("chat_template") if cfg.is_file() else None
-        if not isinstance(tpl, str):
-            raise RewardError(f"{path} has no chat template (chat_template.json, chat_template.jinja or "
-                              f"tokenizer_config.json)")
-        return tpl
 
     def _messages(self, prompt: str) -> list[dict]:
         return [{"role": "user", "content": [{"type": "video"},
@@ -409,7 +273,7 @@ class VLMJudge:
     def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
         from tqdm.auto import tqdm
 
-        _check_videos(videos, prompts)
+        check_videos(videos, prompts)
         chunks = range(0, videos.shape[0], self.batch_size)
         rows = []
         for s in tqdm(chunks, desc="vlm_judge", leave=False, disable=len(chunks) <= 1):
@@ -481,13 +345,13 @@ class RemoteVLMJudge:
         self.template = _question(criterion, scoring, question)
         self.scoring, self.model = scoring, model
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.sample_fps = _positive("sample_fps", sample_fps)
-        self.max_frames = _positive("max_frames", max_frames, int)
+        self.sample_fps = positive("sample_fps", sample_fps)
+        self.max_frames = positive("max_frames", max_frames, int)
         self.image_format = _check_choice("image_format", image_format, ("jpeg", "png"))
-        self.concurrency = _positive("concurrency", concurrency, int)
-        self.top_logprobs = _positive("top_logprobs", top_logprobs, int)
+        self.concurrency = positive("concurrency", concurrency, int)
+        self.top_logprobs = positive("top_logprobs", top_logprobs, int)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=_positive("timeout", timeout), headers=headers)
+        self.client = httpx.Client(timeout=positive("timeout", timeout), headers=headers)
 
     def request_body(self, frames: np.ndarray, prompt: str) -> dict:
         """The chat completions request for one video's sampled ``(n, H, W, 3)`` uint8 frames."""
@@ -521,7 +385,7 @@ class RemoteVLMJudge:
         return lps
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
-        _check_videos(videos, prompts)
+        check_videos(videos, prompts)
         idx = sample_frame_indices(videos.shape[1], fps, self.sample_fps, self.max_frames)
         clips = videos[:, idx].cpu().numpy()
         bodies = [self.request_body(c, p) for c, p in zip(clips, prompts)]
