@@ -255,22 +255,26 @@ def fronts(results: list[dict], key: str = "direction") -> dict[tuple[str, int, 
 
 def matched_kl(results: list[dict], epochs: int, key: str = "direction", budgets: list[float] | None = None
                ) -> list[dict]:
-    """Paired differences of ``key`` between arms at matched KL budgets, per seed, with intervals."""
+    """Paired differences of ``key`` between arms at matched KL budgets, per seed, with intervals.
+
+    Without ``budgets``, each pair of arms gets three budgets (20%, 50%, 80% of the way in log KL)
+    inside the KL range that both arms' fronts cover in every seed; a pair whose fronts do not
+    overlap gets none."""
     fr = fronts([r for r in results if r["epochs"] == epochs and r["arm"] != "none"], key)
     arms = sorted({a for a, _, _ in fr}, key=list(ARMS).index)
     seeds = sorted({s for _, _, s in fr})
-    if len(arms) < 2:
-        return []
-    if budgets is None:
-        # Inside every arm's range in every seed: between the largest minimum and the smallest maximum.
-        lo = max(min(k for k, _ in pts) for pts in fr.values())
-        hi = min(max(k for k, _ in pts) for pts in fr.values())
-        budgets = [] if lo >= hi else [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) for f in (0.2, 0.5, 0.8)]
     rows = []
-    for kl in budgets:
-        at = {(a, s): interp_at(fr.get((a, epochs, s), []), kl) for a in arms for s in seeds}
-        for i, a in enumerate(arms):
-            for b in arms[i + 1:]:
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            pair_budgets = budgets
+            if pair_budgets is None:
+                both = [pts for (arm, _, _), pts in fr.items() if arm in (a, b)]
+                lo = max(min(k for k, _ in pts) for pts in both)
+                hi = min(max(k for k, _ in pts) for pts in both)
+                pair_budgets = [] if lo >= hi else [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo)))
+                                                    for f in (0.2, 0.5, 0.8)]
+            for kl in pair_budgets:
+                at = {(arm, s): interp_at(fr.get((arm, epochs, s), []), kl) for arm in (a, b) for s in seeds}
                 diffs = [at[a, s] - at[b, s] for s in seeds if at[a, s] is not None and at[b, s] is not None]
                 if diffs:
                     lo_ci, hi_ci = bootstrap_ci(diffs)
