@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from . import objectives, sde
+from . import sde
 from .rollout import Trajectory
 
 SNAPSHOT_ROWS = 2          # videos kept per snapshot: the highest and the lowest advantage
@@ -58,20 +58,6 @@ def step_kl_map(traj: Trajectory, j: int, mean_new: torch.Tensor, patch: tuple[i
     (``(B, C, F, H, W)``, e.g. :func:`flowdppo_video.rollout.step_mean` after an update)."""
     mean_old = traj.means[:, j].to(mean_new.device)
     return token_kl_map(mean_new, mean_old, traj.stds[:, j].to(mean_new.device), patch)
-
-
-def drop_mask(kind: str, log_ratio: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor, *,
-              delta: float, granularity: str = "token", clip_range: float = 1e-3,
-              elements_per_token: int) -> torch.Tensor:
-    """Which tokens the objective drops (no gradient), bool ``(B, N)``: the objective's own rule,
-    :func:`objectives.trust_region_mask` (``delta`` in nats per latent element).
-
-    Args:
-        log_ratio, kl: ``(B, N)`` token log-ratio ``log pi_theta - log pi_old`` and token KL.
-        advantages: ``(B,)``. elements_per_token: ``D``.
-    """
-    return objectives.trust_region_mask(kind, log_ratio, kl, advantages, elements_per_token=elements_per_token,
-                                        delta=delta, granularity=granularity, clip_range=clip_range)
 
 
 def latent_to_pixel_frames(num_latent: int, num_pixel: int) -> list[int]:
@@ -166,7 +152,6 @@ def save_snapshot(path: str | Path, *, iteration: int, kl: torch.Tensor, drop: t
     """
     grid = token_grid(traj.means.shape[2:], patch)
     keep = snapshot_rows(advantages)
-    s = kl.shape[0]
     f, h, w = grid
     kl_maps = rearrange(kl[:, keep], "s b (f h w) -> s b f h w", f=f, h=h, w=w).float().cpu().numpy()
     drop_maps = rearrange(drop[:, keep], "s b (f h w) -> s b f h w", f=f, h=h, w=w).bool().cpu().numpy()

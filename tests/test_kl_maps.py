@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowdppo_video import kl_maps
+from flowdppo_video import kl_maps, objectives
 from flowdppo_video.rollout import Trajectory
 
 PATCH = (1, 2, 2)
@@ -71,13 +71,13 @@ def test_drop_mask_and_its_outline_mark_that_token():
     flat = np.ravel_multi_index(MOVED[1:], (3, 2, 3))
     # A > 0 and rho > 1: the far token is dropped; A < 0 pushes it back, so it is kept.
     d = 2 * 2 * C
-    drop = kl_maps.drop_mask("flow_dppo", log_ratio, kl, torch.tensor([1.0, 1.0]), delta=0.5 / d,
+    drop = objectives.trust_region_mask("flow_dppo", log_ratio, kl, torch.tensor([1.0, 1.0]), delta=0.5 / d,
                              elements_per_token=d)
     assert drop.nonzero().tolist() == [[1, flat]]
-    assert not kl_maps.drop_mask("flow_dppo", log_ratio, kl, torch.tensor([-1.0, -1.0]), delta=0.5 / d,
+    assert not objectives.trust_region_mask("flow_dppo", log_ratio, kl, torch.tensor([-1.0, -1.0]), delta=0.5 / d,
                                  elements_per_token=d).any()
     # Sample granularity and ratio clipping decide per row and spread the decision over its tokens.
-    row = kl_maps.drop_mask("grpo_clip", log_ratio, kl, torch.tensor([1.0, -1.0]), delta=0.5,
+    row = objectives.trust_region_mask("grpo_clip", log_ratio, kl, torch.tensor([1.0, -1.0]), delta=0.5,
                             clip_range=1e-3, elements_per_token=d)
     assert row[0].all() and not row[1].any()
     # The overlay outlines the dropped token in cyan, one pixel wide, inside its 16 x 16 square.
