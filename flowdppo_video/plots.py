@@ -3,11 +3,44 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from .metrics import read_metrics
 
 # Legends go under their panel (saved with bbox_inches="tight"): inside, they covered the lines.
 _BELOW = {"fontsize": 7, "loc": "upper center", "bbox_to_anchor": (0.5, -0.2), "ncol": 2, "frameon": False}
+
+
+def reward_parts(rows: Sequence[Mapping[str, Any]], prefix: str = "reward/") -> dict[str, list[str]]:
+    """The rewards that log parts beside their score, and those parts, in logged order:
+    ``{"va": ["vq", "mq", "ta"]}`` from ``reward/va/mean`` and ``reward/va/vq/mean``, ... (``prefix``
+    ``eval/`` for held-out rows). A reward's parts get a panel of their own, so one part that climbs
+    while the others stall (VideoAlign's VQ, the usual hack) is not hidden in the total."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k.startswith(prefix) and k.endswith("/mean") and k not in keys]
+    names = [k[len(prefix):-len("/mean")] for k in keys]
+    rewards = {n for n in names if n and "/" not in n}
+    out: dict[str, list[str]] = {}
+    for n in names:
+        head, _, part = n.partition("/")
+        if part and head in rewards:
+            out.setdefault(head, []).append(part)
+    return out
+
+
+def draw_parts(ax: Any, x: Sequence[float], rows: Sequence[Mapping[str, Any]], prefix: str, reward: str,
+               parts: Sequence[str], marker: str | None = None) -> None:
+    """One reward's parts on ``ax``, each its own curve, the reward's score dashed for reference."""
+    def series(key: str) -> list[float]:
+        return [float("nan") if r.get(key) is None else float(r[key]) for r in rows]
+
+    for p in parts:
+        ax.plot(x, series(f"{prefix}{reward}/{p}/mean"), marker=marker, ms=4, lw=1.4, label=p)
+    ax.plot(x, series(f"{prefix}{reward}/mean"), color="black", ls="--", lw=1, marker=marker, ms=3,
+            label=f"{reward} (score)")
+    ax.set_title(f"{reward}: logged parts")
+    ax.legend(**_BELOW)
 
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
@@ -26,7 +59,10 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
         return [float("nan") if r.get(key) is None else r[key] for r in rows]
 
     evals = read_metrics(run_dir, "eval")
-    fig, axes = plt.subplots(1, 4 if evals else 3, figsize=(17.5 if evals else 13, 3.4))
+    parts = reward_parts(rows)
+    panels = (4 if evals else 3) + len(parts)
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels - 0.1, 3.4), squeeze=False)
+    axes = list(axes[0])
     mean, std = series("reward/mean"), series("reward/std")
     axes[0].plot(it, mean, color="tab:blue", label="reward (mean of batch)")
     axes[0].fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
@@ -61,6 +97,8 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
             h2, l2 = ax2.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2
         ax.legend(handles, labels, **_BELOW)
+    for i, (name, ps) in enumerate(parts.items()):      # each multi-part reward (VQ/MQ/TA) on its own panel
+        draw_parts(axes[panels - len(parts) + i], it, rows, "reward/", name, ps)
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:

@@ -3,7 +3,8 @@
 Everything the page shows lies beside it under ``RUN_DIR/report/`` and is linked relatively
 (PNG plots and heatmaps, H.264 mp4 videos in ``<video controls muted loop playsinline>``); no
 script, style sheet or font comes from the network, so the folder can be copied anywhere and
-opened offline. Sections: training curves (reward per reward, token KL, mask-drop fractions),
+opened offline. Sections: training curves (reward per reward, each reward's logged parts such as
+VideoAlign's VQ/MQ/TA on a panel of their own, token KL, mask-drop fractions),
 held-out evaluation curves, videos of the same prompts at the start, middle and end, token-KL
 maps over video frames, and the run's config.
 """
@@ -21,6 +22,7 @@ import numpy as np
 import yaml
 
 from .metrics import read_metrics
+from .plots import draw_parts, reward_parts
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1400px;
@@ -141,16 +143,22 @@ def _series(rows: list[dict], key: str) -> list[float]:
 
 
 def plot_training(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Reward per reward, token KL and mask-drop fractions per iteration (one PNG)."""
+    """Reward per reward, token KL and mask-drop fractions per iteration, and below them one panel
+    per reward that logs parts (VideoAlign's VQ, MQ, TA), each part its own curve (one PNG)."""
     plt = _plt()
     it = [r["iteration"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    parts = reward_parts(rows)
+    extra_rows = math.ceil(len(parts) / 3)
+    fig, grid = plt.subplots(1 + extra_rows, 3, figsize=(15, 3.6 + 4.6 * extra_rows), squeeze=False)
+    if extra_rows:                 # room for each row's legends below it
+        fig.subplots_adjust(hspace=0.85)
+    axes = list(grid[0])
     mean, std = np.array(_series(rows, "reward/mean")), np.array(_series(rows, "reward/std"))
     ax = axes[0]
     ax.plot(it, mean, color="black", lw=2, label="total (weighted)")
     ax.fill_between(it, mean - std, mean + std, color="black", alpha=0.1, label="± batch std")
     names = sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/mean")
-                    and k != "reward/mean"})
+                    and k != "reward/mean" and k.count("/") == 2})      # scores; parts get their own panels
     for k in names:
         ax.plot(it, _series(rows, k), lw=1.2, label=k[len("reward/"):-len("/mean")])
     ax.set_title("reward per reward (batch mean)")
@@ -170,6 +178,12 @@ def plot_training(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.plot(it, _series(rows, "mask/offpolicy_drop_frac"), color="black", linestyle="--", label="off-policy")
     ax.set_title("dropped fraction (trust-region mask)")
     ax.legend(**_BELOW)
+    below = list(grid[1:].ravel())
+    for ax, (name, ps) in zip(below, parts.items()):
+        draw_parts(ax, it, rows, "reward/", name, ps)
+    for ax in below[len(parts):]:
+        ax.set_visible(False)
+    axes += below[:len(parts)]
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
@@ -216,8 +230,12 @@ def plot_evaluation(evals: list[dict[str, Any]], path: Path) -> Path:
     plt = _plt()
     x = [r["after_iterations"] for r in evals]
     rewards, parts, composites = held_out_groups(evals)
+    by_reward: dict[str, list[str]] = {}       # each reward's parts on a panel of their own
+    for p in parts:
+        head, _, tail = p.partition("/")
+        by_reward.setdefault(head, []).append(tail)
     has_kl = any(r.get("eval/kl_base/mean") is not None for r in evals)
-    panels = 1 + bool(parts) + has_kl
+    panels = 1 + len(by_reward) + has_kl
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.4), squeeze=False)
     axes = list(axes[0])
     ax = axes.pop(0)
@@ -229,12 +247,8 @@ def plot_evaluation(evals: list[dict[str, Any]], path: Path) -> Path:
             ax.plot(x, _series(evals, f"eval/{n}/mean"), marker="o", ms=4, label=n)
     ax.set_title("held-out reward (fixed prompts and noise)")
     ax.legend(**_BELOW)
-    if parts:
-        ax = axes.pop(0)
-        for n in parts:
-            ax.plot(x, _series(evals, f"eval/{n}/mean"), marker="o", ms=4, label=n)
-        ax.set_title("logged beside a reward (not in its score)" if composites else "logged beside a reward")
-        ax.legend(**_BELOW)
+    for name, ps in by_reward.items():
+        draw_parts(axes.pop(0), x, evals, "eval/", name, ps, marker="o")
     if has_kl:
         ax = axes.pop(0)
         ax.plot(x, _series(evals, "eval/kl_base/mean"), marker="o", ms=4, color="black")
@@ -407,8 +421,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         summary = [["iterations done", len(rows)], ["configured iterations", config.get("run", {}).get("iterations", "?")],
                    ["reward/mean, first → last", f"{rows[0]['reward/mean']:.4f} → {last['reward/mean']:.4f}"],
                    ["kl/mean, last", last.get("kl/mean")], ["mask/drop_frac, last", last.get("mask/drop_frac")]]
+        parts = reward_parts(rows)
+        note = ("" if not parts else
+                '<p class="muted">Below the curves, one panel per reward that logs parts beside its score ('
+                + "; ".join(f"{esc(n)}: {esc(', '.join(ps))}" for n, ps in parts.items()) +
+                "), each part its own curve: a part that climbs while the others stall or fall is the usual "
+                "sign of reward hacking (VideoAlign: VQ; see docs/rewards.md).</p>")
         training = (table(["", ""], summary) +
-                    '<img class="plot" src="training.png" alt="reward, KL and mask-drop curves">')
+                    '<img class="plot" src="training.png" alt="reward, KL and mask-drop curves">' + note)
     else:
         training = '<p class="muted">No iteration has finished yet.</p>'
     if evals:

@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import shutil
+from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -81,10 +83,15 @@ def to_445_layout(key: str) -> str:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """``(root, base, peft_model, tokenizer)``: a VideoReward directory, its base and the reference model."""
+    return build_tiny_videoreward(tmp_path_factory.mktemp("videoalign"))
+
+
+def build_tiny_videoreward(tmp: Path) -> tuple[Path, Path, Any, Any]:
+    """``tmp/VideoReward`` (the release's layout, base model in ``tmp/base``): ``(root, base,
+    peft_model, tokenizer)``. Score it with ``min_pixels=MIN_PIXELS`` (its frames are tiny)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
-    tmp = tmp_path_factory.mktemp("videoalign")
     base = build_tiny_qwen2_vl(tmp / "base", min_pixels=8 * 8, max_pixels=64 * 64)
     (base / "video_preprocessor_config.json").unlink()     # 2024's Qwen2-VL ships preprocessor_config.json only
     tok = AutoTokenizer.from_pretrained(base)
