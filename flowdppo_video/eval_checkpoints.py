@@ -4,11 +4,13 @@
 samples every prompt with the seeds ``seed, seed + 1, ...`` for each model (the base model
 always among them, evaluated first), scores the videos, and writes into ``--out``:
 
-``scores.jsonl``  one row per (model, prompt, seed): every reward's score
+``scores.jsonl``  one row per (model, prompt, seed): every reward's score and logged parts
 ``summary.json``  per reward: mean and 95% bootstrap interval per model, pairwise win-rates with
                   Wilson intervals, a warning when there are fewer than ``winrates.SMALL_N`` pairs,
                   and what ``total`` sums (a composite reward is never added to its own parts:
-                  :func:`total_terms`)
+                  :func:`total_terms`); under ``parts`` the same for what each reward logs beside
+                  its score (VideoAlign's ``va/vq``, ``va/mq``, ``va/ta``: one part winning while
+                  another loses is what reward hacking looks like)
 ``table.md``      the same as Markdown tables
 ``index.html``    a report page: the tables and the videos of each (prompt, seed) side by side
 ``videos/``       the first ``--num-videos`` (prompt, seed) videos of every model
@@ -175,6 +177,7 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     # scores[reward][model][(prompt_index, seed)]
     names = list(reward_fns)
     scores: dict[str, dict[str, dict[tuple[int, int], float]]] = {n: {m.label: {} for m in models} for n in names}
+    parts: dict[str, dict[str, dict[tuple[int, int], float]]] = {}      # "va/vq" -> model -> item -> score
     rows: list[dict[str, Any]] = []
     videos: dict[str, dict[tuple[int, int], str]] = {m.label: {} for m in models}
     bar = tqdm(total=len(models) * len(seeds), desc="eval", disable=not progress)
@@ -193,6 +196,8 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
                 rows.append(row)
                 for n in names:
                     scores[n][m.label][(i, s)] = row[n]
+                for k in extras:
+                    parts.setdefault(k, {q.label: {} for q in models})[m.label][(i, s)] = row[k]
                 if i * len(seeds) + (s - seed) < num_videos:      # the first items, prompt-major
                     rel = f"videos/{m.label.replace('/', '_')}/p{i:03d}_s{s}.mp4"
                     write_video(out / rel, traj.videos[i], fps=cfg.video.fps)
@@ -218,12 +223,9 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
                                "results": {}}
     if "total" in names:
         summary["total"] = {"sums": {n: weights[n] for n in terms}, "left_out": left_out}
-    for n in names:
-        means = {lab: mean_ci(list(v.values())) for lab, v in scores[n].items()}
-        wins = win_matrix(scores[n])
-        summary["results"][n] = {
-            "mean": {lab: dataclasses.asdict(e) for lab, e in means.items()},
-            "win_rate": {f"{a} > {b}": dataclasses.asdict(w) for (a, b), w in wins.items()}}
+    summary["results"] = {n: compare(scores[n]) for n in names}
+    if parts:
+        summary["parts"] = {k: compare(by_model) for k, by_model in parts.items()}
     with open(out / "scores.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -233,8 +235,16 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     return summary
 
 
-def _estimates(summary: dict[str, Any], reward: str) -> tuple[dict[str, Estimate], dict[tuple[str, str], WinRate]]:
-    res = summary["results"][reward]
+def compare(by_model: dict[str, dict[tuple[int, int], float]]) -> dict[str, Any]:
+    """One score's ``{"mean": {model: estimate}, "win_rate": {"A > B": win-rate}}`` as summary.json
+    holds it, from ``{model: {(prompt_index, seed): score}}``."""
+    return {"mean": {lab: dataclasses.asdict(mean_ci(list(v.values()))) for lab, v in by_model.items()},
+            "win_rate": {f"{a} > {b}": dataclasses.asdict(w) for (a, b), w in win_matrix(by_model).items()}}
+
+
+def _estimates(summary: dict[str, Any], reward: str, section: str = "results"
+               ) -> tuple[dict[str, Estimate], dict[tuple[str, str], WinRate]]:
+    res = summary[section][reward]
     means = {k: Estimate(**v) for k, v in res["mean"].items()}
     wins = {tuple(k.split(" > ")): WinRate(**v) for k, v in res["win_rate"].items()}
     return means, wins
@@ -267,7 +277,25 @@ def markdown_tables(summary: dict[str, Any]) -> str:
             cells = ["—" if a == b else f"{wins[(a, b)].value:.3f} [{wins[(a, b)].lo:.2f}, {wins[(a, b)].hi:.2f}]"
                      for b in models]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    if summary.get("parts"):
+        head, rows = parts_table(summary)
+        lines += ["", "Parts logged beside a reward's score (not added to the total again): mean [95% CI], "
+                  f"and win-rate over {models[0]} [95% CI]", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+                  *("| " + " | ".join(r) + " |" for r in rows)]
     return "\n".join(lines) + "\n"
+
+
+def parts_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)``: per logged part, each model's mean and each other model's win-rate over
+    the first (the base model), e.g. ``va/vq | base | iter_N | iter_N > base``."""
+    models = list(summary["models"])
+    head = ["part", *models, *(f"{m} > {models[0]}" for m in models[1:])]
+    rows = []
+    for k in summary["parts"]:
+        means, wins = _estimates(summary, k, "parts")
+        over = [wins[(m, models[0])] for m in models[1:]]
+        rows.append([k, *(fmt(means[m]) for m in models), *(f"{w.value:.3f} [{w.lo:.2f}, {w.hi:.2f}]" for w in over)])
+    return head, rows
 
 
 def write_eval_report(out: Path, summary: dict[str, Any], cfg: Any, prompts: list[str],
@@ -311,6 +339,11 @@ def write_eval_report(out: Path, summary: dict[str, Any], cfg: Any, prompts: lis
                              f'{w.hi:.2f}] {w.wins}-{w.ties}-{w.losses}</span>')
             rows.append(cells)
         win_parts.append(f"<h3>{esc(r)}</h3>" + table(["row over column", *models], rows, raw=True))
+    if summary.get("parts"):
+        head, rows = parts_table(summary)
+        win_parts.append("<h3>parts logged beside a reward's score</h3><p>Mean [95% CI] per model, "
+                         f"and the win-rate over {esc(models[0])}: one part winning while another loses is "
+                         "what reward hacking looks like (VideoAlign: VQ up, TA down).</p>" + table(head, rows))
     items = sorted({k for v in videos.values() for k in v})
     video_rows = []
     for i, s in items:

@@ -148,7 +148,18 @@ def test_eval_win_rates_with_videoalign(run, held_out, tmp_path, capsys) -> None
     wins, ties = sum(a > b for a, b in pairs), sum(a == b for a, b in pairs)
     w = summary["results"]["va"]["win_rate"]["iter_000002 > base"]
     assert (w["wins"], w["ties"], w["n"]) == (wins, ties, 4) and w["value"] == pytest.approx((wins + ties / 2) / 4)
-    assert "| model | va |" in (out / "table.md").read_text() and "Win-rate on va" in (out / "table.md").read_text()
+    # Each part gets its own win-rate over the base model (VQ up while TA down is the hack to see).
+    assert list(summary["parts"]) == ["va/vq", "va/mq", "va/ta"]
+    for p in PARTS:
+        by = {(r["model"], r["prompt_index"], r["seed"]): r[f"va/{p}"] for r in rows}
+        pairs = [(by[("iter_000002", i, s)], by[("base", i, s)]) for i in range(2) for s in (0, 1)]
+        w = summary["parts"][f"va/{p}"]["win_rate"]["iter_000002 > base"]
+        assert (w["wins"], w["n"]) == (sum(a > b for a, b in pairs), 4)
+        assert summary["parts"][f"va/{p}"]["mean"]["base"]["value"] == pytest.approx(np.mean([b for _, b in pairs]))
+    table = (out / "table.md").read_text()
+    assert "| model | va |" in table and "Win-rate on va" in table
+    assert "| part | base | iter_000002 | iter_000002 > base |" in table and "| va/ta |" in table
+    assert "va/ta" in (out / "index.html").read_text()
 
 
 @pytest.mark.slow
