@@ -50,16 +50,26 @@ class TrainableExperts:
         t = self.experts[i]
         if not (self._lora_rank and i in self.trained):
             return t
-        # Export base + LoRA as plain weights without touching the training model.
+        # Export base + LoRA as plain weights without touching the training model. Each wrapped layer
+        # is merged in a copy of its own (peft's merge), the rest shares the training model's tensors,
+        # and the plain model is built on the meta device: no second whole transformer, in no dtype.
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        merged = copy.deepcopy(t)
-        for m in merged.modules():
+        sd = {k.replace(".base_layer.", "."): v for k, v in t.state_dict().items() if "lora_" not in k}
+        for name, m in t.named_modules():
             if isinstance(m, BaseTunerLayer):
-                m.merge()
-        plain = type(t)(**{k: v for k, v in t.config.items() if not k.startswith("_")})
-        sd = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
-        plain.load_state_dict(sd)
+                layer = copy.deepcopy(m)
+                layer.merge()
+                for pname, p in layer.get_base_layer().named_parameters():
+                    sd[f"{name}.{pname}"] = p.detach()
+        with torch.device("meta"):
+            plain = type(t)(**{k: v for k, v in t.config.items() if not k.startswith("_")})
+        plain.load_state_dict(sd, assign=True)
+        for name, buf in t.named_buffers():            # buffers outside the state dict (RoPE tables)
+            key = name.replace(".base_layer.", ".")
+            if key not in sd:
+                owner, _, attr = key.rpartition(".")
+                plain.get_submodule(owner)._buffers[attr] = buf
         return plain.to(dtype=self.dtype)
 
     def enable_lora(self, rank: int, alpha: float | None, targets: list[str], seed: int = 0) -> None:

@@ -3,9 +3,10 @@ CLIP image processor class, and the check that a diffusers directory holds a pip
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -14,6 +15,21 @@ from .base import ModelError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The folders of a pipeline with two text encoders (HunyuanVideo 1.0, its I2V, 1.5).
 TWO_ENCODER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+@contextlib.contextmanager
+def built_in(dtype: torch.dtype) -> Iterator[None]:
+    """Within: new floating-point parameters are created (and randomly initialised) in ``dtype``.
+
+    A random build of a real size must never exist in float32 first: UMT5-XXL's 5.7B parameters are
+    23 GB in float32, 11.4 GB in bfloat16. Buffers a constructor computes in an explicit dtype keep
+    it (cast after the build, as before)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def clip_processor_class() -> Any:

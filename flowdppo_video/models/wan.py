@@ -19,7 +19,7 @@ from ..config import ModelConfig
 from ._training import EXPERT_DIRS, TrainableExperts
 from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import ModelError, SequenceParallelPlan, VideoFlowAdapter, causal_latent_shape, init_parts
-from .common import DTYPES
+from .common import DTYPES, built_in
 from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
 
@@ -201,13 +201,17 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            transformer = WanTransformer3DModel(**parts["transformer"])
-            transformer_2 = None
-            if "transformer_2" in init:
-                transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
+            # The transformers and the text encoder are created in the model dtype (a real-size UMT5
+            # in float32 first would need 23 GB); the VAE stays float32, as from_pretrained keeps it.
+            with built_in(DTYPES[dtype]):
+                transformer = WanTransformer3DModel(**parts["transformer"])
+                transformer_2 = None
+                if "transformer_2" in init:
+                    transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
             vae = AutoencoderKLWan(**vcfg)
-            text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
-                                                       decoder_start_token_id=0))
+            with built_in(DTYPES[dtype]):
+                text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
+                                                           decoder_start_token_id=0))
             extra = cls._extra_config(parts, transformer)
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
@@ -216,7 +220,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         if text_encoder.config.d_model != transformer.config.text_dim:
             raise ModelError(f"model.init: text_encoder.d_model {text_encoder.config.d_model} != "
                              f"transformer.text_dim {transformer.config.text_dim}")
-        if dtype != "float32":
+        if dtype != "float32":           # the buffers computed in an explicit dtype (RoPE tables)
             transformer = transformer.to(DTYPES[dtype])
             transformer_2 = None if transformer_2 is None else transformer_2.to(DTYPES[dtype])
             text_encoder = text_encoder.to(DTYPES[dtype])
