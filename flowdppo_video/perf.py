@@ -1,5 +1,6 @@
 """Throughput of an iteration: ``perf/videos_per_s``, rollout and update seconds per video, and on CUDA
-``perf/mfu`` (model FLOPs over the card's peak).
+``perf/mfu`` (model FLOPs over the card's peak) and ``perf/peak_memory_gib`` (``max_memory_allocated``
+since the process started, to set beside ``flowdppo-video plan``).
 
 The FLOPs of one transformer forward for one video are counted once, by
 ``torch.utils.flop_counter.FlopCounterMode`` on the run's own latent and conditioning; an iteration's
@@ -61,7 +62,7 @@ class Throughput:
 
     def __init__(self, adapter: VideoFlowAdapter, cfg: object, device: torch.device,
                  latent_shape: tuple[int, ...]) -> None:
-        self.adapter, self.cfg, self.latent_shape = adapter, cfg, latent_shape
+        self.adapter, self.cfg, self.latent_shape, self.device = adapter, cfg, latent_shape, device
         self.peak = peak_flops(device, adapter.dtype, getattr(cfg.run, "peak_tflops", None))
         self.flops: float | None = None
 
@@ -82,6 +83,8 @@ class Throughput:
         out = {"perf/videos_per_s": videos / max(total_s, 1e-9),
                "perf/rollout_s_per_video": rollout_s / max(local_videos, 1),
                "perf/update_s_per_video": update_s / max(local_videos, 1)}
+        if self.device.type == "cuda":               # the process's peak so far (the planner's figure)
+            out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if self.peak is None or self.flops is None:
             return out
         c = self.cfg

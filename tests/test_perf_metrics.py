@@ -50,3 +50,13 @@ def test_peak_table_by_device_name_and_override():
         assert peak_flops(cuda, torch.float16) == 362.1e12
     with mock.patch("torch.cuda.get_device_name", return_value="Some Other GPU"):
         assert peak_flops(cuda, torch.bfloat16) is None
+
+
+def test_peak_memory_logged_on_cuda_only():
+    adapter, cfg = mock.Mock(dtype=torch.bfloat16), mock.Mock(run=mock.Mock(peak_tflops=None))
+    with mock.patch("torch.cuda.get_device_name", return_value="Some Other GPU"), \
+            mock.patch("torch.cuda.max_memory_allocated", return_value=3 * 2 ** 30):
+        row = Throughput(adapter, cfg, torch.device("cuda", 0), (4, 2, 4, 4)).metrics(4, 4, 2, True, 1.0, 1.0, 2.0)
+    assert row["perf/peak_memory_gib"] == 3.0 and "perf/mfu" not in row
+    row = Throughput(adapter, cfg, torch.device("cpu"), (4, 2, 4, 4)).metrics(4, 4, 2, True, 1.0, 1.0, 2.0)
+    assert "perf/peak_memory_gib" not in row
