@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench"
 TIMED = ["rollout_vs_pipeline", "update_step", "objective_overhead"]
 # Every script here must be covered by a test below, or named as kept elsewhere.
-COVERED = {*TIMED, "run_all", "reward_throughput", "zero_memory", "sp_memory"}
+COVERED = {*TIMED, "run_all", "reward_throughput", "zero_memory", "sp_memory", "real_size"}
 NOT_OURS = {"algorithms", "_common"}
 
 
@@ -97,6 +97,22 @@ def test_zero_and_sequence_parallel_memory(tmp_path: Path) -> None:
     assert {"saved", "saved_ckpt", "rss", "rss_ckpt"} <= set(s["ratios"]) and "pass" in s
     text = smd.read_text()
     assert text.startswith("## Sequence parallelism") and "### The memory planner beside the measurements" in text
+
+
+@pytest.mark.slow
+def test_real_size_dry_run(tmp_path: Path) -> None:
+    """(h) at smoke size: the family's tiny shapes through train, resume, sample, export and the
+    diffusers load, five CLI processes (~35 s here, most of it their imports)."""
+    out, md = tmp_path / "real_size.json", tmp_path / "real_size_section.md"
+    _run(BENCH / "real_size.py", "--smoke", "--work", tmp_path / "work", "--out", out, "--section", md)
+    r = json.loads(out.read_text())
+    assert r["smoke"] is True and list(r["phases"]) == ["train", "resume", "sample", "export", "load"]
+    for p in r["phases"].values():
+        assert p["wall_s"] > 0 and p["peak_rss_bytes"] > 0 and p["planner_bytes"] > 0
+    assert r["lora"]["count"] > 0 and r["encoder_release"]["first_after_bytes"] > 0
+    assert len(r["iterations"]) == 2                     # the first iteration and the resumed one
+    assert set(r["export"]["loaded"]) >= {"transformer", "text_encoder", "vae"}
+    assert "| train |" in md.read_text() and "| load |" in md.read_text()
 
 
 def test_median_interval_is_the_order_statistics_interval() -> None:

@@ -1,0 +1,364 @@
+"""Real-architecture dry run on the CPU (issue 19, item 1): a real-size model with random weights
+through the normal CLI, phase by phase, each phase's wall time and peak resident memory beside the
+memory planner's prediction for the same configuration.
+
+    .venv/bin/python tools/bench/real_size.py                 # Wan 2.1 T2V 1.3B (~15 min, ~14 GB RSS)
+    .venv/bin/python tools/bench/real_size.py --smoke --work /tmp/rs --out /tmp/rs.json   # tiny, seconds (CI)
+
+The model is ``--model-config``'s ``<part>/config.json`` files (default
+``configs/model_shapes/wan2.1_t2v_1.3b``) built with random weights in ``model.dtype`` (bf16),
+trained with ``--recipe``'s settings (default ``configs/wan2.1_t2v_1.3b.yaml``) at a small size:
+one prompt, G = 2, 9 frames at 128x128, 10 sampler steps of which 2 SDE, one update pass.
+
+Phases, each one ``flowdppo-video`` process (``os.wait4`` gives its own peak RSS, ``ru_maxrss``):
+``train`` (build, encode the prompts, release the text encoder, 1 iteration, checkpoint), ``resume``
+(one more iteration from the checkpoint, text rows read from the cache), ``sample`` (one video, ODE),
+``export`` (a diffusers directory, LoRA merged) and ``load`` (``diffusers.WanPipeline`` ...
+``from_pretrained`` of the export). The resident set of ``train`` is sampled every 0.2 s to show the
+drop when the text encoder is released. The LoRA modules are counted from the checkpoint's adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GiB = 2 ** 30
+PROMPT = "a red ball rolls to the left across a wooden table"
+# The dry run's size (the recipe keeps everything else: dtype, LoRA, CFG, eta, shift, objective).
+SIZE: dict[str, Any] = {
+    "data": {"prompts_per_iteration": 1, "group_size": 2},
+    "video": {"num_frames": 9, "height": 128, "width": 128},
+    "sampler": {"num_steps": 10, "sde_steps": 2, "batch_size": 0},
+    "optim": {"inner_epochs": 1, "minibatch_size": 2},
+}
+SMOKE_SIZE: dict[str, Any] = {"video": {"num_frames": 5, "height": 32, "width": 32},
+                              "sampler": {"num_steps": 4, "sde_steps": 2}}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def dry_run_config(recipe: Path, model_config: Path | None, run_dir: Path, smoke: bool) -> dict[str, Any]:
+    """The recipe at the dry run's size, ``model.init`` read from ``model_config`` (the family's
+    own reader) or, with ``smoke``, the family's tiny shapes."""
+    from flowdppo_video.models import family
+
+    cfg = yaml.safe_load(recipe.read_text())
+    fam = family(cfg["model"].get("family", "wan"))
+    if smoke:
+        init = copy.deepcopy(fam.tiny_init)
+    else:
+        init, missing = fam.init_from_folder(model_config)
+        if missing:
+            raise SystemExit(f"{model_config}: no config.json for {missing}")
+    cfg = _merge(cfg, SIZE)
+    if smoke:
+        cfg = _merge(cfg, SMOKE_SIZE)
+    cfg["model"].pop("path", None)
+    cfg["model"]["init"] = init
+    cfg = _merge(cfg, {"run": {"output_dir": str(run_dir), "iterations": 1, "checkpoint_every": 1,
+                               "sample_every": 1, "num_sample_videos": 2, "device": "cpu", "tensorboard": False,
+                               "report_every": 0},
+                       "data": {"prompts": [PROMPT]}})
+    cfg.pop("eval", None)                     # no held-out evaluation: the phases are the CLI's own
+    return cfg
+
+
+# ---------------------------------------------------------------- the planner
+def planner_figures(config_file: Path) -> dict[str, Any]:
+    """The planner's rows for this configuration on one device, and what they add up to when every
+    part lives in one memory (the CPU: nothing is offloaded, the transformers stay beside the encoder
+    while it encodes)."""
+    from flowdppo_video.config import load_config
+    from flowdppo_video.models.memory import parameter_parts, plan_adapter
+    from flowdppo_video.planner import format_plan, plan_memory
+
+    cfg = load_config(config_file, [])
+    plan = plan_memory(cfg, 1)
+    adapter, missing = plan_adapter(cfg.model, None, cfg.objective.beta > 0)
+    parts = {p.name: float(p.nbytes) for p in parameter_parts(adapter, missing) if p.counted}
+    encoders = sum(b for n, b in parts.items() if n in adapter.TEXT_ENCODERS)
+    update = plan.row("activations, update, checkpointing" if cfg.model.gradient_checkpointing
+                      else "activations, update, no checkpointing").device or 0.0
+    rollout = plan.row("activations, rollout peak").device or 0.0
+    static = sum((r.device or 0.0) for r in plan.rows if not r.name.startswith(("activations", "total")))
+    all_params = sum(parts.values())
+    return {"text": format_plan(plan), "parts_bytes": parts, "encoder_bytes": encoders,
+            "total_per_gpu": plan.row("total").device, "static_bytes": static, "update_bytes": update,
+            "rollout_bytes": rollout,
+            # One memory: every part at the start (encoding), then training without the encoder.
+            "cpu_start": all_params, "cpu_train": static + max(update, rollout),
+            "cpu_inference": all_params + rollout}
+
+
+# ---------------------------------------------------------------- one phase
+def _rss_kb(pid: int) -> int | None:
+    try:
+        m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _run_phase(name: str, argv: list[str], log_dir: Path, every_s: float = 0.2,
+              max_rss_gib: float | None = None) -> dict[str, Any]:
+    """Run ``argv`` to its end; its wall time, own peak RSS (``ru_maxrss``), its RSS sampled every
+    ``every_s`` and its output lines with their times (``log_dir/<name>.log``). A phase whose RSS
+    passes ``max_rss_gib`` is killed (the machine must not run out of memory)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    print(f"\n== {name}: {' '.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            kb = _rss_kb(proc.pid)
+            if kb is not None:
+                samples.append((time.perf_counter() - t0, kb))
+                if max_rss_gib is not None and kb * 1024 > max_rss_gib * GiB:
+                    print(f"== {name}: resident set {kb / 2 ** 20:.1f} GiB > --max-rss-gib {max_rss_gib}: killed",
+                          flush=True)
+                    proc.kill()
+            done.wait(every_s)
+
+    threading.Thread(target=poll, daemon=True).start()
+    lines: list[tuple[float, str]] = []
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        for line in raw.rstrip("\n").split("\r"):
+            if line.strip():
+                lines.append((time.perf_counter() - t0, line))
+        print(raw, end="", flush=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    done.set()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / f"{name}.log").write_text("".join(f"{t:8.2f}  {s}\n" for t, s in lines))
+    if proc.returncode != 0:
+        raise SystemExit(f"phase {name} failed (rc {proc.returncode}); its output: {log_dir / (name + '.log')}")
+    print(f"== {name}: {wall:.1f} s, peak RSS {usage.ru_maxrss / 2 ** 20:.2f} GiB", flush=True)
+    return {"argv": argv, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "rss_samples": samples,
+            "lines": lines}
+
+
+def encoder_release(phase: dict[str, Any]) -> dict[str, Any] | None:
+    """The resident set around the trainer's 'text encoder released' line: its peak before, the last
+    sample before and the first after (the release happens just before the line is printed)."""
+    at = next((t for t, s in phase["lines"] if "text encoder released" in s), None)
+    if at is None:
+        return None
+    before = [kb for t, kb in phase["rss_samples"] if t < at]
+    after = [kb for t, kb in phase["rss_samples"] if t >= at]
+    line = next(s for t, s in phase["lines"] if t == at)
+    m = re.search(r"released \(([\d.]+) GiB\)", line)
+    return {"at_s": at, "peak_before_bytes": max(before) * 1024 if before else None,
+            "last_before_bytes": before[-1] * 1024 if before else None,
+            "first_after_bytes": after[0] * 1024 if after else None,
+            "reported_released_gib": float(m.group(1)) if m else None, "line": line.strip()}
+
+
+def lora_modules(checkpoint: Path) -> dict[str, Any]:
+    """The modules the checkpoint's LoRA adapter wraps (from its ``lora_A`` weights)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in sorted((checkpoint / "model").rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            names += [k.split(".lora_A")[0] for k in st.keys() if ".lora_A" in k]
+    kinds: dict[str, int] = {}
+    for n in names:
+        kind = re.sub(r"^.*?blocks\.\d+\.", "", n)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"count": len(names), "by_name": kinds, "first": sorted(names)[:4]}
+
+
+LOAD_CHECK = """
+import json, sys, torch
+from diffusers import WanPipeline
+pipe = WanPipeline.from_pretrained(sys.argv[1], torch_dtype=getattr(torch, sys.argv[2]))
+out = {k: {"class": type(m).__name__, "params": sum(p.numel() for p in m.parameters()),
+           "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()})}
+       for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+print("LOADED " + json.dumps(out))
+"""
+
+
+# ---------------------------------------------------------------- the whole run
+def dry_run(recipe: Path, model_config: Path | None, work: Path, smoke: bool, threads: int,
+            max_rss_gib: float | None = None) -> dict[str, Any]:
+    import functools
+
+    import torch
+
+    run_dir = work / "run"
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"--work {work} exists and is not empty")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = dry_run_config(recipe, model_config, run_dir, smoke)
+    config_file = work / "dry_run.yaml"
+    config_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    plan = planner_figures(config_file)
+    print(plan["text"], flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    cli = [sys.executable, "-m", "flowdppo_video"]
+    logs = work / "logs"
+    run_phase = functools.partial(_run_phase, max_rss_gib=max_rss_gib)
+    phases = {"train": run_phase("train", [*cli, "train", "--config", str(config_file)], logs)}
+    first = sorted((run_dir / "checkpoints").iterdir())[-1]
+    lora = lora_modules(first)
+    print(f"LoRA: {lora['count']} modules wrapped {lora['by_name']}, e.g. {lora['first']}", flush=True)
+    phases["resume"] = run_phase("resume", [*cli, "train", "--resume", str(run_dir), "run.iterations=2"], logs)
+    phases["sample"] = run_phase("sample", [*cli, "sample", "--run", str(run_dir), "--out", str(work / "samples"),
+                                            "--num", "1"], logs)
+    phases["export"] = run_phase("export", [*cli, "export", "--run", str(run_dir), "--out", str(work / "export")],
+                                 logs)
+    phases["load"] = run_phase("load", [sys.executable, "-c", LOAD_CHECK, str(work / "export"),
+                                            cfg["model"]["dtype"]], logs)
+    loaded = json.loads(next(s for _, s in phases["load"]["lines"] if s.startswith("LOADED "))[len("LOADED "):])
+    metrics = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    predicted = {"train": plan["cpu_start"], "resume": plan["cpu_start"], "sample": plan["cpu_inference"],
+                 "export": plan["cpu_start"], "load": plan["cpu_start"]}
+    export_bytes = sum(f.stat().st_size for f in (work / "export").rglob("*") if f.is_file())
+    return {
+        "name": "real_size", "smoke": smoke, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([".venv/bin/python", "tools/bench/real_size.py", *sys.argv[1:]]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                 text=True).stdout.strip(),
+        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "omp_threads": os.environ["OMP_NUM_THREADS"],
+                    "torch": torch.__version__, "loadavg_at_end": list(os.getloadavg())},
+        "model_config": None if smoke else str(model_config), "recipe": str(recipe),
+        "config": {k: cfg[k] for k in ("model", "data", "video", "sampler", "objective", "optim") if k in cfg},
+        "phases": {n: {"wall_s": p["wall_s"], "peak_rss_bytes": p["peak_rss_bytes"],
+                       "planner_bytes": predicted[n], "argv": p["argv"]} for n, p in phases.items()},
+        "encoder_release": encoder_release(phases["train"]),
+        "rss_timeline_train": phases["train"]["rss_samples"][::5],
+        "iterations": [{k: v for k, v in r.items() if k.startswith(("time/", "perf/", "reward/mean", "kl/mean",
+                                                                        "ratio/first", "iteration", "loss"))}
+                       for r in metrics],
+        "lora": lora, "export": {"bytes": export_bytes, "loaded": loaded},
+        "planner": {k: v for k, v in plan.items() if k != "text"}, "planner_text": plan["text"],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _gib(b: float | None) -> str:
+    from flowdppo_video.planner import fmt_bytes
+
+    return fmt_bytes(b)
+
+
+WHAT = {"train": "build, encode prompts, release encoder, 1 iteration, checkpoint",
+        "resume": "build, read the text cache, 1 more iteration, checkpoint",
+        "sample": "`sample`: build, 1 video (10 ODE steps, CFG), decode",
+        "export": "`export`: build, merge LoRA, write a diffusers directory",
+        "load": "`WanPipeline.from_pretrained(dir, torch_dtype=model dtype)` of the export"}
+PLANNER_WHAT = {"train": "every part at the start", "resume": "every part at the start",
+                "sample": "every part + rollout activations", "export": "every part", "load": "every part"}
+
+
+def section(r: dict[str, Any]) -> str:
+    """The markdown section of ``docs/benchmarks.md`` for a result of :func:`dry_run`."""
+    p, rel, pl = r["phases"], r["encoder_release"], r["planner"]
+    model = r["model_config"] or "the family's tiny shapes (smoke)"
+    lines = ["## (h) Real architecture on the CPU: Wan 2.1 T2V 1.3B, one iteration through the CLI", "",
+             "```", r["command"], "```", "",
+             f"- Model: `{model}` with random weights, transformer and UMT5 in "
+             f"{r['config']['model']['dtype']}, VAE float32; recipe `{r['recipe']}` at a small size: "
+             f"1 prompt, G = {r['config']['data']['group_size']}, {r['config']['video']['num_frames']} frames at "
+             f"{r['config']['video']['height']}x{r['config']['video']['width']}, "
+             f"{r['config']['sampler']['num_steps']} steps ({r['config']['sampler']['sde_steps']} SDE), "
+             f"CFG {r['config']['sampler'].get('guidance_scale')}, LoRA rank {r['config']['model']['lora']['rank']}, "
+             f"{r['config']['model']['max_sequence_length']} text tokens, {r['config']['optim']['inner_epochs']} "
+             "update pass.",
+             f"- Machine: {r['machine']['cpu']}, {r['machine']['logical_cpus']} logical CPUs (shared with other "
+             f"benchmarks; load average {', '.join(f'{x:.1f}' for x in r['machine']['loadavg_at_end'])} at the end), "
+             f"OMP_NUM_THREADS={r['machine']['omp_threads']}, torch {r['machine']['torch']}; commit "
+             f"{r['commit']}, finished {r['finished']}.",
+             f"- LoRA wrapped **{r['lora']['count']} modules** ({', '.join(f'{k} x{v}' for k, v in r['lora']['by_name'].items())}), "
+             f"e.g. `{r['lora']['first'][0]}`.",
+             "- Peak RSS: each phase's own `ru_maxrss` (`os.wait4`). Planner: `flowdppo-video plan` for the same "
+             "config (`--world 1`), its parts added up as one memory holds them on the CPU: "
+             + "; ".join(f"{n}: {PLANNER_WHAT[n]}" for n in p) + ". It leaves out the Python/torch runtime "
+             "(~0.5-1 GiB here) and allocator slack.", "",
+             "| phase | what | wall s | peak RSS | planner |", "|---|---|---:|---:|---:|"]
+    for n, v in p.items():
+        lines.append(f"| {n} | {WHAT[n]} | {v['wall_s']:.0f} | {_gib(v['peak_rss_bytes'])} | {_gib(v['planner_bytes'])} |")
+    lines.append("")
+    its = r["iterations"]
+    if its:
+        lines.append("Inside the training phases (`metrics.jsonl`): " + "; ".join(
+            f"iteration {i + 1}: rollout {it.get('time/rollout_s', float('nan')):.0f} s, update "
+            f"{it.get('time/update_s', float('nan')):.0f} s, ratio/first_max_abs_log "
+            f"{it.get('ratio/first_max_abs_log', float('nan')):.1e}" for i, it in enumerate(its)) + ".")
+    if rel:
+        lines.append(f"Text encoder released after encoding: resident set {_gib(rel['last_before_bytes'])} just before "
+                     f"(peak {_gib(rel['peak_before_bytes'])} while encoding), {_gib(rel['first_after_bytes'])} just "
+                     f"after; the trainer reports {rel['reported_released_gib']} GiB of parameters released (planner: "
+                     f"{_gib(pl['encoder_bytes'])}).")
+    lines.append(f"The export ({_gib(r['export']['bytes'])} on disk) loads with `WanPipeline.from_pretrained`: "
+                 + ", ".join(f"{k} {v['class']} ({v['params'] / 1e9:.2f}B, {'/'.join(v['dtypes'])})"
+                             for k, v in r["export"]["loaded"].items()) + ".")
+    lines.append(f"Planner: per-GPU total {_gib(pl['total_per_gpu'])} (training {_gib(pl['cpu_train'])} without the "
+                 f"encoder; the start, every part, {_gib(pl['cpu_start'])}).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", type=Path, default=REPO / "configs" / "wan2.1_t2v_1.3b.yaml")
+    p.add_argument("--model-config", type=Path, default=REPO / "configs" / "model_shapes" / "wan2.1_t2v_1.3b")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "real_size" / "wan2.1_t2v_1.3b",
+                   help="new folder for the run, samples, export and logs")
+    p.add_argument("--out", type=Path, default=None, help="result JSON")
+    p.add_argument("--section", type=Path, default=None, help="markdown section for docs/benchmarks.md")
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the phases (unless set)")
+    p.add_argument("--max-rss-gib", type=float, default=18.0, help="kill a phase whose resident set passes this")
+    p.add_argument("--smoke", action="store_true", help="the family's tiny shapes: seconds (CI)")
+    a = p.parse_args(argv)
+    r = dry_run(a.recipe, a.model_config, a.work, a.smoke, a.threads, a.max_rss_gib)
+    text = section(r)
+    print("\n" + text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(r, indent=1))
+    if a.section:
+        a.section.write_text(text)
+    return r
+
+
+if __name__ == "__main__":
+    main()
