@@ -63,9 +63,10 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def check_config(size: str, variant: str, run_dir: Path) -> dict[str, Any]:
     """The recipe with the check's overrides, ``model.init`` from the shapes folder (``full``) or
     the family's tiny shapes (``tiny``), and the variant's attention backend and compilation."""
+    from flowdppo_video.config import load_yaml
     from flowdppo_video.models import family
 
-    cfg = yaml.safe_load(RECIPE.read_text())
+    cfg = load_yaml(RECIPE)
     fam = family(cfg["model"]["family"])
     init = copy.deepcopy(fam.tiny_init) if size == "tiny" else fam.init_from_folder(SHAPES)[0]
     cfg = _merge(cfg, COMMON)

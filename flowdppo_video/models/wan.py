@@ -8,6 +8,7 @@ Wan 2.2 A14B is a mixture of two experts: ``transformer`` takes the high-noise s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -200,19 +201,24 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         vcfg.setdefault("latents_std", [1.0] * z)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
+        # On CUDA the weights are drawn there (seconds, where a host takes minutes for a real-size
+        # UMT5); the CUDA generator gives other values than the CPU's for the same seed.
+        place = torch.device(device) if device.type == "cuda" else contextlib.nullcontext()
         try:
             # The transformers and the text encoder are created in the model dtype (a real-size UMT5
             # in float32 first would need 23 GB); the VAE stays float32, as from_pretrained keeps it.
-            with built_in(DTYPES[dtype]):
+            with place, built_in(DTYPES[dtype]):
                 transformer = WanTransformer3DModel(**parts["transformer"])
                 transformer_2 = None
                 if "transformer_2" in init:
                     transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
-            vae = AutoencoderKLWan(**vcfg)
-            with built_in(DTYPES[dtype]):
+            with place:
+                vae = AutoencoderKLWan(**vcfg)
+            with place, built_in(DTYPES[dtype]):
                 text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
                                                            decoder_start_token_id=0))
-            extra = cls._extra_config(parts, transformer)
+            with place:
+                extra = cls._extra_config(parts, transformer)
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:

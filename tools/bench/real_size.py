@@ -62,9 +62,10 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def dry_run_config(recipe: Path, model_config: Path | None, run_dir: Path, smoke: bool) -> dict[str, Any]:
     """The recipe at the dry run's size, ``model.init`` read from ``model_config`` (the family's
     own reader) or, with ``smoke``, the family's tiny shapes."""
+    from flowdppo_video.config import load_yaml
     from flowdppo_video.models import family
 
-    cfg = yaml.safe_load(recipe.read_text())
+    cfg = load_yaml(recipe)                   # the recipe with its `base:` chain merged
     fam = family(cfg["model"].get("family", "wan"))
     if smoke:
         init = copy.deepcopy(fam.tiny_init)
