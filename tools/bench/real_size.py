@@ -295,7 +295,8 @@ def section(r: dict[str, Any]) -> str:
     """The markdown section of ``docs/benchmarks.md`` for a result of :func:`dry_run`."""
     p, rel, pl = r["phases"], r["encoder_release"], r["planner"]
     model = r["model_config"] or "the family's tiny shapes (smoke)"
-    lines = ["## (h) Real architecture on the CPU: Wan 2.1 T2V 1.3B, one iteration through the CLI", "",
+    name = Path(r["model_config"]).name if r["model_config"] else "tiny shapes (smoke)"
+    lines = [f"## (h) Real architecture on the CPU: {name}, one iteration through the CLI", "",
              "```", r["command"], "```", "",
              f"- Model: `{model}` with random weights, transformer and UMT5 in "
              f"{r['config']['model']['dtype']}, VAE float32; recipe `{r['recipe']}` at a small size: "
@@ -326,7 +327,8 @@ def section(r: dict[str, Any]) -> str:
             f"{it.get('time/update_s', float('nan')):.0f} s, ratio/first_max_abs_log "
             f"{it.get('ratio/first_max_abs_log', float('nan')):.1e}" for i, it in enumerate(its)) + ".")
     if rel:
-        lines.append(f"Text encoder released after encoding: resident set {_gib(rel['last_before_bytes'])} just before "
+        lines.append(f"Text encoder released after encoding, {rel['at_s']:.0f} s into `train` (building every part "
+                     f"with random weights, then encoding): resident set {_gib(rel['last_before_bytes'])} just before "
                      f"(peak {_gib(rel['peak_before_bytes'])} while encoding), {_gib(rel['first_after_bytes'])} just "
                      f"after; the trainer reports {rel['reported_released_gib']} GiB of parameters released (planner: "
                      f"{_gib(pl['encoder_bytes'])}).")
@@ -349,7 +351,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the phases (unless set)")
     p.add_argument("--max-rss-gib", type=float, default=18.0, help="kill a phase whose resident set passes this")
     p.add_argument("--smoke", action="store_true", help="the family's tiny shapes: seconds (CI)")
+    p.add_argument("--from-json", type=Path, default=None, help="rewrite --section from a stored result; no run")
     a = p.parse_args(argv)
+    if a.from_json:
+        r = json.loads(a.from_json.read_text())
+        if a.section:
+            a.section.write_text(section(r))
+        return r
     r = dry_run(a.recipe, a.model_config, a.work, a.smoke, a.threads, a.max_rss_gib)
     text = section(r)
     print("\n" + text)
