@@ -114,8 +114,9 @@ class ObjectiveConfig:
     kind: str = "flow_dppo"               # "flow_dppo" or "grpo_clip"
     delta: float = 8.3e-4                 # Flow-DPPO KL threshold in nats per latent element (a token is frozen
                                           # when KL_n / D > delta), for every granularity; SPEC section 3
-    granularity: str = "token"            # "token", "sample" (image-model reference) or "row_gated" (token
+    granularity: str = "token"            # "token", "sample" (image-model reference), "row_gated" (token
                                           # terms frozen only in rows whose mean KL per element is past delta)
+                                          # or "row" (the row's mean KL decides, each token's push is tested)
     normalize: str = "all"                # "all" terms or "kept" terms (kept: per SDE step and minibatch)
     clip_range: float = 1e-3              # grpo_clip epsilon
     beta: float = 0.0                     # weight of KL to the reference (base) model
@@ -190,7 +191,7 @@ class Config:
         _check_choice("sampler.kind", self.sampler.kind, ("flow_sde", "cps"))
         _check_choice("objective.kind", self.objective.kind, ("flow_dppo", "grpo_clip"))
         _check_choice("sampler.cfg_batch", self.sampler.cfg_batch, ("auto", "joint", "split"))
-        _check_choice("objective.granularity", self.objective.granularity, ("token", "sample", "row_gated"))
+        _check_choice("objective.granularity", self.objective.granularity, ("token", "sample", "row_gated", "row"))
         _check_choice("objective.normalize", self.objective.normalize, ("all", "kept"))
         _check_choice("advantages.aggregation", self.advantages.aggregation, ("sum", "gdpo"))
         _check_choice("advantages.std", self.advantages.std, ("group", "batch"))

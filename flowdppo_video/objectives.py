@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-GRANULARITIES = ("token", "sample", "row_gated")
+GRANULARITIES = ("token", "sample", "row_gated", "row")
 NORMALIZATIONS = ("all", "kept")
 
 
@@ -76,6 +76,9 @@ def trust_region_mask(kind: str, log_ratio: torch.Tensor, kl: torch.Tensor, adva
     - ``flow_dppo`` / ``row_gated``: the token rule, but only inside rows whose own per-element
       mean KL is past ``delta``: a row that drifts as a whole has its far tokens frozen, a row
       whose change is concentrated in a few tokens (an object moving) keeps them.
+    - ``flow_dppo`` / ``row``: the sample rule's decision (the row's per-element mean KL past
+      ``delta``) with the token rule's direction test: inside such a row every token that pushes the
+      way its advantage wants is frozen, a corrective one passes; token ratios throughout.
     - ``grpo_clip``: rows whose clipped ratio binds the way their advantage pushes.
 
     Args:
@@ -96,6 +99,8 @@ def trust_region_mask(kind: str, log_ratio: torch.Tensor, kl: torch.Tensor, adva
         return token
     if granularity == "row_gated":
         return token & (row_kl > delta)
+    if granularity == "row":
+        return dppo_drop_mask(log_ratio, row_kl.expand_as(kl), adv, delta)
     raise ValueError(f"objective.granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
@@ -117,7 +122,8 @@ def flow_dppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Ten
         granularity: ``"token"`` (one decision and one ratio per token), ``"sample"`` (the
             image-model reference: one ratio and KL per row, each the mean over all latent
             elements) or ``"row_gated"`` (token terms, frozen only inside rows whose mean KL
-            per element is past ``delta``; see :func:`trust_region_mask`).
+            per element is past ``delta``) or ``"row"`` (token terms, the decision per row on
+            its mean KL per element, the direction test per token); see :func:`trust_region_mask`.
         normalize: ``"all"`` divides by the number of terms, ``"kept"`` by the kept count.
 
     Returns:

@@ -341,6 +341,33 @@ def test_row_gated_freezes_far_tokens_only_in_rows_that_drift_as_a_whole():
     assert float(stats["dropped"]) == 3.0
 
 
+def test_row_decides_on_the_row_mean_and_tests_each_tokens_push():
+    # Row 0: one token far (a concentrated change), row mean below delta: nothing frozen, even the
+    # far token (which the token rule freezes). Row 1: the row drifts as a whole: every token that
+    # pushes the way its advantage wants is frozen, near ones included (row_gated keeps those);
+    # the corrective token (rho < 1 under A > 0) passes.
+    d = 2
+    log_ratio = torch.tensor([[0.2, 0.0, 0.0, 0.0], [0.2, 0.1, -0.2, 0.2]])
+    kl = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.6, 0.4, 1.0, 1.0]])   # token KL (D = 2); row means 0.25, 0.5
+    adv = torch.tensor([1.0, 1.0])
+    kw = {"elements_per_token": d, "delta": 0.4}
+    row = trust_region_mask("flow_dppo", log_ratio, kl, adv, granularity="row", **kw)
+    gated = trust_region_mask("flow_dppo", log_ratio, kl, adv, granularity="row_gated", **kw)
+    assert row.tolist() == [[False, False, False, False], [True, True, False, True]]
+    assert gated.tolist() == [[False, False, False, False], [True, False, False, True]]
+    # Negative advantage: tokens with rho < 1 push; the same row decision.
+    row_neg = trust_region_mask("flow_dppo", log_ratio, kl, -adv, granularity="row", **kw)
+    assert row_neg.tolist() == [[False, False, False, False], [False, False, True, False]]
+    # The loss keeps token ratios: a kept token's gradient is its own A * rho / Z.
+    logp_old = torch.zeros(2, 4)
+    logp_new = (logp_old + log_ratio).requires_grad_(True)
+    loss, stats = flow_dppo_loss(logp_new, logp_old, kl, adv, 0.4, elements_per_token=d, granularity="row")
+    loss.backward()
+    assert float(stats["dropped"]) == 3.0
+    expected = torch.where(row, torch.zeros(()), -adv[:, None] * torch.exp(log_ratio) / 8)
+    torch.testing.assert_close(logp_new.grad, expected)
+
+
 def test_trust_region_mask_is_the_rule_the_losses_apply():
     g = torch.Generator().manual_seed(3)
     d = 3
@@ -348,7 +375,7 @@ def test_trust_region_mask_is_the_rule_the_losses_apply():
     log_ratio = 0.2 * torch.randn(4, 6, generator=g)
     kl = torch.rand(4, 6, generator=g) * d
     adv = torch.tensor([1.0, -1.0, 0.5, -2.0])
-    for gran in ("token", "sample", "row_gated"):
+    for gran in ("token", "sample", "row_gated", "row"):
         m = trust_region_mask("flow_dppo", log_ratio, kl, adv, elements_per_token=d, delta=0.5, granularity=gran)
         _, st = flow_dppo_loss(logp_old + log_ratio, logp_old, kl, adv, 0.5, elements_per_token=d, granularity=gran)
         per_row = m[:, :1] if gran == "sample" else m

@@ -49,22 +49,27 @@ COMMON = ["optim.lr=1e-4", "eval.samples_per_prompt=2", "run.report_every=0", "r
 # terms frozen at 4 inner epochs (docs/trust_region_calibration.md, the shares in the comments).
 ARMS: dict[str, tuple[list[str], str | None, list[float]]] = {
     "token": (["objective.kind=flow_dppo", "objective.granularity=token"], "objective.delta",
-              [3e-6, 1e-5, 3e-5, 1e-4]),                  # ~40%?, 23%, 12%, 6% frozen
+              [3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),      # ~40%?, 23%, 12%, 6%, 3%, 1% frozen
     "sample": (["objective.kind=flow_dppo", "objective.granularity=sample"], "objective.delta",
                [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),           # 76% (the paper's value), 63%, 38%, 19%, 7%
     "clip": (["objective.kind=grpo_clip"], "objective.clip_range", [1e-4, 3e-4, 1e-3, 3e-3]),  # 58%, 30%, 11%, 3%
     "row_gated": (["objective.kind=flow_dppo", "objective.granularity=row_gated"], "objective.delta",
                   [1e-6, 3e-6, 1e-5, 3e-5]),              # 50%, 40%, 22%, 11%
+    "row": (["objective.kind=flow_dppo", "objective.granularity=row"], "objective.delta",
+            [1e-5, 3e-5, 1e-4, 3e-4]),                    # the sample arm's values: the same decision
     "none": (["objective.kind=flow_dppo", "objective.delta=.inf"], None, [math.inf]),
 }
 LABELS = {"token": "Flow-DPPO token", "sample": "Flow-DPPO sample (paper)", "clip": "ratio clipping",
-          "row_gated": "Flow-DPPO row-gated", "none": "no trust region"}
+          "row_gated": "Flow-DPPO row-gated", "row": "Flow-DPPO row-decided", "none": "no trust region"}
 COLOURS = {"token": "tab:blue", "sample": "tab:orange", "clip": "tab:red", "row_gated": "tab:green",
-           "none": "tab:gray"}
+           "row": "tab:purple", "none": "tab:gray"}
 # Stages: what to run, in order (the whole grid does not fit one sitting on 2 cores).
+# The two candidate redesigns (row_gated, row) are screened on seed 0 at 4 inner epochs; only the
+# arms that decide the comparison get the further seeds.
 STAGES = {
     "seed0": {"seeds": [0], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none", "row_gated"]},
-    "seeds12": {"seeds": [1, 2], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none", "row_gated"]},
+    "row": {"seeds": [0], "epochs": [4], "arms": ["row"]},
+    "seeds12": {"seeds": [1, 2], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none"]},
 }
 
 

@@ -31,12 +31,14 @@ GRID = {
     "flow_dppo (token)": ("delta", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
     "flow_dppo (sample)": ("delta", [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
     "flow_dppo (row_gated)": ("delta", [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4]),
+    "flow_dppo (row)": ("delta", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
     "grpo_clip": ("clip_range", [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
 }
 SETTINGS = {
     "flow_dppo (token)": {"kind": "flow_dppo", "granularity": "token"},
     "flow_dppo (sample)": {"kind": "flow_dppo", "granularity": "sample"},
     "flow_dppo (row_gated)": {"kind": "flow_dppo", "granularity": "row_gated"},
+    "flow_dppo (row)": {"kind": "flow_dppo", "granularity": "row"},
     "grpo_clip": {"kind": "grpo_clip"},
 }
 
