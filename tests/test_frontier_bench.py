@@ -78,3 +78,14 @@ def test_calibration_reports_the_off_policy_frozen_share(tmp_path):
     # A wider clip range never freezes more, and the first epoch's first minibatch froze nothing.
     assert all(a >= b for a, b in zip(shares, shares[1:])) and shares[0] > shares[-1]
     assert "off-policy frozen" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("values", [[], ["token=1e-4,3e-4"]])
+def test_jobs_workers_get_a_command_argparse_accepts(values):
+    # A stage without --values once gave every worker "--values --" (argparse: expected at least one).
+    argv = ["--stage", "row", "--jobs", "2", *sum((["--values", v] for v in values), []), "--", "optim.lr=1e-4"]
+    args = algorithms.parser().parse_args(argv)
+    cmd = algorithms.worker_command(args, [0], [4], ["row"])
+    worker = algorithms.parser().parse_args(cmd[2:])
+    assert worker.values == values and worker.arms == ["row"] and worker.jobs == 1
+    assert worker.overrides == ["optim.lr=1e-4"]

@@ -388,7 +388,15 @@ def plot(results: list[dict], docs: Path) -> None:
         plt.close(fig)
 
 
-def main() -> None:
+def worker_command(args: argparse.Namespace, seeds: list[int], epochs: list[int], arms: list[str]) -> list[str]:
+    """One ``--jobs`` worker: the same cells, one process (an empty ``--values`` is left out: argparse
+    refuses it)."""
+    return [sys.executable, __file__, "--iterations", str(args.iterations), "--out", str(args.out),
+            "--docs", str(args.docs), "--tag", args.tag, "--seeds", *map(str, seeds), "--epochs", *map(str, epochs),
+            "--arms", *arms, *(["--values", *args.values] if args.values else []), "--", *args.overrides]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=list(STAGES), help="a predefined part of the grid")
     ap.add_argument("--seeds", type=int, nargs="+")
@@ -406,7 +414,11 @@ def main() -> None:
                     help="finished runs from an earlier sitting (a frontier.json, e.g. the committed "
                          "docs/frontier.json): counted as done here, so a fresh machine resumes the grid")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (with --tag)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
     if args.reuse:
@@ -434,9 +446,7 @@ def main() -> None:
     t = time.perf_counter()
     if args.jobs > 1:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        cmd = [sys.executable, __file__, "--iterations", str(args.iterations), "--out", str(args.out),
-               "--docs", str(args.docs), "--tag", args.tag, "--seeds", *map(str, seeds), "--epochs", *map(str, epochs),
-               "--arms", *arms, "--values", *args.values, "--", *args.overrides]
+        cmd = worker_command(args, seeds, epochs, arms)
         procs = []
         for k in range(args.jobs):
             procs.append(subprocess.Popen(cmd, env=env))
