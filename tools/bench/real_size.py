@@ -166,19 +166,28 @@ def _run_phase(name: str, argv: list[str], log_dir: Path, every_s: float = 0.2,
             "lines": lines}
 
 
-def encoder_release(phase: dict[str, Any]) -> dict[str, Any] | None:
-    """The resident set around the trainer's 'text encoder released' line: its peak before, the last
-    sample before and the first after (the release happens just before the line is printed)."""
-    at = next((t for t, s in phase["lines"] if "text encoder released" in s), None)
-    if at is None:
+def encoder_release(phase: dict[str, Any], window_s: float = 10.0) -> dict[str, Any] | None:
+    """The resident set around the trainer's 'text encoder released' line (printed just after the
+    release): within ``window_s`` before it, the highest sample (encoding) and the lowest one after
+    that highest, up to a second past the line (released, before the rollout grows)."""
+    return release_from(phase["lines"], phase["rss_samples"], window_s)
+
+
+def release_from(lines: list[tuple[float, str]], samples: list[tuple[float, int]],
+                 window_s: float = 10.0) -> dict[str, Any] | None:
+    """:func:`encoder_release` on ``(seconds, line)`` and ``(seconds, RSS kB)`` lists."""
+    hit = next(((t, s) for t, s in lines if "text encoder released" in s), None)
+    if hit is None:
         return None
-    before = [kb for t, kb in phase["rss_samples"] if t < at]
-    after = [kb for t, kb in phase["rss_samples"] if t >= at]
-    line = next(s for t, s in phase["lines"] if t == at)
+    at, line = hit
+    near = [(t, kb) for t, kb in samples if at - window_s <= t <= at + 1.0]
+    if not near:
+        return None
+    top = max(range(len(near)), key=lambda i: near[i][1])
+    low = min(near[top:], key=lambda x: x[1])
     m = re.search(r"released \(([\d.]+) GiB\)", line)
-    return {"at_s": at, "peak_before_bytes": max(before) * 1024 if before else None,
-            "last_before_bytes": before[-1] * 1024 if before else None,
-            "first_after_bytes": after[0] * 1024 if after else None,
+    return {"at_s": at, "before_bytes": near[top][1] * 1024, "after_bytes": low[1] * 1024,
+            "peak_before_bytes": max(kb for t, kb in samples if t <= at) * 1024,
             "reported_released_gib": float(m.group(1)) if m else None, "line": line.strip()}
 
 
@@ -201,8 +210,10 @@ LOAD_CHECK = """
 import json, sys, torch
 from diffusers import WanPipeline
 pipe = WanPipeline.from_pretrained(sys.argv[1], torch_dtype=getattr(torch, sys.argv[2]))
+# The sum reads every weight: from_pretrained maps the files, and untouched pages are not resident.
 out = {k: {"class": type(m).__name__, "params": sum(p.numel() for p in m.parameters()),
-           "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()})}
+           "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()}),
+           "finite": all(bool(p.sum(dtype=torch.float32).isfinite()) for p in m.parameters())}
        for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
 print("LOADED " + json.dumps(out))
 """
@@ -276,6 +287,13 @@ def _cpu_name() -> str:
     return "unknown"
 
 
+def _rel(p: str) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(REPO))
+    except ValueError:
+        return p
+
+
 def _gib(b: float | None) -> str:
     from flowdppo_video.planner import fmt_bytes
 
@@ -286,7 +304,7 @@ WHAT = {"train": "build, encode prompts, release encoder, 1 iteration, checkpoin
         "resume": "build, read the text cache, 1 more iteration, checkpoint",
         "sample": "`sample`: build, 1 video (10 ODE steps, CFG), decode",
         "export": "`export`: build, merge LoRA, write a diffusers directory",
-        "load": "`WanPipeline.from_pretrained(dir, torch_dtype=model dtype)` of the export"}
+        "load": "`WanPipeline.from_pretrained(dir, torch_dtype=model dtype)`, every weight read"}
 PLANNER_WHAT = {"train": "every part at the start", "resume": "every part at the start",
                 "sample": "every part + rollout activations", "export": "every part", "load": "every part"}
 
@@ -294,12 +312,12 @@ PLANNER_WHAT = {"train": "every part at the start", "resume": "every part at the
 def section(r: dict[str, Any]) -> str:
     """The markdown section of ``docs/benchmarks.md`` for a result of :func:`dry_run`."""
     p, rel, pl = r["phases"], r["encoder_release"], r["planner"]
-    model = r["model_config"] or "the family's tiny shapes (smoke)"
+    model = _rel(r["model_config"]) if r["model_config"] else "the family's tiny shapes (smoke)"
     name = Path(r["model_config"]).name if r["model_config"] else "tiny shapes (smoke)"
     lines = [f"## (h) Real architecture on the CPU: {name}, one iteration through the CLI", "",
              "```", r["command"], "```", "",
              f"- Model: `{model}` with random weights, transformer and UMT5 in "
-             f"{r['config']['model']['dtype']}, VAE float32; recipe `{r['recipe']}` at a small size: "
+             f"{r['config']['model']['dtype']}, VAE float32; recipe `{_rel(r['recipe'])}` at a small size: "
              f"1 prompt, G = {r['config']['data']['group_size']}, {r['config']['video']['num_frames']} frames at "
              f"{r['config']['video']['height']}x{r['config']['video']['width']}, "
              f"{r['config']['sampler']['num_steps']} steps ({r['config']['sampler']['sde_steps']} SDE), "
@@ -328,10 +346,11 @@ def section(r: dict[str, Any]) -> str:
             f"{it.get('ratio/first_max_abs_log', float('nan')):.1e}" for i, it in enumerate(its)) + ".")
     if rel:
         lines.append(f"Text encoder released after encoding, {rel['at_s']:.0f} s into `train` (building every part "
-                     f"with random weights, then encoding): resident set {_gib(rel['last_before_bytes'])} just before "
-                     f"(peak {_gib(rel['peak_before_bytes'])} while encoding), {_gib(rel['first_after_bytes'])} just "
-                     f"after; the trainer reports {rel['reported_released_gib']} GiB of parameters released (planner: "
-                     f"{_gib(pl['encoder_bytes'])}).")
+                     f"with random weights, then encoding): resident set {_gib(rel['before_bytes'])} while encoding, "
+                     f"{_gib(rel['after_bytes'])} after the release, a drop of "
+                     f"{_gib(rel['before_bytes'] - rel['after_bytes'])} (phase peak before it "
+                     f"{_gib(rel['peak_before_bytes'])}, while building); the trainer reports "
+                     f"{rel['reported_released_gib']} GiB of parameters released (planner: {_gib(pl['encoder_bytes'])}).")
     lines.append(f"The export ({_gib(r['export']['bytes'])} on disk) loads with `WanPipeline.from_pretrained`: "
                  + ", ".join(f"{k} {v['class']} ({v['params'] / 1e9:.2f}B, {'/'.join(v['dtypes'])})"
                              for k, v in r["export"]["loaded"].items()) + ".")

@@ -253,8 +253,10 @@ def write_doc(path: Path, results: list[tuple[str, dict[str, Any] | None, float]
         lines += ["## Findings", "", findings.strip(), ""]
     # Benchmarks run on their own (the algorithm comparison takes an hour): their write-ups,
     # from tools/bench/reward_throughput.py and algorithms.py, are kept across rewrites.
-    # tools/bench/reward_throughput.py, algorithms.py, zero_memory.py and sp_memory.py write these.
-    for extra in ("rewards_section.md", "algorithms_section.md", "zero_section.md", "sp_section.md"):
+    # tools/bench/reward_throughput.py, algorithms.py, zero_memory.py and sp_memory.py write these;
+    # real_size_section.md is real_size.py's table with its reading, gpu_check_section.md by hand.
+    for extra in ("rewards_section.md", "algorithms_section.md", "zero_section.md", "sp_section.md",
+                  "real_size_section.md", "gpu_check_section.md"):
         if (path.parent / extra).is_file():
             lines += [(path.parent / extra).read_text().strip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
