@@ -122,6 +122,17 @@ def run_variant(cfg: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
             "ratio_first_max_abs_log": last.get("ratio/first_max_abs_log")}
 
 
+def _gpu_name() -> str:
+    """The first GPU's name from nvidia-smi: this process never creates a CUDA context (it would hold
+    GPU memory beside the variants' processes)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        out = []
+    return out[0] if out else "unknown GPU"
+
+
 def _f(x: float | None, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
@@ -155,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"GPU_CHECK_VARIANTS: unknown {unknown}; known: {VARIANTS}")
     if a.out.exists() and any(a.out.iterdir()):
         raise SystemExit(f"--out {a.out} exists and is not empty")
-    device = "cuda:0 (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:0 ({_gpu_name()})" if torch.cuda.is_available() else "cpu"
     print(f"gpu_check: size {a.size}, device {device}, variants {names}, out {a.out}", flush=True)
     result: dict[str, Any] = {"size": a.size, "device": device, "torch": torch.__version__,
                               "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "variants": {}}
@@ -172,8 +183,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {name}: " + (f"failed ({r['error']})" if "error" in r else
                                f"{r['videos_per_s']:.3f} videos/s, update {r['update_s']:.1f} s, "
                                f"process {r['wall_s']:.0f} s"), flush=True)
-        if r.get("peak_memory_gib") is not None:
-            torch.cuda.empty_cache()
     result["wall_s"] = time.perf_counter() - t0
     v = check_config(a.size, "native", a.out)
     result["setting"] = (f"{v['video']['num_frames']} frames at {v['video']['height']}x{v['video']['width']}, "
