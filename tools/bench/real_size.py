@@ -333,7 +333,7 @@ def section(r: dict[str, Any]) -> str:
              "- Peak RSS: each phase's own `ru_maxrss` (`os.wait4`). Planner: `flowdppo-video plan` for the same "
              "config (`--world 1`), its parts added up as one memory holds them on the CPU: "
              + "; ".join(f"{n}: {PLANNER_WHAT[n]}" for n in p) + ". It leaves out the Python/torch runtime "
-             "(~0.5-1 GiB here) and allocator slack.", "",
+             "(~0.3 GiB here), allocator slack and transients.", "",
              "| phase | what | wall s | peak RSS | planner |", "|---|---|---:|---:|---:|"]
     for n, v in p.items():
         lines.append(f"| {n} | {WHAT[n]} | {v['wall_s']:.0f} | {_gib(v['peak_rss_bytes'])} | {_gib(v['planner_bytes'])} |")
