@@ -120,3 +120,13 @@ def test_bad_world_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--config", str(TINY), "--world", "3", "parallel.sequence_parallel=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["flowdppo-video: error: --world 3 is not divisible by parallel.sequence_parallel=2"]
+
+
+def test_speed_switches_do_not_stop_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    """A config for a CUDA-only attention backend, compiled, plans on a machine without CUDA or
+    flash_attn (tools/gpu_check.sh plans its flash variants); the figures are those of native."""
+    args = ["plan", "--config", str(TINY), "--world", "1"]
+    assert main(args) == 0
+    native = capsys.readouterr().out
+    assert main([*args, "model.attention_backend=flash", "model.compile=true"]) == 0
+    assert capsys.readouterr().out == native

@@ -155,6 +155,9 @@ def plan_adapter(cfg: ModelConfig, shapes: str | Path | None, keep_reference: bo
     from . import build_adapter
     from ..resources import resolve
 
+    # The speed switches change no parameter and the activation model already assumes fused attention;
+    # off here, so a config for a CUDA-only backend plans on any machine (the planner runs on none).
+    cfg = dataclasses.replace(cfg, attention_backend="native", compile=False)
     folder = Path(shapes) if shapes is not None else (Path(resolve(cfg.path)) if cfg.path is not None else None)
     if folder is not None and not folder.is_dir():
         raise ModelError(f"{'--model-config' if shapes is not None else 'model.path'} {folder} is not a folder")
