@@ -89,3 +89,15 @@ def test_jobs_workers_get_a_command_argparse_accepts(values):
     worker = algorithms.parser().parse_args(cmd[2:])
     assert worker.values == values and worker.arms == ["row"] and worker.jobs == 1
     assert worker.overrides == ["optim.lr=1e-4"]
+
+
+def test_one_epoch_fronts_sweep_their_own_values():
+    # The 4-epoch lists stay; one epoch gets tighter values (most 4-epoch ones froze nothing there);
+    # --values ARM@E overrides one epoch count, ARM both.
+    assert algorithms.knob_values("sample", 4) == algorithms.ARMS["sample"][2]
+    assert algorithms.knob_values("sample", 1) == algorithms.ONE_EPOCH_VALUES["sample"]
+    assert algorithms.knob_values("none", 1) == [math.inf]
+    vals = {"clip@1": [1e-5], "token": [1e-4]}
+    cells = algorithms.grid(["clip", "token"], [4, 1], [0], vals)
+    assert [(a, v, e) for a, v, e, _ in cells] == (
+        [("clip", v, 4) for v in algorithms.ARMS["clip"][2]] + [("token", 1e-4, 4), ("clip", 1e-5, 1), ("token", 1e-4, 1)])

@@ -6,9 +6,11 @@
 
 A trust region is a knob, so each arm is swept over its own: token-wise Flow-DPPO (delta per latent
 element), sample-level Flow-DPPO (the paper's algorithm, delta per element), row-gated Flow-DPPO
-(token terms frozen only inside rows whose own mean KL per element is past delta), Flow-GRPO ratio
-clipping (epsilon), and no trust region. Each at 1 and 4 inner epochs, with paired seeds (the same
-rollout seeds in every arm). Every run is the shapes-world recipe
+(token terms frozen only inside rows whose own mean KL per element is past delta), row-decided
+Flow-DPPO (the row's mean KL decides, each token's push is tested), Flow-GRPO ratio clipping
+(epsilon), and no trust region. Each at 1 and 4 inner epochs (tighter knob values at 1 epoch, where
+only one minibatch per iteration is off-policy), with paired seeds (the same rollout seeds in every
+arm). Every run is the shapes-world recipe
 (``flowdppo_video/recipes/default.yaml``) at the same rollout budget (``--iterations`` x 32 videos),
 lr 1e-4, 2 held-out samples per prompt; only the arm, its knob, the inner epochs and the seed change.
 
@@ -78,13 +80,32 @@ def run_name(arm: str, value: float, epochs: int, seed: int, tag: str = "") -> s
     return f"{arm}-{knob}-e{epochs}-s{seed}{('-' + tag) if tag else ''}"
 
 
+# At one inner epoch only the iteration's second minibatch is off-policy, so most of the 4-epoch
+# values freeze nothing there (seed 0: sample delta >= 1e-4 and clip eps >= 3e-4 froze 0% and ran as
+# no trust region): the 1-epoch fronts sweep tighter values, each of which acts.
+ONE_EPOCH_VALUES: dict[str, list[float]] = {
+    "token": [3e-6, 1e-5, 3e-5, 1e-4], "sample": [1e-6, 3e-6, 1e-5, 3e-5], "clip": [1e-5, 3e-5, 1e-4, 3e-4],
+    "row_gated": [1e-6, 3e-6, 1e-5, 3e-5], "row": [1e-6, 3e-6, 1e-5, 3e-5],
+}
+
+
+def knob_values(arm: str, epochs: int, values: dict[str, list[float]] | None = None) -> list[float]:
+    """An arm's knob values at ``epochs`` inner epochs: ``values["arm@E"]``, else ``values["arm"]``,
+    else the 1-epoch list (at one epoch), else the arm's own."""
+    values = values or {}
+    for key in (f"{arm}@{epochs}", arm):
+        if key in values:
+            return values[key]
+    return ONE_EPOCH_VALUES.get(arm, ARMS[arm][2]) if epochs == 1 else ARMS[arm][2]
+
+
 def grid(arms: list[str], epochs: list[int], seeds: list[int], values: dict[str, list[float]] | None = None
          ) -> list[tuple[str, float, int, int]]:
     out = []
     for seed in seeds:
         for e in epochs:
             for arm in arms:
-                for v in (values or {}).get(arm, ARMS[arm][2]):
+                for v in knob_values(arm, e, values):
                     out.append((arm, v, e, seed))
     return out
 
@@ -402,8 +423,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--epochs", type=int, nargs="+")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS))
-    ap.add_argument("--values", nargs="+", default=[], metavar="ARM=V1,V2",
-                    help="override an arm's knob values, e.g. token=1e-5,3e-5")
+    ap.add_argument("--values", nargs="+", default=[], metavar="ARM[@EPOCHS]=V1,V2",
+                    help="override an arm's knob values, e.g. token=1e-5,3e-5 or sample@1=1e-6,3e-6")
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes side by side, one thread each")
     ap.add_argument("--tag", default="", help="names a variant of the grid (with its extra overrides)")
