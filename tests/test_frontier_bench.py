@@ -101,3 +101,20 @@ def test_one_epoch_fronts_sweep_their_own_values():
     cells = algorithms.grid(["clip", "token"], [4, 1], [0], vals)
     assert [(a, v, e) for a, v, e, _ in cells] == (
         [("clip", v, 4) for v in algorithms.ARMS["clip"][2]] + [("token", 1e-4, 4), ("clip", 1e-5, 1), ("token", 1e-4, 1)])
+
+
+def test_four_epochs_against_one_pairs_each_arm_with_itself():
+    def run(arm, v, e, s, kl, d):
+        return {"arm": arm, "value": v, "epochs": e, "seed": s, "kl_to_base": kl, "direction": d, "commit": "c",
+                "direction_base": 0.5, "offpolicy_frozen": 0.1, "forgetting": 0.0, "background_error": 1.0,
+                "grid_energy": 1.0, "background_error_base": 1.0, "grid_energy_base": 1.0}
+
+    # Seed 0 and 1: the 4-epoch front lies 0.1 and 0.2 above the 1-epoch one over the same KL range.
+    res = [run("sample", v, e, s, kl, d + (0.1 + 0.1 * s if e == 4 else 0.0))
+           for s in (0, 1) for e in (4, 1) for v, kl, d in ((1e-5, 0.01, 0.6), (1e-4, 0.1, 0.8))]
+    res.append(run("none", math.inf, 4, 0, 0.9, 0.0))
+    rows = algorithms.epochs_against(res)
+    assert [r["arm"] for r in rows] == ["sample"] * 3
+    for r in rows:
+        assert r["n_seeds"] == 2 and r["mean_diff"] == pytest.approx(0.15) and r["diffs"] == pytest.approx([0.1, 0.2])
+    assert "4 against 1 inner epoch" in algorithms.report(res, Path("."), {})

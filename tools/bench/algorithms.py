@@ -279,6 +279,42 @@ def fronts(results: list[dict], key: str = "direction") -> dict[tuple[str, int, 
     return out
 
 
+def _budgets(fa: dict[int, list[tuple[float, float]]], fb: dict[int, list[tuple[float, float]]]) -> list[float]:
+    """Three KL budgets (20%, 50%, 80% of the way in log KL) inside the range both fronts cover in
+    every seed; none if they do not overlap."""
+    both = [pts for pts in (*fa.values(), *fb.values()) if pts]
+    if not both:
+        return []
+    lo = max(min(k for k, _ in pts) for pts in both)
+    hi = min(max(k for k, _ in pts) for pts in both)
+    if lo <= 0 or lo >= hi:
+        return []
+    return [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) for f in (0.2, 0.5, 0.8)]
+
+
+def _paired(fa: dict[int, list[tuple[float, float]]], fb: dict[int, list[tuple[float, float]]],
+            budgets: list[float]) -> list[dict]:
+    """Per budget: front a minus front b, paired by seed, with a bootstrap interval over seeds."""
+    rows = []
+    for kl in budgets:
+        at_a = {s: interp_at(pts, kl) for s, pts in fa.items()}
+        at_b = {s: interp_at(pts, kl) for s, pts in fb.items()}
+        seeds = [s for s in at_a if at_a[s] is not None and at_b.get(s) is not None]
+        if not seeds:
+            continue
+        diffs = [at_a[s] - at_b[s] for s in seeds]
+        lo_ci, hi_ci = bootstrap_ci(diffs)
+        rows.append({"kl": kl, "n_seeds": len(diffs), "mean_diff": statistics.fmean(diffs), "ci": [lo_ci, hi_ci],
+                     "diffs": diffs, "a_mean": statistics.fmean(at_a[s] for s in seeds),
+                     "b_mean": statistics.fmean(at_b[s] for s in seeds)})
+    return rows
+
+
+def _by_seed(fr: dict[tuple[str, int, int], list[tuple[float, float]]], arm: str, epochs: int
+             ) -> dict[int, list[tuple[float, float]]]:
+    return {s: pts for (a, e, s), pts in fr.items() if a == arm and e == epochs}
+
+
 def matched_kl(results: list[dict], epochs: int, key: str = "direction", budgets: list[float] | None = None
                ) -> list[dict]:
     """Paired differences of ``key`` between arms at matched KL budgets, per seed, with intervals.
@@ -288,26 +324,24 @@ def matched_kl(results: list[dict], epochs: int, key: str = "direction", budgets
     overlap gets none."""
     fr = fronts([r for r in results if r["epochs"] == epochs and r["arm"] != "none"], key)
     arms = sorted({a for a, _, _ in fr}, key=list(ARMS).index)
-    seeds = sorted({s for _, _, s in fr})
     rows = []
     for i, a in enumerate(arms):
         for b in arms[i + 1:]:
-            pair_budgets = budgets
-            if pair_budgets is None:
-                both = [pts for (arm, _, _), pts in fr.items() if arm in (a, b)]
-                lo = max(min(k for k, _ in pts) for pts in both)
-                hi = min(max(k for k, _ in pts) for pts in both)
-                pair_budgets = [] if lo >= hi else [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo)))
-                                                    for f in (0.2, 0.5, 0.8)]
-            for kl in pair_budgets:
-                at = {(arm, s): interp_at(fr.get((arm, epochs, s), []), kl) for arm in (a, b) for s in seeds}
-                diffs = [at[a, s] - at[b, s] for s in seeds if at[a, s] is not None and at[b, s] is not None]
-                if diffs:
-                    lo_ci, hi_ci = bootstrap_ci(diffs)
-                    rows.append({"epochs": epochs, "kl": kl, "a": a, "b": b, "n_seeds": len(diffs),
-                                 "mean_diff": statistics.fmean(diffs), "ci": [lo_ci, hi_ci], "diffs": diffs,
-                                 "a_mean": statistics.fmean(at[a, s] for s in seeds if at[a, s] is not None),
-                                 "b_mean": statistics.fmean(at[b, s] for s in seeds if at[b, s] is not None)})
+            fa, fb = _by_seed(fr, a, epochs), _by_seed(fr, b, epochs)
+            for m in _paired(fa, fb, budgets if budgets is not None else _budgets(fa, fb)):
+                rows.append({"epochs": epochs, "a": a, "b": b, **m})
+    return rows
+
+
+def epochs_against(results: list[dict], many: int = 4, one: int = 1, key: str = "direction") -> list[dict]:
+    """Does an arm's ``many``-epoch front hold up against its own ``one``-epoch front? Paired
+    differences at matched KL inside the range both cover (none where they do not overlap)."""
+    fr = fronts([r for r in results if r["arm"] != "none"], key)
+    rows = []
+    for arm in sorted({a for a, _, _ in fr}, key=list(ARMS).index):
+        fa, fb = _by_seed(fr, arm, many), _by_seed(fr, arm, one)
+        if fa and fb:
+            rows += [{"arm": arm, **m} for m in _paired(fa, fb, _budgets(fa, fb))]
     return rows
 
 
@@ -351,6 +385,15 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
         for m in mk:
             lines.append(f"| {m['kl']:.3f} | {LABELS[m['a']]} | {LABELS[m['b']]} | {m['n_seeds']} | {m['a_mean']:.3f} | "
                          f"{m['b_mean']:.3f} | {m['mean_diff']:+.3f} | [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] |")
+        lines.append("")
+    ea = epochs_against(results)
+    if ea:
+        lines += ["### 4 against 1 inner epoch, same arm: held-out direction at matched KL", "",
+                  "| arm | KL budget | seeds | 4 epochs | 1 epoch | 4 − 1 (mean) | 95% bootstrap interval |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in ea:
+            lines.append(f"| {LABELS[m['arm']]} | {m['kl']:.3f} | {m['n_seeds']} | {m['a_mean']:.3f} | {m['b_mean']:.3f} "
+                         f"| {m['mean_diff']:+.3f} | [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] |")
         lines.append("")
     return "\n".join(lines)
 
