@@ -26,6 +26,9 @@ from _common import verdict_text  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BENCHES = ["rollout_vs_pipeline", "update_step", "objective_overhead"]
+# The long benchmarks' write-ups (docs/NAME), kept in this order after (a)-(c) on every rewrite.
+SECTION_FILES = ["rewards_section.md", "algorithms_section.md", "zero_section.md", "sp_section.md",
+                 "real_size_section.md", "gpu_check_section.md"]
 
 
 def _rel(p: Path) -> str:
@@ -255,8 +258,7 @@ def write_doc(path: Path, results: list[tuple[str, dict[str, Any] | None, float]
     # from tools/bench/reward_throughput.py and algorithms.py, are kept across rewrites.
     # tools/bench/reward_throughput.py, algorithms.py, zero_memory.py and sp_memory.py write these;
     # real_size_section.md is real_size.py's table with its reading, gpu_check_section.md by hand.
-    for extra in ("rewards_section.md", "algorithms_section.md", "zero_section.md", "sp_section.md",
-                  "real_size_section.md", "gpu_check_section.md"):
+    for extra in SECTION_FILES:
         if (path.parent / extra).is_file():
             lines += [(path.parent / extra).read_text().strip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
