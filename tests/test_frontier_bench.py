@@ -118,3 +118,21 @@ def test_four_epochs_against_one_pairs_each_arm_with_itself():
     for r in rows:
         assert r["n_seeds"] == 2 and r["mean_diff"] == pytest.approx(0.15) and r["diffs"] == pytest.approx([0.1, 0.2])
     assert "4 against 1 inner epoch" in algorithms.report(res, Path("."), {})
+
+
+def test_a_tagged_variant_is_reported_beside_its_untagged_twin_not_in_the_fronts():
+    def run(tag, d, c, kl):
+        return {"arm": "sample", "value": 1e-4, "epochs": 4, "seed": 0, "tag": tag, "kl_to_base": kl, "direction": d,
+                "colour": c, "shape": 0.8, "colour_base": 0.9, "shape_base": 0.85, "commit": "c",
+                "extra": ["advantages.aggregation=gdpo"] if tag else [], "direction_base": 0.5,
+                "offpolicy_frozen": 0.1, "forgetting": 0.0, "background_error": 1.0, "grid_energy": 1.0,
+                "background_error_base": 1.0, "grid_energy_base": 1.0}
+
+    res = [run("", 0.9, 0.8, 0.07), run("two", 0.7, 0.95, 0.05)]
+    md = algorithms.report(res, Path("."), {})
+    assert md.startswith("Runs: 1.")                       # the fronts hold the grid only
+    row = next(line for line in md.splitlines() if line.startswith("| Flow-DPPO sample") and "| 0 |" in line
+               and "+0.200" in line)
+    # two rewards: direction +0.200, colour +0.050, shape lost +0.050, KL 0.050; untagged: +0.400, -0.100
+    assert "+0.200 | +0.050 | +0.050 | 0.050 | +0.400 | -0.100 | +0.050 | 0.070" in row
+    assert "Variant `two`: advantages.aggregation=gdpo" in md

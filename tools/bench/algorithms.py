@@ -192,6 +192,7 @@ def summarise_run(run_dir: Path) -> dict:
         "forgetting": (ev(base, "world_colour") + ev(base, "world_shape")
                        - ev(final, "world_colour") - ev(final, "world_shape")) / 2,
         "colour": ev(final, "world_colour"), "shape": ev(final, "world_shape"),
+        "colour_base": ev(base, "world_colour"), "shape_base": ev(base, "world_shape"),
         "smoothness": ev(final, "world_smoothness"), "smoothness_base": ev(base, "world_smoothness"),
         "fidelity": ev(final, "world_fidelity"), "fidelity_base": ev(base, "world_fidelity"),
         "background_error": ev(final, "world_fidelity/background_error"),
@@ -346,9 +347,40 @@ def epochs_against(results: list[dict], many: int = 4, one: int = 1, key: str = 
     return rows
 
 
+def tagged_table(results: list[dict], tag: str) -> list[str]:
+    """A variant of the grid (``--tag``, e.g. two rewards at each arm's knee) beside the untagged run
+    of the same cell: held-out direction and colour gained, shape lost, KL to the base model."""
+    plain = {(r["arm"], r["value"], r["epochs"], r["seed"]): r for r in results if not r.get("tag")}
+
+    def gains(r: dict) -> str:
+        cb = r.get("colour_base", float("nan"))
+        sb = r.get("shape_base", float("nan"))
+        return (f"{r['direction'] - r['direction_base']:+.3f} | {r['colour'] - cb:+.3f} | {sb - r['shape']:+.3f} | "
+                f"{r['kl_to_base']:.3f}")
+
+    lines = [f"### Variant `{tag}`: {' '.join(next(r for r in results if r.get('tag') == tag)['extra'])}", "",
+             "Each row: the variant's run, then the untagged run of the same arm, knob, epochs and seed "
+             "(held-out gains over the shared base evaluation; shape lost in points of the score).", "",
+             "| arm | knob | epochs | seed | direction gained | colour gained | shape lost | KL to base "
+             "| untagged: direction | colour | shape lost | KL |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in results if r.get("tag") == tag),
+                    key=lambda r: (r["epochs"], list(ARMS).index(r["arm"]), r["value"], r["seed"])):
+        twin = plain.get((r["arm"], r["value"], r["epochs"], r["seed"]))
+        if twin is not None and "colour_base" not in twin:      # runs from before the base was summarised
+            twin = {**twin, "colour_base": r.get("colour_base"), "shape_base": r.get("shape_base")}
+        knob = "—" if ARMS[r["arm"]][1] is None else f"{ARMS[r['arm']][1].split('.')[-1]} {r['value']:g}"
+        lines.append(f"| {LABELS[r['arm']]} | {knob} | {r['epochs']} | {r['seed']} | {gains(r)} | "
+                     + (gains(twin) if twin else "n/a | n/a | n/a | n/a") + " |")
+    return lines + [""]
+
+
 def report(results: list[dict], docs: Path, stage_times: dict) -> str:
     def f(x: float, d: int = 3) -> str:
         return "n/a" if x is None or x != x else f"{x:.{d}f}"
+
+    tags = sorted({r["tag"] for r in results if r.get("tag")})
+    variants = [line for t in tags for line in tagged_table(results, t)]
+    results = [r for r in results if not r.get("tag")]      # the fronts: the grid itself
 
     base = _median([r["direction_base"] for r in results])
     lines = [f"Runs: {len(results)}. Base model held-out direction {f(base)} (one evaluation, fixed noise, "
@@ -396,7 +428,7 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
             lines.append(f"| {LABELS[m['arm']]} | {m['kl']:.3f} | {m['n_seeds']} | {m['a_mean']:.3f} | {m['b_mean']:.3f} "
                          f"| {m['mean_diff']:+.3f} | [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + variants)
 
 
 def plot(results: list[dict], docs: Path) -> None:
@@ -500,7 +532,7 @@ def main() -> None:
         (args.docs / "frontier.json").write_text(json.dumps(results, indent=1))
         md = report(results, args.docs, stage_times)
         (args.docs / "frontier.md").write_text(md + "\n")
-        plot(results, args.docs)
+        plot([r for r in results if not r.get("tag")], args.docs)
         print(md)
         return
     st = STAGES.get(args.stage, {})
