@@ -411,13 +411,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``, as a recipe's ``base:`` chain and its overrides are: mappings merge
+    key by key, anything else (and a ``rewards`` mapping) is replaced. Shallow: the result shares the
+    inputs' values."""
     out = dict(base)
     for k, v in over.items():
         # A `rewards` mapping (training or eval) is replaced whole: merging reward weights
         # would keep rewards the user meant to drop.
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("rewards",):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_trees(out[k], v)
         else:
             out[k] = v
     return out
@@ -455,7 +458,7 @@ def load_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, 
         if target in chain:   # a recipe that includes itself, directly or through others
             cycle = " -> ".join(str(c) for c in chain[chain.index(target):] + (target,))
             raise ConfigError(f"config file {p}: base includes form a cycle: {cycle}")
-        data = _merge(load_yaml(target, chain), data)
+        data = merge_trees(load_yaml(target, chain), data)
     return data
 
 
@@ -464,9 +467,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (or defaults), apply ``extra`` then dotted ``overrides``, validate."""
     data = load_yaml(path) if path is not None else {}
     if extra:
-        data = _merge(data, extra)
+        data = merge_trees(data, extra)
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = merge_trees(data, parse_overrides(overrides))
     return config_from_dict(data)
 
 

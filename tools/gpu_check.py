@@ -53,25 +53,18 @@ TINY: dict[str, Any] = {"video": {"num_frames": 9, "height": 32, "width": 32},
                         "data": {"group_size": 2}, "optim": {"minibatch_size": 2}}
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def check_config(size: str, variant: str, run_dir: Path) -> dict[str, Any]:
     """The recipe with the check's overrides, ``model.init`` from the shapes folder (``full``) or
     the family's tiny shapes (``tiny``), and the variant's attention backend and compilation."""
-    from flowdppo_video.config import load_yaml
+    from flowdppo_video.config import load_yaml, merge_trees
     from flowdppo_video.models import family
 
     cfg = load_yaml(RECIPE)
     fam = family(cfg["model"]["family"])
     init = copy.deepcopy(fam.tiny_init) if size == "tiny" else fam.init_from_folder(SHAPES)[0]
-    cfg = _merge(cfg, COMMON)
+    cfg = merge_trees(cfg, copy.deepcopy(COMMON))        # copies: the constants stay as they are
     if size == "tiny":
-        cfg = _merge(cfg, TINY)
+        cfg = merge_trees(cfg, copy.deepcopy(TINY))
     cfg.pop("eval", None)
     cfg["model"].pop("path", None)
     backend, _, compiled = variant.partition("+")

@@ -52,17 +52,10 @@ SMOKE_SIZE: dict[str, Any] = {"video": {"num_frames": 5, "height": 32, "width": 
                               "sampler": {"num_steps": 4, "sde_steps": 2}}
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def dry_run_config(recipe: Path, model_config: Path | None, run_dir: Path, smoke: bool) -> dict[str, Any]:
     """The recipe at the dry run's size, ``model.init`` read from ``model_config`` (the family's
     own reader) or, with ``smoke``, the family's tiny shapes."""
-    from flowdppo_video.config import load_yaml
+    from flowdppo_video.config import load_yaml, merge_trees
     from flowdppo_video.models import family
 
     cfg = load_yaml(recipe)                   # the recipe with its `base:` chain merged
@@ -73,15 +66,15 @@ def dry_run_config(recipe: Path, model_config: Path | None, run_dir: Path, smoke
         init, missing = fam.init_from_folder(model_config)
         if missing:
             raise SystemExit(f"{model_config}: no config.json for {missing}")
-    cfg = _merge(cfg, SIZE)
+    cfg = merge_trees(cfg, copy.deepcopy(SIZE))          # copies: the constants stay as they are
     if smoke:
-        cfg = _merge(cfg, SMOKE_SIZE)
+        cfg = merge_trees(cfg, copy.deepcopy(SMOKE_SIZE))
     cfg["model"].pop("path", None)
     cfg["model"]["init"] = init
-    cfg = _merge(cfg, {"run": {"output_dir": str(run_dir), "iterations": 1, "checkpoint_every": 1,
-                               "sample_every": 1, "num_sample_videos": 2, "device": "cpu", "tensorboard": False,
-                               "report_every": 0},
-                       "data": {"prompts": [PROMPT]}})
+    cfg = merge_trees(cfg, {"run": {"output_dir": str(run_dir), "iterations": 1, "checkpoint_every": 1,
+                                    "sample_every": 1, "num_sample_videos": 2, "device": "cpu",
+                                    "tensorboard": False, "report_every": 0},
+                            "data": {"prompts": [PROMPT]}})
     cfg.pop("eval", None)                     # no held-out evaluation: the phases are the CLI's own
     return cfg
 
