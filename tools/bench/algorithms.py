@@ -51,14 +51,14 @@ COMMON = ["optim.lr=1e-4", "eval.samples_per_prompt=2", "run.report_every=0", "r
 # terms frozen at 4 inner epochs (docs/trust_region_calibration.md, the shares in the comments).
 ARMS: dict[str, tuple[list[str], str | None, list[float]]] = {
     "token": (["objective.kind=flow_dppo", "objective.granularity=token"], "objective.delta",
-              [3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),      # ~40%?, 23%, 12%, 6%, 3%, 1% frozen
+              [3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),      # (3e-6 not calibrated), 23%, 12%, 5.7%, 3.3%, 3.0%
     "sample": (["objective.kind=flow_dppo", "objective.granularity=sample"], "objective.delta",
                [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),           # 76% (the paper's value), 63%, 38%, 19%, 7%
     "clip": (["objective.kind=grpo_clip"], "objective.clip_range", [1e-4, 3e-4, 1e-3, 3e-3]),  # 58%, 30%, 11%, 3%
     "row_gated": (["objective.kind=flow_dppo", "objective.granularity=row_gated"], "objective.delta",
                   [1e-6, 3e-6, 1e-5, 3e-5]),              # 50%, 40%, 22%, 11%
     "row": (["objective.kind=flow_dppo", "objective.granularity=row"], "objective.delta",
-            [1e-5, 3e-5, 1e-4, 3e-4]),                    # the sample arm's values: the same decision
+            [1e-5, 3e-5, 1e-4, 3e-4]),                    # the sample arm's first four: the same decision
     "none": (["objective.kind=flow_dppo", "objective.delta=.inf"], None, [math.inf]),
 }
 LABELS = {"token": "Flow-DPPO token", "sample": "Flow-DPPO sample (paper)", "clip": "ratio clipping",
@@ -347,16 +347,21 @@ def epochs_against(results: list[dict], many: int = 4, one: int = 1, key: str = 
     return rows
 
 
+def grid_runs(results: list[dict]) -> list[dict]:
+    """The grid itself: the runs of no ``--tag`` variant (the fronts, the matched-KL tables, the plots)."""
+    return [r for r in results if not r.get("tag")]
+
+
 def tagged_table(results: list[dict], tag: str) -> list[str]:
     """A variant of the grid (``--tag``, e.g. two rewards at each arm's knee) beside the untagged run
     of the same cell: held-out direction and colour gained, shape lost, KL to the base model."""
-    plain = {(r["arm"], r["value"], r["epochs"], r["seed"]): r for r in results if not r.get("tag")}
+    plain = {(r["arm"], r["value"], r["epochs"], r["seed"]): r for r in grid_runs(results)}
 
-    def gains(r: dict) -> str:
-        cb = r.get("colour_base", float("nan"))
-        sb = r.get("shape_base", float("nan"))
-        return (f"{r['direction'] - r['direction_base']:+.3f} | {r['colour'] - cb:+.3f} | {sb - r['shape']:+.3f} | "
-                f"{r['kl_to_base']:.3f}")
+    def gains(r: dict, base: dict) -> str:
+        # Every run shares one base evaluation, so the variant's base numbers serve its twin too
+        # (runs from before the base colour and shape were summarised lack them).
+        return (f"{r['direction'] - base['direction_base']:+.3f} | {r['colour'] - base['colour_base']:+.3f} | "
+                f"{base['shape_base'] - r['shape']:+.3f} | {r['kl_to_base']:.3f}")
 
     lines = [f"### Variant `{tag}`: {' '.join(next(r for r in results if r.get('tag') == tag)['extra'])}", "",
              "Each row: the variant's run, then the untagged run of the same arm, knob, epochs and seed "
@@ -366,11 +371,9 @@ def tagged_table(results: list[dict], tag: str) -> list[str]:
     for r in sorted((r for r in results if r.get("tag") == tag),
                     key=lambda r: (r["epochs"], list(ARMS).index(r["arm"]), r["value"], r["seed"])):
         twin = plain.get((r["arm"], r["value"], r["epochs"], r["seed"]))
-        if twin is not None and "colour_base" not in twin:      # runs from before the base was summarised
-            twin = {**twin, "colour_base": r.get("colour_base"), "shape_base": r.get("shape_base")}
         knob = "—" if ARMS[r["arm"]][1] is None else f"{ARMS[r['arm']][1].split('.')[-1]} {r['value']:g}"
-        lines.append(f"| {LABELS[r['arm']]} | {knob} | {r['epochs']} | {r['seed']} | {gains(r)} | "
-                     + (gains(twin) if twin else "n/a | n/a | n/a | n/a") + " |")
+        lines.append(f"| {LABELS[r['arm']]} | {knob} | {r['epochs']} | {r['seed']} | {gains(r, r)} | "
+                     + (gains(twin, r) if twin else "n/a | n/a | n/a | n/a") + " |")
     return lines + [""]
 
 
@@ -380,7 +383,7 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
 
     tags = sorted({r["tag"] for r in results if r.get("tag")})
     variants = [line for t in tags for line in tagged_table(results, t)]
-    results = [r for r in results if not r.get("tag")]      # the fronts: the grid itself
+    results = grid_runs(results)
 
     base = _median([r["direction_base"] for r in results])
     lines = [f"Runs: {len(results)}. Base model held-out direction {f(base)} (one evaluation, fixed noise, "
@@ -532,7 +535,7 @@ def main() -> None:
         (args.docs / "frontier.json").write_text(json.dumps(results, indent=1))
         md = report(results, args.docs, stage_times)
         (args.docs / "frontier.md").write_text(md + "\n")
-        plot([r for r in results if not r.get("tag")], args.docs)
+        plot(grid_runs(results), args.docs)
         print(md)
         return
     st = STAGES.get(args.stage, {})
