@@ -207,17 +207,16 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         try:
             # The transformers and the text encoder are created in the model dtype (a real-size UMT5
             # in float32 first would need 23 GB); the VAE stays float32, as from_pretrained keeps it.
-            with place, built_in(DTYPES[dtype]):
-                transformer = WanTransformer3DModel(**parts["transformer"])
-                transformer_2 = None
-                if "transformer_2" in init:
-                    transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
             with place:
+                with built_in(DTYPES[dtype]):
+                    transformer = WanTransformer3DModel(**parts["transformer"])
+                    transformer_2 = None
+                    if "transformer_2" in init:
+                        transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
                 vae = AutoencoderKLWan(**vcfg)
-            with place, built_in(DTYPES[dtype]):
-                text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
-                                                           decoder_start_token_id=0))
-            with place:
+                with built_in(DTYPES[dtype]):
+                    text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
+                                                               decoder_start_token_id=0))
                 extra = cls._extra_config(parts, transformer)
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
