@@ -112,14 +112,15 @@ class SamplerConfig:
 @dataclass
 class ObjectiveConfig:
     kind: str = "flow_dppo"               # "flow_dppo" or "grpo_clip"
-    delta: float = 1e-4                   # Flow-DPPO KL threshold in nats per latent element, for every
-                                          # granularity (SPEC section 3); 1e-4 with "row" is the knee of the
-                                          # shapes-world frontier at 4 inner epochs (docs/trust_regions.md)
-    granularity: str = "row"              # "row" (a (video, step) row's per-element mean of its exact token KLs
-                                          # decides, each token's push is tested), "token" (each token's own
-                                          # KL_n / D decides), "sample" (the image-model reference: the row
-                                          # decides, one mean ratio per row) or "row_gated" (the token rule,
-                                          # only inside rows whose mean is past delta)
+    delta: float = 1e-5                   # Flow-DPPO KL threshold in nats per latent element, for every
+                                          # granularity (SPEC section 3); 1e-5 with "sample" (the paper's rule
+                                          # and value) is the knee of the shapes-world frontier at 4 inner
+                                          # epochs (docs/trust_regions.md)
+    granularity: str = "sample"           # "sample" (a (video, step) row's per-element mean KL decides, one
+                                          # mean ratio per row), "row" (the same decision, each token's push
+                                          # tested with its own ratio: fewer artifacts, more forgetting),
+                                          # "token" (each token's own KL_n / D decides) or "row_gated" (the
+                                          # token rule, only inside rows whose mean is past delta)
     normalize: str = "all"                # "all" terms or "kept" terms (kept: per SDE step and minibatch)
     clip_range: float = 1e-3              # grpo_clip epsilon
     beta: float = 0.0                     # weight of KL to the reference (base) model
