@@ -136,3 +136,19 @@ def test_a_tagged_variant_is_reported_beside_its_untagged_twin_not_in_the_fronts
     # two rewards: direction +0.200, colour +0.050, shape lost +0.050, KL 0.050; untagged: +0.400, -0.100
     assert "+0.200 | +0.050 | +0.050 | 0.050 | +0.400 | -0.100 | +0.050 | 0.070" in row
     assert "Variant `two`: advantages.aggregation=gdpo" in md
+
+
+def test_matched_kl_tables_cover_forgetting_and_artifacts_in_their_units():
+    def run(arm, s, kl, forget, grid):
+        return {"arm": arm, "value": kl, "epochs": 4, "seed": s, "kl_to_base": kl, "direction": 0.8, "commit": "c",
+                "direction_base": 0.5, "offpolicy_frozen": 0.1, "forgetting": forget, "background_error": 2.0,
+                "grid_energy": grid, "background_error_base": 1.0, "grid_energy_base": 1.0}
+
+    # Arm sample forgets 0.03 more (3 points) and has 1.5 levels more grid energy at every KL, every seed.
+    res = [run(arm, s, kl, 0.01 * s + (0.03 if arm == "sample" else 0.0), 4.0 + (1.5 if arm == "sample" else 0.0))
+           for arm in ("sample", "clip") for s in (0, 1) for kl in (0.01, 0.1)]
+    md = algorithms.report(res, Path("."), {})
+    for name, diff in (("forgetting (pts)", "+3.0"), ("grid energy (levels)", "+1.50"), ("background error (levels)", "+0.0")):
+        block = md.split(f"### Matched KL, 4 inner epoch(s): {name}, arm a minus arm b")[1].split("###")[0]
+        rows = [line for line in block.splitlines() if line.startswith("| 0.")]
+        assert len(rows) == 3 and all(f"| {diff} |" in line for line in rows), (name, rows)

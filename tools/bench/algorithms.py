@@ -377,6 +377,12 @@ def tagged_table(results: list[dict], tag: str) -> list[str]:
     return lines + [""]
 
 
+# The matched-KL tables: held-out direction (the reward), then what a trust region should hold down
+# at a given KL: forgetting and the two artifacts (key, name, display scale, decimals).
+MATCHED_KEYS = [("direction", "held-out direction", 1.0, 3), ("forgetting", "forgetting (pts)", 100.0, 1),
+                ("background_error", "background error (levels)", 1.0, 1), ("grid_energy", "grid energy (levels)", 1.0, 2)]
+
+
 def report(results: list[dict], docs: Path, stage_times: dict) -> str:
     def f(x: float, d: int = 3) -> str:
         return "n/a" if x is None or x != x else f"{x:.{d}f}"
@@ -412,16 +418,19 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
     b0 = results[0]
     lines += ["", f"Base model: background error {f(b0['background_error_base'], 1)} levels, grid energy "
               f"{f(b0['grid_energy_base'], 2)} levels.", ""]
-    for e in sorted({r["epochs"] for r in results}):
-        mk = matched_kl(results, e)
-        if not mk:
-            continue
-        lines += [f"### Matched KL, {e} inner epoch(s): held-out direction, arm a minus arm b", "",
-                  "| KL budget | a | b | seeds | a | b | a − b (mean) | 95% bootstrap interval |", "|---|---|---|---|---|---|---|---|"]
-        for m in mk:
-            lines.append(f"| {m['kl']:.3f} | {LABELS[m['a']]} | {LABELS[m['b']]} | {m['n_seeds']} | {m['a_mean']:.3f} | "
-                         f"{m['b_mean']:.3f} | {m['mean_diff']:+.3f} | [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] |")
-        lines.append("")
+    for key, name, scale, d in MATCHED_KEYS:
+        for e in sorted({r["epochs"] for r in results}):
+            mk = matched_kl(results, e, key)
+            if not mk:
+                continue
+            lines += [f"### Matched KL, {e} inner epoch(s): {name}, arm a minus arm b", "",
+                      "| KL budget | a | b | seeds | a | b | a − b (mean) | 95% bootstrap interval |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for m in mk:
+                lines.append(f"| {m['kl']:.3f} | {LABELS[m['a']]} | {LABELS[m['b']]} | {m['n_seeds']} | "
+                             f"{m['a_mean'] * scale:.{d}f} | {m['b_mean'] * scale:.{d}f} | {m['mean_diff'] * scale:+.{d}f} | "
+                             f"[{m['ci'][0] * scale:+.{d}f}, {m['ci'][1] * scale:+.{d}f}] |")
+            lines.append("")
     ea = epochs_against(results)
     if ea:
         lines += ["### 4 against 1 inner epoch, same arm: held-out direction at matched KL", "",
