@@ -473,8 +473,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if extra:
         data = merge_trees(data, extra)
     if overrides:
-        data = merge_trees(data, parse_overrides(overrides))
+        data = apply_overrides(data, overrides)
     return config_from_dict(data)
+
+
+def apply_overrides(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """Dotted ``key=value`` overrides laid over ``data``, in order; ``data`` is not modified.
+
+    An override sets the leaf it names and leaves its siblings alone, so ``rewards.world_colour=0.5``
+    changes one weight of the recipe's rewards. A mapping given whole merges key by key
+    (``model={path: x}``), except a ``rewards`` mapping, which replaces the old one
+    (``rewards={a: 1.0}``: the rewards the user wrote, none of the recipe's)."""
+    data = dict(data)
+    for key, value in _flatten_overrides(items):
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            node[p] = dict(child) if isinstance(child, dict) else {}    # copied along the path
+            node = node[p]
+        leaf = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict) and leaf != "rewards":
+            node[leaf] = merge_trees(node[leaf], value)
+        else:
+            node[leaf] = value
+    return data
+
+
+def _flatten_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Each override as (dotted key, parsed value), checked as :func:`parse_overrides` checks it."""
+    out = []
+    for item in items:
+        parse_overrides([item])                       # the same one-line errors for a malformed item
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
