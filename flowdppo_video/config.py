@@ -389,30 +389,25 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {_name(dotted)}: {_name(p)} is not a section")
-        node = nxt
-    node[parts[-1]] = value
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=[x, y]"`` -> ``("a.b", ["x", "y"])``: the dotted key and its value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), (yaml.safe_load(raw) if raw.strip() else "")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_error_line(e)})") from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["a.b=1", "c=[x, y]"]`` -> nested dict; values are parsed as YAML."""
-    tree: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key.sub=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_error_line(e)})") from None
-        _set_dotted(tree, key.strip(), value)
-    return tree
+    return apply_overrides({}, items)
+
+
+# Mappings that a layer above replaces whole instead of merging into: merging reward weights would
+# keep rewards the user meant to drop (training `rewards` and `eval.rewards`).
+REPLACED_WHOLE = ("rewards",)
 
 
 def merge_trees(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -421,9 +416,7 @@ def merge_trees(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     inputs' values."""
     out = dict(base)
     for k, v in over.items():
-        # A `rewards` mapping (training or eval) is replaced whole: merging reward weights
-        # would keep rewards the user meant to drop.
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("rewards",):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in REPLACED_WHOLE:
             out[k] = merge_trees(out[k], v)
         else:
             out[k] = v
@@ -485,29 +478,22 @@ def apply_overrides(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
     (``model={path: x}``), except a ``rewards`` mapping, which replaces the old one
     (``rewards={a: 1.0}``: the rewards the user wrote, none of the recipe's)."""
     data = dict(data)
-    for key, value in _flatten_overrides(items):
+    for item in items:
+        key, value = _parse_override(item)
         parts = key.split(".")
         node = data
         for p in parts[:-1]:
             child = node.get(p)
-            node[p] = dict(child) if isinstance(child, dict) else {}    # copied along the path
+            if child is not None and not isinstance(child, dict):
+                raise ConfigError(f"override {_name(key)}: {_name(p)} is not a section")
+            node[p] = dict(child or {})             # copied along the path: the caller's tree stays
             node = node[p]
         leaf = parts[-1]
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict) and leaf != "rewards":
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict) and leaf not in REPLACED_WHOLE:
             node[leaf] = merge_trees(node[leaf], value)
         else:
             node[leaf] = value
     return data
-
-
-def _flatten_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """Each override as (dotted key, parsed value), checked as :func:`parse_overrides` checks it."""
-    out = []
-    for item in items:
-        parse_overrides([item])                       # the same one-line errors for a malformed item
-        key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
-    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -32,6 +32,8 @@ def test_overrides_apply_in_order_and_errors_stay_one_config_error():
     assert apply_overrides(RECIPE, ["run.seed=1", "run.seed=2"])["run"] == {"seed": 2}
     with pytest.raises(ConfigError, match="not key.sub=value"):
         apply_overrides(RECIPE, ["run.seed"])
+    with pytest.raises(ConfigError, match="override run.seed.x: seed is not a section"):
+        apply_overrides(RECIPE, ["run.seed.x=1"])
 
 
 def test_load_config_sets_one_eval_reward_weight():
