@@ -59,7 +59,9 @@ ARMS: dict[str, tuple[list[str], str | None, list[float]]] = {
                   [1e-6, 3e-6, 1e-5, 3e-5]),              # 50%, 40%, 22%, 11%
     "row": (["objective.kind=flow_dppo", "objective.granularity=row"], "objective.delta",
             [1e-5, 3e-5, 1e-4, 3e-4]),                    # the sample arm's first four: the same decision
-    "none": (["objective.kind=flow_dppo", "objective.delta=.inf"], None, [math.inf]),
+    # Pinned token-wise, as measured (it was the default then): with nothing frozen the granularity
+    # still sets the ratio's form (per token, or one mean per row).
+    "none": (["objective.kind=flow_dppo", "objective.granularity=token", "objective.delta=.inf"], None, [math.inf]),
 }
 LABELS = {"token": "Flow-DPPO token", "sample": "Flow-DPPO sample (paper)", "clip": "ratio clipping",
           "row_gated": "Flow-DPPO row-gated", "row": "Flow-DPPO row-decided", "none": "no trust region"}

@@ -67,8 +67,8 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
     latent, tokens = C.latent_and_tokens(trainer.adapter)
     config = {"model_init": C.WAN_INIT, "video": C.VIDEO, "latent": latent, "tokens": tokens,
               "smoke": C.SMOKE, "minibatch_videos": traj.batch_size, "sde_steps_replayed": traj.num_sde_steps,
-              "guidance_scale": C.GUIDANCE, "finetune": "full", "delta": 0.01, "clip_range": 1e-3,
-              "dtype": "float32"}
+              "guidance_scale": C.GUIDANCE, "finetune": "full", "granularity": trainer.cfg.objective.granularity,
+              "delta": trainer.cfg.objective.delta, "clip_range": trainer.cfg.objective.clip_range, "dtype": "float32"}
     note = ("Same trainer, model, trajectory and advantages; only objective.kind differs. The transformer "
             "forward and backward dominate both; the difference is the objective's per-token work.")
     result = C.make_result("objective_overhead", "(c) Flow-DPPO vs grpo_clip objective step time",
