@@ -409,6 +409,18 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         path.write_text(json.dumps(data, indent=1))
 
 
+def git_commit() -> str:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it ("unknown" without git):
+    what every benchmark result records as the code it measured."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def command_line() -> list[str]:
     """How this script was started, relative to the repository root where possible."""
     script = Path(sys.argv[0]).resolve()

@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import git_commit  # tools/bench is on sys.path: run as a script, or as the tests import it
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
 EVAL_REWARDS = ("eval.rewards={world_direction: 1.0, world_colour: 1.0, world_shape: 1.0, "
@@ -113,16 +115,6 @@ def grid(arms: list[str], epochs: list[int], seeds: list[int], values: dict[str,
     return out
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def overrides_for(arm: str, value: float, epochs: int, seed: int, iterations: int, run_dir: Path,
                   extra: list[str]) -> list[str]:
     arm_ov, knob, _ = ARMS[arm]
@@ -149,7 +141,7 @@ def base_eval(out: Path, iterations: int, extra: list[str]) -> Path:
     trainer.artifacts.eval_log.close()
     shutil.copy(base / "run" / "eval.jsonl", base / "eval.jsonl")
     shutil.copytree(base / "run" / "eval" / "after_000000", base / "after_000000")
-    (base / "done").write_text(json.dumps({"seconds": time.perf_counter() - t, "commit": _commit()}))
+    (base / "done").write_text(json.dumps({"seconds": time.perf_counter() - t, "commit": git_commit()}))
     return base
 
 
@@ -230,7 +222,7 @@ def one_run(out: Path, arm: str, value: float, epochs: int, seed: int, iteration
         trainer.run()
         result = {"arm": arm, "knob": ARMS[arm][1], "value": value, "epochs": epochs, "seed": seed, "tag": tag,
                   "iterations": iterations, "extra": extra, "wall_seconds": time.perf_counter() - t,
-                  "commit": _commit(), **summarise_run(run_dir)}
+                  "commit": git_commit(), **summarise_run(run_dir)}
         done.write_text(json.dumps(result, indent=1))
         return result
     finally:

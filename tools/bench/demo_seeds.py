@@ -6,8 +6,8 @@
 
 Each seed is ``flowdppo-video train run.seed=N`` (the default recipe, plus any overrides) in its
 own process into ``OUT/<tag>-s<N>``; ``--jobs 2`` runs two side by side with one thread each
-(``--jobs 1`` gives a run both cores, like ``make demo``). A finished run (its last evaluation at
-the final iteration) is read, not rerun. ``--report`` (and every run's end) writes
+(``--jobs 1`` gives a run both cores, like ``make demo``). A finished run (one this tool saw exit
+0) is read, not rerun; an interrupted one starts over. ``--report`` (and every run's end) writes
 ``DOCS/demo_seeds.{json,md}``: held-out direction, colour, shape, the KL to the base model and the
 two artifact metrics of ``world_fidelity`` (background error, patch-grid energy), base -> final,
 one row per tag and seed, with the wall time and the commit.
@@ -25,34 +25,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-METRICS = [("direction", "eval/world_direction/mean"), ("colour", "eval/world_colour/mean"),
-           ("shape", "eval/world_shape/mean"), ("background_error", "eval/world_fidelity/background_error/mean"),
-           ("grid_energy", "eval/world_fidelity/grid_energy/mean")]
+from _common import REPO as ROOT, git_commit  # tools/bench is on sys.path when run as a script
 
+from flowdppo_video.metrics import read_metrics
 
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
-def _evals(run_dir: Path) -> list[dict]:
-    path = run_dir / "eval.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def _iterations(run_dir: Path) -> int | None:
-    cfg = run_dir / "config.yaml"
-    if not cfg.is_file():
-        return None
-    import yaml
-
-    return int(yaml.safe_load(cfg.read_text())["run"]["iterations"])
+# (name in the table, eval.jsonl key, decimals)
+METRICS = [("direction", "eval/world_direction/mean", 3), ("colour", "eval/world_colour/mean", 3),
+           ("shape", "eval/world_shape/mean", 3),
+           ("background_error", "eval/world_fidelity/background_error/mean", 1),
+           ("grid_energy", "eval/world_fidelity/grid_energy/mean", 1)]
 
 
 def finished(run_dir: Path) -> bool:
-    evals, n = _evals(run_dir), _iterations(run_dir)
-    return bool(evals) and n is not None and evals[-1].get("after_iterations") == n and (run_dir / "demo_seed.json").is_file()
+    """Trained to the end by this tool: the metadata is written only after the run exits 0, and a
+    rerun deletes the directory first."""
+    return (run_dir / "demo_seed.json").is_file()
 
 
 def run_seed(out: Path, tag: str, seed: int, overrides: list[str], threads: int) -> dict:
@@ -69,17 +56,17 @@ def run_seed(out: Path, tag: str, seed: int, overrides: list[str], threads: int)
         if rc != 0:
             raise SystemExit(f"demo_seeds.py: seed {seed} ({tag}) failed with exit {rc}; see {out / f'{tag}-s{seed}.log'}")
         (run_dir / "demo_seed.json").write_text(json.dumps({"wall_seconds": time.perf_counter() - t,
-                                                            "threads": threads, "commit": _commit(),
+                                                            "threads": threads, "commit": git_commit(),
                                                             "overrides": overrides}))
     return summarise(run_dir, tag, seed)
 
 
 def summarise(run_dir: Path, tag: str, seed: int) -> dict:
-    evals, meta = _evals(run_dir), json.loads((run_dir / "demo_seed.json").read_text())
+    evals, meta = read_metrics(run_dir, "eval"), json.loads((run_dir / "demo_seed.json").read_text())
     base, final = evals[0], evals[-1]
     row = {"tag": tag, "seed": seed, "iterations": final["after_iterations"], **meta,
            "kl_to_base": final.get("eval/kl_base/mean")}
-    for name, key in METRICS:
+    for name, key, _ in METRICS:
         row[f"{name}_base"], row[name] = base.get(key), final.get(key)
     return row
 
@@ -91,8 +78,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| variant | seed | held-out direction | colour | shape | KL to base | background error | grid energy "
              "| wall (threads) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["tag"], r["seed"])):
-        cells = [f"{f(r[n + '_base'], 1 if n in ('background_error', 'grid_energy') else 3)} → "
-                 f"{f(r[n], 1 if n in ('background_error', 'grid_energy') else 3)}" for n, _ in METRICS]
+        cells = [f"{f(r[n + '_base'], d)} → {f(r[n], d)}" for n, _, d in METRICS]
         lines.append(f"| {r['tag']} | {r['seed']} | {' | '.join(cells[:3])} | {f(r['kl_to_base'], 4)} | "
                      f"{' | '.join(cells[3:])} | {r['wall_seconds'] / 60:.1f} min ({r['threads']}) |")
     return "\n".join(lines)
