@@ -138,6 +138,29 @@ def test_a_tagged_variant_is_reported_beside_its_untagged_twin_not_in_the_fronts
     assert "Variant `two`: advantages.aggregation=gdpo" in md
 
 
+def test_a_tagged_variant_summary_pairs_seeds_with_their_twins():
+    def run(tag, seed, d, c, kl):
+        return {"arm": "clip", "value": 1e-4, "epochs": 4, "seed": seed, "tag": tag, "kl_to_base": kl, "direction": d,
+                "colour": c, "shape": 0.8, "colour_base": 0.9, "shape_base": 0.85, "commit": "c",
+                "extra": ["advantages.aggregation=gdpo"] if tag else [], "direction_base": 0.5,
+                "offpolicy_frozen": 0.1, "forgetting": 0.0, "background_error": 1.0, "grid_energy": 1.0,
+                "background_error_base": 1.0, "grid_energy_base": 1.0, "wall_seconds": 1800.0}
+
+    # Three seeds: the variant gains 0.1, 0.2, 0.3 less direction and 0.05 more colour than its twin;
+    # seed 3 has no twin and counts in the variant's medians only.
+    res = [run("", s, 0.9, 0.9, 0.05) for s in range(3)]
+    res += [run("two", s, 0.8 - 0.1 * s, 0.95, 0.04) for s in range(3)] + [run("two", 3, 0.5, 0.95, 0.2)]
+    md = algorithms.report(res, Path("."), {})
+    row = next(line for line in md.splitlines() if line.startswith("| ratio clipping | clip_range 0.0001 | 4 | 4 |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[4:8] == ["+0.150", "+0.050", "+0.050", "0.040"]      # medians over the four variant runs
+    assert cols[8:12] == ["+0.400", "+0.000", "+0.050", "0.050"]     # its three twins
+    assert cols[12].startswith("-0.200 [") and cols[13].startswith("+0.050 [+0.050, +0.050]")
+    lo, hi = (float(x) for x in cols[12].split("[")[1].rstrip("]").split(","))
+    assert -0.3 <= lo < -0.2 < hi <= -0.1
+    assert "Compute: 7 runs with the variants, 3.5 hours" in md
+
+
 def test_matched_kl_tables_cover_forgetting_and_artifacts_in_their_units():
     def run(arm, s, kl, forget, grid):
         return {"arm": arm, "value": kl, "epochs": 4, "seed": s, "kl_to_base": kl, "direction": 0.8, "commit": "c",

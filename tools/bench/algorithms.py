@@ -346,6 +346,51 @@ def grid_runs(results: list[dict]) -> list[dict]:
     return [r for r in results if not r.get("tag")]
 
 
+def _gain_parts(r: dict, base: dict) -> dict[str, float]:
+    """Held-out gains of run ``r`` over the shared base evaluation (read from ``base``, a run of the same
+    grid): direction and colour gained, shape lost, KL to the base model."""
+    return {"direction": r["direction"] - base["direction_base"], "colour": r["colour"] - base["colour_base"],
+            "shape lost": base["shape_base"] - r["shape"], "KL": r["kl_to_base"]}
+
+
+def _fmt_median(gains: list[dict[str, float]], name: str) -> str:
+    if not gains:
+        return "n/a"
+    m = _median([g[name] for g in gains])
+    return f"{m:.3f}" if name == "KL" else f"{m:+.3f}"
+
+
+def tagged_summary(results: list[dict], tag: str) -> list[str]:
+    """Per arm, knob and epoch count of a ``--tag`` variant: medians over its seeds of the variant's gains
+    and of its untagged twins', then the paired difference (variant minus twin) of each gain, with a 95%
+    bootstrap interval over the seeds that have both runs."""
+    plain = {(r["arm"], r["value"], r["epochs"], r["seed"]): r for r in grid_runs(results)}
+    cells: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r.get("tag") == tag:
+            cells.setdefault((r["arm"], r["value"], r["epochs"]), []).append(r)
+    names = ("direction", "colour", "shape lost", "KL")
+    lines = ["Medians over seeds; the paired columns are variant minus untagged run of the same seed (mean, "
+             "95% bootstrap interval over seeds).", "",
+             "| arm | knob | epochs | seeds | variant: direction gained | colour gained | shape lost | KL "
+             "| untagged: direction | colour | shape lost | KL | paired: direction | colour | shape lost |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (arm, v, e), rs in sorted(cells.items(), key=lambda t: (t[0][2], list(ARMS).index(t[0][0]), t[0][1])):
+        var = [_gain_parts(r, r) for r in rs]
+        pairs = [(_gain_parts(r, r), _gain_parts(plain[(arm, v, e, r["seed"])], r))
+                 for r in rs if (arm, v, e, r["seed"]) in plain]
+        twin = [b for _, b in pairs]
+        med = [_fmt_median(gs, n) for gs in (var, twin) for n in names]
+        paired = []
+        for n in names[:3]:
+            diffs = [a[n] - b[n] for a, b in pairs]
+            lo, hi = bootstrap_ci(diffs) if diffs else (float("nan"), float("nan"))
+            paired.append(f"{statistics.fmean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}]" if diffs else "n/a")
+        knob = "—" if ARMS[arm][1] is None else f"{ARMS[arm][1].split('.')[-1]} {v:g}"
+        lines.append(f"| {LABELS[arm]} | {knob} | {e} | {len(rs)} | " + " | ".join(med + paired) + " |")
+    return lines + [""]
+
+
 def tagged_table(results: list[dict], tag: str) -> list[str]:
     """A variant of the grid (``--tag``, e.g. two rewards at each arm's knee) beside the untagged run
     of the same cell: held-out direction and colour gained, shape lost, KL to the base model."""
@@ -354,11 +399,12 @@ def tagged_table(results: list[dict], tag: str) -> list[str]:
     def gains(r: dict, base: dict) -> str:
         # Every run shares one base evaluation, so the variant's base numbers serve its twin too
         # (runs from before the base colour and shape were summarised lack them).
-        return (f"{r['direction'] - base['direction_base']:+.3f} | {r['colour'] - base['colour_base']:+.3f} | "
-                f"{base['shape_base'] - r['shape']:+.3f} | {r['kl_to_base']:.3f}")
+        g = _gain_parts(r, base)
+        return f"{g['direction']:+.3f} | {g['colour']:+.3f} | {g['shape lost']:+.3f} | {g['KL']:.3f}"
 
-    lines = [f"### Variant `{tag}`: {' '.join(next(r for r in results if r.get('tag') == tag)['extra'])}", "",
-             "Each row: the variant's run, then the untagged run of the same arm, knob, epochs and seed "
+    lines = [f"### Variant `{tag}`: {' '.join(next(r for r in results if r.get('tag') == tag)['extra'])}", ""]
+    lines += tagged_summary(results, tag)
+    lines += ["Each row: the variant's run, then the untagged run of the same arm, knob, epochs and seed "
              "(held-out gains over the shared base evaluation; shape lost in points of the score).", "",
              "| arm | knob | epochs | seed | direction gained | colour gained | shape lost | KL to base "
              "| untagged: direction | colour | shape lost | KL |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -383,11 +429,15 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
 
     tags = sorted({r["tag"] for r in results if r.get("tag")})
     variants = [line for t in tags for line in tagged_table(results, t)]
+    worker_hours = sum(r.get("wall_seconds", 0.0) for r in results) / 3600
+    n_all = len(results)
     results = grid_runs(results)
 
     base = _median([r["direction_base"] for r in results])
     lines = [f"Runs: {len(results)}. Base model held-out direction {f(base)} (one evaluation, fixed noise, "
              f"shared by every run). Commits: {', '.join(sorted({r['commit'][:12] for r in results}))}.", ""]
+    lines += [f"Compute: {n_all} runs with the variants, {worker_hours:.1f} hours of wall time summed over runs "
+              "(each run one thread, usually two side by side).", ""]
     if stage_times:
         lines += ["Stage wall times: " + "; ".join(f"{k} {v / 60:.0f} min" for k, v in stage_times.items()), ""]
     lines += ["### Fronts (median over seeds, [min, max] in brackets)", "",
