@@ -259,15 +259,16 @@ class Objective:
 
     ``kind``: ``flow_dppo`` or ``grpo_clip``; ``delta`` in nats per latent element;
     ``elements_per_token``: ``D`` of the model and video. Call it on one SDE step's token
-    tensors: ``objective(logp_new, logp_old, kl, advantages) -> ObjectiveOutput``.
+    tensors: ``objective(logp_new, logp_old, kl, advantages) -> ObjectiveOutput``. Every field is
+    required: the defaults live in one place, ``ObjectiveConfig``.
     """
 
     kind: str
     elements_per_token: int
-    delta: float = math.inf
-    granularity: str = "token"
-    normalize: str = "all"
-    clip_range: float = 1e-3
+    delta: float
+    granularity: str
+    normalize: str
+    clip_range: float
 
     def __post_init__(self) -> None:
         if self.kind not in ("flow_dppo", "grpo_clip"):
