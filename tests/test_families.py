@@ -207,6 +207,21 @@ def test_not_a_diffusers_checkpoint_and_bad_expert_choices(tmp_path):
                 progress=False, decode=False)
 
 
+def test_wan_init_takes_a_pixel_autoencoder_and_a_word_tokenizer():
+    """``model.init`` can describe the shapes world's kind of model (pixel latents, a word vocabulary);
+    its mistakes are named in one line."""
+    init = {"vae": {"_class_name": "PixelAutoencoder", "z_dim": 4}, "tokenizer": {"words": ["red", "ball"]}}
+    cfg = load_config(ROOT / "configs" / "wan_tiny.yaml", [f"model.init={json.dumps(init)}"])
+    ad = build_adapter(cfg.model, torch.device("cpu"))
+    assert type(ad.vae).__name__ == "PixelAutoencoder" and ad.vae.config.latents_mean == [0.0] * 4
+    assert len(ad.tokenizer) == ad.text_encoder.config.vocab_size < 16       # specials + two words
+    for bad, match in (({"vae": {"_class_name": "AutoencoderKL"}}, "model.init.vae._class_name must be one of"),
+                       ({"tokenizer": {"vocab": ["a"]}}, "unknown model.init.tokenizer key\(s\) \['vocab'\]")):
+        cfg = load_config(ROOT / "configs" / "wan_tiny.yaml", [f"model.init={json.dumps(bad)}"])
+        with pytest.raises(ModelError, match=match):
+            build_adapter(cfg.model, torch.device("cpu"))
+
+
 def cli_train(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "flowdppo_video", "train", *args], cwd=ROOT, env=env,

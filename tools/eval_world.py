@@ -24,20 +24,20 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flowdppo_video.config import SamplerConfig
 from flowdppo_video.data import load_prompts
-from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.rollout import rollout
 from flowdppo_video.world import DIRECTIONS, SHAPES, parse_prompt
 from flowdppo_video.world.diagnostics import direction_word_losses, shape_word_losses
-from flowdppo_video.world.model import MAX_TEXT_TOKENS, WEIGHTS_DIR, build_world_adapter, world_modules
+from flowdppo_video.world.model import build_world_adapter, load_world_adapter, world_modules
 from rewards.world import adherence_table, classify
 
 
-def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
+def load(model: str | None, state: str | None, raw: bool = False) -> Any:
     if state:
         st = torch.load(state, weights_only=False)
         in_ch = st["model"]["transformer.patch_embedding.weight"].shape[1]
@@ -45,8 +45,7 @@ def load(model: str | None, state: str | None, raw: bool = False) -> WanAdapter:
         world_modules(adapter).load_state_dict(st["model" if raw else "ema"])
         print(f"pretraining state at step {st['step']}")
         return adapter
-    return WanAdapter.from_pretrained(model or WEIGHTS_DIR, device=torch.device("cpu"),
-                                      max_sequence_length=MAX_TEXT_TOKENS)
+    return load_world_adapter(model) if model else load_world_adapter()
 
 
 WORDS = {"direction": DIRECTIONS, "shape": SHAPES}   # what a confusion table is over

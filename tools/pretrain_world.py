@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from flowdppo_video.world import DIRECTIONS, SHAPES, Scene, render_batch, split_scenes
-from flowdppo_video.world.model import (MAX_TEXT_TOKENS, POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, flow_matching_loss,
-                                         video_to_latent, world_modules)
+from flowdppo_video.world.model import (POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, flow_matching_loss,
+                                         load_world_adapter, video_to_latent, world_modules)
 
 
 def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) -> str:
@@ -77,8 +77,7 @@ def read_init(path: Path) -> dict:
         return torch.load(path, weights_only=False)
     if not (path / "model_index.json").is_file():
         raise SystemExit(f"--init {path}: neither a state.pt nor a diffusers directory with model_index.json")
-    from flowdppo_video.models.wan import WanAdapter
-    loaded = WanAdapter.from_pretrained(path, device=torch.device("cpu"), max_sequence_length=MAX_TEXT_TOKENS)
+    loaded = load_world_adapter(path)
     model = world_modules(loaded).state_dict()
     meta = path / "pretrain.json"
     rec = json.loads(meta.read_text()) if meta.is_file() else {}

@@ -22,7 +22,7 @@ from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, train
 from .base import ModelError, SequenceParallelPlan, VideoFlowAdapter, causal_latent_shape, init_parts
 from .common import DTYPES, built_in
 from .registry import FamilySpec, register
-from .tokenizers import byte_tokenizer
+from .tokenizers import byte_tokenizer, word_tokenizer
 
 EXPERT_NAMES = ("high", "low")                 # model.train_experts -> transformer, transformer_2
 
@@ -36,9 +36,12 @@ TINY_INIT: dict[str, dict[str, Any]] = {
     "text_encoder": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
                      "relative_attention_num_buckets": 8},
 }
-# Optional parts of `model.init` (Wan 2.2): a second expert (its config over `transformer`'s) and
-# the pipeline's routing settings.
-OPTIONAL_INIT = ("transformer_2", "pipeline")
+# Optional parts of `model.init`: (Wan 2.2) a second expert (its config over `transformer`'s) and
+# the pipeline's routing settings; a word-level tokenizer (`tokenizer: {words: [...]}`, small
+# vocabularies such as the shapes world's) instead of the byte tokenizer.
+OPTIONAL_INIT = ("transformer_2", "pipeline", "tokenizer")
+# `model.init.vae._class_name`: the video autoencoder (default) or the identity pixel autoencoder.
+_VAE_CLASSES = ("AutoencoderKLWan", "PixelAutoencoder")
 _PIPELINE_KEYS = ("boundary_ratio", "expand_timesteps", "position_channels")
 
 
@@ -180,22 +183,34 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                     train_experts: list[str] | None = None) -> "WanAdapter":
         """Random weights from sub-configs ``transformer``, ``vae``, ``text_encoder`` (tests, demos).
 
-        Missing sub-configs take :data:`TINY_INIT`; the tokenizer is :func:`byte_tokenizer`.
+        Missing sub-configs take :data:`TINY_INIT`; the tokenizer is :func:`byte_tokenizer`, or
+        :func:`word_tokenizer` with ``tokenizer: {words: [...]}``; ``vae: {_class_name:
+        PixelAutoencoder, z_dim}`` gives pixel-space latents (no autoencoder defaults merged).
         Wan 2.2: ``transformer_2`` (overrides of ``transformer``'s config; its presence makes two
-        experts) and ``pipeline: {boundary_ratio, expand_timesteps}``.
+        experts) and ``pipeline: {boundary_ratio, expand_timesteps, position_channels}``.
         """
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
+
+        from .pixel_vae import PixelAutoencoder
 
         parts = init_parts(init, cls.TINY, tuple(OPTIONAL_INIT))
         pipeline = dict(init.get("pipeline", {}))
         unknown = set(pipeline) - set(_PIPELINE_KEYS)
         if unknown:
             raise ModelError(f"unknown model.init.pipeline key(s) {sorted(unknown)}; known: {list(_PIPELINE_KEYS)}")
-        tokenizer = byte_tokenizer()
+        tok = dict(init.get("tokenizer", {}))
+        if set(tok) - {"words"}:
+            raise ModelError(f"unknown model.init.tokenizer key(s) {sorted(set(tok) - {'words'})}; known: ['words']")
+        tokenizer = word_tokenizer(list(tok["words"])) if "words" in tok else byte_tokenizer()
         tcfg = dict(parts["text_encoder"])
         tcfg.setdefault("vocab_size", len(tokenizer))
-        vcfg = dict(parts["vae"])
+        vae_cls = dict(init.get("vae", {})).get("_class_name", "AutoencoderKLWan")
+        if vae_cls not in _VAE_CLASSES:
+            raise ModelError(f"model.init.vae._class_name must be one of {list(_VAE_CLASSES)}, got {vae_cls!r}")
+        # The pixel autoencoder takes only its own keys: the tiny video autoencoder's are not merged in.
+        vcfg = {k: v for k, v in (parts["vae"] if vae_cls == "AutoencoderKLWan" else init["vae"]).items()
+                if k != "_class_name"}
         z = int(vcfg["z_dim"])
         vcfg.setdefault("latents_mean", [0.0] * z)
         vcfg.setdefault("latents_std", [1.0] * z)
@@ -213,7 +228,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                     transformer_2 = None
                     if "transformer_2" in init:
                         transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
-                vae = AutoencoderKLWan(**vcfg)
+                vae = AutoencoderKLWan(**vcfg) if vae_cls == "AutoencoderKLWan" else PixelAutoencoder(**vcfg)
                 with built_in(DTYPES[dtype]):
                     text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
                                                                decoder_start_token_id=0))

@@ -1,4 +1,6 @@
-"""The shapes world's text-to-video model: a small Wan in pixel space, shipped with the package."""
+"""The shapes world's text-to-video model: a small Wan in pixel space, shipped with the package.
+
+It names no model family: the shipped checkpoint's pipeline picks one from the registry."""
 
 from __future__ import annotations
 
@@ -21,35 +23,53 @@ TEXT_ENCODER: dict[str, Any] = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_lay
 MAX_TEXT_TOKENS = 10
 
 
-POSITION_CHANNELS = 5   # (frame, row, column, frame*row, frame*column) appended to the latent: see WanAdapter
+POSITION_CHANNELS = 5   # (frame, row, column, frame*row, frame*column) appended to the latent by the adapter
+
+
+def world_init(position_channels: int = POSITION_CHANNELS) -> dict[str, Any]:
+    """``model.init`` of the world model: the sub-configs above, the pixel autoencoder, the word
+    tokenizer over the grammar's vocabulary and ``position_channels`` absolute-position channels."""
+    return {"transformer": {**TRANSFORMER, "in_channels": 3 + position_channels}, "text_encoder": dict(TEXT_ENCODER),
+            "vae": {"_class_name": "PixelAutoencoder", "z_dim": 3}, "tokenizer": {"words": vocabulary()},
+            "pipeline": {"position_channels": position_channels}}
 
 
 def build_world_adapter(device: torch.device, seed: int = 0, position_channels: int = POSITION_CHANNELS) -> Any:
-    """A randomly initialised world model behind the Wan adapter (pretraining starts here).
+    """A randomly initialised world model (pretraining starts here), built by the family of the
+    shipped checkpoint (its ``model_index.json`` names the pipeline) from :func:`world_init`.
 
     With ``position_channels`` the transformer also sees each token's absolute (frame, row,
     column): Wan's RoPE is relative only, and a 0.5M-parameter model given only relative
     positions learnt colour and shape but ignored the direction words entirely (the flow loss
     with a wrong direction word equalled the loss with the right one to 4 digits at 6,500 steps).
     """
-    from diffusers import WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from ..config import ModelConfig
+    from ..models import family
 
-    from ..models.pixel_vae import PixelAutoencoder
-    from ..models.tokenizers import word_tokenizer
-    from ..models.wan import WanAdapter
+    name = _family_of(WEIGHTS_DIR)
+    cfg = ModelConfig(family=name, init=world_init(position_channels), init_seed=seed, dtype="float32",
+                      max_sequence_length=MAX_TEXT_TOKENS)
+    return family(name).build(cfg, None, device)
 
-    tokenizer = word_tokenizer(vocabulary())
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        transformer = WanTransformer3DModel(**{**TRANSFORMER, "in_channels": 3 + position_channels})
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
-                                                   decoder_start_token_id=0, **TEXT_ENCODER))
-    finally:
-        torch.random.set_rng_state(state)
-    return WanAdapter(transformer, PixelAutoencoder(z_dim=3), text_encoder, tokenizer, device=device,
-                      dtype=torch.float32, max_sequence_length=MAX_TEXT_TOKENS, position_channels=position_channels)
+
+def load_world_adapter(path: str | Path = WEIGHTS_DIR, device: torch.device = torch.device("cpu")) -> Any:
+    """The world model saved at ``path`` (a diffusers directory; the shipped one by default), loaded
+    by the family its ``model_index.json`` names; everything in it as saved (nothing set to train)."""
+    from ..config import ModelConfig
+    from ..models import family
+
+    name = _family_of(Path(path))
+    cfg = ModelConfig(family=name, path=str(path), max_sequence_length=MAX_TEXT_TOKENS)
+    return family(name).build(cfg, str(path), device)
+
+
+def _family_of(path: Path) -> str:
+    from ..models import ModelError, checkpoint_family
+
+    name = checkpoint_family(path)
+    if name is None:
+        raise ModelError(f"{path}: not a checkpoint of any model family")
+    return name
 
 
 def world_modules(adapter: Any) -> torch.nn.ModuleDict:
@@ -71,4 +91,5 @@ def video_to_latent(videos: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["FRAMES", "MAX_TEXT_TOKENS", "POSITION_CHANNELS", "SIZE", "TEXT_ENCODER", "TRANSFORMER", "WEIGHTS_DIR",
-           "build_world_adapter", "flow_matching_loss", "video_to_latent", "world_modules"]
+           "build_world_adapter", "flow_matching_loss", "load_world_adapter", "video_to_latent", "world_init",
+           "world_modules"]
