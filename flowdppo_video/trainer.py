@@ -133,10 +133,18 @@ class Trainer:
         self.par.close()
 
     def _maybe_evaluate(self, done: int) -> dict[str, float]:
-        """Held-out evaluation of the model after ``done`` iterations (every ``eval.every``, the
-        base model and the final model always). Also logged to ``eval.jsonl``."""
+        """:meth:`evaluate` where the schedule asks for it: every ``eval.every`` iterations, and the
+        base model and the final model always."""
+        if not (done % self.cfg.eval.every == 0 or done == self.cfg.run.iterations):
+            return {}
+        return self.evaluate(done)
+
+    def evaluate(self, done: int) -> dict[str, float]:
+        """Held-out evaluation of the model as it is now, recorded as after ``done`` iterations: the
+        ``eval/*`` means returned and appended to ``eval.jsonl``, the videos under
+        ``eval/after_{done:06d}``; ``{}`` without held-out prompts. Every rank calls it."""
         e = self.cfg.eval
-        if not self.eval_prompts or not (done % e.every == 0 or done == self.cfg.run.iterations):
+        if not self.eval_prompts:
             return {}
         # Every rank evaluates the same prompts (each forward needs all ranks of an SP group, and
         # under ZeRO-3 all ranks); rank 0 writes.

@@ -38,7 +38,7 @@ def test_a_16_fps_run_scores_as_score_and_the_reward_server_do(tmp_path: Path, c
                           "eval.prompts=[a red circle moves left slowly on black]", "eval.kl_to_base=false")
         trainer = Trainer(cfg)
         traj, row = trainer.train_iteration(0)
-        evaluated = trainer._maybe_evaluate(0)
+        evaluated = trainer.evaluate(0)
         served = rewards.build_rewards({"r": {"type": "remote", "url": url, "reward": "dd"}})["r"]
         by_server = served(traj.videos, traj.prompts, fps=FPS)
         at_8 = rewards.score_videos(trainer.rewards, traj.videos, traj.prompts, fps=8)[1]["local/speed"]
