@@ -2,20 +2,28 @@
 
 Wan's UMT5-XXL is 5.7B parameters: built in float32 and cast afterwards it needs 23 GB before it
 shrinks to 11.4 GB, more than the machines the real-size dry run is meant for
-(``tools/bench/real_size.py``). A dispatch mode records every tensor the build allocates.
+(``tools/bench/real_size.py``); HunyuanVideo's 13B transformer would need 52 GB. A dispatch mode
+records every tensor the build allocates, for every registered family.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from flowdppo_video.config import ModelConfig
+from flowdppo_video.models import families, family
 from flowdppo_video.models.wan import WanAdapter
 
-# The text encoder's embedding (4096 x 32 = 131k elements) is by far the largest tensor here: the
-# tiny VAE's largest is a 16 x 16 x 3 x 3 x 3 convolution (6,912), the transformer's 64 x 32.
-INIT = {"text_encoder": {"vocab_size": 4096}}
+# The text encoder's embedding (8192 x its width, 131k elements or more) is made the largest tensor of
+# every tiny model here (HunyuanVideo 1.5's transformer has a larger one of its own): the tiny VAEs'
+# largest is 13,824 elements, the other parts' a few thousand.
+INIT = {"text_encoder": {"vocab_size": 8192}}
 LARGE = 100_000
+# Parts created in the model dtype; the VAE (and Wan I2V's CLIP image encoder) stay float32, as
+# from_pretrained keeps them.
+IN_MODEL_DTYPE = ("transformer", "transformer_2", "text_encoder", "text_encoder_2")
 
 
 class _Allocations(TorchDispatchMode):
@@ -30,22 +38,26 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def _largest_float32(dtype: str) -> tuple[int, WanAdapter]:
+def _largest_float32(name: str, dtype: str):
     with _Allocations() as seen:
-        adapter = WanAdapter.from_config(INIT, device=torch.device("cpu"), dtype=dtype)
+        adapter = family(name).build(ModelConfig(family=name, init=INIT, dtype=dtype), None, torch.device("cpu"))
     return max(seen.float32_sizes), adapter
 
 
-def test_bfloat16_build_allocates_no_float32_copy_of_the_large_parts() -> None:
-    largest, _ = _largest_float32("float32")
+@pytest.mark.parametrize("name", sorted(families()))
+def test_bfloat16_build_allocates_no_float32_copy_of_the_large_parts(name: str) -> None:
+    largest, _ = _largest_float32(name, "float32")
     assert largest >= LARGE                       # the mode sees the embedding when it is float32
-    largest, adapter = _largest_float32("bfloat16")
+    largest, adapter = _largest_float32(name, "bfloat16")
     assert largest < LARGE
-    assert {p.dtype for p in adapter.text_encoder.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in adapter.transformer.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in adapter.vae.parameters()} == {torch.float32}
-    # The RoPE tables are computed in float64 by their constructor, then cast as before.
-    assert adapter.transformer.rope.freqs_cos.dtype == torch.bfloat16
+    for part in IN_MODEL_DTYPE:
+        module = getattr(adapter, part, None)
+        if module is not None:
+            assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, part
+    assert {p.dtype for p in adapter.vae.parameters()} <= {torch.float32}
+    if isinstance(adapter, WanAdapter):
+        # The RoPE tables are computed in float64 by their constructor, then cast as before.
+        assert adapter.transformer.rope.freqs_cos.dtype == torch.bfloat16
     assert torch.get_default_dtype() == torch.float32         # restored after the build
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import hunyuan_common
 from .base import ModelError, TextBatch, init_parts
-from .common import DTYPES, check_pipeline_folders
+from .common import DTYPES, built_in, check_pipeline_folders
 from .hunyuan_common import CLIP_MAX_LENGTH, HunyuanCommon, load_shared_parts, tiny_transformer_and_vae
 from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
@@ -128,22 +128,25 @@ class HunyuanVideoAdapter(HunyuanCommon):
         parts = init_parts(init, TINY_INIT)
         tok, tok_2 = byte_tokenizer(), byte_tokenizer()
         tok_2.model_max_length = CLIP_MAX_LENGTH
+        tdtype = DTYPES[dtype]
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            transformer, vae = tiny_transformer_and_vae(parts)
-            text_encoder = LlamaModel(LlamaConfig(**{"vocab_size": len(tok), "pad_token_id": 0,
-                                                     "bos_token_id": 1, "eos_token_id": 1,
-                                                     **parts["text_encoder"]}))
-            text_encoder_2 = CLIPTextModel(CLIPTextConfig(**{
-                "vocab_size": len(tok_2), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
-                "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]}))
+            # Created in the model dtype (never float32 first: the 13B transformer would need 52 GB);
+            # the VAE stays float32, as from_pretrained keeps it.
+            transformer, vae = tiny_transformer_and_vae(parts, tdtype)
+            with built_in(tdtype):
+                text_encoder = LlamaModel(LlamaConfig(**{"vocab_size": len(tok), "pad_token_id": 0,
+                                                         "bos_token_id": 1, "eos_token_id": 1,
+                                                         **parts["text_encoder"]}))
+                text_encoder_2 = CLIPTextModel(CLIPTextConfig(**{
+                    "vocab_size": len(tok_2), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
+                    "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]}))
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
             torch.random.set_rng_state(state)
-        tdtype = DTYPES[dtype]
-        if tdtype != torch.float32:
+        if tdtype != torch.float32:            # the buffers computed in an explicit dtype
             transformer, text_encoder, text_encoder_2 = (m.to(tdtype) for m in (transformer, text_encoder,
                                                                                 text_encoder_2))
         return cls(transformer, vae, text_encoder, tok, text_encoder_2, tok_2,

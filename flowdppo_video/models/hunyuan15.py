@@ -21,7 +21,7 @@ import torch
 from .base import ModelError, TextBatch, init_parts
 from . import hunyuan_common
 from .base import VideoFlowAdapter
-from .common import DTYPES, check_pipeline_folders
+from .common import DTYPES, built_in, check_pipeline_folders
 from .hunyuan_common import HunyuanCommon
 from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
@@ -130,25 +130,29 @@ class HunyuanVideo15Adapter(HunyuanCommon):
         parts = init_parts(init, TINY_INIT)
         tok, tok_2 = byte_tokenizer(), ByT5Tokenizer()
         tok.chat_template = _CHAT_TEMPLATE
+        tdtype = DTYPES[dtype]
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
+            # Created in the model dtype (never float32 first: the 8.3B transformer would need 33 GB);
+            # the VAE stays float32, as from_pretrained keeps it.
             tr = dict(parts["transformer"])
             tr["rope_axes_dim"] = tuple(tr["rope_axes_dim"])
-            transformer = HunyuanVideo15Transformer3DModel(**tr)
+            with built_in(tdtype):
+                transformer = HunyuanVideo15Transformer3DModel(**tr)
             vcfg = dict(parts["vae"])
             vcfg["block_out_channels"] = tuple(vcfg["block_out_channels"])
             vae = AutoencoderKLHunyuanVideo15(**vcfg)
-            text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**{
-                "vocab_size": len(tok), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
-                **parts["text_encoder"]}))
-            text_encoder_2 = T5EncoderModel(T5Config(**{"vocab_size": len(tok_2), **parts["text_encoder_2"]}))
+            with built_in(tdtype):
+                text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**{
+                    "vocab_size": len(tok), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
+                    **parts["text_encoder"]}))
+                text_encoder_2 = T5EncoderModel(T5Config(**{"vocab_size": len(tok_2), **parts["text_encoder_2"]}))
         except (TypeError, ValueError, KeyError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
             torch.random.set_rng_state(state)
-        tdtype = DTYPES[dtype]
-        if tdtype != torch.float32:
+        if tdtype != torch.float32:            # the buffers computed in an explicit dtype
             transformer, text_encoder, text_encoder_2 = (m.to(tdtype) for m in (transformer, text_encoder,
                                                                                 text_encoder_2))
         return cls(transformer, vae, text_encoder, tok, text_encoder_2, tok_2, device=device, dtype=tdtype,

@@ -15,6 +15,7 @@ from ..config import ModelConfig
 from ._training import TrainableExperts
 from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import SequenceParallelPlan, TextBatch, VideoFlowAdapter, cat_text, causal_latent_shape
+from .common import built_in
 
 CLIP_MAX_LENGTH = 77              # CLIP's text length (the pooled-projection encoder of 1.0 and its I2V)
 
@@ -88,9 +89,11 @@ def load_shared_parts(p: Path, tdtype: torch.dtype) -> dict[str, Any]:
             "scheduler_config": json.loads(sched.read_text()) if sched.is_file() else None}
 
 
-def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]]) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``HunyuanVideoTransformer3DModel`` and ``AutoencoderKLHunyuanVideo`` from ``model.init`` parts
-    (random weights; the caller seeds and turns errors into ModelError)."""
+def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]], dtype: torch.dtype = torch.float32
+                             ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``HunyuanVideoTransformer3DModel`` (created in ``dtype``) and ``AutoencoderKLHunyuanVideo``
+    (float32) from ``model.init`` parts (random weights; the caller seeds and turns errors into
+    ModelError)."""
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
     tr = dict(parts["transformer"])
@@ -99,7 +102,9 @@ def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]]) -> tuple[torch.nn
     n = len(vcfg["block_out_channels"])
     vcfg.setdefault("down_block_types", ["HunyuanVideoDownBlock3D"] * n)
     vcfg.setdefault("up_block_types", ["HunyuanVideoUpBlock3D"] * n)
-    return HunyuanVideoTransformer3DModel(**tr), AutoencoderKLHunyuanVideo(**vcfg)
+    with built_in(dtype):
+        transformer = HunyuanVideoTransformer3DModel(**tr)
+    return transformer, AutoencoderKLHunyuanVideo(**vcfg)
 
 
 def sequence_parallel_plan(transformer: torch.nn.Module) -> SequenceParallelPlan:

@@ -38,7 +38,7 @@ import torch
 
 from . import hunyuan_common
 from .base import ModelError, SequenceParallelPlan, TextBatch, cat_text, causal_latent_shape, init_parts
-from .common import DTYPES, check_pipeline_folders, clip_processor_class
+from .common import DTYPES, built_in, check_pipeline_folders, clip_processor_class
 from .hunyuan import TINY_INIT, HunyuanVideoAdapter
 from .hunyuan_common import CLIP_MAX_LENGTH, load_shared_parts, tiny_transformer_and_vae
 from .registry import FamilySpec, register
@@ -192,28 +192,30 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         tok, tok_2 = llava_llama_tokenizer(), byte_tokenizer()
         tok_2.model_max_length = CLIP_MAX_LENGTH
         ids = {t: tok.convert_tokens_to_ids(t) for t in _SPECIALS}
+        tdtype = DTYPES[dtype]
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            transformer, vae = tiny_transformer_and_vae(parts)
+            # Created in the model dtype (never float32 first); the VAE stays float32.
+            transformer, vae = tiny_transformer_and_vae(parts, tdtype)
             text = LlamaConfig(**{"vocab_size": len(tok), "pad_token_id": ids["<pad>"],
                                   "bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": ids["<|end_of_text|>"],
                                   **parts["text_encoder"]})
             vision = CLIPVisionConfig(**parts["vision"])
-            text_encoder = LlavaForConditionalGeneration(LlavaConfig(
-                text_config=text, vision_config=vision, image_token_index=ids["<image>"],
-                image_seq_length=(vision.image_size // vision.patch_size) ** 2, pad_token_id=ids["<pad>"]))
-            text_encoder_2 = CLIPTextModel(CLIPTextConfig(**{
-                "vocab_size": len(tok_2), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
-                "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]}))
+            with built_in(tdtype):
+                text_encoder = LlavaForConditionalGeneration(LlavaConfig(
+                    text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                    image_seq_length=(vision.image_size // vision.patch_size) ** 2, pad_token_id=ids["<pad>"]))
+                text_encoder_2 = CLIPTextModel(CLIPTextConfig(**{
+                    "vocab_size": len(tok_2), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
+                    "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]}))
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
             torch.random.set_rng_state(state)
         side = int(vision.image_size)
         processor = clip_processor_class()(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-        tdtype = DTYPES[dtype]
-        if tdtype != torch.float32:
+        if tdtype != torch.float32:            # the buffers computed in an explicit dtype
             transformer, text_encoder, text_encoder_2 = (m.to(tdtype) for m in (transformer, text_encoder,
                                                                                 text_encoder_2))
         return cls(transformer, vae, text_encoder, tok, text_encoder_2, tok_2, processor, device=device,
