@@ -80,15 +80,31 @@ def test_calibration_reports_the_off_policy_frozen_share(tmp_path):
     assert "off-policy frozen" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.parametrize("values", [[], ["token=1e-4,3e-4"]])
+@pytest.mark.parametrize("values", [{}, {"token": [1e-4, 3e-4]}, {"sample@1": [1e-6]}])
 def test_jobs_workers_get_a_command_argparse_accepts(values):
     # A stage without --values once gave every worker "--values --" (argparse: expected at least one).
-    argv = ["--stage", "row", "--jobs", "2", *sum((["--values", v] for v in values), []), "--", "optim.lr=1e-4"]
+    argv = ["--stage", "row", "--jobs", "2", "--", "optim.lr=1e-4"]
     args = algorithms.parser().parse_args(argv)
-    cmd = algorithms.worker_command(args, [0], [4], ["row"])
+    cmd = algorithms.worker_command(args, [0], [4], ["row"], values)
     worker = algorithms.parser().parse_args(cmd[2:])
-    assert worker.values == values and worker.arms == ["row"] and worker.jobs == 1
+    got = {a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in worker.values)}
+    assert got == values and worker.arms == ["row"] and worker.jobs == 1
     assert worker.overrides == ["optim.lr=1e-4"]
+
+
+def test_the_knees_stage_runs_each_arm_at_its_knee_only(tmp_path, monkeypatch):
+    # The stage's values reach the cells, and the --jobs workers (which once got only --values).
+    seen = []
+    monkeypatch.setattr(algorithms, "work", lambda out, cells, *a: seen.append(cells))
+    monkeypatch.setattr(sys, "argv", ["algorithms.py", "--stage", "knees", "--out", str(tmp_path), "--docs",
+                                      str(tmp_path)])
+    algorithms.main()
+    assert sorted((a, v, e) for a, v, e, _ in seen[0]) == sorted(
+        (a, v, 4) for a, v in algorithms.KNEES.items() for _ in (3, 4))
+    args = algorithms.parser().parse_args(["--stage", "knees", "--jobs", "2"])
+    cmd = algorithms.worker_command(args, [3, 4], [4], list(algorithms.KNEES), {a: [v] for a, v in algorithms.KNEES.items()})
+    worker = algorithms.parser().parse_args(cmd[2:])
+    assert len(worker.values) == len(algorithms.KNEES)
 
 
 def test_one_epoch_fronts_sweep_their_own_values():
@@ -175,3 +191,23 @@ def test_matched_kl_tables_cover_forgetting_and_artifacts_in_their_units():
         block = md.split(f"### Matched KL, 4 inner epoch(s): {name}, arm a minus arm b")[1].split("###")[0]
         rows = [line for line in block.splitlines() if line.startswith("| 0.")]
         assert len(rows) == 3 and all(f"| {diff} |" in line for line in rows), (name, rows)
+
+
+def test_knee_summary_pairs_each_knee_with_the_default_by_seed():
+    def run(arm, v, s, d, kl):
+        return {"arm": arm, "value": v, "epochs": 4, "seed": s, "kl_to_base": kl, "direction": d, "commit": "c",
+                "direction_base": 0.5, "offpolicy_frozen": 0.1, "forgetting": 0.02, "background_error": 1.0,
+                "grid_energy": 1.0, "background_error_base": 1.0, "grid_energy_base": 1.0}
+
+    # Five seeds at each knee; clipping's direction is 0.01 * seed below the sample rule's, its KL 0.01 above.
+    ks = algorithms.KNEES
+    res = [run("sample", ks["sample"], s, 0.9, 0.02) for s in range(5)]
+    res += [run("clip", ks["clip"], s, 0.9 - 0.01 * s, 0.03) for s in range(5)]
+    res.append(run("clip", ks["clip"] * 10, 0, 0.1, 0.5))                   # not a knee: left out
+    lines = algorithms.knee_summary(res)
+    clip = next(line for line in lines if line.startswith("| ratio clipping | clip_range"))
+    assert "| 5 | 0.880 [" in clip and "| 0.030 [0.030, 0.030] |" in clip
+    paired = next(line for line in lines if line.startswith("| ratio clipping | 5 |"))
+    cols = [c.strip() for c in paired.strip("|").split("|")]
+    assert cols[2].startswith("-0.020 [") and cols[3] == "+0.010 [+0.010, +0.010]" and cols[4] == "+0.0 [+0.0, +0.0]"
+    assert not any(line.startswith("| Flow-DPPO sample (paper) | 5 |") for line in lines)   # not against itself

@@ -77,7 +77,15 @@ STAGES = {
     "seed0": {"seeds": [0], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none", "row_gated"]},
     "row": {"seeds": [0], "epochs": [4], "arms": ["row"]},
     "seeds12": {"seeds": [1, 2], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none", "row"]},
+    # The 1-epoch fronts at the values that act there (ONE_EPOCH_VALUES), seeds 0-2.
+    "one_epoch": {"seeds": [0, 1, 2], "epochs": [1], "arms": ["token", "sample", "clip", "none", "row"]},
+    # Seeds 3-4 at each arm's 4-epoch knee (KNEES).
+    "knees": {"seeds": [3, 4], "epochs": [4], "arms": ["sample", "clip", "row", "token"], "knees": True},
 }
+# Each arm's knee at 4 inner epochs, by one rule on the seed 0-2 medians: the highest held-out
+# direction among the arm's points that forgot at most 6 points. 5 seeds run here (stage "knees"),
+# and the two-reward variant (--tag two) runs at these cells.
+KNEES: dict[str, float] = {"sample": 1e-5, "clip": 1e-4, "row": 1e-4, "token": 3e-5}
 
 
 def run_name(arm: str, value: float, epochs: int, seed: int, tag: str = "") -> str:
@@ -417,6 +425,50 @@ def tagged_table(results: list[dict], tag: str) -> list[str]:
     return lines + [""]
 
 
+# The knee tables: (key, name, display scale, decimals).
+KNEE_KEYS = [("direction", "held-out direction", 1.0, 3), ("kl_to_base", "KL to base", 1.0, 3),
+             ("forgetting", "forgetting (pts)", 100.0, 1), ("background_error", "background error", 1.0, 1),
+             ("grid_energy", "grid energy", 1.0, 2)]
+
+
+def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample") -> list[str]:
+    """Each arm at its knee (:data:`KNEES`, ``epochs`` inner epochs) over all its seeds: mean and 95%
+    bootstrap interval of each :data:`KNEE_KEYS` number; then each knee minus ``against``'s knee,
+    paired by seed (the seeds both ran)."""
+    runs = {a: {r["seed"]: r for r in results if r["arm"] == a and r["value"] == v and r["epochs"] == epochs
+                and not r.get("tag")} for a, v in KNEES.items()}
+    runs = {a: rs for a, rs in runs.items() if rs}
+    if not runs:
+        return []
+
+    def stat(xs: list[float], scale: float, d: int, signed: bool = False) -> str:
+        xs = [x * scale for x in xs if x == x]
+        if not xs:
+            return "n/a"
+        lo, hi = bootstrap_ci(xs)
+        sg = "+" if signed else ""
+        return f"{statistics.fmean(xs):{sg}.{d}f} [{lo:{sg}.{d}f}, {hi:{sg}.{d}f}]"
+
+    names = " | ".join(n for _, n, _, _ in KNEE_KEYS)
+    lines = [f"### Each arm at its knee, {epochs} inner epochs (mean over seeds, 95% bootstrap interval)", "",
+             f"| arm | knob | seeds | {names} |", "|---|---|---|" + "---|" * len(KNEE_KEYS)]
+    for a, rs in runs.items():
+        knob = f"{ARMS[a][1].split('.')[-1]} {KNEES[a]:g}"
+        lines.append(f"| {LABELS[a]} | {knob} | {len(rs)} | "
+                     + " | ".join(stat([r[k] for r in rs.values()], sc, d) for k, _, sc, d in KNEE_KEYS) + " |")
+    if against in runs:
+        lines += ["", f"Paired by seed, each knee minus {LABELS[against]}'s ({against} {KNEES[against]:g}):", "",
+                  f"| arm | seeds | {names} |", "|---|---|" + "---|" * len(KNEE_KEYS)]
+        for a, rs in runs.items():
+            common = sorted(set(rs) & set(runs[against]))
+            if a == against or not common:
+                continue
+            lines.append(f"| {LABELS[a]} | {len(common)} | " + " | ".join(
+                stat([rs[s][k] - runs[against][s][k] for s in common], sc, d, signed=True)
+                for k, _, sc, d in KNEE_KEYS) + " |")
+    return lines + [""]
+
+
 # The matched-KL tables: held-out direction (the reward), then what a trust region should hold down
 # at a given KL: forgetting and the two artifacts (key, name, display scale, decimals).
 MATCHED_KEYS = [("direction", "held-out direction", 1.0, 3), ("forgetting", "forgetting (pts)", 100.0, 1),
@@ -475,6 +527,7 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
                              f"{m['a_mean'] * scale:.{d}f} | {m['b_mean'] * scale:.{d}f} | {m['mean_diff'] * scale:+.{d}f} | "
                              f"[{m['ci'][0] * scale:+.{d}f}, {m['ci'][1] * scale:+.{d}f}] |")
             lines.append("")
+    lines += knee_summary(results)
     ea = epochs_against(results)
     if ea:
         lines += ["### 4 against 1 inner epoch, same arm: held-out direction at matched KL", "",
@@ -541,12 +594,15 @@ def plot(results: list[dict], docs: Path) -> None:
         plt.close(fig)
 
 
-def worker_command(args: argparse.Namespace, seeds: list[int], epochs: list[int], arms: list[str]) -> list[str]:
-    """One ``--jobs`` worker: the same cells, one process (an empty ``--values`` is left out: argparse
-    refuses it)."""
+def worker_command(args: argparse.Namespace, seeds: list[int], epochs: list[int], arms: list[str],
+                   values: dict[str, list[float]] | None = None) -> list[str]:
+    """One ``--jobs`` worker: the same cells, one process; ``values`` are the knob values the grid
+    resolved (a stage's own and ``--values``), passed on as ``--values`` (left out when empty:
+    argparse refuses an empty one)."""
+    given = [f"{a}={','.join(repr(float(x)) for x in vs)}" for a, vs in (values or {}).items()]
     return [sys.executable, __file__, "--iterations", str(args.iterations), "--out", str(args.out),
             "--docs", str(args.docs), "--tag", args.tag, "--seeds", *map(str, seeds), "--epochs", *map(str, epochs),
-            "--arms", *arms, *(["--values", *args.values] if args.values else []), "--", *args.overrides]
+            "--arms", *arms, *(["--values", *given] if given else []), "--", *args.overrides]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -594,12 +650,13 @@ def main() -> None:
     st = STAGES.get(args.stage, {})
     seeds, epochs, arms = args.seeds or st.get("seeds", [0]), args.epochs or st.get("epochs", [4, 1]), \
         args.arms or st.get("arms", list(ARMS))
-    values = {a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in args.values)}
+    values = {a: [v] for a, v in KNEES.items()} if st.get("knees") else {}
+    values.update({a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in args.values)})
     cells = grid(arms, epochs, seeds, values)
     t = time.perf_counter()
     if args.jobs > 1:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        cmd = worker_command(args, seeds, epochs, arms)
+        cmd = worker_command(args, seeds, epochs, arms, values)
         procs = []
         for k in range(args.jobs):
             procs.append(subprocess.Popen(cmd, env=env))
