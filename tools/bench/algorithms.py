@@ -85,7 +85,7 @@ STAGES = {
 # Each arm's knee at 4 inner epochs, by one rule on the seed 0-2 medians: the highest held-out
 # direction among the arm's points that forgot at most 6 points. 5 seeds run here (stage "knees"),
 # and the two-reward variant (--tag two) runs at these cells.
-KNEES: dict[str, float] = {"sample": 1e-5, "clip": 1e-4, "row": 1e-4, "token": 3e-5}
+KNEES: dict[str, float] = {"sample": 1e-5, "clip": 1e-4, "row": 1e-4, "token": 1e-5}
 
 
 def run_name(arm: str, value: float, epochs: int, seed: int, tag: str = "") -> str:
