@@ -211,3 +211,23 @@ def test_knee_summary_pairs_each_knee_with_the_default_by_seed():
     cols = [c.strip() for c in paired.strip("|").split("|")]
     assert cols[2].startswith("-0.020 [") and cols[3] == "+0.010 [+0.010, +0.010]" and cols[4] == "+0.0 [+0.0, +0.0]"
     assert not any(line.startswith("| Flow-DPPO sample (paper) | 5 |") for line in lines)   # not against itself
+
+
+def test_matched_kl_falls_back_to_the_median_seeds_range_when_no_range_covers_every_seed():
+    def run(arm, s, kl, d):
+        return {"arm": arm, "value": kl, "epochs": 1, "seed": s, "kl_to_base": kl, "direction": d, "commit": "c",
+                "direction_base": 0.5, "offpolicy_frozen": 0.1, "forgetting": 0.0, "background_error": 1.0,
+                "grid_energy": 1.0, "background_error_base": 1.0, "grid_energy_base": 1.0}
+
+    # Seeds 0-1 span KL 0.01-0.05, seed 2 starts at 0.06: no KL is reached by all three. Clipping is
+    # 0.02 below the sample rule everywhere.
+    spans = {0: (0.01, 0.05), 1: (0.01, 0.05), 2: (0.06, 0.2)}
+    res = [run(arm, s, kl, 0.8 - (0.02 if arm == "clip" else 0.0)) for arm in ("sample", "clip")
+           for s, ks in spans.items() for kl in ks]
+    rows = algorithms.matched_kl(res, 1)
+    assert len(rows) == 3
+    for m in rows:
+        assert 0.01 < m["kl"] < 0.05 and m["n_seeds"] == 2 and m["mean_diff"] == pytest.approx(0.02)
+    # Where even the median fronts do not meet there is nothing to compare.
+    far = [r for r in res if r["arm"] == "sample"] + [run("clip", s, kl * 10, 0.7) for s, ks in spans.items() for kl in ks]
+    assert algorithms.matched_kl(far, 1) == []

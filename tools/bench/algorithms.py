@@ -285,14 +285,23 @@ def fronts(results: list[dict], key: str = "direction") -> dict[tuple[str, int, 
 
 def _budgets(fa: dict[int, list[tuple[float, float]]], fb: dict[int, list[tuple[float, float]]]) -> list[float]:
     """Three KL budgets (20%, 50%, 80% of the way in log KL) inside the range both fronts cover in
-    every seed; none if they do not overlap."""
+    every seed. Where no range is covered by every seed (one seed's front ends below where another's
+    starts, as at one inner epoch), inside the range of the median seed instead: each of those
+    budgets is then compared over the seeds whose fronts reach it (the row's seed count says how
+    many). None if even the median fronts do not overlap."""
     both = [pts for pts in (*fa.values(), *fb.values()) if pts]
     if not both:
         return []
     lo = max(min(k for k, _ in pts) for pts in both)
     hi = min(max(k for k, _ in pts) for pts in both)
-    if lo <= 0 or lo >= hi:
-        return []
+    if not (0 < lo < hi):
+        ends = [[(min(k for k, _ in pts), max(k for k, _ in pts)) for pts in f.values() if pts] for f in (fa, fb)]
+        if not all(ends):
+            return []
+        lo = max(statistics.median(a for a, _ in e) for e in ends)
+        hi = min(statistics.median(b for _, b in e) for e in ends)
+        if not (0 < lo < hi):
+            return []
     return [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) for f in (0.2, 0.5, 0.8)]
 
 
@@ -304,7 +313,7 @@ def _paired(fa: dict[int, list[tuple[float, float]]], fb: dict[int, list[tuple[f
         at_a = {s: interp_at(pts, kl) for s, pts in fa.items()}
         at_b = {s: interp_at(pts, kl) for s, pts in fb.items()}
         seeds = [s for s in at_a if at_a[s] is not None and at_b.get(s) is not None]
-        if not seeds:
+        if len(seeds) < min(2, len(at_a)):       # a budget only one of several seeds reaches says little
             continue
         diffs = [at_a[s] - at_b[s] for s in seeds]
         lo_ci, hi_ci = bootstrap_ci(diffs)
