@@ -231,3 +231,25 @@ def test_matched_kl_falls_back_to_the_median_seeds_range_when_no_range_covers_ev
     # Where even the median fronts do not meet there is nothing to compare.
     far = [r for r in res if r["arm"] == "sample"] + [run("clip", s, kl * 10, 0.7) for s, ks in spans.items() for kl in ks]
     assert algorithms.matched_kl(far, 1) == []
+
+
+def test_extra_seeds_at_a_knee_join_the_knee_table_not_the_fronts():
+    def run(arm, v, s, kl, d):
+        return {"arm": arm, "value": v, "epochs": 4, "seed": s, "kl_to_base": kl, "direction": d, "commit": "c",
+                "direction_base": 0.5, "offpolicy_frozen": 0.1, "forgetting": 0.0, "background_error": 1.0,
+                "grid_energy": 1.0, "background_error_base": 1.0, "grid_energy_base": 1.0}
+
+    ks = algorithms.KNEES
+    # Seeds 0-1 sweep two values per arm (KL 0.01-0.1); seed 2 ran only the knees, at KL 0.05.
+    res = [run(arm, v, s, kl, 0.8 - (0.02 if arm == "clip" else 0.0)) for arm in ("sample", "clip") for s in (0, 1)
+           for v, kl in ((ks[arm], 0.01), (ks[arm] * 10, 0.1))]
+    extra = [run(arm, ks[arm], 2, 0.05, 0.3) for arm in ("sample", "clip")]
+    assert algorithms.front_runs(res + extra) == res
+    rows = algorithms.matched_kl(res + extra, 4)
+    assert [m["n_seeds"] for m in rows] == [2, 2, 2] and 0.01 < rows[0]["kl"] < rows[-1]["kl"] < 0.1
+    md = algorithms.report(res + extra, Path("."), {})
+    assert md.startswith("Runs: 10. On the fronts: 8")
+    clip = next(line for line in md.splitlines() if line.startswith("| ratio clipping | clip_range") and "| 3 |" in line)
+    assert "| 3 | 0.620 [" in clip                     # the knee table has all three seeds
+    # An arm that no seed swept keeps its runs (a one-value grid still has its points).
+    assert algorithms.front_runs(extra) == extra

@@ -275,10 +275,22 @@ def bootstrap_ci(xs: list[float], n: int = 10000, seed: int = 0) -> tuple[float,
     return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
-def fronts(results: list[dict], key: str = "direction") -> dict[tuple[str, int, int], list[tuple[float, float]]]:
-    """(arm, epochs, seed) -> [(KL to base, key)] over the arm's knob values."""
-    out: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
+def front_runs(results: list[dict]) -> list[dict]:
+    """The runs that make fronts. Where some seeds swept an arm's knob (two values or more at that
+    epoch count), a seed run at one value only (the knees' seeds 3-4) is a point, not a front: it
+    would pin every matched-KL range to its one KL, so it is left out here and enters the knee table
+    alone. An arm no seed swept (the no-trust-region arm, a one-value grid) keeps its runs."""
+    n: dict[tuple[str, int, int], int] = {}
     for r in results:
+        n[(r["arm"], r["epochs"], r["seed"])] = n.get((r["arm"], r["epochs"], r["seed"]), 0) + 1
+    swept = {(a, e) for (a, e, _), k in n.items() if k >= 2}
+    return [r for r in results if (r["arm"], r["epochs"]) not in swept or n[(r["arm"], r["epochs"], r["seed"])] >= 2]
+
+
+def fronts(results: list[dict], key: str = "direction") -> dict[tuple[str, int, int], list[tuple[float, float]]]:
+    """(arm, epochs, seed) -> [(KL to base, key)] over the arm's knob values (:func:`front_runs` only)."""
+    out: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
+    for r in front_runs(results):
         out.setdefault((r["arm"], r["epochs"], r["seed"]), []).append((r["kl_to_base"], r[key]))
     return out
 
@@ -492,11 +504,13 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
     variants = [line for t in tags for line in tagged_table(results, t)]
     worker_hours = sum(r.get("wall_seconds", 0.0) for r in results) / 3600
     n_all = len(results)
-    results = grid_runs(results)
+    knee_runs = grid_runs(results)
+    results = front_runs(knee_runs)
 
     base = _median([r["direction_base"] for r in results])
-    lines = [f"Runs: {len(results)}. Base model held-out direction {f(base)} (one evaluation, fixed noise, "
-             f"shared by every run). Commits: {', '.join(sorted({r['commit'][:12] for r in results}))}.", ""]
+    lines = [f"Runs: {len(knee_runs)}. On the fronts: {len(results)} (the others are extra seeds at the knees). "
+             f"Base model held-out direction {f(base)} (one evaluation, fixed noise, shared by every run). "
+             f"Commits: {', '.join(sorted({r['commit'][:12] for r in knee_runs}))}.", ""]
     lines += [f"Compute: {n_all} runs with the variants, {worker_hours:.1f} hours of wall time summed over runs "
               "(each run one thread, usually two side by side).", ""]
     if stage_times:
@@ -536,7 +550,7 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
                              f"{m['a_mean'] * scale:.{d}f} | {m['b_mean'] * scale:.{d}f} | {m['mean_diff'] * scale:+.{d}f} | "
                              f"[{m['ci'][0] * scale:+.{d}f}, {m['ci'][1] * scale:+.{d}f}] |")
             lines.append("")
-    lines += knee_summary(results)
+    lines += knee_summary(knee_runs)                # every seed at the knees; the rest: the fronts' seeds
     ea = epochs_against(results)
     if ea:
         lines += ["### 4 against 1 inner epoch, same arm: held-out direction at matched KL", "",
@@ -558,7 +572,7 @@ def plot(results: list[dict], docs: Path) -> None:
 
     epochs = sorted({r["epochs"] for r in results})
     panels = [("direction", "held-out direction score", "frontier.png"),
-              ("forgetting", "forgetting: colour + shape lost (points)", "frontier_forgetting.png"),
+              ("forgetting", "forgetting: mean of colour and shape lost (points)", "frontier_forgetting.png"),
               ("grid_energy", "patch-grid energy (8-bit levels)", "frontier_grid.png")]
     base = _median([r["direction_base"] for r in results])
     for key, ylabel, name in panels:
@@ -653,7 +667,7 @@ def main() -> None:
         (args.docs / "frontier.json").write_text(json.dumps(results, indent=1))
         md = report(results, args.docs, stage_times)
         (args.docs / "frontier.md").write_text(md + "\n")
-        plot(grid_runs(results), args.docs)
+        plot(front_runs(grid_runs(results)), args.docs)
         print(md)
         return
     st = STAGES.get(args.stage, {})
