@@ -382,6 +382,17 @@ def _gain_parts(r: dict, base: dict) -> dict[str, float]:
             "shape lost": base["shape_base"] - r["shape"], "KL": r["kl_to_base"]}
 
 
+def _mean_ci(xs: list[float], scale: float = 1.0, d: int = 3, signed: bool = False) -> str:
+    """``"mean [lo, hi]"`` of ``xs`` times ``scale`` (NaNs dropped): the mean and its 95% bootstrap
+    interval over seeds, ``d`` decimals; ``"n/a"`` for nothing."""
+    xs = [x * scale for x in xs if x == x]
+    if not xs:
+        return "n/a"
+    lo, hi = bootstrap_ci(xs)
+    sg = "+" if signed else ""
+    return f"{statistics.fmean(xs):{sg}.{d}f} [{lo:{sg}.{d}f}, {hi:{sg}.{d}f}]"
+
+
 def _fmt_median(gains: list[dict[str, float]], name: str) -> str:
     if not gains:
         return "n/a"
@@ -405,16 +416,10 @@ def tagged_summary(results: list[dict], tag: str) -> list[str]:
              "| untagged: direction | colour | shape lost | KL | paired: direction | colour | shape lost |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (arm, v, e), rs in sorted(cells.items(), key=lambda t: (t[0][2], list(ARMS).index(t[0][0]), t[0][1])):
-        var = [_gain_parts(r, r) for r in rs]
-        pairs = [(_gain_parts(r, r), _gain_parts(plain[(arm, v, e, r["seed"])], r))
-                 for r in rs if (arm, v, e, r["seed"]) in plain]
-        twin = [b for _, b in pairs]
-        med = [_fmt_median(gs, n) for gs in (var, twin) for n in names]
-        paired = []
-        for n in names[:3]:
-            diffs = [a[n] - b[n] for a, b in pairs]
-            lo, hi = bootstrap_ci(diffs) if diffs else (float("nan"), float("nan"))
-            paired.append(f"{statistics.fmean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}]" if diffs else "n/a")
+        var = {r["seed"]: _gain_parts(r, r) for r in rs}
+        twin = {r["seed"]: _gain_parts(plain[(arm, v, e, r["seed"])], r) for r in rs if (arm, v, e, r["seed"]) in plain}
+        med = [_fmt_median(list(gs.values()), n) for gs in (var, twin) for n in names]
+        paired = [_mean_ci([var[s][n] - twin[s][n] for s in twin], signed=True) for n in names[:3]]
         knob = "—" if ARMS[arm][1] is None else f"{ARMS[arm][1].split('.')[-1]} {v:g}"
         lines.append(f"| {LABELS[arm]} | {knob} | {e} | {len(rs)} | " + " | ".join(med + paired) + " |")
     return lines + [""]
@@ -462,21 +467,13 @@ def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample") 
     if not runs:
         return []
 
-    def stat(xs: list[float], scale: float, d: int, signed: bool = False) -> str:
-        xs = [x * scale for x in xs if x == x]
-        if not xs:
-            return "n/a"
-        lo, hi = bootstrap_ci(xs)
-        sg = "+" if signed else ""
-        return f"{statistics.fmean(xs):{sg}.{d}f} [{lo:{sg}.{d}f}, {hi:{sg}.{d}f}]"
-
     names = " | ".join(n for _, n, _, _ in KNEE_KEYS)
     lines = [f"### Each arm at its knee, {epochs} inner epochs (mean over seeds, 95% bootstrap interval)", "",
              f"| arm | knob | seeds | {names} |", "|---|---|---|" + "---|" * len(KNEE_KEYS)]
     for a, rs in runs.items():
         knob = f"{ARMS[a][1].split('.')[-1]} {KNEES[a]:g}"
         lines.append(f"| {LABELS[a]} | {knob} | {len(rs)} | "
-                     + " | ".join(stat([r[k] for r in rs.values()], sc, d) for k, _, sc, d in KNEE_KEYS) + " |")
+                     + " | ".join(_mean_ci([r[k] for r in rs.values()], sc, d) for k, _, sc, d in KNEE_KEYS) + " |")
     if against in runs:
         lines += ["", f"Paired by seed, each knee minus {LABELS[against]}'s ({against} {KNEES[against]:g}):", "",
                   f"| arm | seeds | {names} |", "|---|---|" + "---|" * len(KNEE_KEYS)]
@@ -485,7 +482,7 @@ def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample") 
             if a == against or not common:
                 continue
             lines.append(f"| {LABELS[a]} | {len(common)} | " + " | ".join(
-                stat([rs[s][k] - runs[against][s][k] for s in common], sc, d, signed=True)
+                _mean_ci([rs[s][k] - runs[against][s][k] for s in common], sc, d, signed=True)
                 for k, _, sc, d in KNEE_KEYS) + " |")
     return lines + [""]
 
