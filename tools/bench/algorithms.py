@@ -1,8 +1,9 @@
 """Trust regions compared at matched strength: reward against KL, one front per arm.
 
-    .venv/bin/python tools/bench/algorithms.py --stage seed0 --jobs 2      # run (resumable)
+    .venv/bin/python tools/bench/algorithms.py --stage seed0 --jobs 2      # run (resumable); then row, seeds12,
+                                                                           # one_epoch, knees
     .venv/bin/python tools/bench/algorithms.py --report                    # tables, plots, matched-KL
-    .venv/bin/python tools/bench/algorithms.py --stage seeds12 --jobs 2 --reuse docs/frontier.json  # a new machine
+    .venv/bin/python tools/bench/algorithms.py --stage knees --jobs 2 --reuse docs/frontier.json  # a new machine
 
 A trust region is a knob, so each arm is swept over its own: token-wise Flow-DPPO (delta per latent
 element), sample-level Flow-DPPO (the paper's algorithm, delta per element), row-gated Flow-DPPO
@@ -77,8 +78,9 @@ STAGES = {
     "seed0": {"seeds": [0], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none", "row_gated"]},
     "row": {"seeds": [0], "epochs": [4], "arms": ["row"]},
     "seeds12": {"seeds": [1, 2], "epochs": [4, 1], "arms": ["token", "sample", "clip", "none", "row"]},
-    # The 1-epoch fronts at the values that act there (ONE_EPOCH_VALUES), seeds 0-2.
-    "one_epoch": {"seeds": [0, 1, 2], "epochs": [1], "arms": ["token", "sample", "clip", "none", "row"]},
+    # The 1-epoch fronts at the values that act there (ONE_EPOCH_VALUES), seeds 0-2 (row-decided not
+    # run there yet: --stage one_epoch --arms row).
+    "one_epoch": {"seeds": [0, 1, 2], "epochs": [1], "arms": ["token", "sample", "clip", "none"]},
     # Seeds 3-4 at each arm's 4-epoch knee (KNEES).
     "knees": {"seeds": [3, 4], "epochs": [4], "arms": ["sample", "clip", "row", "token"], "knees": True},
 }
