@@ -33,7 +33,7 @@ from flowdppo_video.data import load_prompts
 from flowdppo_video.rollout import rollout
 from flowdppo_video.world import DIRECTIONS, SHAPES, parse_prompt
 from flowdppo_video.world.diagnostics import direction_word_losses, shape_word_losses
-from flowdppo_video.world.model import build_world_adapter, load_world_adapter, world_modules
+from flowdppo_video.world.model import WEIGHTS_DIR, build_world_adapter, load_world_adapter, world_modules
 from rewards.world import adherence_table, classify
 
 
@@ -45,7 +45,7 @@ def load(model: str | None, state: str | None, raw: bool = False) -> Any:
         world_modules(adapter).load_state_dict(st["model" if raw else "ema"])
         print(f"pretraining state at step {st['step']}")
         return adapter
-    return load_world_adapter(model) if model else load_world_adapter()
+    return load_world_adapter(model or WEIGHTS_DIR)
 
 
 WORDS = {"direction": DIRECTIONS, "shape": SHAPES}   # what a confusion table is over

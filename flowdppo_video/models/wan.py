@@ -40,8 +40,20 @@ TINY_INIT: dict[str, dict[str, Any]] = {
 # the pipeline's routing settings; a word-level tokenizer (`tokenizer: {words: [...]}`, small
 # vocabularies such as the shapes world's) instead of the byte tokenizer.
 OPTIONAL_INIT = ("transformer_2", "pipeline", "tokenizer")
-# `model.init.vae._class_name`: the video autoencoder (default) or the identity pixel autoencoder.
+# A checkpoint's or `model.init`'s vae `_class_name`: the video autoencoder (default) or the identity
+# pixel autoencoder.
 _VAE_CLASSES = ("AutoencoderKLWan", "PixelAutoencoder")
+
+
+def _vae_class(name: str) -> type | None:
+    """The autoencoder class a ``_class_name`` names (one of :data:`_VAE_CLASSES`), else None."""
+    if name == "AutoencoderKLWan":
+        from diffusers import AutoencoderKLWan
+        return AutoencoderKLWan
+    if name == "PixelAutoencoder":
+        from .pixel_vae import PixelAutoencoder
+        return PixelAutoencoder
+    return None
 _PIPELINE_KEYS = ("boundary_ratio", "expand_timesteps", "position_channels")
 
 
@@ -148,7 +160,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: str = "float32",
                         max_sequence_length: int = 512, train_experts: list[str] | None = None) -> "WanAdapter":
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from diffusers import WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         p = Path(path)
@@ -160,11 +172,8 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         if (index.get("transformer_2") or [None])[0] is not None:
             transformer_2 = WanTransformer3DModel.from_pretrained(p, subfolder="transformer_2", torch_dtype=tdtype)
         vae_cls = json.loads((p / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKLWan")
-        if vae_cls == "PixelAutoencoder":
-            from .pixel_vae import PixelAutoencoder as vae_type
-        elif vae_cls == "AutoencoderKLWan":
-            vae_type = AutoencoderKLWan
-        else:
+        vae_type = _vae_class(vae_cls)
+        if vae_type is None:
             raise ModelError(f"model.path {p}: vae is a {vae_cls}, expected AutoencoderKLWan or PixelAutoencoder")
         vae = vae_type.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
         text_encoder = UMT5EncoderModel.from_pretrained(p / "text_encoder", dtype=tdtype)
@@ -189,10 +198,8 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         Wan 2.2: ``transformer_2`` (overrides of ``transformer``'s config; its presence makes two
         experts) and ``pipeline: {boundary_ratio, expand_timesteps, position_channels}``.
         """
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from diffusers import WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
-
-        from .pixel_vae import PixelAutoencoder
 
         parts = init_parts(init, cls.TINY, tuple(OPTIONAL_INIT))
         pipeline = dict(init.get("pipeline", {}))
@@ -205,11 +212,12 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         tokenizer = word_tokenizer(list(tok["words"])) if "words" in tok else byte_tokenizer()
         tcfg = dict(parts["text_encoder"])
         tcfg.setdefault("vocab_size", len(tokenizer))
-        vae_cls = dict(init.get("vae", {})).get("_class_name", "AutoencoderKLWan")
-        if vae_cls not in _VAE_CLASSES:
-            raise ModelError(f"model.init.vae._class_name must be one of {list(_VAE_CLASSES)}, got {vae_cls!r}")
+        vae_name = init.get("vae", {}).get("_class_name", "AutoencoderKLWan")
+        vae_type = _vae_class(vae_name)
+        if vae_type is None:
+            raise ModelError(f"model.init.vae._class_name must be one of {list(_VAE_CLASSES)}, got {vae_name!r}")
         # The pixel autoencoder takes only its own keys: the tiny video autoencoder's are not merged in.
-        vcfg = {k: v for k, v in (parts["vae"] if vae_cls == "AutoencoderKLWan" else init["vae"]).items()
+        vcfg = {k: v for k, v in (parts["vae"] if vae_name == "AutoencoderKLWan" else init["vae"]).items()
                 if k != "_class_name"}
         z = int(vcfg["z_dim"])
         vcfg.setdefault("latents_mean", [0.0] * z)
@@ -228,7 +236,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
                     transformer_2 = None
                     if "transformer_2" in init:
                         transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
-                vae = AutoencoderKLWan(**vcfg) if vae_cls == "AutoencoderKLWan" else PixelAutoencoder(**vcfg)
+                vae = vae_type(**vcfg)
                 with built_in(DTYPES[dtype]):
                     text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
                                                                decoder_start_token_id=0))
