@@ -63,6 +63,12 @@ class ModelConfig:
     # Wan 2.2 A14B: which experts train, of "high" (`transformer`, sigma >= boundary_ratio) and
     # "low" (`transformer_2`); null = all the model has. SDE steps are drawn only where one trains.
     train_experts: list[str] | None = None
+    # Routing by noise level: the tuned weights denoise only where sigma >= base_below, the frozen
+    # base model below it (rollouts, evaluation, `sample`, and the export as a two-expert Wan
+    # pipeline with this boundary_ratio). SDE steps are drawn only above it. null = the tuned model
+    # at every step. Full fine-tuning keeps a frozen copy of the transformer for it (LoRA: free).
+    # The demo's window [0, 0.3] of 10 steps is sigma 1.0-0.8: base_below 0.75 tunes exactly those.
+    base_below: float | None = None
     # HunyuanVideo: the embedded (distilled) guidance scale fed to the transformer, part of the
     # policy; null = the family's default (HunyuanVideo 6.0).
     embedded_guidance: float | None = None
@@ -254,6 +260,9 @@ class Config:
         if te is not None:
             if not te or len(set(te)) != len(te) or not set(te) <= {"high", "low"}:
                 raise ConfigError(f"model.train_experts must be a non-empty list of distinct 'high' and 'low', got {te}")
+        bb = self.model.base_below
+        if bb is not None and not (isinstance(bb, (int, float)) and not isinstance(bb, bool) and 0.0 < bb < 1.0):
+            raise ConfigError(f"model.base_below must be a sigma in (0, 1) or null, got {bb!r}")
         if self.model.embedded_guidance is not None and not self.model.embedded_guidance > 0:
             raise ConfigError(f"model.embedded_guidance must be > 0, got {self.model.embedded_guidance}")
         if self.model.lora.rank < 0:

@@ -164,13 +164,20 @@ def _guidance(scale: float, scale_2: float | None, expert: int) -> float:
 def _choose_steps(adapter: VideoFlowAdapter, sampler: SamplerConfig, generator: torch.Generator,
                   schedule: torch.Tensor) -> list[int]:
     """SDE steps of this rollout: drawn from the window, and only among steps whose expert trains
-    (a step of a frozen Wan 2.2 expert would carry no gradient)."""
+    (a step of a frozen Wan 2.2 expert would carry no gradient), and never below ``model.base_below``
+    (the base model takes those steps)."""
     frozen = any(not adapter.expert_trains(e) for e in range(adapter.num_experts))
-    allowed = (lambda k: adapter.expert_trains(adapter.expert_for(float(schedule[k])))) if frozen else None
+    routed = adapter.base_below is not None
+
+    def allowed(k: int) -> bool:
+        sig = float(schedule[k])
+        return adapter.expert_trains(adapter.expert_for(sig)) and not adapter.uses_base(sig)
+
+    label = ("steps that the training expert(s) take (model.train_experts)" if frozen else
+             f"steps at or above model.base_below={adapter.base_below}" if routed else "candidate steps")
     try:
         return sde.choose_sde_steps(sampler.num_steps, sampler.sde_steps, tuple(sampler.window), sampler.kind,
-                                    generator, schedule, allowed, "steps that the training expert(s) take "
-                                    "(model.train_experts)" if frozen else "candidate steps")
+                                    generator, schedule, allowed if frozen or routed else None, label)
     except ValueError as e:
         raise ModelError(str(e)) from None
 
@@ -218,11 +225,12 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     for k in tqdm(range(sampler.num_steps), desc="rollout", leave=False, disable=not progress):
         sig, sig_next = float(schedule[k]), float(schedule[k + 1])
         expert = adapter.expert_for(sig)
-        v = torch.cat([
-            guided_velocity(adapter, x[i:i + chunk], torch.full((min(chunk, b - i),), sig, device=dev),
-                            text[i:i + chunk], None if text_u is None else text_u[i:i + chunk],
-                            _guidance(sampler.guidance_scale, g2, expert), joint, expert)
-            for i in range(0, b, chunk)])
+        with adapter.policy_at(sig):                  # model.base_below: the base model below the boundary
+            v = torch.cat([
+                guided_velocity(adapter, x[i:i + chunk], torch.full((min(chunk, b - i),), sig, device=dev),
+                                text[i:i + chunk], None if text_u is None else text_u[i:i + chunk],
+                                _guidance(sampler.guidance_scale, g2, expert), joint, expert)
+                for i in range(0, b, chunk)])
         if k in slot:
             j = slot[k]
             experts[j] = expert

@@ -61,6 +61,12 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
     if not spec.two_experts and cfg.train_experts not in (None, ["high"]):
         raise ModelError(f"model.train_experts {cfg.train_experts}: only Wan 2.2 A14B has two experts")
     adapter = spec.build(cfg, path, device)
+    if cfg.base_below is not None:
+        if adapter.num_experts > 1:
+            raise ModelError(f"model.base_below {cfg.base_below}: this model already routes its two experts by "
+                             "noise level (boundary_ratio); train one of them with model.train_experts")
+        adapter.base_below = float(cfg.base_below)
+        keep_reference = True            # the base denoises below the boundary: full fine-tuning keeps a copy
     if cfg.lora.rank > 0:
         adapter.enable_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.init_seed)
     else:

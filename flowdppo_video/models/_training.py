@@ -39,14 +39,16 @@ class TrainableExperts:
         self.num_experts = len(self.experts)
         self._lora_rank = 0
         self._frozen_base: dict[int, torch.nn.Module] = {}
+        self._reference_depth = 0
 
     @property
     def transformer(self) -> torch.nn.Module:
         """The first (Wan 2.2 A14B: high-noise) expert."""
         return self.experts[0]
 
-    def _merged(self, i: int) -> torch.nn.Module:
-        """Expert ``i`` as a plain model of its own class with any LoRA merged in (a copy)."""
+    def _merged(self, i: int, lora: bool = True) -> torch.nn.Module:
+        """Expert ``i`` as a plain model of its own class with any LoRA merged in (a copy); with
+        ``lora=False`` the base model under the adapters (sharing its weights)."""
         t = self.experts[i]
         if not (self._lora_rank and i in self.trained):
             return t
@@ -57,7 +59,7 @@ class TrainableExperts:
 
         sd = {k.replace(".base_layer.", "."): v for k, v in t.state_dict().items() if "lora_" not in k}
         for name, m in t.named_modules():
-            if isinstance(m, BaseTunerLayer):
+            if lora and isinstance(m, BaseTunerLayer):
                 layer = copy.deepcopy(m)
                 layer.merge()
                 for pname, p in layer.get_base_layer().named_parameters():
@@ -120,6 +122,24 @@ class TrainableExperts:
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
+        # Re-entrant: a routed rollout (model.base_below) may run inside an outer reference context
+        # (the base model's own evaluation); only the outermost switches and restores.
+        if self._reference_depth:
+            self._reference_depth += 1
+            try:
+                yield
+            finally:
+                self._reference_depth -= 1
+            return
+        self._reference_depth = 1
+        try:
+            with self._switch_to_reference():
+                yield
+        finally:
+            self._reference_depth = 0
+
+    @contextlib.contextmanager
+    def _switch_to_reference(self) -> Iterator[None]:
         if self._lora_rank:
             for i in self.trained:
                 self.experts[i].disable_adapters()
@@ -138,6 +158,35 @@ class TrainableExperts:
             yield
         finally:
             self.experts[:] = live
+
+    def _base_plain(self, i: int) -> torch.nn.Module:
+        """Expert ``i`` as the frozen base model, a plain model of its own class (LoRA: without the
+        adapters, sharing the base weights; full fine-tuning: the reference copy)."""
+        if self._lora_rank:
+            return self._merged(i, lora=False)
+        if i not in self._frozen_base:
+            raise ModelError("no reference model to export: full fine-tuning keeps one only with "
+                             "model.base_below or objective.beta > 0")
+        return self._frozen_base[i]
+
+    def export_experts(self) -> tuple[list[torch.nn.Module], float | None]:
+        """The plain transformers of an export and their ``boundary_ratio``: every expert with LoRA
+        merged; a model routed by noise level (``model.base_below``) becomes two experts, the tuned
+        one above the boundary and the base below it, as Wan 2.2 A14B is laid out."""
+        plain = [self._merged(i) for i in range(self.num_experts)]
+        base_below = getattr(self, "base_below", None)
+        if base_below is None:
+            return plain, getattr(self, "boundary_ratio", None)
+        return [plain[0], self._base_plain(0)], base_below
+
+    def export_single(self) -> torch.nn.Module:
+        """The one plain transformer of a single-transformer pipeline's export (LoRA merged); a model
+        routed by noise level needs two and is refused in one line."""
+        if getattr(self, "base_below", None) is not None:
+            raise ModelError(f"model.base_below {self.base_below}: this family's diffusers pipeline holds one "
+                             "transformer, so a model routed by noise level cannot be exported; sample it with "
+                             "flowdppo-video sample, or train without model.base_below")
+        return self._merged(0)
 
     def _trainable_dirs(self, directory: Path) -> list[tuple[int, Path]]:
         # One expert: files directly in `directory` (the Wan 2.1 layout); two: one folder per expert.

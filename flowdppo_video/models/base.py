@@ -179,6 +179,20 @@ class VideoFlowAdapter(abc.ABC):
         """Whether the expert has trainable parameters (SDE steps are drawn only where one does)."""
         return True
 
+    # Routing by noise level (``model.base_below``): below this sigma the frozen base model denoises
+    # (:meth:`reference`), the tuned weights only at or above it, as ``WanPipeline`` routes its
+    # experts (``t >= boundary_ratio * 1000``: the first expert). None: the tuned model everywhere.
+    base_below: float | None = None
+
+    def uses_base(self, sigma: float) -> bool:
+        """Whether a step at ``sigma`` is denoised by the frozen base model (``model.base_below``)."""
+        return self.base_below is not None and sigma * 1000.0 < self.base_below * 1000.0
+
+    def policy_at(self, sigma: float) -> contextlib.AbstractContextManager[None]:
+        """The model that denoises at ``sigma``: within, :meth:`velocity` is the base model's if
+        :meth:`uses_base` says so, else the tuned one's."""
+        return self.reference() if self.uses_base(sigma) else contextlib.nullcontext()
+
     @abc.abstractmethod
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """``(C, F, H, W)`` of the latent for a video of that size; a clear error if impossible."""

@@ -159,7 +159,7 @@ class HunyuanVideoAdapter(HunyuanCommon):
 
         scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 7.0, **{
             k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}})
-        HunyuanVideoPipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self._merged(0),
+        HunyuanVideoPipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self.export_single(),
                              vae=self.vae, scheduler=scheduler, text_encoder_2=self.text_encoder_2,
                              tokenizer_2=self.tokenizer_2).save_pretrained(str(directory))
 

@@ -165,7 +165,7 @@ class HunyuanVideo15Adapter(HunyuanCommon):
 
         scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 5.0, **{
             k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}})
-        HunyuanVideo15Pipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self._merged(0),
+        HunyuanVideo15Pipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self.export_single(),
                                vae=self.vae, scheduler=scheduler, text_encoder_2=self.text_encoder_2,
                                tokenizer_2=self.tokenizer_2, guider=ClassifierFreeGuidance()
                                ).save_pretrained(str(directory))

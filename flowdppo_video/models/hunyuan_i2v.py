@@ -228,7 +228,7 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
             k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}}) if with_models else None
         return HunyuanVideoImageToVideoPipeline(
             text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            transformer=self._merged(0) if with_models else None, vae=self.vae if with_models else None,
+            transformer=self.export_single() if with_models else None, vae=self.vae if with_models else None,
             scheduler=scheduler, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
             image_processor=self.image_processor)
 

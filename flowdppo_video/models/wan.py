@@ -277,11 +277,11 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
 
         scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **{
             k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}})
-        plain = [self._merged(i) for i in range(self.num_experts)]
+        plain, boundary = self.export_experts()      # routed by noise level: two experts
         pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
                            transformer=plain[0], scheduler=scheduler,
                            transformer_2=plain[1] if len(plain) > 1 else None,
-                           boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
+                           boundary_ratio=boundary, expand_timesteps=self.expand_timesteps)
         pipe.save_pretrained(str(directory))
         if self.position_channels:  # WanPipeline does not know this key; our loader reads it
             index_path = Path(directory) / "model_index.json"

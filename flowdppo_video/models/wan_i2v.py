@@ -127,7 +127,7 @@ class WanI2VAdapter(WanAdapter):
 
         scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **{
             k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}})
-        plain = [self._merged(i) for i in range(self.num_experts)]
+        plain, boundary = self.export_experts()      # routed by noise level: two experts
         pipe = WanImageToVideoPipeline(
             tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae, scheduler=scheduler,
             image_processor=self.image_processor, image_encoder=self.image_encoder, transformer=plain[0],
