@@ -33,6 +33,8 @@ LEVERS: dict[str, list[str]] = {                 # in the queue's order
     "route_0.55": ["model.base_below=0.55"],
     "beta_1": ["objective.beta=1.0"],
     "row_1e-4": ["objective.granularity=row", "objective.delta=1e-4"],
+    # world_fidelity (background and grid artifacts) as a second reward, each normalised in its group.
+    "gdpo_fidelity": ["rewards={world_direction: 1.0, world_fidelity: 1.0}", "advantages.aggregation=gdpo"],
     "lora_32": ["model.lora.rank=32", "optim.lr=3e-4"],
     "route_0.75+row": ["model.base_below=0.75", "objective.granularity=row", "objective.delta=1e-4"],
     "beta_10": ["objective.beta=10.0"],
