@@ -37,9 +37,9 @@ LEVERS: dict[str, list[str]] = {                 # in the queue's order
     "gdpo_fidelity": ["rewards={world_direction: 1.0, world_fidelity: 1.0}", "advantages.aggregation=gdpo"],
     "lora_32": ["model.lora.rank=32", "optim.lr=3e-4"],
     "route_0.75+row": ["model.base_below=0.75", "objective.granularity=row", "objective.delta=1e-4"],
+    "route_0.35": ["model.base_below=0.35"],
     "beta_10": ["objective.beta=10.0"],
     "lora_8": ["model.lora.rank=8", "optim.lr=3e-4"],
-    "route_0.35": ["model.base_below=0.35"],
 }
 SEEDS = (0, 1, 2)
 _WRITE = threading.Lock()           # cells finish in worker threads; one writes the docs at a time
