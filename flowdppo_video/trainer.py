@@ -196,13 +196,13 @@ class Trainer:
         upd = self.update(traj, adv, it)
         t3 = time.perf_counter()
         total = sum(weights[n] * scores[n] for n in weights)
-        row: dict[str, Any] = {"iteration": it, "reward/mean": float(total.mean()),
-                               "reward/std": float(total.std(unbiased=False))}
+        row: dict[str, Any] = {"iteration": it, "reward/mean": total.mean().item(),
+                               "reward/std": total.std(unbiased=False).item()}
         for n, s in scores.items():
-            row[f"reward/{n}/mean"] = float(s.mean())
+            row[f"reward/{n}/mean"] = s.mean().item()
         for n, s in extras.items():
-            row[f"reward/{n}/mean"] = float(s.float().mean())
-        row.update({"advantage/abs_mean": float(adv.abs().mean()),
+            row[f"reward/{n}/mean"] = s.float().mean().item()
+        row.update({"advantage/abs_mean": adv.abs().mean().item(),
                     "advantage/zero_std_groups": adv_stats["zero_std_groups"], "videos/nonfinite": nonfinite, **upd,
                     "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
                     "sde_steps": traj.steps.tolist()})
