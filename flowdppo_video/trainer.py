@@ -31,7 +31,7 @@ from .models import build_adapter
 from .models.text_cache import CACHE_FILE, cache_run_prompts
 from .objectives import ObjectiveOutput
 from .parallel.groups import ParallelState, adopt_launcher_settings, check_layout, init_parallel
-from .parallel.sequence import apply_sequence_parallel
+from .parallel.sequence import apply_sequence_parallel, check_token_padding
 from .parallel.updaters import build_updater
 from .perf import Throughput
 from .policy_update import PolicyUpdate
@@ -68,6 +68,7 @@ class Trainer:
             apply_sequence_parallel(self.adapter, self.par.sp_group)
         v = cfg.video
         self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
+        check_token_padding(self.adapter, self.latent_shape)      # before the prompts are encoded
         attach_images(self.adapter, images, cfg)
         # Every prompt encoded once, then the text encoder released (model.keep_text_encoder keeps it).
         self.text_stats = cache_run_prompts(self.adapter, cfg, self.prompts + (self.eval_prompts or []), images,
