@@ -75,7 +75,7 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
     par.barrier("checkpoint start")
     with _writing(tmp, final):
         updater.save(tmp)
-    with updater.gathered():                 # ZeRO-3: the whole trained weights, for rank 0 to write
+    with updater.gathered():                 # ZeRO-3: what trains (not a LoRA's frozen base), for rank 0
         if par.is_main:
             with _writing(tmp, final):
                 adapter.save_trainable(tmp / "model")
