@@ -667,3 +667,19 @@ def test_nonfinite_evaluation_videos_are_counted_and_named(tmp_path, monkeypatch
     assert [e["videos/eval_nonfinite"] for e in evals] == [1, 1] and row["videos/eval_nonfinite"] == 1
     warned = [ln for ln in capsys.readouterr().err.splitlines() if "evaluation after" in ln]
     assert len(warned) == 2 and warned[0].startswith("flowdppo-video: warning: evaluation after 0 iterations: 1 of ")
+
+
+def test_checkpoints_keep_the_cuda_generator(monkeypatch):
+    """Issue 28, item 7: on a GPU the checkpoint keeps the device generator beside the CPU ones and
+    resume restores it (a double of torch.cuda's generator: this suite has no GPU)."""
+    from flowdppo_video import checkpoint
+
+    device_gen = {"state": torch.arange(8, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": device_gen["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": device_gen.update(state=s.clone()))
+    saved = checkpoint._rng_state()
+    assert torch.equal(saved["cuda"], torch.arange(8, dtype=torch.uint8))
+    device_gen["state"] = torch.zeros(8, dtype=torch.uint8)            # the generator moved on
+    checkpoint._set_rng_state(saved)
+    assert torch.equal(device_gen["state"], torch.arange(8, dtype=torch.uint8))
