@@ -68,4 +68,4 @@ def compute_advantages(rewards: dict[str, torch.Tensor], weights: dict[str, floa
         equal = torch.stack([constant(rewards[n]) for n in names]).all(dim=0)
     adv = adv.view(-1, group_size).masked_fill(equal[:, None], 0.0).reshape(-1)
     adv = adv.clamp(-clip, clip).float()
-    return adv, {"zero_std_groups": float(equal.sum()), "groups": float(equal.numel())}
+    return adv, {"zero_std_groups": float(equal.sum().item()), "groups": float(equal.numel())}

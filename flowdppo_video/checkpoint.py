@@ -45,14 +45,20 @@ class CheckpointError(OSError):
 
 def _rng_state() -> dict[str, Any]:
     # The trainer's own streams are seeded per iteration; these global states only matter to
-    # code outside it (user rewards drawing random numbers, say).
-    return {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # code outside it (user rewards drawing random numbers, say). On a GPU that code may draw on
+    # the device: its generator (this process's current device, rank 0's) is kept too.
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():    # every rank's device takes rank 0's state, as
+        torch.cuda.set_rng_state(state["cuda"])          # the CPU generators do (all seeded alike)
 
 
 def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
@@ -75,7 +81,7 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
     par.barrier("checkpoint start")
     with _writing(tmp, final):
         updater.save(tmp)
-    with updater.gathered():                 # ZeRO-3: the whole trained weights, for rank 0 to write
+    with updater.gathered():                 # ZeRO-3: what trains (not a LoRA's frozen base), for rank 0
         if par.is_main:
             with _writing(tmp, final):
                 adapter.save_trainable(tmp / "model")

@@ -49,10 +49,10 @@ def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: 
     traj = rollout(adapter, prompts, samples_per_prompt, latent_shape, sampler,
                    torch.Generator().manual_seed(seed), negative_prompt=negative_prompt, progress=False)
     scores, extras = score_videos(rewards, traj.videos, traj.prompts, fps=fps)
-    out = {f"eval/{n}/mean": float(s.mean()) for n, s in scores.items()}
-    out.update({f"eval/{n}/mean": float(s.float().mean()) for n, s in extras.items()})
+    out = {f"eval/{n}/mean": s.mean().item() for n, s in scores.items()}
+    out.update({f"eval/{n}/mean": s.float().mean().item() for n, s in extras.items()})
     if measure_kl and traj.num_sde_steps:
-        out["eval/kl_base/mean"] = float(kl_to_base(adapter, traj, sampler.batch_size).mean())
+        out["eval/kl_base/mean"] = kl_to_base(adapter, traj, sampler.batch_size).mean().item()
     return out, traj
 
 

@@ -126,7 +126,7 @@ def overlay(frame: np.ndarray, kl_map: np.ndarray, drop: np.ndarray | None, vmax
 # ---------------------------------------------------------------------- snapshots
 def snapshot_rows(advantages: torch.Tensor, rows: int = SNAPSHOT_ROWS) -> list[int]:
     """The rows a snapshot keeps: the highest advantage, then the lowest, then the rest in order."""
-    order = [int(torch.argmax(advantages)), int(torch.argmin(advantages))] + list(range(advantages.numel()))
+    order = [torch.argmax(advantages).item(), torch.argmin(advantages).item()] + list(range(advantages.numel()))
     out: list[int] = []
     for i in order:
         if i not in out:
@@ -157,15 +157,16 @@ def save_snapshot(path: str | Path, *, iteration: int, kl: torch.Tensor, drop: t
     drop_maps = rearrange(drop[:, keep], "s b (f h w) -> s b f h w", f=f, h=h, w=w).bool().cpu().numpy()
     out: dict[str, Any] = {
         "iteration": np.int64(iteration), "kl": kl_maps.astype(np.float32), "drop": drop_maps,
-        "steps": traj.steps.numpy(), "sigmas": traj.sigmas.numpy(),
+        "steps": traj.steps.cpu().numpy(), "sigmas": traj.sigmas.cpu().numpy(),
         "advantages": advantages[keep].float().cpu().numpy(),
         "prompts": np.array([traj.prompts[i] for i in keep]),
         "patch": np.array(patch), "objective": np.array(repr(sorted(objective.items()))),
-        "kl_mean_all": np.float32(kl.float().mean()), "drop_frac_all": np.float32(drop.float().mean()),
+        # kl and drop stay where the update computed them (the GPU): .item() brings the means over.
+        "kl_mean_all": np.float32(kl.float().mean().item()), "drop_frac_all": np.float32(drop.float().mean().item()),
         "frozen_by_epoch": np.asarray(frozen_by_epoch if frozen_by_epoch is not None else [], dtype=np.float32),
     }
     if traj.videos is not None:
-        vids = traj.videos[keep].numpy()
+        vids = traj.videos[keep].cpu().numpy()
         frames = token_frame_pixels(grid[0], patch[0], latent_frames, vids.shape[1])
         stride = max(1, math.ceil(max(vids.shape[2:4]) / SNAPSHOT_MAX_SIDE))
         out["frames"] = vids[:, frames, ::stride, ::stride]

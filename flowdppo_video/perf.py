@@ -8,10 +8,14 @@ are that times the forwards it makes per video: every denoising step of the roll
 over the SDE steps a forward and a backward (3 forwards' worth) in the update, plus the reference's
 forward when ``objective.beta > 0``; CFG doubles each. Gradient checkpointing's re-run is not model
 FLOPs and is not counted (the usual MFU convention). Under sequence parallelism the counted forward
-is the rank's own shard, so the figure is per GPU either way.
+is the rank's own shard, so the figure is per GPU either way. flash_attn's kernels are counted as
+SDPA of the same sizes (:data:`FLASH_OPS`). With ``model.compile``, ``perf/compiled_graphs`` is the
+number of graphs Dynamo compiled in the process (0 would mean the blocks ran eagerly).
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 
@@ -45,16 +49,76 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
     return None
 
 
+def _flash_forward_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """flash_attn's ``_flash_attn_forward``: ``q`` ``(B, S_q, H, d)``, ``k``/``v`` ``(B, S_k, H_kv, d)``
+    (shapes: FlopCounterMode passes them), counted as aten's SDPA of the same sizes."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(_bhsd(q), _bhsd(k), _bhsd(v))
+
+
+def _flash_varlen_forward_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                cu_seqlens_k: torch.Tensor, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """flash_attn's ``_flash_attn_varlen_forward``: ``q`` ``(sum S_q, H, d)`` packed by ``cu_seqlens_q``;
+    each sequence counted as SDPA of its own lengths (raw tensors: the lengths are values)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    (_, hq, dq), (_, hk, dk), (_, hv, dv) = q.shape, k.shape, v.shape
+    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    return sum(sdpa_flop_count((1, hq, a, dq), (1, hk, b, dk), (1, hv, b, dv)) for a, b in zip(lq, lk))
+
+
+_flash_varlen_forward_flops._get_raw = True     # type: ignore[attr-defined]  # FlopCounterMode: tensors, not shapes
+
+
+def _bhsd(shape: Any) -> tuple[int, int, int, int]:
+    b, s, h, d = shape
+    return b, h, s, d
+
+
+# flash_attn (>= 2.6) registers its kernels as torch ops, which FlopCounterMode sees but has no formula
+# for: without these, MFU under model.attention_backend=flash misses the attention (about a quarter
+# of a Wan forward at 3,510 tokens). Only forwards: the count is of one no-grad forward.
+FLASH_OPS: dict[str, Callable[..., int]] = {"_flash_attn_forward": _flash_forward_flops,
+                                            "_flash_attn_varlen_forward": _flash_varlen_forward_flops}
+
+
+def flash_attn_formulas(namespace: str = "flash_attn") -> dict[Any, Callable[..., int]]:
+    """FlopCounterMode ``custom_mapping`` for the ops of :data:`FLASH_OPS` registered under
+    ``torch.ops.<namespace>`` (empty where flash_attn is not installed or registers none)."""
+    out: dict[Any, Callable[..., int]] = {}
+    ns = getattr(torch.ops, namespace)
+    for name, formula in FLASH_OPS.items():
+        try:
+            out[getattr(ns, name)] = formula
+        except (AttributeError, RuntimeError):     # not registered: flash_attn absent or too old
+            continue
+    return out
+
+
 @torch.no_grad()
 def forward_flops(adapter: VideoFlowAdapter, latent_shape: tuple[int, ...], prompt: str) -> float:
-    """FLOPs of one forward of expert 0 for one video ``(1, C, F, H, W)`` conditioned on ``prompt``."""
+    """FLOPs of one forward of expert 0 for one video ``(1, C, F, H, W)`` conditioned on ``prompt``.
+
+    Run eagerly (``set_stance("force_eager")``): this is the first call into ``model.compile``'s
+    blocks, and Dynamo (torch 2.13) skips a frame entered under FlopCounterMode and marks its code
+    skipped for good, so compilation would never happen. The eager count is the same FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros((1, *latent_shape))
     text = adapter.prompt_text([prompt])
-    with FlopCounterMode(display=False) as counter:
+    with torch.compiler.set_stance("force_eager"), \
+            FlopCounterMode(display=False, custom_mapping=flash_attn_formulas()) as counter:
         adapter.velocity(x, torch.full((1,), 0.5), text, 0)
     return float(counter.get_total_flops())
+
+
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process (0: ``model.compile`` compiled nothing)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class Throughput:
@@ -85,6 +149,8 @@ class Throughput:
                "perf/update_s_per_video": update_s / max(local_videos, 1)}
         if self.device.type == "cuda":               # the process's peak so far (the planner's figure)
             out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        if getattr(self.cfg.model, "compile", False):   # proof that model.compile compiled (tools/gpu_check.py)
+            out["perf/compiled_graphs"] = compiled_graphs()
         if self.peak is None or self.flops is None:
             return out
         c = self.cfg

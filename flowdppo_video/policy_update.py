@@ -139,12 +139,12 @@ class PolicyUpdate:
                     out, kl, log_ratio = self.replay_step(mb, j, a)
                     if snapshot and mb_i == n_mb - 1:
                         snap.append((kl, out.frozen))
-                    mb_max = nan_max(mb_max, float(log_ratio.abs().max()))
+                    mb_max = nan_max(mb_max, log_ratio.abs().max().item())
                     # The updater agrees over ranks that every loss is finite (one collective).
                     if not upd.backward(out.loss * (par.sp / n_steps)):
                         finite = False
                         break
-                    mb_loss += float(out.loss.detach()) / n_steps
+                    mb_loss += out.loss.detach().item() / n_steps
                     acc.add(out.stats, weight=float(idx.numel()))
                     acc.add(out.counts)                           # summed, then pooled by frac()
                     acc.add({f"epoch{epoch}_{k}": out.counts[k] for k in ("dropped", "terms")})

@@ -141,7 +141,7 @@ class RunArtifacts:
 
 def nonfinite_rows(final: torch.Tensor) -> int:
     """How many videos of ``final`` ``(B, ...)`` hold a NaN or infinite latent."""
-    return int((~torch.isfinite(final.flatten(1))).any(1).sum())
+    return int((~torch.isfinite(final.flatten(1))).any(1).sum().item())
 
 
 def warn_nonfinite(where: str, n: int, total: int, key: str) -> None:

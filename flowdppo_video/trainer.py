@@ -31,7 +31,7 @@ from .models import build_adapter
 from .models.text_cache import CACHE_FILE, cache_run_prompts
 from .objectives import ObjectiveOutput
 from .parallel.groups import ParallelState, adopt_launcher_settings, check_layout, init_parallel
-from .parallel.sequence import apply_sequence_parallel
+from .parallel.sequence import apply_sequence_parallel, check_token_padding
 from .parallel.updaters import build_updater
 from .perf import Throughput
 from .policy_update import PolicyUpdate
@@ -68,6 +68,7 @@ class Trainer:
             apply_sequence_parallel(self.adapter, self.par.sp_group)
         v = cfg.video
         self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
+        check_token_padding(self.adapter, self.latent_shape)      # before the prompts are encoded
         attach_images(self.adapter, images, cfg)
         # Every prompt encoded once, then the text encoder released (model.keep_text_encoder keeps it).
         self.text_stats = cache_run_prompts(self.adapter, cfg, self.prompts + (self.eval_prompts or []), images,
@@ -196,13 +197,13 @@ class Trainer:
         upd = self.update(traj, adv, it)
         t3 = time.perf_counter()
         total = sum(weights[n] * scores[n] for n in weights)
-        row: dict[str, Any] = {"iteration": it, "reward/mean": float(total.mean()),
-                               "reward/std": float(total.std(unbiased=False))}
+        row: dict[str, Any] = {"iteration": it, "reward/mean": total.mean().item(),
+                               "reward/std": total.std(unbiased=False).item()}
         for n, s in scores.items():
-            row[f"reward/{n}/mean"] = float(s.mean())
+            row[f"reward/{n}/mean"] = s.mean().item()
         for n, s in extras.items():
-            row[f"reward/{n}/mean"] = float(s.float().mean())
-        row.update({"advantage/abs_mean": float(adv.abs().mean()),
+            row[f"reward/{n}/mean"] = s.float().mean().item()
+        row.update({"advantage/abs_mean": adv.abs().mean().item(),
                     "advantage/zero_std_groups": adv_stats["zero_std_groups"], "videos/nonfinite": nonfinite, **upd,
                     "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
                     "sde_steps": traj.steps.tolist()})

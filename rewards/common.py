@@ -4,6 +4,7 @@ devices and dtypes. Imports nothing of the project beyond the registry's error."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,10 +56,18 @@ def checkpoint_dir(model: Any) -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` (CUDA if there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA if there is one), ``cpu``, ``cuda`` or ``cuda:N``. A bare ``cuda`` (and ``auto`` on
+    CUDA) is this process's GPU, ``cuda:LOCAL_RANK``: rewards are built before the trainer sets the
+    current device, so ``cuda`` alone would put every rank's reward model on ``cuda:0``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise RewardError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from e
+    if dev.type == "cuda" and dev.index is None:
+        raw = os.environ.get("LOCAL_RANK", "") or "0"          # set by torchrun, deepspeed, accelerate
+        if not raw.isdigit():
+            raise RewardError(f"environment variable LOCAL_RANK={raw!r} is not an integer (set by the launcher)")
+        dev = torch.device("cuda", int(raw))
+    return dev

@@ -106,3 +106,20 @@ def test_snapshot_round_trip(tmp_path):
     assert snap["kl"][0, 0, 2, 1, 2] == pytest.approx(float(kl[1].max()))
     assert snap["frames"].shape == (2, 3, 32, 48, 3)
     assert (snap["frames"][0, 2] == traj.videos[1, 7].numpy()).all()
+
+
+def test_snapshot_of_tensors_left_on_the_device(tmp_path):
+    """The update keeps the token KL and mask on the GPU (policy_update.py): the snapshot brings them
+    over itself (issue 28, item 1: ``np.float32(kl.mean())`` crashed every default CUDA run)."""
+    from .device_double import OnDevice
+
+    traj, new = hand_made()
+    kl = kl_maps.step_kl_map(traj, 0, new, PATCH).reshape(2, -1)[None]
+    with pytest.raises(TypeError, match="cuda"):                 # the double refuses as CUDA does
+        np.float32(OnDevice.wrap(kl).mean())
+    path = kl_maps.save_snapshot(tmp_path / "iter_000000.npz", iteration=0, kl=OnDevice.wrap(kl),
+                                 drop=OnDevice.wrap(kl > 1.0), advantages=OnDevice.wrap(torch.tensor([-0.5, 2.0])),
+                                 traj=traj, patch=PATCH, latent_frames=F, objective={"kind": "flow_dppo"})
+    snap = kl_maps.load_snapshot(path)
+    assert snap["kl_mean_all"] == pytest.approx(float(kl.mean()))
+    assert snap["prompts"] == ["b", "a"] and snap["kl"].shape == (1, 2, 3, 2, 3)

@@ -667,3 +667,49 @@ def test_nonfinite_evaluation_videos_are_counted_and_named(tmp_path, monkeypatch
     assert [e["videos/eval_nonfinite"] for e in evals] == [1, 1] and row["videos/eval_nonfinite"] == 1
     warned = [ln for ln in capsys.readouterr().err.splitlines() if "evaluation after" in ln]
     assert len(warned) == 2 and warned[0].startswith("flowdppo-video: warning: evaluation after 0 iterations: 1 of ")
+
+
+def test_checkpoints_keep_the_cuda_generator(monkeypatch):
+    """Issue 28, item 7: on a GPU the checkpoint keeps the device generator beside the CPU ones and
+    resume restores it (a double of torch.cuda's generator: this suite has no GPU)."""
+    from flowdppo_video import checkpoint
+
+    device_gen = {"state": torch.arange(8, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": device_gen["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": device_gen.update(state=s.clone()))
+    saved = checkpoint._rng_state()
+    assert torch.equal(saved["cuda"], torch.arange(8, dtype=torch.uint8))
+    device_gen["state"] = torch.zeros(8, dtype=torch.uint8)            # the generator moved on
+    checkpoint._set_rng_state(saved)
+    assert torch.equal(device_gen["state"], torch.arange(8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("preset, want", [(None, "1"), ("3", "3")])
+def test_nccl_watchdog_behaviour_is_set_before_nccl_starts(monkeypatch, preset, want):
+    """Issue 28, item 9: on NCCL a timeout is the watchdog's (docs/many_gpus.md); its behaviour is set
+    deliberately (tear down) before the process group starts, a user's own setting kept. NCCL and the
+    GPU are doubles here: the rendezvous records the environment it would start with, then fails."""
+    import torch.distributed as dist
+
+    from flowdppo_video.config import ParallelConfig
+    from flowdppo_video.parallel.groups import CollectiveTimeout, init_parallel
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "x"}.items():
+        monkeypatch.setenv(k, v)                      # set first so that undo restores what was there
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    if preset is not None:
+        monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", preset)
+    seen = {}
+
+    def rendezvous(backend, **kwargs):
+        seen.update(backend=backend, handling=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"))
+        raise RuntimeError("no peers in this test")
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", rendezvous)
+    with pytest.raises(CollectiveTimeout, match="could not join the process group"):
+        init_parallel(ParallelConfig(backend="nccl"), "cuda")
+    assert seen == {"backend": "nccl", "handling": want}

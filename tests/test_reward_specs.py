@@ -68,3 +68,27 @@ def test_retry_then_success_and_retry_then_failure() -> None:
 def test_bad_entries_name_the_key(entries, message) -> None:
     with pytest.raises(RewardError, match=message):
         rewards.build_rewards(entries)
+
+
+@pytest.mark.parametrize("device, local_rank, want", [
+    ("cuda", "3", "cuda:3"), ("auto", "3", "cuda:3"), ("cuda:1", "3", "cuda:1"), ("cuda", None, "cuda:0"),
+    ("cpu", "3", "cpu")])
+def test_reward_models_land_on_this_ranks_gpu(monkeypatch, device, local_rank, want) -> None:
+    """Issue 28, item 3: rewards are built before the trainer sets the current device; a bare
+    ``cuda`` (the models' ``.to(device)``) put every rank's reward model on cuda:0."""
+    from rewards.common import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # the double of a GPU host
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert resolve_device(device) == torch.device(want)
+
+
+def test_a_bad_local_rank_is_one_line(monkeypatch) -> None:
+    from rewards.common import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(RewardError, match="LOCAL_RANK='x' is not an integer"):
+        resolve_device("cuda")

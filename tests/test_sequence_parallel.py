@@ -83,3 +83,34 @@ def test_no_group_is_a_no_op():
     assert getattr(t, "_sequence_parallel", None) is None and not t._forward_pre_hooks
     assert dict(t.attn_processors) == processors
     assert torch.equal(adapter.velocity(x, sigma, text), before)
+
+
+@pytest.mark.parametrize("backend, frames, refused", [("flash", 3, True), ("flash", 2, False),
+                                                      ("flash_varlen", 3, False), (None, 3, False)])
+def test_a_maskless_backend_is_refused_where_sp_pads(monkeypatch, backend, frames, refused):
+    """Issue 28, item 4: where the degree does not divide the token count (Wan's 3,510 at SP 4), the
+    padded keys are masked; diffusers' flash-attn 2 path refuses masks. A 2-rank group's double
+    (nothing here talks to another rank); the backend as diffusers' set_attention_backend leaves it
+    on a GPU host (flash cannot be set on the CPU)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from flowdppo_video.models.wan import WanAdapter
+    from flowdppo_video.parallel import sequence
+    from flowdppo_video.parallel.sequence import check_token_padding
+
+    monkeypatch.setattr(sequence, "group_degree", lambda group: 2)
+    monkeypatch.setattr(sequence.dist, "get_rank", lambda group=None: 0)
+    adapter = WanAdapter.from_config({}, device=torch.device("cpu"), max_sequence_length=8)
+    for m in adapter.transformer.modules():
+        if backend is not None and hasattr(getattr(m, "processor", None), "_attention_backend"):
+            m.processor._attention_backend = AttentionBackendName(backend)
+    apply_sequence_parallel(adapter, group=object())
+    latent = (4, frames, 6, 6)                      # patch (1, 2, 2): 3 x 3 x frames tokens
+    if not refused:
+        check_token_padding(adapter, latent)
+        return
+    with pytest.raises(ModelError) as e:
+        check_token_padding(adapter, latent)
+    assert str(e.value) == ("model.attention_backend 'flash' takes no attention mask, but parallel.sequence_parallel=2 "
+                            "does not divide the 27 video tokens and masks the padding; use flash_varlen or native, "
+                            "or a degree dividing 27")

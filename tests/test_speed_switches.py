@@ -80,3 +80,21 @@ def test_invariant_one_with_inductor_compiled_blocks(tmp_path):
     torch._dynamo.reset()
     _, worst = _worst_log_ratio(tmp_path, "model.compile=true")
     assert worst < COMPILE_TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "hunyuan_video_1.5", "hunyuan_video_i2v"])
+@pytest.mark.parametrize("name, instead", [("flash", "flash_varlen or native"), ("sage", "sage_varlen or native")])
+def test_backends_without_masks_are_refused_for_masked_attention(tiny_cfg, family, name, instead):
+    """Issue 28, item 4: HunyuanVideo's attention always has a mask, which diffusers' flash-attn 2 (and
+    sage) path refuses at the first forward; refused before any weight loads, naming what works."""
+    tiny_cfg.model.family, tiny_cfg.model.attention_backend = family, name
+    with pytest.raises(ModelError) as e:
+        build_adapter(tiny_cfg.model, torch.device("cpu"))
+    assert str(e.value) == (f"model.attention_backend {name!r} takes no attention mask, and this model's "
+                            f"attention always has one; use {instead}")
+
+
+def test_wan_is_not_refused_flash_for_masks(tiny_cfg):
+    tiny_cfg.model.attention_backend = "flash"              # Wan: no mask (one GPU): only the CPU refuses
+    with pytest.raises(ModelError, match="needs (the flash_attn package|a CUDA device)"):
+        build_adapter(tiny_cfg.model, torch.device("cpu"))

@@ -105,6 +105,24 @@ def test_transformers_wait_on_the_host_while_encoding(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in adapter.transformer.named_parameters())
 
 
+def test_the_encoder_is_released_before_the_transformers_come_back(tmp_path):
+    """Issue 28, item 10: the transformers came back to the GPU (a ``finally``) while the encoder was
+    still there; the encoder is now released first, so the two never share the device."""
+    adapter = build_adapter(tiny_config(tmp_path).model, torch.device("cpu"))
+    release, seen = adapter.release_text_encoders, []
+
+    def spy():
+        seen.append([c.args for c in moved.call_args_list])
+        return release()
+
+    with mock.patch.object(adapter.transformer, "to", wraps=adapter.transformer.to) as moved, \
+            mock.patch.object(adapter, "release_text_encoders", side_effect=spy):
+        stats = cache_prompts(adapter, PROMPTS, None, "k", None, progress=False, offload_transformers=True)
+    assert seen == [[("cpu",)]]                                   # released while the transformer was away
+    assert moved.call_args_list[-1].args == (adapter.device,) and stats["text/encoder_released_bytes"] > 0
+    assert not adapter.text_encoders_resident()
+
+
 @pytest.mark.parametrize("config", ["hunyuan_tiny.yaml", "hunyuan15_tiny.yaml", "wan_i2v_tiny.yaml",
                                     "hunyuan_i2v_tiny.yaml"])
 def test_cached_rows_equal_the_encoders_for_every_conditioning(tmp_path, images, config):

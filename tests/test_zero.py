@@ -86,6 +86,35 @@ def test_zero3_gathered_weights_can_be_written(zero_results):
     r = zero_results["lora"]
     assert r["save_pretrained"] == "ok"
     assert r["saved_tensors"] == 32 and r["saved_empty"] == 0    # 16 adapters x (A, B), full sizes, expert 0
+    assert r["gathered_trained_whole"] and r["gathered_frozen_sharded"]   # the base is not gathered to save
+
+
+def test_zero3_checkpoint_gathers_only_what_trains_under_lora():
+    """Issue 28, item 6 (fast, in this process): what ``gathered()`` hands DeepSpeed to gather is the
+    trained parameters (the LoRA adapters), not the frozen base; ``whole=True`` asks for everything.
+    DeepSpeed's gather is a recording double here; the 2-rank worker checks the real one above."""
+    import contextlib
+    import types
+
+    a = WanAdapter.from_config({}, device=torch.device("cpu"), max_sequence_length=16)
+    a.enable_lora(4, None, ["to_q", "to_k", "to_v"])
+    upd = ZeroUpdater.__new__(ZeroUpdater)
+    upd.stage, upd.module = 3, torch.nn.ModuleList([a.transformer])
+    upd.params = a.trainable_parameters()
+    asked: list = []
+
+    def gather(params, modifier_rank=None):
+        asked.append(list(params))
+        return contextlib.nullcontext()
+
+    upd._ds = types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=gather))
+    with upd.gathered():
+        pass
+    with upd.gathered(whole=True):
+        pass
+    lora = {id(p) for p in a.trainable_parameters()}
+    assert lora and {id(p) for p in asked[0]} == lora
+    assert len(asked[1]) == len(list(a.transformer.parameters())) > len(lora)
 
 
 def test_zero3_nonfinite_loss_on_one_rank_skips_everywhere(zero_results):

@@ -4,16 +4,20 @@ Wan 2.1 T2V 1.3B's architecture with random weights (``configs/model_shapes/wan2
 bf16 at the Flow-GRPO Wan setting of ``configs/wan2.1_t2v_1.3b.yaml`` (33 frames at 240x416, CFG 4.5,
 LoRA rank 32, 20 steps of which 4 SDE), 4 videos (one prompt, G = 4), two iterations of rollout and
 one update pass, each variant one ``flowdppo-video train`` process: native SDPA and flash attention
-(where ``flash_attn`` imports and the device is CUDA), each plain and with ``model.compile``. Prints
+(where ``flash_attn`` imports and the device is CUDA), each plain and with ``model.compile``;
+``native+snapshot`` with the report's KL-map snapshot at every iteration (``run.report_every: 1``, the
+path a default run takes at iteration 0); ``native+2gpu``: two processes under torchrun, NCCL,
+sequence parallelism 2 and ZeRO-3 (skipped with one line where fewer than 2 GPUs are present). Prints
 per variant the videos/s, rollout and update seconds of the second (warm) iteration, the first
 iteration's seconds (compilation included), peak GPU memory (``perf/peak_memory_gib``) beside the
-planner's total (``flowdppo-video plan``) and MFU (``perf/mfu``); writes ``OUT/gpu_check.json`` and
-``OUT/gpu_check.md``.
+planner's total (``flowdppo-video plan``), MFU (``perf/mfu``), whether ``model.compile`` compiled
+(``perf/compiled_graphs``: Dynamo's graph count) and the KL-map snapshots written; writes
+``OUT/gpu_check.json`` and ``OUT/gpu_check.md``.
 
 ``--size tiny`` (or ``GPU_CHECK_SIZE=tiny``): the family's tiny shapes at 9 frames of 32x32 on
 whatever device there is, in seconds on a CPU (``tests/test_gpu_check.py`` runs it so this never
 rots); on the CPU the peak memory column is the process's peak RSS. ``GPU_CHECK_VARIANTS`` picks
-variants (comma-separated, of ``native``, ``native+compile``, ``flash``, ``flash+compile``).
+variants (comma-separated, of :data:`VARIANTS`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ GiB = 2 ** 30
 RECIPE = REPO / "configs" / "wan2.1_t2v_1.3b.yaml"
 SHAPES = REPO / "configs" / "model_shapes" / "wan2.1_t2v_1.3b"
 PROMPT = "a red ball rolls to the left across a wooden table"
-VARIANTS = ["native", "native+compile", "flash", "flash+compile"]
+VARIANTS = ["native", "native+compile", "flash", "flash+compile", "native+snapshot", "native+2gpu"]
+# The 2-GPU variant's layout: both GPUs in one SP group, ZeRO-3 over them, NCCL.
+TWO_GPU: dict[str, Any] = {"parallel": {"sequence_parallel": 2, "zero_stage": 3, "backend": "nccl"}}
 # Over the recipe: one prompt of G = 4, one update pass, two iterations (the second is warm).
 COMMON: dict[str, Any] = {
     "data": {"prompts": [PROMPT], "prompts_per_iteration": 1, "group_size": 4},
@@ -67,10 +73,19 @@ def check_config(size: str, variant: str, run_dir: Path) -> dict[str, Any]:
         cfg = merge_trees(cfg, copy.deepcopy(TINY))
     cfg.pop("eval", None)
     cfg["model"].pop("path", None)
-    backend, _, compiled = variant.partition("+")
-    cfg["model"].update(init=init, attention_backend=backend, compile=compiled == "compile")
+    backend, *flags = variant.split("+")
+    cfg["model"].update(init=init, attention_backend=backend, compile="compile" in flags)
+    if "snapshot" in flags or "2gpu" in flags:         # the KL-map snapshot at every iteration
+        cfg["run"]["report_every"] = 1
+    if "2gpu" in flags:
+        cfg = merge_trees(cfg, copy.deepcopy(TWO_GPU))
     cfg["run"]["output_dir"] = str(run_dir)
     return cfg
+
+
+def world(variant: str) -> int:
+    """Processes (GPUs) a variant runs on."""
+    return 2 if "2gpu" in variant.split("+") else 1
 
 
 def available(variant: str) -> str | None:
@@ -82,6 +97,10 @@ def available(variant: str) -> str | None:
             return "flash_attn is not importable"
         if not torch.cuda.is_available():
             return "no CUDA device"
+    if world(variant) > 1:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n < world(variant):
+            return f"{n} GPU(s) here; needs {world(variant)} (torchrun, NCCL, SP 2, ZeRO-3)"
     return None
 
 
@@ -93,8 +112,14 @@ def run_variant(cfg: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     cfg_file = work / f"{name.replace('+', '_')}.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    planned = plan_memory(config_from_dict(copy.deepcopy(cfg)), 1).row("total").device
+    n = world(name)
+    planned = plan_memory(config_from_dict(copy.deepcopy(cfg)), n).row("total").device
     argv = [sys.executable, "-m", "flowdppo_video", "train", "--config", str(cfg_file), "run.progress=false"]
+    if n > 1:
+        from flowdppo_video.parallel.groups import free_port
+
+        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
+                "-m", "flowdppo_video.train", "--config", str(cfg_file), "run.progress=false"]
     t0 = time.perf_counter()
     with open(work / f"{cfg_file.stem}.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -104,7 +129,8 @@ def run_variant(cfg: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     if os.waitstatus_to_exitcode(status) != 0:
         tail = (work / f"{cfg_file.stem}.log").read_text().strip().splitlines()[-3:]
         return {"error": " | ".join(tail), "wall_s": wall}
-    rows = [json.loads(x) for x in (Path(cfg["run"]["output_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
+    run_dir = Path(cfg["run"]["output_dir"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
     last = rows[-1]
     return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2 ** 20, "planner_gib": planned / GiB,
             "first_iteration_s": rows[0].get("time/iteration_s", sum(rows[0].get(k, 0.0) for k in (
@@ -112,7 +138,9 @@ def run_variant(cfg: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
             "videos_per_s": last["perf/videos_per_s"], "rollout_s": last["time/rollout_s"],
             "update_s": last["time/update_s"], "peak_memory_gib": last.get("perf/peak_memory_gib"),
             "mfu": last.get("perf/mfu"), "tflops_per_gpu": last.get("perf/tflops_per_gpu"),
-            "ratio_first_max_abs_log": last.get("ratio/first_max_abs_log")}
+            "ratio_first_max_abs_log": last.get("ratio/first_max_abs_log"),
+            "compile": bool(cfg["model"]["compile"]), "compiled_graphs": last.get("perf/compiled_graphs"),
+            "klmaps": len(list((run_dir / "klmaps").glob("iter_*.npz")))}
 
 
 def _gpu_name() -> str:
@@ -130,17 +158,27 @@ def _f(x: float | None, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def compiled(r: dict[str, Any]) -> str:
+    """The compiled column: ``off`` (not asked), or whether Dynamo compiled graphs (``NO``: it ran eagerly)."""
+    if not r.get("compile"):
+        return "off"
+    graphs = r.get("compiled_graphs")
+    return "n/a" if graphs is None else (f"yes ({graphs} graphs)" if graphs > 0 else "NO (0 graphs)")
+
+
 def table(result: dict[str, Any]) -> str:
     mem = "peak GPU GiB" if result["device"].startswith("cuda") else "peak RSS GiB"
-    lines = [f"| variant | videos/s | rollout s | update s | first iteration s | {mem} | planner GiB | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| variant | videos/s | rollout s | update s | first iteration s | {mem} | planner GiB | MFU | "
+             "compiled | KL maps |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, r in result["variants"].items():
         if "skipped" in r or "error" in r:
-            lines.append(f"| {name} | {r.get('skipped') or 'failed: ' + r['error']} | | | | | | |")
+            lines.append(f"| {name} | {r.get('skipped') or 'failed: ' + r['error']} | | | | | | | | |")
             continue
         peak = r["peak_memory_gib"] if r["peak_memory_gib"] is not None else r["peak_rss_gib"]
         lines.append(f"| {name} | {r['videos_per_s']:.3f} | {r['rollout_s']:.1f} | {r['update_s']:.1f} | "
-                     f"{r['first_iteration_s']:.1f} | {peak:.3g} | {r['planner_gib']:.3g} | {_f(r['mfu'], '.1%')} |")
+                     f"{r['first_iteration_s']:.1f} | {peak:.3g} | {r['planner_gib']:.3g} | {_f(r['mfu'], '.1%')} | "
+                     f"{compiled(r)} | {r['klmaps']} |")
     return "\n".join(lines)
 
 
@@ -175,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["variants"][name] = r
         print(f"  {name}: " + (f"failed ({r['error']})" if "error" in r else
                                f"{r['videos_per_s']:.3f} videos/s, update {r['update_s']:.1f} s, "
-                               f"process {r['wall_s']:.0f} s"), flush=True)
+                               f"compiled {compiled(r)}, {r['klmaps']} KL maps, process {r['wall_s']:.0f} s"),
+              flush=True)
     result["wall_s"] = time.perf_counter() - t0
     v = check_config(a.size, "native", a.out)
     result["setting"] = (f"{v['video']['num_frames']} frames at {v['video']['height']}x{v['video']['width']}, "

@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from ..resources import resolve
 from .base import ModelError, SequenceParallelPlan, TextBatch, VideoFlowAdapter
 from .registry import FamilySpec, families, family, family_of_pipeline, register, spec_for
-from .speed import apply_speed_switches
+from .speed import apply_speed_switches, attention_backend
 
 
 def checkpoint_family(path: Path) -> str | None:
@@ -60,6 +60,7 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
         check_weight_files(Path(path))
     if not spec.two_experts and cfg.train_experts not in (None, ["high"]):
         raise ModelError(f"model.train_experts {cfg.train_experts}: only Wan 2.2 A14B has two experts")
+    attention_backend(cfg.attention_backend, device, spec.adapter.masks_attention)   # before the weights load
     adapter = spec.build(cfg, path, device)
     if cfg.base_below is not None:
         if adapter.num_experts > 1:

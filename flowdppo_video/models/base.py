@@ -119,6 +119,9 @@ class VideoFlowAdapter(abc.ABC):
     # hands each prompt's image over once (:meth:`set_images`); from then on the image travels inside
     # the prompt conditioning that :meth:`encode_prompts` returns, row by row, like the text.
     takes_images: bool = False
+    # Whether the transformer's attention always takes a mask (HunyuanVideo's joint attention masks
+    # the text padding): attention backends without mask support are refused for it up front.
+    masks_attention: bool = False
 
     def set_images(self, images: dict[str, Any], num_frames: int, height: int, width: int) -> None:
         """Condition ``prompt -> image`` (PIL RGB images) for videos of that size."""

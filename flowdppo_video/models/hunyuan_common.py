@@ -30,6 +30,7 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
     scaling_factor: float
     latent_channels: int
     _text_cache: dict[str, TextBatch]
+    masks_attention = True             # the joint attention masks the text padding on every forward
 
     def _setup(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
                tokenizer: Any, text_encoder_2: torch.nn.Module, tokenizer_2: Any, device: torch.device,

@@ -26,11 +26,24 @@ _PACKAGES = {"flash": "flash_attn", "flash_varlen": "flash_attn", "_flash_3": "f
 # Backends that need a GPU (flex runs forward on the CPU but has no backward there: training fails).
 _CUDA_ONLY = ("flash", "_flash", "sage", "_sage", "xformers", "_native_cudnn", "_native_flash",
               "_native_efficient", "flex")
+# Backends whose diffusers 0.42 function raises on any attention mask ("`attn_mask` is not supported"),
+# and what works instead.
+_NO_MASK = {"flash": "flash_varlen or native", "_flash_3": "_flash_varlen_3 or native",
+            "_native_flash": "native", "_native_xla": "native", "sage": "sage_varlen or native",
+            "_sage_qk_int8_pv_fp8_cuda": "sage_varlen or native", "_sage_qk_int8_pv_fp8_cuda_sm90": "sage_varlen or native",
+            "_sage_qk_int8_pv_fp16_cuda": "sage_varlen or native", "_sage_qk_int8_pv_fp16_triton": "sage_varlen or native"}
 
 
-def attention_backend(name: str, device: torch.device) -> str:
+def mask_alternative(key: str) -> str | None:
+    """What to use instead of attention backend ``key`` (diffusers' name) where attention has a mask;
+    None if ``key`` takes masks."""
+    return _NO_MASK.get(key)
+
+
+def attention_backend(name: str, device: torch.device, masked: bool = False) -> str:
     """diffusers' name of ``model.attention_backend`` ``name``, or a one-line :class:`ModelError` naming
-    the key when the backend is unknown, downloads kernels, is not installed or needs CUDA."""
+    the key when the backend is unknown, downloads kernels, takes no mask where the model's attention
+    always has one (``masked``), is not installed or needs CUDA."""
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     key = ALIASES.get(name.lower(), name.lower())
@@ -38,6 +51,9 @@ def attention_backend(name: str, device: torch.device) -> str:
     if key not in known:
         raise ModelError(f"model.attention_backend {name!r} is not one of {', '.join(sorted(known))} "
                          "(or sdpa, cudnn, flash3)")
+    if masked and mask_alternative(key):
+        raise ModelError(f"model.attention_backend {name!r} takes no attention mask, and this model's attention "
+                         f"always has one; use {mask_alternative(key)}")
     pkg = _PACKAGES.get(key)
     if pkg is not None and importlib.util.find_spec(pkg) is None:
         raise ModelError(f"model.attention_backend {name!r} needs the {pkg} package, which is not installed")
@@ -54,7 +70,7 @@ def _transformers(adapter: VideoFlowAdapter) -> list[torch.nn.Module]:
 def apply_speed_switches(adapter: VideoFlowAdapter, backend: str = "native", compile_blocks: bool = False) -> None:
     """Set the attention backend of every transformer (``native``: left as built) and compile their
     repeated blocks in place (``Module.compile``: parameter names unchanged)."""
-    key = attention_backend(backend, adapter.device)
+    key = attention_backend(backend, adapter.device, adapter.masks_attention)
     for t in _transformers(adapter):
         if key != "native":
             if not hasattr(t, "set_attention_backend"):

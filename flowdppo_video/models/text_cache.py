@@ -4,7 +4,8 @@ Wan's UMT5-XXL (5.7B parameters) outweighs the 1.3B transformer it conditions, y
 are known at its start. :func:`cache_prompts` encodes every training and held-out prompt (and the
 CFG negative of each) in batches, keeps the rows on the CPU, writes them to
 ``RUN_DIR/text_cache.safetensors`` (read back on resume) and releases the encoders. On a GPU the
-transformers wait in host memory meanwhile, so the start is no peak of its own.
+transformers wait in host memory meanwhile and come back after the encoders are released, so the
+start is no peak of its own.
 ``model.keep_text_encoder: true`` keeps them, for runs whose prompts change.
 
 The rows are what the adapter's own ``encode_prompts`` / ``encode_negative`` returned, sliced and
@@ -179,11 +180,13 @@ def cache_prompts(adapter: VideoFlowAdapter, prompts: list[str], negative: str |
             for neg in dict.fromkeys(n for n, _ in chunk):      # a batch holds one kind (the two meet once)
                 cache.fill(adapter, neg, [p for n, p in chunk if n == neg])
             bar.update(len(chunk))
-    bar.close()
+        bar.close()
+        adapter.text_cache = cache
+        # Released before the transformers come back: the encoder and the transformers never share
+        # the device (their sum is no peak of the run).
+        freed = 0 if keep_encoder else adapter.release_text_encoders()
     if jobs and path is not None and write:
         cache.save(path)
-    adapter.text_cache = cache
-    freed = 0 if keep_encoder else adapter.release_text_encoders()
     return {"text/cached_prompts": float(read), "text/encoded_prompts": float(len(jobs)),
             "text/encoder_released_bytes": float(freed)}
 

@@ -6,7 +6,11 @@ different videos. Launchers (torchrun, deepspeed, accelerate launch) set ``RANK`
 ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; a single process needs none of them.
 
 A collective that waits longer than ``parallel.timeout_s`` (another rank died or hangs) raises
-:class:`CollectiveTimeout` instead of blocking the job forever.
+:class:`CollectiveTimeout` instead of blocking the job forever, on gloo. On NCCL the collectives are
+asynchronous and the timeout is NCCL's watchdog thread's: it aborts the communicators and ends the
+process (:data:`NCCL_WATCHDOG`), with its own log line naming the collective and the timeout, and the
+launcher stops the other ranks. The one-line error would need ``TORCH_NCCL_BLOCKING_WAIT=1``: the CPU
+waiting on every collective, which ZeRO-3's gathers cannot afford; it is left to the user.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ import torch.distributed as dist
 from ..config import ConfigError, ParallelConfig
 
 T = TypeVar("T")
+
+# Set before NCCL starts, unless the environment says otherwise: on a timeout or a failed collective
+# the watchdog aborts the communicators and ends the process (1: tear down). torchrun sets the same,
+# deepspeed and accelerate launchers need not, so every launcher behaves alike.
+NCCL_WATCHDOG = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
 class CollectiveTimeout(RuntimeError):
@@ -212,6 +221,9 @@ def init_parallel(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelStat
         if "MASTER_ADDR" not in os.environ:
             raise ConfigError(f"WORLD_SIZE={world} but no MASTER_ADDR: start multi-process runs with torchrun, "
                               "deepspeed or accelerate launch")
+        if backend == "nccl":
+            for k, v in NCCL_WATCHDOG.items():
+                os.environ.setdefault(k, v)
         try:
             dist.init_process_group(backend, rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=cfg.timeout_s))

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from ..exceptions import ModelError
 from ..models.base import SequenceParallelPlan, VideoFlowAdapter
+from ..models.speed import mask_alternative
 
 
 # ---------------------------------------------------------------------------- collectives with autograd
@@ -156,6 +157,8 @@ class SequenceParallel:
         self.length = 0           # real tokens N of the current forward
         self.padded = 0           # N rounded up to a multiple of the degree
         self.local = 0            # padded / degree: the tokens each rank holds
+        self.patch: tuple[int, int, int] = (1, 1, 1)    # the plan's token patch (set by install_plan)
+        self.backends: tuple[str, ...] = ()              # attention backends of the sharded attention
 
     def __deepcopy__(self, memo: dict) -> "SequenceParallel":     # copies of a model share the group
         return self
@@ -368,6 +371,10 @@ def install_plan(transformer: torch.nn.Module, plan: SequenceParallelPlan, group
     sp = SequenceParallel(group)
     check_heads(plan.heads, sp.degree)
     attention = _place_attention(transformer, plan)
+    sp.patch = plan.patch
+    # diffusers keeps a backend set by set_attention_backend on each processor (None: the default, native).
+    sp.backends = tuple(sorted({getattr(getattr(m.processor, "_attention_backend", None), "value", "native")
+                                for m in attention}))
 
     def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x = model_input(args, kwargs, "hidden_states", 0)                       # (B, C, F, H, W)
@@ -387,6 +394,22 @@ def install_plan(transformer: torch.nn.Module, plan: SequenceParallelPlan, group
         module.set_processor(sp.wrap(module.processor))
     transformer._sequence_parallel = sp
     return sp
+
+
+def check_token_padding(adapter: VideoFlowAdapter, latent_shape: tuple[int, ...]) -> None:
+    """Refuse up front an attention backend that takes no mask where this run's token count is not a
+    multiple of the SP degree: the padded keys are masked (:meth:`SequenceParallel._relayout_mask`),
+    and such a backend would fail at the first forward. ``latent_shape``: ``(C, F, H, W)``."""
+    for transformer in [*adapter.experts, *adapter.reference_copies().values()]:
+        sp = getattr(transformer, "_sequence_parallel", None)
+        if sp is None:
+            continue
+        tokens = math.prod(latent_shape[1 + i] // p for i, p in enumerate(sp.patch))
+        for backend in sp.backends:
+            if tokens % sp.degree and mask_alternative(backend):
+                raise ModelError(f"model.attention_backend {backend!r} takes no attention mask, but "
+                                 f"parallel.sequence_parallel={sp.degree} does not divide the {tokens} video tokens "
+                                 f"and masks the padding; use {mask_alternative(backend)}, or a degree dividing {tokens}")
 
 
 def _place_attention(transformer: torch.nn.Module, plan: SequenceParallelPlan) -> list[torch.nn.Module]:

@@ -32,7 +32,7 @@ class Updater(Protocol):
     def step(self) -> tuple[bool, float]: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
-    def gathered(self) -> contextlib.AbstractContextManager[None]: ...
+    def gathered(self, whole: bool = False) -> contextlib.AbstractContextManager[None]: ...   # what trains, whole
     def rollout(self) -> contextlib.AbstractContextManager[None]: ...
 
 
@@ -81,7 +81,7 @@ class TorchUpdater:
             state = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)["optimizer"]
         self.optimizer.load_state_dict(state)
 
-    def gathered(self) -> contextlib.AbstractContextManager[None]:
+    def gathered(self, whole: bool = False) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def rollout(self) -> contextlib.AbstractContextManager[None]:

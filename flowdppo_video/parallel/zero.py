@@ -350,13 +350,15 @@ class ZeroUpdater:
     def _all_params(self) -> list[torch.nn.Parameter]:
         return list(self.module.parameters())
 
-    def gathered(self) -> contextlib.AbstractContextManager[None]:
-        """Collective: the full trained experts' weights inside (ZeRO-3 gathers them; stages 1-2
-        hold them whole anyway), e.g. for ``adapter.save_trainable`` on rank 0. Changes made
-        inside are not kept."""
+    def gathered(self, whole: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Collective: the trained parameters whole inside (ZeRO-3 gathers them; stages 1-2 hold them
+        whole anyway), what ``adapter.save_trainable`` on rank 0 writes: every weight of a fully
+        fine-tuned expert, only the adapters under LoRA, whose frozen base stays sharded (gathering
+        it was ~28 GB per rank for a 14B LoRA run). ``whole``: every weight of the trained experts
+        (``save_pretrained``). Changes made inside are not kept."""
         if self.stage != 3:
             return contextlib.nullcontext()
-        return self._ds.zero.GatheredParameters(self._all_params(), modifier_rank=None)
+        return self._ds.zero.GatheredParameters(self._all_params() if whole else self.params, modifier_rank=None)
 
     @contextlib.contextmanager
     def rollout(self) -> Iterator[None]:

@@ -117,7 +117,7 @@ def zero_steps(a: WanAdapter, upd: ZeroUpdater, data, steps: int, rank: int,
 
 
 def weights(a: WanAdapter, upd: ZeroUpdater | None = None) -> dict[str, torch.Tensor]:
-    ctx = upd.gathered() if upd is not None else torch.no_grad()
+    ctx = upd.gathered(whole=True) if upd is not None else torch.no_grad()
     with ctx:
         return {f"{i}.{n}": p.detach().clone() for i, e in enumerate(a.experts) for n, p in e.named_parameters()}
 
@@ -220,8 +220,13 @@ def check_save_trainable(rank: int, c: dict, tmp: Path) -> dict:
     a, upd, ref = c["adapter"], c["updater"], c["ref"]
     out = {}
     with upd.gathered():
+        # Under LoRA only the adapters are gathered; the frozen base stays sharded (issue 28, item 6).
+        out["gathered_frozen_sharded"] = all(p.data.numel() == 0 for p in upd.module.parameters() if not p.requires_grad)
+        out["gathered_trained_whole"] = all(p.data.numel() > 0 for p in upd.params)
         if rank == 0:
             a.save_trainable(tmp / "trainable")
+    with upd.gathered(whole=True):
+        if rank == 0:
             try:
                 a.save_pretrained(tmp / "pretrained")
                 out["save_pretrained"] = "ok"
