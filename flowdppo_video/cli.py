@@ -70,13 +70,20 @@ def _export(args: argparse.Namespace) -> None:
     if args.lora:
         if cfg.model.lora.rank == 0:
             raise ConfigError(f"--lora: the run in {run_dir} fine-tuned the whole transformer (model.lora.rank=0)")
+        if cfg.model.base_below is not None:
+            print(f"note: the run routes by noise level (model.base_below={cfg.model.base_below}): apply the adapter "
+                  "only at sigma >= that boundary, or export without --lora for a two-expert pipeline that does")
         shutil.copytree(ckpt / "model", out, dirs_exist_ok=True)   # peft adapter files per expert
         print(f"wrote the LoRA adapter of {ckpt} to {out}")
         return
     adapter = build_adapter(cfg.model, torch.device("cpu"))
     load_checkpoint(ckpt, adapter, None)
     adapter.save_pretrained(out)
-    print(f"wrote {ckpt} as a diffusers directory to {out} (LoRA merged)")
+    how = "LoRA merged" if cfg.model.lora.rank else "full weights"
+    if cfg.model.base_below is not None:       # routing by noise level travels as Wan 2.2's two-expert layout
+        how += (f"; routed by noise level: transformer above sigma {cfg.model.base_below}, the base model as "
+                "transformer_2 below (boundary_ratio)")
+    print(f"wrote {ckpt} as a diffusers directory to {out} ({how})")
 
 
 def build_parser() -> argparse.ArgumentParser:
