@@ -12,6 +12,7 @@ prompts' words instead: one sample of as many different prompts as fit, chosen s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .evaluation import write_side_by_side
@@ -35,7 +36,9 @@ def pick_videos(prompts: list[str], samples_per_prompt: int, n: int) -> list[int
     for s in range(samples_per_prompt):
         left = list(range(len(prompts)))
         while left and len(picked) < n:
-            best = max(left, key=lambda p: (sum(1.0 / (1 + shown.get(w, 0)) for w in words[p]), -p))
+            # fsum: exact, so the score does not depend on the set's order, which differs between
+            # processes (string hashing is salted) and broke ties differently run to run.
+            best = max(left, key=lambda p: (math.fsum(1.0 / (1 + shown.get(w, 0)) for w in words[p]), -p))
             left.remove(best)
             picked.append(best * samples_per_prompt + s)
             for w in words[best]:

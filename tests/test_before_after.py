@@ -28,6 +28,19 @@ def test_the_demo_keeps_every_prompt_family():
     assert {s.shape for s in scenes} == {"circle", "square", "triangle"}
 
 
+def test_the_pick_is_the_same_in_every_process():
+    """String hashing is salted per process, so a set's order differs run to run; the pick must not
+    (two runs of one recipe showed different held-out videos before the scores were summed exactly)."""
+    import subprocess
+    import sys
+
+    code = ("from flowdppo_video.before_after import pick_videos; from flowdppo_video.data import load_prompts; "
+            "print(pick_videos(load_prompts('builtin:prompts/heldout.txt'), 4, 8))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(4)}
+    assert len(outs) == 1
+
+
 def test_pick_beyond_one_per_prompt():
     assert pick_videos(["a b", "c d"], 2, 3) == [0, 2, 1]    # each prompt once, then second samples
     assert pick_videos(["a b"], 2, 10) == [0, 1]             # never more than the batch

@@ -3,8 +3,8 @@
     .venv/bin/python tools/frame_strip.py runs/clean_rl/demo-s0 runs/clean_rl/route_0.75-s0 \\
         --labels "default" "routed" --videos 0 2 5 --out docs/clean_rl_strip.png
 
-For each chosen held-out video (``eval/after_000000/NN.mp4``, the base model, and the last evaluation
-``eval/after_NNNNNN/NN.mp4`` of every run given), a row of ``--frames`` frames, upscaled without
+For each chosen held-out video (``--videos``: indices in the first run's ``eval/after_000000``, the
+base model; then the same prompt's video in the last evaluation of every run given), a row of ``--frames`` frames, upscaled without
 smoothing so the patch grid and the background's texture stay visible. The base row is taken from the
 first run (every run of one recipe starts from the same base with the same evaluation noise).
 """
@@ -26,10 +26,17 @@ def last_eval(run: Path) -> Path:
     return found[-1]
 
 
-def prompt_of(run: Path, index: int) -> str:
-    f = run / "eval" / "after_000000" / "prompts.txt"
-    lines = f.read_text().splitlines() if f.is_file() else []
-    return lines[index] if index < len(lines) else f"video {index}"
+def prompts_of(folder: Path) -> list[str]:
+    f = folder / "prompts.txt"
+    return f.read_text().splitlines() if f.is_file() else []
+
+
+def video_for(folder: Path, prompt: str) -> Path:
+    """The video of ``prompt`` in an evaluation folder (runs may keep different prompts' videos)."""
+    names = prompts_of(folder)
+    if prompt not in names:
+        raise SystemExit(f"frame_strip.py: {folder} holds no video of {prompt!r}")
+    return folder / f"{names.index(prompt):02d}.mp4"
 
 
 def strip(video: Path, frames: list[int], scale: int) -> np.ndarray:
@@ -60,13 +67,16 @@ def main() -> None:
     columns = ["base"] + [f"{label} (after {int(last_eval(r).name.split('_')[1])} it.)"
                           for r, label in zip(args.runs, labels)]
     rows, names = [], []
+    base = args.runs[0] / "eval" / "after_000000"
     for i in args.videos:
-        name = f"{i:02d}.mp4"
-        parts = [strip(args.runs[0] / "eval" / "after_000000" / name, args.frames, args.scale)]
-        parts += [strip(last_eval(run) / name, args.frames, args.scale) for run in args.runs]
+        prompt = prompts_of(base)[i] if i < len(prompts_of(base)) else None
+        if prompt is None:
+            raise SystemExit(f"frame_strip.py: {base} has no video {i}")
+        parts = [strip(video_for(base, prompt), args.frames, args.scale)]
+        parts += [strip(video_for(last_eval(run), prompt), args.frames, args.scale) for run in args.runs]
         gap = np.full((parts[0].shape[0], 6 * args.scale, 3), 255, dtype=np.uint8)
         rows.append(np.concatenate([x for p in parts for x in (p, gap)][:-1], axis=1))
-        names.append(prompt_of(args.runs[0], i))
+        names.append(prompt)
     h, w = rows[0].shape[:2]
     fig, axes = plt.subplots(len(rows), 1, figsize=(w / 80 + 0.2, len(rows) * (h / 80 + 0.3) + 0.3))
     part_w = (w - 6 * args.scale * len(args.runs)) / (len(args.runs) + 1)
