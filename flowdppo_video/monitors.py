@@ -9,7 +9,8 @@ closing table, the report and ``eval`` show them in a block of their own, base -
 :func:`hacking_warnings` is the report's warning: a training reward rose (held out when it is
 evaluated, else along the training curve) while a monitor worsened, from the base model's
 evaluation to the last, by more than the base model's own spread (the std of that monitor over the
-base model's held-out videos).
+base model's held-out videos) and by more than the monitor's noticeable change
+(``rewards.artifacts.NOTICEABLE``: a base model without any artifact has a std of ~0).
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ def hacking_warnings(evals: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[
     ``evals``: the evaluation rows in order, the first the base model's (``after_iterations`` 0);
     ``rows``: the training rows (for a reward not evaluated held out); ``training_rewards``: the
     names in the run's ``rewards``. A monitor worsened when its last mean exceeds the base mean by
-    more than ``spread`` x the base std over the held-out videos.
+    more than ``spread`` x the base std over the held-out videos and by more than its noticeable
+    change (``rewards.artifacts.NOTICEABLE``; 0 for a monitor not listed there).
     """
+    from rewards.artifacts import NOTICEABLE
+
     if len(evals) < 2 or evals[0].get("after_iterations", 0) != 0:
         return []
     base, last = evals[0], evals[-1]
@@ -103,12 +107,13 @@ def hacking_warnings(evals: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[
     for m in monitor_names([base, last]):
         a, b, s = (_get(base, f"{PREFIX}{m}/mean"), _get(last, f"{PREFIX}{m}/mean"),
                    _get(base, f"{PREFIX}{m}/std"))
-        if a is None or b is None or s is None or not b - a > spread * s:
+        if a is None or b is None or s is None or not b - a > max(spread * s, NOTICEABLE.get(m, 0.0)):
             continue
         for r, where, ra, rb in rose:
             out.append(f"possible reward hacking: {where} reward {r} rose {ra:.4g} -> {rb:.4g} while the artifact "
                        f"monitor {m} worsened {a:.4g} -> {b:.4g} (more than the base model's own spread, std "
-                       f"{s:.3g} over its held-out videos; after {last.get('after_iterations', '?')} iterations)")
+                       f"{s:.3g} over its held-out videos, and than {NOTICEABLE.get(m, 0.0):g}; after "
+                       f"{last.get('after_iterations', '?')} iterations)")
     return out
 
 

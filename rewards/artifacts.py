@@ -41,6 +41,11 @@ from .common import check_videos
 from .registry import RewardError, register
 
 DEFAULT_MONITORS = ("patch_grid", "clipped_pixels", "saturation", "flicker", "frame_jumps", "frozen_frames")
+# The least change of each monitor that is worth a warning (its scale's noise: what clean footage and
+# harmless re-encoding move it by, docs/rewards.md), so a model with no artifact at all (a std of ~0
+# over its videos) is not flagged for an invisible 0.004-level grid.
+NOTICEABLE = {"patch_grid": 0.15, "clipped_pixels": 0.01, "saturation": 0.02, "flicker": 0.5,
+              "frame_jumps": 0.3, "frozen_frames": 0.05}
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 CHANGE_FLOOR = 0.5          # 8-bit levels: frame_jumps' denominator floor (a still video's noise is no jump)
 
@@ -320,6 +325,6 @@ def monitor_specs(period: int | None = None, names: tuple[str, ...] = DEFAULT_MO
     return out
 
 
-__all__ = ["DEFAULT_MONITORS", "ClippedPixels", "Flicker", "FrameJumps", "FrozenFrames", "PatchGrid", "Saturation",
+__all__ = ["DEFAULT_MONITORS", "NOTICEABLE", "ClippedPixels", "Flicker", "FrameJumps", "FrozenFrames", "PatchGrid", "Saturation",
            "exposure_measurements", "frame_subset", "grid_measurements", "monitor_specs",
            "temporal_measurements"]

@@ -15,7 +15,7 @@ from flowdppo_video.config import ConfigError
 from flowdppo_video.metrics import read_metrics
 from flowdppo_video.monitors import build_monitors, hacking_warnings, model_period
 from flowdppo_video.run_summary import summary_lines
-from rewards.artifacts import DEFAULT_MONITORS
+from rewards.artifacts import DEFAULT_MONITORS, NOTICEABLE
 
 from .conftest import tiny_config
 
@@ -128,7 +128,7 @@ def test_bad_monitor_config_is_one_line(tmp_path, override, message) -> None:
 
 
 def test_no_warning_without_a_rising_reward_or_a_base() -> None:
-    base = {"after_iterations": 0, "eval/r/mean": 0.5, "monitor/saturation/mean": 0.2, "monitor/saturation/std": 0.01}
+    base = {"after_iterations": 0, "eval/r/mean": 0.5, "monitor/saturation/mean": 0.2, "monitor/saturation/std": 0.001}
     worse = {**base, "after_iterations": 5, "monitor/saturation/mean": 0.5}
     assert hacking_warnings([base, {**worse, "eval/r/mean": 0.4}], [], ["r"]) == []
     assert hacking_warnings([{**base, "after_iterations": 5}, {**worse, "eval/r/mean": 0.9}], [], ["r"]) == []
@@ -136,3 +136,6 @@ def test_no_warning_without_a_rising_reward_or_a_base() -> None:
     # a reward not evaluated held out: its training curve decides
     rows = [{"reward/t/mean": 0.1}, {"reward/t/mean": 0.3}]
     assert "training reward t rose 0.1 -> 0.3" in hacking_warnings([base, worse], rows, ["t"])[0]
+    # worse than a spread of ~0, but by less than the monitor's noticeable change: no warning
+    tiny = {**worse, "eval/r/mean": 0.9, "monitor/saturation/mean": 0.2 + 0.5 * NOTICEABLE["saturation"]}
+    assert hacking_warnings([base, tiny], [], ["r"]) == []
