@@ -158,3 +158,19 @@ def test_bad_inputs_are_one_line(tiny, tmp_path) -> None:
     with pytest.raises(RewardError, match="rm_head is not HPSv3's ranknet head") as e:
         rewards.build_rewards({"hps": {"type": "hpsv3", "model": str(tmp_path), "base": str(base)}})
     assert "\n" not in str(e.value) and math.isfinite(1.0)
+
+
+def test_the_wan21_hpsv3_recipe_loads() -> None:
+    import inspect
+
+    from flowdppo_video.config import load_config
+    from rewards.hpsv3 import HPSv3Reward
+    from rewards.registry import parse_reward_specs
+
+    from .conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "wan2.1_t2v_1.3b_hpsv3.yaml")
+    spec = parse_reward_specs(cfg.rewards)["hps"]
+    assert spec.type == "hpsv3" and spec.options["frames"] == 4
+    inspect.signature(HPSv3Reward).bind(**spec.options)                  # every option is one it takes
+    assert cfg.eval.monitors is None                                     # the monitors: all, by default
