@@ -173,7 +173,8 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
 
     load_run_images(adapter, cfg)  # image-to-video: the images of the run's training and held-out prompts
     latent_shape = adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
-    monitors = build_monitors(cfg.eval.monitors, cfg.eval.monitor_period, adapter)   # artifacts, higher = worse
+    monitors = build_monitors(cfg.eval.monitors, cfg.eval.monitor_period, adapter,    # artifacts, higher = worse
+                              (cfg.video.height, cfg.video.width))
     seeds = list(range(seed, seed + samples))
     out.mkdir(parents=True, exist_ok=True)
 

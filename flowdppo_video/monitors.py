@@ -30,14 +30,28 @@ def model_period(adapter: Any) -> int:
 
 
 def build_monitors(names: Sequence[str] | None, period: int | None, adapter: Any,
-                   key: str = "eval.monitors") -> dict[str, Any]:
+                   size: tuple[int, int] | None = None, key: str = "eval.monitors") -> dict[str, Any]:
     """The configured monitors as built rewards (``names`` None: all defaults); ``patch_grid``'s period
-    is ``period``, else the model's (:func:`model_period`). Errors name ``key``."""
+    is ``period``, else the model's (:func:`model_period`). ``size``: the videos' ``(height, width)``;
+    a grid needs two periods a side, so by default ``patch_grid`` is left out of smaller videos (a
+    note says so), and asked for by name it is an error naming ``eval.monitor_period``. Errors name
+    ``key``."""
+    import sys
+
     from rewards import build_rewards
     from rewards.artifacts import DEFAULT_MONITORS, monitor_specs
 
+    from .config import ConfigError
+
     chosen = tuple(DEFAULT_MONITORS if names is None else names)
-    return build_rewards(monitor_specs(period or model_period(adapter), chosen), key)
+    p = period or model_period(adapter)
+    if "patch_grid" in chosen and size is not None and min(size) < 2 * p:
+        why = f"videos of {size[0]}x{size[1]} px hold less than two periods of the {p}-px patch grid"
+        if names is not None:
+            raise ConfigError(f"eval.monitors: patch_grid: {why}; set eval.monitor_period or leave it out")
+        print(f"flowdppo-video: note: the patch_grid monitor is off: {why}", file=sys.stderr)
+        chosen = tuple(n for n in chosen if n != "patch_grid")
+    return build_rewards(monitor_specs(p, chosen), key)
 
 
 def score_monitors(monitors: Mapping[str, Any], videos: torch.Tensor, prompts: list[str], *, fps: float

@@ -68,7 +68,8 @@ class Trainer:
         if self.par.sp > 1:
             apply_sequence_parallel(self.adapter, self.par.sp_group)
         # after the model: patch_grid's period is its own (VAE stride x patch) unless configured
-        self.eval_monitors = build_monitors(e.monitors, e.monitor_period, self.adapter) if self.eval_prompts else {}
+        self.eval_monitors = (build_monitors(e.monitors, e.monitor_period, self.adapter, (cfg.video.height, cfg.video.width))
+                              if self.eval_prompts else {})
         v = cfg.video
         self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
         check_token_padding(self.adapter, self.latent_shape)      # before the prompts are encoded

@@ -107,13 +107,12 @@ def image_size(height: int, width: int, factor: int, pixels: int) -> tuple[int, 
 def resize_frame(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8 with PIL's bicubic resize, as the reference's
     ``fetch_image`` resizes a PIL image."""
+    import numpy as np
     from PIL import Image
 
     img = Image.fromarray(frame.cpu().numpy())
     if img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BICUBIC)
-    import numpy as np
-
     return torch.from_numpy(np.asarray(img).copy())
 
 

@@ -7,7 +7,6 @@ image processor, the whole model's forward, the head on the reward token), frame
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +156,7 @@ def test_bad_inputs_are_one_line(tiny, tmp_path) -> None:
     save_file(state, tmp_path / "HPSv3.safetensors")
     with pytest.raises(RewardError, match="rm_head is not HPSv3's ranknet head") as e:
         rewards.build_rewards({"hps": {"type": "hpsv3", "model": str(tmp_path), "base": str(base)}})
-    assert "\n" not in str(e.value) and math.isfinite(1.0)
+    assert "\n" not in str(e.value)
 
 
 def test_the_wan21_hpsv3_recipe_loads() -> None:

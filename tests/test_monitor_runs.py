@@ -52,7 +52,7 @@ def hacked(tmp_path_factory) -> Path:
         f"run.output_dir={root / 'run'}", f"rewards={{{PAID}: 1.0}}", "eval.rewards={}", f"eval.prompts={held_out}",
         "run.iterations=2", "eval.every=2", "run.checkpoint_every=2", "run.report_every=2", "run.tensorboard=false",
         "run.num_sample_videos=0", "eval.samples_per_prompt=1", "eval.num_videos=1", "eval.kl_to_base=false",
-        "data.prompts_per_iteration=2", "data.group_size=8", "objective.delta=1.0", "optim.lr=2e-3"])
+        "data.prompts_per_iteration=2", "data.group_size=4", "objective.delta=1.0", "optim.lr=2e-3"])
     trainer = Trainer(cfg)
     try:
         trainer.run()
@@ -62,7 +62,7 @@ def hacked(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_run_that_pays_for_saturation_is_warned_about(hacked, capsys) -> None:
+def test_a_run_that_pays_for_saturation_is_warned_about(hacked) -> None:
     evals = read_metrics(hacked, "eval")
     assert [e["after_iterations"] for e in evals] == [0, 2]
     for e in evals:                                  # every monitor, in every evaluation
@@ -105,6 +105,11 @@ def test_the_period_is_the_models_own_unless_configured(tiny_cfg) -> None:
     assert build_monitors(None, None, adapter)["patch_grid"].period == model_period(adapter)
     assert build_monitors(["patch_grid"], 4, adapter)["patch_grid"].period == 4
     assert list(build_monitors([], None, adapter)) == []
+    # too small a video for two periods: left out by default, an error when asked for by name
+    small = (model_period(adapter), 64)
+    assert "patch_grid" not in build_monitors(None, None, adapter, small) and "flicker" in build_monitors(None, None, adapter, small)
+    with pytest.raises(ConfigError, match="eval.monitors: patch_grid: videos of .* less than two periods"):
+        build_monitors(["patch_grid"], None, adapter, small)
 
 
 def test_the_shapes_world_period_is_2() -> None:
