@@ -160,6 +160,10 @@ class EvalConfig:
     kl_to_base: bool = True               # measure KL(pi_theta || pi_base) on the evaluation rollouts
     num_videos: int = 8                   # videos kept per evaluation (before/after comparisons)
     images: str | list[str] | None = None  # image-to-video: one image per held-out prompt (as data.images)
+    # Artifact monitors (rewards.artifacts, pixels only, ~0.1-0.3 s a 480p video) logged at every evaluation
+    # as monitor/<name>/mean and /std: None = all of rewards.artifacts.DEFAULT_MONITORS, [] = none.
+    monitors: list[str] | None = None
+    monitor_period: int | None = None     # patch_grid's period in px; None = the model's VAE stride x patch
 
 
 @dataclass
@@ -254,6 +258,7 @@ class Config:
             parse_reward_specs(self.eval.rewards, "eval.rewards")
         except RewardError as e:
             raise ConfigError(str(e)) from None
+        _check_monitors(self.eval.monitors, self.eval.monitor_period)
         if self.sampler.eta <= 0:
             raise ConfigError(f"sampler.eta must be > 0 (SDE steps need noise), got {self.sampler.eta}")
         te = self.model.train_experts
@@ -415,6 +420,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 # Mappings that a layer above replaces whole instead of merging into: merging reward weights would
+def _check_monitors(monitors: Any, period: Any) -> None:
+    """``eval.monitors``: a list of known monitor names (or null); ``eval.monitor_period``: an integer >= 2."""
+    from rewards.artifacts import DEFAULT_MONITORS
+
+    if monitors is not None:
+        if not isinstance(monitors, list) or not all(isinstance(m, str) for m in monitors):
+            raise ConfigError(f"eval.monitors must be a list of monitor names (or null for all), got {monitors!r}")
+        unknown = [m for m in monitors if m not in DEFAULT_MONITORS]
+        if unknown:
+            raise ConfigError(f"eval.monitors: unknown monitor {unknown[0]!r}; the monitors are "
+                              f"{', '.join(DEFAULT_MONITORS)}")
+    if period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 2):
+        raise ConfigError(f"eval.monitor_period must be an integer >= 2 (pixels) or null, got {period!r}")
+
+
 # keep rewards the user meant to drop (training `rewards` and `eval.rewards`).
 REPLACED_WHOLE = ("rewards",)
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .winrates import SMALL_N, Estimate, WinRate, fmt, mean_ci, small_sample_warning, win_matrix
 
 BASE = "base"
+MONITOR = "monitor/"     # scores.jsonl keys of the artifact monitors (flowdppo_video.monitors)
 
 
 @dataclasses.dataclass
@@ -151,6 +152,7 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     from .config import ConfigError, load_config
     from .data import load_prompts
     from .models import build_adapter
+    from .monitors import build_monitors, score_monitors
     from .rollout import rollout
     from .seeding import resolve_device
     from .video import write_video
@@ -171,6 +173,8 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
 
     load_run_images(adapter, cfg)  # image-to-video: the images of the run's training and held-out prompts
     latent_shape = adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
+    monitors = build_monitors(cfg.eval.monitors, cfg.eval.monitor_period, adapter,    # artifacts, higher = worse
+                              (cfg.video.height, cfg.video.width))
     seeds = list(range(seed, seed + samples))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -178,6 +182,7 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     names = list(reward_fns)
     scores: dict[str, dict[str, dict[tuple[int, int], float]]] = {n: {m.label: {} for m in models} for n in names}
     parts: dict[str, dict[str, dict[tuple[int, int], float]]] = {}      # "va/vq" -> model -> item -> score
+    watched: dict[str, dict[str, dict[tuple[int, int], float]]] = {n: {m.label: {} for m in models} for n in monitors}
     rows: list[dict[str, Any]] = []
     videos: dict[str, dict[tuple[int, int], str]] = {m.label: {} for m in models}
     bar = tqdm(total=len(models) * len(seeds), desc="eval", disable=not progress)
@@ -189,11 +194,15 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
                 traj = rollout(adapter, prompt_list, 1, latent_shape, sampler, torch.Generator().manual_seed(s),
                                negative_prompt=cfg.data.negative_prompt, progress=False)
             got, extras = score_videos(reward_fns, traj.videos, traj.prompts, fps=cfg.video.fps)
+            mon = score_monitors(monitors, traj.videos, traj.prompts, fps=cfg.video.fps)
             for i, prompt in enumerate(prompt_list):
                 row = {"model": m.label, "checkpoint": str(m.path) if m.path else BASE, "prompt_index": i,
                        "prompt": prompt, "seed": s, **{n: float(got[n][i]) for n in names},
-                       **{n: float(v[i]) for n, v in extras.items()}}
+                       **{n: float(v[i]) for n, v in extras.items()},
+                       **{f"{MONITOR}{n}": float(v[i]) for n, v in mon.items()}}
                 rows.append(row)
+                for n, v in mon.items():
+                    watched[n][m.label][(i, s)] = float(v[i])
                 for n in names:
                     scores[n][m.label][(i, s)] = row[n]
                 for k in extras:
@@ -226,6 +235,8 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     summary["results"] = {n: compare(scores[n]) for n in names}
     if parts:
         summary["parts"] = {k: compare(by_model) for k, by_model in parts.items()}
+    if watched:
+        summary["monitors"] = {n: compare(by_model) for n, by_model in watched.items()}
     with open(out / "scores.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -282,7 +293,29 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         lines += ["", "Parts logged beside a reward's score (not added to the total again): mean [95% CI], "
                   f"and win-rate over {models[0]} [95% CI]", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
                   *("| " + " | ".join(r) + " |" for r in rows)]
+    if summary.get("monitors"):
+        head, rows = monitors_table(summary)
+        lines += ["", "Artifact monitors (pixels only, higher = worse; not in the total): mean [95% CI], the change "
+                  f"from {models[0]}, and how often a model is worse than {models[0]} on the same (prompt, seed) "
+                  "[95% CI]", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+                  *("| " + " | ".join(r) + " |" for r in rows)]
     return "\n".join(lines) + "\n"
+
+
+def monitors_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)``: per monitor, each model's mean, its change from the first model (the base)
+    and its worse-rate over the base (the win-rate on a higher-is-worse score)."""
+    models = list(summary["models"])
+    head = ["monitor", *models, *(f"{m} - {models[0]}" for m in models[1:]),
+            *(f"{m} worse than {models[0]}" for m in models[1:])]
+    rows = []
+    for k in summary["monitors"]:
+        means, wins = _estimates(summary, k, "monitors")
+        base = means[models[0]].value
+        rows.append([k, *(fmt(means[m]) for m in models), *(f"{means[m].value - base:+.4f}" for m in models[1:]),
+                     *(f"{wins[(m, models[0])].value:.3f} [{wins[(m, models[0])].lo:.2f}, {wins[(m, models[0])].hi:.2f}]"
+                       for m in models[1:])])
+    return head, rows
 
 
 def parts_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -344,6 +377,12 @@ def write_eval_report(out: Path, summary: dict[str, Any], cfg: Any, prompts: lis
         win_parts.append("<h3>parts logged beside a reward's score</h3><p>Mean [95% CI] per model, "
                          f"and the win-rate over {esc(models[0])}: one part winning while another loses is "
                          "what reward hacking looks like (VideoAlign: VQ up, TA down).</p>" + table(head, rows))
+    if summary.get("monitors"):
+        head, rows = monitors_table(summary)
+        win_parts.append("<h3>artifact monitors (higher = worse)</h3><p>Pixels-only measurements of what a reward "
+                         "can break unseen (docs/rewards.md gives each scale): mean [95% CI] per model, the change "
+                         f"from {esc(models[0])}, and how often a model is worse than {esc(models[0])} on the same "
+                         "(prompt, seed).</p>" + table(head, rows))
     items = sorted({k for v in videos.values() for k in v})
     video_rows = []
     for i, s in items:

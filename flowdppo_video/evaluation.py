@@ -12,6 +12,7 @@ from rewards import score_videos
 from . import sde
 from .config import SamplerConfig
 from .models.base import VideoFlowAdapter
+from .monitors import monitor_means, score_monitors
 from .rollout import Trajectory, rollout, step_mean
 from .video import read_video, write_video
 
@@ -38,19 +39,22 @@ def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> t
 
 def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: int,
              latent_shape: tuple[int, ...], sampler: SamplerConfig, seed: int, rewards: dict,
-             negative_prompt: str = "", measure_kl: bool = True, *, fps: float
+             negative_prompt: str = "", measure_kl: bool = True, *, fps: float, monitors: dict | None = None
              ) -> tuple[dict[str, float], Trajectory]:
     """Sample every prompt ``samples_per_prompt`` times with a fixed seed (the same noise at every
     evaluation, so numbers are paired across iterations) and score the videos as shown at ``fps``
     (the run's ``video.fps``).
 
-    Returns ``({"eval/<reward>/mean": ..., "eval/kl_base/mean": ...}, trajectory)``.
+    Returns ``({"eval/<reward>/mean": ..., "eval/kl_base/mean": ..., "monitor/<name>/mean": ...,
+    "monitor/<name>/std": ...}, trajectory)``: ``monitors`` (:mod:`flowdppo_video.monitors`) are
+    scored beside the rewards, under their own prefix.
     """
     traj = rollout(adapter, prompts, samples_per_prompt, latent_shape, sampler,
                    torch.Generator().manual_seed(seed), negative_prompt=negative_prompt, progress=False)
     scores, extras = score_videos(rewards, traj.videos, traj.prompts, fps=fps)
     out = {f"eval/{n}/mean": s.mean().item() for n, s in scores.items()}
     out.update({f"eval/{n}/mean": s.float().mean().item() for n, s in extras.items()})
+    out.update(monitor_means(score_monitors(monitors or {}, traj.videos, traj.prompts, fps=fps)))
     if measure_kl and traj.num_sde_steps:
         out["eval/kl_base/mean"] = kl_to_base(adapter, traj, sampler.batch_size).mean().item()
     return out, traj

@@ -393,6 +393,11 @@ def _evaluation_table(evals: list[dict[str, Any]]) -> str:
         label = f"{n} (mean of {', '.join(composites[n])})" if n in composites else n
         rows.append([label, *[float("nan") if r.get(f"eval/{n}/mean") is None else float(r[f"eval/{n}/mean"])
                               for r in evals]])
+    from .monitors import PREFIX, monitor_names
+
+    for m in monitor_names(evals):      # pixels-only artifact monitors, below the rewards
+        rows.append([f"monitor: {m} (higher = worse)", *[float("nan") if r.get(f"{PREFIX}{m}/mean") is None
+                                                        else float(r[f"{PREFIX}{m}/mean"]) for r in evals]])
     if any(r.get("eval/kl_base/mean") is not None for r in evals):
         rows.append(["KL to base (nats/token)", *[float("nan") if r.get("eval/kl_base/mean") is None
                                                    else float(r["eval/kl_base/mean"]) for r in evals]])
@@ -431,13 +436,21 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                     '<img class="plot" src="training.png" alt="reward, KL and mask-drop curves">' + note)
     else:
         training = '<p class="muted">No iteration has finished yet.</p>'
+    from .monitors import hacking_warnings
+    from .run_summary import training_reward_names
+
+    warnings = hacking_warnings(evals, rows, training_reward_names(run_dir))
     if evals:
         plot_evaluation(evals, out / "evaluation.png")
         evaluation = ('<img class="plot" src="evaluation.png" alt="held-out evaluation curves">' +
-                      _evaluation_table(evals))
+                      _evaluation_table(evals) +
+                      '<p class="muted">Monitors: artifacts measured from pixels alone (rewards.artifacts; '
+                      'docs/rewards.md gives each scale), logged at weight 0 beside the rewards.</p>')
     else:
         evaluation = '<p class="muted">No held-out evaluation configured (<code>eval.prompts</code>) or none done yet.</p>'
-    sections = [("training", "Training curves", training),
+    sections = [("warnings", "Warnings", "".join(f'<p class="bad"><b>warning:</b> {esc(w)}</p>' for w in warnings))
+                ] if warnings else []
+    sections += [("training", "Training curves", training),
                 ("evaluation", "Held-out evaluation", evaluation),
                 ("videos", "Videos: start, middle, end", _videos_section(run_dir, out, fps)),
                 ("klmaps", "Token-KL maps", _klmap_section(run_dir, out)),

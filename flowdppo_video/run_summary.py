@@ -68,10 +68,26 @@ def _change(a: Any, b: Any) -> str:
     return "" if a is None or b is None else f"{float(b) - float(a):+.4f}"
 
 
+def training_reward_names(run_dir: Path) -> list[str]:
+    """The reward names of the run's ``config.yaml`` (``rewards``); ``[]`` when it cannot be read."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    rewards = cfg.get("rewards") if isinstance(cfg, dict) else None
+    return [str(k) for k in rewards] if isinstance(rewards, dict) else []
+
+
 def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
                   evals: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The end of a run: training reward, then held-out base -> final per metric and the KL to the
-    base model in one aligned table, then the files worth opening (those that exist)."""
+    """The end of a run: training reward, then held-out base -> final per metric, the artifact
+    monitors (higher = worse) and the KL to the base model in one aligned table, a warning per
+    reward that rose while a monitor worsened past the base model's spread, then the files worth
+    opening (those that exist)."""
+    from .monitors import PREFIX, hacking_warnings, monitor_names
+
     run_dir = Path(run_dir)
     lines = []
     if rows:
@@ -85,6 +101,11 @@ def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
         head = ("base" if a == 0 else f"after {a}", f"after {b}")
         body = [(_name(k), _fmt(first.get(k)), _fmt(last.get(k)), _change(first.get(k), last.get(k)))
                 for k in held_out_metrics(evals)]
+        monitors = monitor_names([first, last])
+        if monitors:
+            body.append(("artifact monitors (higher = worse):", "", "", ""))
+            body += [(f"  {m}", _fmt(first.get(f"{PREFIX}{m}/mean")), _fmt(last.get(f"{PREFIX}{m}/mean")),
+                      _change(first.get(f"{PREFIX}{m}/mean"), last.get(f"{PREFIX}{m}/mean"))) for m in monitors]
         if any(KL_KEY in r for r in (first, last)):
             body.append(("KL to base (nats/token)", _fmt(first.get(KL_KEY)), _fmt(last.get(KL_KEY)), ""))
         table = [("held-out", *head, "change"), *body]
@@ -92,6 +113,10 @@ def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
         lines.append("")
         for r in table:
             lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}".rstrip())
+        warnings = hacking_warnings(evals, rows, training_reward_names(run_dir))
+        if warnings:
+            lines.append("")
+            lines += [f"warning: {w}" for w in warnings]
     ba = run_dir / "before_after"
     opens = [("report", run_dir / "report" / "index.html", ""),
              ("before/after", ba / "index.html" if (ba / "index.html").is_file() else ba,

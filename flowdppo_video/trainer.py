@@ -28,6 +28,7 @@ from .fsio import check_output_dir, naming
 from .images import attach_images, run_images
 from .metrics import import_wandb, truncate_metrics
 from .models import build_adapter
+from .monitors import build_monitors
 from .models.text_cache import CACHE_FILE, cache_run_prompts
 from .objectives import ObjectiveOutput
 from .parallel.groups import ParallelState, adopt_launcher_settings, check_layout, init_parallel
@@ -66,6 +67,9 @@ class Trainer:
         self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0 or measure_base)
         if self.par.sp > 1:
             apply_sequence_parallel(self.adapter, self.par.sp_group)
+        # after the model: patch_grid's period is its own (VAE stride x patch) unless configured
+        self.eval_monitors = (build_monitors(e.monitors, e.monitor_period, self.adapter, (cfg.video.height, cfg.video.width))
+                              if self.eval_prompts else {})
         v = cfg.video
         self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
         check_token_padding(self.adapter, self.latent_shape)      # before the prompts are encoded
@@ -152,7 +156,7 @@ class Trainer:
         with self.updater.rollout():
             out, traj = evaluate(self.adapter, self.eval_prompts, e.samples_per_prompt, self.latent_shape,
                                  self.cfg.sampler, e.seed, self.eval_rewards, self.cfg.data.negative_prompt,
-                                 e.kl_to_base, fps=self.cfg.video.fps)
+                                 e.kl_to_base, fps=self.cfg.video.fps, monitors=self.eval_monitors)
         # Every rank evaluated the same videos: any rank's count is the count. Not under eval/ (the
         # held-out tables list those); merged into the training row beside videos/nonfinite.
         out["videos/eval_nonfinite"] = nonfinite_rows(traj.final)

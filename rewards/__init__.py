@@ -22,6 +22,8 @@ from . import clip  # noqa: F401,E402
 from . import remote  # noqa: F401,E402  (the client of rewards.server)
 from . import motion  # noqa: F401,E402
 from . import videoalign  # noqa: F401,E402  (VideoAlign VideoReward; transformers imported when built)
+from . import hpsv3  # noqa: F401,E402  (HPSv3 over sampled frames; transformers imported when built)
+from . import artifacts  # noqa: F401,E402  (artifact monitors: patch grid, exposure, flicker, frozen frames)
 
 __all__ = ["REWARDS", "RewardError", "RewardSpec", "build_rewards", "parse_reward_specs", "register", "reward_weights",
            "score_videos"]
