@@ -33,7 +33,7 @@ def _finished_run(out: Path, lever: str, seed: int, direction: float, grid: floa
 
 def test_levers_are_paired_with_the_default_by_seed(tmp_path):
     for seed, shift in [(0, 0.0), (1, 0.1), (2, -0.05)]:          # a seed effect that pairing cancels
-        _finished_run(tmp_path / "runs", "demo", seed, 0.85 + shift, 5.0 + shift, 0.95)
+        _finished_run(tmp_path / "runs", "every_step", seed, 0.85 + shift, 5.0 + shift, 0.95)
         _finished_run(tmp_path / "runs", "route_0.75", seed, 0.80 + shift, 0.5 + shift, 0.90)
     _finished_run(tmp_path / "runs", "beta_1", 0, 0.7, 3.0, 0.9)   # one seed: no interval
     text = clean_rl.write_docs(tmp_path / "runs", tmp_path / "docs")
@@ -43,7 +43,7 @@ def test_levers_are_paired_with_the_default_by_seed(tmp_path):
     assert [r["direction_gain"] for r in route] == pytest.approx([0.2, 0.3, 0.15])
     # colour lost 0.0 / 0.05 points, shape none: forgetting is the mean of the two
     assert {r["tag"]: r["forgotten"] for r in runs if r["seed"] == 0} == pytest.approx(
-        {"demo": -0.025, "route_0.75": 0.0, "beta_1": 0.0})
+        {"every_step": -0.025, "route_0.75": 0.0, "beta_1": 0.0})
     # Paired by seed: exactly -5 points of direction, -4.5 grid levels, +2.5 points forgotten, every seed.
     line = next(ln for ln in text.splitlines() if ln.startswith("| route_0.75 | 0,1,2 | -5.0 [-5.0, -5.0]"))
     assert "-4.50 [-4.50, -4.50]" in line and "+2.5 [+2.5, +2.5]" in line

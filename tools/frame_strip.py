@@ -1,6 +1,6 @@
 """A still of held-out videos before and after RL: frames of the same prompts and noise, side by side.
 
-    .venv/bin/python tools/frame_strip.py runs/clean_rl/demo-s0 runs/clean_rl/route_0.75-s0 \\
+    .venv/bin/python tools/frame_strip.py runs/clean_rl/every_step-s0 runs/clean_rl/route_0.55-s0 \\
         --labels "default" "routed" --videos 0 2 5 --out docs/clean_rl_strip.png
 
 For each chosen held-out video (``--videos``: indices in the first run's ``eval/after_000000``, the

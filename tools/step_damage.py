@@ -1,6 +1,6 @@
 """Where a run's damage is made: the final model against the base, step by step of the schedule.
 
-    .venv/bin/python tools/step_damage.py runs/clean_rl/demo-s0 runs/clean_rl/demo-s1 --out docs/step_damage
+    .venv/bin/python tools/step_damage.py runs/clean_rl/every_step-s0 runs/clean_rl/every_step-s1 --out docs/step_damage
 
 For each run (its ``config.yaml`` and newest checkpoint):
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench/clean_rl.py --jobs 2                       # every lever, seeds 0-2
     .venv/bin/python tools/bench/clean_rl.py --levers route_0.75 beta_1 --jobs 2
-    .venv/bin/python tools/bench/clean_rl.py --cells demo:1 beta_1:0 --jobs 2   # exactly these, in order
+    .venv/bin/python tools/bench/clean_rl.py --cells every_step:1 beta_1:0 --jobs 2   # exactly these, in order
     .venv/bin/python tools/bench/clean_rl.py --report                       # only read finished runs
 
 Each lever is the default recipe (``make demo``) plus the overrides in :data:`LEVERS`, trained at
@@ -11,7 +11,7 @@ and metadata as the demo's table; a finished run is read, not rerun; ``--jobs 2`
 side by side with one thread each, in the queue's order). ``--report`` (and the end of every run)
 writes ``DOCS/clean_rl_levers.{json,md}``: per lever the held-out direction gain, background error, grid
 energy, colour and shape lost, KL to the base model and wall time, as means over seeds with 95%
-bootstrap intervals, and each lever minus the default (``demo``), paired by seed.
+bootstrap intervals, and each lever minus RL on every step (``every_step``), paired by seed.
 """
 
 from __future__ import annotations
@@ -25,26 +25,30 @@ from pathlib import Path
 from algorithms import bootstrap_ci  # tools/bench is on sys.path when run as a script
 from demo_seeds import finished, run_seed, summarise
 
-# name -> overrides of the default recipe. "demo" is the default itself (the baseline every lever is
-# paired with). The boundaries: the demo's schedule (10 steps, shift 1) has sigma 1.0, 0.9, ..., 0.1;
-# base_below 0.75 leaves the tuned weights the window's three steps (sigma 1.0-0.8), 0.55 five.
+# name -> overrides of the default recipe. "every_step" is RL on every denoising step (the default before
+# routing: the baseline every lever is paired with), and every lever but the routed ones says so too, so a
+# lever keeps its meaning whatever the default recipe routes. The demo's schedule (10 steps, shift 1) has
+# sigma 1.0, 0.9, ..., 0.1: base_below 0.75 leaves the tuned weights the window's three steps (sigma 1.0-0.8),
+# 0.55 five (the default since this benchmark).
+UNROUTED = "model.base_below=null"
 LEVERS: dict[str, list[str]] = {                 # in the queue's order
     "route_0.75": ["model.base_below=0.75"],
-    "demo": [],
+    "every_step": [UNROUTED],
     "route_0.55": ["model.base_below=0.55"],
-    "beta_1": ["objective.beta=1.0"],
-    "beta_0.1": ["objective.beta=0.1"],
-    "beta_0.01": ["objective.beta=0.01"],
-    "row_1e-4": ["objective.granularity=row", "objective.delta=1e-4"],
+    "beta_1": [UNROUTED, "objective.beta=1.0"],
+    "beta_0.1": [UNROUTED, "objective.beta=0.1"],
+    "beta_0.01": [UNROUTED, "objective.beta=0.01"],
+    "row_1e-4": [UNROUTED, "objective.granularity=row", "objective.delta=1e-4"],
     # world_fidelity (background and grid artifacts) as a second reward, each normalised in its group.
-    "gdpo_fidelity": ["rewards={world_direction: 1.0, world_fidelity: 1.0}", "advantages.aggregation=gdpo"],
-    "lora_32": ["model.lora.rank=32", "optim.lr=3e-4"],
+    "gdpo_fidelity": [UNROUTED, "rewards={world_direction: 1.0, world_fidelity: 1.0}", "advantages.aggregation=gdpo"],
+    "lora_32": [UNROUTED, "model.lora.rank=32", "optim.lr=3e-4"],
     "route_0.75+row": ["model.base_below=0.75", "objective.granularity=row", "objective.delta=1e-4"],
     "route_0.55+row": ["model.base_below=0.55", "objective.granularity=row", "objective.delta=1e-4"],
     "route_0.35": ["model.base_below=0.35"],
-    "beta_10": ["objective.beta=10.0"],
-    "lora_8": ["model.lora.rank=8", "optim.lr=3e-4"],
+    "beta_10": [UNROUTED, "objective.beta=10.0"],
+    "lora_8": [UNROUTED, "model.lora.rank=8", "optim.lr=3e-4"],
 }
+BASELINE = "every_step"
 SEEDS = (0, 1, 2)
 _WRITE = threading.Lock()           # cells finish in worker threads; one writes the docs at a time
 # (name, key of a summarise() row, scale for the table, decimals): direction in points.
@@ -89,12 +93,12 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
     for lever, by_seed in rows.items():
         cells = [mean_ci([r[k] for r in by_seed.values()], s, d) for _, k, s, d in GAINS]
         lines.append(f"| {lever} | {','.join(map(str, sorted(by_seed)))} | " + " | ".join(cells) + " |")
-    base = rows.get("demo", {})
-    lines += ["", "## Each lever minus the default (`demo`), paired by seed", "",
+    base = rows.get(BASELINE, {})
+    lines += ["", f"## Each lever minus `{BASELINE}` (RL on every step, the default before routing), paired by seed", "",
               "| lever | paired seeds | " + " | ".join(n for n, *_ in GAINS[:5]) + " |",
               "|---|---|" + "---|" * 5]
     for lever, by_seed in rows.items():
-        if lever == "demo":
+        if lever == BASELINE:
             continue
         seeds = sorted(set(by_seed) & set(base))
         cells = [mean_ci([by_seed[s][k] - base[s][k] for s in seeds], sc, d, signed=True)
