@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .common import check_videos, positive, resolve_device, resolve_dtype
-from .qwen_video import QwenVideoPacker, find_chat_template
+from .qwen_video import QwenVideoPacker, chat_inputs, find_chat_template
 from .registry import RewardError, register
 from .videoalign import _to_current_layout
 
@@ -225,22 +225,15 @@ class HPSv3Reward:
     def build_inputs(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw`` of
         ``(h, w, 3)`` uint8 images already at their final size, one prompt each."""
-        patches, grids, texts = [], [], []
-        merge = self.packer.merge_size ** 2
-        for image, prompt in zip(images, prompts):
+        patches, grids = [], []
+        for image in images:
             pv, grid = self.packer.pack(image[None])               # one frame, repeated over the temporal patch
             patches.append(pv)
             grids.append(grid)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": render_prompt(prompt)}]}]
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
-            if text.count(IMAGE_TOKEN) != 1:
-                raise RewardError(f"the chat template of {self.base} must render one {IMAGE_TOKEN} for an image, "
-                                  f"rendered {text.count(IMAGE_TOKEN)}")
-            texts.append(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * (math.prod(grid) // merge)))
-        enc = self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        enc = chat_inputs(self.tokenizer, self.chat_template, self.base,
+                          [(render_prompt(p), g) for p, g in zip(prompts, grids)], IMAGE_TOKEN, "image",
+                          self.packer.merge_size)
+        return {**enc, "pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
     @torch.inference_mode()
     def frame_logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

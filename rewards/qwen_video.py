@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -103,3 +103,23 @@ def find_chat_template(path: Path) -> str:
         raise RewardError(f"{path} has no chat template (chat_template.json, chat_template.jinja or "
                           f"tokenizer_config.json)")
     return tpl
+
+
+
+def chat_inputs(tokenizer: Any, chat_template: str, model_name: Any, items: Sequence[tuple[str, Sequence[int]]],
+                pad_token: str, kind: str, merge_size: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` of one user turn per ``(text, grid)`` item: a
+    ``kind`` ("image" or "video") part, then the text; the part's ``pad_token`` is repeated once per
+    merged patch of the packed ``grid`` ``(t, h, w)``. One line naming ``model_name`` when the template
+    does not render exactly one placeholder."""
+    texts = []
+    for text, grid in items:
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": text}]}]
+        rendered = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                                 add_generation_prompt=True)
+        if rendered.count(pad_token) != 1:
+            raise RewardError(f"the chat template of {model_name} must render one {pad_token} for the {kind}, "
+                              f"rendered {rendered.count(pad_token)}")
+        texts.append(rendered.replace(pad_token, pad_token * (math.prod(grid) // merge_size ** 2)))
+    enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

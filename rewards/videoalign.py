@@ -55,7 +55,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .common import check_videos, positive, resolve_device, resolve_dtype
-from .qwen_video import VIDEO_TOKEN, QwenVideoPacker, find_chat_template
+from .qwen_video import VIDEO_TOKEN, QwenVideoPacker, chat_inputs, find_chat_template
 from .registry import RewardError, register
 
 COMPONENTS = ("vq", "mq", "ta")
@@ -505,23 +505,15 @@ class VideoAlignReward:
 
     def build_inputs(self, videos: torch.Tensor, prompts: Sequence[str], fps: float) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask``, ``pixel_values_videos``, ``video_grid_thw``."""
-        patches, grids, texts = [], [], []
-        merge = self.packer.merge_size ** 2
-        for video, prompt in zip(videos.cpu(), prompts):
+        patches, grids = [], []
+        for video in videos.cpu():
             pv, grid = self.packer.pack(self.prepare_frames(video, fps)[0])
             patches.append(pv)
             grids.append(grid)
-            messages = [{"role": "user", "content": [{"type": "video"},
-                                                     {"type": "text", "text": render_prompt(prompt)}]}]
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
-            if text.count(VIDEO_TOKEN) != 1:
-                raise RewardError(f"the chat template of {self.base} must render one {VIDEO_TOKEN} for a video, "
-                                  f"rendered {text.count(VIDEO_TOKEN)}")
-            texts.append(text.replace(VIDEO_TOKEN, VIDEO_TOKEN * (math.prod(grid) // merge)))
-        enc = self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        enc = chat_inputs(self.tokenizer, self.chat_template, self.base,
+                          [(render_prompt(p), g) for p, g in zip(prompts, grids)], VIDEO_TOKEN, "video",
+                          self.packer.merge_size)
+        return {**enc, "pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
     @torch.inference_mode()
     def raw_rewards(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
