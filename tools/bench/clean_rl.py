@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench/clean_rl.py --jobs 2                       # every lever, seeds 0-2
     .venv/bin/python tools/bench/clean_rl.py --levers route_0.75 beta_1 --jobs 2
+    .venv/bin/python tools/bench/clean_rl.py --cells demo:1 beta_1:0 --jobs 2   # exactly these, in order
     .venv/bin/python tools/bench/clean_rl.py --report                       # only read finished runs
 
 Each lever is the default recipe (``make demo``) plus the overrides in :data:`LEVERS`, trained at
@@ -118,6 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--levers", nargs="+", choices=list(LEVERS), default=list(LEVERS))
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--cells", nargs="+", default=None, metavar="LEVER:SEED",
+                    help="run exactly these cells, in this order (instead of --levers x --seeds)")
     ap.add_argument("--jobs", type=int, default=2, help="cells side by side (one thread each when > 1)")
     ap.add_argument("--out", type=Path, default=Path("runs/clean_rl"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
@@ -127,6 +130,11 @@ def main() -> None:
     if not args.report:
         threads = 1 if args.jobs > 1 else 2
         cells = [(lever, s) for lever in args.levers for s in args.seeds]
+        if args.cells:
+            cells = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cells]
+            bad = [lever for lever, _ in cells if lever not in LEVERS]
+            if bad:
+                raise SystemExit(f"clean_rl.py: unknown lever {bad[0]!r} in --cells; known: {', '.join(LEVERS)}")
 
         def one(cell: tuple[str, int]) -> None:
             lever, seed = cell
