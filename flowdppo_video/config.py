@@ -266,7 +266,7 @@ class Config:
             if not te or len(set(te)) != len(te) or not set(te) <= {"high", "low"}:
                 raise ConfigError(f"model.train_experts must be a non-empty list of distinct 'high' and 'low', got {te}")
         bb = self.model.base_below
-        if bb is not None and not (isinstance(bb, (int, float)) and not isinstance(bb, bool) and 0.0 < bb < 1.0):
+        if bb is not None and not 0.0 < bb < 1.0:        # the typed loader has refused a non-number
             raise ConfigError(f"model.base_below must be a sigma in (0, 1) or null, got {bb!r}")
         if self.model.embedded_guidance is not None and not self.model.embedded_guidance > 0:
             raise ConfigError(f"model.embedded_guidance must be > 0, got {self.model.embedded_guidance}")
@@ -419,7 +419,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return apply_overrides({}, items)
 
 
-# Mappings that a layer above replaces whole instead of merging into: merging reward weights would
 def _check_monitors(monitors: Any, period: Any) -> None:
     """``eval.monitors``: a list of known monitor names (or null); ``eval.monitor_period``: an integer >= 2."""
     from rewards.artifacts import DEFAULT_MONITORS
@@ -435,6 +434,7 @@ def _check_monitors(monitors: Any, period: Any) -> None:
         raise ConfigError(f"eval.monitor_period must be an integer >= 2 (pixels) or null, got {period!r}")
 
 
+# Mappings that a layer above replaces whole instead of merging into: merging reward weights would
 # keep rewards the user meant to drop (training `rewards` and `eval.rewards`).
 REPLACED_WHOLE = ("rewards",)
 
