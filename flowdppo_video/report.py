@@ -439,7 +439,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     from .monitors import hacking_warnings
     from .run_summary import training_reward_names
 
-    warnings = hacking_warnings(evals, rows, training_reward_names(run_dir))
+    warnings = hacking_warnings(evals, rows, training_reward_names(config))   # the config read above
     if evals:
         plot_evaluation(evals, out / "evaluation.png")
         evaluation = ('<img class="plot" src="evaluation.png" alt="held-out evaluation curves">' +

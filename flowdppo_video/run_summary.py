@@ -68,15 +68,20 @@ def _change(a: Any, b: Any) -> str:
     return "" if a is None or b is None else f"{float(b) - float(a):+.4f}"
 
 
-def training_reward_names(run_dir: Path) -> list[str]:
-    """The reward names of the run's ``config.yaml`` (``rewards``); ``[]`` when it cannot be read."""
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.yaml`` as written (unvalidated); ``{}`` when it cannot be read."""
     import yaml
 
     try:
-        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        return []
-    rewards = cfg.get("rewards") if isinstance(cfg, dict) else None
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def training_reward_names(config: Mapping[str, Any]) -> list[str]:
+    """The names in a run config's ``rewards`` (the rewards it trained on)."""
+    rewards = config.get("rewards")
     return [str(k) for k in rewards] if isinstance(rewards, dict) else []
 
 
@@ -113,7 +118,7 @@ def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
         lines.append("")
         for r in table:
             lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}".rstrip())
-        warnings = hacking_warnings(evals, rows, training_reward_names(run_dir))
+        warnings = hacking_warnings(evals, rows, training_reward_names(run_config(run_dir)))
         if warnings:
             lines.append("")
             lines += [f"warning: {w}" for w in warnings]

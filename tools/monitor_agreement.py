@@ -21,7 +21,7 @@ import torch
 
 from flowdppo_video.metrics import read_metrics
 from flowdppo_video.monitors import hacking_warnings, monitor_means, score_monitors
-from flowdppo_video.run_summary import training_reward_names
+from flowdppo_video.run_summary import run_config, training_reward_names
 from flowdppo_video.video import read_video
 from rewards import build_rewards
 from rewards.artifacts import monitor_specs
@@ -72,7 +72,7 @@ def main() -> None:
         evals = measure_run(run, monitors)
         logged = {r["after_iterations"]: r for r in read_metrics(run, "eval")}
         rows = [{**logged.get(e["after"], {"after_iterations": e["after"]}), **e["means"]} for e in evals]
-        warnings = hacking_warnings(rows, read_metrics(run), training_reward_names(run))
+        warnings = hacking_warnings(rows, read_metrics(run), training_reward_names(run_config(run)))
         for e in evals:
             world_all += e["world_grid"]
             grid_all += e["patch_grid"]
