@@ -20,13 +20,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .models.base import VideoFlowAdapter
+
 PREFIX = "monitor/"
 
 
-def model_period(adapter: Any) -> int:
+def model_period(adapter: "VideoFlowAdapter") -> int:
     """The spatial period of a model's patch grid in pixels: VAE stride x transformer patch (16 for
     Wan 2.1: 8 x 2; 2 for the shapes world, which is in pixel space with patch 2)."""
-    return int(getattr(adapter, "scale_spatial", 1)) * int(adapter.patch_size[1])
+    return int(adapter.scale_spatial) * int(adapter.patch_size[1])
 
 
 def build_monitors(names: Sequence[str] | None, period: int | None, adapter: Any,

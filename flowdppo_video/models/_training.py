@@ -34,6 +34,7 @@ class TrainableExperts:
     trained: list[int]
     device: torch.device
     dtype: torch.dtype
+    base_below: float | None               # VideoFlowAdapter's routing by noise level
 
     def _init_training(self) -> None:
         self.num_experts = len(self.experts)
@@ -174,7 +175,7 @@ class TrainableExperts:
         merged; a model routed by noise level (``model.base_below``) becomes two experts, the tuned
         one above the boundary and the base below it, as Wan 2.2 A14B is laid out."""
         plain = [self._merged(i) for i in range(self.num_experts)]
-        base_below = getattr(self, "base_below", None)
+        base_below = self.base_below
         if base_below is None:
             return plain, getattr(self, "boundary_ratio", None)
         return [plain[0], self._base_plain(0)], base_below
@@ -182,7 +183,7 @@ class TrainableExperts:
     def export_single(self) -> torch.nn.Module:
         """The one plain transformer of a single-transformer pipeline's export (LoRA merged); a model
         routed by noise level needs two and is refused in one line."""
-        if getattr(self, "base_below", None) is not None:
+        if self.base_below is not None:
             raise ModelError(f"model.base_below {self.base_below}: this family's diffusers pipeline holds one "
                              "transformer, so a model routed by noise level cannot be exported; sample it with "
                              "flowdppo-video sample, or train without model.base_below")

@@ -114,6 +114,9 @@ class VideoFlowAdapter(abc.ABC):
     experts: list[torch.nn.Module]
     trained: list[int]
     dtype: torch.dtype
+    # Pixels per latent cell along height and width (the autoencoder's spatial stride; 1 in pixel space):
+    # with the transformer's patch, the period of the patch grid RL can grow (flowdppo_video.monitors).
+    scale_spatial: int
 
     # Image-to-video families condition every video on an image as well as its prompt. The caller
     # hands each prompt's image over once (:meth:`set_images`); from then on the image travels inside
