@@ -62,14 +62,16 @@ def velocity_drift(adapter: Any, cfg: Any, prompts: list[str], samples: int, lat
     schedule = sde.flow_schedule(s.num_steps, s.shift)
     batch = [p for p in prompts for _ in range(samples)]
     text = adapter.prompt_text(batch)
+    g = s.guidance_scale                          # the run's CFG: the velocity the policy follows
+    text_u = adapter.negative_text(cfg.data.negative_prompt, batch) if g != 1.0 else None
     x = torch.randn((len(batch), *latent_shape), generator=torch.Generator().manual_seed(cfg.eval.seed))
     rows = []
     for k in range(s.num_steps):
         sig, nxt = float(schedule[k]), float(schedule[k + 1])
         sigma = torch.full((len(batch),), sig)
-        v_final = guided_velocity(adapter, x, sigma, text, None, 1.0)
+        v_final = guided_velocity(adapter, x, sigma, text, text_u, g)
         with adapter.reference():
-            v_base = guided_velocity(adapter, x, sigma, text, None, 1.0)
+            v_base = guided_velocity(adapter, x, sigma, text, text_u, g)
         d = v_final - v_base
         rows.append({"step": k, "sigma": sig,
                      "drift_rel_rms": float(d.square().mean().sqrt() / v_base.square().mean().sqrt()),

@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from algorithms import bootstrap_ci  # tools/bench is on sys.path when run as a script
+from algorithms import _mean_ci  # tools/bench is on sys.path when run as a script
 from demo_seeds import finished, run_seed, summarise
 
 # name -> overrides of the default recipe. "every_step" is RL on every denoising step (the default before
@@ -66,14 +66,10 @@ def derived(row: dict) -> dict:
 
 
 def mean_ci(xs: list[float], scale: float, d: int, signed: bool = False) -> str:
-    if not xs:
-        return "—"
-    m = sum(xs) / len(xs) * scale
-    sign = "+" if signed else ""
+    """The frontier's ``"mean [lo, hi]"`` (:func:`algorithms._mean_ci`); one seed alone without an interval."""
     if len(xs) == 1:
-        return f"{m:{sign}.{d}f}"
-    lo, hi = (v * scale for v in bootstrap_ci(xs))
-    return f"{m:{sign}.{d}f} [{lo:{sign}.{d}f}, {hi:{sign}.{d}f}]"
+        return f"{xs[0] * scale:{'+' if signed else ''}.{d}f}"
+    return _mean_ci(xs, scale, d, signed) if xs else "—"
 
 
 def collect(out: Path) -> dict[str, dict[int, dict]]:
