@@ -17,6 +17,7 @@ from .registry import (REWARDS, RewardError, RewardSpec, build_rewards, parse_re
 
 from . import basic  # noqa: F401,E402  (registers the built-in rewards)
 from . import world  # noqa: F401,E402
+from . import latent_checks  # noqa: F401,E402  (the latent world's checkers)
 from . import vlm  # noqa: F401,E402  (VLM judges; transformers is imported when one is built)
 from . import clip  # noqa: F401,E402
 from . import remote  # noqa: F401,E402  (the client of rewards.server)

@@ -1,0 +1,91 @@
+"""The latent world: its grammar and split, its renderer, and its checkers against rendered ground truth."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+
+from flowdppo_video.resources import resolve
+from flowdppo_video.world.latent import FRAMES, SIZE, render_batch
+from rewards.latent_checks import adherence_table, artifact_measurements, classify, criteria
+from rewards.latent_world import (BACKGROUND_NAMES, SHAPES, LatentScene, draw_scene, is_held_out, object_area,
+                                  parse_prompt, split_scenes, vocabulary)
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+@pytest.fixture(scope="module")
+def held_out_videos() -> tuple[list[LatentScene], np.ndarray]:
+    rng = random.Random(7)
+    scenes = [draw_scene(rng, held_out=True) for _ in range(32)]
+    return scenes, render_batch(scenes, seed=7)
+
+
+def test_grammar_round_trips_and_refuses_what_it_does_not_speak():
+    rng = random.Random(0)
+    for _ in range(50):
+        s = draw_scene(rng)
+        assert parse_prompt(s.prompt) == s
+    two = "a red circle moves left slowly and a blue square moves up quickly on dusk"
+    assert [t.colour for t in parse_prompt(two).things] == ["red", "blue"]
+    for bad in ("a red circle moves left slowly on black",           # a shapes-world background
+                "a red circle moves left slowly or a blue square moves up quickly on dusk",
+                "a red circle moves left slowly and a red square moves up quickly on dusk"):
+        with pytest.raises(ValueError, match="prompt"):
+            parse_prompt(bad)
+    assert set(vocabulary()) >= {"and", *BACKGROUND_NAMES, *SHAPES}
+
+
+def test_split_holds_out_a_fifth_with_every_word_on_both_sides_and_the_prompt_files_follow_it():
+    train, held = split_scenes(1)
+    assert 0.15 < len(held) / (len(train) + len(held)) < 0.25
+    words = lambda scenes: {w for s in scenes for w in s.prompt.split()}
+    assert words(train) == words(held)
+    train_file = open(resolve("builtin:latent-prompts/train.txt")).read().split("\n")
+    held_file = open(resolve("builtin:latent-prompts/heldout.txt")).read().split("\n")
+    train_file, held_file = [p for p in train_file if p], [p for p in held_file if p]
+    assert not any(is_held_out(p) for p in train_file) and all(is_held_out(p) for p in held_file)
+    assert any(" and " in p for p in held_file) and any(" and " not in p for p in held_file)
+
+
+def test_objects_are_small_and_the_video_has_wans_frame_count(held_out_videos):
+    scenes, videos = held_out_videos
+    assert videos.shape == (32, FRAMES, SIZE, SIZE, 3) and (FRAMES - 1) % 4 == 0
+    assert max(object_area(s) for s in SHAPES) * 2 <= SIZE * SIZE / 10      # two objects under a tenth
+
+
+def test_checkers_read_rendered_ground_truth(held_out_videos):
+    scenes, videos = held_out_videos
+    prompts = [s.prompt for s in scenes]
+    table = adherence_table(videos, prompts)
+    assert table["colour"] == 1.0 and table["direction"] == 1.0 and table["speed"] == 1.0
+    assert table["shape"] >= 0.95                    # objects crossing each other can hide an outline
+    c = criteria(videos, prompts)
+    assert c["direction"].mean() > 0.97 and c["colour"].mean() > 0.97
+    # The opposite direction word scores nothing; a wrong shape word little.
+    flipped = [LatentScene(tuple(dataclasses.replace(t, direction=OPPOSITE[t.direction]) for t in s.things),
+                           s.background).prompt for s in scenes]
+    assert criteria(videos, flipped)["direction"].max() < 0.05
+    swap = {"circle": "square", "square": "triangle", "triangle": "circle"}
+    reshaped = [LatentScene(tuple(dataclasses.replace(t, shape=swap[t.shape]) for t in s.things),
+                            s.background).prompt for s in scenes]
+    assert criteria(videos, reshaped)["shape"].mean() < 0.2
+    # A video with its objects painted out has none present.
+    empty = render_batch([LatentScene((), s.background) for s in scenes[:4]], seed=0)
+    assert not any(p["present"] for row in classify(empty, prompts[:4]) for p in row)
+
+
+def test_fidelity_sees_a_drifted_background_and_a_patch_grid(held_out_videos):
+    scenes, videos = held_out_videos
+    prompts = [s.prompt for s in scenes[:8]]
+    clean = artifact_measurements(videos[:8], prompts)
+    assert clean["background_error"].max() < 1.0 and clean["grid_energy"].max() < 0.3
+    drifted = np.clip(videos[:8].astype(np.int16) + 20, 0, 255).astype(np.uint8)
+    assert np.allclose(artifact_measurements(drifted, prompts)["background_error"], 20, atol=2)
+    grid = videos[:8].astype(np.int16)
+    grid[:, :, ::16, :] += 12                             # a seam every 16 px: the patch period
+    grid[:, :, :, ::16] += 12
+    assert artifact_measurements(np.clip(grid, 0, 255).astype(np.uint8), prompts)["grid_energy"].min() > 1.0

@@ -1,0 +1,200 @@
+"""Pretrain the latent world's text-to-video transformer on VAE latents of world videos.
+
+    .venv/bin/python tools/pretrain_latent_world.py --vae runs/latent_vae --work runs/latent_world1 \\
+        --cache runs/latent_cache.pt --out runs/latent_world_model
+
+The VAE comes first (``tools/pretrain_latent_vae.py``, a diffusers folder with ``vae/``). The
+script encodes ``--cache-size`` rendered train-split videos once (the posterior means, normalised
+by the VAE's ``latents_mean``/``latents_std``, as the adapter's ``decode`` undoes), resumable in
+chunks, then trains the ``WanTransformer3DModel`` by flow matching on them, as
+``tools/pretrain_world.py`` trains the shapes world: 30% of captions carry a wrong direction word
+(per object, as web captions do: the headroom RL must close), 10% are empty (classifier-free
+guidance), noise levels logit-normal plus a share near 1 where a motion is decided. One call is one
+stage (``--init`` from a ``state.pt`` or a folder this script wrote); resumable; the final stage
+writes a diffusers folder with every part (``--out``) and ``pretrain.json`` with every stage's
+command and the VAE's record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from tqdm.auto import tqdm
+
+from flowdppo_video.world.latent import build_latent_adapter, load_latent_adapter, render_batch, video_to_pixels
+from flowdppo_video.world.model import flow_matching_loss, world_modules
+from rewards.latent_world import DIRECTIONS, LatentScene, draw_scene, parse_prompt
+
+
+def caption(scene: LatentScene, rng: random.Random, wrong_motion: float, drop: float) -> str:
+    """The scene's prompt, each object's direction word replaced by another with prob ``wrong_motion``,
+    or empty with prob ``drop``."""
+    if rng.random() < drop:
+        return ""
+    things = tuple(dataclasses.replace(t, direction=rng.choice([d for d in DIRECTIONS if d != t.direction]))
+                   if rng.random() < wrong_motion else t for t in scene.things)
+    return LatentScene(things, scene.background).prompt
+
+
+def normalise(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    c = z.shape[1]
+    mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1)
+    return (z - mean) / std
+
+
+@torch.no_grad()
+def build_cache(vae: AutoencoderKLWan, path: Path, size: int, seed: int, chunk: int = 8) -> dict:
+    """Encode ``size`` train-split videos into ``path`` (resumable: saved every 256 videos)."""
+    cache = torch.load(path, weights_only=False) if path.is_file() else {"latents": [], "prompts": [], "seed": seed}
+    done = sum(len(x) for x in cache["latents"])
+    bar = tqdm(total=size, initial=done, desc="encode")
+    while done < size:
+        n = min(chunk, size - done)
+        rng = random.Random(seed * 1_000_003 + done)
+        scenes = [draw_scene(rng) for _ in range(n)]
+        x = video_to_pixels(render_batch(scenes, seed=seed * 1_000_003 + done))
+        cache["latents"].append(normalise(vae, vae.encode(x).latent_dist.mode()).half())
+        cache["prompts"] += [s.prompt for s in scenes]
+        done += n
+        bar.update(n)
+        if done % 256 == 0 or done == size:
+            torch.save(cache, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+    bar.close()
+    return {"latents": torch.cat(cache["latents"]), "prompts": cache["prompts"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vae", required=True, help="a folder with vae/ (tools/pretrain_latent_vae.py --out)")
+    ap.add_argument("--cache", required=True, help="latent cache file (built once, shared by stages)")
+    ap.add_argument("--cache-size", type=int, default=8192)
+    ap.add_argument("--cache-seed", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--wrong-motion", type=float, default=0.3)
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--logit-mean", type=float, default=0.3)
+    ap.add_argument("--high-noise-frac", type=float, default=0.2)
+    ap.add_argument("--train-text-encoder", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--init", help="an earlier stage's state.pt, or a folder this script wrote")
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--out", help="write the final model here as a diffusers folder")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKLWan.from_pretrained(args.vae, subfolder="vae").eval().requires_grad_(False)
+    data = build_cache(vae, Path(args.cache), args.cache_size, args.cache_seed)
+    scenes = [parse_prompt(p) for p in data["prompts"]]
+    latents = data["latents"]
+
+    adapter = build_latent_adapter(torch.device("cpu"), seed=args.seed)
+    adapter.vae = vae
+    modules = world_modules(adapter)
+    adapter.text_encoder.requires_grad_(args.train_text_encoder)
+    modules.train()
+    ckpt, start, log, init_meta = work / "state.pt", 0, [], None
+    if args.init and not ckpt.is_file():
+        init = Path(args.init)
+        if init.is_file():
+            st = torch.load(init, weights_only=False)
+            state, init_meta = st["model"], {"state": str(init), "step": st["step"], "command": st["command"],
+                                             "init": st["init"], "log_tail": st["log"][-1] if st["log"] else None}
+        else:
+            state = world_modules(load_latent_adapter(init)).state_dict()
+            rec = json.loads((init / "pretrain.json").read_text())
+            init_meta = {"state": str(init), "step": rec.get("steps"), "command": rec.get("command"),
+                         "init": rec.get("init"), "weights": "ema"}
+        modules.load_state_dict(state)
+        print(f"initialised from {init}")
+    ema = {k: v.detach().clone() for k, v in modules.state_dict().items()}
+    trainable = {n for n, p in modules.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=False)
+        modules.load_state_dict(st["model"])
+        ema, start, log, init_meta = st["ema"], st["step"], st["log"], st["init"]
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        print(f"resumed at step {start}")
+    command = "tools/pretrain_latent_world.py " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+        if k not in ("work", "out", "cache") and v is not None and v is not False)
+    elapsed0 = log[-1]["elapsed_s"] if log else 0.0
+    t0 = time.time()
+    running = None
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
+    for step in bar:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(len(latents), (args.batch,), generator=gen)
+        x0 = latents[idx].float()
+        text = adapter.embed_text([caption(scenes[i], rng, args.wrong_motion, args.caption_dropout) for i in idx.tolist()])
+        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen) + args.logit_mean)
+        n_high = round(args.high_noise_frac * args.batch)
+        if n_high:
+            sigma[:n_high] = 0.85 + 0.15 * torch.rand(n_high, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        loss = flow_matching_loss(adapter, x0, eps, sigma, text)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for k, p in modules.state_dict().items():
+                if k in trainable:
+                    ema[k].mul_(args.ema).add_(p, alpha=1 - args.ema)
+                else:
+                    ema[k].copy_(p)
+        running = float(loss.detach()) if running is None else 0.98 * running + 0.02 * float(loss.detach())
+        bar.set_postfix(loss=f"{running:.4f}")
+        if (step + 1) % 50 == 0:
+            log.append({"step": step + 1, "loss": running, "lr": sched.get_last_lr()[0],
+                        "elapsed_s": elapsed0 + time.time() - t0})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            tmp = work / "state.pt.tmp"
+            torch.save({"model": modules.state_dict(), "ema": ema, "step": step + 1, "log": log, "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "init": init_meta, "command": command}, tmp)
+            tmp.replace(ckpt)
+            (work / "log.json").write_text(json.dumps(log, indent=0))
+    bar.close()
+    if args.out:
+        modules.load_state_dict(ema)
+        modules.eval()
+        out = Path(args.out)
+        if out.exists():
+            shutil.rmtree(out)
+        adapter.save_pretrained(out)
+        vae_rec = Path(args.vae) / "vae_pretrain.json"
+        (out / "pretrain.json").write_text(json.dumps({
+            "command": command, "steps": args.steps, "final_loss": log[-1]["loss"] if log else None,
+            "train_seconds": round(log[-1]["elapsed_s"]) if log else None, "init": init_meta,
+            "vae": json.loads(vae_rec.read_text()) if vae_rec.is_file() else None,
+            "cache": {"size": args.cache_size, "seed": args.cache_seed}, "torch": torch.__version__,
+            "threads": args.threads, "shipped": "ema"}, indent=1))
+        print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
