@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -163,11 +163,14 @@ def _flow_dppo(logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor,
     kept = (~drop).sum()
     z = terms.numel() if normalize == "all" else kept.clamp_min(1)
     loss = -terms.sum() / z
-    return loss, _mask_stats(drop, adv, log_ratio, kl), drop
+    return loss, mask_stats(drop, adv, log_ratio, kl), drop
 
 
-def _mask_stats(drop: torch.Tensor, adv: torch.Tensor, log_ratio: torch.Tensor, kl: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+def mask_stats(drop: torch.Tensor, adv: torch.Tensor, log_ratio: torch.Tensor, kl: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+    """Detached stats of a frozen-term mask ``drop (B, N)`` (or ``(B, 1)``): the drop fractions
+    overall and per advantage sign, their counts (:data:`COUNT_KEYS`), and the KL and log-ratio
+    extremes. ``adv (B,)``, ``log_ratio`` and ``kl`` the terms' own."""
     with torch.no_grad():
         pos = (adv > 0)[:, None].expand_as(drop)
         neg = (adv < 0)[:, None].expand_as(drop)
@@ -221,7 +224,7 @@ def _grpo_clip(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch
     with torch.no_grad():
         # A clipped row carries no gradient when the clip binds the way its advantage pushes.
         frozen = clip_frozen_rows(log_ratio, adv, clip_range)
-        stats = _mask_stats(frozen[:, None], adv, log_ratio[:, None],
+        stats = mask_stats(frozen[:, None], adv, log_ratio[:, None],
                             kl if kl is not None else torch.zeros_like(logp_new))
         stats["clip_frac"] = ((ratio - 1.0).abs() > clip_range).float().mean()
         if kl is None:
@@ -253,46 +256,123 @@ class ObjectiveOutput:
     counts: dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Objective:
-    """The policy objective of a run, built once from ``objective.*`` (SPEC section 3).
+# ---------------------------------------------------------------------- the objective registry
+OBJECTIVES: dict[str, type["PolicyObjective"]] = {}
 
-    ``kind``: ``flow_dppo`` or ``grpo_clip``; ``delta`` in nats per latent element;
-    ``elements_per_token``: ``D`` of the model and video. Call it on one SDE step's token
-    tensors: ``objective(logp_new, logp_old, kl, advantages) -> ObjectiveOutput``. Every field is
-    required: the defaults live in one place, ``ObjectiveConfig``.
+
+def register_objective(kind: str) -> Callable[[type["PolicyObjective"]], type["PolicyObjective"]]:
+    """Class decorator: make a :class:`PolicyObjective` subclass available as ``objective.kind: kind``
+    (config validation, the trainer and the frontier tools read this registry)."""
+    def deco(cls: type["PolicyObjective"]) -> type["PolicyObjective"]:
+        if not (isinstance(cls, type) and issubclass(cls, PolicyObjective)):
+            raise TypeError(f"objective {kind!r}: {cls!r} is not a PolicyObjective subclass")
+        if kind in OBJECTIVES and OBJECTIVES[kind] is not cls:
+            raise ValueError(f"objective kind {kind!r} is already registered by {OBJECTIVES[kind].__qualname__}")
+        cls.kind = kind
+        OBJECTIVES[kind] = cls
+        return cls
+    return deco
+
+
+class PolicyObjective:
+    """A policy objective, one class per ``objective.kind`` (SPEC section 3), registered with
+    :func:`register_objective`.
+
+    Built once per run from the ``objective`` config section and ``D`` (latent elements per
+    token); called on one SDE step's token tensors:
+    ``objective(logp_new, logp_old, kl, advantages) -> ObjectiveOutput``. A subclass implements
+    :meth:`evaluate` and may declare:
+
+    - ``knob``: the section key that sets its trust region's strength (the frontier sweeps it);
+    - ``variants``: named settings of the section worth comparing (``{"token": {"granularity":
+      "token"}, ...}``), the arms of the frontier and calibration tools;
+    - :meth:`check`: validation of the section's keys it reads (a ``ValueError`` naming the key).
+
+    Keys of its own beyond the built-in ones go under ``objective.options`` (a dict).
     """
 
-    kind: str
-    elements_per_token: int
-    delta: float
-    granularity: str
-    normalize: str
-    clip_range: float
+    kind: ClassVar[str] = ""
+    knob: ClassVar[str | None] = None
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __post_init__(self) -> None:
-        if self.kind not in ("flow_dppo", "grpo_clip"):
-            raise ValueError(f"objective.kind must be flow_dppo or grpo_clip, got {self.kind!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"objective.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"objective.normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
-        _check_elements(self.elements_per_token)
+    def __init__(self, section: Any, elements_per_token: int) -> None:
+        self.section = section
+        self.elements_per_token = _check_elements(elements_per_token)
 
     @classmethod
-    def from_config(cls, o: Any, elements_per_token: int) -> "Objective":
-        """From an ``objective`` config section (anything with its attributes)."""
-        return cls(o.kind, elements_per_token, o.delta, o.granularity, o.normalize, o.clip_range)
+    def check(cls, section: Any) -> None:
+        """Raise ``ValueError`` naming the ``objective.<key>`` that this objective cannot use."""
+
+    @classmethod
+    def from_config(cls, section: Any, elements_per_token: int) -> "PolicyObjective":
+        """The registered objective of ``section.kind``, built from the section."""
+        return objective_class(section.kind)(section, elements_per_token)
+
+    def evaluate(self, logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """``(loss, stats, frozen)``: the scalar loss with its gradient, detached scalar stats (the
+        counts of :data:`COUNT_KEYS` among them, or they are computed from ``frozen``) and the
+        frozen terms, bool broadcastable to ``(B, N)``."""
+        raise NotImplementedError
 
     def __call__(self, logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor,
                  advantages: torch.Tensor) -> ObjectiveOutput:
         """Args: ``(B, N)`` token log-probs under ``pi_theta`` (with grad) and ``pi_old``, the exact
         token KL ``(B, N)``, advantages ``(B,)``."""
-        if self.kind == "flow_dppo":
-            loss, stats, frozen = _flow_dppo(logp_new, logp_old, kl, advantages, self.delta,
-                                             self.elements_per_token, self.granularity, self.normalize)
-        else:
-            loss, stats, frozen = _grpo_clip(logp_new, logp_old, advantages, self.clip_range,
-                                             self.elements_per_token, kl)
+        _check(logp_new, logp_old, advantages)
+        loss, stats, frozen = self.evaluate(logp_new, logp_old, kl, advantages)
+        frozen = frozen.expand(logp_new.shape)
+        if any(k not in stats for k in COUNT_KEYS):
+            stats = {**mask_stats(frozen, advantages.to(logp_new.dtype), (logp_new - logp_old).detach(), kl), **stats}
         counts = {k: stats.pop(k) for k in COUNT_KEYS}
-        return ObjectiveOutput(loss, frozen.expand(logp_new.shape), stats, counts)
+        return ObjectiveOutput(loss, frozen, stats, counts)
+
+
+def objective_class(kind: str) -> type[PolicyObjective]:
+    """The registered class of ``objective.kind``; ValueError naming the choices otherwise."""
+    if kind not in OBJECTIVES:
+        raise ValueError(f"objective.kind={kind!r} is not one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[kind]
+
+
+def check_section(section: Any) -> None:
+    """Validate an ``objective`` section against the registry (its kind, then the kind's own keys)."""
+    if section.normalize not in NORMALIZATIONS:
+        raise ValueError(f"objective.normalize={section.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+    objective_class(section.kind).check(section)
+
+
+@register_objective("flow_dppo")
+class FlowDPPO(PolicyObjective):
+    """Flow-DPPO: the asymmetric divergence mask at ``delta`` nats per latent element, decided per
+    ``granularity`` (:func:`flow_dppo_loss`)."""
+
+    knob = "delta"
+    variants = {g: {"granularity": g} for g in GRANULARITIES}
+
+    @classmethod
+    def check(cls, section: Any) -> None:
+        if section.granularity not in GRANULARITIES:
+            raise ValueError(f"objective.granularity={section.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+
+    def evaluate(self, logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        o = self.section
+        return _flow_dppo(logp_new, logp_old, kl, advantages, o.delta, self.elements_per_token, o.granularity,
+                          o.normalize)
+
+
+@register_objective("grpo_clip")
+class GRPOClip(PolicyObjective):
+    """Flow-GRPO ratio clipping at ``clip_range``, the baseline (:func:`grpo_clip_loss`)."""
+
+    knob = "clip_range"
+    variants = {"clip": {}}
+
+    def evaluate(self, logp_new: torch.Tensor, logp_old: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        return _grpo_clip(logp_new, logp_old, advantages, self.section.clip_range, self.elements_per_token, kl)
+
+
+# The name this class had before the registry (``Objective.from_config(section, D)`` still builds one).
+Objective = PolicyObjective

@@ -9,6 +9,7 @@ of terms the trust region froze is logged over all minibatches, over the off-pol
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import objectives, sde
 from .exceptions import TrainingError
-from .objectives import Objective, ObjectiveOutput
+from .objectives import ObjectiveOutput, PolicyObjective, check_section
 from .parallel.groups import ParallelState
 from .rollout import Trajectory, step_mean
 from .seeding import derive_seed
@@ -84,8 +85,15 @@ class PolicyUpdate:
     def __init__(self, adapter: Any, cfg: Any, par: ParallelState, updater: Any, device: torch.device,
                  elements_per_token: int) -> None:
         self.adapter, self.cfg, self.par, self.updater, self.device = adapter, cfg, par, updater, device
-        self.objective = Objective.from_config(cfg.objective, elements_per_token)
+        self.objective = PolicyObjective.from_config(cfg.objective, elements_per_token)
         self.nonfinite_in_row = 0
+
+    def set_objective(self, section: Any) -> None:
+        """Use the objective of ``section`` (an ``objective`` config section, validated here) from
+        the next update on: the public way for a tool to compare objectives on one trainer."""
+        check_section(section)
+        self.cfg = dataclasses.replace(self.cfg, objective=section)
+        self.objective = PolicyObjective.from_config(section, self.objective.elements_per_token)
 
     def replay_step(self, mb: Trajectory, j: int, advantages: torch.Tensor
                     ) -> tuple[ObjectiveOutput, torch.Tensor, torch.Tensor]:

@@ -6,9 +6,11 @@ minibatches, each replaying the stored SDE steps through the same forward path.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,25 @@ from .policy_update import PolicyUpdate
 from .rollout import Trajectory, rollout
 from .run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
 from .seeding import derive_seed, resolve_device, seed_global_rngs
+
+
+@dataclass
+class Batch:
+    """One iteration's training batch before its update (:meth:`Trainer.collect`): the trajectory,
+    advantages ``(B,)``, per-reward ``scores`` and logged ``extras`` ``{name: (B,)}``, the reward
+    ``weights``, the advantage stats, the count of non-finite videos, this rank's share of videos,
+    and the seconds the rollout and the rewards took."""
+
+    traj: Trajectory
+    advantages: torch.Tensor
+    scores: dict[str, torch.Tensor]
+    extras: dict[str, torch.Tensor]
+    weights: dict[str, float]
+    advantage_stats: dict[str, Any]
+    nonfinite: int
+    share: int
+    rollout_s: float
+    reward_s: float
 
 
 class Trainer:
@@ -166,7 +187,10 @@ class Trainer:
         self.artifacts.evaluation(done, out, traj, self.eval_prompts)
         return out
 
-    def train_iteration(self, it: int) -> tuple[Trajectory, dict[str, Any]]:
+    def collect(self, it: int) -> Batch:
+        """Iteration ``it``'s rollout, rewards and advantages exactly as training makes them, without
+        the update (:meth:`train_iteration` is this and :meth:`update`; tools that compare updates on
+        one batch call it)."""
         cfg = self.cfg
         prompts = prompts_for_iteration(self.prompts, it, cfg.data.prompts_per_iteration, cfg.run.seed)
         if self.perf.wants_flops:                     # once, on CUDA: one forward's FLOPs for perf/mfu
@@ -197,7 +221,20 @@ class Trainer:
             nonfinite = sum(par.all_gather_objects(nonfinite, par.dp_group, "counting non-finite videos"))
         if nonfinite and self.is_main:
             warn_nonfinite(f"iteration {it}", nonfinite, traj.batch_size, "videos/nonfinite")
-        t2 = time.perf_counter()
+        return Batch(traj, adv, scores, extras, weights, adv_stats, nonfinite, share, t1 - t0, time.perf_counter() - t1)
+
+    def set_objective(self, section: Any) -> None:
+        """Update with the objective of ``section`` (an ``objective`` config section) from now on,
+        with a fresh optimizer: the public way for tools to compare objectives on one trainer."""
+        self.cfg = dataclasses.replace(self.cfg, objective=section)
+        self.updater = build_updater(self.adapter, self.cfg, self.par)
+        self.policy_update.updater = self.updater
+        self.policy_update.set_objective(section)
+
+    def train_iteration(self, it: int) -> tuple[Trajectory, dict[str, Any]]:
+        b = self.collect(it)
+        traj, adv, scores, extras, weights, nonfinite = b.traj, b.advantages, b.scores, b.extras, b.weights, b.nonfinite
+        t0 = time.perf_counter()
         upd = self.update(traj, adv, it)
         t3 = time.perf_counter()
         total = sum(weights[n] * scores[n] for n in weights)
@@ -208,11 +245,11 @@ class Trainer:
         for n, s in extras.items():
             row[f"reward/{n}/mean"] = s.float().mean().item()
         row.update({"advantage/abs_mean": adv.abs().mean().item(),
-                    "advantage/zero_std_groups": adv_stats["zero_std_groups"], "videos/nonfinite": nonfinite, **upd,
-                    "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
+                    "advantage/zero_std_groups": b.advantage_stats["zero_std_groups"], "videos/nonfinite": nonfinite,
+                    **upd, "time/rollout_s": b.rollout_s, "time/reward_s": b.reward_s, "time/update_s": t3 - t0,
                     "sde_steps": traj.steps.tolist()})
-        row.update(self.perf.metrics(traj.batch_size, share, traj.num_sde_steps, traj.text_uncond is not None,
-                                     t1 - t0, t3 - t2, time.perf_counter() - t0))
+        row.update(self.perf.metrics(traj.batch_size, b.share, traj.num_sde_steps, traj.text_uncond is not None,
+                                     b.rollout_s, t3 - t0, time.perf_counter() - t0 + b.rollout_s + b.reward_s))
         return traj, row
 
     # ------------------------------------------------------------------ the update

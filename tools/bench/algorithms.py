@@ -43,6 +43,8 @@ from pathlib import Path
 
 from _common import git_commit  # tools/bench is on sys.path: run as a script, or as the tests import it
 
+from flowdppo_video.objectives import OBJECTIVES
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
 EVAL_REWARDS = ("eval.rewards={world_direction: 1.0, world_colour: 1.0, world_shape: 1.0, "
@@ -53,26 +55,54 @@ COMMON = ["optim.lr=1e-4", "eval.samples_per_prompt=2", "run.report_every=0", "r
           "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", EVAL_REWARDS,
           "model.base_below=null"]
 
-# arm -> (overrides, knob key, knob values). The values span roughly 5-50% of the off-policy
-# terms frozen at 4 inner epochs (docs/trust_region_calibration.md, the shares in the comments).
-ARMS: dict[str, tuple[list[str], str | None, list[float]]] = {
-    "token": (["objective.kind=flow_dppo", "objective.granularity=token"], "objective.delta",
-              [3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),      # (3e-6 not calibrated), 23%, 12%, 5.7%, 3.3%, 3.0%
-    "sample": (["objective.kind=flow_dppo", "objective.granularity=sample"], "objective.delta",
-               [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),           # 76% (the paper's value), 63%, 38%, 19%, 7%
-    "clip": (["objective.kind=grpo_clip"], "objective.clip_range", [1e-4, 3e-4, 1e-3, 3e-3]),  # 58%, 30%, 11%, 3%
-    "row_gated": (["objective.kind=flow_dppo", "objective.granularity=row_gated"], "objective.delta",
-                  [1e-6, 3e-6, 1e-5, 3e-5]),              # 50%, 40%, 22%, 11%
-    "row": (["objective.kind=flow_dppo", "objective.granularity=row"], "objective.delta",
-            [1e-5, 3e-5, 1e-4, 3e-4]),                    # the sample arm's first four: the same decision
-    # Pinned token-wise, as measured (it was the default then): with nothing frozen the granularity
-    # still sets the ratio's form (per token, or one mean per row).
-    "none": (["objective.kind=flow_dppo", "objective.granularity=token", "objective.delta=.inf"], None, [math.inf]),
+# The arms are the variants of the registered objectives (flowdppo_video.objectives: each class
+# names its knob and its variants); the knob values are this benchmark's choice. They span roughly
+# 5-50% of the off-policy terms frozen at 4 inner epochs (docs/trust_region_calibration.md, the
+# shares in the comments).
+KNOB_VALUES: dict[str, list[float]] = {
+    "token": [3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3],    # (3e-6 not calibrated), 23%, 12%, 5.7%, 3.3%, 3.0%
+    "sample": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3],          # 76% (the paper's value), 63%, 38%, 19%, 7%
+    "clip": [1e-4, 3e-4, 1e-3, 3e-3],                  # 58%, 30%, 11%, 3%
+    "row_gated": [1e-6, 3e-6, 1e-5, 3e-5],             # 50%, 40%, 22%, 11%
+    "row": [1e-5, 3e-5, 1e-4, 3e-4],                   # the sample arm's first four: the same decision
 }
-LABELS = {"token": "Flow-DPPO token", "sample": "Flow-DPPO sample (paper)", "clip": "ratio clipping",
-          "row_gated": "Flow-DPPO row-gated", "row": "Flow-DPPO row-decided", "none": "no trust region"}
-COLOURS = {"token": "tab:blue", "sample": "tab:orange", "clip": "tab:red", "row_gated": "tab:green",
-           "row": "tab:purple", "none": "tab:gray"}
+ARM_ORDER = ("token", "sample", "clip", "row_gated", "row")   # the order of the tables and plots
+
+
+def registry_arms() -> dict[str, tuple[list[str], str | None]]:
+    """Every variant of every registered objective: ``arm -> (overrides, knob key)``."""
+    out: dict[str, tuple[list[str], str | None]] = {}
+    for kind, cls in OBJECTIVES.items():
+        for arm, settings in (cls.variants or {kind: {}}).items():
+            out[arm] = ([f"objective.kind={kind}", *(f"objective.{k}={v}" for k, v in settings.items())],
+                        f"objective.{cls.knob}" if cls.knob else None)
+    return out
+
+
+# arm -> (overrides, knob key, knob values): the measured arms first, then any other registered
+# variant (no values of its own: give them with --values).
+_REGISTRY = registry_arms()
+ARMS: dict[str, tuple[list[str], str | None, list[float]]] = {
+    arm: (*_REGISTRY[arm], KNOB_VALUES.get(arm, []))
+    for arm in [*ARM_ORDER, *(a for a in _REGISTRY if a not in ARM_ORDER)]}
+# Pinned token-wise, as measured (it was the default then): with nothing frozen the granularity
+# still sets the ratio's form (per token, or one mean per row).
+ARMS["none"] = (["objective.kind=flow_dppo", "objective.granularity=token", "objective.delta=.inf"], None, [math.inf])
+class _Default(dict):
+    """A table with a fallback for arms it does not list (a newly registered objective's)."""
+
+    def __init__(self, table: dict[str, str], default: str | None = None) -> None:
+        super().__init__(table)
+        self.default = default
+
+    def __missing__(self, key: str) -> str:
+        return key if self.default is None else self.default
+
+
+LABELS = _Default({"token": "Flow-DPPO token", "sample": "Flow-DPPO sample (paper)", "clip": "ratio clipping",
+                   "row_gated": "Flow-DPPO row-gated", "row": "Flow-DPPO row-decided", "none": "no trust region"})
+COLOURS = _Default({"token": "tab:blue", "sample": "tab:orange", "clip": "tab:red", "row_gated": "tab:green",
+                    "row": "tab:purple", "none": "tab:gray"}, "black")
 # Stages: what to run, in order (the whole grid does not fit one sitting on 2 cores).
 # The two candidate redesigns (row_gated, row) are screened on seed 0 at 4 inner epochs; the arms
 # that decide the comparison get the further seeds (row, which reached the sample/clip front on

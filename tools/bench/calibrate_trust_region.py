@@ -25,47 +25,50 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from flowdppo_video.objectives import OBJECTIVES
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
-GRID = {
-    "flow_dppo (token)": ("delta", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
-    "flow_dppo (sample)": ("delta", [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
-    "flow_dppo (row_gated)": ("delta", [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4]),
-    "flow_dppo (row)": ("delta", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
-    "grpo_clip": ("clip_range", [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
+# Each registered objective's variants (flowdppo_video.objectives), named "kind (variant)" where a
+# kind has several; the knob values swept per arm are this tool's choice.
+VALUES: dict[str, list[float]] = {
+    "flow_dppo (token)": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
+    "flow_dppo (sample)": [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
+    "flow_dppo (row_gated)": [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4],
+    "flow_dppo (row)": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
+    "grpo_clip": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
 }
-SETTINGS = {
-    "flow_dppo (token)": {"kind": "flow_dppo", "granularity": "token"},
-    "flow_dppo (sample)": {"kind": "flow_dppo", "granularity": "sample"},
-    "flow_dppo (row_gated)": {"kind": "flow_dppo", "granularity": "row_gated"},
-    "flow_dppo (row)": {"kind": "flow_dppo", "granularity": "row"},
-    "grpo_clip": {"kind": "grpo_clip"},
-}
+
+
+def registry_arms() -> tuple[dict[str, tuple[str, list[float]]], dict[str, dict[str, object]]]:
+    """``(GRID, SETTINGS)``: arm -> (knob key, values) and arm -> the objective section's settings."""
+    grid, settings = {}, {}
+    for kind, cls in OBJECTIVES.items():
+        variants = cls.variants or {kind: {}}
+        for variant, sets in variants.items():
+            arm = f"{kind} ({variant})" if len(variants) > 1 else kind
+            if cls.knob is not None:
+                grid[arm] = (cls.knob, VALUES.get(arm, []))
+                settings[arm] = {"kind": kind, **sets}
+    return grid, settings
+
+
+GRID, SETTINGS = registry_arms()
 
 
 def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
               values: dict[str, list[float]] | None = None) -> dict:
     from flowdppo_video.config import load_config
-    from flowdppo_video.parallel.updaters import build_updater
-    from flowdppo_video.policy_update import PolicyUpdate
     from flowdppo_video.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [f"run.output_dir={tmp}/run", "run.progress=false", "run.tensorboard=false",
                                    "run.report_every=0", f"run.seed={seed}", "eval.prompts=null", *overrides])
         trainer = Trainer(cfg)
-        # Iteration 0 exactly as training does it (rollout, rewards, advantages), keeping the batch.
-        batch: dict = {}
-
-        def keep(traj, adv, it):
-            batch.update(traj=traj, adv=adv)
-            return {}
-
+        # Iteration 0's batch exactly as training makes it (rollout, rewards, advantages).
         t0 = time.perf_counter()
-        trainer.update = keep
-        trainer.train_iteration(0)
-        del trainer.update
-        traj, adv = batch["traj"], batch["adv"]
+        batch = trainer.collect(0)
+        traj, adv = batch.traj, batch.advantages
         rollout_s = time.perf_counter() - t0
         start = copy.deepcopy({k: v.detach().clone() for k, v in trainer.adapter.transformer.state_dict().items()})
         rows = []
@@ -73,11 +76,8 @@ def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
         for arm, value in tqdm(todo, desc="calibration"):
             knob = GRID[arm][0]
             trainer.adapter.transformer.load_state_dict(start)
-            trainer.cfg.objective = dataclasses.replace(cfg.objective, **SETTINGS[arm], **{knob: value})
-            # A fresh optimizer and a policy update with this objective (both are built once per run).
-            trainer.updater = build_updater(trainer.adapter, trainer.cfg, trainer.par)
-            trainer.policy_update = PolicyUpdate(trainer.adapter, trainer.cfg, trainer.par, trainer.updater,
-                                                 trainer.device, trainer.elements_per_token)
+            # The same weights, a fresh optimizer, this arm's objective.
+            trainer.set_objective(dataclasses.replace(cfg.objective, **SETTINGS[arm], **{knob: value}))
             t = time.perf_counter()
             out = trainer.update(traj, adv, 0)
             rows.append({"arm": arm, "knob": knob, "value": value,

@@ -1,7 +1,7 @@
 """Benchmark (c): Flow-DPPO against the ``grpo_clip`` (Flow-GRPO ratio clipping) objective, step time.
 
 One trainer, one model, one stored rollout; the only difference between the two variants is
-``objective.kind``, swapped in (``trainer.policy_update.objective``) before each call of
+``objective.kind``, switched (``trainer.policy_update.set_objective``) before each call of
 ``Trainer.update`` (exactly one minibatch of ``B`` videos x ``S`` SDE steps, one AdamW step, as in benchmark (b)). Flow-DPPO
 computes a per-token mask from the token KL and ratio; grpo_clip a per-row clipped ratio; both
 compute the same token log-probs and the token KL (grpo_clip for its stats).
@@ -31,15 +31,13 @@ TARGET = 1.02
 
 
 def variants_for(trainer: Any, traj: Any, adv: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    from flowdppo_video.objectives import Objective
-
     def with_objective(kind: str) -> Callable[[], Any]:
-        # The run's objective is built once; each side swaps in its own, built the same way.
-        objective = Objective.from_config(dataclasses.replace(trainer.cfg.objective, kind=kind),
-                                          trainer.elements_per_token)
+        # Each side switches the run's update to its own objective through the public hook, keeping
+        # the optimizer (a fresh one per call would time its state's creation too).
+        section = dataclasses.replace(trainer.cfg.objective, kind=kind)
 
         def step() -> Any:
-            trainer.policy_update.objective = objective
+            trainer.policy_update.set_objective(section)
             out = trainer.update(traj, adv, 0)
             # Only ratio clipping reports a clip fraction: if the switch stops taking effect (an
             # objective fixed when the trainer is built), both sides would time the same thing.
