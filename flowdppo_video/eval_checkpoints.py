@@ -157,11 +157,12 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     from .seeding import resolve_device
     from .video import write_video
 
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a run directory)")
+    from .run_dir import require_run_dir
+
+    cfg_path = require_run_dir(run_dir)
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
-    cfg = load_config(run_dir / "config.yaml", overrides or [])
+    cfg = load_config(cfg_path, overrides or [])
     models = resolve_models(checkpoints)
     prompt_list = load_prompts(prompts)
     specs = reward_specs(rewards, cfg.eval.rewards or cfg.rewards)

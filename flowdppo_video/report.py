@@ -409,12 +409,12 @@ def _evaluation_table(evals: list[dict[str, Any]]) -> str:
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Build ``RUN_DIR/report/index.html`` from what the run has written so far; returns its path."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        from .config import ConfigError
+    from .config import ConfigError, load_yaml
+    from .run_dir import require_run_dir
 
-        raise ConfigError(f"{run_dir}: no config.yaml there (not a run directory)")
-    config = yaml.safe_load(cfg_path.read_text()) or {}
+    config = load_yaml(require_run_dir(run_dir, ""))      # an unparsable file is one line naming it
+    if not isinstance(config.get("run", {}), dict) or not isinstance(config.get("video", {}), dict):
+        raise ConfigError(f"config file {run_dir / 'config.yaml'}: run and video must be mappings")
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     fps = int(config.get("video", {}).get("fps", 8))
