@@ -27,7 +27,7 @@ from .evaluation import evaluate
 from .exceptions import TrainingError
 from .fsio import check_output_dir, naming
 from .images import attach_images, run_images
-from .metrics import import_wandb, truncate_metrics
+from .metrics import import_wandb, read_metrics, truncate_metrics
 from .models import build_adapter
 from .monitors import build_monitors
 from .models.text_cache import CACHE_FILE, cache_run_prompts
@@ -304,6 +304,15 @@ class Trainer:
     def _resume(self) -> None:
         """Continue from the newest checkpoint that verifies and loads, or from the start if the
         run died before its first (:func:`checkpoint.resume_checkpoint`)."""
+        unreadable = None
+        if self.is_main:                  # the logs are checked before anything is moved or rewritten
+            try:
+                read_metrics(self.run_dir), read_metrics(self.run_dir, "eval")
+            except TrainingError as e:
+                unreadable = str(e)
+        unreadable = self.par.broadcast_object(unreadable, "reading the metric logs")
+        if unreadable is not None:
+            raise TrainingError(f"--resume {self.run_dir}: {unreadable}")
         ckpt, meta = resume_checkpoint(self.run_dir, self.adapter, self.updater, self.par,
                                        self.cfg.parallel.zero_stage, self.cfg.run.iterations)
         if ckpt is not None:
