@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", metavar="SPEC", help="train (default) or heldout: the run's prompts, either with "
                    ":INDICES for a subset (heldout:0-3,7); bare INDICES of the training prompts; or a prompt file")
     s.add_argument("--out", required=True, help="output folder for mp4 files and index.json")
-    s.add_argument("--num", type=int, default=1, choices=range(1, 1025), metavar="N",
+    s.add_argument("--num", type=scoring.bounded_int("--num", 1, 1024), default=1, metavar="N",
                    help="videos per prompt (default 1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--sde", action="store_true", help="sample with the training SDE steps (default: ODE)")
