@@ -45,6 +45,12 @@ def read_video(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
         raise FileNotFoundError(f"video {path} does not exist")
     if size is not None:
         return _read_scaled(path, size)
+    import av
+
+    # av opens the container first (quietly): decord's own ffmpeg would print its log lines on
+    # stderr ("moov atom not found") for a file that is not a video, around our one warning line.
+    with av.open(str(path)):
+        pass
     try:
         import decord
 
@@ -52,8 +58,6 @@ def read_video(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
         return vr.get_batch(list(range(len(vr)))).asnumpy()
     except Exception:  # no decord here, or it mis-sizes a very small video: av reads it
         pass
-    import av
-
     with av.open(str(path)) as src:
         return np.stack([f.to_ndarray(format="rgb24") for f in src.decode(video=0)])
 
