@@ -156,6 +156,13 @@ def held_by(path: Path) -> str | None:
         os.close(fd)
 
 
+def check_unlocked(path: Path) -> None:
+    """Refuse, before a model is built, a run directory another process holds (one line naming it)."""
+    who = held_by(path)
+    if who is not None:
+        raise _in_use(path, who)
+
+
 def _in_use(path: Path, who: str) -> RunDirError:
     return RunDirError(f"{path} is in use by {who}: one process writes a run at a time (wait for it to "
                        "finish, or stop it)")

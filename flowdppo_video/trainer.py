@@ -39,7 +39,7 @@ from .perf import Throughput
 from .policy_update import PolicyUpdate
 from .rollout import Trajectory, rollout
 from .run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
-from .run_dir import RunDirError, RunLock, check_new_run, check_output_name, held_by, mark_owned
+from .run_dir import RunDirError, RunLock, check_new_run, check_output_name, check_unlocked, mark_owned
 from .seeding import derive_seed, resolve_device, seed_global_rngs
 
 
@@ -56,10 +56,7 @@ class Trainer:
                 check_output_name(cfg.run.output_dir)       # "" (an unset variable) is Path("."): look first
                 check_new_run(self.run_dir, cfg.run.allow_foreign_files)   # a run there, or foreign files
             check_output_dir(self.run_dir, "run.output_dir")
-            holder = held_by(self.run_dir)       # a second training of this folder stops before its model loads
-            if holder is not None:
-                raise RunDirError(f"{self.run_dir} is in use by {holder}: one process writes a run at a time "
-                                  "(wait for it to finish, or stop it)")
+            check_unlocked(self.run_dir)         # a second training of this folder stops before its model loads
         self.prompts = load_prompts(cfg.data.prompts)
         self.rewards = build_rewards(cfg.rewards)
         e = cfg.eval
