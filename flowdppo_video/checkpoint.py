@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -94,6 +95,8 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
         with _writing(tmp, final):
             # Last: every rank's files are in place; written after them, it vouches for them all.
             write_manifest(tmp)
+        if final.is_symlink() or (final.exists() and not final.is_dir()):   # not ours to delete: set aside
+            set_aside_strays(run_dir)
         if final.exists():                   # the same iteration saved again (a resumed run)
             _delete(final)
         tmp.rename(final)
@@ -185,19 +188,25 @@ def verify_checkpoint(path: Path) -> str | None:
         return None
     try:
         files = json.loads(m.read_text())["files"]
-        for name, want in files.items():
-            f = path / name
+        entries = [(str(name), want, int(want["bytes"])) for name, want in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for name, want, size_want in entries:
+        f = path / name
+        try:       # a file the manifest names but that cannot be read is named itself, not the manifest
             if not f.is_file():
                 return f"{name} is missing"
             size = f.stat().st_size
-            if size != want["bytes"]:
-                return f"{name} has {size} bytes, the manifest says {want['bytes']}"
+            if size != size_want:
+                return f"{name} has {size} bytes, the manifest says {size_want}"
             if "sha256" in want and _sha256(f) != want["sha256"]:
                 return f"{name} does not match its SHA-256 in the manifest"
             if "sha256_ends" in want and _sha256(f, int(want["ends_bytes"])) != want["sha256_ends"]:
                 return f"{name} does not match the SHA-256 of its ends in the manifest"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+        except OSError as e:
+            return f"{name} is unreadable ({e.strerror or type(e).__name__})"
+        except (ValueError, KeyError, TypeError) as e:
+            return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
     return None
 
 
@@ -218,18 +227,57 @@ def move_aside(path: Path) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (folders only: a symlink or a file of that name is a
+    stray, see :func:`strays`)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "meta.json").is_file())
+    return sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and not p.is_symlink()
+                  and (p / "meta.json").is_file())
+
+
+def strays(run_dir: Path) -> list[Path]:
+    """Entries named like checkpoints that are not folders of their own: symlinks (dangling or
+    not) and files. A save would fail on one (a rename onto it) or load what it points at."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p.is_symlink() or not p.is_dir()))
+
+
+def set_aside_strays(run_dir: Path) -> None:
+    """Move each stray (:func:`strays`) to ``corrupt_<name>`` (the link itself, never its target),
+    naming it on one warning line."""
+    for p in strays(run_dir):
+        what = f"a symlink to {os.readlink(p)}" if p.is_symlink() else "not a folder"
+        aside = move_aside(p)
+        print(f"flowdppo-video: warning: checkpoints/{p.name} is {what}, not a checkpoint; moved it to {aside}",
+              file=sys.stderr)
+
+
+def _expects_manifest(found: list[Path]) -> bool:
+    """Whether this run writes manifests: then a checkpoint without one is damaged (a manifest
+    deleted, or a folder put there by hand), not one from before manifests."""
+    return any(has_manifest(c) for c in found)
+
+
+def check_checkpoint(path: Path, expect_manifest: bool) -> str | None:
+    """:func:`verify_checkpoint`, and a missing manifest where the run's checkpoints have them."""
+    if expect_manifest and not has_manifest(path):
+        return f"{MANIFEST} is missing (the run's other checkpoints have one)"
+    return verify_checkpoint(path)
 
 
 def latest_checkpoint(run_dir: Path, verified: bool = True) -> Path | None:
     """The newest checkpoint (``verified``: the newest whose manifest verifies; each newer one is
-    named on a warning line with why, and left where it is)."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        reason = verify_checkpoint(ckpt) if verified else None
+    named on a warning line with why, and left where it is, as are strays)."""
+    for p in strays(run_dir) if verified else []:
+        print(f"flowdppo-video: warning: skipping checkpoints/{p.name}: a symlink or a file, not a checkpoint folder",
+              file=sys.stderr)
+    found = list_checkpoints(run_dir)
+    expect = verified and _expects_manifest(found)
+    for ckpt in reversed(found):
+        reason = check_checkpoint(ckpt, expect) if verified else None
         if reason is None:
             return ckpt
         print(f"flowdppo-video: warning: skipping checkpoint {ckpt} ({reason})", file=sys.stderr)
@@ -279,10 +327,14 @@ def resume_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater
     has none. A newer damaged one is moved aside with one warning line; a checkpoint that this run
     cannot continue (another ZeRO layout, more iterations done than ``iterations``) is a
     one-line :class:`TrainingError`, nothing changed. Rank 0 verifies and decides."""
+    if par.is_main:
+        set_aside_strays(run_dir)
     found = par.broadcast_object(list_checkpoints(run_dir), "finding the checkpoints")
+    expect = _expects_manifest(found) if par.is_main else False
     skipped: list[tuple[Path, str]] = []
     for ckpt in reversed(found):
-        reason = par.broadcast_object(verify_checkpoint(ckpt) if par.is_main else None, "verifying a checkpoint")
+        reason = par.broadcast_object(check_checkpoint(ckpt, expect) if par.is_main else None,
+                                      "verifying a checkpoint")
         meta: dict[str, Any] = {}
         if reason is None:
             try:

@@ -16,6 +16,7 @@ DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 
 def _train(args: argparse.Namespace) -> None:
     from .config import ConfigError, load_config
+    from .run_dir import check_resume_dir, require_run_dir
     from .trainer import Trainer
 
     if args.resume:
@@ -23,10 +24,9 @@ def _train(args: argparse.Namespace) -> None:
         if args.config:
             raise ConfigError("give --config or --resume, not both: a resumed run uses its own config.yaml "
                               "(change it with dotted overrides)")
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
-        cfg = load_config(run_dir / "config.yaml", args.overrides,
+        cfg = load_config(require_run_dir(run_dir, "--resume"), args.overrides,
                           extra={"run": {"output_dir": str(run_dir)}})
+        check_resume_dir(run_dir, cfg.run.output_dir)      # run.output_dir=B would mix two runs
     else:
         cfg = load_config(args.config or DEFAULT_RECIPE, args.overrides)
     trainer = Trainer(cfg, resume=bool(args.resume))
@@ -55,18 +55,17 @@ def _export(args: argparse.Namespace) -> None:
 
     from .checkpoint import latest_checkpoint, load_checkpoint
     from .config import ConfigError, load_config
+    from .fsio import check_new_output
     from .models import build_adapter
+    from .run_dir import require_run_dir
 
     run_dir = Path(args.run)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a run directory)")
-    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    cfg = load_config(require_run_dir(run_dir), args.overrides)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
     if ckpt is None or not (ckpt / "model").is_dir():
         raise ConfigError(f"--checkpoint: no checkpoint at {ckpt or run_dir / 'checkpoints'}")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty; nothing was written")
+    check_new_output(out, "--out")
     if args.lora:
         if cfg.model.lora.rank == 0:
             raise ConfigError(f"--lora: the run in {run_dir} fine-tuned the whole transformer (model.lora.rank=0)")
@@ -100,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", metavar="SPEC", help="train (default) or heldout: the run's prompts, either with "
                    ":INDICES for a subset (heldout:0-3,7); bare INDICES of the training prompts; or a prompt file")
     s.add_argument("--out", required=True, help="output folder for mp4 files and index.json")
-    s.add_argument("--num", type=int, default=1, choices=range(1, 1025), metavar="N",
+    s.add_argument("--num", type=scoring.bounded_int("--num", 1, 1024), default=1, metavar="N",
                    help="videos per prompt (default 1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--sde", action="store_true", help="sample with the training SDE steps (default: ODE)")

@@ -42,6 +42,8 @@ class RunConfig:
                                           # WANDB_MODE says otherwise)
     peak_tflops: float | None = None      # the GPU's dense peak for perf/mfu (null: flowdppo_video/perf.py's
                                           # table of H100/H200/A100/H20/L40S by the device's name)
+    allow_foreign_files: bool = False     # start a new run in a folder holding files no run wrote (they stay;
+                                          # a config.yaml there is replaced); false: such a folder is refused
 
 
 @dataclass
@@ -230,7 +232,7 @@ class Config:
             raise ConfigError(f"parallel.zero_persistence_threshold must be >= 0, got {par.zero_persistence_threshold}")
         if not par.timeout_s > 0:
             raise ConfigError(f"parallel.timeout_s must be > 0, got {par.timeout_s}")
-        for key, value in [("run.iterations", self.run.iterations), ("data.group_size", self.data.group_size),
+        for key, value in [("run.iterations", self.run.iterations),
                            ("data.prompts_per_iteration", self.data.prompts_per_iteration),
                            ("optim.minibatch_size", self.optim.minibatch_size),
                            ("optim.inner_epochs", self.optim.inner_epochs),
@@ -245,6 +247,13 @@ class Config:
                            ("video.width", self.video.width)]:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        if self.data.group_size < 2:     # advantages are relative to the group: one video has nothing to compare
+            raise ConfigError(f"data.group_size must be >= 2 (a group needs two videos to compare; with one, every "
+                              f"advantage is zero and nothing trains), got {self.data.group_size}")
+        for key, value in [("run.seed", self.run.seed), ("model.init_seed", self.model.init_seed),
+                           ("model.lora.init_seed", self.model.lora.init_seed), ("eval.seed", self.eval.seed)]:
+            if not 0 <= value <= MAX_SEED:   # numpy takes 32-bit seeds; torch's and ours derive from them
+                raise ConfigError(f"{key} must be an integer in [0, {MAX_SEED}], got {value}")
         if self.model.path is None and self.model.init is None:
             raise ConfigError("model.path is not set: give a local diffusers-format directory "
                               "(or model.init to build a random model)")
@@ -316,6 +325,8 @@ def _name(key: Any) -> str:
     k = str(key)
     return k if k.isprintable() else repr(k)
 
+
+MAX_SEED = 2 ** 32 - 1   # numpy's limit; prompt shuffles and generators derived from a seed stay in int64
 
 # Keys where +inf means "off": objective.delta=.inf (no trust region), objective.clip_range=.inf (no clipping).
 INF_ALLOWED = ("objective.delta", "objective.clip_range")
@@ -465,6 +476,23 @@ def yaml_error_line(e: yaml.YAMLError) -> str:
     return f"{where}{problem}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys of a mapping: a recipe's repeated block would drop the
+    first silently. Here a repeated key is an error naming it and where it is."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                m = key_node.start_mark
+                raise ConfigError(f"line {m.line + 1}, column {m.column + 1}: key {_name(key)!r} appears twice in "
+                                  "one mapping (the second would replace the first)")
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -472,7 +500,9 @@ def load_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, 
             raise ConfigError(f"config file {_including[-1]}: base {p} does not exist")
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"config file {p}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {yaml_error_line(e)}") from None
     except (OSError, UnicodeDecodeError) as e:

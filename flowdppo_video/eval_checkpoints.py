@@ -157,12 +157,19 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     from .seeding import resolve_device
     from .video import write_video
 
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a run directory)")
+    from .run_dir import require_run_dir
+
+    cfg_path = require_run_dir(run_dir)
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
-    cfg = load_config(run_dir / "config.yaml", overrides or [])
+    cfg = load_config(cfg_path, overrides or [])
     models = resolve_models(checkpoints)
+    from .checkpoint import verify_checkpoint
+
+    for m in models:                       # every checkpoint verified before minutes of sampling the base
+        reason = verify_checkpoint(m.path) if m.path is not None else None
+        if reason is not None:
+            raise ConfigError(f"--checkpoints: {m.path} is damaged ({reason})")
     prompt_list = load_prompts(prompts)
     specs = reward_specs(rewards, cfg.eval.rewards or cfg.rewards)
     reward_fns = build_rewards(specs, "--reward")
@@ -186,33 +193,35 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     rows: list[dict[str, Any]] = []
     videos: dict[str, dict[tuple[int, int], str]] = {m.label: {} for m in models}
     bar = tqdm(total=len(models) * len(seeds), desc="eval", disable=not progress)
-    for m in models:                       # base first: the adapter has no trained weights yet
-        if m.path is not None:
-            load_checkpoint(m.path, adapter, None)
-        for s in seeds:
-            with torch.no_grad():
-                traj = rollout(adapter, prompt_list, 1, latent_shape, sampler, torch.Generator().manual_seed(s),
-                               negative_prompt=cfg.data.negative_prompt, progress=False)
-            got, extras = score_videos(reward_fns, traj.videos, traj.prompts, fps=cfg.video.fps)
-            mon = score_monitors(monitors, traj.videos, traj.prompts, fps=cfg.video.fps)
-            for i, prompt in enumerate(prompt_list):
-                row = {"model": m.label, "checkpoint": str(m.path) if m.path else BASE, "prompt_index": i,
-                       "prompt": prompt, "seed": s, **{n: float(got[n][i]) for n in names},
-                       **{n: float(v[i]) for n, v in extras.items()},
-                       **{f"{MONITOR}{n}": float(v[i]) for n, v in mon.items()}}
-                rows.append(row)
-                for n, v in mon.items():
-                    watched[n][m.label][(i, s)] = float(v[i])
-                for n in names:
-                    scores[n][m.label][(i, s)] = row[n]
-                for k in extras:
-                    parts.setdefault(k, {q.label: {} for q in models})[m.label][(i, s)] = row[k]
-                if i * len(seeds) + (s - seed) < num_videos:      # the first items, prompt-major
-                    rel = f"videos/{m.label.replace('/', '_')}/p{i:03d}_s{s}.mp4"
-                    write_video(out / rel, traj.videos[i], fps=cfg.video.fps)
-                    videos[m.label][(i, s)] = rel
-            bar.update(1)
-    bar.close()
+    try:
+        for m in models:                       # base first: the adapter has no trained weights yet
+            if m.path is not None:
+                load_checkpoint(m.path, adapter, None)
+            for s in seeds:
+                with torch.no_grad():
+                    traj = rollout(adapter, prompt_list, 1, latent_shape, sampler, torch.Generator().manual_seed(s),
+                                   negative_prompt=cfg.data.negative_prompt, progress=False)
+                got, extras = score_videos(reward_fns, traj.videos, traj.prompts, fps=cfg.video.fps)
+                mon = score_monitors(monitors, traj.videos, traj.prompts, fps=cfg.video.fps)
+                for i, prompt in enumerate(prompt_list):
+                    row = {"model": m.label, "checkpoint": str(m.path) if m.path else BASE, "prompt_index": i,
+                           "prompt": prompt, "seed": s, **{n: float(got[n][i]) for n in names},
+                           **{n: float(v[i]) for n, v in extras.items()},
+                           **{f"{MONITOR}{n}": float(v[i]) for n, v in mon.items()}}
+                    rows.append(row)
+                    for n, v in mon.items():
+                        watched[n][m.label][(i, s)] = float(v[i])
+                    for n in names:
+                        scores[n][m.label][(i, s)] = row[n]
+                    for k in extras:
+                        parts.setdefault(k, {q.label: {} for q in models})[m.label][(i, s)] = row[k]
+                    if i * len(seeds) + (s - seed) < num_videos:      # the first items, prompt-major
+                        rel = f"videos/{m.label.replace('/', '_')}/p{i:03d}_s{s}.mp4"
+                        write_video(out / rel, traj.videos[i], fps=cfg.video.fps)
+                        videos[m.label][(i, s)] = rel
+                bar.update(1)
+    finally:
+        bar.close()                        # an error's line starts on its own line, not after the bar
     terms, left_out = total_terms(rows, names)
     if len(terms) > 1:                      # one reward alone: its own column says it all
         scores["total"] = {m.label: {} for m in models}

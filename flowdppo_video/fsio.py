@@ -30,6 +30,15 @@ def check_output_dir(path: str | Path, key: str) -> None:
         raise ConfigError(f"{key} {p}: {target} is not writable (permission denied or a read-only file system)")
 
 
+def check_new_output(path: str | Path, key: str) -> None:
+    """Refuse an output folder that already holds anything (nothing is ever written over a user's
+    or a run's files), or that cannot be made (:func:`check_output_dir`). Creates nothing."""
+    p = Path(path)
+    check_output_dir(p, key)
+    if p.is_dir() and any(p.iterdir()):
+        raise ConfigError(f"{key} {p} exists and is not empty; nothing was written (give a new or empty folder)")
+
+
 def os_error_line(e: OSError, out: str | Path | None = None) -> str:
     """``PATH: No space left on device``: one line, the path first; an error that names no file
     says the output folder it happened under (``out``), when the command has one."""

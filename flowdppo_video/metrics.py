@@ -111,11 +111,41 @@ def start_wandb(run_dir: Path, config: dict[str, Any]) -> Any:
                       dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE", "offline"))
 
 
+def _log_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """The non-blank lines of a JSONL log with each parsed row (None for the torn last line a kill
+    leaves); any other line that is not a JSON object is one :class:`TrainingError` naming the
+    file and line (it was not written by a run, and resuming over it would lose it)."""
+    from .exceptions import TrainingError
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainingError(f"{path} is not a metrics log (not UTF-8 text at byte {e.start}); move it aside "
+                            "or restore it") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    for k, ln in enumerate(lines):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if k == len(lines) - 1 and not text.endswith("\n"):
+                out.append((ln, None))                   # a kill mid-write: its row is redone
+                continue
+            raise TrainingError(f"{path} line {k + 1} is not a JSON row ({type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:120]}); move the file aside or fix "
+                                "that line") from None
+        out.append((ln, row))
+    return out
+
+
 def read_metrics(run_dir: str | Path, name: str = "metrics") -> list[dict[str, Any]]:
+    """The rows of ``name.jsonl`` (a torn last line left out; another bad line is one error)."""
     path = Path(run_dir) / f"{name}.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _log_lines(path) if row is not None]
 
 
 def truncate_metrics(run_dir: Path, keep_below: int, name: str = "metrics", key: str = "iteration") -> int:
@@ -127,13 +157,12 @@ def truncate_metrics(run_dir: Path, keep_below: int, name: str = "metrics", key:
     path = run_dir / f"{name}.jsonl"
     if not path.is_file():
         return 0
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep, stale = [], []
-    for ln in lines:
+    for ln, row in _log_lines(path):
         try:
-            (keep if json.loads(ln)[key] < keep_below else stale).append(ln)
-        except (ValueError, KeyError):
-            stale.append(ln)  # a torn last line from a kill
+            (keep if row is not None and row[key] < keep_below else stale).append(ln)
+        except (KeyError, TypeError):
+            stale.append(ln)  # a row without its step: not this run's to keep
     if stale:
         with open(run_dir / f"{name}.stale.jsonl", "a") as f:
             f.write("\n".join(stale) + "\n")

@@ -107,6 +107,22 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     return path
+
+
+def save_figure(fig: Any, path: Path, **kwargs: Any) -> None:
+    """Save ``fig`` as ``path`` through a temporary file renamed over it, and close it: a full disk
+    leaves the previous picture (or none), never a 0-byte or truncated PNG."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.part{path.suffix}")
+    try:
+        fig.savefig(tmp, **kwargs)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

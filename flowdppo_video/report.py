@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from .metrics import read_metrics
-from .plots import draw_parts, reward_parts
+from .plots import draw_parts, reward_parts, save_figure
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1400px;
@@ -193,8 +193,7 @@ def plot_training(rows: list[dict[str, Any]], path: Path) -> Path:
         if len(it) == 1:   # one point draws no line: show it
             for line in ax.get_lines():
                 line.set_marker("o")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     return path
 
 
@@ -259,8 +258,7 @@ def plot_evaluation(evals: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("after iterations")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     return path
 
 
@@ -302,8 +300,7 @@ def plot_klmap(snapshot: dict[str, Any], path: Path, min_size: int = 96) -> Path
     cb.ax.tick_params(labelsize=6)
     fig.suptitle(f"iteration {snapshot['iteration']}: token KL(π_old ‖ π_θ) of the update's last minibatch",
                  fontsize=9)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -409,12 +406,12 @@ def _evaluation_table(evals: list[dict[str, Any]]) -> str:
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Build ``RUN_DIR/report/index.html`` from what the run has written so far; returns its path."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        from .config import ConfigError
+    from .config import ConfigError, load_yaml
+    from .run_dir import require_run_dir
 
-        raise ConfigError(f"{run_dir}: no config.yaml there (not a run directory)")
-    config = yaml.safe_load(cfg_path.read_text()) or {}
+    config = load_yaml(require_run_dir(run_dir, ""))      # an unparsable file is one line naming it
+    if not isinstance(config.get("run", {}), dict) or not isinstance(config.get("video", {}), dict):
+        raise ConfigError(f"config file {run_dir / 'config.yaml'}: run and video must be mappings")
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     fps = int(config.get("video", {}).get("fps", 8))

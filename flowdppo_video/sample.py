@@ -91,10 +91,13 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     from .seeding import resolve_device
     from .video import write_video
 
+    from .fsio import check_new_output
+    from .run_dir import require_run_dir
+
     run_dir = Path(args.run)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a run directory)")
-    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    cfg = load_config(require_run_dir(run_dir), args.overrides)
+    out = Path(args.out)
+    check_new_output(out, "--out")      # before any weights load: samples never replace files (export alike)
     chosen, source = select_prompts(args.prompts, cfg)      # a bad selection fails before any weights load
     base = args.checkpoint == "base"
     ckpt = None if base else Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
@@ -105,7 +108,6 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
             else f"checkpoint {ckpt} (after {_count(iterations, 'iteration')})")
     n = len(chosen) * args.num
     kind = "sde" if args.sde else "ode"
-    out = Path(args.out)
     print(f"sampling {_count(n, 'video')}: {args.num} per prompt x {_count(len(chosen), 'prompt')} ({source}), "
           f"from {what}, {kind.upper()} sampling, seed {args.seed}, into {out}", flush=True)
 

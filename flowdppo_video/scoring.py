@@ -28,7 +28,13 @@ rate for every file instead. A file whose rate cannot be read is skipped with a 
 (give ``--fps``).
 
 Videos of one shape ``(F, H, W)`` and frame rate are scored together in batches of
-``--batch-size``. Outputs, in ``--out`` (default: ``scores/`` in the first argument's folder):
+``--batch-size``, and memory is bounded by pixels, not files: a reward works on float copies of
+the frames (about :data:`WORK_FACTOR` bytes per decoded byte), so the decoded videos waiting for
+a batch are held to ``--memory-budget`` (default 2 GB, the whole process's peak: what the process
+already holds is subtracted) and a batch is scored early to stay within it. A single video that
+alone needs more (a long or 4K clip) is decoded scaled down, frame by frame, to the largest size
+that fits (aspect kept), named on a warning line; ``height`` and ``width`` in its row are the size
+it was scored at. Outputs, in ``--out`` (default: ``scores/`` in the first argument's folder):
 ``scores.csv`` and ``scores.jsonl`` (one row per video: ``file``, ``prompt``, ``fps`` (the rate
 it was scored at), ``frames`` (decoded), ``ended_early`` (fewer frames than the container
 declares: a truncated file, also warned about), each reward, ``total`` = the weighted sum, then each reward's logged extras
@@ -49,6 +55,47 @@ from pathlib import Path
 from typing import Any
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
+DEFAULT_MEMORY_GB = 2.0
+# Bytes a reward works with per decoded byte: float32 copies of the frames and of their
+# differences (frame_change peaks at about 13x its uint8 input).
+WORK_FACTOR = 16
+MIN_SHARE = 64 << 20        # what the videos may use however much the process already holds
+
+
+def bounded_int(flag: str, lo: int, hi: int) -> Any:
+    """An argparse type: an integer in ``[lo, hi]``, refused in one short line (``choices=range``
+    would print every allowed value)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, got {text!r}")
+        return value
+    parse.__name__ = flag
+    return parse
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (0 where /proc is not there)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def fit_size(frames: int, height: int, width: int, share: int) -> tuple[int, int] | None:
+    """The ``(height, width)`` to decode a video at so that a reward's work on it fits ``share``
+    bytes (aspect kept, even sizes, at least 2x2), or None when it fits at its own size."""
+    need = frames * height * width * 3 * WORK_FACTOR
+    if need <= share:
+        return None
+    scale = (share / need) ** 0.5
+    return max(2, int(height * scale) // 2 * 2), max(2, int(width * scale) // 2 * 2)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -64,8 +111,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="output folder (default: scores/ in the first argument's folder)")
     s.add_argument("--fps", type=float, help="frame rate to score every video at (default: each file's own, "
                    "read from its container)")
-    s.add_argument("--batch-size", type=int, default=8, choices=range(1, 1025), metavar="N",
+    s.add_argument("--batch-size", type=bounded_int("--batch-size", 1, 1024), default=8, metavar="N",
                    help="videos scored together (default 8)")
+    s.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_GB, metavar="GB",
+                   help=f"peak memory to stay within while decoding and scoring (default {DEFAULT_MEMORY_GB:g}); a "
+                        "video that needs more alone is scored at a smaller size, with a warning")
     s.set_defaults(func=run_score)
     return s
 
@@ -199,7 +249,8 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- scoring
 
 def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any], batch_size: int = 8,
-                fps: float | None = None) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+                fps: float | None = None, memory_budget: float = DEFAULT_MEMORY_GB * 1e9
+                ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Read and score ``videos``; returns ``(rows, reward_names, skipped)``.
 
     ``fps``: the frame rate every video is scored at; ``None``: each file's own (its container's).
@@ -209,7 +260,9 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
     container declares (a truncated file: scored from what it has, with a warning naming it).
 
     Memory is bounded whatever the mix of sizes: at most ``batch_size`` decoded videos wait for
-    their batch (over that, the largest waiting group is scored at once, however small).
+    their batch (over that, the largest waiting group is scored at once, however small), and their
+    reward work (:data:`WORK_FACTOR` per byte) stays within ``memory_budget`` bytes less what the
+    process holds already; a video over that alone is decoded at :func:`fit_size`'s size.
     """
     import numpy as np
     import torch
@@ -218,7 +271,7 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
     import rewards as R
 
     from .data import DataError
-    from .video import declared_frames, read_video, video_fps
+    from .video import declared_frames, probe_video, read_video, video_fps
 
     built = R.build_rewards(entries)
     weights = {n: s.weight for n, s in R.parse_reward_specs(entries).items()}
@@ -227,6 +280,10 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
     pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
     skipped: list[str] = []
     early: set[int] = set()
+    share = max(MIN_SHARE, int(memory_budget) - _rss())
+
+    def held() -> int:
+        return sum(v.nbytes for items in pending.values() for _, v in items) * WORK_FACTOR
 
     def flush(key: tuple[Any, ...]) -> None:
         items = pending.pop(key)
@@ -236,7 +293,8 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
         scores, extras = R.score_videos(built, batch, [prompts[i] for i in idx], fps=rate)
         for j, i in enumerate(idx):
             row: dict[str, Any] = {"file": str(videos[i]), "prompt": prompts[i], "fps": rate,
-                                   "frames": int(batch.shape[1]), "ended_early": i in early}
+                                   "frames": int(batch.shape[1]), "height": int(batch.shape[2]),
+                                   "width": int(batch.shape[3]), "ended_early": i in early}
             row.update({n: float(s[j]) for n, s in scores.items()})
             row["total"] = float(sum(weights[n] * float(s[j]) for n, s in scores.items()))
             row.update({k: float(e.reshape(-1)[j]) for k, e in extras.items() if e.numel() == len(idx)})
@@ -244,7 +302,16 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
 
     for i, path in enumerate(tqdm(videos, desc="scoring", unit="video", disable=None)):
         try:
-            arr = read_video(path)
+            try:
+                n, h, w = probe_video(path)
+            except Exception:  # noqa: BLE001 - no header to go by: decode as it is (the read names what fails)
+                n = None
+            size = fit_size(n, h, w, share) if n else None
+            if size is not None:
+                print(f"flowdppo-video: warning: {path}: {n} frames of {w}x{h} need about "
+                      f"{n * h * w * 3 * WORK_FACTOR / 1e9:.1f} GB to score, over --memory-budget "
+                      f"{memory_budget / 1e9:g} GB: scored at {size[1]}x{size[0]}", file=sys.stderr)
+            arr = read_video(path) if size is None else read_video(path, size)
             if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or arr.shape[0] < 1:
                 raise ValueError(f"decoded to {arr.shape} {arr.dtype}, not (F, H, W, 3) uint8 frames")
             rate = fps if fps is not None else video_fps(path)
@@ -259,6 +326,8 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
             print(f"flowdppo-video: warning: {path} ends early: {arr.shape[0]} of the {declared} frames its "
                   f"container declares decoded; scored from those (ended_early in the output)", file=sys.stderr)
         key = (*arr.shape[:3], rate)
+        while pending and held() + arr.nbytes * WORK_FACTOR > share:    # bounded by pixels, not files
+            flush(max(pending, key=lambda k: sum(v.nbytes for _, v in pending[k])))
         pending.setdefault(key, []).append((i, np.ascontiguousarray(arr)))
         if len(pending[key]) >= batch_size:
             flush(key)
@@ -301,9 +370,11 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
 
 def run_score(args: argparse.Namespace) -> None:
     """The ``score`` command."""
-    from rewards import parse_reward_specs
+    from rewards import RewardError, parse_reward_specs
 
     fps = check_fps_flag(args.fps)
+    if not (math.isfinite(args.memory_budget) and args.memory_budget > 0):
+        raise RewardError(f"--memory-budget must be a positive number of GB, got {args.memory_budget}")
     entries = reward_entries(args.reward, args.rewards_config)
     parse_reward_specs(entries)                       # bad weights fail before any video is read
     videos = collect_videos(args.inputs)
@@ -313,7 +384,8 @@ def run_score(args: argparse.Namespace) -> None:
     from .fsio import check_output_dir
 
     check_output_dir(out, "--out")                    # a file or read-only folder fails before scoring
-    rows, names, skipped = score_files(videos, prompts, entries, args.batch_size, fps)
+    rows, names, skipped = score_files(videos, prompts, entries, args.batch_size, fps,
+                                       memory_budget=args.memory_budget * 1e9)
     weights = {n: s.weight for n, s in parse_reward_specs(entries).items()}
     per_reward = summarize(rows, names, weights)
     write_outputs(out, rows, {"rewards": per_reward, "count": len(rows), "skipped": skipped})

@@ -26,9 +26,19 @@ def seed_global_rngs(seed: int) -> None:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``run.device``; "auto" is this process's GPU (``LOCAL_RANK``) if there is one, else the CPU."""
+    from .config import ConfigError
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"run.device={name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():   # torch would assert deep inside the first .to()
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"run.device={name} but {why}; use run.device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev

@@ -90,6 +90,7 @@ def serve_rewards(args: argparse.Namespace) -> None:
 
     entries, opts = load_server_config(args.config, args)
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    check_token(token, "--token" if args.token is not None else f"${TOKEN_ENV}")
     check_open_bind(opts["host"], token, getattr(args, "allow_open", False))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(entries, token=token, max_request_bytes=int(opts["max_request_mb"] * (1 << 20)),
@@ -114,6 +115,14 @@ def serve_rewards(args: argparse.Namespace) -> None:
     st = app.state.stats
     log.info("stopped after %d requests (%d videos in %d reward calls; %d rejected, %d failed)",
              st.requests_ok, st.videos_scored, st.reward_calls, st.requests_rejected, st.requests_failed)
+
+
+def check_token(token: str | None, where: str) -> None:
+    """A token of blanks (a quoting slip) would guard the server with a secret nobody can send."""
+    from .config import ConfigError
+
+    if token is not None and (not token.strip() or token != token.strip()):
+        raise ConfigError(f"{where} is blank or has spaces around it: give the token itself")
 
 
 def check_open_bind(host: str, token: str | None, allow_open: bool) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from .evaluation import evaluate
 from .exceptions import TrainingError
 from .fsio import check_output_dir, naming
 from .images import attach_images, run_images
-from .metrics import import_wandb, truncate_metrics
+from .metrics import import_wandb, read_metrics, truncate_metrics
 from .models import build_adapter
 from .monitors import build_monitors
 from .models.text_cache import CACHE_FILE, cache_run_prompts
@@ -40,6 +41,7 @@ from .perf import Throughput
 from .policy_update import PolicyUpdate
 from .rollout import Trajectory, rollout
 from .run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
+from .run_dir import RunDirError, RunLock, check_new_run, check_output_name, check_unlocked, mark_owned
 from .seeding import derive_seed, resolve_device, seed_global_rngs
 
 
@@ -68,9 +70,14 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
+        self.lock: RunLock | None = None
         # Check everything cheap before loading weights or touching the run directory.
         if int(os.environ.get("RANK", "0") or 0) == 0:     # rank 0 writes the run; other nodes may not see it
+            if not resume:
+                check_output_name(cfg.run.output_dir)       # "" (an unset variable) is Path("."): look first
+                check_new_run(self.run_dir, cfg.run.allow_foreign_files)   # a run there, or foreign files
             check_output_dir(self.run_dir, "run.output_dir")
+            check_unlocked(self.run_dir)         # a second training of this folder stops before its model loads
         self.prompts = load_prompts(cfg.data.prompts)
         self.rewards = build_rewards(cfg.rewards)
         e = cfg.eval
@@ -98,6 +105,7 @@ class Trainer:
         # Every prompt encoded once, then the text encoder released (model.keep_text_encoder keeps it).
         self.text_stats = cache_run_prompts(self.adapter, cfg, self.prompts + (self.eval_prompts or []), images,
                                             self.run_dir, cfg.run.progress and self.par.is_main)
+        check_rollout_memory(cfg, self.latent_shape, self.adapter)
         _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
         self.updater = build_updater(self.adapter, cfg, self.par)
         self.perf = Throughput(self.adapter, cfg, self.device, self.latent_shape)
@@ -108,20 +116,49 @@ class Trainer:
         # from the checkpoint on resume.
         seed_global_rngs(cfg.run.seed)
         self.start_iteration = 0
-        if resume:
+        # The first write: rank 0 locks the folder (and looks again under the lock: another process
+        # may have started since), every rank obeys its answer.
+        refused = None
+        if self.is_main:
+            try:
+                self._claim(resume)
+            except RunDirError as e:
+                refused = str(e)
+        refused = self.par.broadcast_object(refused, "claiming the run directory")
+        if refused is not None:
+            raise RunDirError(refused)
+        try:
+            if resume:
+                with naming(self.run_dir):
+                    self._resume()
+            self.par.barrier("start")             # every rank has looked before rank 0 writes
+            if self.is_main and self.text_stats["text/encoded_prompts"]:
+                self.adapter.text_cache.save(self.run_dir / CACHE_FILE)
+            self.artifacts = RunArtifacts(cfg, self.run_dir, self.par.is_main,
+                                          purge=self.start_iteration if resume else None)
+        except BaseException:
+            self.release()
+            raise
+
+    def _claim(self, resume: bool) -> None:
+        """Rank 0: lock the run directory for this process and mark it as a run's (a one-line
+        :class:`RunDirError` if another process holds it or a run appeared there meanwhile)."""
+        with naming(self.run_dir):                 # a full disk's write() names no file: name the run
+            self.lock = RunLock.acquire(self.run_dir)
+        weakref.finalize(self, self.lock.release)     # a trainer dropped without close() unlocks
+        try:
+            if not resume:
+                check_new_run(self.run_dir, self.cfg.run.allow_foreign_files)
             with naming(self.run_dir):
-                self._resume()
-        # Rank 0 decides from the files it writes (other nodes may not see them), every rank obeys.
-        elif self.par.broadcast_object(any((self.run_dir / n).exists() for n in
-                                           ("metrics.jsonl", "eval.jsonl", "checkpoints")), "the run-directory check"):
-            raise TrainingError(f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
-                                "or another run.output_dir")
-        self.par.barrier("start")             # every rank has looked before rank 0 writes
-        if self.is_main and self.text_stats["text/encoded_prompts"]:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.adapter.text_cache.save(self.run_dir / CACHE_FILE)
-        self.artifacts = RunArtifacts(cfg, self.run_dir, self.par.is_main,
-                                      purge=self.start_iteration if resume else None)
+                mark_owned(self.run_dir)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Unlock the run directory (the end of the run; idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def is_main(self) -> bool:
@@ -131,6 +168,8 @@ class Trainer:
     def run(self) -> list[dict[str, Any]]:
         """Evaluate the base model, then per iteration: train, evaluate, log, sample, checkpoint."""
         rows, art, r = [], self.artifacts, self.cfg.run
+        if self.is_main and (self.lock is None or not self.lock.held):    # run() again after it released
+            self._claim(resume=True)
         try:
             base_done = self.par.broadcast_object((self.run_dir / "eval.jsonl").exists(), "the evaluation check")
             if self.start_iteration == 0 and not base_done:
@@ -151,11 +190,15 @@ class Trainer:
                 e.filename = str(self.run_dir)
             raise
         finally:
-            art.finish()
+            try:
+                art.finish()
+            finally:
+                self.release()
         return rows
 
     def close(self) -> None:
-        """Leave the process group this trainer joined (if it made one)."""
+        """Unlock the run directory; leave the process group this trainer joined (if it made one)."""
+        self.release()
         self.par.close()
 
     def _maybe_evaluate(self, done: int) -> dict[str, float]:
@@ -295,6 +338,15 @@ class Trainer:
     def _resume(self) -> None:
         """Continue from the newest checkpoint that verifies and loads, or from the start if the
         run died before its first (:func:`checkpoint.resume_checkpoint`)."""
+        unreadable = None
+        if self.is_main:                  # the logs are checked before anything is moved or rewritten
+            try:
+                read_metrics(self.run_dir), read_metrics(self.run_dir, "eval")
+            except TrainingError as e:
+                unreadable = str(e)
+        unreadable = self.par.broadcast_object(unreadable, "reading the metric logs")
+        if unreadable is not None:
+            raise TrainingError(f"--resume {self.run_dir}: {unreadable}")
         ckpt, meta = resume_checkpoint(self.run_dir, self.adapter, self.updater, self.par,
                                        self.cfg.parallel.zero_stage, self.cfg.run.iterations)
         if ckpt is not None:
@@ -308,3 +360,34 @@ class Trainer:
             truncate_metrics(self.run_dir, self.start_iteration + 1 if ckpt is not None else 0, "eval",
                              "after_iterations")
 
+
+def rollout_bytes(cfg: Config, latent_shape: tuple[int, ...], text_row_bytes: int) -> int:
+    """Host bytes one iteration's rollout holds at least: per video its latents at each SDE step
+    (state, mean, std) and the final one, its frames as float32 and uint8, and its prompt rows
+    (both CFG branches). Every rank holds all of them once the data-parallel ranks gather."""
+    v, s = cfg.video, cfg.sampler
+    videos = cfg.data.prompts_per_iteration * cfg.data.group_size
+    latent = 4 * int(torch.Size(latent_shape).numel())
+    frames = v.num_frames * v.height * v.width * 3
+    return videos * (latent * (3 * s.sde_steps + 2) + 5 * frames + 2 * text_row_bytes)
+
+
+def check_rollout_memory(cfg: Config, latent_shape: tuple[int, ...], adapter: Any) -> None:
+    """A batch that cannot fit the host's available memory is one line before the run directory
+    exists (rather than a MemoryError, or the kernel's OOM killer, mid-iteration)."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return                                   # not Linux: nothing to compare with
+    cache = getattr(adapter, "text_cache", None)
+    row = next(iter(cache.entries.values()), None) if cache is not None else None
+    row_bytes = 0 if row is None else sum(t.numel() * t.element_size() for t in
+                                          ([row] if isinstance(row, torch.Tensor) else row.parts.values()))
+    need = rollout_bytes(cfg, latent_shape, row_bytes)
+    if need > avail:
+        d = cfg.data
+        raise TrainingError(f"data.prompts_per_iteration x data.group_size = {d.prompts_per_iteration} x "
+                            f"{d.group_size} videos per iteration hold about {need / 2 ** 30:.1f} GiB in the "
+                            f"rollout, more than the {avail / 2 ** 30:.1f} GiB of memory available; lower "
+                            "data.group_size or data.prompts_per_iteration")

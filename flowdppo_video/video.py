@@ -37,11 +37,20 @@ def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: int = 
     return path
 
 
-def read_video(path: str | Path) -> np.ndarray:
-    """All frames of a video file as ``(F, H, W, 3)`` uint8 (decord, else av)."""
+def read_video(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """All frames of a video file as ``(F, H, W, 3)`` uint8 (decord, else av). ``size``: ``(height,
+    width)`` to scale every frame to as it is decoded (av), so the full-size frames are never held."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video {path} does not exist")
+    if size is not None:
+        return _read_scaled(path, size)
+    import av
+
+    # av opens the container first (quietly): decord's own ffmpeg would print its log lines on
+    # stderr ("moov atom not found") for a file that is not a video, around our one warning line.
+    with av.open(str(path)):
+        pass
     try:
         import decord
 
@@ -49,8 +58,6 @@ def read_video(path: str | Path) -> np.ndarray:
         return vr.get_batch(list(range(len(vr)))).asnumpy()
     except Exception:  # no decord here, or it mis-sizes a very small video: av reads it
         pass
-    import av
-
     with av.open(str(path)) as src:
         return np.stack([f.to_ndarray(format="rgb24") for f in src.decode(video=0)])
 
@@ -84,3 +91,31 @@ def video_fps(path: str | Path) -> float:
             if rate is not None and rate > 0:
                 return float(rate)
     raise ValueError(f"{path}: its container gives no frame rate (give --fps)")
+
+
+def _read_scaled(path: Path, size: tuple[int, int]) -> np.ndarray:
+    import av
+
+    h, w = size
+    frames: list[np.ndarray] = []
+    with av.open(str(path)) as src:
+        for f in src.decode(video=0):
+            frames.append(f.to_ndarray(format="rgb24", width=w, height=h))
+    if not frames:
+        raise ValueError(f"{path} has no frames")
+    return np.stack(frames)
+
+
+def probe_video(path: str | Path) -> tuple[int | None, int, int]:
+    """``(frames, height, width)`` of a video file's first video stream from its container, without
+    decoding: frames as declared, else estimated from the duration and rate, else None."""
+    import av
+
+    with av.open(str(path)) as src:
+        if not src.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        st = src.streams.video[0]
+        n = int(st.frames or 0)
+        if n <= 0 and st.duration and st.time_base and st.average_rate:
+            n = int(round(float(st.duration * st.time_base) * float(st.average_rate)))
+        return (n if n > 0 else None), int(st.codec_context.height), int(st.codec_context.width)

@@ -12,7 +12,7 @@ with weights, ``rewards: {frame_change: 1.0}``, or with options,
 
 from __future__ import annotations
 
-from .registry import (REWARDS, RewardError, RewardSpec, build_rewards, parse_reward_specs, register,
+from .registry import (REWARDS, RewardError, RewardInputError, RewardSpec, build_rewards, parse_reward_specs, register,
                        reward_weights, score_videos)
 
 from . import basic  # noqa: F401,E402  (registers the built-in rewards)

@@ -405,6 +405,8 @@ class TemporalFlicker(_MotionReward):
         self.scale = float(scale)
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        if videos.ndim == 5 and videos.shape[1] < 2:   # no frame pair: "no flicker" would be its top score
+            raise ValueError(f"temporal_flicker needs videos of at least 2 frames to compare, got {videos.shape[1]}")
         m = analyse_motion(videos, self.estimator, fps=fps, scale=self.scale, need_backward=False)
         return _tensors(score=m.flicker_score, residual=m.residual)
 

@@ -16,6 +16,12 @@ class RewardError(ValueError):
     """A reward that cannot be built or returned unusable scores; one line naming it."""
 
 
+class RewardInputError(RewardError):
+    """A reward refused the videos or prompts it was given (a ``ValueError`` it raised: a prompt it
+    cannot parse, too few frames, too small a frame): the caller's error, never retried. The
+    reward server answers it with 422."""
+
+
 class Reward(Protocol):
     """``reward(videos, prompts, fps=fps)``: ``(B, F, H, W, 3)`` uint8 videos, ``B`` prompts and the
     videos' real frame rate (a required keyword: a reward never guesses it) -> ``(B,)`` scores or a
@@ -166,11 +172,15 @@ def _call_with_retries(name: str, fn: Reward, videos: torch.Tensor, prompts: lis
             return fn(videos, prompts, fps=fps)
         except RewardError as e:
             err: BaseException = e
+        except ValueError as e:     # the input's fault: the same input fails again, and it is the caller's
+            raise RewardInputError(f"reward {name!r} failed: {type(e).__name__}: {_first_line(e)}") from e
         except Exception as e:
             err = e
         if attempt < retries:
             time.sleep(min(0.1 * 2 ** attempt, 2.0))
     tries = f" after {retries + 1} attempts" if retries else ""
+    if isinstance(err, RewardInputError):
+        raise RewardInputError(f"reward {name!r} failed{tries}: {_first_line(err)}") from err
     if isinstance(err, RewardError):
         raise RewardError(f"reward {name!r} failed{tries}: {_first_line(err)}") from err
     raise RewardError(f"reward {name!r} failed{tries}: {type(err).__name__}: {_first_line(err)}") from err

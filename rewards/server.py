@@ -18,8 +18,11 @@ prompts a reward rejects fails only itself.
 
 Status codes: 400 a malformed request (the reason names the field; JSON nested deeper than
 :data:`rewards.wire.MAX_JSON_DEPTH` too), 401 a missing or wrong bearer token, 413 a body over
-``max_request_bytes``, 500 a reward that raised (its one-line error) or any unexpected error (a
-JSON ``{"error"}`` counted in ``/health``'s ``requests_failed``), 503 the server shutting down. The
+``max_request_bytes`` (400 too: a client that disconnects mid-body), 422 a reward that refused
+the request's input (a prompt it cannot parse, a video too small or too short: its
+:class:`~rewards.registry.RewardInputError`), 500 a reward that failed otherwise (its one-line
+error) or any unexpected error (a JSON ``{"error"}`` counted in ``/health``'s
+``requests_failed``), 503 the server shutting down. 4xx answers count as rejected, not failed. The
 server keeps serving after any of them.
 """
 
@@ -41,8 +44,9 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from .registry import Reward, RewardError, build_rewards, parse_reward_specs, score_videos
+from .registry import Reward, RewardError, RewardInputError, build_rewards, parse_reward_specs, score_videos
 from .wire import WIRE_VERSION, ScoreRequest, WireError, decode_request, encode_response
 
 log = logging.getLogger("rewards.server")
@@ -178,13 +182,13 @@ class Batcher:
             return self._score(chunk)
         except RewardError as e:
             if len(chunk) == 1:
-                return [_Failed(500, str(e))]
+                return [_failed(e)]
         out: list[dict[str, Any] | _Failed] = []
         for p in chunk:
             try:
                 out.extend(self._score([p]))
             except RewardError as e:
-                out.append(_Failed(500, str(e)))
+                out.append(_failed(e))
         return out
 
     def _score(self, chunk: list[_Pending]) -> list[dict[str, Any]]:
@@ -255,7 +259,7 @@ SCORE_OPENAPI: dict[str, Any] = {
                                    "extras": {"type": "object", "additionalProperties": _ARRAY},
                                    "weights": {"type": "object", "additionalProperties": {"type": "number"}},
                                    "batch": {"type": "object"}, "elapsed_s": {"type": "number"}}}}}},
-        **{code: _ERROR for code in ("400", "401", "413", "500", "503")}},
+        **{code: _ERROR for code in ("400", "401", "413", "422", "500", "503")}},
 }
 
 
@@ -379,12 +383,20 @@ async def _read_body(request: Request, limit: int) -> bytearray:
             raise _Failed(413, f"request body of {int(declared)} bytes exceeds the server's limit of "
                                f"{limit} bytes ({mb:g} MB, --max-request-mb): send fewer videos per request")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _Failed(413, f"request body exceeds the server's limit of {limit} bytes ({mb:g} MB, "
-                               f"--max-request-mb): send fewer videos per request")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _Failed(413, f"request body exceeds the server's limit of {limit} bytes ({mb:g} MB, "
+                                   f"--max-request-mb): send fewer videos per request")
+    except ClientDisconnect:           # the client's doing, not the server's: no traceback, not a failure
+        raise _Failed(400, f"the client disconnected after {len(body)} bytes of the body") from None
     return body
+
+
+def _failed(e: RewardError) -> "_Failed":
+    """A reward's error as an answer: 422 when the reward refused the request's input, else 500."""
+    return _Failed(422, str(e)) if isinstance(e, RewardInputError) else _Failed(500, str(e))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -169,8 +169,9 @@ def test_concurrent_requests_are_batched_and_none_lost(url, local):
 
 
 def test_a_failing_reward_fails_only_its_own_request(url, local):
-    """A prompt world_direction cannot parse, sent among good requests: 500 naming the reward
-    for that request only; the good ones batched with it still get their exact scores."""
+    """A prompt world_direction cannot parse, sent among good requests: 422 (the client's error)
+    naming the reward for that request only; the good ones batched with it still get their exact
+    scores."""
     good = [batch(k) for k in range(100, 106)]
     bad_videos, bad_prompts = batch(106)
     bad_prompts = ["a purple hexagon dances"] + bad_prompts[1:]
@@ -183,7 +184,7 @@ def test_a_failing_reward_fails_only_its_own_request(url, local):
                                                       headers={"Content-Type": BINARY_TYPE}) for b in bodies])
 
     resps = asyncio.run(send_all())
-    assert resps[3].status_code == 500
+    assert resps[3].status_code == 422
     assert re.match(r"reward 'world_direction' failed: ValueError: prompt 'a purple hexagon dances'",
                     resps[3].json()["error"]), resps[3].json()
     for r, (v, p) in zip(resps[:3] + resps[4:], good):

@@ -57,7 +57,9 @@ def test_cached_prompts_give_identical_videos_and_log_probs(tmp_path):
         cached.adapter.prompt_text(["an unseen prompt"])
     # Kept, the encoder serves an unseen prompt.
     assert plain.adapter.prompt_text(["an unseen prompt"]).shape[0] == 1
-    # Resumed, the run reads its rows back and encodes nothing.
+    # Resumed, the run reads its rows back and encodes nothing (the first trainer lets go of the run
+    # first: one process writes a run at a time).
+    cached.close()
     resumed = Trainer(cfg, resume=True)
     assert resumed.text_stats["text/encoded_prompts"] == 0 and resumed.text_stats["text/cached_prompts"] == 4
     ta2, la2 = _rollout(resumed, cfg)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from .base import ModelError, Text, TextBatch, VideoFlowAdapter, cat_text
 
 CACHE_FILE = "text_cache.safetensors"
+CHECKSUM_SUFFIX = ".sha256"                       # beside the cache: its SHA-256, checked on load
 _PLAIN = "_"                                      # the part name of a plain-tensor row
 
 
@@ -92,12 +94,24 @@ class TextCache:
             for k, v in _parts(row).items():
                 tensors[f"{i}.{k}"] = v.contiguous()
         tmp = path.with_name(f".{path.name}.tmp")
+        side = checksum_path(path)
+        side_tmp = side.with_name(f".{side.name}.tmp")
         try:
             save_file(tensors, str(tmp), metadata={"key": self.key, "entries": json.dumps(index)})
+            side_tmp.write_text(_sha256(tmp) + "\n")
+            # The checksum lands first: a kill between the two renames leaves a mismatch (rebuilt on
+            # load), never a damaged cache that verifies.
+            side_tmp.replace(side)
             tmp.replace(path)
-        except OSError:
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk in its own error type
             tmp.unlink(missing_ok=True)
-            raise
+            side_tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                if e.filename is None or str(e.filename) in (str(tmp), str(side_tmp)):
+                    e.filename = str(path)
+                raise
+            first = (str(e).splitlines() or [""])[0][:300]
+            raise ModelError(f"could not write the text cache {path}: {type(e).__name__}: {first}") from None
 
     def load(self, path: Path) -> int:
         """Read the rows of ``path`` if it was written for this model; returns how many were read
@@ -105,6 +119,18 @@ class TextCache:
         from safetensors import safe_open
 
         if not path.is_file():
+            return 0
+        side = checksum_path(path)
+        try:
+            want = side.read_text().strip() if side.is_file() else None   # none: a cache from before checksums
+            damaged = want is not None and _sha256(path) != want
+        except OSError as e:
+            print(f"flowdppo-video: warning: cannot read {path} or {side.name} ({e.strerror or e}); encoding "
+                  "its prompts again", file=sys.stderr)
+            return 0
+        if damaged:
+            print(f"flowdppo-video: warning: {path} does not match its checksum ({side.name}); encoding its prompts "
+                  "again", file=sys.stderr)
             return 0
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -118,9 +144,26 @@ class TextCache:
                     parts.setdefault(int(i), {})[k] = f.get_tensor(name)
         except Exception:  # noqa: BLE001 - a truncated or foreign file: encode again
             return 0
+        if not all(torch.isfinite(t).all() for ps in parts.values() for t in ps.values() if t.is_floating_point()):
+            print(f"flowdppo-video: warning: {path} holds non-finite values; encoding its prompts again",
+                  file=sys.stderr)
+            return 0
         for i, (neg, p) in enumerate(index):
             self.entries[(neg, p)] = _from_parts(parts[i])
         return len(index)
+
+
+def checksum_path(path: Path) -> Path:
+    """Where the SHA-256 of the cache file ``path`` is kept."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def model_key(model: Any, video: tuple[int, int, int], images: dict[str, Any] | None = None) -> str:

@@ -297,8 +297,18 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
 
     # ---------------------------------------------------------------- the interface
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return causal_latent_shape(num_frames, height, width, self.scale_temporal, self.scale_spatial,
-                                   self.patch_size, self.latent_channels)
+        shape = causal_latent_shape(num_frames, height, width, self.scale_temporal, self.scale_spatial,
+                                    self.patch_size, self.latent_channels)
+        # The rotary table has rope_max_seq_len positions per axis: past it the first forward fails
+        # with a shape error, after the run directory exists. Checked here, while the trainer is built.
+        limit = int(getattr(self.transformer.config, "rope_max_seq_len", 0) or 0)
+        for key, value, n, p in (("video.num_frames", num_frames, shape[1], self.patch_size[0]),
+                                 ("video.height", height, shape[2], self.patch_size[1]),
+                                 ("video.width", width, shape[3], self.patch_size[2])):
+            if limit and n // p > limit:
+                raise ModelError(f"{key}={value} gives {n // p} token positions along that axis; this model's "
+                                 f"rotary embedding holds {limit} (rope_max_seq_len)")
+        return shape
 
     def embed_text(self, prompts: list[str]) -> torch.Tensor:
         """UMT5 embeddings ``(P, L, D)`` as WanPipeline makes them (padding zeroed); no cache."""
