@@ -54,13 +54,12 @@ def _export(args: argparse.Namespace) -> None:
     import shutil
 
     from .checkpoint import latest_checkpoint, load_checkpoint
-    from .config import ConfigError, load_config
+    from .config import ConfigError
     from .fsio import check_new_output
-    from .models import build_adapter
-    from .run_dir import require_run_dir
+    from .run_builder import build_model, open_run
 
     run_dir = Path(args.run)
-    cfg = load_config(require_run_dir(run_dir), args.overrides)
+    cfg = open_run(run_dir, args.overrides)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
     if ckpt is None or not (ckpt / "model").is_dir():
         raise ConfigError(f"--checkpoint: no checkpoint at {ckpt or run_dir / 'checkpoints'}")
@@ -75,7 +74,7 @@ def _export(args: argparse.Namespace) -> None:
         shutil.copytree(ckpt / "model", out, dirs_exist_ok=True)   # peft adapter files per expert
         print(f"wrote the LoRA adapter of {ckpt} to {out}")
         return
-    adapter = build_adapter(cfg.model, torch.device("cpu"))
+    adapter = build_model(cfg, torch.device("cpu"), images=False).adapter    # the weights only
     load_checkpoint(ckpt, adapter, None)
     adapter.save_pretrained(out)
     how = "LoRA merged" if cfg.model.lora.rank else "full weights"

@@ -149,20 +149,16 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     from rewards import build_rewards, reward_weights, score_videos
 
     from .checkpoint import load_checkpoint
-    from .config import ConfigError, load_config
+    from .config import ConfigError
     from .data import load_prompts
-    from .models import build_adapter
     from .monitors import build_monitors, score_monitors
     from .rollout import rollout
-    from .seeding import resolve_device
+    from .run_builder import build_model, open_run
     from .video import write_video
 
-    from .run_dir import require_run_dir
-
-    cfg_path = require_run_dir(run_dir)
+    cfg = open_run(run_dir, overrides)
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
-    cfg = load_config(cfg_path, overrides or [])
     models = resolve_models(checkpoints)
     from .checkpoint import verify_checkpoint
 
@@ -175,11 +171,8 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     reward_fns = build_rewards(specs, "--reward")
     weights = reward_weights(specs)
     sampler = cfg.sampler if sde else dataclasses.replace(cfg.sampler, sde_steps=0)
-    adapter = build_adapter(cfg.model, resolve_device(cfg.run.device))
-    from .images import load_run_images
-
-    load_run_images(adapter, cfg)  # image-to-video: the images of the run's training and held-out prompts
-    latent_shape = adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
+    built = build_model(cfg)     # image-to-video: with the images of the run's training and held-out prompts
+    adapter, latent_shape = built.adapter, built.latent_shape
     monitors = build_monitors(cfg.eval.monitors, cfg.eval.monitor_period, adapter,    # artifacts, higher = worse
                               (cfg.video.height, cfg.video.width))
     seeds = list(range(seed, seed + samples))

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, load_config
+from .run_builder import keeps_reference
 
 GiB, MiB = 2 ** 30, 2 ** 20
 
@@ -88,8 +89,7 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     if world % sp:
         raise ConfigError(f"--world {world} is not divisible by parallel.sequence_parallel={sp}")
     dp = world // sp
-    keep_reference = cfg.objective.beta > 0 or (cfg.eval.prompts is not None and cfg.eval.kl_to_base)
-    adapter, missing = plan_adapter(cfg.model, model_config, keep_reference)
+    adapter, missing = plan_adapter(cfg.model, model_config, keeps_reference(cfg))
     parts = parameter_parts(adapter, missing)
     trained_idx = list(adapter.trained)
     profiles = [activation_profile(adapter, i) for i in trained_idx]

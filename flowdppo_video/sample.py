@@ -84,18 +84,14 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     """Sample, write ``out/NNN.mp4`` (prompt-major: a prompt's videos are consecutive) and
     ``out/index.json``; returns the index."""
     from .checkpoint import latest_checkpoint, load_checkpoint
-    from .config import ConfigError, load_config
-    from .images import load_run_images
-    from .models import build_adapter
+    from .config import ConfigError
+    from .fsio import check_new_output
     from .rollout import rollout
-    from .seeding import resolve_device
+    from .run_builder import build_model, open_run
     from .video import write_video
 
-    from .fsio import check_new_output
-    from .run_dir import require_run_dir
-
     run_dir = Path(args.run)
-    cfg = load_config(require_run_dir(run_dir), args.overrides)
+    cfg = open_run(run_dir, args.overrides)
     out = Path(args.out)
     check_new_output(out, "--out")      # before any weights load: samples never replace files (export alike)
     chosen, source = select_prompts(args.prompts, cfg)      # a bad selection fails before any weights load
@@ -111,12 +107,11 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     print(f"sampling {_count(n, 'video')}: {args.num} per prompt x {_count(len(chosen), 'prompt')} ({source}), "
           f"from {what}, {kind.upper()} sampling, seed {args.seed}, into {out}", flush=True)
 
-    adapter = build_adapter(cfg.model, resolve_device(cfg.run.device))
-    load_run_images(adapter, cfg)  # image-to-video: the images of the run's prompts
+    built = build_model(cfg)         # image-to-video: with the images of the run's prompts
+    adapter, latent_shape = built.adapter, built.latent_shape
     if ckpt is not None:
         load_checkpoint(ckpt, adapter, None)
     sampler = dataclasses.replace(cfg.sampler, sde_steps=cfg.sampler.sde_steps if args.sde else 0)
-    latent_shape = adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
     with torch.no_grad():
         traj = rollout(adapter, [p for _, p in chosen], args.num, latent_shape, sampler,
                        torch.Generator().manual_seed(args.seed), negative_prompt=cfg.data.negative_prompt)

@@ -28,9 +28,8 @@ from .data import load_prompts, prompts_for_iteration
 from .evaluation import evaluate
 from .exceptions import TrainingError
 from .fsio import check_output_dir, naming
-from .images import attach_images, run_images
+from .images import run_images
 from .metrics import import_wandb, read_metrics, truncate_metrics
-from .models import build_adapter
 from .monitors import build_monitors
 from .models.text_cache import CACHE_FILE, cache_run_prompts
 from .objectives import ObjectiveOutput
@@ -40,6 +39,7 @@ from .parallel.updaters import build_updater
 from .perf import Throughput
 from .policy_update import PolicyUpdate
 from .rollout import Trajectory, rollout
+from .run_builder import build_model, keeps_reference
 from .run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
 from .run_dir import RunDirError, RunLock, check_new_run, check_output_name, check_unlocked, mark_owned
 from .seeding import derive_seed, resolve_device, seed_global_rngs
@@ -83,7 +83,6 @@ class Trainer:
         e = cfg.eval
         self.eval_prompts = load_prompts(e.prompts) if e.prompts is not None else None
         self.eval_rewards = build_rewards(e.rewards or cfg.rewards, "eval.rewards" if e.rewards else "rewards") if self.eval_prompts else {}
-        measure_base = bool(self.eval_prompts) and e.kl_to_base
         images = run_images(cfg.data.prompts, cfg.data.images, e.prompts, e.images)  # image-to-video models
         if cfg.run.wandb:
             import_wandb()
@@ -92,16 +91,14 @@ class Trainer:
         self.par: ParallelState = init_parallel(cfg.parallel, requested.type)
         check_layout(self.par, cfg.data, cfg.optim, cfg.objective)
         self.device = resolve_device(cfg.run.device, self.par.local_rank)
-        self.adapter = build_adapter(cfg.model, self.device, keep_reference=cfg.objective.beta > 0 or measure_base)
-        if self.par.sp > 1:
-            apply_sequence_parallel(self.adapter, self.par.sp_group)
+        # Sequence parallelism is applied to the built model from outside, before the images attach.
+        sp = (lambda adapter: apply_sequence_parallel(adapter, self.par.sp_group)) if self.par.sp > 1 else None
+        built = build_model(cfg, self.device, reference=keeps_reference(cfg), images=images, transform=sp)
+        self.adapter, self.latent_shape = built.adapter, built.latent_shape
+        check_token_padding(self.adapter, self.latent_shape)      # before the prompts are encoded
         # after the model: patch_grid's period is its own (VAE stride x patch) unless configured
         self.eval_monitors = (build_monitors(e.monitors, e.monitor_period, self.adapter, (cfg.video.height, cfg.video.width))
                               if self.eval_prompts else {})
-        v = cfg.video
-        self.latent_shape = self.adapter.latent_shape(v.num_frames, v.height, v.width)
-        check_token_padding(self.adapter, self.latent_shape)      # before the prompts are encoded
-        attach_images(self.adapter, images, cfg)
         # Every prompt encoded once, then the text encoder released (model.keep_text_encoder keeps it).
         self.text_stats = cache_run_prompts(self.adapter, cfg, self.prompts + (self.eval_prompts or []), images,
                                             self.run_dir, cfg.run.progress and self.par.is_main)

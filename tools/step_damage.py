@@ -28,10 +28,9 @@ import torch
 
 from flowdppo_video import sde
 from flowdppo_video.checkpoint import latest_checkpoint, load_checkpoint
-from flowdppo_video.config import load_config
 from flowdppo_video.data import load_prompts
 from flowdppo_video.evaluation import evaluate
-from flowdppo_video.models import build_adapter
+from flowdppo_video.run_builder import build_model, open_run
 from flowdppo_video.rollout import guided_velocity
 from rewards import build_rewards
 
@@ -109,13 +108,13 @@ def splits(num_steps: int) -> list[tuple[str, Callable[[int], bool]]]:
 
 
 def probe(run_dir: Path, samples: int | None) -> dict[str, Any]:
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = open_run(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise SystemExit(f"step_damage.py: {run_dir} holds no checkpoint")
-    adapter = build_adapter(cfg.model, torch.device("cpu"), keep_reference=True)
+    built = build_model(cfg, torch.device("cpu"), reference=True)      # the base is half of every comparison
+    adapter, latent_shape = built.adapter, built.latent_shape
     load_checkpoint(ckpt, adapter, None)
-    latent_shape = adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
     prompts = load_prompts(cfg.eval.prompts)
     samples = samples or cfg.eval.samples_per_prompt
     rewards = build_rewards(cfg.eval.rewards or cfg.rewards)
