@@ -53,7 +53,7 @@ def _prompts(folder: Path) -> list[str]:
     return f.read_text(encoding="utf-8").splitlines() if f.is_file() else []
 
 
-def write_before_after(base_dir: Path, final_dir: Path, out_dir: Path, fps: int, final_label: str
+def write_before_after(base_dir: Path, final_dir: Path, out_dir: Path, fps: float, final_label: str
                        ) -> list[Path]:
     """``out_dir/NN.mp4`` (base left, final right) for every kept video whose prompt is the same
     in both folders, and ``out_dir/index.html`` labelling each with its prompt, "base" and

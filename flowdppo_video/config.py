@@ -102,7 +102,8 @@ class VideoConfig:
     num_frames: int = 9                   # pixel frames (Wan VAE: 4k+1)
     height: int = 64                      # pixels
     width: int = 64                       # pixels
-    fps: int = 8                          # frame rate of written videos
+    fps: float = 8.0                      # frame rate: of written videos, of the rewards' time axis, and the
+                                          # family's when it conditions on one (adapter.frame_rate)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def _upscale(frames: np.ndarray, min_size: int = 128) -> np.ndarray:
     return frames.repeat(k, axis=1).repeat(k, axis=2)
 
 
-def write_side_by_side(before_dir: Path, after_dir: Path, out_dir: Path, fps: int) -> list[Path]:
+def write_side_by_side(before_dir: Path, after_dir: Path, out_dir: Path, fps: float) -> list[Path]:
     """``out_dir/NN.mp4``: each video of ``before_dir`` beside its namesake in ``after_dir``
     (nearest-neighbour upscaled so small videos are visible), with a white divider."""
     written = []

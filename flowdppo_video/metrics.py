@@ -47,7 +47,7 @@ class MetricsWriter:
             # wandb's own step counter: eval rows (after it + 1) are written before metric rows (it).
             self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float)) and v is not None})
 
-    def add_videos(self, tag: str, videos: Any, step: int, fps: int) -> None:
+    def add_videos(self, tag: str, videos: Any, step: int, fps: float) -> None:
         """A few ``(N, F, H, W, 3)`` uint8 videos as animated GIFs: TensorBoard's image dashboard
         plays them (written as image summaries, so moviepy is not needed), and wandb when on."""
         if self._tb is None and self._wandb is None:
@@ -76,7 +76,7 @@ class MetricsWriter:
             self._tb.close()
 
 
-def gif_bytes(frames: np.ndarray, fps: int, min_size: int = 128) -> tuple[bytes, tuple[int, int]]:
+def gif_bytes(frames: np.ndarray, fps: float, min_size: int = 128) -> tuple[bytes, tuple[int, int]]:
     """``(F, H, W, 3)`` uint8 frames as a looping animated GIF, nearest-neighbour upscaled to at least
     ``min_size`` pixels. Returns ``(bytes, (height, width))``."""
     from PIL import Image

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
+from .config import VideoConfig
 from .metrics import read_metrics
 from .plots import draw_parts, reward_parts, save_figure
 
@@ -77,7 +78,7 @@ def video_tag(rel: str, width: int) -> str:
             f'preload="auto"></video>')
 
 
-def report_video(src: Path, dst: Path, fps: int, min_size: int = VIDEO_MIN_SIZE) -> tuple[Path, int]:
+def report_video(src: Path, dst: Path, fps: float, min_size: int = VIDEO_MIN_SIZE) -> tuple[Path, int]:
     """Re-encode ``src`` into ``dst`` (H.264 mp4), nearest-neighbour upscaled to ``min_size``
     pixels, unless ``dst`` is already newer. Returns ``(dst, displayed width)``."""
     from .video import read_video, write_video
@@ -305,7 +306,7 @@ def plot_klmap(snapshot: dict[str, Any], path: Path, min_size: int = 96) -> Path
 
 
 # ---------------------------------------------------------------------- sections
-def _videos_section(run_dir: Path, out: Path, fps: int) -> str:
+def _videos_section(run_dir: Path, out: Path, fps: float) -> str:
     """The same held-out prompts and noise after the first, a middle and the last evaluation;
     without held-out evaluation, training samples (whose prompts differ between iterations)."""
     evals = sorted(p for p in (run_dir / "eval").glob("after_*") if p.is_dir()) if (run_dir / "eval").is_dir() else []
@@ -414,7 +415,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         raise ConfigError(f"config file {run_dir / 'config.yaml'}: run and video must be mappings")
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    fps = int(config.get("video", {}).get("fps", 8))
+    fps = float(config.get("video", {}).get("fps", VideoConfig.fps))
     rows, evals = read_metrics(run_dir), read_metrics(run_dir, "eval")
 
     if rows:

@@ -61,6 +61,7 @@ def build_model(cfg: Config, device: torch.device | None = None, *, reference: b
     """
     device = device if device is not None else resolve_device(cfg.run.device)
     adapter = build_adapter(cfg.model, device, keep_reference=reference)
+    adapter.frame_rate = cfg.video.fps          # one value, from the config to every reader
     if transform is not None:
         transform(adapter)
     if images is not False:

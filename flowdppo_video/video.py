@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: int = 8) -> Path:
+def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: float = 8.0) -> Path:
     """Write ``(F, H, W, 3)`` uint8 frames as H.264 mp4 (yuv420p, plays in browsers).
 
     Odd sizes are padded by one pixel (H.264 in yuv420p needs even sizes). The file appears
@@ -26,7 +27,8 @@ def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".part" + path.suffix)
     with av.open(str(tmp), mode="w") as out:
-        stream = out.add_stream("libx264", rate=fps)
+        # A container's rate is a fraction: 8.0 -> 8, 23.976 -> 24000/1001.
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = arr.shape[2], arr.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18"}

@@ -48,8 +48,9 @@ def test_keeps_reference_follows_beta_and_the_evaluation():
 
 
 def test_build_model_gives_the_adapter_and_latent_shape(tmp_path):
-    cfg = load_config(ROOT / "configs/wan_tiny.yaml", [])
+    cfg = load_config(ROOT / "configs/wan_tiny.yaml", ["video.fps=12.5"])
     built = build_model(cfg, reference=True)
+    assert built.adapter.frame_rate == cfg.video.fps == 12.5       # a family that conditions on it reads it
     assert built.latent_shape == built.adapter.latent_shape(cfg.video.num_frames, cfg.video.height, cfg.video.width)
     with built.adapter.reference():          # the frozen base is reachable when asked for
         pass

@@ -125,6 +125,9 @@ class VideoFlowAdapter(abc.ABC):
     # Whether the transformer's attention always takes a mask (HunyuanVideo's joint attention masks
     # the text padding): attention backends without mask support are refused for it up front.
     masks_attention: bool = False
+    # The frame rate of the videos (``video.fps``), set by the run builder: a family that conditions on
+    # it (LTX-Video's rotary time scale) reads it here; the others ignore it.
+    frame_rate: float = 8.0
 
     def set_images(self, images: dict[str, Any], num_frames: int, height: int, width: int) -> None:
         """Condition ``prompt -> image`` (PIL RGB images) for videos of that size."""
