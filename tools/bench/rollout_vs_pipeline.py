@@ -18,7 +18,7 @@ the pipeline takes deterministic Euler steps with its own (shifted) sigma schedu
 
 Verdict: the median of the per-repeat ratios (ours / pipeline, each pair run back to back, so a
 slow drift of the machine's load moves both alike) against the target, reported with a
-distribution-free interval for that median (order statistics; ``_common.median_interval``). The
+distribution-free interval for that median (order statistics; ``benchmarking.median_interval``). The
 ratio of the medians and of the minima are kept beside it as checks.
 
     .venv/bin/python tools/bench/rollout_vs_pipeline.py --repeats 5 --out /tmp/a.json
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--no-decoded", action="store_true", help="only the latent pair (no VAE decoding)")
     p.add_argument("--no-extra", action="store_true", help="skip the sampler.cfg_batch=joint variant")
     p.add_argument("--malloc-tuned", action="store_true",
-                   help="diagnostic: glibc malloc keeps freed memory (see _common.tune_malloc)")
+                   help="diagnostic: glibc malloc keeps freed memory (see flowdppo_video.benchmarking.tune_malloc)")
     p.add_argument("--profile", choices=["on-miss", "always", "never"], default="on-miss",
                    help="torch.profiler breakdown of the latent pair (default: when it misses the target)")
     a = C.parse_args(p, argv)

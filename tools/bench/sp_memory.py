@@ -12,7 +12,7 @@ autograd keeps during the forward, counted with ``torch.autograd.graph.saved_ten
 by the checkpoint, not by an outer hook: what it keeps is the blocks' tensor arguments (counted
 from forward pre-hooks), and the backward re-runs one block at a time, whose saved set is the
 largest block's from the run without checkpointing. *Peak RSS growth*: the process's resident-set
-high-water mark during the call minus its resident set before (``_common.peak_memory_of``: after
+high-water mark during the call minus its resident set before (``benchmarking.peak_memory_of``: after
 gc and ``malloc_trim``; includes the gradients and the backward's temporaries). Target: SP=2
 <= 0.6x SP=1.
 (2) SP communication time as a share of the step: time inside ``parallel.sequence``'s
