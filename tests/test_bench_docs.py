@@ -1,25 +1,68 @@
-"""``docs/benchmarks.md`` is written by ``tools/bench/run_all.py``: sections (a)-(c) from its own
-runs, then every ``docs/*_section.md`` that the long benchmarks write (or a person edits). A
-section edited only in ``benchmarks.md`` is lost at the next ``make bench`` (it happened to (d)'s
-"superseded" note and the five-stage rerun), so the document's tail must be those files, verbatim."""
+"""``docs/benchmarks.md`` is written by ``tools/bench/run_all.py`` (sections (a)-(c), from its own
+runs) and, after them, by the long benchmarks and by hand: each of those parts is a section between
+``<!-- section: NAME -->`` and ``<!-- /section: NAME -->`` that its tool writes in place
+(:func:`flowdppo_video.benchmarking.write_section`) and that a rewrite by ``run_all.py`` keeps
+verbatim. Text outside the sections after (a)-(c) would be lost at the next ``make bench`` (it
+happened to (d)'s "superseded" note when the sections were separate files), so there is none."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import sys
 from pathlib import Path
 
+import pytest
+
+from flowdppo_video.benchmarking import outside_sections, section_block, sections, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "bench"))
-import run_all  # noqa: E402
+DOC = ROOT / "docs" / "benchmarks.md"
+# Every section of the committed document, in its order (docs/README.md names each one's writer).
+SECTIONS = ["rewards", "algorithms", "zero", "sp", "real_size", "gpu_check"]
 
 
-def test_benchmarks_md_ends_with_the_section_files_verbatim():
-    docs = ROOT / "docs"
-    names = run_all.SECTION_FILES
-    assert sorted(names) == sorted(p.name for p in docs.glob("*_section.md")), "a section file run_all does not keep"
-    tail = "\n".join(part for name in names for part in ((docs / name).read_text().strip(), ""))
-    doc = (docs / "benchmarks.md").read_text()
-    assert doc.endswith(tail), "docs/benchmarks.md differs from the *_section.md files: edit the section file"
-    head = doc[: len(doc) - len(tail)]
+def _run_all():
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "tools" / "bench" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_md_is_the_runners_part_then_its_sections():
+    text = DOC.read_text()
+    assert list(sections(text)) == SECTIONS
+    assert text.count("<!-- section:") == text.count("<!-- /section:") == len(SECTIONS), "an unclosed section"
+    head, rest = outside_sections(text)
+    assert rest.strip() == "", f"text outside the sections is lost at the next rewrite: {rest.strip()[:200]!r}"
     assert re.findall(r"^## \(([a-z])\)", head, flags=re.M) == ["a", "b", "c"]
+    assert not list((ROOT / "docs").glob("*_section.md")), "a section lives in docs/benchmarks.md, once"
+
+
+def test_a_rewrite_by_run_all_keeps_every_section_verbatim(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(DOC.read_text())
+    _run_all().write_doc(doc, [("update_step", None, float("nan"))], ["run_all.py"], "")
+    new = doc.read_text()
+    assert sections(new) == sections(DOC.read_text())
+    assert "## update_step" in new and "Failed:" in new and outside_sections(new)[1].strip() == ""
+    again = doc.read_text()
+    _run_all().write_doc(doc, [("update_step", None, float("nan"))], ["run_all.py"], "")
+    assert sections(doc.read_text()) == sections(again)
+
+
+def test_write_section_replaces_its_own_section_or_appends_it(tmp_path):
+    doc = tmp_path / "d.md"
+    write_section(doc, "zero", "## ZeRO\n\nold table\n")
+    assert doc.read_text() == section_block("zero", "## ZeRO\n\nold table") == \
+        "<!-- section: zero -->\n## ZeRO\n\nold table\n<!-- /section: zero -->\n"
+    doc.write_text("# Benchmarks\n\nhead\n\n" + doc.read_text() + "\n" + section_block("sp", "## SP\n\nsp table"))
+    write_section(doc, "zero", "## ZeRO\n\nnew table")
+    assert sections(doc.read_text()) == {"zero": "## ZeRO\n\nnew table\n", "sp": "## SP\n\nsp table\n"}
+    assert doc.read_text().startswith("# Benchmarks\n\nhead\n\n<!-- section: zero -->\n")
+    write_section(doc, "real_size", "## (h)")
+    assert list(sections(doc.read_text())) == ["zero", "sp", "real_size"]
+
+
+@pytest.mark.parametrize("text", ["<!-- section: a -->\nbody\n<!-- /section: b -->\n", "no sections at all\n"])
+def test_a_document_without_closed_sections_has_none(text):
+    assert sections(text) == {} and outside_sections(text) == (text, "")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from flowdppo_video.benchmarking import median_interval, sections
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench"
 TIMED = ["rollout_vs_pipeline", "update_step", "objective_overhead"]
@@ -74,9 +76,11 @@ def test_timed_benchmarks_run_through_run_all(tmp_path: Path) -> None:
 
 
 def test_reward_throughput(tmp_path: Path) -> None:
-    out = tmp_path / "rewards_section.md"
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nkept\n")
     _run(BENCH / "reward_throughput.py", "--smoke", "--out", out)
-    text = out.read_text()
+    assert out.read_text().startswith("# Benchmarks\n\nkept\n\n<!-- section: rewards -->")
+    text = sections(out.read_text())["rewards"]
     assert text.startswith("## (e) Rewards")
     assert "| 4×32x32 |" in text and "| video size | videos/s |" in text and "through the server s" in text
 
@@ -84,18 +88,18 @@ def test_reward_throughput(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_zero_and_sequence_parallel_memory(tmp_path: Path) -> None:
     """ZeRO-3 and SP at 2 ranks; the SP run reads the ZeRO measurement from the first (one engine less)."""
-    zj, zmd = tmp_path / "zero.json", tmp_path / "zero_section.md"
+    zj, zmd = tmp_path / "zero.json", tmp_path / "zero.md"
     _run(BENCH / "zero_memory.py", "--smoke", "--out", zj, "--section", zmd)
     z = json.loads(zj.read_text())
     assert z["smoke"] is True and z["world"] == 2 and set(z["median_s"]) == {"unsharded", "zero3_layer", "zero3_full"}
     assert len(z["memory_zero3_per_rank"]) == 2 and z["memory_stage0"]["total"] > 0 and "ratio" in z
-    assert zmd.read_text().startswith("## ZeRO-3 at 2 ranks")
-    sj, smd = tmp_path / "sp.json", tmp_path / "sp_section.md"
+    assert sections(zmd.read_text())["zero"].startswith("## ZeRO-3 at 2 ranks")
+    sj, smd = tmp_path / "sp.json", tmp_path / "sp.md"
     _run(BENCH / "sp_memory.py", "--smoke", "--out", sj, "--section", smd, "--zero-json", zj)
     s = json.loads(sj.read_text())
     assert s["smoke"] is True and s["tokens"] == 8 and set(s["summary"]) == {"sp1", "sp1_ckpt", "sp2", "sp2_ckpt"}
     assert {"saved", "saved_ckpt", "rss", "rss_ckpt"} <= set(s["ratios"]) and "pass" in s
-    text = smd.read_text()
+    text = sections(smd.read_text())["sp"]
     assert text.startswith("## Sequence parallelism") and "### The memory planner beside the measurements" in text
 
 
@@ -103,7 +107,7 @@ def test_zero_and_sequence_parallel_memory(tmp_path: Path) -> None:
 def test_real_size_dry_run(tmp_path: Path) -> None:
     """(h) at smoke size: the family's tiny shapes through train, resume, sample, export and the
     diffusers load, five CLI processes (~35 s here, most of it their imports)."""
-    out, md = tmp_path / "real_size.json", tmp_path / "real_size_section.md"
+    out, md = tmp_path / "real_size.json", tmp_path / "real_size.md"
     _run(BENCH / "real_size.py", "--smoke", "--work", tmp_path / "work", "--out", out, "--section", md)
     r = json.loads(out.read_text())
     assert r["smoke"] is True and list(r["phases"]) == ["train", "resume", "sample", "export", "load"]
@@ -112,17 +116,13 @@ def test_real_size_dry_run(tmp_path: Path) -> None:
     assert r["lora"]["count"] > 0 and r["encoder_release"]["after_bytes"] > 0
     assert len(r["iterations"]) == 2                     # the first iteration and the resumed one
     assert set(r["export"]["loaded"]) >= {"transformer", "text_encoder", "vae"}
-    assert "| train |" in md.read_text() and "| load |" in md.read_text()
+    table = sections(md.read_text())["real_size"]
+    assert "| train |" in table and "| load |" in table
 
 
 def test_median_interval_is_the_order_statistics_interval() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import _common as C
-    finally:
-        sys.path.remove(str(BENCH))
-    lo, hi, cover = C.median_interval([1.3, 1.0, 1.2, 0.9, 1.1])
+    lo, hi, cover = median_interval([1.3, 1.0, 1.2, 0.9, 1.1])
     assert (lo, hi) == (0.9, 1.3) and cover == pytest.approx(1 - 2 / 32)        # min..max of 5: 93.75%
-    lo, hi, cover = C.median_interval([float(x) for x in range(10)])
+    lo, hi, cover = median_interval([float(x) for x in range(10)])
     assert (lo, hi) == (1.0, 8.0) and cover == pytest.approx(1 - 2 * 11 / 1024)  # x_(2)..x_(9) of 10
-    assert C.median_interval([2.0, 1.0])[2] == pytest.approx(0.5)
+    assert median_interval([2.0, 1.0])[2] == pytest.approx(0.5)

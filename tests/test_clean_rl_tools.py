@@ -20,7 +20,7 @@ BASE = {"eval/world_direction/mean": 0.6, "eval/world_colour/mean": 0.9, "eval/w
 
 
 def _finished_run(out: Path, lever: str, seed: int, direction: float, grid: float, colour: float) -> None:
-    """A run directory as demo_seeds.run_seed leaves it: eval.jsonl (base, final) and its metadata."""
+    """A run directory as flowdppo_video.benchmarking.run_seed leaves it: eval.jsonl (base, final) and its metadata."""
     d = out / f"{lever}-s{seed}"
     d.mkdir(parents=True)
     final = {**BASE, "eval/world_direction/mean": direction, "eval/world_fidelity/grid_energy/mean": grid,
@@ -37,7 +37,7 @@ def test_levers_are_paired_with_the_default_by_seed(tmp_path):
         _finished_run(tmp_path / "runs", "route_0.75", seed, 0.80 + shift, 0.5 + shift, 0.90)
     _finished_run(tmp_path / "runs", "beta_1", 0, 0.7, 3.0, 0.9)   # one seed: no interval
     text = clean_rl.write_docs(tmp_path / "runs", tmp_path / "docs")
-    runs = json.loads((tmp_path / "docs" / "clean_rl_levers.json").read_text())["runs"]
+    runs = json.loads((tmp_path / "docs" / "data" / "clean_rl_levers.json").read_text())["runs"]
     assert len(runs) == 7
     route = [r for r in runs if r["tag"] == "route_0.75"]
     assert [r["direction_gain"] for r in route] == pytest.approx([0.2, 0.3, 0.15])

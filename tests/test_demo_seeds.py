@@ -25,7 +25,7 @@ def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_seed_trains_once_and_lands_in_the_table(tmp_path):
     proc = _bench(tmp_path, "--seeds", "3", "--jobs", "1", "--tag", "tiny", *TINY)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "docs" / "demo_seeds.json").read_text())
+    rows = json.loads((tmp_path / "docs" / "data" / "demo_seeds.json").read_text())
     assert [(r["tag"], r["seed"], r["iterations"]) for r in rows] == [("tiny", 3, 1)]
     r = rows[0]
     assert r["overrides"] == TINY and r["threads"] == 2 and r["wall_seconds"] > 0
@@ -41,7 +41,7 @@ def test_a_seed_trains_once_and_lands_in_the_table(tmp_path):
     again = _bench(tmp_path, "--seeds", "3", "--jobs", "1", "--tag", "tiny", *TINY)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (log.stat().st_mtime_ns, (tmp_path / "runs" / "tiny-s3" / "demo_seed.json").read_text()) == stamp
-    assert json.loads((tmp_path / "docs" / "demo_seeds.json").read_text()) == rows
+    assert json.loads((tmp_path / "docs" / "data" / "demo_seeds.json").read_text()) == rows
 
 
 def test_a_failing_seed_is_one_line_naming_its_log(tmp_path):

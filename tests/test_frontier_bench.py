@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from flowdppo_video.winrates import bootstrap_ci
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
 import algorithms  # noqa: E402
@@ -37,8 +39,9 @@ def test_matched_kl_pairs_seeds_and_gives_an_interval():
     assert [(r["a"], r["b"]) for r in rows] == [("token", "clip")] * 2
     assert [r["mean_diff"] for r in rows] == pytest.approx([0.1, 0.2])       # the shift cancels: paired
     assert all(r["n_seeds"] == 3 and r["ci"][0] <= r["mean_diff"] <= r["ci"][1] for r in rows)
-    lo, hi = algorithms.bootstrap_ci([1.0, 2.0, 3.0])
+    lo, hi = bootstrap_ci([1.0, 2.0, 3.0])
     assert 1.0 <= lo < 2.0 < hi <= 3.0
+    assert bootstrap_ci([1.0, 2.0, 3.0]) == (lo, hi) and bootstrap_ci([0.7]) == (0.7, 0.7)
 
 
 def test_frontier_grid_runs_resumes_and_reports(tmp_path):
@@ -60,10 +63,12 @@ def test_frontier_grid_runs_resumes_and_reports(tmp_path):
                                                 .read_text())["wall_seconds"] == r["wall_seconds"]
     rep = subprocess.run([*cmd[:6], "--report"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
-    assert len(json.loads((tmp_path / "docs" / "frontier.json").read_text())) == 2
+    # The page in --docs, its data and figures in their own folders there.
+    assert len(json.loads((tmp_path / "docs" / "data" / "frontier.json").read_text())) == 2
     assert "Flow-DPPO token" in (tmp_path / "docs" / "frontier.md").read_text()
     for name in ("frontier.png", "frontier_forgetting.png", "frontier_grid.png"):
-        assert (tmp_path / "docs" / name).stat().st_size > 10_000
+        assert (tmp_path / "docs" / "figures" / name).stat().st_size > 10_000
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["data", "figures", "frontier.md"]
 
 
 def test_calibration_reports_the_off_policy_frozen_share(tmp_path):
@@ -72,7 +77,7 @@ def test_calibration_reports_the_off_policy_frozen_share(tmp_path):
                            "--out", str(out), "optim.lr=1e-4", "optim.inner_epochs=2", *TINY[:3]],
                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = json.loads((tmp_path / "data" / "cal.json").read_text())["rows"]
     shares = [r["offpolicy_frozen"] for r in rows]
     assert [r["value"] for r in rows] == sorted(r["value"] for r in rows)
     # A wider clip range never freezes more, and the first epoch's first minibatch froze nothing.
@@ -133,7 +138,7 @@ def test_four_epochs_against_one_pairs_each_arm_with_itself():
     assert [r["arm"] for r in rows] == ["sample"] * 3
     for r in rows:
         assert r["n_seeds"] == 2 and r["mean_diff"] == pytest.approx(0.15) and r["diffs"] == pytest.approx([0.1, 0.2])
-    assert "4 against 1 inner epoch" in algorithms.report(res, Path("."), {})
+    assert "4 against 1 inner epoch" in algorithms.report(res, {})
 
 
 def test_a_tagged_variant_is_reported_beside_its_untagged_twin_not_in_the_fronts():
@@ -145,7 +150,7 @@ def test_a_tagged_variant_is_reported_beside_its_untagged_twin_not_in_the_fronts
                 "background_error_base": 1.0, "grid_energy_base": 1.0}
 
     res = [run("", 0.9, 0.8, 0.07), run("two", 0.7, 0.95, 0.05)]
-    md = algorithms.report(res, Path("."), {})
+    md = algorithms.report(res, {})
     assert md.startswith("Runs: 1.")                       # the fronts hold the grid only
     row = next(line for line in md.splitlines() if line.startswith("| Flow-DPPO sample") and "| 0 |" in line
                and "+0.200" in line)
@@ -166,7 +171,7 @@ def test_a_tagged_variant_summary_pairs_seeds_with_their_twins():
     # seed 3 has no twin and counts in the variant's medians only.
     res = [run("", s, 0.9, 0.9, 0.05) for s in range(3)]
     res += [run("two", s, 0.8 - 0.1 * s, 0.95, 0.04) for s in range(3)] + [run("two", 3, 0.5, 0.95, 0.2)]
-    md = algorithms.report(res, Path("."), {})
+    md = algorithms.report(res, {})
     row = next(line for line in md.splitlines() if line.startswith("| ratio clipping | clip_range 0.0001 | 4 | 4 |"))
     cols = [c.strip() for c in row.strip("|").split("|")]
     assert cols[4:8] == ["+0.150", "+0.050", "+0.050", "0.040"]      # medians over the four variant runs
@@ -186,7 +191,7 @@ def test_matched_kl_tables_cover_forgetting_and_artifacts_in_their_units():
     # Arm sample forgets 0.03 more (3 points) and has 1.5 levels more grid energy at every KL, every seed.
     res = [run(arm, s, kl, 0.01 * s + (0.03 if arm == "sample" else 0.0), 4.0 + (1.5 if arm == "sample" else 0.0))
            for arm in ("sample", "clip") for s in (0, 1) for kl in (0.01, 0.1)]
-    md = algorithms.report(res, Path("."), {})
+    md = algorithms.report(res, {})
     for name, diff in (("forgetting (pts)", "+3.0"), ("grid energy (levels)", "+1.50"), ("background error (levels)", "+0.0")):
         block = md.split(f"### Matched KL, 4 inner epoch(s): {name}, arm a minus arm b")[1].split("###")[0]
         rows = [line for line in block.splitlines() if line.startswith("| 0.")]
@@ -247,7 +252,7 @@ def test_extra_seeds_at_a_knee_join_the_knee_table_not_the_fronts():
     assert algorithms.front_runs(res + extra) == res
     rows = algorithms.matched_kl(res + extra, 4)
     assert [m["n_seeds"] for m in rows] == [2, 2, 2] and 0.01 < rows[0]["kl"] < rows[-1]["kl"] < 0.1
-    md = algorithms.report(res + extra, Path("."), {})
+    md = algorithms.report(res + extra, {})
     assert md.startswith("Runs: 10. On the fronts: 8")
     clip = next(line for line in md.splitlines() if line.startswith("| ratio clipping | clip_range") and "| 3 |" in line)
     assert "| 3 | 0.620 [" in clip                     # the knee table has all three seeds

@@ -1,7 +1,7 @@
 """A still of held-out videos before and after RL: frames of the same prompts and noise, side by side.
 
     .venv/bin/python tools/frame_strip.py runs/clean_rl/every_step-s0 runs/clean_rl/route_0.55-s0 \\
-        --labels "default" "routed" --videos 0 2 5 --out docs/clean_rl_strip.png
+        --labels "default" "routed" --videos 0 2 5 --out docs/figures/clean_rl_strip.png
 
 For each chosen held-out video (``--videos``: indices in the first run's ``eval/after_000000``, the
 base model; then the same prompt's video in the last evaluation of every run given), a row of ``--frames`` frames, upscaled without
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--videos", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--frames", type=int, nargs="+", default=[0, 2, 4, 7])
     ap.add_argument("--scale", type=int, default=4)
-    ap.add_argument("--out", type=Path, default=Path("docs/clean_rl_strip.png"))
+    ap.add_argument("--out", type=Path, default=Path("docs/figures/clean_rl_strip.png"))
     args = ap.parse_args()
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):

@@ -37,8 +37,6 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 GiB = 2 ** 30
 RECIPE = REPO / "configs" / "wan2.1_t2v_1.3b.yaml"

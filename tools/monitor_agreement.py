@@ -7,7 +7,7 @@ prints and writes (``--out``, JSON) their Spearman rank correlation over all vid
 and each evaluation's monitor means beside the run's rewards with the reward-hacking warnings the
 report would raise (:func:`flowdppo_video.monitors.hacking_warnings`).
 
-    python tools/monitor_agreement.py RUN_DIR [RUN_DIR ...] --out docs/monitor_agreement.json
+    python tools/monitor_agreement.py RUN_DIR [RUN_DIR ...] --out docs/data/monitor_agreement.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmarks in ``tools/bench``: the model size, timing, memory, tables.
+"""The benchmarks' shared setup in ``tools/bench``: the model size, the smoke size, the trainer and
+its trajectory, the command lines of the update benchmarks and of the two-process ones.
 
-Not a library module: the scripts next to this file import it by path (``python tools/bench/x.py``
-puts this folder first on ``sys.path``).
+The measuring itself (timing, memory, the machine, results, sections of ``docs/benchmarks.md``) is
+the library's :mod:`flowdppo_video.benchmarking`. The scripts next to this file import it as a
+sibling module (``python tools/bench/x.py`` puts this folder first on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -14,27 +16,18 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import ctypes
-import gc
 import json
-import math
-import platform
-import re
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run from anywhere, with or without `pip install -e .`
-    sys.path.insert(0, str(REPO))
+from flowdppo_video import benchmarking as B
+from flowdppo_video.seeding import resolve_device
 
+REPO = Path(__file__).resolve().parents[2]
 THREADS = 2
 
 # A Wan of a few thousand tokens: a 33-frame 256x256 video -> latent (16, 9, 32, 32) -> patch
@@ -92,171 +85,33 @@ def setup_torch() -> None:
     torch.set_num_threads(THREADS)
 
 
-# glibc mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+def torch_device(name: str) -> torch.device:
+    """``--device``: the library's rule (``auto`` is this process's GPU by ``LOCAL_RANK``, else the CPU)."""
+    return resolve_device(name, int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def tune_malloc() -> dict[str, int]:
-    """Make glibc malloc keep freed memory: no heap trimming, blocks up to 32 MiB from the heap.
-
-    A diagnostic (``--malloc-tuned``): with glibc's defaults freed activation blocks go back to
-    the OS and the next allocation of the same size touches fresh pages (minor page faults).
-    Call before torch allocates much. Same effect as ``MALLOC_TRIM_THRESHOLD_`` /
-    ``MALLOC_MMAP_THRESHOLD_`` in the environment.
-    """
-    libc = ctypes.CDLL("libc.so.6")
-    settings = {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 32 * 2**20}
-    ok1 = libc.mallopt(_M_TRIM_THRESHOLD, settings["M_TRIM_THRESHOLD"])
-    ok2 = libc.mallopt(_M_MMAP_THRESHOLD, settings["M_MMAP_THRESHOLD"])
-    if not (ok1 and ok2):
-        raise RuntimeError("mallopt failed")
-    return settings
+def command_line() -> list[str]:
+    """How this script was started, relative to the repository root: ``.venv/bin/python tools/bench/...``."""
+    return B.command_line(REPO)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def git_commit() -> str:
+    """The commit of this checkout (``+dirty`` with changes): the code a result measured."""
+    return B.git_commit(REPO)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---------------------------------------------------------------- timing
-def _machine_busy_s() -> float:
-    """CPU seconds all processes on the machine have spent busy (``/proc/stat``), or NaN."""
-    try:
-        f = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def time_interleaved(variants: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
-                     warmup: int = 1, log: Callable[..., None] = print
-                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall time of each variant, ``repeats`` times, variants interleaved within every repeat.
-
-    Every variant first runs ``warmup`` times untimed. The order inside a repeat rotates
-    (A B, B A, A B, ...) so a slow drift of the machine's load hits both sides alike.
-
-    Returns ``(times, extra)``: seconds per run, and per variant and run ``others_cpu_share``, the
-    share of the machine's CPUs that *other* processes kept busy meanwhile (``/proc/stat`` busy
-    time minus this process's CPU time, over wall time x CPUs; 0 = the machine was ours alone),
-    and ``minor_faults``, this process's minor page faults (fresh pages touched) during the run.
-    """
-    names = list(variants)
-    ncpu = os.cpu_count() or 1
-    for _ in range(warmup):
-        for n in names:
-            variants[n]()
-            sync(device)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    extra: dict[str, dict[str, list[float]]] = {n: {"others_cpu_share": [], "minor_faults": []} for n in names}
-    for r in range(repeats):
-        # Rotate the order (A B, B A, ...; A B C, B C A, C A B, ...): each variant takes each place in turn.
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
-            gc.collect()
-            sync(device)
-            busy0, own0 = _machine_busy_s(), _own_cpu_s()
-            flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
-            variants[n]()
-            sync(device)
-            wall = time.perf_counter() - t0
-            other = (_machine_busy_s() - busy0) - (_own_cpu_s() - own0)
-            times[n].append(wall)
-            extra[n]["minor_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0)
-            extra[n]["others_cpu_share"].append(max(0.0, other) / (wall * ncpu))
-        log(f"  repeat {r + 1}/{repeats}: " + ", ".join(
-            f"{n} {times[n][-1]:.3f}s (others {100 * extra[n]['others_cpu_share'][-1]:.0f}% CPU, "
-            f"{extra[n]['minor_faults'][-1]} faults)" for n in names), flush=True)
-    return times, extra
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def median_interval(xs: list[float], confidence: float = 0.9) -> tuple[float, float, float]:
-    """A distribution-free interval for the median of ``xs``: ``(low, high, coverage)``.
-
-    Order statistics ``x_(k) .. x_(n+1-k)`` with the largest ``k`` whose coverage (the chance that
-    the true median lies between them, ``1 - 2 P(Binomial(n, 1/2) < k)``) is still at least
-    ``confidence``; with too few samples for that, the whole range and its coverage (5 samples:
-    min..max, 93.8%; 2 samples: 50%).
-    """
-    x, n = sorted(xs), len(xs)
-    if n == 0:
-        return float("nan"), float("nan"), 0.0
-
-    def coverage(k: int) -> float:
-        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
-
-    k = 1
-    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
-        k += 1
-    return float(x[k - 1]), float(x[n - k]), coverage(k)
-
-
-# ---------------------------------------------------------------- memory
-def _status_kb(key: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
-    return int(m.group(1)) if m else -1
-
-
-def peak_memory_of(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
-    """Peak memory of one call of ``fn``.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` over the call, minus what was allocated before.
-    CPU: the process's resident-set high-water mark (``VmHWM``, reset through
-    ``/proc/self/clear_refs`` just before the call) minus the resident set before the call
-    (after ``gc`` and ``malloc_trim``). Meant for a fresh process, so both sides of a
-    comparison start from the same state.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"method": "torch.cuda.max_memory_allocated", "peak_mb": peak / 2**20,
-                "peak_extra_mb": (peak - before) / 2**20}
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    rss_before = _status_kb("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")     # reset VmHWM (Linux >= 4.0)
-        method = "VmHWM (reset before the call) - VmRSS before, fresh process"
-    except OSError:
-        method = "ru_maxrss-like VmHWM (could not reset), fresh process"
-    fn()
-    hwm = _status_kb("VmHWM")
-    return {"method": method, "peak_mb": hwm / 1024, "peak_extra_mb": (hwm - rss_before) / 1024,
-            "rss_before_mb": rss_before / 1024}
+def probe_in_subprocess(script: Path, variant: str, extra: list[str] | None = None) -> dict[str, Any]:
+    """:func:`flowdppo_video.benchmarking.probe_in_subprocess`, passing ``--smoke`` on in a smoke run."""
+    return B.probe_in_subprocess(script, variant, [*(extra or []), *smoke_args()])
 
 
 def time_and_probe(script: Path, variants: dict[str, Callable[[], Any]], repeats: int, dev: torch.device,
                    device: str, traj: Any, workdir: Path, memory: bool
-                   ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+                   ) -> tuple[tuple[dict[str, list[float]], dict[str, Any]], dict[str, dict[str, Any]]]:
     """Time ``variants`` interleaved, then (with ``memory``) each variant's peak memory once in a
     fresh process of ``script`` replaying the same trajectory (saved under ``workdir``)."""
     print(f" timing (1 warm-up each, then {repeats} interleaved repeats)", flush=True)
-    timed = time_interleaved(variants, repeats, dev)
+    timed = B.time_interleaved(variants, repeats, dev)
     traj_file = workdir / "traj.pt"
     torch.save(traj, traj_file)
     mem: dict[str, dict[str, Any]] = {}
@@ -265,128 +120,6 @@ def time_and_probe(script: Path, variants: dict[str, Callable[[], Any]], repeats
         for n in variants:
             mem[n] = probe_in_subprocess(script, n, ["--device", device, "--trajectory", str(traj_file)])
     return timed, mem
-
-
-def probe_in_subprocess(script: Path, variant: str, extra: list[str] | None = None,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``script --memory-probe VARIANT`` in a fresh interpreter; it prints one JSON line."""
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "probe.json"
-        cmd = [sys.executable, str(script), "--memory-probe", variant, "--out", str(out), *(extra or []),
-               *smoke_args()]
-        t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            log(f"  memory probe {variant} failed (rc {res.returncode}):\n{res.stderr[-2000:]}")
-            return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
-        data = json.loads(out.read_text())
-        log(f"  memory {variant}: peak {data['peak_mb']:.0f} MB, +{data['peak_extra_mb']:.0f} MB during the call "
-            f"({time.perf_counter() - t0:.0f}s)")
-        return data
-
-
-# ---------------------------------------------------------------- machine and output
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import diffusers
-
-    info = {"cpu": cpu, "logical_cpus": os.cpu_count(),
-            "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "python": platform.python_version(), "device": str(device),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "loadavg_at_start": list(os.getloadavg())}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def print_table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-
-
-def summarize(result: dict[str, Any]) -> None:
-    """Print a result dict (see :func:`make_result`) as tables."""
-    print(f"\n== {result['title']} ({result['repeats']} repeats, device {result['machine']['device']})")
-    rows = []
-    for name, v in result["variants"].items():
-        mem = v.get("memory") or {}
-        share = v.get("others_cpu_share_median")
-        flt = v.get("minor_faults_median")
-        rows.append([name, f"{v['median_s']:.3f}", f"{min(v['times_s']):.3f}", f"{max(v['times_s']):.3f}",
-                     f"{100 * share:.0f}%" if share is not None else "-", f"{flt:.0f}" if flt is not None else "-",
-                     f"{mem['peak_mb']:.0f}" if "peak_mb" in mem else "-",
-                     f"{mem['peak_extra_mb']:.0f}" if "peak_extra_mb" in mem else "-"])
-    print_table(rows, ["variant", "median s", "min s", "max s", "others' CPU", "page faults", "peak MB",
-                       "+MB in call"])
-    print()
-    rows = [[c["label"], f"{c['ratio']:.3f}x", f"{c['paired_ratio_median']:.3f}x",
-             f"{c['paired_interval'][0]:.3f}x-{c['paired_interval'][1]:.3f}x ({100 * c['paired_interval_coverage']:.0f}%)",
-             f"{c['ratio_of_minima']:.3f}x", f"<= {c['target']:.2f}x", c["verdict_on"], verdict_text(c)]
-            for c in result["comparisons"]]
-    print_table(rows, ["comparison (ours / baseline)", "ratio of medians", "paired median", "paired interval",
-                       "ratio of min", "target", "verdict on", ""])
-
-
-def verdict_text(c: dict[str, Any]) -> str:
-    """PASS / FAIL of a comparison; for a paired verdict, whether its interval settles it."""
-    out = "PASS" if c["pass"] else "FAIL"
-    if c.get("verdict_on") == "paired_ratio_median":
-        lo, hi = c["paired_interval"]
-        if lo <= c["target"] < hi:
-            out += " (interval spans the target)"
-    return out
-
-
-def make_result(name: str, title: str, argv: list[str], repeats: int, machine: dict[str, Any],
-                timed: tuple[dict[str, list[float]], dict[str, list[float]]], memory: dict[str, dict[str, Any]],
-                pairs: list[tuple[str, str, str, float]], config: dict[str, Any], note: str,
-                verdict_on: str = "ratio") -> dict[str, Any]:
-    """``timed``: :func:`time_interleaved`'s ``(times, extra)``; ``pairs``: ``(label, ours, baseline, target)``.
-
-    ``verdict_on="ratio"``: the verdict uses the ratio of the medians; the median of the per-repeat
-    ratios (each ours/baseline pair ran back to back) and the ratio of the minima are kept as
-    checks against load noise. ``verdict_on="paired_ratio_median"``: the verdict uses the median
-    of the per-repeat ratios, reported with :func:`median_interval`'s interval (a slow drift of
-    the machine's load moves both sides of a pair alike, so the paired ratio is the steadier one).
-    """
-    if verdict_on not in ("ratio", "paired_ratio_median"):
-        raise ValueError(f"verdict_on must be 'ratio' or 'paired_ratio_median', got {verdict_on!r}")
-    times, extra = timed
-    foreign = {n: e["others_cpu_share"] for n, e in extra.items()}
-    faults = {n: e["minor_faults"] for n, e in extra.items()}
-    variants = {n: {"times_s": ts, "median_s": median(ts), "min_s": min(ts), "memory": memory.get(n),
-                    "others_cpu_share": foreign.get(n, []),
-                    "others_cpu_share_median": median(foreign[n]) if foreign.get(n) else None,
-                    "minor_faults": faults.get(n, []),
-                    "minor_faults_median": median(faults[n]) if faults.get(n) else None}
-                for n, ts in times.items()}
-    comps = []
-    for label, ours, base, target in pairs:
-        ratio = variants[ours]["median_s"] / variants[base]["median_s"]
-        per_pair = [a / b for a, b in zip(times[ours], times[base])]
-        paired = median(per_pair)
-        lo, hi, cover = median_interval(per_pair)
-        verdict = ratio if verdict_on == "ratio" else paired
-        comps.append({"label": label, "ours": ours, "baseline": base, "ratio": ratio, "target": target,
-                      "verdict_on": verdict_on, "verdict_ratio": verdict, "pass": verdict <= target,
-                      "paired_ratio_median": paired, "paired_ratios": per_pair, "paired_interval": [lo, hi],
-                      "paired_interval_coverage": cover,
-                      "ratio_of_minima": variants[ours]["min_s"] / variants[base]["min_s"]})
-    return {"name": name, "title": title, "command": " ".join(argv), "repeats": repeats, "machine": machine,
-            "variants": variants, "comparisons": comps, "config": config, "note": note}
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -401,34 +134,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         "that the benchmark runs, its numbers mean nothing")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)   # internal: one variant, one call
     return p
-
-
-def write_json(path: Path | None, data: dict[str, Any]) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1))
-
-
-def git_commit() -> str:
-    """The checkout's commit, ``+dirty`` when tracked files differ from it ("unknown" without git):
-    what every benchmark result records as the code it measured."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
-
-
-def command_line() -> list[str]:
-    """How this script was started, relative to the repository root where possible."""
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script_s = str(script.relative_to(REPO))
-    except ValueError:
-        script_s = str(script)
-    return [".venv/bin/python", script_s, *sys.argv[1:]]
 
 
 # ---------------------------------------------------------------- shared setups
@@ -479,45 +184,6 @@ def advantages_for(batch: int) -> torch.Tensor:
     return torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(batch)])
 
 
-def profile_ops(variants: dict[str, Callable[[], Any]], names: list[str], rounds: int = 2,
-                top: int = 10) -> dict[str, Any]:
-    """Where the time of two variants differs: ``torch.profiler`` self CPU time per op.
-
-    Runs the two variants A B B A ... (``rounds`` each) under the profiler, sums each op's self
-    CPU time (the calling thread's time in the op, intra-op threads included in its wall) and
-    returns the ``top`` ops by absolute difference, in ms per run.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    a, b = names
-    acc: dict[str, dict[str, list[float]]] = {a: {}, b: {}}
-    walls: dict[str, float] = {a: 0.0, b: 0.0}
-    order = [a, b, b, a] * ((rounds + 1) // 2)
-    counts = {a: 0, b: 0}
-    for n in order:
-        if counts[n] >= rounds:
-            continue
-        counts[n] += 1
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
-            variants[n]()
-            walls[n] += time.perf_counter() - t0
-        for e in prof.key_averages():
-            slot = acc[n].setdefault(e.key, [0.0, 0.0])
-            slot[0] += e.self_cpu_time_total / 1e3
-            slot[1] += e.count
-    keys = set(acc[a]) | set(acc[b])
-    rows = []
-    for k in keys:
-        ta, ca = (x / rounds for x in acc[a].get(k, [0.0, 0.0]))
-        tb, cb = (x / rounds for x in acc[b].get(k, [0.0, 0.0]))
-        rows.append({"op": k, f"{a}_ms": ta, f"{b}_ms": tb, "diff_ms": ta - tb, f"{a}_calls": ca, f"{b}_calls": cb})
-    rows.sort(key=lambda r: -abs(r["diff_ms"]))
-    total = {n: sum(v[0] for v in acc[n].values()) / rounds for n in names}
-    return {"variants": names, "rounds": rounds, "wall_s": {n: walls[n] / rounds for n in names},
-            "self_cpu_total_ms": total, "top": rows[:top]}
-
-
 # ---------------------------------------------------------------- the update benchmarks' entry point
 VariantsFor = Callable[[Any, Any, torch.Tensor], dict[str, Callable[[], Any]]]
 
@@ -526,12 +192,12 @@ def trajectory_probe(variants_for: VariantsFor, variant: str, device: str, out: 
                      traj_file: Path) -> None:
     """Peak memory of one variant, in this (fresh) process, on a saved trajectory."""
     setup_torch()
-    dev = resolve_device(device)
+    dev = torch_device(device)
     with tempfile.TemporaryDirectory() as d:
         trainer = build_trainer(d, dev)
         traj = torch.load(traj_file, weights_only=False)
         variants = variants_for(trainer, traj, advantages_for(traj.batch_size))
-        write_json(out, peak_memory_of(variants[variant], dev))
+        B.write_json(out, B.peak_memory_of(variants[variant], dev))
 
 
 def trajectory_main(doc: str, variants_for: VariantsFor, run: Callable[..., dict[str, Any]],
@@ -555,16 +221,6 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return a
 
 
-def launch_two_ranks(script: str | Path, argv: list[str]) -> int:
-    """Re-run ``script --worker ARGV`` under torchrun with 2 CPU processes of one thread each."""
-    from flowdppo_video.parallel.groups import free_port
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(script).resolve()), "--worker", *argv]
-    return subprocess.run(cmd, cwd=REPO, env=env).returncode
-
-
 def build_bench_wan(seed: int = 0) -> Any:
     """The benchmarks' Wan (:data:`WAN_INIT`) on the CPU, set up for full fine-tuning."""
     from flowdppo_video.models.wan import WanAdapter
@@ -573,3 +229,44 @@ def build_bench_wan(seed: int = 0) -> Any:
                                seed=seed)
     a.enable_full_finetune(keep_reference=False)
     return a
+
+
+# ---------------------------------------------------------------- the two-process benchmarks' entry point
+DOCS_BENCHMARKS = REPO / "docs" / "benchmarks.md"
+
+
+def two_process_main(doc: str, script: str | Path, worker: Callable[[argparse.Namespace], None],
+                     report: Callable[[dict[str, Any], argparse.Namespace], None], argv: list[str] | None,
+                     repeats: int, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                     check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None) -> int:
+    """Command line of the ZeRO-3 and sequence-parallel benchmarks: ``script`` starts itself under
+    torchrun (2 CPU ranks, gloo) as ``--worker``, which runs ``worker(args)``; ``--render JSON`` only
+    rewrites the section from a saved result (``report(result, args)``). ``add_arguments`` adds a
+    script's own options, ``check`` vets them (``parser.error``)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=repeats, help="timed runs per variant (after one warm-up)")
+    p.add_argument("--out", type=Path, default=None, help="write the result dict as JSON here")
+    p.add_argument("--section", type=Path, default=DOCS_BENCHMARKS,
+                   help="the markdown file whose section this benchmark writes (between its markers; "
+                        "default docs/benchmarks.md; a new file holds the section alone)")
+    if add_arguments is not None:
+        add_arguments(p)
+    p.add_argument("--device", default="cpu", help="cpu only (gloo)")
+    p.add_argument("--smoke", action="store_true", help="smoke size (seconds; its numbers mean nothing): does it run?")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--render", type=Path, default=None, help="only rewrite the section from a saved --out JSON")
+    args = p.parse_args(argv)
+    if args.render is not None:
+        report(json.loads(args.render.read_text()), argparse.Namespace(**{**vars(args), "out": None}))
+        return 0
+    if args.device != "cpu":
+        p.error("this benchmark runs on the CPU (gloo, 2 processes)")
+    if check is not None:
+        check(p, args)
+    if args.worker:
+        if args.smoke:
+            use_smoke_size()
+            args.repeats = 1         # two processes start slowly: one repeat is enough to run every path
+        worker(args)
+        return 0
+    return B.launch_two_ranks(script, list(argv if argv is not None else sys.argv[1:]), cwd=REPO)

@@ -3,7 +3,7 @@
     .venv/bin/python tools/bench/algorithms.py --stage seed0 --jobs 2      # run (resumable); then row, seeds12,
                                                                            # one_epoch, knees
     .venv/bin/python tools/bench/algorithms.py --report                    # tables, plots, matched-KL
-    .venv/bin/python tools/bench/algorithms.py --stage knees --jobs 2 --reuse docs/frontier.json  # a new machine
+    .venv/bin/python tools/bench/algorithms.py --stage knees --jobs 2 --reuse docs/data/frontier.json  # a new machine
 
 A trust region is a knob, so each arm is swept over its own: token-wise Flow-DPPO (delta per latent
 element), sample-level Flow-DPPO (the paper's algorithm, delta per element), row-gated Flow-DPPO
@@ -21,10 +21,11 @@ invocations (or ``--jobs N`` workers, one thread each) can work through one grid
 an interrupted run is redone from scratch. Each run writes ``bench.json`` (its numbers, wall time,
 and the commit it ran) beside its metrics.
 
-``--report`` reads every finished run and writes ``DOCS/frontier.json`` (per run),
+``--report`` reads every finished run and writes ``DOCS/data/frontier.json`` (per run),
 ``DOCS/frontier.md`` (fronts, matched-KL paired differences with bootstrap intervals over seeds,
-4 against 1 epoch), ``DOCS/frontier.png`` (held-out direction against KL to the base model) and
-``DOCS/frontier_forgetting.png`` (forgetting and artifacts against KL).
+4 against 1 epoch), ``DOCS/figures/frontier.png`` (held-out direction against KL to the base model),
+``DOCS/figures/frontier_forgetting.png`` and ``frontier_grid.png`` (forgetting and the grid artifact
+against KL).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -41,9 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import git_commit  # tools/bench is on sys.path: run as a script, or as the tests import it
-
+from flowdppo_video.benchmarking import DATA, FIGURES, git_commit
 from flowdppo_video.objectives import OBJECTIVES
+from flowdppo_video.winrates import bootstrap_ci, mean_ci_text
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
@@ -184,7 +184,7 @@ def base_eval(out: Path, iterations: int, extra: list[str]) -> Path:
     trainer.close()
     shutil.copy(base / "run" / "eval.jsonl", base / "eval.jsonl")
     shutil.copytree(base / "run" / "eval" / "after_000000", base / "after_000000")
-    (base / "done").write_text(json.dumps({"seconds": time.perf_counter() - t, "commit": git_commit()}))
+    (base / "done").write_text(json.dumps({"seconds": time.perf_counter() - t, "commit": git_commit(ROOT)}))
     return base
 
 
@@ -265,7 +265,7 @@ def one_run(out: Path, arm: str, value: float, epochs: int, seed: int, iteration
         trainer.run()
         result = {"arm": arm, "knob": ARMS[arm][1], "value": value, "epochs": epochs, "seed": seed, "tag": tag,
                   "iterations": iterations, "extra": extra, "wall_seconds": time.perf_counter() - t,
-                  "commit": git_commit(), **summarise_run(run_dir)}
+                  "commit": git_commit(ROOT), **summarise_run(run_dir)}
         done.write_text(json.dumps(result, indent=1))
         return result
     finally:
@@ -299,15 +299,6 @@ def interp_at(points: list[tuple[float, float]], kl: float) -> float | None:
             w = 0.0 if k1 == k0 else (math.log(kl) - math.log(k0)) / (math.log(k1) - math.log(k0))
             return r0 + w * (r1 - r0)
     return pts[0][1]
-
-
-def bootstrap_ci(xs: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean over resampled seeds (degenerate with one seed)."""
-    if len(xs) < 2:
-        return (xs[0], xs[0]) if xs else (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(n))
-    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
 def front_runs(results: list[dict]) -> list[dict]:
@@ -417,17 +408,6 @@ def _gain_parts(r: dict, base: dict) -> dict[str, float]:
             "shape lost": base["shape_base"] - r["shape"], "KL": r["kl_to_base"]}
 
 
-def _mean_ci(xs: list[float], scale: float = 1.0, d: int = 3, signed: bool = False) -> str:
-    """``"mean [lo, hi]"`` of ``xs`` times ``scale`` (NaNs dropped): the mean and its 95% bootstrap
-    interval over seeds, ``d`` decimals; ``"n/a"`` for nothing."""
-    xs = [x * scale for x in xs if x == x]
-    if not xs:
-        return "n/a"
-    lo, hi = bootstrap_ci(xs)
-    sg = "+" if signed else ""
-    return f"{statistics.fmean(xs):{sg}.{d}f} [{lo:{sg}.{d}f}, {hi:{sg}.{d}f}]"
-
-
 def _fmt_median(gains: list[dict[str, float]], name: str) -> str:
     if not gains:
         return "n/a"
@@ -454,7 +434,7 @@ def tagged_summary(results: list[dict], tag: str) -> list[str]:
         var = {r["seed"]: _gain_parts(r, r) for r in rs}
         twin = {r["seed"]: _gain_parts(plain[(arm, v, e, r["seed"])], r) for r in rs if (arm, v, e, r["seed"]) in plain}
         med = [_fmt_median(list(gs.values()), n) for gs in (var, twin) for n in names]
-        paired = [_mean_ci([var[s][n] - twin[s][n] for s in twin], signed=True) for n in names[:3]]
+        paired = [mean_ci_text([var[s][n] - twin[s][n] for s in twin], signed=True) for n in names[:3]]
         knob = "—" if ARMS[arm][1] is None else f"{ARMS[arm][1].split('.')[-1]} {v:g}"
         lines.append(f"| {LABELS[arm]} | {knob} | {e} | {len(rs)} | " + " | ".join(med + paired) + " |")
     return lines + [""]
@@ -508,7 +488,7 @@ def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample") 
     for a, rs in runs.items():
         knob = f"{ARMS[a][1].split('.')[-1]} {KNEES[a]:g}"
         lines.append(f"| {LABELS[a]} | {knob} | {len(rs)} | "
-                     + " | ".join(_mean_ci([r[k] for r in rs.values()], sc, d) for k, _, sc, d in KNEE_KEYS) + " |")
+                     + " | ".join(mean_ci_text([r[k] for r in rs.values()], sc, d) for k, _, sc, d in KNEE_KEYS) + " |")
     if against in runs:
         lines += ["", f"Paired by seed, each knee minus {LABELS[against]}'s ({against} {KNEES[against]:g}):", "",
                   f"| arm | seeds | {names} |", "|---|---|" + "---|" * len(KNEE_KEYS)]
@@ -517,7 +497,7 @@ def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample") 
             if a == against or not common:
                 continue
             lines.append(f"| {LABELS[a]} | {len(common)} | " + " | ".join(
-                _mean_ci([rs[s][k] - runs[against][s][k] for s in common], sc, d, signed=True)
+                mean_ci_text([rs[s][k] - runs[against][s][k] for s in common], sc, d, signed=True)
                 for k, _, sc, d in KNEE_KEYS) + " |")
     return lines + [""]
 
@@ -528,7 +508,7 @@ MATCHED_KEYS = [("direction", "held-out direction", 1.0, 3), ("forgetting", "for
                 ("background_error", "background error (levels)", 1.0, 1), ("grid_energy", "grid energy (levels)", 1.0, 2)]
 
 
-def report(results: list[dict], docs: Path, stage_times: dict) -> str:
+def report(results: list[dict], stage_times: dict) -> str:
     def f(x: float, d: int = 3) -> str:
         return "n/a" if x is None or x != x else f"{x:.{d}f}"
 
@@ -595,7 +575,8 @@ def report(results: list[dict], docs: Path, stage_times: dict) -> str:
     return "\n".join(lines + variants)
 
 
-def plot(results: list[dict], docs: Path) -> None:
+def plot(results: list[dict], figures: Path) -> None:
+    """``frontier.png``, ``frontier_forgetting.png`` and ``frontier_grid.png`` into ``figures``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -645,7 +626,7 @@ def plot(results: list[dict], docs: Path) -> None:
         handles, labels = axes[0][-1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.07, 1, 1))
-        fig.savefig(docs / name, dpi=110)
+        fig.savefig(figures / name, dpi=110)
         plt.close(fig)
 
 
@@ -672,11 +653,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=1, help="worker processes side by side, one thread each")
     ap.add_argument("--tag", default="", help="names a variant of the grid (with its extra overrides)")
     ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
-    ap.add_argument("--docs", type=Path, default=Path("docs"))
+    ap.add_argument("--docs", type=Path, default=Path("docs"),
+                    help="frontier.md here, frontier.json in DOCS/data, the plots in DOCS/figures")
     ap.add_argument("--report", action="store_true", help="only read finished runs and write the docs")
     ap.add_argument("--reuse", type=Path, metavar="JSON",
                     help="finished runs from an earlier sitting (a frontier.json, e.g. the committed "
-                         "docs/frontier.json): counted as done here, so a fresh machine resumes the grid")
+                         "docs/data/frontier.json): counted as done here, so a fresh machine resumes the grid")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (with --tag)")
     return ap
 
@@ -684,7 +666,8 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.docs.mkdir(parents=True, exist_ok=True)
+    for d in (args.docs, args.docs / DATA, args.docs / FIGURES):
+        d.mkdir(parents=True, exist_ok=True)
     if args.reuse:
         for r in json.loads(args.reuse.read_text()):
             done = args.out / run_name(r["arm"], r["value"], r["epochs"], r["seed"], r.get("tag", "")) / "bench.json"
@@ -696,10 +679,10 @@ def main() -> None:
         if not results:
             sys.exit(f"algorithms.py: no finished runs under {args.out}")
         stage_times = json.loads((args.out / "stages.json").read_text()) if (args.out / "stages.json").is_file() else {}
-        (args.docs / "frontier.json").write_text(json.dumps(results, indent=1))
-        md = report(results, args.docs, stage_times)
+        (args.docs / DATA / "frontier.json").write_text(json.dumps(results, indent=1))
+        md = report(results, stage_times)
         (args.docs / "frontier.md").write_text(md + "\n")
-        plot(front_runs(grid_runs(results)), args.docs)
+        plot(front_runs(grid_runs(results)), args.docs / FIGURES)
         print(md)
         return
     st = STAGES.get(args.stage, {})

@@ -9,7 +9,8 @@ freezes where it can act, i.e. in the minibatches after the iteration's first op
 (iteration 0, its prompts, rewards and advantages), then for every knob value restores the
 model and its optimizer and runs the same update (``optim.inner_epochs`` passes), and reports the
 off-policy frozen share, per inner epoch and by advantage sign. Pick each arm's sweep so that it
-spans roughly 5% to 50% frozen. Writes ``--out`` (JSON and a markdown table).
+spans roughly 5% to 50% frozen. Writes ``OUT.md`` (a markdown table) and the JSON beside it in
+``data/`` (default: ``docs/trust_region_calibration.md``, ``docs/data/trust_region_calibration.json``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from flowdppo_video.benchmarking import data_file
 from flowdppo_video.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,17 +119,17 @@ def main() -> None:
     ap.add_argument("--values", nargs="+", default=[], metavar="ARM=V1,V2",
                     help="knob values for an arm instead of its default grid, e.g. 'flow_dppo (token)=1e-6,3e-6'")
     ap.add_argument("--out", type=Path, default=Path("docs/trust_region_calibration"),
-                    help="writes OUT.json and OUT.md")
+                    help="writes OUT.md, and the JSON beside it in data/ (OUT's folder/data/NAME.json)")
     ap.add_argument("overrides", nargs="*", default=["optim.lr=1e-4", "optim.inner_epochs=4"],
                     help="dotted overrides (default: the frontier benchmark's lr 1e-4 and 4 inner epochs)")
     args = ap.parse_args()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    data_file(args.out).parent.mkdir(parents=True, exist_ok=True)
     values = {a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in args.values)}
     unknown = set(values) - set(GRID)
     if unknown:
         ap.error(f"--values: unknown arm(s) {sorted(unknown)}; arms are {list(GRID)}")
     result = calibrate(args.config, args.overrides, args.arms, args.seed, values)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    data_file(args.out).write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(table(result))
     print(table(result))
 

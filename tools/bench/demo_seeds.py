@@ -8,67 +8,21 @@ Each seed is ``flowdppo-video train run.seed=N`` (the default recipe, plus any o
 own process into ``OUT/<tag>-s<N>``; ``--jobs 2`` runs two side by side with one thread each
 (``--jobs 1`` gives a run both cores, like ``make demo``). A finished run (one this tool saw exit
 0) is read, not rerun; an interrupted one starts over. ``--report`` (and every run's end) writes
-``DOCS/demo_seeds.{json,md}``: held-out direction, colour, shape, the KL to the base model and the
-two artifact metrics of ``world_fidelity`` (background error, patch-grid energy), base -> final,
-one row per tag and seed, with the wall time and the commit.
+``DOCS/demo_seeds.md`` and ``DOCS/data/demo_seeds.json``: held-out direction, colour, shape, the KL
+to the base model and the two artifact metrics of ``world_fidelity`` (background error, patch-grid
+energy), base -> final, one row per tag and seed, with the wall time and the commit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import REPO as ROOT, git_commit  # tools/bench is on sys.path when run as a script
+from flowdppo_video.benchmarking import DATA, SEED_RUN_METRICS, run_seed, seed_run_finished, summarise_seed_run
 
-from flowdppo_video.metrics import read_metrics
-
-# (name in the table, eval.jsonl key, decimals)
-METRICS = [("direction", "eval/world_direction/mean", 3), ("colour", "eval/world_colour/mean", 3),
-           ("shape", "eval/world_shape/mean", 3),
-           ("background_error", "eval/world_fidelity/background_error/mean", 1),
-           ("grid_energy", "eval/world_fidelity/grid_energy/mean", 1)]
-
-
-def finished(run_dir: Path) -> bool:
-    """Trained to the end by this tool: the metadata is written only after the run exits 0, and a
-    rerun deletes the directory first."""
-    return (run_dir / "demo_seed.json").is_file()
-
-
-def run_seed(out: Path, tag: str, seed: int, overrides: list[str], threads: int) -> dict:
-    """Train one seed (or read it if finished) and return its row."""
-    run_dir = out / f"{tag}-s{seed}"
-    if not finished(run_dir):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
-        cmd = [sys.executable, "-m", "flowdppo_video", "train", f"run.seed={seed}", f"run.output_dir={run_dir}",
-               "run.progress=false", *overrides]
-        t = time.perf_counter()
-        shutil.rmtree(run_dir, ignore_errors=True)        # an interrupted run starts over
-        with open(out / f"{tag}-s{seed}.log", "w") as log:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            raise SystemExit(f"demo_seeds.py: seed {seed} ({tag}) failed with exit {rc}; see {out / f'{tag}-s{seed}.log'}")
-        (run_dir / "demo_seed.json").write_text(json.dumps({"wall_seconds": time.perf_counter() - t,
-                                                            "threads": threads, "commit": git_commit(),
-                                                            "overrides": overrides}))
-    return summarise(run_dir, tag, seed)
-
-
-def summarise(run_dir: Path, tag: str, seed: int) -> dict:
-    evals, meta = read_metrics(run_dir, "eval"), json.loads((run_dir / "demo_seed.json").read_text())
-    base, final = evals[0], evals[-1]
-    row = {"tag": tag, "seed": seed, "iterations": final["after_iterations"], **meta,
-           "kl_to_base": final.get("eval/kl_base/mean")}
-    for name, key, _ in METRICS:
-        row[f"{name}_base"], row[name] = base.get(key), final.get(key)
-    return row
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def table(rows: list[dict]) -> str:
@@ -78,7 +32,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| variant | seed | held-out direction | colour | shape | KL to base | background error | grid energy "
              "| wall (threads) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["tag"], r["seed"])):
-        cells = [f"{f(r[n + '_base'], d)} → {f(r[n], d)}" for n, _, d in METRICS]
+        cells = [f"{f(r[n + '_base'], d)} → {f(r[n], d)}" for n, _, d in SEED_RUN_METRICS]
         lines.append(f"| {r['tag']} | {r['seed']} | {' | '.join(cells[:3])} | {f(r['kl_to_base'], 4)} | "
                      f"{' | '.join(cells[3:])} | {r['wall_seconds'] / 60:.1f} min ({r['threads']}) |")
     return "\n".join(lines)
@@ -89,10 +43,10 @@ def write_docs(out: Path, docs: Path) -> list[dict]:
     for meta in sorted(out.glob("*-s*/demo_seed.json")):
         run_dir = meta.parent
         tag, seed = run_dir.name.rsplit("-s", 1)
-        if finished(run_dir):
-            rows.append(summarise(run_dir, tag, int(seed)))
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "demo_seeds.json").write_text(json.dumps(rows, indent=1))
+        if seed_run_finished(run_dir):
+            rows.append(summarise_seed_run(run_dir, tag, int(seed)))
+    (docs / DATA).mkdir(parents=True, exist_ok=True)
+    (docs / DATA / "demo_seeds.json").write_text(json.dumps(rows, indent=1))
     commits = sorted({r["commit"] for r in rows})
     (docs / "demo_seeds.md").write_text(
         "# The demo across seeds (generated by tools/bench/demo_seeds.py)\n\n" + table(rows)
@@ -108,7 +62,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="seeds side by side (one thread each when > 1)")
     ap.add_argument("--tag", default="demo", help="names this variant in the table")
     ap.add_argument("--out", type=Path, default=Path("runs/demo_seeds"))
-    ap.add_argument("--docs", type=Path, default=Path("docs"))
+    ap.add_argument("--docs", type=Path, default=Path("docs"), help="demo_seeds.md here, its JSON in DOCS/data")
     ap.add_argument("--report", action="store_true", help="only read finished runs and write the docs")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every seed (a variant of the recipe)")
     args = ap.parse_args()
@@ -116,7 +70,7 @@ def main() -> None:
     if not args.report:
         threads = 1 if args.jobs > 1 else 2
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda s: run_seed(args.out, args.tag, s, args.overrides, threads), args.seeds))
+            list(pool.map(lambda s: run_seed(args.out, args.tag, s, args.overrides, threads, cwd=ROOT), args.seeds))
     rows = write_docs(args.out, args.docs)
     print(table(rows))
 

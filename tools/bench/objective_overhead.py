@@ -16,7 +16,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
 
-import sys
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C  # this folder's shared setup (the script's folder is on sys.path)
+
+from flowdppo_video import benchmarking as B
 
 TARGET = 1.02
 
@@ -53,8 +53,8 @@ def variants_for(trainer: Any, traj: Any, adv: torch.Tensor) -> dict[str, Callab
 def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: bool = True,
         argv: list[str] | None = None) -> dict[str, Any]:
     C.setup_torch()
-    dev = C.resolve_device(device)
-    machine = C.machine_info(dev)
+    dev = C.torch_device(device)
+    machine = B.machine_info(dev)
     print(f"(c) Flow-DPPO vs grpo_clip objective on {dev}: building trainer, one rollout ...", flush=True)
     with tempfile.TemporaryDirectory() as d:
         trainer = C.build_trainer(d, dev)
@@ -69,12 +69,12 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
               "delta": trainer.cfg.objective.delta, "clip_range": trainer.cfg.objective.clip_range, "dtype": "float32"}
     note = ("Same trainer, model, trajectory and advantages; only objective.kind differs. The transformer "
             "forward and backward dominate both; the difference is the objective's per-token work.")
-    result = C.make_result("objective_overhead", "(c) Flow-DPPO vs grpo_clip objective step time",
+    result = B.make_result("objective_overhead", "(c) Flow-DPPO vs grpo_clip objective step time",
                            argv or C.command_line(), repeats, machine, timed, mem,
                            [("Trainer.update: flow_dppo / grpo_clip", "flow_dppo_update", "grpo_clip_update",
                              TARGET)], config, note)
-    C.summarize(result)
-    C.write_json(out, result)
+    B.summarize(result)
+    B.write_json(out, result)
     return result
 
 

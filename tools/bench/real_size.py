@@ -16,6 +16,9 @@ Phases, each one ``flowdppo-video`` process (``os.wait4`` gives its own peak RSS
 ``export`` (a diffusers directory, LoRA merged) and ``load`` (``diffusers.WanPipeline`` ...
 ``from_pretrained`` of the export). The resident set of ``train`` is sampled every 0.2 s to show the
 drop when the text encoder is released. The LoRA modules are counted from the checkpoint's adapter.
+
+``--section FILE`` writes the table with its reading into FILE as its section ``real_size`` (between
+``<!-- section: real_size -->`` markers; ``--section docs/benchmarks.md`` replaces the committed one).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from typing import Any
 
 import yaml
 
+from flowdppo_video.benchmarking import write_section
+
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 GiB = 2 ** 30
 PROMPT = "a red ball rolls to the left across a wooden table"
@@ -359,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "real_size" / "wan2.1_t2v_1.3b",
                    help="new folder for the run, samples, export and logs")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: WORK/result.json)")
-    p.add_argument("--section", type=Path, default=None, help="markdown section for docs/benchmarks.md")
+    p.add_argument("--section", type=Path, default=None,
+                   help="the markdown file whose section 'real_size' this writes (e.g. docs/benchmarks.md)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the phases (unless set)")
     p.add_argument("--max-rss-gib", type=float, default=18.0, help="kill a phase whose resident set passes this")
     p.add_argument("--smoke", action="store_true", help="the family's tiny shapes: seconds (CI)")
@@ -368,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.from_json:
         r = json.loads(a.from_json.read_text())
         if a.section:
-            a.section.write_text(section(r))
+            write_section(a.section, "real_size", section(r))
         return r
     r = dry_run(a.recipe, a.model_config, a.work, a.smoke, a.threads, a.max_rss_gib)
     text = section(r)
@@ -377,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
     if a.section:
-        a.section.write_text(text)
+        write_section(a.section, "real_size", text)
     return r
 
 

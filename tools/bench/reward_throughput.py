@@ -1,6 +1,6 @@
 """Reward throughput: optical-flow motion metrics, and the reward server against in-process scoring.
 
-    .venv/bin/python tools/bench/reward_throughput.py                      # writes docs/rewards_section.md
+    .venv/bin/python tools/bench/reward_throughput.py                      # section "rewards" of docs/benchmarks.md
     .venv/bin/python tools/bench/reward_throughput.py --repeats 5 --sizes 256x256 480x832
     .venv/bin/python tools/bench/reward_throughput.py --smoke --out /tmp/r.md       # seconds: does it run?
 
@@ -9,6 +9,9 @@ rewards/motion.py) on batches of 16-frame videos: videos per second, median of `
 (2) The same batch scored by ``score_videos`` in this process and through the ``remote`` reward
 against ``serve-rewards``'s app on loopback (a uvicorn thread in this process, binary wire
 format): the ratio of medians is the server's overhead (transfer, decoding, batching window).
+
+The table goes into ``--out`` (default ``docs/benchmarks.md``) as its section ``rewards``, between
+``<!-- section: rewards -->`` markers; a new file holds the section alone.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from flowdppo_video.benchmarking import write_section
 
 FPS = 16.0   # the videos' frame rate handed to the reward (speeds scale with it; the work does not)
 
@@ -51,7 +56,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--sizes", nargs="+", default=["256x256", "480x832"])
-    ap.add_argument("--out", default="docs/rewards_section.md")
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"),
+                    help="the markdown file whose section 'rewards' this writes")
     ap.add_argument("--smoke", action="store_true",
                     help="one repeat of 2 videos of 4 frames at 32x32 (seconds; the numbers mean nothing)")
     args = ap.parse_args()
@@ -95,8 +101,7 @@ def main() -> None:
         lines.append(f"| {args.frames}×{size} | {mib:.1f} | {ml:.3f} | {mr:.3f} | **{ratio:.3f}x** |")
     lines += ["", "The server's scores equal the in-process ones exactly (checked in the run). Its overhead is "
               "the upload of raw pixels over loopback, their decoding and the batching window (10 ms).", ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    write_section(args.out, "rewards", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -18,7 +18,7 @@ the pipeline takes deterministic Euler steps with its own (shifted) sigma schedu
 
 Verdict: the median of the per-repeat ratios (ours / pipeline, each pair run back to back, so a
 slow drift of the machine's load moves both alike) against the target, reported with a
-distribution-free interval for that median (order statistics; ``_common.median_interval``). The
+distribution-free interval for that median (order statistics; ``benchmarking.median_interval``). The
 ratio of the medians and of the minima are kept beside it as checks.
 
     .venv/bin/python tools/bench/rollout_vs_pipeline.py --repeats 5 --out /tmp/a.json
@@ -31,14 +31,14 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
 
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C  # this folder's shared setup (the script's folder is on sys.path)
+
+from flowdppo_video import benchmarking as B
 
 TARGET = 1.05
 MALLOC: dict[str, int] = {}     # mallopt settings when run with --malloc-tuned
@@ -107,8 +107,8 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
         decoded: bool = True, extra: bool = True, profile: str = "on-miss",
         argv: list[str] | None = None) -> dict[str, Any]:
     C.setup_torch()
-    dev = C.resolve_device(device)
-    machine = C.machine_info(dev)
+    dev = C.torch_device(device)
+    machine = B.machine_info(dev)
     print(f"(a) rollout vs WanPipeline: building the model on {dev} ...", flush=True)
     adapter, variants = build(dev)
     pairs = PAIRS if decoded else PAIRS[:1]
@@ -123,21 +123,21 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
             if i == 0:
                 print(f" timing {' vs '.join(group)} (1 warm-up each, then {repeats} interleaved repeats)",
                       flush=True)
-                t, f = C.time_interleaved({n: variants[n] for n in group}, repeats, dev)
+                t, f = B.time_interleaved({n: variants[n] for n in group}, repeats, dev)
             else:
                 print(f" timing {' vs '.join(group)} (warm: the runs above and one VAE decode; then {repeats} "
                       "interleaved repeats)", flush=True)
                 variants["_vae_warmup"]()
-                t, f = C.time_interleaved({n: variants[n] for n in group}, repeats, dev, warmup=0)
+                t, f = B.time_interleaved({n: variants[n] for n in group}, repeats, dev, warmup=0)
             times.update(t)
             extra_stats.update(f)
     timed = (times, extra_stats)
     prof = None
-    lat_ratio = C.median([a / b for a, b in zip(times["ours_latent"], times["pipeline_latent"])])
+    lat_ratio = B.median([a / b for a, b in zip(times["ours_latent"], times["pipeline_latent"])])
     if profile == "always" or (profile == "on-miss" and lat_ratio > TARGET):
         print(f" latent ratio {lat_ratio:.3f}x: profiling ours_latent vs pipeline_latent (1 run each)", flush=True)
         with torch.no_grad():
-            prof = C.profile_ops(variants, ["ours_latent", "pipeline_latent"], rounds=1)
+            prof = B.profile_ops(variants, ["ours_latent", "pipeline_latent"], rounds=1)
         for row in prof["top"][:8]:
             print(f"  {row['op']:<52} ours {row['ours_latent_ms']:8.1f} ms  pipeline {row['pipeline_latent_ms']:8.1f} ms"
                   f"  diff {row['diff_ms']:+8.1f} ms")
@@ -161,23 +161,23 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
         config["malloc"] = MALLOC
     config["warmup"] = ("latent group: 1 untimed run per variant; decoded pair: none of its own, it follows the "
                         "latent group (transformer warm) after one untimed VAE decode")
-    result = C.make_result("rollout_vs_pipeline", "(a) rollout() vs diffusers WanPipeline.__call__",
+    result = B.make_result("rollout_vs_pipeline", "(a) rollout() vs diffusers WanPipeline.__call__",
                            argv or C.command_line(), repeats, machine, timed, mem,
                            [(lbl, o, t, TARGET) for lbl, o, t in pairs + ([EXTRA] if extra else [])],
                            config, note, verdict_on="paired_ratio_median")
     result["profile"] = prof
-    C.summarize(result)
-    C.write_json(out, result)
+    B.summarize(result)
+    B.write_json(out, result)
     return result
 
 
 def probe(variant: str, device: str, out: Path | None) -> None:
     C.setup_torch()
-    dev = C.resolve_device(device)
+    dev = C.torch_device(device)
     _, variants = build(dev)
     with torch.no_grad():
-        data = C.peak_memory_of(variants[variant], dev)
-    C.write_json(out, data)
+        data = B.peak_memory_of(variants[variant], dev)
+    B.write_json(out, data)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -185,12 +185,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--no-decoded", action="store_true", help="only the latent pair (no VAE decoding)")
     p.add_argument("--no-extra", action="store_true", help="skip the sampler.cfg_batch=joint variant")
     p.add_argument("--malloc-tuned", action="store_true",
-                   help="diagnostic: glibc malloc keeps freed memory (see _common.tune_malloc)")
+                   help="diagnostic: glibc malloc keeps freed memory (see flowdppo_video.benchmarking.tune_malloc)")
     p.add_argument("--profile", choices=["on-miss", "always", "never"], default="on-miss",
                    help="torch.profiler breakdown of the latent pair (default: when it misses the target)")
     a = C.parse_args(p, argv)
     if a.malloc_tuned:
-        MALLOC.update(C.tune_malloc())
+        MALLOC.update(B.tune_malloc())
     if a.memory_probe:
         probe(a.memory_probe, a.device, a.out)
         return None

@@ -6,6 +6,12 @@
 
 Each benchmark is also a standalone script (``--repeats``, ``--out``); this runner calls them with
 ``--out`` into a temporary folder (or ``--json-dir``) and writes the document from their JSON.
+
+The rest of the document is its sections (``<!-- section: NAME -->`` ... ``<!-- /section: NAME -->``):
+the long benchmarks write their own there (``reward_throughput.py``, ``zero_memory.py``,
+``sp_memory.py``, ``real_size.py``; :func:`flowdppo_video.benchmarking.write_section`), the others are
+edited in place (the algorithm comparison's summary, the GPU check). A rewrite keeps every section
+of the document it replaces, verbatim and in its order.
 """
 
 from __future__ import annotations
@@ -20,15 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import verdict_text  # noqa: E402
+from flowdppo_video.benchmarking import section_block, sections, verdict_text
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BENCHES = ["rollout_vs_pipeline", "update_step", "objective_overhead"]
-# The long benchmarks' write-ups (docs/NAME), kept in this order after (a)-(c) on every rewrite.
-SECTION_FILES = ["rewards_section.md", "algorithms_section.md", "zero_section.md", "sp_section.md",
-                 "real_size_section.md", "gpu_check_section.md"]
 
 
 def _rel(p: Path) -> str:
@@ -254,15 +256,14 @@ def write_doc(path: Path, results: list[tuple[str, dict[str, Any] | None, float]
             lines += _section(r, wall)
     if findings:
         lines += ["## Findings", "", findings.strip(), ""]
-    # Benchmarks run on their own (the algorithm comparison takes an hour): their write-ups,
-    # from tools/bench/reward_throughput.py and algorithms.py, are kept across rewrites.
-    # tools/bench/reward_throughput.py, algorithms.py, zero_memory.py and sp_memory.py write these;
-    # real_size_section.md is real_size.py's table with its reading, gpu_check_section.md by hand.
-    for extra in SECTION_FILES:
-        if (path.parent / extra).is_file():
-            lines += [(path.parent / extra).read_text().strip(), ""]
+    # The sections of the benchmarks that run on their own (hours, other machines), and the ones
+    # edited by hand, are kept from the document this rewrite replaces.
+    kept = sections(path.read_text()) if path.is_file() else {}
+    text = "\n".join(lines)
+    if kept:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section_block(name, body) for name, body in kept.items())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text(text)
     print(f"\nwrote {_rel(path)}")
 
 

@@ -12,7 +12,7 @@ autograd keeps during the forward, counted with ``torch.autograd.graph.saved_ten
 by the checkpoint, not by an outer hook: what it keeps is the blocks' tensor arguments (counted
 from forward pre-hooks), and the backward re-runs one block at a time, whose saved set is the
 largest block's from the run without checkpointing. *Peak RSS growth*: the process's resident-set
-high-water mark during the call minus its resident set before (``_common.peak_memory_of``: after
+high-water mark during the call minus its resident set before (``benchmarking.peak_memory_of``: after
 gc and ``malloc_trim``; includes the gradients and the backward's temporaries). Target: SP=2
 <= 0.6x SP=1.
 (2) SP communication time as a share of the step: time inside ``parallel.sequence``'s
@@ -30,7 +30,8 @@ both sides see the same machine load.
     .venv/bin/python tools/bench/sp_memory.py --repeats 5     # starts itself under torchrun
     .venv/bin/python tools/bench/sp_memory.py --smoke --section /tmp/s.md --out /tmp/s.json   # does it run?
 
-Prints markdown tables and writes them to ``docs/sp_section.md`` (``--section``), the JSON to ``--out``.
+Prints markdown tables and writes them into ``docs/benchmarks.md`` as its section ``sp``
+(between ``<!-- section: sp -->`` markers; ``--section FILE`` for another file), the JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -51,17 +52,14 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C  # this folder's shared setup (the script's folder is on sys.path)
+
+from flowdppo_video import benchmarking as B
 
 TARGET = 0.6
-SECTION = C.REPO / "docs" / "sp_section.md"
+SECTION = "sp"                  # its section of docs/benchmarks.md
 BATCH = 1                      # videos per forward (per rank: SP=2 ranks share this one video)
 VARIANTS = [("sp1", 1, False), ("sp1_ckpt", 1, True), ("sp2", 2, False), ("sp2_ckpt", 2, True)]
-
-
-def launch(argv: list[str]) -> int:
-    return C.launch_two_ranks(__file__, argv)
 
 
 build = C.build_bench_wan
@@ -254,7 +252,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     log = print if rank == 0 else (lambda *a, **k: None)
-    machine = C.machine_info(torch.device("cpu"))
+    machine = B.machine_info(torch.device("cpu"))
     timer = CommTimer()
     adapters = {1: build(), 2: build()}
     from flowdppo_video.parallel.sequence import apply_sequence_parallel
@@ -293,7 +291,7 @@ def worker(args: argparse.Namespace) -> None:
     for n in names:
         variants[n]()
         dist.barrier()
-        rss[n] = C.peak_memory_of(variants[n], torch.device("cpu"))["peak_extra_mb"] * 2**20
+        rss[n] = B.peak_memory_of(variants[n], torch.device("cpu"))["peak_extra_mb"] * 2**20
         log(f"  {n}: +{rss[n] / 2**20:.1f} MiB", flush=True)
     # (1c) peak live tensor bytes (the allocator's view): the median of 3 profiled calls per variant
     # (it moves by a few MiB between calls), variants interleaved; one call at smoke size.
@@ -508,40 +506,24 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     if args.section is not None:
-        args.section.parent.mkdir(parents=True, exist_ok=True)
-        args.section.write_text(text)
-        print(f"wrote {args.section}")
-    C.write_json(args.out, {**res, "summary": s, "ratios": {"saved": r_saved, "saved_ckpt": r_saved_ck,
+        B.write_section(args.section, SECTION, text)
+        print(f"wrote section {SECTION!r} of {args.section}")
+    B.write_json(args.out, {**res, "summary": s, "ratios": {"saved": r_saved, "saved_ckpt": r_saved_ck,
                                                            "rss": r_rss, "rss_ckpt": r_rss_ck},
                             "target": TARGET, "pass": max(r_saved, r_saved_ck) <= TARGET})
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (after one warm-up)")
-    p.add_argument("--out", type=Path, default=None, help="write the result dict as JSON here")
-    p.add_argument("--section", type=Path, default=SECTION, help="markdown section to write")
-    p.add_argument("--zero-json", type=Path, default=None,
-                   help="read the ZeRO-3 measurement from zero_memory.py's --out JSON instead of measuring it")
-    p.add_argument("--device", default="cpu", help="cpu only (gloo)")
-    p.add_argument("--smoke", action="store_true", help="smoke size (seconds; its numbers mean nothing): does it run?")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--render", type=Path, default=None, help="only rewrite the tables from a saved --out JSON")
-    args = p.parse_args(argv)
-    if args.render is not None:
-        report(json.loads(args.render.read_text()), argparse.Namespace(section=args.section, out=None))
-        return 0
-    if args.device != "cpu":
-        p.error("this benchmark runs on the CPU (gloo, 2 processes)")
-    if args.zero_json is not None and not args.zero_json.is_file():
-        p.error(f"--zero-json {args.zero_json}: no such file")
-    if args.worker:
-        if args.smoke:
-            C.use_smoke_size()
-            args.repeats = 1         # two processes start slowly: one repeat is enough to run every path
-        worker(args)
-        return 0
-    return launch([a for a in (argv if argv is not None else sys.argv[1:])])
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--zero-json", type=Path, default=None,
+                       help="read the ZeRO-3 measurement from zero_memory.py's --out JSON instead of measuring it")
+
+    def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        if args.zero_json is not None and not args.zero_json.is_file():
+            p.error(f"--zero-json {args.zero_json}: no such file")
+
+    return C.two_process_main(__doc__, __file__, worker, report, argv, repeats=5, add_arguments=add_arguments,
+                              check=check)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,15 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C  # this folder's shared setup (the script's folder is on sys.path)
+
+from flowdppo_video import benchmarking as B
 
 TARGET = 1.10
 
@@ -75,8 +75,8 @@ def variants_for(trainer: Any, traj: Any, adv: torch.Tensor) -> dict[str, Callab
 def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: bool = True,
         argv: list[str] | None = None) -> dict[str, Any]:
     C.setup_torch()
-    dev = C.resolve_device(device)
-    machine = C.machine_info(dev)
+    dev = C.torch_device(device)
+    machine = B.machine_info(dev)
     print(f"(b) Flow-DPPO update step vs bare forward+backward on {dev}: building trainer, one rollout ...",
           flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -92,12 +92,12 @@ def run(repeats: int = 5, out: Path | None = None, device: str = "cpu", memory: 
             "Both sides: the same transformer and AdamW object, the same 2B [cond; uncond] rows per forward, one "
             "backward per SDE step, gradient clipping, one AdamW step. The difference is what Flow-DPPO adds: "
             "the SDE mean, token log-probs and KL, the masked objective, the trajectory slicing and the stats.")
-    result = C.make_result("update_step", "(b) Flow-DPPO update step vs bare forward+backward",
+    result = B.make_result("update_step", "(b) Flow-DPPO update step vs bare forward+backward",
                            argv or C.command_line(), repeats, machine, timed, mem,
                            [("Trainer.update (1 minibatch) / bare forward+backward+AdamW", "flow_dppo_update",
                              "bare_fwd_bwd", TARGET)], config, note)
-    C.summarize(result)
-    C.write_json(out, result)
+    B.summarize(result)
+    B.write_json(out, result)
     return result
 
 

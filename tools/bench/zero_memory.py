@@ -16,7 +16,8 @@ here would be all of them, and in a real Wan only biases and norms).
     .venv/bin/python tools/bench/zero_memory.py --repeats 3     # starts itself under torchrun
     .venv/bin/python tools/bench/zero_memory.py --smoke --section /tmp/z.md --out /tmp/z.json  # does it run?
 
-Prints a markdown table and writes it to ``docs/zero_section.md`` (``--section``), the JSON to ``--out``.
+Prints a markdown table and writes it into ``docs/benchmarks.md`` as its section ``zero`` (between
+``<!-- section: zero -->`` markers; ``--section FILE`` for another file), the JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,24 +27,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C  # this folder's shared setup (the script's folder is on sys.path)
+
+from flowdppo_video import benchmarking as B
 
 TARGET = 0.55
-SECTION = C.REPO / "docs" / "zero_section.md"
-
-
-def launch(argv: list[str]) -> int:
-    return C.launch_two_ranks(__file__, argv)
+SECTION = "zero"                  # its section of docs/benchmarks.md
 
 
 build = C.build_bench_wan
@@ -133,7 +129,7 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         result = {"memory_stage0": mem0, "memory_zero3_per_rank": mems, "times_s": times,
                   "median_s": {n: statistics.median(t) for n, t in times.items()},
-                  "machine": C.machine_info(torch.device("cpu")), "world": world, "init_s": init_s,
+                  "machine": B.machine_info(torch.device("cpu")), "world": world, "init_s": init_s,
                   "trained_weights": sum(p.numel() for p in params), "latent": list(latent),
                   "tokens": C.latent_and_tokens(plain)[1], "smoke": C.SMOKE,
                   "command": " ".join(C.command_line()).replace(" --worker", "")}
@@ -196,34 +192,13 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     if args.section is not None:
-        args.section.parent.mkdir(parents=True, exist_ok=True)
-        args.section.write_text(text)
-        print(f"wrote {args.section}")
-    C.write_json(args.out, {**res, "ratio": ratio, "target": TARGET, "pass": ratio <= TARGET})
+        B.write_section(args.section, SECTION, text)
+        print(f"wrote section {SECTION!r} of {args.section}")
+    B.write_json(args.out, {**res, "ratio": ratio, "target": TARGET, "pass": ratio <= TARGET})
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="timed rollouts per variant (after one warm-up)")
-    p.add_argument("--out", type=Path, default=None, help="write the result dict as JSON here")
-    p.add_argument("--section", type=Path, default=SECTION, help="markdown section to write")
-    p.add_argument("--device", default="cpu", help="cpu only (gloo)")
-    p.add_argument("--smoke", action="store_true", help="smoke size (seconds; its numbers mean nothing): does it run?")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--render", type=Path, default=None, help="only rewrite the table from a saved --out JSON")
-    args = p.parse_args(argv)
-    if args.render is not None:
-        report(json.loads(args.render.read_text()), argparse.Namespace(section=args.section, out=None))
-        return 0
-    if args.device != "cpu":
-        p.error("this benchmark runs on the CPU (gloo, 2 processes)")
-    if args.worker:
-        if args.smoke:
-            C.use_smoke_size()
-            args.repeats = 1         # two processes start slowly: one repeat is enough to run every path
-        worker(args)
-        return 0
-    return launch([a for a in (argv if argv is not None else sys.argv[1:])])
+    return C.two_process_main(__doc__, __file__, worker, report, argv, repeats=3)
 
 
 if __name__ == "__main__":
