@@ -5,8 +5,8 @@ Shared by the trainer's embedded latent world (:mod:`flowdppo_video.world.latent
 and pretrains on it) and its pixel checkers (:mod:`rewards.latent_checks`), so neither package
 imports the other. Where the shapes world (:mod:`rewards.shapes_world`) is 8 frames of 16x16 with
 one object covering a tenth of the frame on a flat colour, this world is 17 frames of 64x64 (a
-Wan 2.1 VAE makes that 5 x 8 x 8 latents of 16 channels), each object covers under 5% of the
-frame and the background has structure a damaged model can visibly drift from:
+Wan 2.1 VAE makes that 5 x 8 x 8 latents of 16 channels), each object covers under 8% of the
+frame (2.5 latent cells across) and the background has structure a damaged model can visibly drift from:
 
 ``"a red circle moves left slowly on stone"``,
 ``"a red circle moves left slowly and a blue square moves up quickly on dusk"``.
@@ -30,7 +30,7 @@ from .shapes_world import COLOURS, DIRECTIONS, SHAPES, shape_mask
 
 SIZE = 64            # frame height and width, pixels
 FRAMES = 17          # frames per video: 1 + 4 x 4, five latent frames under Wan's 4x causal VAE
-RADIUS = 7.0         # object half-extent, pixels: a circle covers 3.7% of the frame, two under 8%
+RADIUS = 10.0        # object half-extent, pixels: a circle covers 7.7% of the frame, a square 7.9%
 SPEEDS: dict[str, float] = {"slowly": 1.0, "quickly": 2.0}     # pixels per frame: 16 or 32 px in a video
 BACKGROUND_NAMES = ("night", "stone", "sand", "dusk")
 HELD_OUT_MODULUS = 5  # a prompt is held out when its hash is 0 modulo this

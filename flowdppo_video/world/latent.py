@@ -35,6 +35,9 @@ MAX_TEXT_TOKENS = 16          # the longest prompt (two objects) is 15 words
 POSITION_CHANNELS = 5         # as the shapes world: absolute (frame, row, column) and the motion products
 
 
+SEPARATION = 2.6              # radii between two objects' centres in every frame (they never touch)
+
+
 def path(speed: str, direction: str, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES,
          radius: float = RADIUS) -> np.ndarray:
     """Centre positions ``(frames, 2)`` (x, y): a random start from which the whole path stays in the
@@ -61,9 +64,15 @@ def render(scene: LatentScene, rng: np.random.Generator, size: int = SIZE, frame
     radius = RADIUS * size / SIZE
     img = np.broadcast_to(background_image(scene.background, size), (frames, size, size, 3)).copy()
     cover = np.zeros((frames, size, size), dtype=np.float32)
-    for thing in scene.things:
+    # Two objects never overlap (each is whole in every frame, for the checkers as for a viewer): paths
+    # are drawn again until they keep apart.
+    for _ in range(100):
+        paths = [path(t.speed, t.direction, rng, size, frames, radius) for t in scene.things]
+        if len(paths) < 2 or np.sqrt(((paths[0] - paths[1]) ** 2).sum(-1)).min() >= SEPARATION * radius:
+            break
+    for thing, centres in zip(scene.things, paths):
         fg = np.array(COLOURS[thing.colour], dtype=np.float64)
-        for f, (cx, cy) in enumerate(path(thing.speed, thing.direction, rng, size, frames, radius)):
+        for f, (cx, cy) in enumerate(centres):
             a = object_mask(thing.shape, cx, cy, size, radius)
             img[f] = img[f] * (1 - a[..., None]) + fg * a[..., None]
             cover[f] = np.maximum(cover[f], a)
