@@ -1,10 +1,10 @@
 """Ulysses sequence parallelism (flowdppo_video/parallel/sequence.py and the families' plans).
 
 One torchrun launch (2 processes, gloo, CPU) runs tests/dist/sp_worker.py over tiny Wan 2.1,
-Wan 2.2 (two experts; TI2V ``expand_timesteps``), HunyuanVideo and HunyuanVideo 1.5 models: the
-SP=2 velocity and the parameter gradients summed over the group must equal the single-process
-ones, with batches of 2, token counts the degree does not divide (padding), gradient
-checkpointing, LoRA and a frozen reference copy.
+Wan 2.2 (two experts; TI2V ``expand_timesteps``), HunyuanVideo and HunyuanVideo 1.5 (text- and
+image-to-video) models: the SP=2 velocity and the parameter gradients summed over the group must
+equal the single-process ones, with batches of 2, token counts the degree does not divide
+(padding), gradient checkpointing, LoRA and a frozen reference copy.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def sp_results(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_sp2_equals_single_process(sp_results):
     cases = {c["case"]: c for c in sp_results["cases"]}
-    assert len(cases) == 7
+    assert len(cases) == 8
     for name, c in cases.items():
         # Each rank really held half of the (padded) tokens, and the padding path ran where N is odd.
         assert c["local_tokens"] == [c["padded"] // 2], name

@@ -126,10 +126,10 @@ def test_the_encoder_is_released_before_the_transformers_come_back(tmp_path):
 
 
 @pytest.mark.parametrize("config", ["hunyuan_tiny.yaml", "hunyuan15_tiny.yaml", "wan_i2v_tiny.yaml",
-                                    "hunyuan_i2v_tiny.yaml"])
+                                    "hunyuan_i2v_tiny.yaml", "hunyuan15_i2v_tiny.yaml"])
 def test_cached_rows_equal_the_encoders_for_every_conditioning(tmp_path, images, config):
-    """TextBatch conditionings and image-to-video ones (image latents, CLIP states, Llava states of the
-    image; the negative keeps each row's image): the cached rows are the encoder's tensors, bit for bit."""
+    """TextBatch conditionings and image-to-video ones (image latents, CLIP and SigLIP states, Llava states
+    of the image; the negative keeps each row's image): the cached rows are the encoder's tensors, bit for bit."""
     over = [f"data.prompts={PROMPTS}", f"data.images={images}"] if "i2v" in config else []
     cfg = load_config(ROOT / "configs" / config, [f"run.output_dir={tmp_path / 'run'}", *over])
     plain, adapter = (build_adapter(cfg.model, torch.device("cpu")) for _ in range(2))   # no shared caches

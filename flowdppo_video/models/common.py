@@ -1,5 +1,5 @@
 """What several families share and none owns: the dtype names of ``model.dtype``, transformers'
-CLIP image processor class, and the check that a diffusers directory holds a pipeline's folders."""
+image processor classes, and the check that a diffusers directory holds a pipeline's folders."""
 
 from __future__ import annotations
 
@@ -32,16 +32,16 @@ def built_in(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def clip_processor_class() -> Any:
-    """transformers' CLIP image processor: the default one with torchvision, else its PIL backend (what
-    ``CLIPImageProcessor`` falls back to anyway, without the warning)."""
+def clip_processor_class(name: str = "CLIPImageProcessor") -> Any:
+    """transformers' image processor ``name`` (CLIP's by default, or ``SiglipImageProcessor``): the
+    default one with torchvision, else its PIL backend (what it falls back to anyway, without the warning)."""
     import importlib.util
 
     import transformers
 
-    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
-        return transformers.CLIPImageProcessorPil
-    return transformers.CLIPImageProcessor
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, f"{name}Pil"):
+        return getattr(transformers, f"{name}Pil")
+    return getattr(transformers, name)
 
 
 def check_pipeline_folders(path: Path, transformer_class: str, family: str,
@@ -58,3 +58,42 @@ def check_pipeline_folders(path: Path, transformer_class: str, family: str,
     for sub in parts:
         if not (path / sub).is_dir():
             raise ModelError(f"model.path {path} has no {sub}/ folder")
+
+
+class PromptImages:
+    """What an image-to-video adapter keeps of its conditioning images: ``prompt -> image`` given by
+    :meth:`set_images` (paths, opened when the prompt is first encoded, or PIL images), the video
+    size they are for, and the per-prompt condition cache (``_cond_cache``) a changed image or size
+    invalidates. Mixed in before the family's adapter class; call :meth:`_init_images` in ``__init__``."""
+
+    takes_images = True
+    _images: dict[str, Any]
+    _size: tuple[int, int, int] | None
+    _cond_cache: dict[str, Any]
+
+    def _init_images(self) -> None:
+        self._images, self._size, self._cond_cache = {}, None, {}
+
+    def set_images(self, images: dict[str, Any], num_frames: int, height: int, width: int) -> None:
+        """``prompt -> image`` (a path, opened when the prompt is first encoded, or a PIL image)."""
+        self.latent_shape(num_frames, height, width)            # type: ignore[attr-defined]  # a clear error
+        size = (num_frames, height, width)
+        if size != self._size:
+            self._cond_cache.clear()
+        for prompt, image in images.items():
+            if prompt in self._images and self._images[prompt] != image:
+                self._cond_cache.pop(prompt, None)
+            self._images[prompt] = image
+        self._size = size
+
+    def _image(self, prompt: str) -> Any:
+        """``prompt``'s image, opened (RGB); a one-line error naming ``data.images`` if it has none."""
+        if prompt not in self._images or self._size is None:
+            raise ModelError(f"prompt {prompt!r} has no conditioning image: an image-to-video model needs "
+                             "data.images (and eval.images for held-out prompts), one image per prompt")
+        image = self._images[prompt]
+        if isinstance(image, (str, Path)):
+            from ..images import open_image
+
+            image = open_image(image)
+        return image

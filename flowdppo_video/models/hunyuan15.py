@@ -65,7 +65,16 @@ def _crop_start(tokenizer: Any, system_message: str) -> int:
 
 
 class HunyuanVideo15Adapter(HunyuanCommon):
-    """HunyuanVideo 1.5 T2V: the transformer trains; Qwen2.5-VL, ByT5 and the VAE are frozen."""
+    """HunyuanVideo 1.5 T2V: the transformer trains; Qwen2.5-VL, ByT5 and the VAE are frozen.
+
+    Its image-to-video sibling (:mod:`.hunyuan15_i2v`) subclasses it through the hooks below: the
+    pipeline and family names, the tiny parts, the extra parts a directory holds
+    (:meth:`_extra_pretrained`, :meth:`_extra_config`, :meth:`_extra_pipeline_parts`) and the
+    condition channels and image embeddings the transformer takes (:meth:`_image_inputs`)."""
+
+    PIPELINE = "HunyuanVideo15Pipeline"
+    FAMILY = "hunyuan_video_1.5"
+    TINY: dict[str, dict[str, Any]] = TINY_INIT
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
                  tokenizer: Any, text_encoder_2: torch.nn.Module, tokenizer_2: Any, *, device: torch.device,
@@ -101,12 +110,13 @@ class HunyuanVideo15Adapter(HunyuanCommon):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: str = "float32",
                         max_sequence_length: int = 1000) -> "HunyuanVideo15Adapter":
-        """A ``HunyuanVideo15Pipeline`` directory (e.g. hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v)."""
+        """A ``HunyuanVideo15Pipeline`` directory (e.g. hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v), or
+        the :attr:`PIPELINE` of a subclass."""
         from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
         from transformers import AutoTokenizer, Qwen2_5_VLTextModel, T5EncoderModel
 
         p = Path(path)
-        check_pipeline_folders(p, "HunyuanVideo15Transformer3DModel", "hunyuan_video_1.5")
+        check_pipeline_folders(p, "HunyuanVideo15Transformer3DModel", cls.FAMILY)
         tdtype = DTYPES[dtype]
         transformer = HunyuanVideo15Transformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
         vae = AutoencoderKLHunyuanVideo15.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
@@ -116,18 +126,19 @@ class HunyuanVideo15Adapter(HunyuanCommon):
         return cls(transformer, vae, text_encoder, AutoTokenizer.from_pretrained(p / "tokenizer"), text_encoder_2,
                    AutoTokenizer.from_pretrained(p / "tokenizer_2"), device=device, dtype=tdtype,
                    max_sequence_length=max_sequence_length,
-                   scheduler_config=json.loads(sched.read_text()) if sched.is_file() else None)
+                   scheduler_config=json.loads(sched.read_text()) if sched.is_file() else None,
+                   **cls._extra_pretrained(p, tdtype))
 
     @classmethod
     def from_config(cls, init: dict[str, Any], *, device: torch.device, dtype: str = "float32",
                     max_sequence_length: int = 1000, seed: int = 0) -> "HunyuanVideo15Adapter":
-        """Random weights from sub-configs (missing ones take :data:`TINY_INIT`); byte tokenizers
+        """Random weights from sub-configs (missing ones take :attr:`TINY`); byte tokenizers
         (a chat template for the first, ByT5's own byte tokenizer for the second)."""
         from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
         from transformers import ByT5Tokenizer, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 
-        parts = init_parts(init, TINY_INIT)
+        parts = init_parts(init, cls.TINY)
         tok, tok_2 = byte_tokenizer(), ByT5Tokenizer()
         tok.chat_template = _CHAT_TEMPLATE
         tdtype = DTYPES[dtype]
@@ -148,6 +159,7 @@ class HunyuanVideo15Adapter(HunyuanCommon):
                     "vocab_size": len(tok), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
                     **parts["text_encoder"]}))
                 text_encoder_2 = T5EncoderModel(T5Config(**{"vocab_size": len(tok_2), **parts["text_encoder_2"]}))
+                extra = cls._extra_config(parts, tdtype)
         except (TypeError, ValueError, KeyError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
@@ -156,19 +168,34 @@ class HunyuanVideo15Adapter(HunyuanCommon):
             transformer, text_encoder, text_encoder_2 = (m.to(tdtype) for m in (transformer, text_encoder,
                                                                                 text_encoder_2))
         return cls(transformer, vae, text_encoder, tok, text_encoder_2, tok_2, device=device, dtype=tdtype,
-                   max_sequence_length=max_sequence_length)
+                   max_sequence_length=max_sequence_length, **extra)
+
+    @classmethod
+    def _extra_pretrained(cls, path: Path, dtype: torch.dtype) -> dict[str, Any]:
+        """Keyword arguments of the constructor loaded from a directory beyond the shared parts."""
+        return {}
+
+    @classmethod
+    def _extra_config(cls, parts: dict[str, dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
+        """Keyword arguments of the constructor built (seeded, in ``dtype``) from ``model.init`` parts."""
+        return {}
+
+    def _extra_pipeline_parts(self) -> dict[str, Any]:
+        """The pipeline's components beyond the shared ones (for :meth:`save_pretrained`)."""
+        return {}
 
     def save_pretrained(self, directory: Path) -> None:
-        """A diffusers ``HunyuanVideo15Pipeline`` directory."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+        """A diffusers :attr:`PIPELINE` directory (``HunyuanVideo15Pipeline`` here)."""
+        import diffusers
+        from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.guiders import ClassifierFreeGuidance
 
         scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 5.0, **{
             k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}})
-        HunyuanVideo15Pipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self.export_single(),
-                               vae=self.vae, scheduler=scheduler, text_encoder_2=self.text_encoder_2,
-                               tokenizer_2=self.tokenizer_2, guider=ClassifierFreeGuidance()
-                               ).save_pretrained(str(directory))
+        getattr(diffusers, self.PIPELINE)(
+            text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self.export_single(), vae=self.vae,
+            scheduler=scheduler, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+            guider=ClassifierFreeGuidance(), **self._extra_pipeline_parts()).save_pretrained(str(directory))
 
     def embed_text(self, prompts: list[str]) -> TextBatch:
         """The pipeline's own encoders (chat template, crop, layer -3; ByT5 for quoted text); no cache."""
@@ -182,12 +209,19 @@ class HunyuanVideo15Adapter(HunyuanCommon):
         return TextBatch(embeds=embeds.to(self.dtype), mask=mask.long(), embeds_2=embeds_2.to(self.dtype),
                          mask_2=mask_2.long())
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: TextBatch, expert: int = 0) -> torch.Tensor:
+    def _image_inputs(self, x: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The condition latents with their mask ``(B, C + 1, F, H, W)`` and the image embeddings
+        ``(B, N, D_image)`` that go with ``x``. Text-to-video: zeros, as ``HunyuanVideo15Pipeline``
+        feeds them (all-zero image embeddings are masked out by the transformer)."""
         b, dev, dt = x.shape[0], self.device, self.dtype
-        x = x.to(device=dev, dtype=dt)
-        # Text-to-video: zero condition latents and mask beside the latents, zero image embeddings.
         cond = torch.zeros((b, self.latent_channels + 1, *x.shape[2:]), device=dev, dtype=dt)
         image = torch.zeros((b, _IMAGE_TOKENS, int(self.transformer.config.image_embed_dim)), device=dev, dtype=dt)
+        return cond, image
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: TextBatch, expert: int = 0) -> torch.Tensor:
+        dev, dt = self.device, self.dtype
+        x = x.to(device=dev, dtype=dt)
+        cond, image = self._image_inputs(x, text)
         t = text.parts
         # As the pipeline: masks in the transformer dtype.
         out = self.experts[expert](hidden_states=torch.cat([x, cond], dim=1),
@@ -211,16 +245,16 @@ def text_tokens(adapter: VideoFlowAdapter) -> int:
     return int(adapter.max_sequence_length) + BYT5_MAX_LENGTH + _IMAGE_TOKENS
 
 
-def init_from_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
+def init_from_folder(folder: Path, parts: tuple[str, ...] = ("transformer", "vae", "text_encoder", "text_encoder_2")
+                     ) -> tuple[dict[str, Any], list[str]]:
     """``model.init`` of a folder of ``<part>/config.json`` files (the four parts) for the planner."""
     from .memory import read_part_configs
 
-    return read_part_configs(folder, ("transformer", "vae", "text_encoder", "text_encoder_2"))
+    return read_part_configs(folder, parts)
 
 
-# HunyuanVideo 1.5 T2V (its image-to-video pipeline is named in errors, not trained).
+# HunyuanVideo 1.5 T2V (image-to-video: hunyuan15_i2v.py).
 register(FamilySpec(name="hunyuan_video_1.5", pipeline="HunyuanVideo15Pipeline", adapter=HunyuanVideo15Adapter,
                     build=functools.partial(hunyuan_common.build, HunyuanVideo15Adapter), tiny_init=TINY_INIT,
                     activation_profile=hunyuan_common.activation_profile, text_tokens=text_tokens,
-                    init_from_folder=init_from_folder, sequence_parallel_plan=hunyuan_common.sequence_parallel_plan,
-                    unsupported_pipelines={"HunyuanVideo15ImageToVideoPipeline": "image-to-video"}))
+                    init_from_folder=init_from_folder, sequence_parallel_plan=hunyuan_common.sequence_parallel_plan))

@@ -31,7 +31,7 @@ import torch
 
 from . import wan
 from .base import ModelError, TextBatch
-from .common import clip_processor_class
+from .common import PromptImages, clip_processor_class
 from .registry import FamilySpec, register
 from .wan import TINY_INIT, WanAdapter
 
@@ -50,7 +50,7 @@ TINY_I2V_INIT: dict[str, dict[str, Any]] = {
 }
 
 
-class WanI2VAdapter(WanAdapter):
+class WanI2VAdapter(PromptImages, WanAdapter):
     """Wan image-to-video: the transformer(s) train; UMT5, the VAE and the CLIP image encoder are frozen.
 
     Each prompt's image is given by :meth:`set_images` before the prompt is encoded.
@@ -59,7 +59,6 @@ class WanI2VAdapter(WanAdapter):
     PIPELINE = "WanImageToVideoPipeline"
     TINY = TINY_I2V_INIT
     CONDITION_LABEL = "image condition channels"
-    takes_images = True
     # The CLIP image states are cached with each prompt's row too: the image encoder goes with UMT5.
     TEXT_ENCODERS = ("text_encoder", "image_encoder")
 
@@ -84,9 +83,7 @@ class WanI2VAdapter(WanAdapter):
         else:
             self.image_encoder = None               # Wan 2.2: conditioning latents only
         self.image_processor = image_processor
-        self._images: dict[str, Any] = {}
-        self._size: tuple[int, int, int] | None = None
-        self._cond_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._init_images()
 
     def _condition_channels(self) -> int:
         # expand_timesteps: the image replaces the first latent frame, no channels are added.
@@ -136,32 +133,13 @@ class WanI2VAdapter(WanAdapter):
         pipe.save_pretrained(str(directory))
 
     # ---------------------------------------------------------------- images
-    def set_images(self, images: dict[str, Any], num_frames: int, height: int, width: int) -> None:
-        """``prompt -> image`` (a path, opened when the prompt is first encoded, or a PIL image)."""
-        self.latent_shape(num_frames, height, width)            # a clear error for an impossible size
-        size = (num_frames, height, width)
-        if size != self._size:
-            self._cond_cache.clear()
-        for prompt, image in images.items():
-            if prompt in self._images and self._images[prompt] != image:
-                self._cond_cache.pop(prompt, None)
-            self._images[prompt] = image
-        self._size = size
-
     @torch.no_grad()
     def _condition(self, prompt: str) -> dict[str, torch.Tensor]:
         """``cond`` ``(C_c, F, H, W)`` (and ``image`` ``(N, D)`` CLIP states) of ``prompt``'s image."""
         if prompt not in self._cond_cache:
-            if prompt not in self._images or self._size is None:
-                raise ModelError(f"prompt {prompt!r} has no conditioning image: an image-to-video model needs "
-                                 "data.images (and eval.images for held-out prompts), one image per prompt")
             from diffusers.video_processor import VideoProcessor
 
-            image, (frames, height, width) = self._images[prompt], self._size
-            if isinstance(image, (str, Path)):
-                from ..images import open_image
-
-                image = open_image(image)
+            image, (frames, height, width) = self._image(prompt), self._size
             pixels = VideoProcessor(vae_scale_factor=self.scale_spatial).preprocess(image, height=height, width=width)
             pixels = pixels.to(self.device, torch.float32).unsqueeze(2)                  # (1, 3, 1, H, W)
             if not self.expand_timesteps:                                                # zeros after frame 0

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.models.hunyuan import HunyuanVideoAdapter
 from flowdppo_video.models.hunyuan15 import HunyuanVideo15Adapter
+from flowdppo_video.models.hunyuan15_i2v import HunyuanVideo15I2VAdapter
 from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.parallel.sequence import apply_sequence_parallel
 
@@ -38,12 +39,21 @@ def hunyuan15() -> HunyuanVideo15Adapter:
     return HunyuanVideo15Adapter.from_config({"transformer": {"num_layers": 2}}, device=CPU, max_sequence_length=8)
 
 
-def text_for(adapter, b: int, g: torch.Generator):
+def hunyuan15_i2v() -> HunyuanVideo15I2VAdapter:
+    return HunyuanVideo15I2VAdapter.from_config({"transformer": {"num_layers": 2}}, device=CPU, max_sequence_length=8)
+
+
+def text_for(adapter, b: int, g: torch.Generator, shape: tuple[int, ...] = ()):
     """Random conditioning of ``b`` rows in the family's form; masks with padding that differs by row."""
     def mask(n: int) -> torch.Tensor:
         m = torch.ones(b, n, dtype=torch.long)
         m[0, n - 2:] = 0
         return m
+    if isinstance(adapter, HunyuanVideo15I2VAdapter):        # image latents + mask channel, SigLIP tokens
+        cond = torch.randn(b, shape[1] + 1, *shape[2:], generator=g)
+        return TextBatch(embeds=torch.randn(b, 6, 16, generator=g), mask=mask(6),
+                         embeds_2=torch.randn(b, 5, 16, generator=g), mask_2=mask(5), cond=cond,
+                         image=torch.randn(b, 16, 8, generator=g))
     if isinstance(adapter, HunyuanVideo15Adapter):
         return TextBatch(embeds=torch.randn(b, 6, 16, generator=g), mask=mask(6),
                          embeds_2=torch.randn(b, 5, 16, generator=g), mask_2=mask(5))
@@ -59,7 +69,7 @@ def run(adapter, shape: tuple[int, ...], experts: list[int], seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g)
     sigma = torch.rand(shape[0], generator=g) * 0.8 + 0.1
-    text = text_for(adapter, shape[0], g)
+    text = text_for(adapter, shape[0], g, shape)
     weights = torch.randn(*shape, generator=g)
     params = [p for t in adapter.experts for p in t.parameters()]
     for p in params:
@@ -135,6 +145,7 @@ def main() -> None:
         case("hunyuan_video batch 2, 12 tokens, LoRA", hunyuan, (2, 4, 2, 4, 6), training="lora"),
         case("hunyuan_video 9 tokens (padded), checkpointing", hunyuan, (2, 4, 1, 6, 6), checkpointing=True),
         case("hunyuan_video_1.5 9 tokens (padded)", hunyuan15, (2, 4, 1, 3, 3)),
+        case("hunyuan_video_1.5_i2v 9 tokens (padded), image tokens", hunyuan15_i2v, (2, 4, 1, 3, 3)),
     ]
     errors = {}
 
