@@ -258,3 +258,26 @@ def test_extra_seeds_at_a_knee_join_the_knee_table_not_the_fronts():
     assert "| 3 | 0.620 [" in clip                     # the knee table has all three seeds
     # An arm that no seed swept keeps its runs (a one-value grid still has its points).
     assert algorithms.front_runs(extra) == extra
+
+
+def test_worlds_are_named_tagged_and_reported_apart(tmp_path):
+    """A run of another world is named and tagged with it, runs with its recipe and rewards, and the
+    report gives each world its own page and figures from its own runs (the same runs tagged as the
+    latent world report exactly as the shapes world's)."""
+    assert algorithms.run_name("sample", 1e-5, 4, 0, world="latent") == "latent-sample-1e-05-e4-s0"
+    assert algorithms.run_name("sample", 1e-5, 4, 0) == "sample-1e-05-e4-s0"
+    ov = algorithms.overrides_for("sample", 1e-5, 4, 0, 20, tmp_path / "r", [], "latent")
+    assert any(o.startswith("eval.rewards={latent_direction") for o in ov) and not any("world_" in o for o in ov)
+    assert algorithms.WORLDS["latent"].recipe.is_file()
+    committed = [r for r in json.loads((ROOT / "docs" / "data" / "frontier.json").read_text())
+                 if r["epochs"] == 4 and not r.get("tag")]
+    mixed = committed + [{**r, "world": "latent"} for r in committed]
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    cmd = [sys.executable, str(ROOT / "tools/bench/algorithms.py"), "--out", str(tmp_path / "runs"), "--docs",
+           str(tmp_path / "docs"), "--reuse", str(tmp_path / "mixed.json"), "--report"]
+    rep = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert (tmp_path / "runs" / "latent-sample-1e-05-e4-s0" / "bench.json").is_file()
+    assert len(json.loads((tmp_path / "docs" / "data" / "frontier.json").read_text())) == len(mixed)
+    assert (tmp_path / "docs" / "frontier_latent.md").read_text() == (tmp_path / "docs" / "frontier.md").read_text()
+    assert (tmp_path / "docs" / "figures" / "frontier_latent.png").stat().st_size > 10_000

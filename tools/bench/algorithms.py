@@ -4,6 +4,8 @@
                                                                            # one_epoch, knees
     .venv/bin/python tools/bench/algorithms.py --report                    # tables, plots, matched-KL
     .venv/bin/python tools/bench/algorithms.py --stage knees --jobs 2 --reuse docs/data/frontier.json  # a new machine
+    .venv/bin/python tools/bench/algorithms.py --world latent --stage seed0 --jobs 2 \
+        --reuse docs/data/frontier.json            # the same grid in the latent world (docs/latent_world.md)
 
 A trust region is a knob, so each arm is swept over its own: token-wise Flow-DPPO (delta per latent
 element), sample-level Flow-DPPO (the paper's algorithm, delta per element), row-gated Flow-DPPO
@@ -39,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from flowdppo_video.benchmarking import DATA, FIGURES, git_commit
@@ -54,6 +57,26 @@ EVAL_REWARDS = ("eval.rewards={world_direction: 1.0, world_colour: 1.0, world_sh
 COMMON = ["optim.lr=1e-4", "eval.samples_per_prompt=2", "run.report_every=0", "run.progress=false",
           "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", EVAL_REWARDS,
           "model.base_below=null"]
+
+
+@dataclass(frozen=True)
+class World:
+    """An embedded world the grid runs in: its recipe, its evaluation rewards and the prefix of their
+    names (``world_direction``, ``latent_direction``); runs of a world other than the shapes world
+    are named ``WORLD-...`` and tagged ``"world"`` in their results."""
+
+    recipe: Path
+    eval_rewards: str
+    prefix: str
+
+
+WORLDS: dict[str, World] = {
+    "shapes": World(RECIPE, EVAL_REWARDS, "world_"),
+    # The latent world (docs/latent_world.md): Wan 2.1's latent geometry, D = 64, the VAE in the loop.
+    "latent": World(ROOT / "configs" / "latent_world.yaml",
+                    "eval.rewards={latent_direction: 1.0, latent_colour: 1.0, latent_shape: 1.0, latent_fidelity: 1.0}",
+                    "latent_"),
+}
 
 # The arms are the variants of the registered objectives (flowdppo_video.objectives: each class
 # names its knob and its variants); the knob values are this benchmark's choice. They span roughly
@@ -123,9 +146,14 @@ STAGES = {
 KNEES: dict[str, float] = {"sample": 1e-5, "clip": 1e-4, "row": 1e-4, "token": 1e-5}
 
 
-def run_name(arm: str, value: float, epochs: int, seed: int, tag: str = "") -> str:
+def run_name(arm: str, value: float, epochs: int, seed: int, tag: str = "", world: str = "shapes") -> str:
     knob = "inf" if math.isinf(value) else f"{value:g}"
-    return f"{arm}-{knob}-e{epochs}-s{seed}{('-' + tag) if tag else ''}"
+    return f"{'' if world == 'shapes' else world + '-'}{arm}-{knob}-e{epochs}-s{seed}{('-' + tag) if tag else ''}"
+
+
+def world_of(result: dict) -> str:
+    """The world a result was measured in (results from before worlds were tagged: the shapes world)."""
+    return result.get("world", "shapes")
 
 
 # At one inner epoch only the iteration's second minibatch is off-policy, so most of the 4-epoch
@@ -159,25 +187,27 @@ def grid(arms: list[str], epochs: list[int], seeds: list[int], values: dict[str,
 
 
 def overrides_for(arm: str, value: float, epochs: int, seed: int, iterations: int, run_dir: Path,
-                  extra: list[str]) -> list[str]:
+                  extra: list[str], world: str = "shapes") -> list[str]:
     arm_ov, knob, _ = ARMS[arm]
+    common = [x if x != EVAL_REWARDS else WORLDS[world].eval_rewards for x in COMMON]
     ov = [f"run.output_dir={run_dir}", f"run.seed={seed}", f"run.iterations={iterations}",
-          f"optim.inner_epochs={epochs}", f"eval.every={iterations}", *COMMON, *arm_ov]
+          f"optim.inner_epochs={epochs}", f"eval.every={iterations}", *common, *arm_ov]
     if knob is not None:
         ov.append(f"{knob}={value!r}")
     return ov + extra
 
 
-def base_eval(out: Path, iterations: int, extra: list[str]) -> Path:
-    """The base model's held-out evaluation, once for the grid: ``OUT/_base/eval.jsonl`` and its videos."""
+def base_eval(out: Path, iterations: int, extra: list[str], world: str = "shapes") -> Path:
+    """The base model's held-out evaluation, once for the grid: ``OUT/_base/eval.jsonl`` and its videos
+    (``OUT/_base-WORLD`` for another world)."""
     from flowdppo_video.config import load_config
     from flowdppo_video.trainer import Trainer
 
-    base = out / "_base"
+    base = out / ("_base" if world == "shapes" else f"_base-{world}")
     if (base / "done").is_file():
         return base
     shutil.rmtree(base, ignore_errors=True)
-    cfg = load_config(RECIPE, overrides_for("none", math.inf, 1, 0, iterations, base / "run", extra))
+    cfg = load_config(WORLDS[world].recipe, overrides_for("none", math.inf, 1, 0, iterations, base / "run", extra, world))
     t = time.perf_counter()
     trainer = Trainer(cfg)
     trainer.evaluate(0)
@@ -206,13 +236,14 @@ def _claim(run_dir: Path) -> bool:
     return True
 
 
-def summarise_run(run_dir: Path) -> dict:
+def summarise_run(run_dir: Path, prefix: str = "world_") -> dict:
     from flowdppo_video.metrics import read_metrics
 
     rows, evals = read_metrics(run_dir), read_metrics(run_dir, "eval")
     base, final = evals[0], evals[-1]
 
     def ev(row: dict, k: str) -> float:
+        k = prefix + k[len("world_"):] if k.startswith("world_") else k      # the world's reward names
         v = row.get(f"eval/{k}/mean")
         return float("nan") if v is None else float(v)
 
@@ -238,18 +269,18 @@ def summarise_run(run_dir: Path) -> dict:
         "grid_energy_base": ev(base, "world_fidelity/grid_energy"),
         "offpolicy_frozen": mean_of("mask/offpolicy_drop_frac", rows),
         "pooled_frozen": mean_of("mask/drop_frac", rows),
-        "colour_train_final": mean_of("reward/world_colour/mean", rows[-5:]),
-        "colour_train_first": rows[0].get("reward/world_colour/mean"),
+        "colour_train_final": mean_of(f"reward/{prefix}colour/mean", rows[-5:]),
+        "colour_train_first": rows[0].get(f"reward/{prefix}colour/mean"),
     }
 
 
 def one_run(out: Path, arm: str, value: float, epochs: int, seed: int, iterations: int, extra: list[str],
-            tag: str = "") -> dict | None:
+            tag: str = "", world: str = "shapes") -> dict | None:
     """Run one cell of the grid (or read it if finished); None if another process holds it."""
     from flowdppo_video.config import load_config
     from flowdppo_video.trainer import Trainer
 
-    run_dir = out / run_name(arm, value, epochs, seed, tag)
+    run_dir = out / run_name(arm, value, epochs, seed, tag, world)
     done = run_dir / "bench.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -257,26 +288,29 @@ def one_run(out: Path, arm: str, value: float, epochs: int, seed: int, iteration
         return None
     try:
         shutil.rmtree(run_dir, ignore_errors=True)             # an interrupted run starts again
-        base = base_eval(out, iterations, extra)
+        base = base_eval(out, iterations, extra, world)
         t = time.perf_counter()
-        trainer = Trainer(load_config(RECIPE, overrides_for(arm, value, epochs, seed, iterations, run_dir, extra)))
+        trainer = Trainer(load_config(WORLDS[world].recipe,
+                                      overrides_for(arm, value, epochs, seed, iterations, run_dir, extra, world)))
         shutil.copy(base / "eval.jsonl", run_dir / "eval.jsonl")     # the shared base evaluation
         shutil.copytree(base / "after_000000", run_dir / "eval" / "after_000000")
         trainer.run()
         result = {"arm": arm, "knob": ARMS[arm][1], "value": value, "epochs": epochs, "seed": seed, "tag": tag,
                   "iterations": iterations, "extra": extra, "wall_seconds": time.perf_counter() - t,
-                  "commit": git_commit(ROOT), **summarise_run(run_dir)}
+                  "commit": git_commit(ROOT), **({} if world == "shapes" else {"world": world}),
+                  **summarise_run(run_dir, WORLDS[world].prefix)}
         done.write_text(json.dumps(result, indent=1))
         return result
     finally:
         run_dir.with_name(run_dir.name + ".claim").unlink(missing_ok=True)
 
 
-def work(out: Path, cells: list[tuple[str, float, int, int]], iterations: int, extra: list[str], tag: str) -> None:
+def work(out: Path, cells: list[tuple[str, float, int, int]], iterations: int, extra: list[str], tag: str,
+         world: str = "shapes") -> None:
     from tqdm.auto import tqdm
 
     for arm, v, e, s in tqdm(cells, desc=f"grid (pid {os.getpid()})"):
-        r = one_run(out, arm, v, e, s, iterations, extra, tag)
+        r = one_run(out, arm, v, e, s, iterations, extra, tag, world)
         if r is not None:
             print(json.dumps({k: r[k] for k in ("arm", "value", "epochs", "seed", "direction", "kl_to_base",
                                                 "forgetting", "offpolicy_frozen", "wall_seconds")}), flush=True)
@@ -575,8 +609,9 @@ def report(results: list[dict], stage_times: dict) -> str:
     return "\n".join(lines + variants)
 
 
-def plot(results: list[dict], figures: Path) -> None:
-    """``frontier.png``, ``frontier_forgetting.png`` and ``frontier_grid.png`` into ``figures``."""
+def plot(results: list[dict], figures: Path, suffix: str = "") -> None:
+    """``frontier.png``, ``frontier_forgetting.png`` and ``frontier_grid.png`` into ``figures`` (each
+    name with ``suffix`` before ``.png``: another world's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -626,7 +661,7 @@ def plot(results: list[dict], figures: Path) -> None:
         handles, labels = axes[0][-1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.07, 1, 1))
-        fig.savefig(figures / name, dpi=110)
+        fig.savefig(figures / name.replace(".png", f"{suffix}.png"), dpi=110)
         plt.close(fig)
 
 
@@ -637,7 +672,7 @@ def worker_command(args: argparse.Namespace, seeds: list[int], epochs: list[int]
     argparse refuses an empty one)."""
     given = [f"{a}={','.join(repr(float(x)) for x in vs)}" for a, vs in (values or {}).items()]
     return [sys.executable, __file__, "--iterations", str(args.iterations), "--out", str(args.out),
-            "--docs", str(args.docs), "--tag", args.tag, "--seeds", *map(str, seeds), "--epochs", *map(str, epochs),
+            "--docs", str(args.docs), "--tag", args.tag, "--world", args.world, "--seeds", *map(str, seeds), "--epochs", *map(str, epochs),
             "--arms", *arms, *(["--values", *given] if given else []), "--", *args.overrides]
 
 
@@ -652,6 +687,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes side by side, one thread each")
     ap.add_argument("--tag", default="", help="names a variant of the grid (with its extra overrides)")
+    ap.add_argument("--world", choices=list(WORLDS), default="shapes",
+                    help="the embedded world the grid runs in (its recipe and rewards); --report writes "
+                    "frontier.md for the shapes world and frontier_WORLD.md for each other world with runs")
     ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
     ap.add_argument("--docs", type=Path, default=Path("docs"),
                     help="frontier.md here, frontier.json in DOCS/data, the plots in DOCS/figures")
@@ -670,7 +708,8 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
     if args.reuse:
         for r in json.loads(args.reuse.read_text()):
-            done = args.out / run_name(r["arm"], r["value"], r["epochs"], r["seed"], r.get("tag", "")) / "bench.json"
+            done = args.out / run_name(r["arm"], r["value"], r["epochs"], r["seed"], r.get("tag", ""),
+                                       world_of(r)) / "bench.json"
             if not done.is_file():
                 done.parent.mkdir(parents=True, exist_ok=True)
                 done.write_text(json.dumps(r, indent=1))
@@ -679,11 +718,16 @@ def main() -> None:
         if not results:
             sys.exit(f"algorithms.py: no finished runs under {args.out}")
         stage_times = json.loads((args.out / "stages.json").read_text()) if (args.out / "stages.json").is_file() else {}
-        (args.docs / DATA / "frontier.json").write_text(json.dumps(results, indent=1))
-        md = report(results, stage_times)
-        (args.docs / "frontier.md").write_text(md + "\n")
-        plot(front_runs(grid_runs(results)), args.docs / FIGURES)
-        print(md)
+        (args.docs / DATA / "frontier.json").write_text(json.dumps(results, indent=1))    # every world's runs
+        for world in WORLDS:                   # one report per world with runs, from that world's runs alone
+            mine = [r for r in results if world_of(r) == world]
+            if not mine:
+                continue
+            suffix = "" if world == "shapes" else f"_{world}"
+            md = report(mine, stage_times if world == "shapes" else {})
+            (args.docs / f"frontier{suffix}.md").write_text(md + "\n")
+            plot(front_runs(grid_runs(mine)), args.docs / FIGURES, suffix)
+            print(md)
         return
     st = STAGES.get(args.stage, {})
     seeds, epochs, arms = args.seeds or st.get("seeds", [0]), args.epochs or st.get("epochs", [4, 1]), \
@@ -703,7 +747,7 @@ def main() -> None:
         if any(codes):
             sys.exit(f"algorithms.py: a worker failed ({codes})")
     else:
-        work(args.out, cells, args.iterations, args.overrides, args.tag)
+        work(args.out, cells, args.iterations, args.overrides, args.tag, args.world)
     if args.stage:
         path = args.out / "stages.json"
         times = json.loads(path.read_text()) if path.is_file() else {}
