@@ -70,7 +70,32 @@ def eval_vae(folder: str, n: int, seed: int) -> dict:
             **{f"{k}_reconstructed": float(np.mean(v)) for k, v in art_r.items()}}
 
 
-def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: str | None = None) -> dict:
+def strip(videos: np.ndarray, prompts: list[str], path: Path, rows: int = 8, every: int = 4, scale: int = 2) -> None:
+    """A PNG of ``rows`` videos (every ``every``-th frame across) with their prompts on the left."""
+    from PIL import Image, ImageDraw
+
+    n = min(rows, len(videos))
+    frames = videos[:n, ::every]                                   # (n, F', H, W, 3)
+    h, w = frames.shape[2] * scale, frames.shape[3] * scale
+    label = 270
+    img = Image.new("RGB", (label + frames.shape[1] * (w + 2), n * (h + 2)), "white")
+    draw = ImageDraw.Draw(img)
+    for i in range(n):
+        words, line, y = prompts[i].split(), "", i * (h + 2) + 2
+        for word in words:                                         # wrap the prompt into the label column
+            if len(line) + len(word) > 44:
+                draw.text((4, y), line, fill="black")
+                line, y = "", y + 11
+            line += word + " "
+        draw.text((4, y), line, fill="black")
+        for j, f in enumerate(frames[i]):
+            img.paste(Image.fromarray(f).resize((w, h), Image.NEAREST), (label + j * (w + 2), i * (h + 2)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: str | None = None,
+               strip_path: Path | None = None) -> dict:
     """Held-out adherence and artifacts of the model's ODE samples (the eval prompts, fixed seeds),
     and of the rendered ground truth through the same VAE."""
     from flowdppo_video.config import SamplerConfig
@@ -88,6 +113,9 @@ def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: s
     by_seed = {}
     for seed in seeds:
         traj = rollout(adapter, prompts, samples, shape, sampler, torch.Generator().manual_seed(seed), progress=False)
+        if strip_path is not None and seed == seeds[0]:             # one video of each of 4 one- and 4 two-object prompts
+            pick = [i * samples for i in (0, 6, 12, 18, 24, 30, 36, 42)]
+            strip(traj.videos.numpy()[pick], [traj.prompts[i] for i in pick], strip_path)
         art = artifact_measurements(traj.videos, traj.prompts)
         by_seed[seed] = {**adherence_table(traj.videos, traj.prompts), **{k: float(np.mean(v)) for k, v in art.items()},
                          "one_object": adherence_table(*_subset(traj.videos, traj.prompts, 1)),
@@ -119,12 +147,14 @@ def main() -> None:
     ap.add_argument("--state", help="model: a tools/pretrain_latent_world.py state.pt (its EMA weights) "
                     "loaded over the folder's")
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--strip", help="model: a PNG of eight held-out samples (seed 0), frames across")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "vae":
         res = eval_vae(resolve(args.folder), args.n, args.seed)
     else:
-        res = eval_model(resolve(args.folder), args.samples, args.seeds, args.steps, args.state)
+        res = eval_model(resolve(args.folder), args.samples, args.seeds, args.steps, args.state,
+                         Path(args.strip) if args.strip else None)
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
