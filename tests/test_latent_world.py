@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from flowdppo_video.resources import resolve
+from flowdppo_video.runs.resources import resolve
 from flowdppo_video.world.latent import FRAMES, SIZE, render_batch
 from rewards.latent_checks import adherence_table, artifact_measurements, classify, criteria
 from rewards.latent_world import (BACKGROUND_NAMES, SHAPES, LatentScene, draw_scene, is_held_out, object_area,

@@ -4,6 +4,7 @@ CLIP image processor class, and the check that a diffusers directory holds a pip
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,8 +36,6 @@ def built_in(dtype: torch.dtype) -> Iterator[None]:
 def clip_processor_class() -> Any:
     """transformers' CLIP image processor: the default one with torchvision, else its PIL backend (what
     ``CLIPImageProcessor`` falls back to anyway, without the warning)."""
-    import importlib.util
-
     import transformers
 
     if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):

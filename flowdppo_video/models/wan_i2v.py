@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from flowdppo_video.runs.images import open_image
+
 from . import wan
 from .base import ModelError, TextBatch
 from .common import clip_processor_class
@@ -159,8 +161,6 @@ class WanI2VAdapter(WanAdapter):
 
             image, (frames, height, width) = self._images[prompt], self._size
             if isinstance(image, (str, Path)):
-                from ..images import open_image
-
                 image = open_image(image)
             pixels = VideoProcessor(vae_scale_factor=self.scale_spatial).preprocess(image, height=height, width=width)
             pixels = pixels.to(self.device, torch.float32).unsqueeze(2)                  # (1, 3, 1, H, W)
