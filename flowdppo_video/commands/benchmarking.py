@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.profiler import ProfilerActivity
-from torch.profiler import profile
+from torch.profiler import ProfilerActivity, profile
 
 from flowdppo_video.parallel.groups import free_port
 from flowdppo_video.training.metrics import read_metrics

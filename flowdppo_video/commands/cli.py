@@ -13,8 +13,7 @@ from flowdppo_video.exceptions import ModelError, TrainingError
 from flowdppo_video.parallel.groups import CollectiveTimeout
 from flowdppo_video.reporting import eval_checkpoints, report
 from flowdppo_video.reporting.run_summary import summary_lines
-from flowdppo_video.runs.config import ConfigError
-from flowdppo_video.runs.config import load_config
+from flowdppo_video.runs.config import ConfigError, load_config
 from flowdppo_video.runs.data import DataError
 from flowdppo_video.runs.fsio import check_new_output, os_error_line
 from flowdppo_video.runs.run_dir import check_resume_dir, require_run_dir
@@ -24,8 +23,7 @@ from flowdppo_video.training.metrics import read_metrics
 from flowdppo_video.training.run_builder import build_model, open_run
 from rewards import RewardError
 
-from . import scoring, serve
-from . import planner
+from . import planner, scoring, serve
 from .sample import run_sample
 
 DEFAULT_RECIPE = Path(__file__).parents[1] / "recipes" / "default.yaml"

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from . import hunyuan_common
-from .base import ModelError, TextBatch, init_parts
-from .base import VideoFlowAdapter
+from .base import ModelError, TextBatch, VideoFlowAdapter, init_parts
 from .common import DTYPES, built_in, check_pipeline_folders
 from .hunyuan_common import HunyuanCommon
 from .memory import read_part_configs

@@ -19,8 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from flowdppo_video.runs.config import VideoConfig
-from flowdppo_video.runs.config import ConfigError, load_yaml
+from flowdppo_video.runs.config import ConfigError, VideoConfig, load_yaml
 from flowdppo_video.runs.fsio import write_text_atomic
 from flowdppo_video.runs.run_dir import require_run_dir
 from flowdppo_video.training.kl_maps import overlay, load_snapshot

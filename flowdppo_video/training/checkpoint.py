@@ -27,8 +27,7 @@ import torch
 
 from flowdppo_video.exceptions import TrainingError
 from flowdppo_video.models.base import VideoFlowAdapter
-from flowdppo_video.parallel.groups import ParallelState
-from flowdppo_video.parallel.groups import CollectiveTimeout
+from flowdppo_video.parallel.groups import CollectiveTimeout, ParallelState
 from flowdppo_video.parallel.updaters import Updater
 
 _PREFIX = "iter_"
