@@ -296,9 +296,9 @@ def test_9_num_frames_past_the_rotary_table_is_refused_by_the_model():
 
 
 def test_9_a_full_disk_while_the_text_cache_is_saved_is_one_line(tmp_path, monkeypatch):
-    import safetensors.torch
     from safetensors import SafetensorError
 
+    from flowdppo_video.models import text_cache
     from flowdppo_video.models.base import ModelError
     from flowdppo_video.models.text_cache import TextCache
 
@@ -306,7 +306,7 @@ def test_9_a_full_disk_while_the_text_cache_is_saved_is_one_line(tmp_path, monke
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
                               '"No space left on device" })')
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(text_cache, "save_file", full)        # what TextCache.save calls
     cache = TextCache("k")
     cache.entries[(None, "a")] = torch.zeros(1, 2)
     with pytest.raises(ModelError) as e:
