@@ -1,7 +1,7 @@
 """Error classes raised by more than one layer, at the bottom of the package: this module imports
 nothing from the project, so the model adapters (``models/``) and the parallelism applied to them
-(``parallel/``) can both raise them without importing each other. ``errors.py`` gathers every error
-a user can cause for the CLI."""
+(``parallel/``) can both raise them without importing each other. ``commands/cli.py``'s ``USER_ERRORS``
+gathers every error a user can cause."""
 
 
 class ModelError(ValueError):

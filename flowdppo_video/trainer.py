@@ -18,31 +18,32 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flowdppo_video.reporting.run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
+from flowdppo_video.runs.config import Config
+from flowdppo_video.runs.data import load_prompts, prompts_for_iteration
+from flowdppo_video.runs.fsio import check_output_dir, naming
+from flowdppo_video.runs.images import run_images
+from flowdppo_video.runs.run_dir import (
+    RunDirError, RunLock, check_new_run, check_output_name, check_unlocked, mark_owned)
+from flowdppo_video.runs.seeding import derive_seed, resolve_device, seed_global_rngs
+from flowdppo_video.training.checkpoint import resume_checkpoint, save_checkpoint
+from flowdppo_video.training.evaluation import evaluate
+from flowdppo_video.training.metrics import import_wandb, read_metrics, truncate_metrics
+from flowdppo_video.training.monitors import build_monitors
+from flowdppo_video.training.perf import Throughput
+from flowdppo_video.training.policy_update import PolicyUpdate
+from flowdppo_video.training.rollout import Trajectory, rollout
+from flowdppo_video.training.run_builder import build_model, keeps_reference
 from rewards import build_rewards, reward_weights, score_videos
 
 from . import sde
 from .advantages import compute_advantages
-from .checkpoint import resume_checkpoint, save_checkpoint
-from .config import Config
-from .data import load_prompts, prompts_for_iteration
-from .evaluation import evaluate
 from .exceptions import TrainingError
-from .fsio import check_output_dir, naming
-from .images import run_images
-from .metrics import import_wandb, read_metrics, truncate_metrics
-from .monitors import build_monitors
 from .models.text_cache import CACHE_FILE, cache_run_prompts
 from .objectives import ObjectiveOutput
 from .parallel.groups import ParallelState, adopt_launcher_settings, check_layout, init_parallel
 from .parallel.sequence import apply_sequence_parallel, check_token_padding
 from .parallel.updaters import build_updater
-from .perf import Throughput
-from .policy_update import PolicyUpdate
-from .rollout import Trajectory, rollout
-from .run_builder import build_model, keeps_reference
-from .run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
-from .run_dir import RunDirError, RunLock, check_new_run, check_output_name, check_unlocked, mark_owned
-from .seeding import derive_seed, resolve_device, seed_global_rngs
 
 
 @dataclass

@@ -37,12 +37,15 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from .common import check_videos, positive, resolve_device, resolve_dtype
 from .qwen_video import QwenVideoPacker, chat_inputs, find_chat_template
 from .registry import RewardError, register
-from .videoalign import _to_current_layout
+from .videoalign import to_current_layout
 
 REWARD_TOKEN = "<|Reward|>"
 IMAGE_TOKEN = "<|image_pad|>"
@@ -107,9 +110,6 @@ def image_size(height: int, width: int, factor: int, pixels: int) -> tuple[int, 
 def resize_frame(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8 with PIL's bicubic resize, as the reference's
     ``fetch_image`` resizes a PIL image."""
-    import numpy as np
-    from PIL import Image
-
     img = Image.fromarray(frame.cpu().numpy())
     if img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BICUBIC)
@@ -185,14 +185,13 @@ class HPSv3Reward:
         return tok
 
     def _load(self, path: Path, base_dir: Path) -> tuple[Any, torch.nn.Sequential]:
-        from safetensors.torch import load_file
         from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
         try:
             raw = load_file(path)
         except Exception as e:
             raise RewardError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        state = {_to_current_layout(k): v for k, v in raw.items()}
+        state = {to_current_layout(k): v for k, v in raw.items()}
         config = AutoConfig.from_pretrained(base_dir, local_files_only=True)
         if config.model_type != "qwen2_vl":
             raise RewardError(f"the base model {base_dir} is {config.model_type!r}; HPSv3 is built on qwen2_vl")

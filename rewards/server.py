@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from typing import Any, AsyncIterator, Mapping
 
 import anyio
@@ -56,7 +57,6 @@ DECODE_IN_THREAD_BYTES = 1 << 20   # bodies larger than this are decoded off the
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
         return version("flowdppo-video")
     except Exception:  # an uninstalled checkout
         return "unknown"

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors.torch import load_file
 
 from .common import check_videos, positive, resolve_device, resolve_dtype
 from .qwen_video import VIDEO_TOKEN, QwenVideoPacker, chat_inputs, find_chat_template
@@ -218,7 +219,7 @@ def find_checkpoint(model_dir: Path, step: int | None = None) -> Path:
     return steps[max(steps)]
 
 
-def _to_current_layout(key: str) -> str:
+def to_current_layout(key: str) -> str:
     """A state-dict key of the reference's transformers (4.45: ``model.layers...``, ``visual...``)
     in this transformers' Qwen2-VL layout (``model.language_model...``, ``model.visual...``)."""
     if key.startswith("visual."):
@@ -405,7 +406,6 @@ class VideoAlignReward:
     def _load_state(path: Path) -> Mapping[str, torch.Tensor]:
         try:
             if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
                 raw = load_file(path)
             else:
                 raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -417,7 +417,7 @@ class VideoAlignReward:
 
     def _full_state(self, path: Path, scaling: float) -> dict[str, torch.Tensor]:
         """The release's ``model.pth``: every weight of the LoRA-wrapped model, adapters merged here."""
-        return {_to_current_layout(k): v for k, v in merge_lora_state(self._load_state(path), scaling).items()}
+        return {to_current_layout(k): v for k, v in merge_lora_state(self._load_state(path), scaling).items()}
 
     def _adapter_state(self, ckpt: Path, base_dir: Path, scaling: float) -> dict[str, torch.Tensor]:
         """The layout of the reference's training with ``save_full_model: false``: the base model's
@@ -427,7 +427,7 @@ class VideoAlignReward:
         from transformers import Qwen2VLForConditionalGeneration
 
         def plain(k: str) -> str:
-            return _to_current_layout(k.removeprefix("base_model.model.").replace(".base_layer.", "."))
+            return to_current_layout(k.removeprefix("base_model.model.").replace(".base_layer.", "."))
 
         lora = {plain(k): v for k, v in self._load_state(ckpt / "adapter_model.safetensors").items()}
         trained = {plain(k): v for k, v in self._load_state(ckpt / "non_lora_state_dict.pth").items()}

@@ -53,6 +53,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .common import check_videos, checkpoint_dir, positive, read_json, resolve_device, resolve_dtype
 from .qwen_video import VIDEO_TOKEN, QwenVideoPacker, find_chat_template, sample_frame_indices
@@ -271,8 +273,6 @@ class VLMJudge:
         return out.logits[:, -1].float()
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
-        from tqdm.auto import tqdm
-
         check_videos(videos, prompts)
         chunks = range(0, videos.shape[0], self.batch_size)
         rows = []
@@ -287,8 +287,6 @@ class VLMJudge:
 # -------------------------------------------------------------------------------- remote backend
 
 def _encode_frame(frame: np.ndarray, image_format: str) -> str:
-    from PIL import Image
-
     buf = io.BytesIO()
     img = Image.fromarray(frame)
     if image_format == "jpeg":

@@ -20,7 +20,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def tiny_config(tmp_path: Path, *overrides: str):
     """The tiny Wan test recipe with its run directory under ``tmp_path``."""
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
 
     return load_config(TINY_CONFIG, [f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", "run.report_every=0",
                                      f"data.prompts={ROOT / 'configs/prompts/demo.txt'}", *overrides])

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import rewards
-from flowdppo_video.monitors import hacking_warnings, monitor_means, score_monitors
-from flowdppo_video.video import read_video, video_fps, write_video
+from flowdppo_video.training.monitors import hacking_warnings, monitor_means, score_monitors
+from flowdppo_video.runs.video import read_video, video_fps, write_video
 from rewards.artifacts import DEFAULT_MONITORS, grid_measurements, monitor_specs
 from rewards.registry import RewardError
 

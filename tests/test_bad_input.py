@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowdppo_video import objectives
-from flowdppo_video.config import ConfigError, load_config
+from flowdppo_video.runs.config import ConfigError, load_config
 from flowdppo_video.trainer import Trainer, TrainingError
 
 from .conftest import TINY_CONFIG

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 
-from flowdppo_video.before_after import pick_videos, write_before_after
-from flowdppo_video.data import load_prompts
-from flowdppo_video.video import read_video, write_video
+from flowdppo_video.reporting.before_after import pick_videos, write_before_after
+from flowdppo_video.runs.data import load_prompts
+from flowdppo_video.runs.video import read_video, write_video
 from flowdppo_video.world.grammar import parse_prompt
 
 
@@ -34,7 +34,7 @@ def test_the_pick_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("from flowdppo_video.before_after import pick_videos; from flowdppo_video.data import load_prompts; "
+    code = ("from flowdppo_video.reporting.before_after import pick_videos; from flowdppo_video.runs.data import load_prompts; "
             "print(pick_videos(load_prompts('builtin:prompts/heldout.txt'), 4, 8))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(4)}

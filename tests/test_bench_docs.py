@@ -1,7 +1,7 @@
 """``docs/benchmarks.md`` is written by ``tools/bench/run_all.py`` (sections (a)-(c), from its own
 runs) and, after them, by the long benchmarks and by hand: each of those parts is a section between
 ``<!-- section: NAME -->`` and ``<!-- /section: NAME -->`` that its tool writes in place
-(:func:`flowdppo_video.benchmarking.write_section`) and that a rewrite by ``run_all.py`` keeps
+(:func:`flowdppo_video.commands.benchmarking.write_section`) and that a rewrite by ``run_all.py`` keeps
 verbatim. Text outside the sections after (a)-(c) would be lost at the next ``make bench`` (it
 happened to (d)'s "superseded" note when the sections were separate files), so there is none."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flowdppo_video.benchmarking import outside_sections, section_block, sections, write_section
+from flowdppo_video.commands.benchmarking import outside_sections, section_block, sections, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"

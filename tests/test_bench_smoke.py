@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flowdppo_video.benchmarking import median_interval, sections
+from flowdppo_video.commands.benchmarking import median_interval, sections
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench"

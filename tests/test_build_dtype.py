@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flowdppo_video.config import ModelConfig
+from flowdppo_video.runs.config import ModelConfig
 from flowdppo_video.models import families, family
 from flowdppo_video.models.wan import WanAdapter
 

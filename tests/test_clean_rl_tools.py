@@ -20,7 +20,7 @@ BASE = {"eval/world_direction/mean": 0.6, "eval/world_colour/mean": 0.9, "eval/w
 
 
 def _finished_run(out: Path, lever: str, seed: int, direction: float, grid: float, colour: float) -> None:
-    """A run directory as flowdppo_video.benchmarking.run_seed leaves it: eval.jsonl (base, final) and its metadata."""
+    """A run directory as flowdppo_video.commands.benchmarking.run_seed leaves it: eval.jsonl (base, final) and its metadata."""
     d = out / f"{lever}-s{seed}"
     d.mkdir(parents=True)
     final = {**BASE, "eval/world_direction/mean": direction, "eval/world_fidelity/grid_energy/mean": grid,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flowdppo_video.video import read_video
+from flowdppo_video.runs.video import read_video
 
 from .conftest import ROOT, TINY_CONFIG
 
@@ -121,7 +121,7 @@ def test_sigkill_mid_iteration_loses_at_most_that_iteration(tmp_path):
             proc.kill()
     before = rows(run)
     done = len(before)
-    from flowdppo_video.checkpoint import latest_checkpoint
+    from flowdppo_video.training.checkpoint import latest_checkpoint
     saved = int(latest_checkpoint(run).name.split("_")[1])
     assert done - saved in (0, 1)                          # at most the killed iteration is redone
     train(run, f"run.iterations={done + 2}", resume=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowdppo_video.config import ConfigError, apply_overrides, load_config
+from flowdppo_video.runs.config import ConfigError, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

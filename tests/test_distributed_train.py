@@ -29,7 +29,7 @@ COMMON = ["optim.minibatch_size=2", "run.report_every=0", "run.tensorboard=false
 
 
 def _torchrun(*args: str, module: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_two_ranks(*(["-m", "flowdppo_video.train"] if module else []), *args, timeout=timeout)
+    return run_two_ranks(*(["-m", "flowdppo_video.commands.train"] if module else []), *args, timeout=timeout)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -78,11 +78,11 @@ def test_two_ranks_train_as_one_process(single, tmp_path, layout):
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory) -> Path:
-    """``deepspeed --num_gpus 2 --module flowdppo_video.train`` on the CPU (gloo), ZeRO-3, LoRA."""
+    """``deepspeed --num_gpus 2 --module flowdppo_video.commands.train`` on the CPU (gloo), ZeRO-3, LoRA."""
     if shutil.which("deepspeed", path=str(BIN)) is None:
         pytest.skip("the deepspeed launcher is not installed")
     run = tmp_path_factory.mktemp("zero3") / "run"
-    proc = run_two_ranks("--module", "flowdppo_video.train", "--config", str(TINY_CONFIG), f"run.output_dir={run}",
+    proc = run_two_ranks("--module", "flowdppo_video.commands.train", "--config", str(TINY_CONFIG), f"run.output_dir={run}",
                          *COMMON, "parallel.zero_stage=3", "parallel.zero_persistence_threshold=0", timeout=600,
                          launcher=[str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -100,8 +100,8 @@ def test_export_of_a_zero3_checkpoint_is_a_diffusers_pipeline(zero3_run, tmp_pat
     import torch
     from diffusers import WanPipeline
 
-    from flowdppo_video.checkpoint import latest_checkpoint, load_checkpoint
-    from flowdppo_video.config import load_config
+    from flowdppo_video.training.checkpoint import latest_checkpoint, load_checkpoint
+    from flowdppo_video.runs.config import load_config
     from flowdppo_video.models import build_adapter
 
     out = tmp_path / "export"
@@ -142,7 +142,7 @@ def test_accelerate_launch_takes_its_deepspeed_stage(single, tmp_path):
                    "zero3_init_flag: false}\nmachine_rank: 0\nnum_machines: 1\nnum_processes: 2\nuse_cpu: true\n"
                    f"main_process_port: {free_port()}\nmixed_precision: 'no'\n")
     run = tmp_path / "run"
-    proc = run_two_ranks("-m", "flowdppo_video.train", "--config", str(TINY_CONFIG), f"run.output_dir={run}", *COMMON,
+    proc = run_two_ranks("-m", "flowdppo_video.commands.train", "--config", str(TINY_CONFIG), f"run.output_dir={run}", *COMMON,
                          timeout=600, launcher=[str(BIN / "accelerate"), "launch", "--config_file", str(acc)])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     _assert_same_run(single, run)

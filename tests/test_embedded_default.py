@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowdppo_video.config import load_config
+from flowdppo_video.runs.config import load_config
 from flowdppo_video.models import build_adapter
-from flowdppo_video.rollout import rollout
+from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 from flowdppo_video.world.model import WEIGHTS_DIR
 from rewards.world import adherence_table
 
-from flowdppo_video.cli import DEFAULT_RECIPE as WORLD_RECIPE
+from flowdppo_video.commands.cli import DEFAULT_RECIPE as WORLD_RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
 

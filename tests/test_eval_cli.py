@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowdppo_video.cli import build_parser
-from flowdppo_video.eval_checkpoints import composite_parts, split_overrides, total_terms
+from flowdppo_video.commands.cli import build_parser
+from flowdppo_video.reporting.eval_checkpoints import composite_parts, split_overrides, total_terms
 
 
 def test_overrides_are_positional_like_train_and_sample(tmp_path):

@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from flowdppo_video.config import ConfigError, load_config
+from flowdppo_video.runs.config import ConfigError, load_config
 from flowdppo_video.models import build_adapter
 from flowdppo_video.models.base import ModelError, TextBatch
-from flowdppo_video.rollout import rollout, step_mean
+from flowdppo_video.training.rollout import rollout, step_mean
 from flowdppo_video.trainer import Trainer
 
 from .conftest import ROOT

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from flowdppo_video.config import ModelConfig
+from flowdppo_video.runs.config import ModelConfig
 from flowdppo_video.models import build_adapter, checkpoint_family, families, family, register, spec_for
 from flowdppo_video.models import registry, wan
 from flowdppo_video.models.base import ModelError

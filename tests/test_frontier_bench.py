@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flowdppo_video.winrates import bootstrap_ci
+from flowdppo_video.reporting.winrates import bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "bench"))

@@ -15,14 +15,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from flowdppo_video.config import (  # noqa: E402
-    INF_ALLOWED,
-    Config,
-    ConfigError,
-    config_to_dict,
-    load_config,
-    parse_overrides,
-)
+from flowdppo_video.runs.config import (
+    INF_ALLOWED, Config, ConfigError, config_to_dict, load_config, parse_overrides)
 from rewards.wire import BINARY_TYPE, MAGIC, WireError, decode_request  # noqa: E402
 
 from .conftest import TINY_CONFIG  # noqa: E402

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The per-iteration path: rollout, rewards' aggregation, the update, snapshots, metrics rows, the
 # parallel updaters. Outside it: the report and the win rates (numpy on files), models/ (build time),
 # the CLI tools, and rewards/ (each reward converts on its own device and returns CPU scores).
-HOT = ["trainer.py", "policy_update.py", "rollout.py", "sde.py", "objectives.py", "advantages.py", "kl_maps.py",
-       "evaluation.py", "perf.py", "run_artifacts.py", "parallel/updaters.py", "parallel/zero.py",
+HOT = ["trainer.py", "training/policy_update.py", "training/rollout.py", "sde.py", "objectives.py", "advantages.py",
+       "training/kl_maps.py",
+       "training/evaluation.py", "training/perf.py", "reporting/run_artifacts.py", "parallel/updaters.py", "parallel/zero.py",
        "parallel/sequence.py", "parallel/groups.py"]
 # Methods that give (or keep) a tensor: a conversion of their result needs .item() or .cpu().
 TENSOR_METHODS = {"mean", "sum", "max", "min", "std", "var", "norm", "abs", "float", "double", "detach", "prod",

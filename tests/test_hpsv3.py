@@ -162,7 +162,7 @@ def test_bad_inputs_are_one_line(tiny, tmp_path) -> None:
 def test_the_wan21_hpsv3_recipe_loads() -> None:
     import inspect
 
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
     from rewards.hpsv3 import HPSv3Reward
     from rewards.registry import parse_reward_specs
 

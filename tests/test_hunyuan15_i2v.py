@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from flowdppo_video import sde
-from flowdppo_video.cli import main as cli_main
-from flowdppo_video.config import load_config
-from flowdppo_video.images import load_run_images
+from flowdppo_video.commands.cli import main as cli_main
+from flowdppo_video.runs.config import load_config
+from flowdppo_video.runs.images import load_run_images
 from flowdppo_video.models import build_adapter
 from flowdppo_video.models.base import ModelError, TextBatch
-from flowdppo_video.rollout import rollout
+from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
 from .conftest import ROOT, write_image

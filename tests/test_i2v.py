@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flowdppo_video.config import ConfigError, load_config
-from flowdppo_video.data import DataError
-from flowdppo_video.images import load_run_images
+from flowdppo_video.runs.config import ConfigError, load_config
+from flowdppo_video.runs.data import DataError
+from flowdppo_video.runs.images import load_run_images
 from flowdppo_video.models import build_adapter
 from flowdppo_video.models.base import ModelError, TextBatch
-from flowdppo_video.rollout import rollout
+from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
 from .conftest import ROOT, record_transformer_calls, write_image

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flowdppo_video import kl_maps, objectives
-from flowdppo_video.rollout import Trajectory
+from flowdppo_video.training import kl_maps
+from flowdppo_video import objectives
+from flowdppo_video.training.rollout import Trajectory
 
 PATCH = (1, 2, 2)
 C, F, H, W = 4, 3, 4, 6                     # token grid (3, 2, 3); Wan-like 9 pixel frames of 32 x 48

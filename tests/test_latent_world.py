@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from flowdppo_video.resources import resolve
+from flowdppo_video.runs.resources import resolve
 from flowdppo_video.world.latent import FRAMES, SIZE, render_batch
 from rewards.latent_checks import adherence_table, artifact_measurements, classify, criteria
 from rewards.latent_world import (BACKGROUND_NAMES, SHAPES, LatentScene, draw_scene, is_held_out, object_area,
@@ -98,7 +98,7 @@ def test_the_recipe_runs_a_full_iteration_with_the_vae_in_the_loop(tmp_path):
 
     import torch
 
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
     from flowdppo_video.world.latent import build_latent_adapter
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import rewards
-from flowdppo_video.config import ConfigError
-from flowdppo_video.metrics import read_metrics
-from flowdppo_video.monitors import build_monitors, hacking_warnings, model_period
-from flowdppo_video.run_summary import summary_lines
+from flowdppo_video.runs.config import ConfigError
+from flowdppo_video.training.metrics import read_metrics
+from flowdppo_video.training.monitors import build_monitors, hacking_warnings, model_period
+from flowdppo_video.reporting.run_summary import summary_lines
 from rewards.artifacts import DEFAULT_MONITORS, NOTICEABLE
 
 from .conftest import tiny_config
@@ -37,8 +37,8 @@ if PAID not in rewards.REWARDS:
 def hacked(tmp_path_factory) -> Path:
     """Two iterations of the shipped shapes-world model (the demo recipe) on PAID alone, at a
     learning rate and trust region loose enough to hack it fast, evaluated before and after."""
-    from flowdppo_video.cli import DEFAULT_RECIPE
-    from flowdppo_video.config import load_config
+    from flowdppo_video.commands.cli import DEFAULT_RECIPE
+    from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
 
     root = tmp_path_factory.mktemp("hacked")
@@ -80,7 +80,7 @@ def test_a_run_that_pays_for_saturation_is_warned_about(hacked) -> None:
 
 @pytest.mark.slow
 def test_eval_compares_the_monitors_of_checkpoints(hacked, tmp_path) -> None:
-    from flowdppo_video.eval_checkpoints import evaluate_checkpoints
+    from flowdppo_video.reporting.eval_checkpoints import evaluate_checkpoints
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle moves left slowly on black\na blue square moves up quickly on gray\n")
@@ -113,10 +113,10 @@ def test_the_period_is_the_models_own_unless_configured(tiny_cfg) -> None:
 
 
 def test_the_shapes_world_period_is_2() -> None:
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
     from flowdppo_video.models import build_adapter
 
-    from flowdppo_video.cli import DEFAULT_RECIPE
+    from flowdppo_video.commands.cli import DEFAULT_RECIPE
 
     cfg = load_config(DEFAULT_RECIPE, [])
     assert model_period(build_adapter(cfg.model, torch.device("cpu"))) == 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flowdppo_video import objectives
-from flowdppo_video.config import ConfigError, load_config
+from flowdppo_video.runs.config import ConfigError, load_config
 from flowdppo_video.objectives import OBJECTIVES, PolicyObjective, register_objective
 
 ROOT = Path(__file__).resolve().parents[1]

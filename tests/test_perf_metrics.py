@@ -1,4 +1,4 @@
-"""Throughput in the metrics (flowdppo_video/perf.py): perf/videos_per_s and seconds per video on
+"""Throughput in the metrics (flowdppo_video/training/perf.py): perf/videos_per_s and seconds per video on
 every device, perf/mfu on CUDA from FLOPs counted once and the card's peak."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from unittest import mock
 
 import torch
 
-from flowdppo_video.perf import Throughput, forward_flops, peak_flops
+from flowdppo_video.training.perf import Throughput, forward_flops, peak_flops
 from flowdppo_video.trainer import Trainer
 
 from .conftest import tiny_config
@@ -15,7 +15,7 @@ from .conftest import tiny_config
 
 def test_rows_carry_positive_throughput(tmp_path):
     """On the CPU, with the peak a CUDA card would have (1 TFLOP/s) so the trainer's MFU path runs too."""
-    with mock.patch("flowdppo_video.perf.peak_flops", return_value=1e12):
+    with mock.patch("flowdppo_video.training.perf.peak_flops", return_value=1e12):
         row = Trainer(tiny_config(tmp_path, "run.iterations=1", "run.progress=false")).run()[0]
     for key in ("perf/videos_per_s", "perf/rollout_s_per_video", "perf/update_s_per_video", "perf/mfu"):
         assert row[key] > 0, key
@@ -70,7 +70,7 @@ def test_compiled_blocks_still_compile_after_the_flop_count(tmp_path, monkeypatc
     from torch._dynamo.utils import counters
 
     from flowdppo_video.models import build_adapter
-    from flowdppo_video.perf import compiled_graphs
+    from flowdppo_video.training.perf import compiled_graphs
 
     original = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: original(self, *a, **{**k, "backend": "eager"}))

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowdppo_video.cli import main
-from flowdppo_video.config import LoraConfig, ModelConfig, load_config
+from flowdppo_video.commands.cli import main
+from flowdppo_video.runs.config import LoraConfig, ModelConfig, load_config
 from flowdppo_video.models import build_adapter
 from flowdppo_video.models.memory import activation_profile
-from flowdppo_video.planner import plan_memory
+from flowdppo_video.commands.planner import plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "wan_tiny.yaml"

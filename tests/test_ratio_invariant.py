@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowdppo_video.rollout import rollout
+from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
 from .conftest import tiny_config

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowdppo_video.config import ConfigError, load_config, load_yaml
+from flowdppo_video.runs.config import ConfigError, load_config, load_yaml
 from flowdppo_video.trainer import Trainer, TrainingError
 
 from .conftest import TINY_CONFIG, tiny_config
@@ -243,7 +243,8 @@ def _fill(disk: Path) -> Path:
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous(small_disk, tmp_path):
-    from flowdppo_video.checkpoint import CheckpointError, list_checkpoints, save_checkpoint, verify_checkpoint
+    from flowdppo_video.training.checkpoint import (
+        CheckpointError, list_checkpoints, save_checkpoint, verify_checkpoint)
 
     cfg = tiny_config(small_disk, "run.iterations=1", *QUIET, "run.keep_checkpoints=5")
     trainer = Trainer(cfg)
@@ -368,8 +369,8 @@ def test_an_unexpected_error_is_a_json_500_counted_in_health(server_url, monkeyp
 
 
 def test_an_open_bind_without_a_token_is_refused(tmp_path):
-    from flowdppo_video.config import ConfigError
-    from flowdppo_video.serve import check_open_bind
+    from flowdppo_video.runs.config import ConfigError
+    from flowdppo_video.commands.serve import check_open_bind
 
     for host in ("0.0.0.0", "::", "192.168.1.7", "example.org"):
         with pytest.raises(ConfigError, match=rf"--host {host} is reachable from other machines and no token"):
@@ -400,7 +401,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.conftest import tiny_config
-from flowdppo_video.checkpoint import latest_checkpoint, save_checkpoint
+from flowdppo_video.training.checkpoint import latest_checkpoint, save_checkpoint
 from flowdppo_video.trainer import Trainer
 base = Path(sys.argv[1])
 last = latest_checkpoint(base / "run")
@@ -421,7 +422,7 @@ def test_sigkill_inside_checkpoint_writes_never_leaves_a_torn_checkpoint(tmp_pat
     import signal
     import time
 
-    from flowdppo_video.checkpoint import list_checkpoints, verify_checkpoint
+    from flowdppo_video.training.checkpoint import list_checkpoints, verify_checkpoint
 
     from .conftest import ROOT
 
@@ -447,9 +448,9 @@ def test_sigkill_inside_checkpoint_writes_never_leaves_a_torn_checkpoint(tmp_pat
 
 
 def test_score_out_naming_a_file_fails_before_scoring(tmp_path, capsys, monkeypatch):
-    from flowdppo_video import scoring
-    from flowdppo_video.cli import main
-    from flowdppo_video.video import write_video
+    from flowdppo_video.commands import scoring
+    from flowdppo_video.commands.cli import main
+    from flowdppo_video.runs.video import write_video
 
     write_video(tmp_path / "v" / "a.mp4", np.zeros((5, 16, 16, 3), dtype=np.uint8))
     (tmp_path / "v" / "prompts.txt").write_text("a prompt\n")
@@ -472,7 +473,7 @@ def test_score_out_naming_a_file_fails_before_scoring(tmp_path, capsys, monkeypa
 def test_an_os_error_in_any_command_is_one_line_naming_the_path(tmp_path, capsys):
     """A read-only output folder (report here; train, score and sample go the same way) is exit 2
     and one line naming the path, from a real EROFS: /proc refuses every new entry, root or not."""
-    from flowdppo_video.cli import main
+    from flowdppo_video.commands.cli import main
 
     Trainer(tiny_config(tmp_path, "run.iterations=1", *QUIET)).run()
     out = Path("/proc/flowdppo_report_test")
@@ -483,7 +484,7 @@ def test_an_os_error_in_any_command_is_one_line_naming_the_path(tmp_path, capsys
 
 def test_running_maxima_keep_a_nan():
     """``max(x, nan)`` is x: a NaN KL or ratio would vanish from kl/max; the stats keep it."""
-    from flowdppo_video.policy_update import RunningStats
+    from flowdppo_video.training.policy_update import RunningStats
 
     acc = RunningStats()
     acc.add({"kl_max": 0.5})
@@ -495,7 +496,7 @@ def test_running_maxima_keep_a_nan():
 def test_manifest_hashes_small_files_whole_and_large_files_at_both_ends(tmp_path, monkeypatch):
     """A save must not read a 100 GB optimizer state again: over WHOLE_HASH_BYTES a file is
     vouched for by its size and the hash of its two ends (truncation and torn tails are caught)."""
-    from flowdppo_video import checkpoint as ck
+    from flowdppo_video.training import checkpoint as ck
 
     monkeypatch.setattr(ck, "WHOLE_HASH_BYTES", 1000)
     monkeypatch.setattr(ck, "ENDS_BYTES", 100)
@@ -529,7 +530,7 @@ def test_manifest_hashes_small_files_whole_and_large_files_at_both_ends(tmp_path
 
 # ---------------------------------------------------------------- score: bounded memory, frame counts
 def _mixed_sizes(folder: Path, n: int) -> list[Path]:
-    from flowdppo_video.video import write_video
+    from flowdppo_video.runs.video import write_video
 
     rng = np.random.default_rng(0)
     files = [write_video(folder / f"{k:02d}.mp4", rng.integers(0, 256, (5, 16 + 2 * k, 16, 3), dtype=np.uint8))
@@ -542,8 +543,9 @@ def test_score_holds_at_most_a_batch_of_videos_whatever_the_sizes(tmp_path, monk
     """12 videos of 12 sizes with --batch-size 4: before, all 12 waited for the end (one group
     each); now at most 4 decoded videos wait, and every file is scored with its frame count."""
     import rewards as R
-    from flowdppo_video import video as video_mod
-    from flowdppo_video.scoring import score_files
+    from flowdppo_video.commands import scoring
+    from flowdppo_video.commands.scoring import score_files
+    from flowdppo_video.runs import video as video_mod
 
     files = _mixed_sizes(tmp_path / "v", 12)
     held = {"now": 0, "max": 0}
@@ -558,7 +560,7 @@ def test_score_holds_at_most_a_batch_of_videos_whatever_the_sizes(tmp_path, monk
         held["now"] -= videos.shape[0]
         return real_score(fns, videos, prompts, **kw)
 
-    monkeypatch.setattr(video_mod, "read_video", read)
+    monkeypatch.setattr(scoring, "read_video", read)          # what score_files calls
     monkeypatch.setattr(R, "score_videos", score)
     rows, _, skipped = score_files(files, [f"p{k}" for k in range(12)], {"frame_change": 1.0}, batch_size=4)
     assert held["max"] <= 4 + 1 and held["now"] == 0       # the one just read, before it joins a batch
@@ -567,13 +569,14 @@ def test_score_holds_at_most_a_batch_of_videos_whatever_the_sizes(tmp_path, monk
 
 
 def test_a_file_that_ends_early_is_warned_about_and_flagged(tmp_path, monkeypatch, capsys):
-    from flowdppo_video import video as video_mod
-    from flowdppo_video.cli import main
+    from flowdppo_video.commands import scoring
+    from flowdppo_video.commands.cli import main
+    from flowdppo_video.runs import video as video_mod
 
     files = _mixed_sizes(tmp_path / "v", 2)
     assert video_mod.declared_frames(files[0]) == 5          # what the container says, when it says it
     # A container that declares 17 frames but holds 5 (a cut faststart mp4 decodes like this).
-    monkeypatch.setattr(video_mod, "declared_frames", lambda p: 17 if Path(p) == files[1] else 5)
+    monkeypatch.setattr(scoring, "declared_frames", lambda p: 17 if Path(p) == files[1] else 5)
     assert main(["score", str(tmp_path / "v"), "--reward", "frame_change", "--out", str(tmp_path / "out")]) == 0
     err = [ln for ln in capsys.readouterr().err.splitlines() if "ends early" in ln]
     assert err == [f"flowdppo-video: warning: {files[1]} ends early: 5 of the 17 frames its container declares "
@@ -586,9 +589,9 @@ def test_an_os_error_naming_no_file_names_the_output_folder(tmp_path, capsys, mo
     """av and a write() on a full disk raise OSErrors without a file name: the line names --out."""
     import errno
 
-    from flowdppo_video import scoring
-    from flowdppo_video.cli import main
-    from flowdppo_video.fsio import os_error_line
+    from flowdppo_video.commands import scoring
+    from flowdppo_video.commands.cli import main
+    from flowdppo_video.runs.fsio import os_error_line
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -605,7 +608,7 @@ def test_an_os_error_naming_no_file_names_the_output_folder(tmp_path, capsys, mo
 def test_latest_checkpoint_skips_a_damaged_one_and_load_names_the_file(finished_run, tmp_path, capsys):
     """What sample, export and eval use: the newest checkpoint that verifies (a warning names the
     one skipped, which stays where it is); loading a damaged file is one CheckpointError line."""
-    from flowdppo_video.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    from flowdppo_video.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
     run = _copy(finished_run, tmp_path)
     f = run / "checkpoints" / "iter_000002" / "model" / "pytorch_lora_weights.safetensors"
@@ -625,7 +628,8 @@ def test_latest_checkpoint_skips_a_damaged_one_and_load_names_the_file(finished_
 
 
 def test_a_failed_checkpoint_write_names_its_cause_and_a_resave_replaces_whole(finished_run, tmp_path, monkeypatch):
-    from flowdppo_video.checkpoint import CheckpointError, list_checkpoints, save_checkpoint, verify_checkpoint
+    from flowdppo_video.training.checkpoint import (
+        CheckpointError, list_checkpoints, save_checkpoint, verify_checkpoint)
 
     run = _copy(finished_run, tmp_path)
     trainer = Trainer(tiny_config(tmp_path / "other", *QUIET))
@@ -648,7 +652,7 @@ def test_a_failed_checkpoint_write_names_its_cause_and_a_resave_replaces_whole(f
 
 
 def test_nonfinite_evaluation_videos_are_counted_and_named(tmp_path, monkeypatch, capsys):
-    from flowdppo_video import evaluation
+    from flowdppo_video.training import evaluation
 
     from .conftest import ROOT
 
@@ -672,7 +676,7 @@ def test_nonfinite_evaluation_videos_are_counted_and_named(tmp_path, monkeypatch
 def test_checkpoints_keep_the_cuda_generator(monkeypatch):
     """Issue 28, item 7: on a GPU the checkpoint keeps the device generator beside the CPU ones and
     resume restores it (a double of torch.cuda's generator: this suite has no GPU)."""
-    from flowdppo_video import checkpoint
+    from flowdppo_video.training import checkpoint
 
     device_gen = {"state": torch.arange(8, dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -692,7 +696,7 @@ def test_nccl_watchdog_behaviour_is_set_before_nccl_starts(monkeypatch, preset, 
     GPU are doubles here: the rendezvous records the environment it would start with, then fails."""
     import torch.distributed as dist
 
-    from flowdppo_video.config import ParallelConfig
+    from flowdppo_video.runs.config import ParallelConfig
     from flowdppo_video.parallel.groups import CollectiveTimeout, init_parallel
 
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flowdppo_video.winrates import wilson
+from flowdppo_video.reporting.winrates import wilson
 
 from .chromium import check_page, find_chromium
 from .conftest import ROOT, TINY_CONFIG

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import rewards
-from flowdppo_video.cli import main
-from flowdppo_video.evaluation import evaluate
+from flowdppo_video.commands.cli import main
+from flowdppo_video.training.evaluation import evaluate
 from flowdppo_video.trainer import Trainer
 from rewards.server import BackgroundServer, create_app
 from rewards.wire import BINARY_TYPE, decode_response, encode_json_request, encode_request

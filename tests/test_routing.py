@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from flowdppo_video import sde
-from flowdppo_video.config import ConfigError, load_config
+from flowdppo_video.runs.config import ConfigError, load_config
 from flowdppo_video.models import ModelError, build_adapter
-from flowdppo_video.rollout import guided_velocity, rollout
+from flowdppo_video.training.rollout import guided_velocity, rollout
 
 from .conftest import ROOT, tiny_config
 

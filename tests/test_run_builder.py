@@ -1,4 +1,4 @@
-"""One way from a config to a model: every command builds through flowdppo_video.run_builder, whose
+"""One way from a config to a model: every command builds through flowdppo_video.training.run_builder, whose
 reference-model rule exists once (checked over the source, function bodies included)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flowdppo_video.config import ConfigError, load_config
-from flowdppo_video.run_builder import build_model, keeps_reference, open_run
+from flowdppo_video.runs.config import ConfigError, load_config
+from flowdppo_video.training.run_builder import build_model, keeps_reference, open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,14 +29,14 @@ def _calls(name: str) -> list[str]:
 
 
 def test_only_the_run_builder_builds_an_adapter():
-    assert _calls("build_adapter") == [c for c in _calls("build_adapter") if c.startswith("flowdppo_video/run_builder.py")]
+    assert _calls("build_adapter") == [c for c in _calls("build_adapter") if c.startswith("flowdppo_video/training/run_builder.py")]
     assert len(_calls("build_adapter")) == 1
 
 
 def test_the_reference_rule_is_written_once():
     hits = [p for p in [*ROOT.glob("flowdppo_video/**/*.py"), *ROOT.glob("tools/**/*.py")]
             if "objective.beta > 0 or" in p.read_text()]
-    assert [p.relative_to(ROOT).as_posix() for p in hits] == ["flowdppo_video/run_builder.py"]
+    assert [p.relative_to(ROOT).as_posix() for p in hits] == ["flowdppo_video/training/run_builder.py"]
 
 
 def test_keeps_reference_follows_beta_and_the_evaluation():

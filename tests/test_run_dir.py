@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from flowdppo_video import checkpoint
-from flowdppo_video.cli import main
-from flowdppo_video.config import ConfigError, config_to_dict, load_config, load_yaml
+from flowdppo_video.training import checkpoint
+from flowdppo_video.commands.cli import main
+from flowdppo_video.runs.config import ConfigError, config_to_dict, load_config, load_yaml
 from flowdppo_video.exceptions import TrainingError
 
 from .conftest import ROOT, TINY_CONFIG, tiny_config
@@ -74,14 +74,14 @@ def test_1_an_empty_or_dot_output_dir_and_a_foreign_folder_are_refused(tmp_path,
                                   "(config.yaml): give a new or empty folder, or run.allow_foreign_files=true to "
                                   "write the run among them (a config.yaml there is replaced)")
     assert sorted(p.name for p in home.iterdir()) == ["config.yaml"] and mine.read_text().startswith("# mine")
-    from flowdppo_video.run_dir import check_new_run
+    from flowdppo_video.runs.run_dir import check_new_run
 
     check_new_run(home, allow_foreign=True)                  # said so: accepted
 
 
 # ---------------------------------------------------------------- 2. locked
 def test_2_a_second_training_or_resume_of_a_locked_run_stops_at_once(tmp_path, capsys):
-    from flowdppo_video.run_dir import LOCK, RunLock
+    from flowdppo_video.runs.run_dir import LOCK, RunLock
 
     run = fake_run(tmp_path / "run")
     before = snapshot(run)
@@ -243,8 +243,8 @@ def test_7_sample_out_refuses_a_non_empty_folder(tmp_path, capsys):
 # ---------------------------------------------------------------- 8. score: memory bounded by pixels
 def test_8_score_holds_videos_to_a_memory_budget_and_scales_one_over_it(tmp_path, monkeypatch, capsys):
     import rewards as R
-    from flowdppo_video import scoring
-    from flowdppo_video.video import write_video
+    from flowdppo_video.commands import scoring
+    from flowdppo_video.runs.video import write_video
 
     rng = np.random.default_rng(0)
     files = [write_video(tmp_path / f"{k}.mp4", rng.integers(0, 256, (5, 64, 96, 3), dtype=np.uint8))
@@ -296,9 +296,9 @@ def test_9_num_frames_past_the_rotary_table_is_refused_by_the_model():
 
 
 def test_9_a_full_disk_while_the_text_cache_is_saved_is_one_line(tmp_path, monkeypatch):
-    import safetensors.torch
     from safetensors import SafetensorError
 
+    from flowdppo_video.models import text_cache
     from flowdppo_video.models.base import ModelError
     from flowdppo_video.models.text_cache import TextCache
 
@@ -306,7 +306,7 @@ def test_9_a_full_disk_while_the_text_cache_is_saved_is_one_line(tmp_path, monke
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
                               '"No space left on device" })')
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(text_cache, "save_file", full)        # what TextCache.save calls
     cache = TextCache("k")
     cache.entries[(None, "a")] = torch.zeros(1, 2)
     with pytest.raises(ModelError) as e:
@@ -317,7 +317,7 @@ def test_9_a_full_disk_while_the_text_cache_is_saved_is_one_line(tmp_path, monke
 
 
 def test_9_report_on_an_unparsable_config_and_resume_over_a_binary_log(tmp_path, capsys):
-    from flowdppo_video.metrics import read_metrics, truncate_metrics
+    from flowdppo_video.training.metrics import read_metrics, truncate_metrics
 
     run = tmp_path / "run"
     run.mkdir()
@@ -381,7 +381,7 @@ def test_11_a_full_disk_leaves_no_empty_png(tmp_path, monkeypatch):
 
     from matplotlib.figure import Figure
 
-    from flowdppo_video.plots import plot_curves
+    from flowdppo_video.reporting.plots import plot_curves
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "reward/mean": 0.5, "kl/mean": 0.0,
                                                         "mask/drop_frac": 0.0}) + "\n")
@@ -398,7 +398,7 @@ def test_11_a_full_disk_leaves_no_empty_png(tmp_path, monkeypatch):
 
 def test_11_short_refusals_batch_size_token_and_one_frame_flicker(tmp_path, capsys):
     import rewards
-    from flowdppo_video.serve import check_token
+    from flowdppo_video.commands.serve import check_token
 
     with pytest.raises(SystemExit) as e:
         main(["score", str(tmp_path), "--reward", "frame_change", "--batch-size", "0"])
@@ -427,9 +427,9 @@ def test_11_an_unreadable_checkpoint_file_is_named_itself(tmp_path, monkeypatch)
 
 
 def test_11_eval_checks_a_damaged_checkpoint_before_sampling_and_ffmpeg_stays_quiet(tmp_path, capfd, monkeypatch):
-    from flowdppo_video import rollout as rollout_mod
-    from flowdppo_video.scoring import score_files
-    from flowdppo_video.video import write_video
+    from flowdppo_video.reporting import eval_checkpoints
+    from flowdppo_video.commands.scoring import score_files
+    from flowdppo_video.runs.video import write_video
 
     run = fake_run(tmp_path / "run")
     _ckpts(run, (True,))
@@ -439,7 +439,7 @@ def test_11_eval_checks_a_damaged_checkpoint_before_sampling_and_ffmpeg_stays_qu
     def never(*a, **k):
         raise AssertionError("sampled before the checkpoint was checked")
 
-    monkeypatch.setattr(rollout_mod, "rollout", never)
+    monkeypatch.setattr(eval_checkpoints, "rollout", never)
     assert main(["eval", "--run", str(run), "--checkpoints", str(ckpt), "--prompts",
                  str(ROOT / "configs/prompts/demo.txt")]) == 2
     err = capfd.readouterr().err.strip().splitlines()

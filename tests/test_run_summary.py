@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flowdppo_video.run_summary import duplicate_parts, held_out_metrics, summary_lines
+from flowdppo_video.reporting.run_summary import duplicate_parts, held_out_metrics, summary_lines
 
 
 def _eval_row(after: int, direction: float, colour: float, shape: float, smooth: float, kl: float) -> dict:
@@ -88,7 +88,7 @@ def test_summary_without_evaluation(tmp_path):
 
 
 def test_report_groups_held_out_metrics():
-    from flowdppo_video.report import _evaluation_table, held_out_groups
+    from flowdppo_video.reporting.report import _evaluation_table, held_out_groups
 
     rewards, parts, composites = held_out_groups(EVALS)
     assert rewards == ["world_direction", "world_colour", "world_shape", "world_adherence"]

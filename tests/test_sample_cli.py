@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flowdppo_video.cli import DEFAULT_RECIPE
-from flowdppo_video.config import ConfigError, load_config
-from flowdppo_video.data import load_prompts
-from flowdppo_video.sample import parse_indices, select_prompts
+from flowdppo_video.commands.cli import DEFAULT_RECIPE
+from flowdppo_video.runs.config import ConfigError, load_config
+from flowdppo_video.runs.data import load_prompts
+from flowdppo_video.commands.sample import parse_indices, select_prompts
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import rewards
-from flowdppo_video.cli import main
-from flowdppo_video.video import read_video, video_fps, write_video
+from flowdppo_video.commands.cli import main
+from flowdppo_video.runs.video import read_video, video_fps, write_video
 
 F = 6
 

@@ -14,7 +14,7 @@ import torch
 
 from flowdppo_video.models import build_adapter
 from flowdppo_video.models.base import ModelError
-from flowdppo_video.rollout import rollout
+from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
 from .conftest import tiny_config

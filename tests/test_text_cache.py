@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from flowdppo_video import sde
-from flowdppo_video.config import load_config
-from flowdppo_video.images import load_run_images
+from flowdppo_video.runs.config import load_config
+from flowdppo_video.runs.images import load_run_images
 from flowdppo_video.models import build_adapter
 from flowdppo_video.models.base import ModelError
 from flowdppo_video.models.text_cache import CACHE_FILE, TextCache, cache_prompts
-from flowdppo_video.planner import plan_memory
-from flowdppo_video.rollout import rollout, step_mean
+from flowdppo_video.commands.planner import plan_memory
+from flowdppo_video.training.rollout import rollout, step_mean
 from flowdppo_video.trainer import Trainer
 
 from .conftest import ROOT, tiny_config

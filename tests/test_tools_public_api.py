@@ -1,6 +1,6 @@
 """The scripts under ``tools/`` use the installed package through its public API (issue 29, item 5):
 none edits ``sys.path`` (they import ``flowdppo_video`` as installed; the shared measuring code is
-``flowdppo_video.benchmarking``), and none assigns to a trainer's attribute (an objective or an
+``flowdppo_video.commands.benchmarking``), and none assigns to a trainer's attribute (an objective or an
 update is changed through ``Trainer.collect``, ``Trainer.set_objective`` and
 ``PolicyUpdate.set_objective``, never by replacing what the trainer holds)."""
 

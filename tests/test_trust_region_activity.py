@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from flowdppo_video.policy_update import nan_max as _nan_max
+from flowdppo_video.training.policy_update import nan_max as _nan_max
 from flowdppo_video.trainer import Trainer
 
 from .conftest import tiny_config

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import rewards
-from flowdppo_video.cli import main
+from flowdppo_video.commands.cli import main
 from rewards.videoalign import VideoAlignReward
 
 from .conftest import ROOT, tiny_config
@@ -84,9 +84,9 @@ def run(va_dir, held_out, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 @pytest.mark.slow
 def test_training_logs_vq_mq_ta_and_the_report_draws_each(run, monkeypatch) -> None:
-    from flowdppo_video.metrics import read_metrics
-    from flowdppo_video.plots import plot_curves
-    from flowdppo_video.report import write_report
+    from flowdppo_video.training.metrics import read_metrics
+    from flowdppo_video.reporting.plots import plot_curves
+    from flowdppo_video.reporting.report import write_report
 
     run_dir, rows = run
     assert [r["iteration"] for r in rows] == [0, 1] and (run_dir / "checkpoints" / "iter_000002").is_dir()
@@ -164,7 +164,7 @@ def test_eval_win_rates_with_videoalign(run, held_out, tmp_path, capsys) -> None
 
 @pytest.mark.slow
 def test_score_a_folder_at_each_files_frame_rate(va_dir, tmp_path, capsys) -> None:
-    from flowdppo_video.video import read_video, video_fps, write_video
+    from flowdppo_video.runs.video import read_video, video_fps, write_video
 
     folder = tmp_path / "videos"
     rng = np.random.default_rng(0)
@@ -203,7 +203,7 @@ def test_a_partial_checkpoint_is_one_line_and_exit_2_in_score_and_eval(va_dir, r
     cfg = tmp_path / "va.yaml"
     cfg.write_text(json.dumps({"rewards": entry}))
     folder = tmp_path / "videos"
-    from flowdppo_video.video import write_video
+    from flowdppo_video.runs.video import write_video
 
     write_video(folder / "a.mp4", np.zeros((9, 32, 32, 3), np.uint8), fps=8)
     (folder / "prompts.txt").write_text("a cat\n")
@@ -219,7 +219,7 @@ def test_a_partial_checkpoint_is_one_line_and_exit_2_in_score_and_eval(va_dir, r
 
 
 def test_the_wan21_videoalign_recipe_loads() -> None:
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
     from rewards.registry import parse_reward_specs
 
     cfg = load_config(ROOT / "configs" / "wan2.1_t2v_1.3b_videoalign.yaml")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowdppo_video.winrates import SMALL_N, mean_ci, small_sample_warning, wilson, win_matrix, win_rate
+from flowdppo_video.reporting.winrates import (
+    SMALL_N, mean_ci, small_sample_warning, wilson, win_matrix, win_rate)
 
 # 3 prompts x 2 seeds; keys are (prompt index, seed).
 KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowdppo_video.data import load_prompts
+from flowdppo_video.runs.data import load_prompts
 from flowdppo_video.world import (COLOURS, DIRECTIONS, SHAPES, Scene, all_scenes, parse_prompt, render,
                                   render_batch, split_scenes)
 from flowdppo_video.world.render import RADIUS, SIZE, path

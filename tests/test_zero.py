@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from flowdppo_video.config import ConfigError, OptimConfig, ParallelConfig
+from flowdppo_video.runs.config import ConfigError, OptimConfig, ParallelConfig
 from flowdppo_video.models.base import ModelError
 from flowdppo_video.models.wan import WanAdapter
 from flowdppo_video.parallel.zero import ZeroUpdater

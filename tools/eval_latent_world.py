@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from flowdppo_video.resources import resolve
+from flowdppo_video.runs.resources import resolve
 from flowdppo_video.world.latent import render_batch, video_to_pixels
 from rewards.latent_checks import adherence_table, artifact_measurements, classify
 from rewards.latent_world import draw_scene
@@ -98,9 +98,9 @@ def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: s
                strip_path: Path | None = None) -> dict:
     """Held-out adherence and artifacts of the model's ODE samples (the eval prompts, fixed seeds),
     and of the rendered ground truth through the same VAE."""
-    from flowdppo_video.config import SamplerConfig
-    from flowdppo_video.data import load_prompts
-    from flowdppo_video.rollout import rollout
+    from flowdppo_video.runs.config import SamplerConfig
+    from flowdppo_video.runs.data import load_prompts
+    from flowdppo_video.training.rollout import rollout
     from flowdppo_video.world.latent import FRAMES, SIZE, load_latent_adapter
     from flowdppo_video.world.model import world_modules
 

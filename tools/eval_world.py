@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from flowdppo_video.config import SamplerConfig
-from flowdppo_video.data import load_prompts
-from flowdppo_video.rollout import rollout
+from flowdppo_video.runs.config import SamplerConfig
+from flowdppo_video.runs.data import load_prompts
+from flowdppo_video.training.rollout import rollout
 from flowdppo_video.world import DIRECTIONS, SHAPES, parse_prompt
 from flowdppo_video.world.diagnostics import direction_word_losses, shape_word_losses
 from flowdppo_video.world.model import WEIGHTS_DIR, build_world_adapter, load_world_adapter, world_modules

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowdppo_video.video import read_video
+from flowdppo_video.runs.video import read_video
 
 
 def last_eval(run: Path) -> Path:

@@ -60,7 +60,7 @@ TINY: dict[str, Any] = {"video": {"num_frames": 9, "height": 32, "width": 32},
 def check_config(size: str, variant: str, run_dir: Path) -> dict[str, Any]:
     """The recipe with the check's overrides, ``model.init`` from the shapes folder (``full``) or
     the family's tiny shapes (``tiny``), and the variant's attention backend and compilation."""
-    from flowdppo_video.config import load_yaml, merge_trees
+    from flowdppo_video.runs.config import load_yaml, merge_trees
     from flowdppo_video.models import family
 
     cfg = load_yaml(RECIPE)
@@ -104,8 +104,8 @@ def available(variant: str) -> str | None:
 
 def run_variant(cfg: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     """One ``flowdppo-video train`` process: its last metrics row, first iteration, wall, peak RSS."""
-    from flowdppo_video.config import config_from_dict
-    from flowdppo_video.planner import plan_memory
+    from flowdppo_video.runs.config import config_from_dict
+    from flowdppo_video.commands.planner import plan_memory
 
     work.mkdir(parents=True, exist_ok=True)
     cfg_file = work / f"{name.replace('+', '_')}.yaml"
@@ -117,7 +117,7 @@ def run_variant(cfg: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
         from flowdppo_video.parallel.groups import free_port
 
         argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
-                "-m", "flowdppo_video.train", "--config", str(cfg_file), "run.progress=false"]
+                "-m", "flowdppo_video.commands.train", "--config", str(cfg_file), "run.progress=false"]
     t0 = time.perf_counter()
     with open(work / f"{cfg_file.stem}.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flowdppo_video.video import read_video, video_fps, write_video
+from flowdppo_video.runs.video import read_video, video_fps, write_video
 
 # source file -> (output size (w, h) or None for its own, first frames of the 24-frame clips)
 CLIPS = {

@@ -5,7 +5,7 @@ Reads the held-out videos that runs kept (``RUN/eval/after_N/NN.mp4`` with ``pro
 ``eval.num_videos`` as large as its held-out set keeps them all), measures both on every video, and
 prints and writes (``--out``, JSON) their Spearman rank correlation over all videos and per evaluation,
 and each evaluation's monitor means beside the run's rewards with the reward-hacking warnings the
-report would raise (:func:`flowdppo_video.monitors.hacking_warnings`).
+report would raise (:func:`flowdppo_video.training.monitors.hacking_warnings`).
 
     python tools/monitor_agreement.py RUN_DIR [RUN_DIR ...] --out docs/data/monitor_agreement.json
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowdppo_video.metrics import read_metrics
-from flowdppo_video.monitors import hacking_warnings, monitor_means, score_monitors
-from flowdppo_video.run_summary import run_config, training_reward_names
-from flowdppo_video.video import read_video
+from flowdppo_video.training.metrics import read_metrics
+from flowdppo_video.training.monitors import hacking_warnings, monitor_means, score_monitors
+from flowdppo_video.reporting.run_summary import run_config, training_reward_names
+from flowdppo_video.runs.video import read_video
 from rewards import build_rewards
 from rewards.artifacts import monitor_specs
 from rewards.world import artifact_measurements

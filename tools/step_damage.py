@@ -28,12 +28,12 @@ from typing import Any, Callable
 import torch
 
 from flowdppo_video import sde
-from flowdppo_video.checkpoint import latest_checkpoint, load_checkpoint
-from flowdppo_video.data import load_prompts
-from flowdppo_video.benchmarking import data_file, figure_file
-from flowdppo_video.evaluation import evaluate
-from flowdppo_video.run_builder import build_model, open_run
-from flowdppo_video.rollout import guided_velocity
+from flowdppo_video.training.checkpoint import latest_checkpoint, load_checkpoint
+from flowdppo_video.runs.data import load_prompts
+from flowdppo_video.commands.benchmarking import data_file, figure_file
+from flowdppo_video.training.evaluation import evaluate
+from flowdppo_video.training.run_builder import build_model, open_run
+from flowdppo_video.training.rollout import guided_velocity
 from rewards import build_rewards
 
 # (eval.jsonl-style key, label, decimals) of what the mixed-model table shows.

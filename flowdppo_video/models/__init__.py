@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from ..config import ModelConfig
-from ..resources import resolve
+from flowdppo_video.runs.config import ModelConfig
+from flowdppo_video.runs.resources import resolve
+
 from .base import ModelError, SequenceParallelPlan, TextBatch, VideoFlowAdapter
 from .registry import FamilySpec, families, family, family_of_pipeline, register, spec_for
 from .speed import apply_speed_switches, attention_backend
@@ -33,8 +35,6 @@ def checkpoint_family(path: Path) -> str | None:
 def check_weight_files(path: Path) -> None:
     """Open the header of every safetensors file under ``path`` (cheap: no tensor is read) so a
     truncated or garbled one is a :class:`ModelError` naming it, not a loader's traceback."""
-    from safetensors import safe_open
-
     for f in sorted(path.rglob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt"):

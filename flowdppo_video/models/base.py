@@ -5,14 +5,16 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import gc
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import torch
 
 from ..exceptions import ModelError  # noqa: F401 (defined at the bottom, importable here as always)
 
 if TYPE_CHECKING:
+    from .registry import FamilySpec
     from .text_cache import TextCache
 
 
@@ -115,8 +117,11 @@ class VideoFlowAdapter(abc.ABC):
     trained: list[int]
     dtype: torch.dtype
     # Pixels per latent cell along height and width (the autoencoder's spatial stride; 1 in pixel space):
-    # with the transformer's patch, the period of the patch grid RL can grow (flowdppo_video.monitors).
+    # with the transformer's patch, the period of the patch grid RL can grow (flowdppo_video.training.monitors).
     scale_spatial: int
+    # The family's spec: set on the adapter class by models.registry.register (None: unregistered), so
+    # this module reads its family without importing the registry (which imports this module).
+    family_spec: ClassVar["FamilySpec | None"] = None
 
     # Image-to-video families condition every video on an image as well as its prompt. The caller
     # hands each prompt's image over once (:meth:`set_images`); from then on the image travels inside
@@ -168,8 +173,6 @@ class VideoFlowAdapter(abc.ABC):
         for attr in ("_text_cache", "_negative_cache", "_cond_cache"):   # the families' rows, now in text_cache
             if isinstance(getattr(self, attr, None), dict):
                 getattr(self, attr).clear()
-        import gc
-
         gc.collect()
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -253,9 +256,7 @@ class VideoFlowAdapter(abc.ABC):
         """Where Ulysses sequence parallelism cuts ``transformer`` (one of :attr:`experts` or of
         :meth:`reference_copies`): the family spec's plan; ``None``: the family does not support it.
         Installed from outside by :func:`flowdppo_video.parallel.sequence.apply_sequence_parallel`."""
-        from .registry import spec_for    # the registry imports this module
-
-        spec = spec_for(self)
+        spec = type(self).family_spec
         if spec is None or spec.sequence_parallel_plan is None:
             return None
         return spec.sequence_parallel_plan(transformer)

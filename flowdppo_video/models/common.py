@@ -4,12 +4,14 @@ image processor classes, and the check that a diffusers directory holds a pipeli
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from ..runs.images import open_image
 from .base import ModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,8 +37,6 @@ def built_in(dtype: torch.dtype) -> Iterator[None]:
 def clip_processor_class(name: str = "CLIPImageProcessor") -> Any:
     """transformers' image processor ``name`` (CLIP's by default, or ``SiglipImageProcessor``): the
     default one with torchvision, else its PIL backend (what it falls back to anyway, without the warning)."""
-    import importlib.util
-
     import transformers
 
     if importlib.util.find_spec("torchvision") is None and hasattr(transformers, f"{name}Pil"):
@@ -93,7 +93,5 @@ class PromptImages:
                              "data.images (and eval.images for held-out prompts), one image per prompt")
         image = self._images[prompt]
         if isinstance(image, (str, Path)):
-            from ..images import open_image
-
             image = open_image(image)
         return image

@@ -21,6 +21,7 @@ from . import hunyuan_common
 from .base import ModelError, TextBatch, init_parts
 from .common import DTYPES, built_in, check_pipeline_folders
 from .hunyuan_common import CLIP_MAX_LENGTH, HunyuanCommon, load_shared_parts, tiny_transformer_and_vae
+from .memory import read_part_configs
 from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
 
@@ -193,8 +194,6 @@ class HunyuanVideoAdapter(HunyuanCommon):
 
 def init_from_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
     """``model.init`` of a folder of ``<part>/config.json`` files (the four parts) for the planner."""
-    from .memory import read_part_configs
-
     return read_part_configs(folder, ("transformer", "vae", "text_encoder", "text_encoder_2"))
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .base import ModelError, TextBatch, init_parts
 from . import hunyuan_common
-from .base import VideoFlowAdapter
+from .base import ModelError, TextBatch, VideoFlowAdapter, init_parts
 from .common import DTYPES, built_in, check_pipeline_folders
 from .hunyuan_common import HunyuanCommon
+from .memory import read_part_configs
 from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
 
@@ -248,8 +248,6 @@ def text_tokens(adapter: VideoFlowAdapter) -> int:
 def init_from_folder(folder: Path, parts: tuple[str, ...] = ("transformer", "vae", "text_encoder", "text_encoder_2")
                      ) -> tuple[dict[str, Any], list[str]]:
     """``model.init`` of a folder of ``<part>/config.json`` files (the four parts) for the planner."""
-    from .memory import read_part_configs
-
     return read_part_configs(folder, parts)
 
 

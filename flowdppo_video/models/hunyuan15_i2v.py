@@ -33,7 +33,7 @@ import torch
 
 from . import hunyuan_common
 from .base import ModelError, TextBatch, cat_text
-from .common import PromptImages, clip_processor_class
+from .common import PromptImages, built_in, clip_processor_class
 from .hunyuan15 import TINY_INIT, HunyuanVideo15Adapter, init_from_folder, text_tokens
 from .registry import FamilySpec, register
 
@@ -87,8 +87,6 @@ class HunyuanVideo15I2VAdapter(PromptImages, HunyuanVideo15Adapter):
     @classmethod
     def _extra_config(cls, parts: dict[str, dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
         from transformers import SiglipVisionConfig, SiglipVisionModel
-
-        from .common import built_in
 
         cfg = SiglipVisionConfig(**parts["image_encoder"])
         with built_in(dtype):

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from flowdppo_video.runs.config import ModelConfig
+
 from ._training import TrainableExperts
 from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import SequenceParallelPlan, TextBatch, VideoFlowAdapter, cat_text, causal_latent_shape

@@ -34,7 +34,10 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import torch
+
+from flowdppo_video.runs.images import open_image
 
 from . import hunyuan_common
 from .base import ModelError, SequenceParallelPlan, TextBatch, cat_text, causal_latent_shape, init_parts
@@ -42,6 +45,7 @@ from .common import DTYPES, built_in, check_pipeline_folders, clip_processor_cla
 from .hunyuan import TINY_INIT, HunyuanVideoAdapter
 from .hunyuan_common import CLIP_MAX_LENGTH, load_shared_parts, tiny_transformer_and_vae
 from .registry import FamilySpec, register
+from .tokenizers import byte_level, byte_tokenizer
 
 DEFAULT_I2V_EMBEDDED_GUIDANCE = 1.0     # HunyuanVideoImageToVideoPipeline's `guidance_scale` default
 CONDITION_TYPES = ("latent_concat", "token_replace")
@@ -70,7 +74,6 @@ def llava_llama_tokenizer() -> Any:
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    from .tokenizers import byte_level
 
     tok = byte_level(_SPECIALS)
     tok.add_special_tokens(_SPECIALS)
@@ -187,7 +190,6 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                                   LlavaForConditionalGeneration)
 
-        from .tokenizers import byte_tokenizer
         parts = init_parts(init, TINY_I2V_INIT)
         tok, tok_2 = llava_llama_tokenizer(), byte_tokenizer()
         tok_2.model_max_length = CLIP_MAX_LENGTH
@@ -262,8 +264,6 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
                              "data.images (and eval.images for held-out prompts), one image per prompt")
         image = self._images[prompt]
         if isinstance(image, (str, Path)):
-            from ..images import open_image
-
             image = open_image(image)
         return image
 
@@ -311,8 +311,6 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
     @torch.no_grad()
     def encode_negative(self, negative_prompt: str, prompts: list[str]) -> TextBatch:
         """The pipeline's ``true_cfg`` rows: ``negative_prompt`` with a black image; each row's image latents."""
-        import PIL.Image
-
         conds = self.encode_prompts(prompts).parts["cond"]       # the rows' images (checks they have one)
         if negative_prompt not in self._negative_cache:
             _, height, width = self._size

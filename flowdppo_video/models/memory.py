@@ -1,4 +1,4 @@
-"""What the memory planner (``flowdppo_video.planner``) needs to know about a family, and nothing
+"""What the memory planner (``flowdppo_video.commands.planner``) needs to know about a family, and nothing
 the planner needs to know by name: a model built on the meta device (no weights allocated), its
 parameters grouped into parts, its token counts and its activation bytes per token.
 
@@ -45,7 +45,10 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import ModelConfig
+from flowdppo_video.models import build_adapter
+from flowdppo_video.runs.config import ModelConfig
+from flowdppo_video.runs.resources import resolve
+
 from ._training import EXPERT_DIRS
 from .activations import ActivationProfile, BlockBytes  # noqa: F401 (the planner's types, importable here)
 from .base import ModelError, VideoFlowAdapter
@@ -152,9 +155,6 @@ def plan_adapter(cfg: ModelConfig, shapes: str | Path | None, keep_reference: bo
 
     ``shapes``: a folder of ``<part>/config.json`` files standing in for ``cfg.path``.
     """
-    from . import build_adapter
-    from ..resources import resolve
-
     # The speed switches change no parameter and the activation model already assumes fused attention;
     # off here, so a config for a CUDA-only backend plans on any machine (the planner runs on none).
     cfg = dataclasses.replace(cfg, attention_backend="native", compile=False)

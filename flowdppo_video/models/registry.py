@@ -17,7 +17,7 @@ import torch
 from .base import ModelError, SequenceParallelPlan, VideoFlowAdapter
 
 if TYPE_CHECKING:                                   # the config is typed only (models/ sits below it)
-    from ..config import ModelConfig
+    from flowdppo_video.runs.config import ModelConfig
     from .activations import ActivationProfile
 
 
@@ -61,6 +61,7 @@ def register(spec: FamilySpec) -> FamilySpec:
     if clash:
         raise ValueError(f"model family {spec.name!r} ({spec.pipeline}) clashes with the registered {clash[0]!r}")
     _SPECS[spec.name] = spec
+    spec.adapter.family_spec = spec      # what VideoFlowAdapter.sequence_parallel_plan reads
     return spec
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .base import ModelError, Text, TextBatch, VideoFlowAdapter, cat_text
@@ -86,8 +88,6 @@ class TextCache:
     # ---------------------------------------------------------------- on disk
     def save(self, path: Path) -> None:
         """Write every row to ``path`` (safetensors, through a temporary file renamed over it)."""
-        from safetensors.torch import save_file
-
         tensors, index = {}, []
         for i, ((neg, p), row) in enumerate(self.entries.items()):
             index.append([neg, p])
@@ -116,8 +116,6 @@ class TextCache:
     def load(self, path: Path) -> int:
         """Read the rows of ``path`` if it was written for this model; returns how many were read
         (0 for another model's file or an unreadable one: those prompts are simply encoded again)."""
-        from safetensors import safe_open
-
         if not path.is_file():
             return 0
         side = checksum_path(path)

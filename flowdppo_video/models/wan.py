@@ -16,11 +16,14 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from flowdppo_video.runs.config import ModelConfig
+
 from ._training import EXPERT_DIRS, TrainableExperts
 from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import ModelError, SequenceParallelPlan, VideoFlowAdapter, causal_latent_shape, init_parts
 from .common import DTYPES, built_in
+from .memory import SMALL_CHECKPOINT_BYTES, read_json, read_part_configs
+from .pixel_vae import PixelAutoencoder
 from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer, word_tokenizer
 
@@ -51,7 +54,6 @@ def _vae_class(name: str) -> type | None:
         from diffusers import AutoencoderKLWan
         return AutoencoderKLWan
     if name == "PixelAutoencoder":
-        from .pixel_vae import PixelAutoencoder
         return PixelAutoencoder
     return None
 _PIPELINE_KEYS = ("boundary_ratio", "expand_timesteps", "position_channels")
@@ -397,8 +399,6 @@ def init_from_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
     """``model.init`` of a folder of Wan ``<part>/config.json`` files (a checkpoint or a shapes
     folder): the three parts, a ``transformer_2`` and the pipeline's routing keys; and the parts
     that have no config there."""
-    from .memory import SMALL_CHECKPOINT_BYTES, read_json, read_part_configs
-
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     init, missing = read_part_configs(folder, ("transformer", "vae", "text_encoder"), {"text_encoder": _TEXT_FIXED})
     if index.get("position_channels"):

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from flowdppo_video.runs.images import open_image
+
 from . import wan
 from .base import ModelError, TextBatch
 from .common import PromptImages, clip_processor_class

@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, ParallelConfig
+from flowdppo_video.runs.config import ConfigError, ParallelConfig
 
 T = TypeVar("T")
 
@@ -285,8 +286,6 @@ def _buckets(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn
 
 def free_port() -> int:
     """A free TCP port on the loopback interface (for a local rendezvous)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -16,9 +16,11 @@ from typing import Protocol
 
 import torch
 
-from ..config import Config
+from flowdppo_video.runs.config import Config
+
 from ..models.base import VideoFlowAdapter
 from .groups import ParallelState
+from .zero import ZeroUpdater
 
 _OPTIMIZER_FILE = "optimizer.pt"
 
@@ -92,7 +94,5 @@ def build_updater(adapter: VideoFlowAdapter, cfg: Config, par: ParallelState) ->
     """The updater ``parallel.zero_stage`` asks for (0: torch AdamW; 1-3: DeepSpeed ZeRO)."""
     if cfg.parallel.zero_stage == 0:
         return TorchUpdater(adapter, cfg, par)
-    from .zero import ZeroUpdater
-
     return ZeroUpdater(adapter, cfg.optim, cfg.parallel, accumulation_steps=cfg.sampler.sde_steps,
                        persistence_threshold=cfg.parallel.zero_persistence_threshold)

@@ -21,6 +21,7 @@ partitioned with it (ZeRO-3) but only the adapters are optimized.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 from pathlib import Path
@@ -29,7 +30,8 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, OptimConfig, ParallelConfig
+from flowdppo_video.runs.config import ConfigError, OptimConfig, ParallelConfig
+
 from ..models.base import ModelError, VideoFlowAdapter
 
 _TAG = "zero"                 # the engine checkpoint's folder inside the updater's directory
@@ -88,8 +90,6 @@ def _skip_shm_comm_build() -> None:
     """On the CPU, DeepSpeed's communication wrapper compiles its shared-memory all-reduce (C++,
     minutes on a small machine, at first use) although only its inference path uses it; training
     talks through torch.distributed. Without it DeepSpeed falls back to torch.distributed."""
-    import importlib
-
     # (`import deepspeed.comm.torch as m` would give the `torch` name deepspeed.comm re-exports.)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 

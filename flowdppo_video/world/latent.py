@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowdppo_video.models import family, ModelError, checkpoint_family
+from flowdppo_video.runs.config import ModelConfig
 from rewards.latent_world import (COLOURS, DIRECTIONS, FRAMES, RADIUS, SIZE, SPEEDS, LatentScene, background_image,
                                   object_mask, vocabulary)
 
@@ -105,9 +107,6 @@ def world_init(position_channels: int = POSITION_CHANNELS) -> dict[str, Any]:
 def build_latent_adapter(device: torch.device, seed: int = 0, position_channels: int = POSITION_CHANNELS,
                          family_name: str = "wan") -> Any:
     """A randomly initialised latent-world model built by ``family_name`` from :func:`world_init`."""
-    from ..config import ModelConfig
-    from ..models import family
-
     cfg = ModelConfig(family=family_name, init=world_init(position_channels), init_seed=seed, dtype="float32",
                       max_sequence_length=MAX_TEXT_TOKENS)
     return family(family_name).build(cfg, None, device)
@@ -115,9 +114,6 @@ def build_latent_adapter(device: torch.device, seed: int = 0, position_channels:
 
 def load_latent_adapter(path: str | Path = WEIGHTS_DIR, device: torch.device = torch.device("cpu")) -> Any:
     """The latent-world model saved at ``path`` (a diffusers directory), by the family it names."""
-    from ..config import ModelConfig
-    from ..models import ModelError, checkpoint_family, family
-
     name = checkpoint_family(Path(path))
     if name is None:
         raise ModelError(f"{path}: not a checkpoint of any model family")

@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from flowdppo_video.models import family, ModelError, checkpoint_family
+from flowdppo_video.runs.config import ModelConfig
+
 from .grammar import vocabulary
 from .render import FRAMES, SIZE
 
@@ -43,9 +46,6 @@ def build_world_adapter(device: torch.device, seed: int = 0, position_channels: 
     positions learnt colour and shape but ignored the direction words entirely (the flow loss
     with a wrong direction word equalled the loss with the right one to 4 digits at 6,500 steps).
     """
-    from ..config import ModelConfig
-    from ..models import family
-
     name = _family_of(WEIGHTS_DIR)
     cfg = ModelConfig(family=name, init=world_init(position_channels), init_seed=seed, dtype="float32",
                       max_sequence_length=MAX_TEXT_TOKENS)
@@ -55,17 +55,12 @@ def build_world_adapter(device: torch.device, seed: int = 0, position_channels: 
 def load_world_adapter(path: str | Path = WEIGHTS_DIR, device: torch.device = torch.device("cpu")) -> Any:
     """The world model saved at ``path`` (a diffusers directory; the shipped one by default), loaded
     by the family its ``model_index.json`` names; everything in it as saved (nothing set to train)."""
-    from ..config import ModelConfig
-    from ..models import family
-
     name = _family_of(Path(path))
     cfg = ModelConfig(family=name, path=str(path), max_sequence_length=MAX_TEXT_TOKENS)
     return family(name).build(cfg, str(path), device)
 
 
 def _family_of(path: Path) -> str:
-    from ..models import ModelError, checkpoint_family
-
     name = checkpoint_family(path)
     if name is None:
         raise ModelError(f"{path}: not a checkpoint of any model family")

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from flowdppo_video.cli import main
+from flowdppo_video.commands.cli import main
 from rewards.registry import register
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from flowdppo_video.config import OptimConfig, ParallelConfig  # noqa: E402
+from flowdppo_video.runs.config import OptimConfig, ParallelConfig  # noqa: E402
 from flowdppo_video.models.wan import WanAdapter  # noqa: E402
 from flowdppo_video.parallel.zero import ZeroUpdater, plain_memory  # noqa: E402
 

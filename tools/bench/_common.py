@@ -2,7 +2,7 @@
 its trajectory, the command lines of the update benchmarks and of the two-process ones.
 
 The measuring itself (timing, memory, the machine, results, sections of ``docs/benchmarks.md``) is
-the library's :mod:`flowdppo_video.benchmarking`. The scripts next to this file import it as a
+the library's :mod:`flowdppo_video.commands.benchmarking`. The scripts next to this file import it as a
 sibling module (``python tools/bench/x.py`` puts this folder first on ``sys.path``).
 """
 
@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from flowdppo_video import benchmarking as B
-from flowdppo_video.seeding import resolve_device
+from flowdppo_video.commands import benchmarking as B
+from flowdppo_video.runs.seeding import resolve_device
 
 REPO = Path(__file__).resolve().parents[2]
 THREADS = 2
@@ -101,7 +101,7 @@ def git_commit() -> str:
 
 
 def probe_in_subprocess(script: Path, variant: str, extra: list[str] | None = None) -> dict[str, Any]:
-    """:func:`flowdppo_video.benchmarking.probe_in_subprocess`, passing ``--smoke`` on in a smoke run."""
+    """:func:`flowdppo_video.commands.benchmarking.probe_in_subprocess`, passing ``--smoke`` on in a smoke run."""
     return B.probe_in_subprocess(script, variant, [*(extra or []), *smoke_args()])
 
 
@@ -163,7 +163,7 @@ def trainer_config(output_dir: str, device: torch.device, objective: str) -> dic
 
 
 def build_trainer(output_dir: str, device: torch.device, objective: str = "flow_dppo") -> Any:
-    from flowdppo_video.config import config_from_dict
+    from flowdppo_video.runs.config import config_from_dict
     from flowdppo_video.trainer import Trainer
 
     return Trainer(config_from_dict(trainer_config(output_dir, device, objective)))
@@ -171,7 +171,7 @@ def build_trainer(output_dir: str, device: torch.device, objective: str = "flow_
 
 def trajectory_for(trainer: Any, seed: int = 0) -> Any:
     """One rollout (no decoding) with the trainer's model and sampler."""
-    from flowdppo_video.rollout import rollout
+    from flowdppo_video.training.rollout import rollout
 
     cfg = trainer.cfg
     return rollout(trainer.adapter, [PROMPT], cfg.data.group_size, trainer.latent_shape, cfg.sampler,

@@ -44,9 +44,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowdppo_video.benchmarking import DATA, FIGURES, git_commit
+from flowdppo_video.commands.benchmarking import DATA, FIGURES, git_commit
 from flowdppo_video.objectives import OBJECTIVES
-from flowdppo_video.winrates import bootstrap_ci, mean_ci_text
+from flowdppo_video.reporting.winrates import bootstrap_ci, mean_ci_text
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
@@ -200,7 +200,7 @@ def overrides_for(arm: str, value: float, epochs: int, seed: int, iterations: in
 def base_eval(out: Path, iterations: int, extra: list[str], world: str = "shapes") -> Path:
     """The base model's held-out evaluation, once for the grid: ``OUT/_base/eval.jsonl`` and its videos
     (``OUT/_base-WORLD`` for another world)."""
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
 
     base = out / ("_base" if world == "shapes" else f"_base-{world}")
@@ -237,7 +237,7 @@ def _claim(run_dir: Path) -> bool:
 
 
 def summarise_run(run_dir: Path, prefix: str = "world_") -> dict:
-    from flowdppo_video.metrics import read_metrics
+    from flowdppo_video.training.metrics import read_metrics
 
     rows, evals = read_metrics(run_dir), read_metrics(run_dir, "eval")
     base, final = evals[0], evals[-1]
@@ -277,7 +277,7 @@ def summarise_run(run_dir: Path, prefix: str = "world_") -> dict:
 def one_run(out: Path, arm: str, value: float, epochs: int, seed: int, iterations: int, extra: list[str],
             tag: str = "", world: str = "shapes") -> dict | None:
     """Run one cell of the grid (or read it if finished); None if another process holds it."""
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
 
     run_dir = out / run_name(arm, value, epochs, seed, tag, world)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from flowdppo_video.benchmarking import data_file
+from flowdppo_video.commands.benchmarking import data_file
 from flowdppo_video.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ GRID, SETTINGS = registry_arms()
 
 def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
               values: dict[str, list[float]] | None = None) -> dict:
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:

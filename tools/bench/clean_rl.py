@@ -6,7 +6,7 @@
     .venv/bin/python tools/bench/clean_rl.py --report                       # only read finished runs
 
 Each lever is the default recipe (``make demo``) plus the overrides in :data:`LEVERS`, trained at
-``run.seed`` 0, 1, 2 into ``OUT/<lever>-s<seed>`` by :func:`flowdppo_video.benchmarking.run_seed` (the
+``run.seed`` 0, 1, 2 into ``OUT/<lever>-s<seed>`` by :func:`flowdppo_video.commands.benchmarking.run_seed` (the
 same runner and metadata as the demo's table, ``demo_seeds.py``; a finished run is read, not rerun; ``--jobs 2`` runs two cells
 side by side with one thread each, in the queue's order). ``--report`` (and the end of every run)
 writes ``DOCS/clean_rl_levers.md`` and ``DOCS/data/clean_rl_levers.json``: per lever the held-out direction gain, background error, grid
@@ -22,8 +22,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flowdppo_video.benchmarking import DATA, run_seed, seed_run_finished, summarise_seed_run
-from flowdppo_video.winrates import mean_ci_text
+from flowdppo_video.commands.benchmarking import DATA, run_seed, seed_run_finished, summarise_seed_run
+from flowdppo_video.reporting.winrates import mean_ci_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def derived(row: dict) -> dict:
 
 
 def mean_ci(xs: list[float], scale: float, d: int, signed: bool = False) -> str:
-    """The frontier's ``"mean [lo, hi]"`` (:func:`flowdppo_video.winrates.mean_ci_text`); one seed alone
+    """The frontier's ``"mean [lo, hi]"`` (:func:`flowdppo_video.reporting.winrates.mean_ci_text`); one seed alone
     without an interval."""
     if len(xs) == 1:
         return f"{xs[0] * scale:{'+' if signed else ''}.{d}f}"

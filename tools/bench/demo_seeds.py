@@ -20,7 +20,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flowdppo_video.benchmarking import DATA, SEED_RUN_METRICS, run_seed, seed_run_finished, summarise_seed_run
+from flowdppo_video.commands.benchmarking import (
+    DATA, SEED_RUN_METRICS, run_seed, seed_run_finished, summarise_seed_run)
 
 ROOT = Path(__file__).resolve().parents[2]
 

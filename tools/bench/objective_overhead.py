@@ -25,7 +25,7 @@ import torch
 
 import _common as C  # this folder's shared setup (the script's folder is on sys.path)
 
-from flowdppo_video import benchmarking as B
+from flowdppo_video.commands import benchmarking as B
 
 TARGET = 1.02
 

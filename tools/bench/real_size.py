@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from flowdppo_video.benchmarking import write_section
+from flowdppo_video.commands.benchmarking import write_section
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ SMOKE_SIZE: dict[str, Any] = {"video": {"num_frames": 5, "height": 32, "width": 
 def dry_run_config(recipe: Path, model_config: Path | None, run_dir: Path, smoke: bool) -> dict[str, Any]:
     """The recipe at the dry run's size, ``model.init`` read from ``model_config`` (the family's
     own reader) or, with ``smoke``, the family's tiny shapes."""
-    from flowdppo_video.config import load_yaml, merge_trees
+    from flowdppo_video.runs.config import load_yaml, merge_trees
     from flowdppo_video.models import family
 
     cfg = load_yaml(recipe)                   # the recipe with its `base:` chain merged
@@ -87,9 +87,9 @@ def planner_figures(config_file: Path) -> dict[str, Any]:
     """The planner's rows for this configuration on one device, and what they add up to when every
     part lives in one memory (the CPU: nothing is offloaded, the transformers stay beside the encoder
     while it encodes)."""
-    from flowdppo_video.config import load_config
+    from flowdppo_video.runs.config import load_config
     from flowdppo_video.models.memory import parameter_parts, plan_adapter
-    from flowdppo_video.planner import format_plan, plan_memory
+    from flowdppo_video.commands.planner import format_plan, plan_memory
 
     cfg = load_config(config_file, [])
     plan = plan_memory(cfg, 1)
@@ -291,7 +291,7 @@ def _rel(p: str) -> str:
 
 
 def _gib(b: float | None) -> str:
-    from flowdppo_video.planner import fmt_bytes
+    from flowdppo_video.commands.planner import fmt_bytes
 
     return fmt_bytes(b)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowdppo_video.benchmarking import write_section
+from flowdppo_video.commands.benchmarking import write_section
 
 FPS = 16.0   # the videos' frame rate handed to the reward (speeds scale with it; the work does not)
 

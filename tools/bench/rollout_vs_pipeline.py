@@ -38,7 +38,7 @@ import torch
 
 import _common as C  # this folder's shared setup (the script's folder is on sys.path)
 
-from flowdppo_video import benchmarking as B
+from flowdppo_video.commands import benchmarking as B
 
 TARGET = 1.05
 MALLOC: dict[str, int] = {}     # mallopt settings when run with --malloc-tuned
@@ -54,9 +54,9 @@ def build(device: torch.device) -> tuple[Any, dict[str, Callable[[], Any]]]:
     """The model (its adapter), both samplers, and one closure per variant."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    from flowdppo_video.config import SamplerConfig
+    from flowdppo_video.runs.config import SamplerConfig
     from flowdppo_video.models.wan import WanAdapter
-    from flowdppo_video.rollout import rollout
+    from flowdppo_video.training.rollout import rollout
 
     adapter = WanAdapter.from_config(C.WAN_INIT, device=device, max_sequence_length=C.MAX_SEQUENCE_LENGTH, seed=0)
     adapter.transformer.requires_grad_(False)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--no-decoded", action="store_true", help="only the latent pair (no VAE decoding)")
     p.add_argument("--no-extra", action="store_true", help="skip the sampler.cfg_batch=joint variant")
     p.add_argument("--malloc-tuned", action="store_true",
-                   help="diagnostic: glibc malloc keeps freed memory (see flowdppo_video.benchmarking.tune_malloc)")
+                   help="diagnostic: glibc malloc keeps freed memory (see flowdppo_video.commands.benchmarking.tune_malloc)")
     p.add_argument("--profile", choices=["on-miss", "always", "never"], default="on-miss",
                    help="torch.profiler breakdown of the latent pair (default: when it misses the target)")
     a = C.parse_args(p, argv)

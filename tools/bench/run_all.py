@@ -9,7 +9,7 @@ Each benchmark is also a standalone script (``--repeats``, ``--out``); this runn
 
 The rest of the document is its sections (``<!-- section: NAME -->`` ... ``<!-- /section: NAME -->``):
 the long benchmarks write their own there (``reward_throughput.py``, ``zero_memory.py``,
-``sp_memory.py``, ``real_size.py``; :func:`flowdppo_video.benchmarking.write_section`), the others are
+``sp_memory.py``, ``real_size.py``; :func:`flowdppo_video.commands.benchmarking.write_section`), the others are
 edited in place (the algorithm comparison's summary, the GPU check). A rewrite keeps every section
 of the document it replaces, verbatim and in its order.
 """
@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flowdppo_video.benchmarking import section_block, sections, verdict_text
+from flowdppo_video.commands.benchmarking import section_block, sections, verdict_text
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

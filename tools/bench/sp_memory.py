@@ -19,7 +19,7 @@ gc and ``malloc_trim``; includes the gradients and the backward's temporaries). 
 ``_all_to_all`` / ``_all_gather`` (wrapped here with timers; the module is not edited; the
 collective alone in brackets) over the forward + backward wall time; median of ``--repeats``
 interleaved runs after a warm-up, each run's time the slowest rank's.
-(3) The planner (``flowdppo_video.planner.plan_memory``) for the same model and tokens: activation
+(3) The planner (``flowdppo_video.commands.planner.plan_memory``) for the same model and tokens: activation
 bytes at SP=1 and SP=2 with and without checkpointing, and the ZeRO-3 parameter + gradient +
 optimizer bytes per rank beside ``tools/bench/zero_memory.py``'s measurement (its code, run here at
 2 ranks; or its ``--out`` JSON with ``--zero-json``).
@@ -54,7 +54,7 @@ import torch
 
 import _common as C  # this folder's shared setup (the script's folder is on sys.path)
 
-from flowdppo_video import benchmarking as B
+from flowdppo_video.commands import benchmarking as B
 
 TARGET = 0.6
 SECTION = "sp"                  # its section of docs/benchmarks.md
@@ -203,8 +203,8 @@ def peak_allocated(fn: Callable[[], Any]) -> int:
 def planner_rows(sp: int, world: int, zero_stage: int = 0) -> dict[str, float]:
     """The plan's device bytes for the benchmark's model and tokens (full fine-tuning, one video per
     update minibatch, no CFG: one forward per video, as measured here)."""
-    from flowdppo_video.config import config_from_dict
-    from flowdppo_video.planner import plan_memory
+    from flowdppo_video.runs.config import config_from_dict
+    from flowdppo_video.commands.planner import plan_memory
 
     with tempfile.TemporaryDirectory() as d:
         raw = C.trainer_config(d, torch.device("cpu"), "flow_dppo")
@@ -222,7 +222,7 @@ def zero_measure(rank: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     import zero_memory as Z
-    from flowdppo_video.config import OptimConfig, ParallelConfig
+    from flowdppo_video.runs.config import OptimConfig, ParallelConfig
     from flowdppo_video.parallel.zero import ZeroUpdater, plain_memory
 
     optim = OptimConfig(lr=1e-5, grad_clip=1.0)
@@ -467,7 +467,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
         "",
         "### The memory planner beside the measurements",
         "",
-        "`flowdppo_video.planner.plan_memory` for the same model and tokens (full fine-tuning, "
+        "`flowdppo_video.commands.planner.plan_memory` for the same model and tokens (full fine-tuning, "
         f"`optim.minibatch_size={res['batch']}`, no CFG so one forward per video), against the saved-for-backward "
         "bytes above. The planner's activation model is a fused attention's (q, k, v, out, log-sum-exp, no N^2 "
         "term); here torch's CPU SDPA runs its flash kernel, which saves the same:",

@@ -36,7 +36,7 @@ import torch
 
 import _common as C  # this folder's shared setup (the script's folder is on sys.path)
 
-from flowdppo_video import benchmarking as B
+from flowdppo_video.commands import benchmarking as B
 
 TARGET = 0.55
 SECTION = "zero"                  # its section of docs/benchmarks.md
@@ -59,9 +59,9 @@ def one_update(adapter: Any, backward: Callable[[torch.Tensor], Any], rows: slic
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from flowdppo_video.config import OptimConfig, ParallelConfig, SamplerConfig
+    from flowdppo_video.runs.config import OptimConfig, ParallelConfig, SamplerConfig
     from flowdppo_video.parallel.zero import ZeroUpdater, plain_memory
-    from flowdppo_video.rollout import rollout
+    from flowdppo_video.training.rollout import rollout
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

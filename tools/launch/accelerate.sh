@@ -4,4 +4,4 @@
 set -euo pipefail
 ACC=${1:?usage: accelerate.sh ACCELERATE_CONFIG CONFIG [overrides...]}; shift
 CONFIG=${1:?usage: accelerate.sh ACCELERATE_CONFIG CONFIG [overrides...]}; shift
-exec accelerate launch --config_file "$ACC" -m flowdppo_video.train --config "$CONFIG" "$@"
+exec accelerate launch --config_file "$ACC" -m flowdppo_video.commands.train --config "$CONFIG" "$@"

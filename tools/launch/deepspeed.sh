@@ -8,5 +8,5 @@ CONFIG=${1:?usage: deepspeed.sh CONFIG [HOSTFILE] [overrides...]}; shift
 HOSTS=()
 if [[ $# -gt 0 && -f "$1" ]]; then HOSTS=(--hostfile "$1"); shift; fi
 if [[ ${#HOSTS[@]} -eq 0 ]]; then HOSTS=(--num_gpus "${NUM_GPUS:-1}"); fi
-exec deepspeed "${HOSTS[@]}" --master_port "${MASTER_PORT:-29500}" --module flowdppo_video.train \
+exec deepspeed "${HOSTS[@]}" --master_port "${MASTER_PORT:-29500}" --module flowdppo_video.commands.train \
     --config "$CONFIG" "$@"

@@ -6,4 +6,4 @@ set -euo pipefail
 CONFIG=${1:?usage: torchrun.sh CONFIG [overrides...]}; shift
 exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${NPROC:-1}" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-    -m flowdppo_video.train --config "$CONFIG" "$@"
+    -m flowdppo_video.commands.train --config "$CONFIG" "$@"
