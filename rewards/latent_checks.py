@@ -36,6 +36,7 @@ import torch
 from .artifacts import grid_measurements
 from .latent_world import (COLOURS, DIRECTIONS, MAX_OBJECTS, RADIUS, SHAPES, SIZE, SPEEDS, LatentScene,
                            background_image, object_area, object_mask, parse_prompt)
+from .pixels import as_rgb, box_sum as _box_sum, ramp as _ramp, smoothstep as _smoothstep
 from .registry import register
 
 COLOUR_NAMES = tuple(COLOURS)
@@ -67,23 +68,6 @@ class ObjectTrack:
     speed: np.ndarray
     shape_probs: np.ndarray
     valid: np.ndarray
-
-
-def _ramp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-
-
-def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    t = _ramp(x, lo, hi)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _box_sum(x: np.ndarray, r: int) -> np.ndarray:
-    """Sum over a ``(2r+1)^2`` box of the last two axes (zero outside)."""
-    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(r + 1, r), (r + 1, r)])
-    c = p.cumsum(-1).cumsum(-2)
-    n = 2 * r + 1
-    return c[..., n:, n:] - c[..., :-n, n:] - c[..., n:, :-n] + c[..., :-n, :-n]
 
 
 def _moments(w: np.ndarray, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
@@ -130,14 +114,10 @@ def _shape_reference() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _as_rgb(videos) -> np.ndarray:
-    if isinstance(videos, torch.Tensor):
-        videos = videos.detach().cpu().numpy()
-    videos = np.asarray(videos)
-    if videos.ndim != 5 or videos.shape[-1] != 3:
-        raise ValueError(f"videos must be (B, F, H, W, 3), got {videos.shape}")
-    if videos.shape[2] != videos.shape[3]:
-        raise ValueError(f"latent-world videos are square, got {videos.shape[2]}x{videos.shape[3]}")
-    return videos.astype(np.float32) / 255.0
+    rgb = as_rgb(videos)
+    if rgb.shape[2] != rgb.shape[3]:
+        raise ValueError(f"latent-world videos are square, got {rgb.shape[2]}x{rgb.shape[3]}")
+    return rgb
 
 
 def scenes_of(prompts: list[str], b: int) -> list[LatentScene]:

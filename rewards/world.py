@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .pixels import as_rgb as _as_rgb, box_sum as _box_sum, ramp as _ramp, smoothstep as _smoothstep
 from .registry import register
 from .shapes_world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SIZE, SPEEDS, Scene, parse_prompt, shape_mask
 
@@ -112,15 +113,6 @@ class Analysis:
     track_ok: np.ndarray
 
 
-def _ramp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-
-
-def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    t = _ramp(x, lo, hi)
-    return t * t * (3.0 - 2.0 * t)
-
-
 def _softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     z = np.exp(logits - logits.max(axis=axis, keepdims=True))
     return z / z.sum(axis=axis, keepdims=True)
@@ -129,28 +121,6 @@ def _softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     m = x.max(axis=axis, keepdims=True)
     return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
-def _as_rgb(videos) -> np.ndarray:
-    """``videos`` (B, F, H, W, 3) uint8 (or float in [0, 255]), tensor or array -> float32 [0, 1]."""
-    if isinstance(videos, torch.Tensor):
-        videos = videos.detach().cpu().numpy()
-    videos = np.asarray(videos)
-    if videos.ndim != 5 or videos.shape[-1] != 3:
-        raise ValueError(f"videos must be (B, F, H, W, 3), got {videos.shape}")
-    if videos.shape[1] < 1 or videos.shape[2] < 3 or videos.shape[3] < 3:
-        raise ValueError(f"videos of {videos.shape[1]} frames of {videos.shape[2]}x{videos.shape[3]} pixels "
-                         "are too small to analyse")
-    return videos.astype(np.float32) / np.float32(255.0)
-
-
-def _box_sum(x: np.ndarray, r: int) -> np.ndarray:
-    """Sum over the (2r+1)^2 box around every pixel of ``x`` (..., H, W), zero outside."""
-    h, w = x.shape[-2:]
-    pad = [(0, 0)] * (x.ndim - 2) + [(r + 1, r), (r + 1, r)]
-    s = np.pad(x, pad).cumsum(axis=-2).cumsum(axis=-1)
-    k = 2 * r + 1
-    return s[..., k:k + h, k:k + w] - s[..., :h, k:k + w] - s[..., k:k + h, :w] + s[..., :h, :w]
 
 
 def _frame_measurements(rgb: np.ndarray) -> dict[str, np.ndarray]:

@@ -21,6 +21,8 @@ from flowdppo_video.runs.config import ModelConfig
 from rewards.latent_world import (COLOURS, DIRECTIONS, FRAMES, RADIUS, SIZE, SPEEDS, LatentScene, background_image,
                                   object_mask, vocabulary)
 
+from .render import straight_path
+
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "latent-world"
 
 # AutoencoderKLWan: Wan 2.1's layout (z 16, temporal downsampling in the last two of three stages)
@@ -42,21 +44,9 @@ SEPARATION = 2.6              # radii between two objects' centres in every fram
 
 def path(speed: str, direction: str, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES,
          radius: float = RADIUS) -> np.ndarray:
-    """Centre positions ``(frames, 2)`` (x, y): a random start from which the whole path stays in the
-    frame, then constant velocity."""
-    scale = size / SIZE
-    ux, uy = DIRECTIONS[direction]
-    v = SPEEDS[speed] * scale
-    travel = v * (frames - 1)
-    lo, hi = radius + 0.5, size - radius - 0.5
-    start = rng.uniform(lo, hi, size=2)
-    for axis, u in ((0, ux), (1, uy)):
-        if u > 0:
-            start[axis] = rng.uniform(lo, hi - travel)
-        elif u < 0:
-            start[axis] = rng.uniform(lo + travel, hi)
-    t = np.arange(frames)[:, None] * v
-    return start[None, :] + t * np.array([ux, uy], dtype=np.float64)[None, :]
+    """Centre positions ``(frames, 2)`` (x, y) of one object (:func:`~flowdppo_video.world.render.straight_path`
+    at this world's speeds, scaled with the frame size)."""
+    return straight_path(DIRECTIONS[direction], SPEEDS[speed] * size / SIZE, rng, size, frames, radius)
 
 
 def render(scene: LatentScene, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES,

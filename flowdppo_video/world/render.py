@@ -10,11 +10,12 @@ from rewards.shapes_world import FRAMES, RADIUS, SIZE, shape_mask  # noqa: F401 
 from .grammar import BACKGROUNDS, COLOURS, DIRECTIONS, SPEEDS, Scene
 
 
-def path(scene: Scene, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES,
-         radius: float = RADIUS) -> np.ndarray:
-    """Centre positions ``(frames, 2)`` (x, y): a random start, then constant velocity."""
-    ux, uy = DIRECTIONS[scene.direction]
-    travel = SPEEDS[scene.speed] * (frames - 1)
+def straight_path(direction: tuple[float, float], speed: float, rng: np.random.Generator, size: int, frames: int,
+                  radius: float) -> np.ndarray:
+    """Centre positions ``(frames, 2)`` (x, y) moving at ``speed`` px/frame along unit ``direction``: a
+    random start from which the whole path stays in the frame, then constant velocity (both worlds)."""
+    ux, uy = direction
+    travel = speed * (frames - 1)
     lo, hi = radius + 0.5, size - radius - 0.5
     start = rng.uniform(lo, hi, size=2)
     # Along the motion axis, start where the whole path stays in the frame.
@@ -23,8 +24,14 @@ def path(scene: Scene, rng: np.random.Generator, size: int = SIZE, frames: int =
             start[axis] = rng.uniform(lo, hi - travel)
         elif u < 0:
             start[axis] = rng.uniform(lo + travel, hi)
-    t = np.arange(frames)[:, None] * SPEEDS[scene.speed]
+    t = np.arange(frames)[:, None] * speed
     return start[None, :] + t * np.array([ux, uy], dtype=np.float64)[None, :]
+
+
+def path(scene: Scene, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES,
+         radius: float = RADIUS) -> np.ndarray:
+    """Centre positions ``(frames, 2)`` (x, y) of ``scene``'s shape: a random start, then constant velocity."""
+    return straight_path(DIRECTIONS[scene.direction], SPEEDS[scene.speed], rng, size, frames, radius)
 
 
 def render(scene: Scene, rng: np.random.Generator, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
