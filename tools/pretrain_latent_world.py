@@ -31,7 +31,7 @@ from diffusers import AutoencoderKLWan
 from tqdm.auto import tqdm
 
 from flowdppo_video.world.latent import build_latent_adapter, load_latent_adapter, render_batch, video_to_pixels
-from flowdppo_video.world.model import flow_matching_loss, world_modules
+from flowdppo_video.world.model import draw_sigmas, ema_update, flow_matching_loss, world_modules
 from rewards.latent_world import DIRECTIONS, LatentScene, draw_scene, parse_prompt
 
 
@@ -150,10 +150,7 @@ def main() -> None:
         idx = torch.randint(len(latents), (args.batch,), generator=gen)
         x0 = latents[idx].float()
         text = adapter.embed_text([caption(scenes[i], rng, args.wrong_motion, args.caption_dropout) for i in idx.tolist()])
-        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen) + args.logit_mean)
-        n_high = round(args.high_noise_frac * args.batch)
-        if n_high:
-            sigma[:n_high] = 0.85 + 0.15 * torch.rand(n_high, generator=gen)
+        sigma = draw_sigmas(args.batch, gen, args.logit_mean, args.high_noise_frac)
         eps = torch.randn(x0.shape, generator=gen)
         loss = flow_matching_loss(adapter, x0, eps, sigma, text)
         opt.zero_grad(set_to_none=True)
@@ -161,12 +158,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for k, p in modules.state_dict().items():
-                if k in trainable:
-                    ema[k].mul_(args.ema).add_(p, alpha=1 - args.ema)
-                else:
-                    ema[k].copy_(p)
+        ema_update(ema, modules, trainable, args.ema)
         running = float(loss.detach()) if running is None else 0.98 * running + 0.02 * float(loss.detach())
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % 50 == 0:

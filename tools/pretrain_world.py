@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from flowdppo_video.world import DIRECTIONS, SHAPES, Scene, render_batch, split_scenes
-from flowdppo_video.world.model import (POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, flow_matching_loss,
-                                         load_world_adapter, video_to_latent, world_modules)
+from flowdppo_video.world.model import (POSITION_CHANNELS, WEIGHTS_DIR, build_world_adapter, draw_sigmas, ema_update,
+                                         flow_matching_loss, load_world_adapter, video_to_latent, world_modules)
 
 
 def caption(scene: Scene, rng: random.Random, wrong_motion: float, drop: float) -> str:
@@ -196,10 +196,7 @@ def main() -> None:
         scenes = [draw_scene(train_scenes, rng, shape_mix) for _ in range(args.batch)]
         x0 = video_to_latent(torch.from_numpy(render_batch(scenes, seed=args.seed * 1_000_003 + step)))
         text = adapter.embed_text([caption(s, rng, args.wrong_motion, args.caption_dropout) for s in scenes])
-        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen) + args.logit_mean)
-        n_high = round(args.high_noise_frac * args.batch)
-        if n_high:
-            sigma[:n_high] = 0.85 + 0.15 * torch.rand(n_high, generator=gen)
+        sigma = draw_sigmas(args.batch, gen, args.logit_mean, args.high_noise_frac)
         eps = torch.randn(x0.shape, generator=gen)
         loss = flow_matching_loss(adapter, x0, eps, sigma, text)
         opt.zero_grad(set_to_none=True)
@@ -207,12 +204,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for k, p in modules.state_dict().items():
-                if k in trainable:
-                    ema[k].mul_(args.ema).add_(p, alpha=1 - args.ema)
-                else:   # frozen weights stay bit-exact (x * d + x * (1 - d) is not always x)
-                    ema[k].copy_(p)
+        ema_update(ema, modules, trainable, args.ema)
         running = float(loss.detach()) if running is None else 0.98 * running + 0.02 * float(loss.detach())
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % 50 == 0:

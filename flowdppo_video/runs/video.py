@@ -27,7 +27,7 @@ def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: float 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".part" + path.suffix)
     with av.open(str(tmp), mode="w") as out:
-        # A container's rate is a fraction: 8.0 -> 8, 23.976 -> 24000/1001.
+        # A container's rate is a fraction: 8.0 -> 8, 23.976 -> 2997/125 (denominators up to 1001).
         stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = arr.shape[2], arr.shape[1]
         stream.pix_fmt = "yuv420p"

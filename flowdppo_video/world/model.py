@@ -80,11 +80,32 @@ def flow_matching_loss(adapter: Any, x0: torch.Tensor, eps: torch.Tensor, sigma:
     return (adapter.velocity((1 - s) * x0 + s * eps, sigma, text) - (eps - x0)).square().mean()
 
 
+def draw_sigmas(n: int, gen: torch.Generator, logit_mean: float, high_noise_frac: float) -> torch.Tensor:
+    """``n`` pretraining noise levels ``(n,)``: logit-normal around ``logit_mean``, the first
+    ``high_noise_frac`` of them uniform in [0.85, 1), where a video's motion is decided."""
+    sigma = torch.sigmoid(torch.randn(n, generator=gen) + logit_mean)
+    n_high = round(high_noise_frac * n)
+    if n_high:
+        sigma[:n_high] = 0.85 + 0.15 * torch.rand(n_high, generator=gen)
+    return sigma
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], modules: torch.nn.Module, trainable: set[str], decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * weights`` for the ``trainable`` state-dict keys; the
+    frozen ones copied, so they stay bit-exact (``x * d + x * (1 - d)`` is not always ``x``)."""
+    for k, p in modules.state_dict().items():
+        if k in trainable:
+            ema[k].mul_(decay).add_(p, alpha=1 - decay)
+        else:
+            ema[k].copy_(p)
+
+
 def video_to_latent(videos: torch.Tensor) -> torch.Tensor:
     """``(B, F, H, W, 3)`` uint8 -> pixel latents ``(B, 3, F, H, W)`` in ``[-1, 1]``."""
     return videos.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
-__all__ = ["FRAMES", "MAX_TEXT_TOKENS", "POSITION_CHANNELS", "SIZE", "TEXT_ENCODER", "TRANSFORMER", "WEIGHTS_DIR",
+__all__ = ["FRAMES", "MAX_TEXT_TOKENS", "draw_sigmas", "ema_update", "POSITION_CHANNELS", "SIZE", "TEXT_ENCODER", "TRANSFORMER", "WEIGHTS_DIR",
            "build_world_adapter", "flow_matching_loss", "load_world_adapter", "video_to_latent", "world_init",
            "world_modules"]
