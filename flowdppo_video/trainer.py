@@ -325,12 +325,13 @@ class Trainer:
         r = self.cfg.run
         if (it + 1) % r.checkpoint_every == 0 or it == r.iterations - 1:
             save_checkpoint(self.run_dir, self.adapter, self.updater, it + 1,
-                            {"nonfinite_in_row": self.nonfinite_in_row, "prompts_sha": self._prompts_sha(),
+                            {"nonfinite_in_row": self.nonfinite_in_row, "prompts_sha": self.prompts_sha(),
                              "world": self.par.world, "sequence_parallel": self.par.sp,
                              "zero_stage": self.cfg.parallel.zero_stage},
                             keep=r.keep_checkpoints, par=self.par)
 
-    def _prompts_sha(self) -> str:
+    def prompts_sha(self) -> str:
+        """The first 16 hex digits of the SHA-256 of the training prompts (a resume checks it)."""
         return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
 
     def _resume(self) -> None:
@@ -348,7 +349,7 @@ class Trainer:
         ckpt, meta = resume_checkpoint(self.run_dir, self.adapter, self.updater, self.par,
                                        self.cfg.parallel.zero_stage, self.cfg.run.iterations)
         if ckpt is not None:
-            if meta.get("prompts_sha") != self._prompts_sha():
+            if meta.get("prompts_sha") != self.prompts_sha():
                 raise TrainingError(f"--resume {self.run_dir}: the prompts differ from the run's (data.prompts)")
             self.start_iteration = int(meta["next_iteration"])
             self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))

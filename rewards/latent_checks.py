@@ -96,7 +96,7 @@ def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _shape_reference() -> tuple[np.ndarray, np.ndarray]:
+def shape_reference() -> tuple[np.ndarray, np.ndarray]:
     """Reference (skewness, cross-kurtosis) ``(3 shapes, blurs, 2)`` and their spread ``(3, 2)``."""
     n = 48
     y, x = np.meshgrid(np.arange(n) + 0.5, np.arange(n) + 0.5, indexing="ij")
@@ -181,7 +181,7 @@ def track(rgb: np.ndarray, backgrounds: np.ndarray, colours: list[str | None],
     feats = _moments(win, x, y, cx, cy)                                      # (B, F, 2)
     fw = presence[..., None]
     vf = (feats * fw).sum(1) / np.maximum(fw.sum(1), 1e-9)
-    ref, spread = _shape_reference()
+    ref, spread = shape_reference()
     z2 = (((vf[:, None, None, :] - ref[None]) / spread[None, :, None, :]) ** 2).sum(-1)      # (B, 3, blurs)
     logits = np.log(np.exp(-z2 / 2).sum(-1) + 1e-300)
     probs = np.exp(logits - logits.max(1, keepdims=True))

@@ -131,7 +131,7 @@ def score_from_logprobs(logp: torch.Tensor, scoring: str) -> dict[str, torch.Ten
 
 # --------------------------------------------------------------------------------- local backend
 
-def _answer_token_ids(tokenizer: Any, answers: Sequence[str], where: str) -> list[list[int]]:
+def answer_token_ids(tokenizer: Any, answers: Sequence[str], where: str) -> list[list[int]]:
     """For each answer, every vocabulary id that spells it as one token, with or without a
     leading space (``"Yes"``, ``" Yes"``, ``"ĠYes"``, ``"▁Yes"``). An answer with none is an error."""
     vocab = tokenizer.get_vocab()
@@ -209,7 +209,7 @@ class VLMJudge:
             raise RewardError(f"cannot load the VLM judge from {path}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
         self.model.to(self.device).eval()
-        self.answer_ids = _answer_token_ids(self.tokenizer, ANSWERS[scoring], str(path))
+        self.answer_ids = answer_token_ids(self.tokenizer, ANSWERS[scoring], str(path))
         if processing == "builtin":
             self.video_token_id = self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
             if self.video_token_id is None or self.video_token_id == self.tokenizer.unk_token_id:

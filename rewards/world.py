@@ -197,7 +197,7 @@ def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _shape_reference() -> tuple[np.ndarray, np.ndarray]:
+def shape_reference() -> tuple[np.ndarray, np.ndarray]:
     """``(means (3, L, 3), scales (3,))`` of the shape descriptor for ``SHAPES`` x blur levels.
 
     Computed once (~0.05 s) from the world's definition of the shapes (``shape_mask``) at a grid
@@ -251,7 +251,7 @@ def analyse(videos) -> Analysis:
     colour_probs = _softmax(-dist2 / (2 * COLOUR_SIGMA ** 2), axis=1)
 
     # Shape: presence-and-area weighted mean descriptor against every (shape, blur) reference.
-    means, scales = _shape_reference()
+    means, scales = shape_reference()
     sw = p * m["area"]
     vfeat = (sw[..., None] * m["shape_features"]).sum(axis=1) / np.maximum(sw.sum(axis=1), 1e-6)[:, None]
     z2 = (((vfeat[:, None, None] - means[None]) / scales) ** 2).sum(-1)  # (B, 3, L)

@@ -1,18 +1,26 @@
-"""Shared fixtures: a tiny real Wan model and tiny run configs."""
+"""Shared fixtures and helpers: a tiny real Wan model, tiny run configs, the CLI, run outputs."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+if TYPE_CHECKING:
+    from flowdppo_video.trainer import Trainer
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "wan_tiny.yaml"
+PROMPTS = ["a red ball rolls to the left", "a blue square slides up"]   # the tiny families' two prompts
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -78,3 +86,64 @@ def record_transformer_calls(pipe) -> list:
 
     pipe.transformer.forward = record
     return calls
+
+
+# ------------------------------------------------------------- helpers several test modules share
+
+def cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m flowdppo_video ARGS`` from the repository root; raises with the stderr tail on a
+    non-zero exit unless ``check=False``."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "flowdppo_video", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train(run_dir: Path, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
+    """Train the tiny Wan recipe into ``run_dir`` through the CLI (or resume it)."""
+    if resume:
+        return cli("train", "--resume", str(run_dir), *overrides)
+    return cli("train", "--config", str(TINY_CONFIG), f"run.output_dir={run_dir}", *overrides)
+
+
+def rows(run_dir: Path, name: str = "metrics") -> list[dict]:
+    """The rows of ``run_dir/NAME.jsonl``."""
+    return [json.loads(x) for x in (run_dir / f"{name}.jsonl").read_text().splitlines() if x.strip()]
+
+
+def max_abs_log_ratio(trainer: Trainer, traj, groups: list[list[int]]) -> float:
+    """The largest |log ratio| of new and old policy over ``traj``'s SDE steps, replayed group by group
+    (SPEC invariant 1: 0 before the first update)."""
+    worst, adv = 0.0, torch.ones(traj.batch_size)
+    with torch.no_grad():
+        for g in groups:
+            idx = torch.tensor(g)
+            for j in range(traj.num_sde_steps):
+                _, _, log_ratio = trainer.replay_step(traj.select(idx), j, adv[idx])
+                worst = max(worst, float(log_ratio.abs().max()))
+    return worst
+
+
+def write_lossless(path: Path, frames: np.ndarray, fps: float) -> Path:
+    """``(F, H, W, 3)`` uint8 frames as an FFV1 .mkv at ``fps``: decodes to the very same pixels
+    (H.264, as write_video writes, changes them, and differently at different rates)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def score_rows(out: Path) -> tuple[list[dict], list[dict]]:
+    """``scores.csv`` and ``scores.jsonl`` rows that ``score`` wrote into ``out``."""
+    with open(out / "scores.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    jsonl_rows = [json.loads(ln) for ln in (out / "scores.jsonl").read_text().splitlines()]
+    return csv_rows, jsonl_rows

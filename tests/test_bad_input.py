@@ -11,8 +11,7 @@ from flowdppo_video import objectives
 from flowdppo_video.runs.config import ConfigError, load_config
 from flowdppo_video.trainer import Trainer, TrainingError
 
-from .conftest import TINY_CONFIG
-from .test_cli_e2e import cli, rows
+from .conftest import TINY_CONFIG, cli, rows, tiny_config, train
 
 
 def fails_with(tmp_path, *overrides: str, config=TINY_CONFIG) -> str:
@@ -100,7 +99,6 @@ def test_not_a_diffusers_directory(tmp_path):
 
 @pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path):
-    from .test_cli_e2e import train
     run = tmp_path / "run"
     train(run, "run.iterations=1")
     before = (run / "metrics.jsonl").read_text()
@@ -121,7 +119,6 @@ def test_config_errors_name_the_key():
 
 
 def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path, monkeypatch):
-    from .conftest import tiny_config
     cfg = tiny_config(tmp_path, "run.iterations=3", "run.max_nonfinite_in_row=2", "optim.minibatch_size=4",
                       "optim.inner_epochs=1")
     trainer = Trainer(cfg)
@@ -153,7 +150,6 @@ def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path, monkeypatch):
 
 
 def test_nonfinite_skip_is_counted_in_metrics(tmp_path, monkeypatch):
-    from .conftest import tiny_config
     cfg = tiny_config(tmp_path, "run.iterations=1", "run.max_nonfinite_in_row=5", "optim.minibatch_size=2",
                       "optim.inner_epochs=1")
     real = objectives.Objective.__call__

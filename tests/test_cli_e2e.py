@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from flowdppo_video.runs.video import read_video
 
-from .conftest import ROOT, TINY_CONFIG
+from .conftest import ROOT, TINY_CONFIG, cli, rows, train
 
 pytestmark = pytest.mark.slow
 
@@ -23,26 +22,7 @@ REQUIRED_KEYS = {"iteration", "reward/mean", "reward/std", "kl/mean", "kl/max", 
 TIMING = {"time/rollout_s", "time/update_s", "time/reward_s"}
 
 
-def cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "flowdppo_video", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 EVAL = [f"eval.prompts={ROOT / 'configs/prompts/demo.txt'}", "eval.every=2", "eval.num_videos=2"]
-
-
-def train(run_dir: Path, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
-    if resume:
-        return cli("train", "--resume", str(run_dir), *overrides)
-    return cli("train", "--config", str(TINY_CONFIG), f"run.output_dir={run_dir}", *overrides)
-
-
-def rows(run_dir: Path, name: str = "metrics") -> list[dict]:
-    return [json.loads(x) for x in (run_dir / f"{name}.jsonl").read_text().splitlines() if x.strip()]
 
 
 def test_two_iterations_then_resume_reproduces(tmp_path):

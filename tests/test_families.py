@@ -18,7 +18,7 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.training.rollout import rollout, step_mean
 from flowdppo_video.trainer import Trainer
 
-from .conftest import ROOT
+from .conftest import ROOT, max_abs_log_ratio
 
 CONFIGS = {"wan2.1": "wan_tiny.yaml", "wan2.2_a14b": "wan22_tiny.yaml", "wan2.2_ti2v": "wan22_ti2v_tiny.yaml",
            "hunyuan_video": "hunyuan_tiny.yaml", "hunyuan_video_1.5": "hunyuan15_tiny.yaml"}
@@ -31,17 +31,6 @@ def family_config(tmp_path, name: str, *overrides: str):
     return load_config(ROOT / "configs" / CONFIGS[name], [
         f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
         f"data.prompts={ROOT / 'configs/prompts/demo.txt'}", *overrides])
-
-
-def max_abs_log_ratio(trainer: Trainer, traj, groups: list[list[int]]) -> float:
-    worst, adv = 0.0, torch.ones(traj.batch_size)
-    with torch.no_grad():
-        for g in groups:
-            idx = torch.tensor(g)
-            for j in range(traj.num_sde_steps):
-                _, _, log_ratio = trainer.replay_step(traj.select(idx), j, adv[idx])
-                worst = max(worst, float(log_ratio.abs().max()))
-    return worst
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

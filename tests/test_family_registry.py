@@ -50,13 +50,15 @@ class TinyTestAdapter(wan.WanAdapter):
 
 
 @pytest.fixture
-def tiny_family(monkeypatch):
+def tiny_family():
     """A family registered from outside the package, as a new family module registers itself; the
     registry is restored afterwards."""
-    monkeypatch.setattr(registry, "_SPECS", dict(registry.families()))
-    return register(registry.FamilySpec(name="tiny_test", pipeline="TinyTestPipeline", adapter=TinyTestAdapter,
-                                        build=functools.partial(wan.build, TinyTestAdapter),
-                                        tiny_init=wan.TINY_INIT))
+    before = set(families())
+    yield register(registry.FamilySpec(name="tiny_test", pipeline="TinyTestPipeline", adapter=TinyTestAdapter,
+                                       build=functools.partial(wan.build, TinyTestAdapter),
+                                       tiny_init=wan.TINY_INIT))
+    registry.unregister("tiny_test")
+    assert set(families()) == before
 
 
 def test_a_family_registered_outside_is_built_and_recognised(tiny_family, tmp_path):

@@ -23,9 +23,7 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
-from .conftest import ROOT, write_image
-from .test_families import max_abs_log_ratio
-from .test_i2v import PROMPTS
+from .conftest import PROMPTS, ROOT, max_abs_log_ratio, write_image
 
 CONFIG = ROOT / "configs" / "hunyuan15_i2v_tiny.yaml"
 # The pipeline comparison's tolerances (float32 on the CPU, 6 steps, CFG 3): latents, and decoded

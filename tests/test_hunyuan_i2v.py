@@ -23,9 +23,7 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
-from .conftest import ROOT, record_transformer_calls, write_image
-from .test_families import max_abs_log_ratio
-from .test_i2v import PROMPTS
+from .conftest import PROMPTS, ROOT, max_abs_log_ratio, record_transformer_calls, write_image
 
 CONFIG = ROOT / "configs" / "hunyuan_i2v_tiny.yaml"
 # model.init of each image_condition_type (over configs/hunyuan_i2v_tiny.yaml's latent_concat default).

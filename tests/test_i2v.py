@@ -24,11 +24,9 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
-from .conftest import ROOT, record_transformer_calls, write_image
-from .test_families import max_abs_log_ratio
+from .conftest import PROMPTS, ROOT, max_abs_log_ratio, record_transformer_calls, write_image
 
 CONFIG = ROOT / "configs" / "wan_i2v_tiny.yaml"
-PROMPTS = ["a red ball rolls to the left", "a blue square slides up"]
 # model.init of each variant (over configs/wan_i2v_tiny.yaml's Wan 2.1 I2V default).
 VARIANTS = {
     "wan2.1_i2v": "{}",

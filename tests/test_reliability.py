@@ -19,7 +19,7 @@ import torch
 from flowdppo_video.runs.config import ConfigError, load_config, load_yaml
 from flowdppo_video.trainer import Trainer, TrainingError
 
-from .conftest import TINY_CONFIG, tiny_config
+from .conftest import ROOT, TINY_CONFIG, cli, tiny_config
 
 QUIET = ["run.sample_every=100", "run.num_sample_videos=0"]
 
@@ -260,7 +260,6 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous(small_disk, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    from .test_cli_e2e import cli
     return cli(*args, check=False)
 
 
@@ -411,7 +410,7 @@ i = int(last.name[5:]) if last else 0
 print("ready", flush=True)
 while True:
     i += 1
-    save_checkpoint(base / "run", t.adapter, t.updater, i, {{"prompts_sha": t._prompts_sha()}}, keep=2)
+    save_checkpoint(base / "run", t.adapter, t.updater, i, {{"prompts_sha": t.prompts_sha()}}, keep=2)
 """
 
 
@@ -424,7 +423,6 @@ def test_sigkill_inside_checkpoint_writes_never_leaves_a_torn_checkpoint(tmp_pat
 
     from flowdppo_video.training.checkpoint import list_checkpoints, verify_checkpoint
 
-    from .conftest import ROOT
 
     script = tmp_path / "save_forever.py"
     script.write_text(_SAVE_FOREVER.format(root=str(ROOT)))
@@ -654,7 +652,6 @@ def test_a_failed_checkpoint_write_names_its_cause_and_a_resave_replaces_whole(f
 def test_nonfinite_evaluation_videos_are_counted_and_named(tmp_path, monkeypatch, capsys):
     from flowdppo_video.training import evaluation
 
-    from .conftest import ROOT
 
     real = evaluation.rollout
 
@@ -682,10 +679,10 @@ def test_checkpoints_keep_the_cuda_generator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": device_gen["state"].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": device_gen.update(state=s.clone()))
-    saved = checkpoint._rng_state()
+    saved = checkpoint.rng_state()
     assert torch.equal(saved["cuda"], torch.arange(8, dtype=torch.uint8))
     device_gen["state"] = torch.zeros(8, dtype=torch.uint8)            # the generator moved on
-    checkpoint._set_rng_state(saved)
+    checkpoint.set_rng_state(saved)
     assert torch.equal(device_gen["state"], torch.arange(8, dtype=torch.uint8))
 
 

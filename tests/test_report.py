@@ -16,8 +16,7 @@ import pytest
 from flowdppo_video.reporting.winrates import wilson
 
 from .chromium import check_page, find_chromium
-from .conftest import ROOT, TINY_CONFIG
-from .test_cli_e2e import cli, train
+from .conftest import ROOT, TINY_CONFIG, cli, train
 
 pytestmark = pytest.mark.slow
 

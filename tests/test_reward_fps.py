@@ -24,8 +24,7 @@ from flowdppo_video.trainer import Trainer
 from rewards.server import BackgroundServer, create_app
 from rewards.wire import BINARY_TYPE, decode_response, encode_json_request, encode_request
 
-from .conftest import tiny_config
-from .test_score_cli import _rows, write_lossless
+from .conftest import score_rows, tiny_config, write_lossless
 
 FPS = 16
 
@@ -49,7 +48,7 @@ def test_a_16_fps_run_scores_as_score_and_the_reward_server_do(tmp_path: Path, c
     for k in range(traj.batch_size):
         write_lossless(folder / f"{k:02d}.mkv", traj.videos[k].numpy(), fps=FPS)
     assert main(["score", str(folder), "--reward", "dynamic_degree", "--out", str(tmp_path / "scores")]) == 0
-    scored = _rows(tmp_path / "scores")[1]
+    scored = score_rows(tmp_path / "scores")[1]
     capsys.readouterr()
 
     speed = torch.tensor([r["dynamic_degree/speed"] for r in scored])

@@ -251,7 +251,7 @@ def test_8_score_holds_videos_to_a_memory_budget_and_scales_one_over_it(tmp_path
              for k in range(4)]
     big = write_video(tmp_path / "z_big.mp4", rng.integers(0, 256, (5, 256, 384, 3), dtype=np.uint8))
     share = 5 * 64 * 96 * 3 * scoring.WORK_FACTOR * 2               # two small videos' work
-    monkeypatch.setattr(scoring, "_rss", lambda: 0)
+    monkeypatch.setattr(scoring, "resident_bytes", lambda: 0)
     monkeypatch.setattr(scoring, "MIN_SHARE", 0)
     batches, real = [], R.score_videos
 
@@ -415,14 +415,14 @@ def test_11_short_refusals_batch_size_token_and_one_frame_flicker(tmp_path, caps
 def test_11_an_unreadable_checkpoint_file_is_named_itself(tmp_path, monkeypatch):
     run = tmp_path / "run"
     _ckpts(run, (True,))
-    real = checkpoint._sha256
+    real = checkpoint.file_sha256
 
     def denied(path, ends=0):
         if Path(path).name == "state.pt":      # chmod 000 (root reads through it: a double)
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, ends)
 
-    monkeypatch.setattr(checkpoint, "_sha256", denied)
+    monkeypatch.setattr(checkpoint, "file_sha256", denied)
     assert checkpoint.verify_checkpoint(run / "checkpoints" / "iter_000001") == "state.pt is unreadable (Permission denied)"
 
 

@@ -88,14 +88,14 @@ def test_summary_without_evaluation(tmp_path):
 
 
 def test_report_groups_held_out_metrics():
-    from flowdppo_video.reporting.report import _evaluation_table, held_out_groups
+    from flowdppo_video.reporting.report import evaluation_table, held_out_groups
 
     rewards, parts, composites = held_out_groups(EVALS)
     assert rewards == ["world_direction", "world_colour", "world_shape", "world_adherence"]
     assert parts == ["world_adherence/smoothness"]
     # world_adherence is the mean of three of its logged parts, found from the numbers.
     assert composites == {"world_adherence": ("colour", "shape", "direction")}
-    html = _evaluation_table(EVALS)
+    html = evaluation_table(EVALS)
     assert html.count("<tr>") == 1 + 6               # header, 5 metrics, the KL
     assert "world_adherence (mean of colour, shape, direction)" in html
     assert "<th>base</th><th>after 20</th><th>after 40</th>" in html

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import rewards
 from flowdppo_video.commands.cli import main
 from flowdppo_video.runs.video import read_video, video_fps, write_video
 
+from .conftest import score_rows, write_lossless
+
 F = 6
 
 
@@ -22,21 +23,6 @@ def _moving(h: int, w: int, k: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     big = np.kron(rng.integers(0, 256, (h // 4 + 1, (w + F * k) // 4 + 2, 3)), np.ones((4, 4, 1))).astype(np.uint8)
     return np.stack([big[:h, t * k:t * k + w] for t in range(F)])
-
-
-def write_lossless(path: Path, frames: np.ndarray, fps: float) -> Path:
-    """``(F, H, W, 3)`` uint8 frames as an FFV1 .mkv at ``fps``: decodes to the very same pixels
-    (H.264, as write_video writes, changes them, and differently at different rates)."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("ffv1", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
-        for f in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
-        out.mux(stream.encode())
-    return path
 
 
 def _write_gif(path: Path, frames: np.ndarray) -> None:
@@ -61,13 +47,6 @@ def video_dir(tmp_path: Path) -> Path:
     return d
 
 
-def _rows(out: Path) -> tuple[list[dict], list[dict]]:
-    with open(out / "scores.csv", newline="") as f:
-        csv_rows = list(csv.DictReader(f))
-    jsonl_rows = [json.loads(ln) for ln in (out / "scores.jsonl").read_text().splitlines()]
-    return csv_rows, jsonl_rows
-
-
 def test_scores_match_in_process_rewards_and_skip_the_broken_file(video_dir: Path, capsys) -> None:
     rc = main(["score", str(video_dir), "--reward", "frame_change", "--reward", "motion_quality=0.5",
                "--batch-size", "2"])
@@ -77,7 +56,7 @@ def test_scores_match_in_process_rewards_and_skip_the_broken_file(video_dir: Pat
     assert len(broken) == 1 and "cannot read" in broken[0]
     assert broken[0].startswith("flowdppo-video: warning: skipping ")
     out = video_dir / "scores"                                       # the default: beside the videos
-    csv_rows, jsonl_rows = _rows(out)
+    csv_rows, jsonl_rows = score_rows(out)
     names = ["a_moving.mp4", "b_static.mp4", "c_noise.mp4", "d_wide.mp4", "e_moving.gif"]
     assert [Path(r["file"]).name for r in jsonl_rows] == names
     assert [r["file"] for r in csv_rows] == [r["file"] for r in jsonl_rows]
@@ -131,7 +110,7 @@ def test_rewards_config_with_options_prompts_file_and_fps(video_dir: Path, tmp_p
     rc = main(["score", *files, "--prompts", str(prompts), "--rewards-config", str(cfg),
                "--out", str(tmp_path / "out"), "--fps", "16"])
     assert rc == 0, capsys.readouterr().err
-    _, rows = _rows(tmp_path / "out")
+    _, rows = score_rows(tmp_path / "out")
     assert [Path(r["file"]).name for r in rows] == ["a_moving.mp4", "c_noise.mp4", "e_moving.gif"]
     assert [r["prompt"] for r in rows] == ["q0", "q1", "q2"]
     ref = rewards.build_rewards({"mq": {"type": "motion_quality", "flow": "farneback"}})["mq"]
@@ -151,7 +130,7 @@ def test_each_file_is_scored_at_its_own_frame_rate(tmp_path: Path, capsys) -> No
     write_lossless(d / "a_8fps.mkv", frames, fps=8)
     write_lossless(d / "b_24fps.mkv", frames, fps=24)
     assert main(["score", str(d), "--reward", "dynamic_degree", "--out", str(tmp_path / "own")]) == 0
-    own = {Path(r["file"]).name: r for r in _rows(tmp_path / "own")[1]}
+    own = {Path(r["file"]).name: r for r in score_rows(tmp_path / "own")[1]}
     assert own["a_8fps.mkv"]["fps"] == 8.0 and own["b_24fps.mkv"]["fps"] == 24.0
     ref = rewards.build_rewards({"dynamic_degree": 1.0})
     for name, r in own.items():
@@ -162,7 +141,7 @@ def test_each_file_is_scored_at_its_own_frame_rate(tmp_path: Path, capsys) -> No
     # the two files decode to the same pixels (lossless), so the speed is in proportion to the rate
     assert own["b_24fps.mkv"]["dynamic_degree/speed"] == pytest.approx(3 * own["a_8fps.mkv"]["dynamic_degree/speed"])
     assert main(["score", str(d), "--reward", "dynamic_degree", "--fps", "24", "--out", str(tmp_path / "all24")]) == 0
-    all24 = {Path(r["file"]).name: r for r in _rows(tmp_path / "all24")[1]}
+    all24 = {Path(r["file"]).name: r for r in score_rows(tmp_path / "all24")[1]}
     assert [r["fps"] for r in all24.values()] == [24.0, 24.0]
     assert all24["a_8fps.mkv"]["dynamic_degree/speed"] == pytest.approx(own["b_24fps.mkv"]["dynamic_degree/speed"])
 
@@ -174,7 +153,7 @@ def test_index_json_of_training_samples(tmp_path: Path, capsys) -> None:
     (d / "index.json").write_text(json.dumps({"iteration": 1, "videos": [
         {"file": "00.mp4", "prompt": "first"}, {"file": "01.mp4", "prompt": "second"}]}))
     assert main(["score", str(d), "--reward", "frame_change", "--out", str(tmp_path / "o")]) == 0
-    assert [r["prompt"] for r in _rows(tmp_path / "o")[1]] == ["first", "second"]
+    assert [r["prompt"] for r in score_rows(tmp_path / "o")[1]] == ["first", "second"]
 
 
 def _error(argv: list[str], capsys) -> str:

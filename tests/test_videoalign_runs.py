@@ -20,7 +20,7 @@ from flowdppo_video.commands.cli import main
 from rewards.videoalign import VideoAlignReward
 
 from .conftest import ROOT, tiny_config
-from .test_videoalign import MIN_PIXELS, build_tiny_videoreward
+from .tiny_vlm import MIN_PIXELS, build_tiny_videoreward
 
 PARTS = ("vq", "mq", "ta")
 HELD_OUT = ["a red ball rolls to the left", "a blue square slides up"]

@@ -17,7 +17,7 @@ import torch
 
 import rewards
 from rewards.registry import RewardError
-from rewards.vlm import QwenVideoPacker, VLMJudge, _answer_token_ids
+from rewards.vlm import QwenVideoPacker, VLMJudge, answer_token_ids
 
 from .tiny_vlm import QWEN_SPECIAL, WORDS, build_tiny_qwen2_vl, build_word_tokenizer
 
@@ -119,15 +119,15 @@ def test_fps_reaches_the_frame_sampling_and_temporal_positions(qwen2_dir, tmp_pa
 def test_answer_tokens_found_with_or_without_leading_space() -> None:
     tok = build_word_tokenizer([*WORDS, "ĠYes", "ĠNo"], QWEN_SPECIAL, pad="<|endoftext|>")
     vocab = tok.get_vocab()
-    assert _answer_token_ids(tok, ["Yes", "No"], "m") == [sorted([vocab["Yes"], vocab["ĠYes"]]),
+    assert answer_token_ids(tok, ["Yes", "No"], "m") == [sorted([vocab["Yes"], vocab["ĠYes"]]),
                                                           sorted([vocab["No"], vocab["ĠNo"]])]
     spaced_only = build_word_tokenizer([w for w in WORDS if w not in ("Yes", "No")] + ["ĠYes", "ĠNo"], QWEN_SPECIAL,
                                        pad="<|endoftext|>")
-    assert _answer_token_ids(spaced_only, ["Yes", "No"], "m") == [[spaced_only.get_vocab()["ĠYes"]],
+    assert answer_token_ids(spaced_only, ["Yes", "No"], "m") == [[spaced_only.get_vocab()["ĠYes"]],
                                                                   [spaced_only.get_vocab()["ĠNo"]]]
     no_no = build_word_tokenizer([w for w in WORDS if w != "No"], QWEN_SPECIAL, pad="<|endoftext|>")
     with pytest.raises(RewardError, match=r"tokenizer of m has no single token for the answer 'No'"):
-        _answer_token_ids(no_no, ["Yes", "No"], "m")
+        answer_token_ids(no_no, ["Yes", "No"], "m")
 
 
 def test_built_from_a_config_entry_and_bad_options_named(qwen2_dir, tmp_path) -> None:

@@ -84,7 +84,7 @@ def test_position_channels_round_trip_and_reach_the_transformer(tmp_path):
                                            max_sequence_length=MAX_TEXT_TOKENS)
         assert again.position_channels == 5
         assert torch.allclose(again.velocity(x, sigma, text), v, atol=1e-6)
-        grid = ad._position_grid(x)            # (B, 5, F, H, W): frame, row, column, frame*row, frame*column
+        grid = ad.position_grid(x)            # (B, 5, F, H, W): frame, row, column, frame*row, frame*column
         assert grid.shape == (2, 5, 8, 16, 16)
         assert torch.equal(grid[:, 3], grid[:, 0] * grid[:, 1]) and torch.equal(grid[:, 4], grid[:, 0] * grid[:, 2])
         assert grid[0, :3, 0, 0, 0].tolist() == [-1.0, -1.0, -1.0] and grid[0, :3, -1, -1, -1].tolist() == [1.0, 1.0, 1.0]

@@ -229,7 +229,7 @@ def test_rewards_use_pixels_only(truth, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a reward called the renderer")
 
-    world._shape_reference()                 # templates (shape_mask only) may be built beforehand
+    world.shape_reference()                 # templates (shape_mask only) may be built beforehand
     for fn in ("render", "render_batch", "path"):
         monkeypatch.setattr(render_mod, fn, forbidden)
     for fn in ("render", "render_batch"):

@@ -5,15 +5,19 @@ Qwen2.5-VL checkpoint does (``AutoProcessor`` + ``AutoModelForImageTextToText``,
 only): a two-layer ``Qwen2VLForConditionalGeneration`` (or ``Qwen2_5_VLForConditionalGeneration``)
 with a one-block vision tower, a word-level tokenizer with the Qwen special tokens and the
 Qwen chat template, the Qwen2-VL image processor and a ``video_preprocessor_config.json``.
-Nothing is downloaded. :func:`build_tiny_clip` does the same for a CLIP model.
+Nothing is downloaded. :func:`build_tiny_clip` does the same for a CLIP model, and
+:func:`build_tiny_videoreward` writes VideoAlign's VideoReward in its release's layout on top of one.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from rewards.videoalign import REWARD_TOKENS
 
 # The Qwen-VL chat template, reduced to what a judge needs (system-less, text + image/video parts).
 QWEN_CHAT_TEMPLATE = (
@@ -133,3 +137,55 @@ def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Pa
                                             crop_size={"height": image_size, "width": image_size})
     CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
     return path
+
+
+# ------------------------------------------------ VideoAlign's VideoReward, in its release's layout
+
+STATS = {"VQ_mean": 0.3, "VQ_std": 2.0, "MQ_mean": -0.2, "MQ_std": 0.5, "TA_mean": 0.1, "TA_std": 4.0}
+MAX_PIXELS = 16 * 32          # data_config.max_frame_pixels of the tiny checkpoint (stage-1 cap)
+MIN_PIXELS = 64               # the tiny model's stand-in for the reference's 128*28*28 floor
+
+
+def to_445_layout(key: str) -> str:
+    """This transformers' Qwen2-VL key as transformers 4.45 (the reference's) named it."""
+    return (key.replace("base_model.model.model.language_model.", "base_model.model.model.")
+               .replace("base_model.model.model.visual.", "base_model.model.visual."))
+
+
+def build_tiny_videoreward(tmp: Path) -> tuple[Path, Path, Any, Any]:
+    """``tmp/VideoReward`` (the release's layout, base model in ``tmp/base``): ``(root, base,
+    peft_model, tokenizer)``. Score it with ``min_pixels=MIN_PIXELS`` (its frames are tiny)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    base = build_tiny_qwen2_vl(tmp / "base", min_pixels=8 * 8, max_pixels=64 * 64)
+    (base / "video_preprocessor_config.json").unlink()     # 2024's Qwen2-VL ships preprocessor_config.json only
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(list(REWARD_TOKENS), special_tokens=True)
+    torch.manual_seed(1)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(base)
+    model.resize_token_embeddings(len(tok))
+    model.rm_head = torch.nn.Linear(64, 1, bias=False)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and not any(x in n for x in ("lm_head", "rm_head", "embed_tokens", "visual"))]
+    pm = get_peft_model(model, LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0, bias="none",
+                                          task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)                          # a trained adapter: not the zero init
+    pm.eval()
+    root = tmp / "VideoReward"
+    ckpt = root / "checkpoint-7"
+    (ckpt / "tokenizer").mkdir(parents=True)
+    (root / "checkpoint-3").mkdir()                        # an older step: the latest is used
+    torch.save({to_445_layout(k): v.clone() for k, v in pm.state_dict().items()}, ckpt / "model.pth")
+    tok.save_pretrained(ckpt / "tokenizer")
+    cfg = {"data_config": {"fps": 2.0, "num_frames": None, "max_frame_pixels": MAX_PIXELS, "sample_type": "uniform",
+                           "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": "detailed_special"},
+           "training_args": {}, "model_config": {"model_name_or_path": str(base), "output_dim": 1,
+                                                 "use_special_tokens": True, "reward_token": "special"},
+           "peft_lora_config": {"lora_enable": True, "lora_r": 4, "lora_alpha": 8, "use_rslora": False},
+           "inference_config": STATS}
+    (root / "model_config.json").write_text(json.dumps(cfg))
+    return root, base, pm, tok

@@ -89,7 +89,7 @@ def bounded_int(flag: str, lo: int, hi: int) -> Any:
     return parse
 
 
-def _rss() -> int:
+def resident_bytes() -> int:
     """This process's resident memory in bytes (0 where /proc is not there)."""
     try:
         with open("/proc/self/statm") as f:
@@ -272,7 +272,7 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
     pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
     skipped: list[str] = []
     early: set[int] = set()
-    share = max(MIN_SHARE, int(memory_budget) - _rss())
+    share = max(MIN_SHARE, int(memory_budget) - resident_bytes())
 
     def held() -> int:
         return sum(v.nbytes for items in pending.values() for _, v in items) * WORK_FACTOR

@@ -65,6 +65,13 @@ def register(spec: FamilySpec) -> FamilySpec:
     return spec
 
 
+def unregister(name: str) -> FamilySpec:
+    """Remove the family ``name`` (a plugin unloading, or a test restoring the registry); its spec."""
+    if name not in _SPECS:
+        raise KeyError(f"model family {name!r} is not registered")
+    return _SPECS.pop(name)
+
+
 def families() -> dict[str, FamilySpec]:
     """Every registered family by name (imports this package's modules on the first call)."""
     global _loaded

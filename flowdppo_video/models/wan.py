@@ -339,13 +339,13 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
             timestep = timestep[:, None].expand(-1, n)
         h = x.to(device=self.device, dtype=self.dtype)
         if self.position_channels:
-            h = torch.cat([h, self._position_grid(h)], dim=1)
+            h = torch.cat([h, self.position_grid(h)], dim=1)
         out = self.experts[expert](hidden_states=h, timestep=timestep,
                                    encoder_hidden_states=text.to(device=self.device, dtype=self.dtype),
                                    return_dict=False)[0]
         return out.float()
 
-    def _position_grid(self, h: torch.Tensor) -> torch.Tensor:
+    def position_grid(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, P, F, H, W)`` latent coordinates (frame, row, column), each spanning ``[-1, 1]``;
         with ``P = 5`` also frame x row and frame x column, the odd products that tell a motion's
         sign (leftward: the column falls as the frame rises)."""

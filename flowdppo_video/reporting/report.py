@@ -289,7 +289,7 @@ def _klmap_section(run_dir: Path, out: Path) -> str:
     return "\n".join(parts)
 
 
-def _evaluation_table(evals: list[dict[str, Any]]) -> str:
+def evaluation_table(evals: list[dict[str, Any]]) -> str:
     """One row per held-out metric (each once; a composite next to a note of its parts), one
     column per evaluation: as many columns as evaluations, not as metrics, so it fits the page."""
     rewards, parts, composites = held_out_groups(evals)
@@ -340,7 +340,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     if evals:
         plot_evaluation(evals, out / "evaluation.png")
         evaluation = ('<img class="plot" src="evaluation.png" alt="held-out evaluation curves">' +
-                      _evaluation_table(evals) +
+                      evaluation_table(evals) +
                       '<p class="muted">Monitors: artifacts measured from pixels alone (rewards.artifacts; '
                       'docs/rewards.md gives each scale), logged at weight 0 beside the rewards.</p>')
     else:

@@ -44,7 +44,8 @@ class CheckpointError(OSError):
         self.reason = reason or message
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """The process's global random states (torch, Python, NumPy, and CUDA's where there is one)."""
     # The trainer's own streams are seeded per iteration; these global states only matter to
     # code outside it (user rewards drawing random numbers, say). On a GPU that code may draw on
     # the device: its generator (this process's current device, rank 0's) is kept too.
@@ -54,7 +55,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.random.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -88,7 +90,7 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
                 adapter.save_trainable(tmp / "model")
     if par.is_main:
         with _writing(tmp, final):
-            torch.save({"rng": _rng_state()}, tmp / "state.pt")
+            torch.save({"rng": rng_state()}, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({"next_iteration": next_iteration, **extra}, indent=1))
     par.barrier("checkpoint write")
     if par.is_main:
@@ -149,7 +151,7 @@ WHOLE_HASH_BYTES = 1 << 30   # files up to this size are hashed whole
 ENDS_BYTES = 16 << 20        # larger ones (a big model's shards): size, and the hash of both ends
 
 
-def _sha256(path: Path, ends: int = 0) -> str:
+def file_sha256(path: Path, ends: int = 0) -> str:
     """SHA-256 of the file, or of its first and last ``ends`` bytes (a bounded cost per save)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -166,8 +168,8 @@ def _sha256(path: Path, ends: int = 0) -> str:
 def _fingerprint(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     if size <= WHOLE_HASH_BYTES:
-        return {"bytes": size, "sha256": _sha256(path)}
-    return {"bytes": size, "sha256_ends": _sha256(path, ENDS_BYTES), "ends_bytes": ENDS_BYTES}
+        return {"bytes": size, "sha256": file_sha256(path)}
+    return {"bytes": size, "sha256_ends": file_sha256(path, ENDS_BYTES), "ends_bytes": ENDS_BYTES}
 
 
 def write_manifest(folder: Path) -> None:
@@ -197,9 +199,9 @@ def verify_checkpoint(path: Path) -> str | None:
             size = f.stat().st_size
             if size != size_want:
                 return f"{name} has {size} bytes, the manifest says {size_want}"
-            if "sha256" in want and _sha256(f) != want["sha256"]:
+            if "sha256" in want and file_sha256(f) != want["sha256"]:
                 return f"{name} does not match its SHA-256 in the manifest"
-            if "sha256_ends" in want and _sha256(f, int(want["ends_bytes"])) != want["sha256_ends"]:
+            if "sha256_ends" in want and file_sha256(f, int(want["ends_bytes"])) != want["sha256_ends"]:
                 return f"{name} does not match the SHA-256 of its ends in the manifest"
         except OSError as e:
             return f"{name} is unreadable ({e.strerror or type(e).__name__})"
@@ -312,7 +314,7 @@ def load_checkpoint(path: Path, adapter: VideoFlowAdapter, updater: Updater | No
             updater.load(path)
         with _reading(path / "state.pt"):
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
     return meta
 
 
