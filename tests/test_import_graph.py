@@ -203,3 +203,20 @@ def test_at_most_twelve_top_level_modules():
     assert len(top) <= 12, top
     assert {"sde.py", "objectives.py", "advantages.py", "__main__.py"} <= set(top)   # the paths users write
     assert sys.modules.get("flowdppo_video.errors") is None
+
+
+def test_tests_go_through_public_names_and_share_helpers_through_conftest():
+    """A test imports no private name of the packages and no other test module: shared helpers
+    live in ``conftest.py`` (or a helper module whose name does not start with ``test_``)."""
+    bad = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            mod = node.module or ""
+            if node.level and mod.split(".")[0].startswith("test_"):
+                bad.append(f"{path.name}:{node.lineno} imports the test module {mod}")
+            if not node.level and mod.split(".")[0] in PACKAGES:
+                bad += [f"{path.name}:{node.lineno} imports {mod}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)
