@@ -48,6 +48,15 @@ class RunConfig:
     allow_foreign_files: bool = False     # start a new run in a folder holding files no run wrote (they stay;
                                           # a config.yaml there is replaced); false: such a folder is refused
 
+    def validate(self) -> None:
+        """The ``run`` section's own rules (one-line :class:`ConfigError` naming the key)."""
+        _at_least_one(("run.iterations", self.iterations), ("run.checkpoint_every", self.checkpoint_every),
+                      ("run.keep_checkpoints", self.keep_checkpoints),
+                      ("run.max_nonfinite_in_row", self.max_nonfinite_in_row))
+        _check_seed("run.seed", self.seed)
+        _positive(("run.sample_every", self.sample_every))
+        _non_negative(("run.num_sample_videos", self.num_sample_videos), ("run.report_every", self.report_every))
+
 
 @dataclass
 class LoraConfig:
@@ -55,6 +64,12 @@ class LoraConfig:
     alpha: float | None = None            # LoRA alpha (default: rank)
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init_seed: int = 0                    # seed for the adapters' initial weights
+
+    def validate(self) -> None:
+        """The ``model.lora`` section's own rules."""
+        _check_seed("model.lora.init_seed", self.init_seed)
+        if self.rank < 0:
+            raise ConfigError(f"model.lora.rank must be >= 0, got {self.rank}")
 
 
 @dataclass
@@ -87,6 +102,26 @@ class ModelConfig:
     attention_backend: str = "native"
     compile: bool = False                 # torch.compile each repeated transformer block (regional)
 
+    def validate(self) -> None:
+        """The ``model`` section's own rules (its ``lora`` included)."""
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_seed("model.init_seed", self.init_seed)
+        if self.path is None and self.init is None:
+            raise ConfigError("model.path is not set: give a local diffusers-format directory "
+                              "(or model.init to build a random model)")
+        if self.path is not None and self.init is not None:
+            raise ConfigError("set only one of model.path and model.init")
+        te = self.train_experts
+        if te is not None:
+            if not te or len(set(te)) != len(te) or not set(te) <= {"high", "low"}:
+                raise ConfigError(f"model.train_experts must be a non-empty list of distinct 'high' and 'low', got {te}")
+        bb = self.base_below
+        if bb is not None and not 0.0 < bb < 1.0:        # the typed loader has refused a non-number
+            raise ConfigError(f"model.base_below must be a sigma in (0, 1) or null, got {bb!r}")
+        if self.embedded_guidance is not None and not self.embedded_guidance > 0:
+            raise ConfigError(f"model.embedded_guidance must be > 0, got {self.embedded_guidance}")
+        self.lora.validate()
+
 
 @dataclass
 class DataConfig:
@@ -99,6 +134,13 @@ class DataConfig:
     # or a list of paths (see flowdppo_video/runs/images.py).
     images: str | list[str] | None = None
 
+    def validate(self) -> None:
+        """The ``data`` section's own rules."""
+        _at_least_one(("data.prompts_per_iteration", self.prompts_per_iteration))
+        if self.group_size < 2:     # advantages are relative to the group: one video has nothing to compare
+            raise ConfigError(f"data.group_size must be >= 2 (a group needs two videos to compare; with one, every "
+                              f"advantage is zero and nothing trains), got {self.group_size}")
+
 
 @dataclass
 class VideoConfig:
@@ -107,6 +149,11 @@ class VideoConfig:
     width: int = 64                       # pixels
     fps: float = 8.0                      # frame rate: of written videos, of the rewards' time axis, and the
                                           # family's when it conditions on one (adapter.frame_rate)
+
+    def validate(self) -> None:
+        """The ``video`` section's own rules."""
+        _at_least_one(("video.num_frames", self.num_frames), ("video.height", self.height), ("video.width", self.width))
+        _positive(("video.fps", self.fps))
 
 
 @dataclass
@@ -121,6 +168,27 @@ class SamplerConfig:
     window: list[float] = field(default_factory=lambda: [0.0, 0.5])  # schedule fraction they come from
     batch_size: int = 0                   # videos per transformer call in the rollout (0 = all)
     cfg_batch: str = "auto"               # CFG rows: "joint" (one 2B call), "split" (two B calls), "auto"
+
+    def validate(self) -> None:
+        """The ``sampler`` section's own rules, the SDE steps against the window's candidates included."""
+        _check_choice("sampler.kind", self.kind, ("flow_sde", "cps"))
+        _check_choice("sampler.cfg_batch", self.cfg_batch, ("auto", "joint", "split"))
+        _at_least_one(("sampler.num_steps", self.num_steps), ("sampler.sde_steps", self.sde_steps))
+        if len(self.window) != 2:
+            raise ConfigError(f"sampler.window must be [start, end], got {self.window}")
+        if self.eta <= 0:
+            raise ConfigError(f"sampler.eta must be > 0 (SDE steps need noise), got {self.eta}")
+        _positive(("sampler.shift", self.shift))
+        _non_negative(("sampler.batch_size", self.batch_size))
+        if self.kind == "cps" and self.eta > 1:
+            raise ConfigError(f"sampler.eta={self.eta} > 1 is meaningless for cps (std = sigma' sin(eta pi/2))")
+        try:
+            n = len(sde_candidates(self.num_steps, tuple(self.window), self.kind))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.sde_steps > n:
+            raise ConfigError(f"sampler.sde_steps={self.sde_steps} exceeds the {n} candidate steps in "
+                              f"sampler.window {self.window} of {self.num_steps} steps")
 
 
 @dataclass
@@ -141,12 +209,27 @@ class ObjectiveConfig:
     beta: float = 0.0                     # weight of KL to the reference (base) model
     options: dict[str, Any] = field(default_factory=dict)  # keys of a registered objective of your own
 
+    def validate(self) -> None:
+        """The objective's registry checks its section: the kind, then the kind's own keys."""
+        try:
+            check_objective_section(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _positive(("objective.clip_range", self.clip_range))
+        _non_negative(("objective.beta", self.beta), ("objective.delta", self.delta))
+
 
 @dataclass
 class AdvantageConfig:
     aggregation: str = "sum"              # "sum" (weighted sum, then group norm) or "gdpo"
     std: str = "group"                    # normalise by the group's std or the batch's
     clip: float = 5.0                     # advantages clipped to [-clip, clip]
+
+    def validate(self) -> None:
+        """The ``advantages`` section's own rules."""
+        _check_choice("advantages.aggregation", self.aggregation, ("sum", "gdpo"))
+        _check_choice("advantages.std", self.std, ("group", "batch"))
+        _positive(("advantages.clip", self.clip))
 
 
 @dataclass
@@ -158,6 +241,18 @@ class OptimConfig:
     grad_clip: float = 1.0                # max gradient norm (0 = off)
     inner_epochs: int = 1                 # passes over each rollout batch
     minibatch_size: int = 4               # videos per optimizer step
+
+    def validate(self) -> None:
+        """The ``optim`` section's own rules."""
+        _at_least_one(("optim.minibatch_size", self.minibatch_size), ("optim.inner_epochs", self.inner_epochs))
+        _positive(("optim.lr", self.lr))
+        _non_negative(("optim.grad_clip", self.grad_clip))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -174,6 +269,19 @@ class EvalConfig:
     # as monitor/<name>/mean and /std: None = all of rewards.artifacts.DEFAULT_MONITORS, [] = none.
     monitors: list[str] | None = None
     monitor_period: int | None = None     # patch_grid's period in px; None = the model's VAE stride x patch
+
+    def validate(self) -> None:
+        """The ``eval`` section's own rules (its rewards parsed, its monitors known)."""
+        _at_least_one(("eval.every", self.every), ("eval.samples_per_prompt", self.samples_per_prompt))
+        _check_seed("eval.seed", self.seed)
+        _non_negative(("eval.num_videos", self.num_videos))
+        if self.images is not None and self.prompts is None:
+            raise ConfigError("eval.images is set but eval.prompts is not (one image per held-out prompt)")
+        try:
+            parse_reward_specs(self.rewards, "eval.rewards")
+        except RewardError as e:
+            raise ConfigError(str(e)) from None
+        _check_monitors(self.monitors, self.monitor_period)
 
 
 @dataclass
@@ -193,6 +301,23 @@ class ParallelConfig:
     backend: str = "auto"                 # process-group backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo
     timeout_s: float = 600.0              # a collective waiting longer than this ends the job with an error
 
+    def validate(self) -> None:
+        """The ``parallel`` section's own rules."""
+        _check_choice("parallel.rollout_gather", self.rollout_gather, ("layer", "full"))
+        _check_choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.sequence_parallel < 1:
+            raise ConfigError(f"parallel.sequence_parallel must be >= 1, got {self.sequence_parallel}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage 1, 2 or 3")
+        if self.zero_persistence_threshold < 0:
+            raise ConfigError(f"parallel.zero_persistence_threshold must be >= 0, got {self.zero_persistence_threshold}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")
+
 
 @dataclass
 class Config:
@@ -209,114 +334,20 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
+        """Every section's own rules (each section's ``validate``), then the rules across sections.
+        The first broken rule is a one-line :class:`ConfigError` naming its key."""
         # Before any range check: NaN compares false both ways, so `nan > 0` style checks would
         # name the wrong rule (or none), and an inf passes every `> 0`.
         _check_finite("", dataclasses.asdict(self))
-        _check_choice("sampler.kind", self.sampler.kind, ("flow_sde", "cps"))
-        _check_choice("sampler.cfg_batch", self.sampler.cfg_batch, ("auto", "joint", "split"))
-        try:   # the objective's registry validates its section: the kind, then the kind's own keys
-            check_objective_section(self.objective)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        _check_choice("advantages.aggregation", self.advantages.aggregation, ("sum", "gdpo"))
-        _check_choice("advantages.std", self.advantages.std, ("group", "batch"))
-        _check_choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
-        par = self.parallel
-        _check_choice("parallel.rollout_gather", par.rollout_gather, ("layer", "full"))
-        _check_choice("parallel.backend", par.backend, ("auto", "nccl", "gloo"))
-        if par.sequence_parallel < 1:
-            raise ConfigError(f"parallel.sequence_parallel must be >= 1, got {par.sequence_parallel}")
-        if par.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}")
-        if par.offload_params and par.zero_stage != 3:
-            raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
-        if par.offload_optimizer and par.zero_stage == 0:
-            raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage 1, 2 or 3")
-        if par.zero_persistence_threshold < 0:
-            raise ConfigError(f"parallel.zero_persistence_threshold must be >= 0, got {par.zero_persistence_threshold}")
-        if not par.timeout_s > 0:
-            raise ConfigError(f"parallel.timeout_s must be > 0, got {par.timeout_s}")
-        for key, value in [("run.iterations", self.run.iterations),
-                           ("data.prompts_per_iteration", self.data.prompts_per_iteration),
-                           ("optim.minibatch_size", self.optim.minibatch_size),
-                           ("optim.inner_epochs", self.optim.inner_epochs),
-                           ("sampler.num_steps", self.sampler.num_steps),
-                           ("sampler.sde_steps", self.sampler.sde_steps),
-                           ("run.checkpoint_every", self.run.checkpoint_every),
-                           ("run.keep_checkpoints", self.run.keep_checkpoints),
-                           ("eval.every", self.eval.every),
-                           ("run.max_nonfinite_in_row", self.run.max_nonfinite_in_row),
-                           ("eval.samples_per_prompt", self.eval.samples_per_prompt),
-                           ("video.num_frames", self.video.num_frames), ("video.height", self.video.height),
-                           ("video.width", self.video.width)]:
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
-        if self.data.group_size < 2:     # advantages are relative to the group: one video has nothing to compare
-            raise ConfigError(f"data.group_size must be >= 2 (a group needs two videos to compare; with one, every "
-                              f"advantage is zero and nothing trains), got {self.data.group_size}")
-        for key, value in [("run.seed", self.run.seed), ("model.init_seed", self.model.init_seed),
-                           ("model.lora.init_seed", self.model.lora.init_seed), ("eval.seed", self.eval.seed)]:
-            if not 0 <= value <= MAX_SEED:   # numpy takes 32-bit seeds; torch's and ours derive from them
-                raise ConfigError(f"{key} must be an integer in [0, {MAX_SEED}], got {value}")
-        if self.model.path is None and self.model.init is None:
-            raise ConfigError("model.path is not set: give a local diffusers-format directory "
-                              "(or model.init to build a random model)")
-        if self.model.path is not None and self.model.init is not None:
-            raise ConfigError("set only one of model.path and model.init")
-        if self.eval.images is not None and self.eval.prompts is None:
-            raise ConfigError("eval.images is set but eval.prompts is not (one image per held-out prompt)")
-        if len(self.sampler.window) != 2:
-            raise ConfigError(f"sampler.window must be [start, end], got {self.sampler.window}")
+        for section in (self.sampler, self.objective, self.advantages, self.model, self.parallel, self.run,
+                        self.data, self.optim, self.eval, self.video):
+            section.validate()
         if not self.rewards:
             raise ConfigError("rewards is empty: name at least one reward, e.g. rewards: {frame_change: 1.0}")
         try:
             parse_reward_specs(self.rewards, "rewards")
-            parse_reward_specs(self.eval.rewards, "eval.rewards")
         except RewardError as e:
             raise ConfigError(str(e)) from None
-        _check_monitors(self.eval.monitors, self.eval.monitor_period)
-        if self.sampler.eta <= 0:
-            raise ConfigError(f"sampler.eta must be > 0 (SDE steps need noise), got {self.sampler.eta}")
-        te = self.model.train_experts
-        if te is not None:
-            if not te or len(set(te)) != len(te) or not set(te) <= {"high", "low"}:
-                raise ConfigError(f"model.train_experts must be a non-empty list of distinct 'high' and 'low', got {te}")
-        bb = self.model.base_below
-        if bb is not None and not 0.0 < bb < 1.0:        # the typed loader has refused a non-number
-            raise ConfigError(f"model.base_below must be a sigma in (0, 1) or null, got {bb!r}")
-        if self.model.embedded_guidance is not None and not self.model.embedded_guidance > 0:
-            raise ConfigError(f"model.embedded_guidance must be > 0, got {self.model.embedded_guidance}")
-        if self.model.lora.rank < 0:
-            raise ConfigError(f"model.lora.rank must be >= 0, got {self.model.lora.rank}")
-        positive = [("run.sample_every", self.run.sample_every), ("video.fps", self.video.fps),
-                    ("sampler.shift", self.sampler.shift), ("optim.lr", self.optim.lr),
-                    ("advantages.clip", self.advantages.clip), ("objective.clip_range", self.objective.clip_range)]
-        non_negative = [("run.num_sample_videos", self.run.num_sample_videos), ("eval.num_videos", self.eval.num_videos),
-                        ("run.report_every", self.run.report_every),
-                        ("sampler.batch_size", self.sampler.batch_size), ("objective.beta", self.objective.beta),
-                        ("objective.delta", self.objective.delta), ("optim.grad_clip", self.optim.grad_clip)]
-        for key, value in positive:
-            if not value > 0:
-                raise ConfigError(f"{key} must be > 0, got {value}")
-        for key, value in non_negative:
-            if not value >= 0:
-                raise ConfigError(f"{key} must be >= 0, got {value}")
-        o = self.optim
-        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-        if not o.eps > 0:
-            raise ConfigError(f"optim.eps must be > 0, got {o.eps}")
-        if not o.weight_decay >= 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-        if self.sampler.kind == "cps" and self.sampler.eta > 1:
-            raise ConfigError(f"sampler.eta={self.sampler.eta} > 1 is meaningless for cps (std = sigma' sin(eta pi/2))")
-        try:
-            n = len(sde_candidates(self.sampler.num_steps, tuple(self.sampler.window), self.sampler.kind))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.sampler.sde_steps > n:
-            raise ConfigError(f"sampler.sde_steps={self.sampler.sde_steps} exceeds the {n} candidate steps in "
-                              f"sampler.window {self.sampler.window} of {self.sampler.num_steps} steps")
         return self
 
 
@@ -348,6 +379,29 @@ def _check_finite(key: str, value: Any) -> None:
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_seed(key: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:   # numpy takes 32-bit seeds; torch's and ours derive from them
+        raise ConfigError(f"{key} must be an integer in [0, {MAX_SEED}], got {value}")
+
+
+def _at_least_one(*pairs: tuple[str, Any]) -> None:
+    for key, value in pairs:
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _positive(*pairs: tuple[str, Any]) -> None:
+    for key, value in pairs:
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _non_negative(*pairs: tuple[str, Any]) -> None:
+    for key, value in pairs:
+        if not value >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
