@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowdppo_video.reporting.run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
-from flowdppo_video.runs.config import Config
+from flowdppo_video.runs.config import Config, ObjectiveConfig
 from flowdppo_video.runs.data import load_prompts, prompts_for_iteration
 from flowdppo_video.runs.fsio import check_output_dir, naming
 from flowdppo_video.runs.images import run_images
@@ -107,7 +107,7 @@ class Trainer:
         _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
         self.updater = build_updater(self.adapter, cfg, self.par)
         self.perf = Throughput(self.adapter, cfg, self.device, self.latent_shape)
-        self.policy_update = PolicyUpdate(self.adapter, cfg, self.par, self.updater, self.device,
+        self.policy_update = PolicyUpdate(self.adapter, cfg.objective, cfg.optim, cfg.run, self.par, self.updater, self.device,
                                           self.elements_per_token)
         # The global generators, for code outside the trainer's own seeded streams (a user's reward
         # drawing random numbers): seeded here, after the model's own init seeds, and restored
@@ -264,7 +264,7 @@ class Trainer:
             warn_nonfinite(f"iteration {it}", nonfinite, traj.batch_size, "videos/nonfinite")
         return Batch(traj, adv, scores, extras, weights, adv_stats, nonfinite, share, t1 - t0, time.perf_counter() - t1)
 
-    def set_objective(self, section: Any) -> None:
+    def set_objective(self, section: ObjectiveConfig) -> None:
         """Update with the objective of ``section`` (an ``objective`` config section) from now on,
         with a fresh optimizer: the public way for tools to compare objectives on one trainer."""
         self.cfg = dataclasses.replace(self.cfg, objective=section)

@@ -21,6 +21,7 @@ from typing import Any
 
 import PIL.Image
 
+from .config import Config
 from .data import DataError, load_prompts
 from .resources import resolve
 
@@ -110,10 +111,10 @@ def run_images(data_prompts: str | list[str], data_images: str | list[str] | Non
     return out
 
 
-def attach_images(adapter: Any, images: dict[str, Path] | None, cfg: Any) -> None:
+def attach_images(adapter: Any, images: dict[str, Path] | None, cfg: Config) -> None:
     """Hand a run's images (:func:`run_images`) to ``adapter``, or say in one line why not.
 
-    ``cfg`` is the run :class:`~flowdppo_video.runs.config.Config` (family, video size, which keys are set).
+    ``cfg`` is the whole run config: the family, the video size and which of ``data``/``eval`` set images.
     """
     family = cfg.model.family
     if not adapter.takes_images:
@@ -131,6 +132,6 @@ def attach_images(adapter: Any, images: dict[str, Path] | None, cfg: Any) -> Non
     adapter.set_images(images or {}, v.num_frames, v.height, v.width)
 
 
-def load_run_images(adapter: Any, cfg: Any) -> None:
+def load_run_images(adapter: Any, cfg: Config) -> None:
     """:func:`run_images` of ``cfg`` handed to ``adapter`` (:func:`attach_images`) in one call."""
     attach_images(adapter, run_images(cfg.data.prompts, cfg.data.images, cfg.eval.prompts, cfg.eval.images), cfg)

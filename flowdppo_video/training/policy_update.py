@@ -9,7 +9,6 @@ of terms the trust region froze is logged over all minibatches, over the off-pol
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,10 @@ from tqdm.auto import tqdm
 from flowdppo_video import objectives, sde
 from flowdppo_video.exceptions import TrainingError
 from flowdppo_video.objectives import ObjectiveOutput, PolicyObjective, check_section
+from flowdppo_video.models.base import VideoFlowAdapter
 from flowdppo_video.parallel.groups import ParallelState
+from flowdppo_video.parallel.updaters import Updater
+from flowdppo_video.runs.config import ObjectiveConfig, OptimConfig, RunConfig
 from flowdppo_video.runs.seeding import derive_seed
 
 from .rollout import Trajectory, step_mean
@@ -83,17 +85,19 @@ class PolicyUpdate:
     """Replays and updates; built once per run. ``nonfinite_in_row`` carries over iterations (and
     checkpoints): ``run.max_nonfinite_in_row`` skipped optimizer steps in a row stop the run."""
 
-    def __init__(self, adapter: Any, cfg: Any, par: ParallelState, updater: Any, device: torch.device,
-                 elements_per_token: int) -> None:
-        self.adapter, self.cfg, self.par, self.updater, self.device = adapter, cfg, par, updater, device
-        self.objective = PolicyObjective.from_config(cfg.objective, elements_per_token)
+    def __init__(self, adapter: VideoFlowAdapter, objective: ObjectiveConfig, optim: OptimConfig, run: RunConfig,
+                 par: ParallelState, updater: Updater, device: torch.device, elements_per_token: int) -> None:
+        self.adapter, self.par, self.updater, self.device = adapter, par, updater, device
+        self.optim, self.run = optim, run           # its sections of the run config: passes, minibatches, seed
+        self.section = objective
+        self.objective = PolicyObjective.from_config(objective, elements_per_token)
         self.nonfinite_in_row = 0
 
-    def set_objective(self, section: Any) -> None:
+    def set_objective(self, section: ObjectiveConfig) -> None:
         """Use the objective of ``section`` (an ``objective`` config section, validated here) from
         the next update on: the public way for a tool to compare objectives on one trainer."""
         check_section(section)
-        self.cfg = dataclasses.replace(self.cfg, objective=section)
+        self.section = section
         self.objective = PolicyObjective.from_config(section, self.objective.elements_per_token)
 
     def replay_step(self, mb: Trajectory, j: int, advantages: torch.Tensor
@@ -103,7 +107,7 @@ class PolicyUpdate:
 
         Returns ``(output, token_kl, token_log_ratio)``, the last two ``(b, N)`` and detached.
         """
-        dev, patch, beta = self.device, self.adapter.patch_size, self.cfg.objective.beta
+        dev, patch, beta = self.device, self.adapter.patch_size, self.section.beta
         std = mb.stds[:, j].to(dev)
         x_next, mean_old = mb.next_latents[:, j].to(dev), mb.means[:, j].to(dev)
         mean = step_mean(self.adapter, mb, j)
@@ -125,13 +129,13 @@ class PolicyUpdate:
         """``inner_epochs`` passes of shuffled minibatches over ``traj``'s SDE steps with
         advantages ``(B,)``. Returns the iteration's update metrics and, if ``snapshot``, the
         token-KL snapshot of its last minibatch (after the others' steps)."""
-        cfg, par, upd = self.cfg, self.par, self.updater
-        epochs, size = cfg.optim.inner_epochs, cfg.optim.minibatch_size
-        gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, it, 1))
+        run, par, upd = self.run, self.par, self.updater
+        epochs, size = self.optim.inner_epochs, self.optim.minibatch_size
+        gen = torch.Generator().manual_seed(derive_seed(run.seed, it, 1))
         acc, n_steps, skipped = RunningStats(), traj.num_sde_steps, 0
         first_max_abs_log: float | None = None
         n_mb = math.ceil(traj.batch_size / size) * epochs
-        bar = tqdm(total=n_mb, desc="update", leave=False, disable=not (cfg.run.progress and par.is_main))
+        bar = tqdm(total=n_mb, desc="update", leave=False, disable=not (run.progress and par.is_main))
         snap: list[tuple[torch.Tensor, torch.Tensor]] = []
         mb_i, stepped_once = -1, False
         for epoch in range(epochs):
@@ -170,10 +174,10 @@ class PolicyUpdate:
                     upd.zero_grad()
                     skipped += 1
                     self.nonfinite_in_row += 1
-                    if self.nonfinite_in_row >= cfg.run.max_nonfinite_in_row:
+                    if self.nonfinite_in_row >= run.max_nonfinite_in_row:
                         raise TrainingError(
                             f"non-finite loss or gradient in {self.nonfinite_in_row} optimizer steps in a row "
-                            f"(iteration {it}; run.max_nonfinite_in_row={cfg.run.max_nonfinite_in_row}); "
+                            f"(iteration {it}; run.max_nonfinite_in_row={run.max_nonfinite_in_row}); "
                             f"stopped, checkpoints and metrics up to the previous iteration are kept")
                 bar.update(1)
         bar.close()
@@ -200,7 +204,7 @@ class PolicyUpdate:
                "mask/offpolicy_drop_frac_pos": f("offpolicy_dropped_pos", "offpolicy_terms_pos"),
                "mask/offpolicy_drop_frac_neg": f("offpolicy_dropped_neg", "offpolicy_terms_neg"),
                "mask/drop_frac_by_epoch": [f(f"epoch{e}_dropped", f"epoch{e}_terms")
-                                           for e in range(self.cfg.optim.inner_epochs)],
+                                           for e in range(self.optim.inner_epochs)],
                "ratio/first_max_abs_log": first_max_abs_log if first_max_abs_log is not None else float("nan"),
                "nonfinite_skipped": skipped}
         if "clip_frac" in acc.sums:
