@@ -10,7 +10,7 @@ import torch
 from flowdppo_video import sde
 from flowdppo_video.models.base import VideoFlowAdapter
 from flowdppo_video.runs.config import SamplerConfig
-from flowdppo_video.runs.video import read_video, write_video
+from flowdppo_video.runs.video import read_audio, read_video, write_video
 from rewards import score_videos
 
 from .monitors import monitor_means, score_monitors
@@ -32,7 +32,8 @@ def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> t
             with adapter.reference():
                 mean_base = step_mean(adapter, part, j)
             kl = sde.token_kl(mean_base, part.means[:, j].to(mean_base.device),
-                              part.stds[:, j].to(mean_base.device), adapter.patch_size)
+                              part.stds[:, j].to(mean_base.device),
+                              adapter.token_map(tuple(part.latents.shape[2:])))
             out[i:i + part.batch_size] += kl.mean(dim=1).cpu() / traj.num_sde_steps
     return out
 
@@ -76,5 +77,8 @@ def write_side_by_side(before_dir: Path, after_dir: Path, out_dir: Path, fps: fl
         a, b = _upscale(read_video(before)), _upscale(read_video(after))
         n = min(len(a), len(b))
         divider = np.full((n, a.shape[1], 4, 3), 255, dtype=np.uint8)
-        written.append(write_video(out_dir / before.name, np.concatenate([a[:n], divider, b[:n]], axis=2), fps))
+        # One sound track: the tuned model's (right), where the videos have sound.
+        audio = read_audio(after)
+        written.append(write_video(out_dir / before.name, np.concatenate([a[:n], divider, b[:n]], axis=2), fps,
+                                   *(audio if audio is not None else (None, None))))
     return written
