@@ -32,7 +32,7 @@ from flowdppo_video.training.metrics import import_wandb, read_metrics, truncate
 from flowdppo_video.training.monitors import build_monitors
 from flowdppo_video.training.perf import Throughput
 from flowdppo_video.training.policy_update import PolicyUpdate, objective_elements
-from flowdppo_video.training.rollout import Trajectory, rollout
+from flowdppo_video.training.rollout import Trajectory, reward_audio, rollout
 from flowdppo_video.training.run_builder import build_model, keeps_reference
 from rewards import build_rewards, reward_weights, score_videos
 
@@ -247,7 +247,8 @@ class Trainer:
                            rows=slice(par.dp_rank * share, (par.dp_rank + 1) * share))
         t1 = time.perf_counter()
         nonfinite = nonfinite_rows(traj.final)        # before the gather: each rank counts its own
-        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts, fps=cfg.video.fps)
+        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts, fps=cfg.video.fps,
+                                      audio=reward_audio(traj))
         if par.dp > 1:
             # Advantages are over the whole batch's groups: gather every DP rank's rows (in order).
             parts = par.all_gather_objects((traj, scores, extras), par.dp_group, "gathering rollouts and rewards")

@@ -14,7 +14,7 @@ from flowdppo_video.runs.video import read_audio, read_video, write_video
 from rewards import score_videos
 
 from .monitors import monitor_means, score_monitors
-from .rollout import Trajectory, rollout, step_mean
+from .rollout import Trajectory, reward_audio, rollout, step_mean
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: 
     """
     traj = rollout(adapter, prompts, samples_per_prompt, latent_shape, sampler,
                    torch.Generator().manual_seed(seed), negative_prompt=negative_prompt, progress=False)
-    scores, extras = score_videos(rewards, traj.videos, traj.prompts, fps=fps)
+    scores, extras = score_videos(rewards, traj.videos, traj.prompts, fps=fps, audio=reward_audio(traj))
     out = {f"eval/{n}/mean": s.mean().item() for n, s in scores.items()}
     out.update({f"eval/{n}/mean": s.float().mean().item() for n, s in extras.items()})
     out.update(monitor_means(score_monitors(monitors or {}, traj.videos, traj.prompts, fps=fps)))

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from flowdppo_video import sde
 from flowdppo_video.models.base import ModelError, Text, VideoFlowAdapter, cat_text
 from flowdppo_video.runs.config import SamplerConfig
+from rewards import Audio
 
 
 def guided_velocity(adapter: VideoFlowAdapter, x: torch.Tensor, sigma: torch.Tensor, text: Text,
@@ -141,6 +142,11 @@ class Trajectory:
             else:                                   # per-step data and settings: the same on every part
                 out[f.name] = vals[0]
         return Trajectory(**out)
+
+
+def reward_audio(traj: Trajectory) -> Audio | None:
+    """The rollout's sound as the rewards take it (None: a silent family)."""
+    return None if traj.audio is None else Audio(traj.audio, int(traj.audio_rate))
 
 
 def sound(traj: Trajectory, i: int) -> dict:
