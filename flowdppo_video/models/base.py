@@ -277,6 +277,9 @@ class VideoFlowAdapter(abc.ABC):
         """Frozen copies of the trained experts kept as the reference (full fine-tuning with
         ``keep_reference``), by expert index; empty under LoRA, whose reference is the base itself."""
 
+    # A family without a sequence-parallel plan says why in one line (the error parallel/ raises).
+    sequence_parallel_refusal: str | None = None
+
     def sequence_parallel_plan(self, transformer: torch.nn.Module) -> "SequenceParallelPlan | None":
         """Where Ulysses sequence parallelism cuts ``transformer`` (one of :attr:`experts` or of
         :meth:`reference_copies`): the family spec's plan; ``None``: the family does not support it.

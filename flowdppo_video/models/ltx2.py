@@ -38,8 +38,10 @@ from flowdppo_video.runs.config import ModelConfig
 
 from .. import sde
 from ._training import TrainableExperts
+from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import ModelError, TextBatch, VideoFlowAdapter, cat_text, init_parts
 from .common import DTYPES, built_in, check_pipeline_folders
+from .memory import read_part_configs
 from .registry import FamilySpec, register
 from .tokenizers import byte_tokenizer
 
@@ -126,6 +128,12 @@ class LTX2Adapter(TrainableExperts, VideoFlowAdapter):
     FAMILY = "ltx2"
     has_audio = True
     masks_attention = True
+    # Why parallel.sequence_parallel > 1 is refused (no plan yet), in one line.
+    sequence_parallel_refusal = (
+        "LTX-2 has no sequence-parallel plan yet: its video tokens could be sharded, but its audio stream is short "
+        "(25 tokens a second) and replicated, and the video-to-audio cross-attention of every block reads all the "
+        "video tokens as keys, which this installer cannot gather; set parallel.sequence_parallel=1 (data parallel "
+        "with ZeRO-3 shards the 19B transformer)")
     TEXT_ENCODERS = ("text_encoder", "connectors")
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, audio_vae: torch.nn.Module,
@@ -383,12 +391,77 @@ def build(cfg: ModelConfig, path: str | None, device: torch.device) -> LTX2Adapt
                                    max_sequence_length=cfg.max_sequence_length, seed=cfg.init_seed)
 
 
+def init_from_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """``model.init`` of a folder of ``<part>/config.json`` files (configs/model_shapes/ltx2_19b)."""
+    return read_part_configs(folder, ("transformer", "vae", "audio_vae", "vocoder", "text_encoder", "connectors"),
+                             {"text_encoder": ("model_type",)})
+
+
+def _attention(a: Any, lin: Linears, s: int, d_q: int, d_kv: int, heads: int, self_attn: bool
+               ) -> tuple[float, float]:
+    """Saved bytes of one ``LTX2Attention`` per query token and per key token (0 for self-attention,
+    whose keys are the queries): q/k/v inputs, the q/k RMS norms across heads, fused attention
+    (q, k, v, out, log-sum-exp) and the output projection."""
+    inner = int(a.to_q.out_features)
+    if self_attn:
+        q = lin.saved([a.to_q, a.to_k, a.to_v], d_q) + rms(a.norm_q, s, inner) + rms(a.norm_k, s, inner)
+        return q + 4 * s * inner + F32 * heads + lin.saved([a.to_out[0]], inner, counted=True), 0.0
+    q = lin.saved([a.to_q], d_q) + rms(a.norm_q, s, inner) + 2 * s * inner + F32 * heads
+    q += lin.saved([a.to_out[0]], inner, counted=True)
+    kv = lin.saved([a.to_k, a.to_v], d_kv, counted=False) + rms(a.norm_k, s, inner) + 2 * s * inner
+    return q, kv
+
+
+def activation_profile(t: torch.nn.Module, s: int) -> ActivationProfile:
+    """Saved-for-backward bytes of an ``LTX2VideoTransformer3DModel`` (the terms of
+    :mod:`flowdppo_video.models.memory`'s docstring), per video token (``per_token``), per audio
+    token (``per_token_2``) and per text token. Each block, per stream: RMSNorm + self-attention,
+    RMSNorm + text cross-attention, RMSNorm + cross-modal attention (video queries over audio keys,
+    audio queries over video keys), RMSNorm + GELU feed-forward; modulation and gates save their
+    inputs only when they train. Built from the block's modules like the other families' profiles,
+    not yet checked tensor by tensor (tests/test_planner.py does that for Wan and HunyuanVideo)."""
+    c = t.config
+    H, Ha = int(c.num_attention_heads), int(c.audio_num_attention_heads)
+    D, Da = H * int(c.attention_head_dim), Ha * int(c.audio_attention_head_dim)
+    blk = t.transformer_blocks[0]
+    lin = Linears(s)
+    full = trains(blk) and blk.scale_shift_table.requires_grad
+    mod = s if full else 0
+
+    def stream(d: int, heads: int, self_a: Any, text_a: Any, cross_a: Any, d_other: int, ff: Any
+               ) -> tuple[float, float, float]:
+        """Bytes per token of this stream, per text token, per token of the other stream."""
+        fw = int(ff.net[0].proj.out_features)
+        tok = 4 * (s * d + 4) + 4 * mod * d                                # four RMSNorms, modulation, gates
+        tok += _attention(self_a, lin, s, d, d, heads, True)[0]
+        q, kv_text = _attention(text_a, lin, s, d, int(text_a.to_k.in_features), heads, False)
+        tok += q
+        q, kv_other = _attention(cross_a, lin, s, d, d_other, heads, False)
+        tok += q
+        tok += lin.saved([ff.net[0].proj], d) + s * fw + lin.saved([ff.net[2]], fw)
+        return tok, kv_text, kv_other
+
+    v_tok, v_txt, v_from_a = stream(D, H, blk.attn1, blk.attn2, blk.audio_to_video_attn, Da, blk.ff)
+    a_tok, a_txt, a_from_v = stream(Da, Ha, blk.audio_attn1, blk.audio_attn2, blk.video_to_audio_attn, D,
+                                    blk.audio_ff)
+    # The cross-modal keys and values are the other stream's tokens: counted per token of that stream.
+    per_block = BlockBytes(v_tok + a_from_v, v_txt + a_txt, 0.0, a_tok + v_from_a)
+    n = len(t.transformer_blocks)
+    inputs = BlockBytes(s * D * n, 0.0, 0.0, s * Da * n)
+    out = BlockBytes(s * D + 8 + Linears(s).saved([t.proj_out], D), 0.0, 0.0,
+                     s * Da + 8 + Linears(s).saved([t.audio_proj_out], Da))
+    fw, fwa = int(blk.ff.net[0].proj.out_features), int(blk.audio_ff.net[0].proj.out_features)
+    live = BlockBytes(s * D + 2 * F32 * D + max(5 * s * D, s * D + 2 * s * fw), 2 * s * max(D, Da), 0.0,
+                      s * Da + 2 * F32 * Da + max(5 * s * Da, s * Da + 2 * s * fwa))
+    return ActivationProfile(per_block.scale(n), per_block, inputs, out, live, H)
+
+
 def text_tokens(adapter: VideoFlowAdapter) -> int:
     """Text tokens each video (and audio) token attends to: the prompt's Gemma tokens."""
     return int(adapter.max_sequence_length)
 
 
 register(FamilySpec(name="ltx2", pipeline="LTX2Pipeline", adapter=LTX2Adapter, build=build, tiny_init=TINY_INIT,
-                    text_tokens=text_tokens,
+                    text_tokens=text_tokens, activation_profile=activation_profile, init_from_folder=init_from_folder,
                     unsupported_pipelines={"LTX2ImageToVideoPipeline": "image-to-video with audio",
                                            "LTX2ConditionPipeline": "conditioned video with audio"}))
