@@ -24,14 +24,27 @@ def _check(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Ten
         raise ValueError(f"advantages must be ({logp_new.shape[0]},), got {tuple(advantages.shape)}")
 
 
-def _row_means(log_ratio: torch.Tensor, kl: torch.Tensor, elements_per_token: int
+def _row_elements(tokens: int, elements_per_token: "int | torch.Tensor") -> "float | torch.Tensor":
+    """Latent elements of a row of ``tokens`` tokens (``D`` one int, or ``(N,)`` per token)."""
+    if isinstance(elements_per_token, torch.Tensor):
+        return elements_per_token.sum()
+    return tokens * elements_per_token
+
+
+def _row_means(log_ratio: torch.Tensor, kl: torch.Tensor, elements_per_token: "int | torch.Tensor"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row log-ratio and KL, each the mean over all latent elements of the row: ``(B, 1)``."""
-    n_el = log_ratio.shape[1] * elements_per_token
+    n_el = _row_elements(log_ratio.shape[1], elements_per_token)
     return log_ratio.sum(dim=1, keepdim=True) / n_el, kl.sum(dim=1, keepdim=True) / n_el
 
 
-def _check_elements(elements_per_token: int | None) -> int:
+def _check_elements(elements_per_token: "int | torch.Tensor | None") -> "int | torch.Tensor":
+    """``D``: a positive int, or a ``(N,)`` tensor of each token's ``D`` (a latent of several token
+    streams, :class:`flowdppo_video.sde.TokenStreams`), float32."""
+    if isinstance(elements_per_token, torch.Tensor):
+        if elements_per_token.ndim != 1 or not bool((elements_per_token >= 1).all()):
+            raise ValueError("elements_per_token as a tensor must be (N,) with every token's D >= 1")
+        return elements_per_token.float()
     if elements_per_token is None or isinstance(elements_per_token, bool) or elements_per_token < 1:
         raise ValueError(f"elements_per_token (D = C*pt*ph*pw) must be a positive integer, got {elements_per_token!r}: "
                          "delta is in nats per latent element for every granularity")
@@ -94,7 +107,7 @@ def trust_region_mask(kind: str, log_ratio: torch.Tensor, kl: torch.Tensor, adva
         raise ValueError(f"unknown objective kind {kind!r}")
     if granularity == "sample":
         return dppo_drop_mask(row_log_ratio, row_kl, adv, delta).expand_as(log_ratio)
-    token = dppo_drop_mask(log_ratio, kl / d, adv, delta)
+    token = dppo_drop_mask(log_ratio, kl / (d.to(kl.device) if isinstance(d, torch.Tensor) else d), adv, delta)
     if granularity == "token":
         return token
     if granularity == "row_gated":
@@ -214,7 +227,7 @@ def _grpo_clip(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """:func:`grpo_clip_loss` and its frozen rows ``(B, 1)``."""
     _check(logp_new, logp_old, advantages)
-    n_el = logp_new.shape[1] * elements_per_token
+    n_el = _row_elements(logp_new.shape[1], _check_elements(elements_per_token))
     log_ratio = (logp_new - logp_old).sum(dim=1) / n_el
     ratio = torch.exp(log_ratio)
     adv = advantages.to(ratio.dtype)

@@ -11,8 +11,9 @@ elements each. Everything here is computed in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from einops import reduce
@@ -74,7 +75,8 @@ def sde_step(kind: str, x: torch.Tensor, v: torch.Tensor, sigma: float | torch.T
             ``sqrt(sigma / (1 - sigma))`` when ``sigma == 1``.
 
     Returns:
-        ``mean`` ``(B, C, F, H, W)`` float32 and ``std`` ``(B,)`` float32.
+        ``mean`` ``(B, C, F, H, W)`` float32 and ``std`` ``(B,)`` float32 (any latent rank works: a
+        flat ``(B, E)`` of :class:`TokenStreams` alike).
     """
     if x.shape != v.shape:
         raise ValueError(f"x {tuple(x.shape)} and v {tuple(v.shape)} must have the same shape")
@@ -105,8 +107,83 @@ def sde_step(kind: str, x: torch.Tensor, v: torch.Tensor, sigma: float | torch.T
     return mean, std
 
 
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One token stream of a multi-stream latent: ``tokens`` tokens of ``elements`` (``D``) latent
+    elements each, laid out as ``grid`` (its token map: ``(F', H', W')`` for video, ``(L,)`` for
+    audio); ``trains``: whether its tokens enter the objective (False: sampled, not trained)."""
+
+    name: str
+    tokens: int
+    elements: int
+    grid: tuple[int, ...]
+    trains: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.elements < 1 or math.prod(self.grid) != self.tokens:
+            raise ValueError(f"stream {self.name!r}: {self.tokens} tokens of {self.elements} elements "
+                             f"do not fit its grid {self.grid}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStreams:
+    """The token map of a latent carried flat, ``(B, E)``: consecutive streams (LTX-2: the video
+    tokens, then the audio tokens), each ``(N_s, D_s)`` row-major (token-major: a token's ``D_s``
+    elements are contiguous), ``E = sum_s N_s D_s``. Used wherever a ``(pt, ph, pw)`` patch is:
+    token ``n`` of the whole latent is token ``n - offset_s`` of its stream ``s``, with that stream's ``D``."""
+
+    streams: tuple[Stream, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.streams)
+
+    @property
+    def elements(self) -> int:
+        return sum(s.tokens * s.elements for s in self.streams)
+
+    def token_elements(self) -> torch.Tensor:
+        """``(N,)`` float32: ``D`` of every token (its stream's)."""
+        return torch.cat([torch.full((s.tokens,), float(s.elements)) for s in self.streams])
+
+    def spans(self) -> dict[str, slice]:
+        """Each stream's tokens as a slice of the ``N`` tokens."""
+        out, start = {}, 0
+        for s in self.streams:
+            out[s.name] = slice(start, start + s.tokens)
+            start += s.tokens
+        return out
+
+    def trained(self) -> torch.Tensor:
+        """``(N,)`` bool: the tokens of streams that train."""
+        return torch.cat([torch.full((s.tokens,), s.trains) for s in self.streams])
+
+    def split(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, E)`` -> one ``(B, N_s, D_s)`` view per stream."""
+        if values.ndim != 2 or values.shape[1] != self.elements:
+            raise ValueError(f"expected a flat latent (B, {self.elements}), got shape {tuple(values.shape)}")
+        parts = values.split([s.tokens * s.elements for s in self.streams], dim=1)
+        return [p.reshape(p.shape[0], s.tokens, s.elements) for p, s in zip(parts, self.streams)]
+
+
+# What the token functions take as ``patch``: a ``(pt, ph, pw)`` patch of a ``(B, C, F, H, W)``
+# latent, or the :class:`TokenStreams` of a flat ``(B, E)`` latent.
+Tokens = Union[tuple[int, int, int], TokenStreams]
+
+
+def element_counts(shape: tuple[int, ...] | torch.Size, patch: Tokens) -> int | torch.Tensor:
+    """``D`` of the tokens: one int for a patch (every token alike), ``(N,)`` for :class:`TokenStreams`."""
+    if isinstance(patch, TokenStreams):
+        if tuple(shape)[1:] != (patch.elements,):
+            raise ValueError(f"latent {tuple(shape)} is not the flat (B, {patch.elements}) of its token streams")
+        return patch.token_elements()
+    return patch_count(shape, patch)[1]
+
+
 def patch_count(shape: tuple[int, ...] | torch.Size, patch: tuple[int, int, int]) -> tuple[int, int]:
     """``(N, D)`` for a latent ``(B, C, F, H, W)`` cut into ``patch = (pt, ph, pw)`` tokens."""
+    if isinstance(patch, TokenStreams):
+        raise ValueError("a latent of several token streams has no single D: use element_counts")
     if len(shape) != 5:
         raise ValueError(f"expected a latent (B, C, F, H, W), got shape {tuple(shape)}")
     _, c, f, h, w = shape
@@ -117,19 +194,21 @@ def patch_count(shape: tuple[int, ...] | torch.Size, patch: tuple[int, int, int]
     return (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw
 
 
-def token_sum(values: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+def token_sum(values: torch.Tensor, patch: Tokens) -> torch.Tensor:
     """Sum ``(B, C, F, H, W)`` element values over each token's patch: ``(B, N)``.
 
-    Tokens are in ``(f, h, w)`` row-major order, as the transformer's patch embedding.
+    Tokens are in ``(f, h, w)`` row-major order, as the transformer's patch embedding. With
+    :class:`TokenStreams`, ``values`` is the flat ``(B, E)`` and each stream's tokens follow the last's.
     """
+    if isinstance(patch, TokenStreams):
+        return torch.cat([v.sum(dim=-1) for v in patch.split(values)], dim=1)
     patch_count(values.shape, patch)
     pt, ph, pw = patch
     # Channels and the positions inside a patch are summed; the token axis is (f', h', w') row-major.
     return reduce(values, "b c (f pt) (h ph) (w pw) -> b (f h w)", "sum", pt=pt, ph=ph, pw=pw)
 
 
-def token_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                   patch: tuple[int, int, int]) -> torch.Tensor:
+def token_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, patch: Tokens) -> torch.Tensor:
     """Per-token Gaussian log-density of ``x_next`` under ``N(mean, std^2 I)``.
 
     ``l_n = -sum_{e in n} (x'_e - mu_e)^2 / (2 s^2) - D (log s + 0.5 log 2 pi)``.
@@ -137,20 +216,22 @@ def token_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     Args:
         x_next, mean: ``(B, C, F, H, W)``.
         std: ``(B,)``, positive.
-        patch: ``(pt, ph, pw)``.
+        patch: ``(pt, ph, pw)``, or the :class:`TokenStreams` of a flat ``(B, E)`` latent (each
+            token's ``D`` is its stream's).
     Returns:
         ``(B, N)`` float32.
     """
     if x_next.shape != mean.shape:
         raise ValueError(f"x_next {tuple(x_next.shape)} and mean {tuple(mean.shape)} differ in shape")
-    _, d = patch_count(mean.shape, patch)
+    d = element_counts(mean.shape, patch)
+    if isinstance(d, torch.Tensor):
+        d = d.to(mean.device)[None, :]
     s = std.float()
     sq = token_sum((x_next.float() - mean.float()).square(), patch)
     return -sq / (2.0 * s.square()[:, None]) - d * (torch.log(s)[:, None] + _LOG_SQRT_2PI)
 
 
-def token_kl(mean_new: torch.Tensor, mean_old: torch.Tensor, std: torch.Tensor,
-             patch: tuple[int, int, int]) -> torch.Tensor:
+def token_kl(mean_new: torch.Tensor, mean_old: torch.Tensor, std: torch.Tensor, patch: Tokens) -> torch.Tensor:
     """Exact per-token ``KL(N(mean_old, s^2) || N(mean_new, s^2))``, ``(B, N)`` float32.
 
     Both policies share ``s`` (it depends only on the schedule), so the KL is

@@ -31,8 +31,8 @@ from flowdppo_video.training.evaluation import evaluate
 from flowdppo_video.training.metrics import import_wandb, read_metrics, truncate_metrics
 from flowdppo_video.training.monitors import build_monitors
 from flowdppo_video.training.perf import Throughput
-from flowdppo_video.training.policy_update import PolicyUpdate
-from flowdppo_video.training.rollout import Trajectory, rollout
+from flowdppo_video.training.policy_update import PolicyUpdate, objective_elements
+from flowdppo_video.training.rollout import Trajectory, reward_audio, rollout
 from flowdppo_video.training.run_builder import build_model, keeps_reference
 from rewards import build_rewards, reward_weights, score_videos
 
@@ -104,7 +104,7 @@ class Trainer:
         self.text_stats = cache_run_prompts(self.adapter, cfg, self.prompts + (self.eval_prompts or []), images,
                                             self.run_dir, cfg.run.progress and self.par.is_main)
         check_rollout_memory(cfg, self.latent_shape, self.adapter)
-        _, self.elements_per_token = sde.patch_count((1, *self.latent_shape), self.adapter.patch_size)
+        self.elements_per_token = objective_elements(self.adapter.token_map(self.latent_shape), self.latent_shape)
         self.updater = build_updater(self.adapter, cfg, self.par)
         self.perf = Throughput(self.adapter, cfg, self.device, self.latent_shape)
         self.policy_update = PolicyUpdate(self.adapter, cfg.objective, cfg.optim, cfg.run, self.par, self.updater, self.device,
@@ -247,7 +247,8 @@ class Trainer:
                            rows=slice(par.dp_rank * share, (par.dp_rank + 1) * share))
         t1 = time.perf_counter()
         nonfinite = nonfinite_rows(traj.final)        # before the gather: each rank counts its own
-        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts, fps=cfg.video.fps)
+        scores, extras = score_videos(self.rewards, traj.videos, traj.prompts, fps=cfg.video.fps,
+                                      audio=reward_audio(traj))
         if par.dp > 1:
             # Advantages are over the whole batch's groups: gather every DP rank's rows (in order).
             parts = par.all_gather_objects((traj, scores, extras), par.dp_group, "gathering rollouts and rewards")
@@ -303,7 +304,7 @@ class Trainer:
         """``inner_epochs`` passes of shuffled minibatches over the stored SDE steps."""
         metrics, snap = self.policy_update(traj, advantages, it, snapshot=self._snapshot_iteration(it))
         if snap is not None:
-            self.artifacts.klmap(it, snap, self.adapter.patch_size, self.latent_shape[1])
+            self.artifacts.klmap(it, snap, self.adapter.token_map(self.latent_shape), self.latent_shape)
         return metrics
 
     @property

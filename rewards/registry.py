@@ -32,6 +32,36 @@ class Reward(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Audio:
+    """The sound of a batch of videos: ``waveforms`` ``(B, C, T)`` float32 in ``[-1, 1]`` (``C`` 1 or
+    2 channels) at ``sample_rate`` samples per second. A reward that wants it takes an ``audio``
+    keyword (``reward(videos, prompts, fps=fps, audio=audio)``; None when the videos have no sound);
+    the others are called as before."""
+
+    waveforms: torch.Tensor
+    sample_rate: int
+
+    def __post_init__(self) -> None:
+        w = self.waveforms
+        if not isinstance(w, torch.Tensor) or w.ndim != 3 or w.shape[1] not in (1, 2) or not w.is_floating_point():
+            raise RewardError(f"audio waveforms must be (B, C, T) float with 1 or 2 channels, got "
+                              f"{tuple(getattr(w, 'shape', ()))}")
+        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, int) or self.sample_rate <= 0:
+            raise RewardError(f"audio sample_rate must be an integer > 0, got {self.sample_rate!r}")
+
+    def rows(self, index: slice | list[int]) -> "Audio":
+        return Audio(self.waveforms[index], self.sample_rate)
+
+
+def takes_audio(fn: Any) -> bool:
+    """Whether a reward asks for the sound (its call has an ``audio`` parameter)."""
+    try:
+        return "audio" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 REWARDS: dict[str, Callable[..., Reward]] = {}
 
 
@@ -134,9 +164,10 @@ def check_fps(fps: Any, where: str = "fps") -> float:
     return float(fps)
 
 
-def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list[str], *, fps: float
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Score ``(B, F, H, W, 3)`` uint8 videos, shown at ``fps`` frames per second, with every reward.
+def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list[str], *, fps: float,
+                 audio: Audio | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Score ``(B, F, H, W, 3)`` uint8 videos, shown at ``fps`` frames per second, with every reward;
+    ``audio``: their sound (:class:`Audio`), handed to the rewards that take it.
 
     Returns ``(scores, extras)``: ``scores[name]`` ``(B,)`` float32; ``extras["name/key"]`` the
     other entries of rewards that return dicts. A wrong shape or a non-finite score is an error,
@@ -146,9 +177,11 @@ def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list
         raise RewardError(f"videos must be (B, F, H, W, 3) uint8, got {tuple(videos.shape)} {videos.dtype}")
     fps = check_fps(fps)
     b = videos.shape[0]
+    if audio is not None and audio.waveforms.shape[0] != b:
+        raise RewardError(f"audio has {audio.waveforms.shape[0]} waveforms for {b} videos")
     scores, extras = {}, {}
     for name, fn in rewards.items():
-        out = _call_with_retries(name, fn, videos, prompts, fps)
+        out = _call_with_retries(name, fn, videos, prompts, fps, audio)
         if isinstance(out, dict):
             if "score" not in out:
                 raise RewardError(f"reward {name!r} returned a dict without 'score'")
@@ -163,13 +196,15 @@ def score_videos(rewards: dict[str, Reward], videos: torch.Tensor, prompts: list
     return scores, extras
 
 
-def _call_with_retries(name: str, fn: Reward, videos: torch.Tensor, prompts: list[str], fps: float) -> Any:
+def _call_with_retries(name: str, fn: Reward, videos: torch.Tensor, prompts: list[str], fps: float,
+                       audio: Audio | None = None) -> Any:
     """Call a reward; on an exception retry ``retries`` times (a remote judge may time out once),
     then fail the iteration with the last error: a failed reward is never a silent default."""
     retries = int(getattr(fn, "_flowdppo_retries", 0))
+    extra = {"audio": audio} if takes_audio(fn) else {}       # a reward without sound is called as always
     for attempt in range(retries + 1):
         try:
-            return fn(videos, prompts, fps=fps)
+            return fn(videos, prompts, fps=fps, **extra)
         except RewardError as e:
             err: BaseException = e
         except ValueError as e:     # the input's fault: the same input fails again, and it is the caller's

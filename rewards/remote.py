@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .registry import RewardError, register
+from .registry import Audio, RewardError, register
 from .wire import BINARY_TYPE, WIRE_VERSION, WireError, decode_response, encode_request
 
 TOKEN_ENV = "FLOWDPPO_REWARD_TOKEN"
@@ -88,14 +88,17 @@ class RemoteReward:
         self._checked = True
         return doc
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+    def __call__(self, videos: torch.Tensor, prompts: list[str], *, fps: float,
+                 audio: Audio | None = None) -> dict[str, torch.Tensor]:
         """``videos`` ``(B, F, H, W, 3)`` uint8 at ``fps`` -> ``{"score": (B,), <reward>: (B,), ...}``
-        float32; the frame rate travels with the pixels, so the served rewards see the real one."""
+        float32; the frame rate and the sound (when the videos have one) travel with the pixels, so
+        the served rewards see the real ones."""
         if len(prompts) != videos.shape[0]:
             raise RewardError(f"remote reward: {len(prompts)} prompts for {videos.shape[0]} videos")
         if not self._checked:   # built with check=False: check and learn the limit now
             self.health()
-        parts = [self._score(videos[a:b], prompts[a:b], fps) for a, b in self._spans(videos, prompts, fps)]
+        parts = [self._score(videos[a:b], prompts[a:b], fps, None if audio is None else audio.rows(slice(a, b)))
+                 for a, b in self._spans(videos, prompts, fps, audio)]
         scores = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
         extras = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         weights = parts[0][2]
@@ -109,15 +112,17 @@ class RemoteReward:
             return {"score": total, **{k.split("/", 1)[1]: v for k, v in extras.items()}}
         return {"score": total, **scores, **extras}
 
-    def _spans(self, videos: torch.Tensor, prompts: list[str], fps: float) -> list[tuple[int, int]]:
+    def _spans(self, videos: torch.Tensor, prompts: list[str], fps: float, audio: Audio | None = None
+               ) -> list[tuple[int, int]]:
         """Cut the batch so that each request fits the server's limit (learnt from /health)."""
         b = videos.shape[0]
         if self.max_request_bytes is None or b == 0:
             return [(0, b)]
         # bytes of the framing and header without prompts, and of one video with the longest prompt
         fixed = 8 + len(json.dumps({"shape": list(videos.shape), "dtype": "uint8", "prompts": [],
-                                    "fps": float(fps), "rewards": self.subset})) + 16
-        per_video = videos[0].numel() + max(len(json.dumps(p)) for p in prompts) + 2
+                                    "fps": float(fps), "rewards": self.subset})) + 16 + (0 if audio is None else 128)
+        per_video = (videos[0].numel() + max(len(json.dumps(p)) for p in prompts) + 2
+                     + (0 if audio is None else 4 * audio.waveforms[0].numel()))
         if fixed + per_video > self.max_request_bytes:
             raise RewardError(f"one video of {tuple(videos.shape[1:])} ({videos[0].numel()} bytes) exceeds the "
                               f"request limit of reward server {self.url} ({self.max_request_bytes} bytes): "
@@ -125,10 +130,10 @@ class RemoteReward:
         step = (self.max_request_bytes - fixed) // per_video
         return [(a, min(a + step, b)) for a in range(0, b, step)]
 
-    def _score(self, videos: torch.Tensor, prompts: list[str], fps: float
+    def _score(self, videos: torch.Tensor, prompts: list[str], fps: float, audio: Audio | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
         try:
-            body = encode_request(videos, prompts, fps, self.subset)
+            body = encode_request(videos, prompts, fps, self.subset, audio)
         except WireError as e:
             raise RewardError(f"remote reward: {e}") from None
         resp = self._request("POST", "/score", content=body, headers={"Content-Type": BINARY_TYPE})

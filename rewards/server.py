@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .registry import Reward, RewardError, RewardInputError, build_rewards, parse_reward_specs, score_videos
+from .registry import Audio, Reward, RewardError, RewardInputError, build_rewards, parse_reward_specs, score_videos
 from .wire import WIRE_VERSION, ScoreRequest, WireError, decode_request, encode_response
 
 log = logging.getLogger("rewards.server")
@@ -93,8 +93,10 @@ class _Pending:
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        # one score_videos call sees one frame rate
-        self.key = (tuple(self.request.videos.shape[1:]), self.request.fps, self.names)
+        # one score_videos call sees one frame rate (and one length and rate of sound, or none)
+        a = self.request.audio
+        sound = None if a is None else (tuple(a.waveforms.shape[1:]), a.sample_rate)
+        self.key = (tuple(self.request.videos.shape[1:]), self.request.fps, self.names, sound)
 
 
 class Batcher:
@@ -196,11 +198,14 @@ class Batcher:
         sizes = [p.request.videos.shape[0] for p in chunk]
         videos = chunk[0].request.videos if len(chunk) == 1 else torch.cat([p.request.videos for p in chunk])
         prompts = [s for p in chunk for s in p.request.prompts]
+        first = chunk[0].request.audio
+        audio = None if first is None else (first if len(chunk) == 1 else Audio(
+            torch.cat([p.request.audio.waveforms for p in chunk]), first.sample_rate))
         t0 = time.perf_counter()
         self.stats.reward_calls += 1
         try:
             scores, extras = score_videos({n: self.rewards[n] for n in names}, videos, prompts,
-                                          fps=chunk[0].request.fps)
+                                          fps=chunk[0].request.fps, audio=audio)
         finally:
             dt = time.perf_counter() - t0
             self.stats.busy_s += dt
@@ -249,7 +254,14 @@ SCORE_OPENAPI: dict[str, Any] = {
                 "prompts": {"type": "array", "items": {"type": "string"}},
                 "fps": {"type": "number", "exclusiveMinimum": 0},
                 "rewards": {"anyOf": [{"type": "null"},
-                                      {"type": "array", "items": {"type": "string"}, "minItems": 1}]}}}},
+                                      {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+                "audio": {"anyOf": [{"type": "null"}, {
+                    "type": "object", "required": ["shape", "dtype", "sample_rate", "data"],
+                    "properties": {"shape": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                                             "minItems": 3, "maxItems": 3},
+                                   "dtype": {"type": "string", "enum": ["float32"]},
+                                   "sample_rate": {"type": "integer", "minimum": 1},
+                                   "data": {"type": "string", "format": "byte"}}}]}}}},
         "application/x-flowdppo-videos": {"schema": {"type": "string", "format": "binary"}}}},
     "responses": {
         "200": {"description": "per-reward scores and extras",

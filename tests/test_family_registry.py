@@ -35,6 +35,9 @@ def test_every_family_is_one_spec_whose_tiny_model_builds():
         assert activation_profile(adapter).heads == int(adapter.transformer.config.num_attention_heads), name
         assert text_tokens(adapter) >= length, name
         plan = adapter.sequence_parallel_plan(adapter.transformer)
+        if adapter.sequence_parallel_refusal:             # no plan: one line says why (LTX-2)
+            assert plan is None and len(adapter.sequence_parallel_refusal.splitlines()) == 1, name
+            continue
         assert plan is not None and plan.heads == activation_profile(adapter).heads, name
 
 

@@ -92,4 +92,4 @@ def test_the_server_scores_each_request_at_its_own_fps_and_wants_one() -> None:
         assert torch.allclose(decode_response(doc)[1]["dd/speed"], want[f], rtol=1e-6)
     assert bad.status_code == 400
     assert bad.json()["error"].startswith("body.fps must be the videos' frame rate, a number > 0")
-    assert health["wire"] == 2 and health["stats"]["reward_calls"] == 2
+    assert health["wire"] == 3 and health["stats"]["reward_calls"] == 2

@@ -69,7 +69,7 @@ def assert_equal_scores(got: dict, want: dict) -> None:
 
 def test_health(url):
     doc = httpx.get(f"{url}/health").json()
-    assert doc["ok"] is True and doc["version"] and doc["wire"] == 2                 # 2: requests carry fps
+    assert doc["ok"] is True and doc["version"] and doc["wire"] == 3                 # 2: requests carry fps; 3: and audio
     assert doc["rewards"] == {"world_direction": {"type": "world_direction", "weight": 1.0},
                               "frame_change": {"type": "frame_change", "weight": 0.5}}
     assert doc["max_batch"] == 32 and doc["batch_window_ms"] == pytest.approx(10.0)

@@ -31,9 +31,11 @@ import argparse
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from flowdppo_video import sde
 from flowdppo_video.models.memory import activation_profile, parameter_parts, plan_adapter, text_tokens
 from flowdppo_video.runs.config import Config, ConfigError, load_config
 from flowdppo_video.training.run_builder import keeps_reference
@@ -136,9 +138,13 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
                     opt - host, host, what))
     # ---- activations
     v = cfg.video
-    c, f, h, w = adapter.latent_shape(v.num_frames, v.height, v.width)
+    adapter.frame_rate = v.fps                      # a family that conditions on it sizes its audio by it
+    shape = adapter.latent_shape(v.num_frames, v.height, v.width)
+    grid = token_streams(adapter, shape)
     pt, ph, pw = adapter.patch_size
-    tokens = (f // pt) * (h // ph) * (w // pw)
+    (_, tokens, d_video), rest = grid[0], grid[1:]
+    # A second token stream (LTX-2's audio): replicated on every sequence-parallel rank (not divided).
+    tokens_2 = sum(n for _, n, _ in rest)
     n_local = tokens / sp
     text = text_tokens(adapter)
     g2 = cfg.sampler.guidance_scale_2
@@ -150,8 +156,8 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
         kept, rerun = 0.0, 0.0
         for pr in profiles:                              # the largest training expert
             base = (pr.block_inputs if ckpt else pr.blocks) + pr.outside
-            k = mb * base.bytes(n_local, text)
-            r = mb * pr.one_block.bytes(n_local, text) if ckpt else 0.0
+            k = mb * base.bytes(n_local, text, tokens_2)
+            r = mb * pr.one_block.bytes(n_local, text, tokens_2) if ckpt else 0.0
             if k + r > kept + rerun:
                 kept, rerun = k, r
         return kept, rerun
@@ -168,7 +174,7 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     roll_videos = min(cfg.sampler.batch_size, per_rank) if cfg.sampler.batch_size else per_rank
     joint = cfg.sampler.cfg_batch != "split"
     roll_b = roll_videos * (2 if (cfg_on and joint) else 1)
-    roll = max(roll_b * pr.rollout_peak.bytes(n_local, text) for pr in profiles)
+    roll = max(roll_b * pr.rollout_peak.bytes(n_local, text, tokens_2) for pr in profiles)
     rows.append(Row("activations, rollout peak (no grad)", None, "", roll, 0.0,
                     f"{roll_videos} video(s) per call{' x2 (joint CFG)' if roll_b > roll_videos else ''}"))
     # ---- totals
@@ -187,8 +193,9 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
         + (f"LoRA rank {cfg.model.lora.rank} on {cfg.model.lora.targets}" if cfg.model.lora.rank else "full fine-tuning"),
         f"layout: world {world} = {dp} data-parallel x {sp} sequence-parallel; ZeRO stage {z}"
         + (", optimizer offloaded" if par.offload_optimizer else "") + (", parameters offloaded" if par.offload_params else ""),
-        f"tokens: video {v.num_frames}x{v.height}x{v.width} -> latent {(c, f, h, w)} / patch {(pt, ph, pw)} = "
-        f"{tokens} tokens per video ({n_local:g} per GPU), {text} text tokens",
+        f"tokens: video {v.num_frames}x{v.height}x{v.width} -> latent {tuple(shape)} / patch {(pt, ph, pw)} = "
+        f"{tokens} tokens per video of {d_video} elements ({n_local:g} per GPU), {text} text tokens"
+        + "".join(f", {n} {name} tokens of {d} elements (not divided)" for name, n, d in rest),
     ]
     notes = [
         "* = the config's model.gradient_checkpointing; activations are per GPU for the update minibatch "
@@ -205,6 +212,15 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     if missing:
         notes.append(f"no config.json for {', '.join(missing)}: those rows are not counted")
     return Plan(header, rows, notes)
+
+
+def token_streams(adapter: Any, shape: tuple[int, ...]) -> list[tuple[str, int, int]]:
+    """``(name, tokens, D)`` of each token stream of a latent (one: the video)."""
+    tokens = adapter.token_map(shape)
+    if isinstance(tokens, sde.TokenStreams):
+        return [(s.name, s.tokens, s.elements) for s in tokens.streams]
+    n, d = sde.patch_count((1, *shape), tokens)
+    return [("video", n, d)]
 
 
 def _dtypes(tensors: list[torch.Tensor]) -> str:

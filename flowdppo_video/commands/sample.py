@@ -27,7 +27,7 @@ from flowdppo_video.runs.fsio import check_new_output
 from flowdppo_video.runs.resources import resolve
 from flowdppo_video.runs.video import write_video
 from flowdppo_video.training.checkpoint import latest_checkpoint, load_checkpoint
-from flowdppo_video.training.rollout import rollout
+from flowdppo_video.training.rollout import rollout, sound
 from flowdppo_video.training.run_builder import build_model, open_run
 
 _INDICES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -114,7 +114,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     videos = []
     for k, v in enumerate(traj.videos):
         i, p = chosen[k // args.num]
-        write_video(out / f"{k:03d}.mp4", v, fps=cfg.video.fps)
+        write_video(out / f"{k:03d}.mp4", v, fps=cfg.video.fps, **sound(traj, k))
         videos.append({"file": f"{k:03d}.mp4", "prompt": p, "prompt_index": i, "sample": k % args.num})
     index = {"run": str(run_dir), "checkpoint": str(ckpt) if ckpt is not None else "base",
              "iterations": iterations, "prompts": source, "sampler": kind, "seed": args.seed,

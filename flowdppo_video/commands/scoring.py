@@ -63,7 +63,7 @@ from tqdm import tqdm
 import rewards as R
 from flowdppo_video.runs.data import DataError
 from flowdppo_video.runs.fsio import check_output_dir
-from flowdppo_video.runs.video import declared_frames, probe_video, read_video, video_fps
+from flowdppo_video.runs.video import declared_frames, probe_video, read_audio, read_video, video_fps
 from rewards import RewardError, parse_reward_specs
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
@@ -272,6 +272,10 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
     pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
     skipped: list[str] = []
     early: set[int] = set()
+    # A reward that judges sound (it takes audio=) gets each file's audio stream (none: None); a
+    # batch's files then share one sound length and rate as well.
+    wants_audio = any(R.takes_audio(fn) for fn in built.values())
+    sounds: dict[int, tuple[np.ndarray, int]] = {}
     share = max(MIN_SHARE, int(memory_budget) - resident_bytes())
 
     def held() -> int:
@@ -282,7 +286,10 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
         idx = [i for i, _ in items]
         batch = torch.from_numpy(np.stack([v for _, v in items]))
         rate = key[-1]
-        scores, extras = R.score_videos(built, batch, [prompts[i] for i in idx], fps=rate)
+        audio = None
+        if key[-2] is not None:
+            audio = R.Audio(torch.from_numpy(np.stack([sounds.pop(i)[0] for i in idx])), int(key[-2][2]))
+        scores, extras = R.score_videos(built, batch, [prompts[i] for i in idx], fps=rate, audio=audio)
         for j, i in enumerate(idx):
             row: dict[str, Any] = {"file": str(videos[i]), "prompt": prompts[i], "fps": rate,
                                    "frames": int(batch.shape[1]), "height": int(batch.shape[2]),
@@ -317,7 +324,10 @@ def score_files(videos: list[Path], prompts: list[str], entries: dict[str, Any],
             early.add(i)
             print(f"flowdppo-video: warning: {path} ends early: {arr.shape[0]} of the {declared} frames its "
                   f"container declares decoded; scored from those (ended_early in the output)", file=sys.stderr)
-        key = (*arr.shape[:3], rate)
+        sound = read_audio(path) if wants_audio else None
+        if sound is not None:
+            sounds[i] = sound
+        key = (*arr.shape[:3], None if sound is None else (*sound[0].shape, sound[1]), rate)
         while pending and held() + arr.nbytes * WORK_FACTOR > share:    # bounded by pixels, not files
             flush(max(pending, key=lambda k: sum(v.nbytes for _, v in pending[k])))
         pending.setdefault(key, []).append((i, np.ascontiguousarray(arr)))

@@ -62,6 +62,11 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
         raise ModelError(f"model.train_experts {cfg.train_experts}: only Wan 2.2 A14B has two experts")
     attention_backend(cfg.attention_backend, device, spec.adapter.masks_attention)   # before the weights load
     adapter = spec.build(cfg, path, device)
+    if cfg.frozen_streams:
+        if not adapter.has_audio:
+            raise ModelError(f"model.frozen_streams {cfg.frozen_streams}: model.family {cfg.family!r} has one "
+                             "token stream (only a family with several, such as ltx2's video and audio, freezes one)")
+        adapter.frozen_streams = tuple(cfg.frozen_streams)
     if cfg.base_below is not None:
         if adapter.num_experts > 1:
             raise ModelError(f"model.base_below {cfg.base_below}: this model already routes its two experts by "

@@ -13,20 +13,23 @@ F32 = 4
 
 @dataclasses.dataclass
 class BlockBytes:
-    """Bytes per video of one forward: ``per_token`` x tokens + ``per_text`` x text tokens + ``fixed``."""
+    """Bytes per video of one forward: ``per_token`` x tokens + ``per_text`` x text tokens + ``fixed``,
+    + ``per_token_2`` x the tokens of a second stream (LTX-2's audio; 0 elsewhere)."""
 
     per_token: float = 0.0
     per_text: float = 0.0
     fixed: float = 0.0
+    per_token_2: float = 0.0
 
     def __add__(self, other: "BlockBytes") -> "BlockBytes":
-        return BlockBytes(self.per_token + other.per_token, self.per_text + other.per_text, self.fixed + other.fixed)
+        return BlockBytes(self.per_token + other.per_token, self.per_text + other.per_text, self.fixed + other.fixed,
+                          self.per_token_2 + other.per_token_2)
 
     def scale(self, k: float) -> "BlockBytes":
-        return BlockBytes(self.per_token * k, self.per_text * k, self.fixed * k)
+        return BlockBytes(self.per_token * k, self.per_text * k, self.fixed * k, self.per_token_2 * k)
 
-    def bytes(self, tokens: float, text_tokens: float) -> float:
-        return self.per_token * tokens + self.per_text * text_tokens + self.fixed
+    def bytes(self, tokens: float, text_tokens: float, tokens_2: float = 0.0) -> float:
+        return self.per_token * tokens + self.per_text * text_tokens + self.fixed + self.per_token_2 * tokens_2
 
 
 @dataclasses.dataclass

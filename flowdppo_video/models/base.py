@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import torch
 
+from .. import sde
 from ..exceptions import ModelError  # noqa: F401 (defined at the bottom, importable here as always)
 
 if TYPE_CHECKING:
@@ -206,8 +207,32 @@ class VideoFlowAdapter(abc.ABC):
         return self.reference() if self.uses_base(sigma) else contextlib.nullcontext()
 
     @abc.abstractmethod
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """``(C, F, H, W)`` of the latent for a video of that size; a clear error if impossible."""
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """``(C, F, H, W)`` of the latent for a video of that size; a clear error if impossible.
+        A family of several token streams (LTX-2: video and audio) carries them flat: ``(E,)``, laid
+        out by :meth:`token_map`."""
+
+    # Streams (by name) sampled but not trained (``model.frozen_streams``): set by the run builder.
+    frozen_streams: tuple[str, ...] = ()
+
+    def token_map(self, latent_shape: tuple[int, ...]) -> "sde.Tokens":
+        """How a latent of ``latent_shape`` is cut into tokens, as :mod:`flowdppo_video.sde`'s token
+        functions take it: the transformer's ``(pt, ph, pw)`` patch (one stream), or the
+        :class:`~flowdppo_video.sde.TokenStreams` of a flat multi-stream latent."""
+        return self.patch_size
+
+    def schedule(self, num_steps: int, shift: float, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The sigmas ``(K+1,)`` float64 of a ``num_steps`` rollout: :func:`sde.flow_schedule` with
+        ``sampler.shift``; a family whose pipeline shifts by the sequence length overrides it."""
+        return sde.flow_schedule(num_steps, shift)
+
+    # Whether decoded videos come with sound (:meth:`decode_audio`).
+    has_audio: bool = False
+
+    def decode_audio(self, latents: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """The sound of latents ``(B, ...)``: ``(B, channels, T)`` float32 waveforms in ``[-1, 1]`` on
+        the CPU and their sample rate; None for a family without audio."""
+        return None
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Text:
@@ -251,6 +276,9 @@ class VideoFlowAdapter(abc.ABC):
     def reference_copies(self) -> dict[int, torch.nn.Module]:
         """Frozen copies of the trained experts kept as the reference (full fine-tuning with
         ``keep_reference``), by expert index; empty under LoRA, whose reference is the base itself."""
+
+    # A family without a sequence-parallel plan says why in one line (the error parallel/ raises).
+    sequence_parallel_refusal: str | None = None
 
     def sequence_parallel_plan(self, transformer: torch.nn.Module) -> "SequenceParallelPlan | None":
         """Where Ulysses sequence parallelism cuts ``transformer`` (one of :attr:`experts` or of

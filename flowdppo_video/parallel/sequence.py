@@ -359,7 +359,7 @@ def apply_sequence_parallel(adapter: VideoFlowAdapter, group: Any) -> None:
     for transformer in [*adapter.experts, *adapter.reference_copies().values()]:
         plan = adapter.sequence_parallel_plan(transformer)
         if plan is None:
-            raise ModelError(f"{type(adapter).__name__} does not support sequence parallelism")
+            raise ModelError(adapter.sequence_parallel_refusal or f"{type(adapter).__name__} does not support sequence parallelism")
         install_plan(transformer, plan, group)
 
 

@@ -41,7 +41,7 @@ from flowdppo_video.runs.fsio import write_text_atomic
 from flowdppo_video.runs.video import write_video
 from flowdppo_video.training.checkpoint import load_checkpoint, verify_checkpoint
 from flowdppo_video.training.monitors import build_monitors, score_monitors
-from flowdppo_video.training.rollout import rollout
+from flowdppo_video.training.rollout import reward_audio, rollout, sound
 from flowdppo_video.training.run_builder import build_model, open_run
 from rewards import build_rewards, reward_weights, score_videos
 
@@ -189,7 +189,8 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
                 with torch.no_grad():
                     traj = rollout(adapter, prompt_list, 1, latent_shape, sampler, torch.Generator().manual_seed(s),
                                    negative_prompt=cfg.data.negative_prompt, progress=False)
-                got, extras = score_videos(reward_fns, traj.videos, traj.prompts, fps=cfg.video.fps)
+                got, extras = score_videos(reward_fns, traj.videos, traj.prompts, fps=cfg.video.fps,
+                                           audio=reward_audio(traj))
                 mon = score_monitors(monitors, traj.videos, traj.prompts, fps=cfg.video.fps)
                 for i, prompt in enumerate(prompt_list):
                     row = {"model": m.label, "checkpoint": str(m.path) if m.path else BASE, "prompt_index": i,
@@ -205,7 +206,7 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
                         parts.setdefault(k, {q.label: {} for q in models})[m.label][(i, s)] = row[k]
                     if i * len(seeds) + (s - seed) < num_videos:      # the first items, prompt-major
                         rel = f"videos/{m.label.replace('/', '_')}/p{i:03d}_s{s}.mp4"
-                        write_video(out / rel, traj.videos[i], fps=cfg.video.fps)
+                        write_video(out / rel, traj.videos[i], fps=cfg.video.fps, **sound(traj, i))
                         videos[m.label][(i, s)] = rel
                 bar.update(1)
     finally:

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from flowdppo_video.runs.video import read_video, write_video
+from flowdppo_video.runs.video import read_audio, read_video, write_video
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1400px;
@@ -73,7 +73,8 @@ def report_video(src: Path, dst: Path, fps: float, min_size: int = VIDEO_MIN_SIZ
     frames = read_video(src)
     k = max(1, math.ceil(min_size / max(1, min(frames.shape[1:3]))))
     frames = frames.repeat(k, axis=1).repeat(k, axis=2)
-    write_video(dst, frames, fps=fps)
+    audio = read_audio(src)                     # a video with sound keeps it (the page's controls unmute it)
+    write_video(dst, frames, fps=fps, **({} if audio is None else {"audio": audio[0], "audio_rate": audio[1]}))
     dst.with_suffix(".json").write_text(json.dumps({"width": int(frames.shape[2])}))
     return dst, int(frames.shape[2])
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from flowdppo_video.runs.config import Config, config_to_dict
 from flowdppo_video.runs.fsio import naming, write_text_atomic
 from flowdppo_video.runs.video import write_video
+from flowdppo_video.training.rollout import sound
 from flowdppo_video.training import kl_maps
 from flowdppo_video.training.metrics import MetricsWriter, start_wandb
 from flowdppo_video.training.rollout import Trajectory
@@ -69,7 +70,7 @@ class RunArtifacts:
         folder = self.run_dir / "eval" / f"after_{done:06d}"
         picked = pick_videos(prompts, e.samples_per_prompt, min(e.num_videos, traj.batch_size))
         for k, i in enumerate(picked):
-            write_video(folder / f"{k:02d}.mp4", traj.videos[i], fps=fps)
+            write_video(folder / f"{k:02d}.mp4", traj.videos[i], fps=fps, **sound(traj, i))
         (folder / "prompts.txt").write_text("".join(traj.prompts[i] + "\n" for i in picked))
         self.eval_log.add_videos("eval/videos", traj.videos[:min(e.num_videos, 4)], done, fps)
 
@@ -84,15 +85,17 @@ class RunArtifacts:
             return
         folder = self.run_dir / "samples" / f"iter_{it:06d}"
         for k in range(n):
-            write_video(folder / f"{k:02d}.mp4", traj.videos[k], fps=self.cfg.video.fps)
+            write_video(folder / f"{k:02d}.mp4", traj.videos[k], fps=self.cfg.video.fps, **sound(traj, k))
         (folder / "index.json").write_text(json.dumps(
             {"iteration": it, "videos": [{"file": f"{k:02d}.mp4", "prompt": traj.prompts[k]} for k in range(n)],
              "reward_mean": reward_mean}, indent=1))
 
-    def klmap(self, it: int, snap: Any, patch: tuple[int, int, int], latent_frames: int) -> None:
-        """A token-KL snapshot (:class:`policy_update.KLSnapshot`) as ``klmaps/iter_NNNNNN.npz``."""
+    def klmap(self, it: int, snap: Any, patch: Any, latent_shape: tuple[int, ...]) -> None:
+        """A token-KL snapshot (:class:`policy_update.KLSnapshot`) as ``klmaps/iter_NNNNNN.npz``;
+        ``patch``: the adapter's token map of ``latent_shape`` (a patch, or token streams)."""
         if not self.main:
             return
+        latent_frames = kl_maps.latent_frames(patch, latent_shape)
         o = self.cfg.objective
         kl_maps.save_snapshot(self.run_dir / "klmaps" / f"iter_{it:06d}.npz", iteration=it, kl=snap.kl,
                               drop=snap.frozen, advantages=snap.advantages, traj=snap.minibatch, patch=patch,

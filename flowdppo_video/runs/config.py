@@ -101,6 +101,10 @@ class ModelConfig:
     # "flash", "sage", "_native_cudnn", ... where installed (see flowdppo_video/models/speed.py).
     attention_backend: str = "native"
     compile: bool = False                 # torch.compile each repeated transformer block (regional)
+    # Families of several token streams (LTX-2: "video" and "audio"): streams sampled with the policy
+    # but kept out of the objective (their tokens' log-probabilities and KL are not trained; the
+    # KL share of each stream is still logged). [] = every stream trains.
+    frozen_streams: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """The ``model`` section's own rules (its ``lora`` included)."""

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: float = 8.0) -> Path:
-    """Write ``(F, H, W, 3)`` uint8 frames as H.264 mp4 (yuv420p, plays in browsers).
+def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: float = 8.0,
+                audio: torch.Tensor | np.ndarray | None = None, audio_rate: int | None = None) -> Path:
+    """Write ``(F, H, W, 3)`` uint8 frames as H.264 mp4 (yuv420p, plays in browsers), with their
+    sound when given: ``audio`` ``(channels, T)`` float waveforms in ``[-1, 1]`` at ``audio_rate``
+    samples per second, as an AAC stream (1 or 2 channels).
 
     Odd sizes are padded by one pixel (H.264 in yuv420p needs even sizes). The file appears
     under its name only when complete.
     """
     import av
 
+    sound = None
+    if audio is not None:
+        sound = (audio.detach().float().cpu().numpy() if isinstance(audio, torch.Tensor)
+                 else np.asarray(audio, dtype=np.float32))
+        if sound.ndim != 2 or sound.shape[0] not in (1, 2) or not audio_rate or audio_rate <= 0:
+            raise ValueError(f"audio must be (channels, T) with 1 or 2 channels and a sample rate > 0, got "
+                             f"{sound.shape} at {audio_rate}")
+        sound = np.ascontiguousarray(np.clip(sound, -1.0, 1.0).astype(np.float32))
     arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"frames must be (F, H, W, 3) uint8, got {arr.shape} {arr.dtype}")
@@ -32,11 +44,45 @@ def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: float 
         stream.width, stream.height = arr.shape[2], arr.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18"}
+        # Every stream is added before the first packet (the header is written then).
+        sound_stream = None if sound is None else out.add_stream(
+            "aac", rate=int(audio_rate), layout="mono" if sound.shape[0] == 1 else "stereo")
         for f in arr:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         out.mux(stream.encode())
+        if sound is not None:
+            _mux_audio(out, sound_stream, sound, int(audio_rate))
     tmp.replace(path)
     return path
+
+
+def _mux_audio(out: Any, stream: Any, sound: np.ndarray, rate: int) -> None:
+    """``(channels, T)`` float32 into the AAC ``stream`` of ``out`` (planar float frames of 1024 samples)."""
+    import av
+
+    layout = "mono" if sound.shape[0] == 1 else "stereo"
+    for start in range(0, sound.shape[1], 1024):
+        frame = av.AudioFrame.from_ndarray(sound[:, start:start + 1024], format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, start
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode())
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int] | None:
+    """A file's first audio stream as ``(channels, T)`` float32 in ``[-1, 1]`` and its sample rate;
+    None when it has no sound."""
+    import av
+
+    with av.open(str(path)) as src:
+        if not src.streams.audio:
+            return None
+        stream = src.streams.audio[0]
+        parts = [f.to_ndarray().astype(np.float32) for f in src.decode(stream)]
+        rate = int(stream.rate)
+    if not parts:
+        return None
+    planar = [p if p.shape[0] <= 2 and p.ndim == 2 else p.reshape(-1, 1).T for p in parts]
+    return np.concatenate(planar, axis=1), rate
 
 
 def read_video(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

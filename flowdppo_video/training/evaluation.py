@@ -10,11 +10,11 @@ import torch
 from flowdppo_video import sde
 from flowdppo_video.models.base import VideoFlowAdapter
 from flowdppo_video.runs.config import SamplerConfig
-from flowdppo_video.runs.video import read_video, write_video
+from flowdppo_video.runs.video import read_audio, read_video, write_video
 from rewards import score_videos
 
 from .monitors import monitor_means, score_monitors
-from .rollout import Trajectory, rollout, step_mean
+from .rollout import Trajectory, reward_audio, rollout, step_mean
 
 
 @torch.no_grad()
@@ -32,7 +32,8 @@ def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> t
             with adapter.reference():
                 mean_base = step_mean(adapter, part, j)
             kl = sde.token_kl(mean_base, part.means[:, j].to(mean_base.device),
-                              part.stds[:, j].to(mean_base.device), adapter.patch_size)
+                              part.stds[:, j].to(mean_base.device),
+                              adapter.token_map(tuple(part.latents.shape[2:])))
             out[i:i + part.batch_size] += kl.mean(dim=1).cpu() / traj.num_sde_steps
     return out
 
@@ -51,7 +52,7 @@ def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: 
     """
     traj = rollout(adapter, prompts, samples_per_prompt, latent_shape, sampler,
                    torch.Generator().manual_seed(seed), negative_prompt=negative_prompt, progress=False)
-    scores, extras = score_videos(rewards, traj.videos, traj.prompts, fps=fps)
+    scores, extras = score_videos(rewards, traj.videos, traj.prompts, fps=fps, audio=reward_audio(traj))
     out = {f"eval/{n}/mean": s.mean().item() for n, s in scores.items()}
     out.update({f"eval/{n}/mean": s.float().mean().item() for n, s in extras.items()})
     out.update(monitor_means(score_monitors(monitors or {}, traj.videos, traj.prompts, fps=fps)))
@@ -76,5 +77,8 @@ def write_side_by_side(before_dir: Path, after_dir: Path, out_dir: Path, fps: fl
         a, b = _upscale(read_video(before)), _upscale(read_video(after))
         n = min(len(a), len(b))
         divider = np.full((n, a.shape[1], 4, 3), 255, dtype=np.uint8)
-        written.append(write_video(out_dir / before.name, np.concatenate([a[:n], divider, b[:n]], axis=2), fps))
+        # One sound track: the tuned model's (right), where the videos have sound.
+        audio = read_audio(after)
+        written.append(write_video(out_dir / before.name, np.concatenate([a[:n], divider, b[:n]], axis=2), fps,
+                                   *(audio if audio is not None else (None, None))))
     return written

@@ -26,6 +26,14 @@ SNAPSHOT_ROWS = 2          # videos kept per snapshot: the highest and the lowes
 SNAPSHOT_MAX_SIDE = 256    # frames kept in a snapshot are strided down to at most this many pixels
 
 
+def latent_frames(patch: sde.Tokens, latent_shape: tuple[int, ...]) -> int:
+    """``F`` of a latent ``(C, F, H, W)``; of token streams, the first (video) stream's token frames
+    (a multi-stream family's video patch is 1 frame deep: LTX-2's)."""
+    if isinstance(patch, sde.TokenStreams):
+        return int(patch.streams[0].grid[0])
+    return int(latent_shape[1])
+
+
 def token_grid(latent_shape: tuple[int, ...] | torch.Size, patch: tuple[int, int, int]) -> tuple[int, int, int]:
     """``(F', H', W')`` token grid of a latent ``(C, F, H, W)`` or ``(B, C, F, H, W)``."""
     shape = tuple(latent_shape)
@@ -151,19 +159,35 @@ def save_snapshot(path: str | Path, *, iteration: int, kl: torch.Tensor, drop: t
     Keeps :data:`SNAPSHOT_ROWS` rows, and of their videos only one representative frame per
     token frame, strided to at most :data:`SNAPSHOT_MAX_SIDE` pixels.
     """
-    grid = token_grid(traj.means.shape[2:], patch)
     keep = snapshot_rows(advantages)
+    # kl and drop stay where the update computed them (the GPU): .item() brings the means over.
+    extra: dict[str, Any] = {"kl_mean_all": np.float32(kl.float().mean().item()),
+                             "drop_frac_all": np.float32(drop.float().mean().item())}
+    if isinstance(patch, sde.TokenStreams):
+        # Several token streams: the first (video) is the map; each other stream's tokens are kept
+        # on their own grid as kl_<name>, drop_<name> (LTX-2's audio: one row of audio tokens).
+        spans = patch.spans()
+        video, rest = patch.streams[0], patch.streams[1:]
+        grid = tuple(video.grid)
+        for st in rest:
+            sl = spans[st.name]
+            extra[f"kl_{st.name}"] = kl[:, keep][:, :, sl].reshape(kl.shape[0], len(keep), *st.grid).float().cpu().numpy()
+            extra[f"drop_{st.name}"] = drop[:, keep][:, :, sl].reshape(
+                kl.shape[0], len(keep), *st.grid).bool().cpu().numpy()
+        extra["streams"] = np.array([st.name for st in patch.streams])
+        kl, drop = kl[:, :, spans[video.name]], drop[:, :, spans[video.name]]
+        patch = (max(1, latent_frames // grid[0]), 1, 1)
+    else:
+        grid = token_grid(traj.means.shape[2:], patch)
     f, h, w = grid
     kl_maps = rearrange(kl[:, keep], "s b (f h w) -> s b f h w", f=f, h=h, w=w).float().cpu().numpy()
     drop_maps = rearrange(drop[:, keep], "s b (f h w) -> s b f h w", f=f, h=h, w=w).bool().cpu().numpy()
-    out: dict[str, Any] = {
+    out: dict[str, Any] = {**extra,
         "iteration": np.int64(iteration), "kl": kl_maps.astype(np.float32), "drop": drop_maps,
         "steps": traj.steps.cpu().numpy(), "sigmas": traj.sigmas.cpu().numpy(),
         "advantages": advantages[keep].float().cpu().numpy(),
         "prompts": np.array([traj.prompts[i] for i in keep]),
         "patch": np.array(patch), "objective": np.array(repr(sorted(objective.items()))),
-        # kl and drop stay where the update computed them (the GPU): .item() brings the means over.
-        "kl_mean_all": np.float32(kl.float().mean().item()), "drop_frac_all": np.float32(drop.float().mean().item()),
         "frozen_by_epoch": np.asarray(frozen_by_epoch if frozen_by_epoch is not None else [], dtype=np.float32),
     }
     if traj.videos is not None:

@@ -81,6 +81,43 @@ class KLSnapshot:
     frozen_by_epoch: list[float]
 
 
+def trained_tokens(patch: sde.Tokens) -> torch.Tensor | None:
+    """The token indices that enter the objective: None (all of them) unless a stream of a
+    :class:`~flowdppo_video.sde.TokenStreams` is frozen (sampled, not trained)."""
+    if not isinstance(patch, sde.TokenStreams) or all(s.trains for s in patch.streams):
+        return None
+    return patch.trained().nonzero().squeeze(1)
+
+
+def objective_elements(patch: sde.Tokens, latent_shape: tuple[int, ...]) -> int | torch.Tensor:
+    """``D`` of the tokens the objective sees (one int, or ``(N_trained,)`` for several streams)."""
+    d = sde.element_counts((1, *latent_shape), patch)
+    keep = trained_tokens(patch)
+    if keep is None:
+        return d
+    if not keep.numel():
+        raise TrainingError("model.frozen_streams freezes every token stream: nothing would train")
+    return d[keep]
+
+
+def stream_shares(patch: sde.Tokens, kl: torch.Tensor, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Counts, summed over minibatches and pooled by :meth:`RunningStats.frac`, of each stream's part
+    of a multi-stream latent: its token KL (``kl_<name>`` of ``kl_all``, all streams, frozen ones
+    included) and the terms of its tokens the trust region froze (``dropped_<name>`` of
+    ``terms_<name>``; trained streams only). ``frozen``: ``(B, N)`` over every token. Empty for a
+    single-stream latent."""
+    if not isinstance(patch, sde.TokenStreams):
+        return {}
+    spans, out = patch.spans(), {"kl_all": kl.sum()}
+    for s in patch.streams:
+        sl = spans[s.name]
+        out[f"kl_{s.name}"] = kl[:, sl].sum()
+        if s.trains:
+            out[f"dropped_{s.name}"] = frozen[:, sl].float().sum()
+            out[f"terms_{s.name}"] = kl.new_tensor(float(kl.shape[0] * s.tokens))
+    return out
+
+
 class PolicyUpdate:
     """Replays and updates; built once per run. ``nonfinite_in_row`` carries over iterations (and
     checkpoints): ``run.max_nonfinite_in_row`` skipped optimizer steps in a row stop the run."""
@@ -107,7 +144,8 @@ class PolicyUpdate:
 
         Returns ``(output, token_kl, token_log_ratio)``, the last two ``(b, N)`` and detached.
         """
-        dev, patch, beta = self.device, self.adapter.patch_size, self.section.beta
+        dev, beta = self.device, self.section.beta
+        patch = self.adapter.token_map(tuple(mb.latents.shape[2:]))
         std = mb.stds[:, j].to(dev)
         x_next, mean_old = mb.next_latents[:, j].to(dev), mb.means[:, j].to(dev)
         mean = step_mean(self.adapter, mb, j)
@@ -115,13 +153,26 @@ class PolicyUpdate:
         with torch.no_grad():
             logp_old = sde.token_log_prob(x_next, mean_old, std, patch)
         kl = sde.token_kl(mean, mean_old, std, patch)
-        out = self.objective(logp_new, logp_old, kl, advantages.to(dev))
+        keep = trained_tokens(patch)
+        if keep is not None:            # a frozen stream (model.frozen_streams): sampled, not trained
+            keep = keep.to(dev)
+            out = self.objective(logp_new[:, keep], logp_old[:, keep], kl[:, keep], advantages.to(dev))
+        else:
+            out = self.objective(logp_new, logp_old, kl, advantages.to(dev))
+        if keep is not None:            # the frozen terms over every token (a frozen stream's: never)
+            full = torch.zeros(kl.shape, dtype=torch.bool, device=kl.device)
+            full[:, keep] = out.frozen
+            out = ObjectiveOutput(out.loss, full, out.stats, out.counts)
+        stream_stats = stream_shares(patch, kl.detach(), out.frozen)
         if beta > 0:
             with torch.no_grad(), self.adapter.reference():
                 mean_ref = step_mean(self.adapter, mb, j)
             kl_ref = sde.token_kl(mean, mean_ref, std, patch)
+            kl_ref = kl_ref if keep is None else kl_ref[:, keep]
             out = ObjectiveOutput(out.loss + objectives.reference_kl_loss(kl_ref, beta), out.frozen,
                                   {**out.stats, "kl_ref_mean": kl_ref.detach().mean()}, out.counts)
+        if stream_stats:
+            out = ObjectiveOutput(out.loss, out.frozen, out.stats, {**out.counts, **stream_stats})
         return out, kl.detach(), (logp_new - logp_old).detach()
 
     def __call__(self, traj: Trajectory, advantages: torch.Tensor, it: int, snapshot: bool = False
@@ -211,4 +262,12 @@ class PolicyUpdate:
             out["ratio/clip_frac"] = acc.mean("clip_frac")
         if "kl_ref_mean" in acc.sums:
             out["kl_ref/mean"] = acc.mean("kl_ref_mean")
+        # A multi-stream latent (video and audio): each stream's share of the token KL, and the share
+        # of its terms the trust region froze (a stream frozen by model.frozen_streams has none).
+        for k in acc.sums:
+            if k.startswith("kl_") and k not in ("kl_all", "kl_mean", "kl_max", "kl_ref_mean"):
+                name = k[3:]
+                out[f"kl/share_{name}"] = f(k, "kl_all")
+                if f"terms_{name}" in acc.sums:
+                    out[f"mask/drop_frac_{name}"] = f(f"dropped_{name}", f"terms_{name}")
         return out

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from flowdppo_video import sde
 from flowdppo_video.models.base import ModelError, Text, VideoFlowAdapter, cat_text
 from flowdppo_video.runs.config import SamplerConfig
+from rewards import Audio
 
 
 def guided_velocity(adapter: VideoFlowAdapter, x: torch.Tensor, sigma: torch.Tensor, text: Text,
@@ -72,6 +73,11 @@ class Trajectory:
         experts: ``(S,)`` the transformer that made each SDE step (0 = ``transformer``, 1 =
             ``transformer_2`` of Wan 2.2 A14B); replay goes through the same one.
         guidance_scale_2: CFG scale of expert 1's steps (None: ``guidance_scale``).
+        audio: ``(B, channels, T)`` float32 waveforms decoded with the videos (a family with sound,
+            :attr:`VideoFlowAdapter.has_audio`), None otherwise; audio_rate: their sample rate.
+
+    A family of several token streams (LTX-2) carries its latent flat: ``C, F, H, W`` above are then
+    one axis ``E`` (:meth:`VideoFlowAdapter.token_map`).
     """
 
     prompts: list[str]
@@ -93,6 +99,8 @@ class Trajectory:
     cfg_joint: bool = True
     experts: torch.Tensor | None = None
     guidance_scale_2: float | None = None
+    audio: torch.Tensor | None = None
+    audio_rate: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -112,7 +120,7 @@ class Trajectory:
             if f.name == "prompts":
                 v = [v[i] for i in idx]
             elif f.name in ("text", "text_uncond", "latents", "next_latents", "means", "stds", "final",
-                            "videos") and v is not None:
+                            "videos", "audio") and v is not None:
                 v = v[index]
             out[f.name] = v
         return Trajectory(**out)
@@ -129,11 +137,23 @@ class Trajectory:
                 out[f.name] = [x for v in vals for x in v]
             elif f.name in ("text", "text_uncond"):
                 out[f.name] = None if vals[0] is None else cat_text(vals)
-            elif f.name in ("latents", "next_latents", "means", "stds", "final", "videos"):
+            elif f.name in ("latents", "next_latents", "means", "stds", "final", "videos", "audio"):
                 out[f.name] = None if vals[0] is None else torch.cat(vals)
             else:                                   # per-step data and settings: the same on every part
                 out[f.name] = vals[0]
         return Trajectory(**out)
+
+
+def reward_audio(traj: Trajectory) -> Audio | None:
+    """The rollout's sound as the rewards take it (None: a silent family)."""
+    return None if traj.audio is None else Audio(traj.audio, int(traj.audio_rate))
+
+
+def sound(traj: Trajectory, i: int) -> dict:
+    """``write_video``'s sound arguments for video ``i`` of ``traj`` (none for a silent family)."""
+    if traj.audio is None:
+        return {}
+    return {"audio": traj.audio[i], "audio_rate": traj.audio_rate}
 
 
 def step_mean(adapter: VideoFlowAdapter, traj: Trajectory, j: int) -> torch.Tensor:
@@ -190,7 +210,7 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
 
     Args:
         prompts: ``P`` prompts; the batch is ``B = P * G``, each prompt's samples contiguous.
-        latent_shape: ``(C, F, H, W)``.
+        latent_shape: ``(C, F, H, W)`` (or a multi-stream family's flat ``(E,)``).
         generator: a CPU generator; it draws the initial noise, the SDE steps and their noise,
             so the same seed gives the same trajectory on any device.
         negative_prompt: the unconditional prompt for CFG (used when ``guidance_scale != 1``).
@@ -207,7 +227,7 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     # Per row: an image-to-video model keeps each row's image in its unconditional branch.
     text_u = adapter.negative_text(negative_prompt or "", batch_prompts) if cfg_on else None
 
-    schedule = sde.flow_schedule(sampler.num_steps, sampler.shift)
+    schedule = adapter.schedule(sampler.num_steps, sampler.shift, tuple(latent_shape))
     steps = _choose_steps(adapter, sampler, generator, schedule)
     sigma_1 = float(schedule[1])
     dev = adapter.device
@@ -236,16 +256,18 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
             experts[j] = expert
             mean, std = sde.sde_step(sampler.kind, x, v, sig, sig_next, sampler.eta, sigma_1)
             noise = torch.randn((full, *latent_shape), generator=generator, dtype=torch.float32)[rows].to(dev)
-            x_next = mean + std.view(-1, 1, 1, 1, 1) * noise
+            x_next = mean + std.view(-1, *[1] * len(latent_shape)) * noise
             lat[:, j], nxt[:, j], means[:, j], stds[:, j] = x.cpu(), x_next.cpu(), mean.cpu(), std.cpu()
             x = x_next
         else:
             x = sde.ode_step(x, v, sig, sig_next)
     videos = adapter.decode(x) if decode else None
+    sound = adapter.decode_audio(x) if decode and adapter.has_audio else None
     sched = schedule.float()
     idx = torch.tensor(steps, dtype=torch.long)
     return Trajectory(prompts=batch_prompts, text=text.cpu(), text_uncond=None if text_u is None else text_u.cpu(),
                       steps=idx, sigmas=sched[idx], sigmas_next=sched[idx + 1], latents=lat, next_latents=nxt,
                       means=means, stds=stds, final=x.cpu(), videos=videos, sigma_1=sigma_1, kind=sampler.kind,
                       eta=sampler.eta, guidance_scale=sampler.guidance_scale, cfg_joint=joint, experts=experts,
-                      guidance_scale_2=g2)
+                      guidance_scale_2=g2, audio=None if sound is None else sound[0],
+                      audio_rate=None if sound is None else int(sound[1]))
