@@ -6,6 +6,8 @@ import abc
 import contextlib
 import dataclasses
 import gc
+import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
@@ -177,6 +179,33 @@ class VideoFlowAdapter(abc.ABC):
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
+
+    # The checkpoint folder the weights came from (``model.path``, set by ``models.build_adapter``;
+    # None for ``model.init``): where an export finds the encoders this build left out.
+    source_path: Path | None = None
+
+    def copy_released_parts(self, directory: Path) -> None:
+        """After a family's ``save_pretrained`` wrote ``directory`` without a conditioning encoder this
+        build left out (or released), copy that encoder's folder (and ``model_index.json`` entry) from
+        :attr:`source_path` unchanged: an export never builds the encoder. A one-line
+        :class:`ModelError` names what it needs when there is no such folder."""
+        index_file = directory / "model_index.json"
+        index = json.loads(index_file.read_text())
+        absent = [a for a in self.TEXT_ENCODERS if getattr(self, a, None) is None and a in index
+                  and (index[a] or [None])[0] is None]
+        if not absent:
+            return
+        src = Path(self.source_path) if self.source_path is not None else None
+        source_index = json.loads((src / "model_index.json").read_text()) \
+            if src is not None and (src / "model_index.json").is_file() else {}
+        for attr in absent:
+            if src is None or not (src / attr).is_dir() or (source_index.get(attr) or [None])[0] is None:
+                where = f"model.path {src} has no {attr}/ folder" if src is not None else "the model has no model.path"
+                raise ModelError(f"export needs the {attr} weights to copy and {where}; export from a run whose "
+                                 f"model.path holds {attr}/")
+            shutil.copytree(src / attr, directory / attr, dirs_exist_ok=True)
+            index[attr] = source_index[attr]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def encode_negative(self, negative_prompt: str, prompts: list[str]) -> "Text":
         """The unconditional (CFG) conditioning of the rows ``prompts``: the negative prompt's text;
