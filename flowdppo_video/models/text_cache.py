@@ -3,9 +3,11 @@
 Wan's UMT5-XXL (5.7B parameters) outweighs the 1.3B transformer it conditions, yet a run's prompts
 are known at its start. :func:`cache_prompts` encodes every training and held-out prompt (and the
 CFG negative of each) in batches, keeps the rows on the CPU, writes them to
-``RUN_DIR/text_cache.safetensors`` (read back on resume) and releases the encoders. On a GPU the
-transformers wait in host memory meanwhile and come back after the encoders are released, so the
-start is no peak of its own.
+``RUN_DIR/text_cache.safetensors`` (read back on resume) and releases the encoders. A run's start is
+staged (``training/run_builder.py``: :func:`missing_rows`, :func:`encode_rows` on the encoders built
+alone, released before the transformers are built); :func:`cache_prompts` serves the families that
+build every part at once, and ``model.keep_text_encoder``: on a GPU their transformers wait in host
+memory while the prompts are encoded.
 ``model.keep_text_encoder: true`` keeps them, for runs whose prompts change.
 
 The rows are what the adapter's own ``encode_prompts`` / ``encode_negative`` returned, sliced and
