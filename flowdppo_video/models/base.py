@@ -172,6 +172,7 @@ class VideoFlowAdapter(abc.ABC):
             if isinstance(m, torch.nn.Module):
                 freed += sum(p.numel() * p.element_size() for p in m.parameters())
                 setattr(self, attr, None)
+                self.released_encoders = self.released_encoders | {attr}
         for attr in ("_text_cache", "_negative_cache", "_cond_cache"):   # the families' rows, now in text_cache
             if isinstance(getattr(self, attr, None), dict):
                 getattr(self, attr).clear()
@@ -183,6 +184,8 @@ class VideoFlowAdapter(abc.ABC):
     # The checkpoint folder the weights came from (``model.path``, set by ``models.build_adapter``;
     # None for ``model.init``): where an export finds the encoders this build left out.
     source_path: Path | None = None
+    # The encoder attributes :meth:`release_text_encoders` dropped (an export copies their folders).
+    released_encoders: frozenset[str] = frozenset()
 
     def copy_released_parts(self, directory: Path) -> None:
         """After a family's ``save_pretrained`` wrote ``directory`` without a conditioning encoder this
@@ -191,8 +194,8 @@ class VideoFlowAdapter(abc.ABC):
         :class:`ModelError` names what it needs when there is no such folder."""
         index_file = directory / "model_index.json"
         index = json.loads(index_file.read_text())
-        absent = [a for a in self.TEXT_ENCODERS if getattr(self, a, None) is None and a in index
-                  and (index[a] or [None])[0] is None]
+        absent = [a for a in self.TEXT_ENCODERS if a in self.released_encoders and getattr(self, a, None) is None
+                  and (index.get(a) or [None])[0] is None]
         if not absent:
             return
         src = Path(self.source_path) if self.source_path is not None else None
