@@ -39,7 +39,7 @@ from rewards import build_rewards, reward_weights, score_videos
 from . import sde
 from .advantages import compute_advantages
 from .exceptions import TrainingError
-from .models.text_cache import CACHE_FILE, cache_run_prompts
+from .models.text_cache import CACHE_FILE
 from .objectives import ObjectiveOutput
 from .parallel.groups import ParallelState, adopt_launcher_settings, check_layout, init_parallel
 from .parallel.sequence import apply_sequence_parallel, check_token_padding
@@ -94,15 +94,18 @@ class Trainer:
         self.device = resolve_device(cfg.run.device, self.par.local_rank)
         # Sequence parallelism is applied to the built model from outside, before the images attach.
         sp = (lambda adapter: apply_sequence_parallel(adapter, self.par.sp_group)) if self.par.sp > 1 else None
-        built = build_model(cfg, self.device, reference=keeps_reference(cfg), images=images, transform=sp)
+        # A staged start: every prompt (training and held-out) encoded once by the text encoders alone,
+        # which are released before the transformers are built (none is built when the run's text
+        # cache covers them); model.keep_text_encoder keeps them, built with the rest.
+        built = build_model(cfg, self.device, reference=keeps_reference(cfg), images=images, transform=sp,
+                            prompts=self.prompts + (self.eval_prompts or []), run_dir=self.run_dir,
+                            progress=cfg.run.progress and self.par.is_main)
         self.adapter, self.latent_shape = built.adapter, built.latent_shape
-        check_token_padding(self.adapter, self.latent_shape)      # before the prompts are encoded
+        self.text_stats = built.text_stats
+        check_token_padding(self.adapter, self.latent_shape)
         # after the model: patch_grid's period is its own (VAE stride x patch) unless configured
         self.eval_monitors = (build_monitors(e.monitors, e.monitor_period, self.adapter, (cfg.video.height, cfg.video.width))
                               if self.eval_prompts else {})
-        # Every prompt encoded once, then the text encoder released (model.keep_text_encoder keeps it).
-        self.text_stats = cache_run_prompts(self.adapter, cfg, self.prompts + (self.eval_prompts or []), images,
-                                            self.run_dir, cfg.run.progress and self.par.is_main)
         check_rollout_memory(cfg, self.latent_shape, self.adapter)
         self.elements_per_token = objective_elements(self.adapter.token_map(self.latent_shape), self.latent_shape)
         self.updater = build_updater(self.adapter, cfg, self.par)

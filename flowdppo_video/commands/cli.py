@@ -76,7 +76,9 @@ def _export(args: argparse.Namespace) -> None:
         shutil.copytree(ckpt / "model", out, dirs_exist_ok=True)   # peft adapter files per expert
         print(f"wrote the LoRA adapter of {ckpt} to {out}")
         return
-    adapter = build_model(cfg, torch.device("cpu"), images=False).adapter    # the weights only
+    # The weights only; a model.path model is built without its text encoders, whose folders the
+    # export copies from model.path unchanged (a model.init one draws them: they exist nowhere else).
+    adapter = build_model(cfg, torch.device("cpu"), images=False, encoders=cfg.model.path is None).adapter
     load_checkpoint(ckpt, adapter, None)
     adapter.save_pretrained(out)
     how = "LoRA merged" if cfg.model.lora.rank else "full weights"

@@ -60,6 +60,10 @@ class Plan:
     header: list[str]
     rows: list[Row]
     notes: list[str]
+    # Per GPU, the stages of a run one after the other (the start is staged, training/run_builder.py):
+    # "encode" (the conditioning encoders alone, while the prompts are encoded; absent when
+    # model.keep_text_encoder keeps them with the rest) and "train"; the total is their maximum.
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def row(self, prefix: str) -> Row:
         """The first row whose name starts with ``prefix``."""
@@ -102,7 +106,6 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     rows: list[Row] = []
     # ---- parameters
     trained = [t for p in parts if p.role == "trained" for t in p.tensors]
-    released = 0.0                                      # text encoders freed after the start
     for p in parts:
         if not p.counted:
             rows.append(Row(p.name, None, "-", None, 0.0, "no config.json for this part: not counted"))
@@ -114,9 +117,9 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
         host = b if (engine and par.offload_params) else 0.0
         note = "sharded over the world (ZeRO-3)" if engine and z == 3 else ""
         if p.name in adapter.TEXT_ENCODERS and not cfg.model.keep_text_encoder:
-            # Resident only while the run's prompts are encoded at its start (models/text_cache.py).
-            released += b
-            b, note = 0.0, f"released after encoding the prompts ({fmt_bytes(p.nbytes)} at start; model.keep_text_encoder)"
+            # Built alone at the start, released before the transformers are built (a staged start).
+            b, note = 0.0, (f"built alone at the start to encode the prompts ({fmt_bytes(p.nbytes)}), released "
+                            "before the transformers are built; model.keep_text_encoder keeps it")
         rows.append(Row(("trained: " if p.role == "trained" else "frozen: ") + p.name, p.numel,
                         p.dtypes, b - host, host, note))
     # ---- gradients
@@ -181,12 +184,19 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
     static = sum(r.device or 0.0 for r in rows if not r.name.startswith("activations"))
     update = on_k + on_r if ck else off_k
     total = static + max(update, roll)
-    # At the start the encoders sit beside the VAE (the transformers wait on the host, models/text_cache.py).
-    start = released + sum(float(p.nbytes) for p in parts if p.counted and not p.name.startswith("transformer")
-                           and p.name not in adapter.TEXT_ENCODERS)
-    rows.append(Row("total per GPU (config checkpointing; max of update, rollout)", None, "", max(total, start),
-                    sum(r.host for r in rows), f"the start is the peak: {fmt_bytes(start)} while the prompts are "
-                    "encoded" if start > total else ""))
+    # A staged start: the encoders alone (with the VAE for image-to-video, which encodes each prompt's
+    # image), released before the transformers and the VAE are built; then training.
+    stages = {"train": total}
+    if not cfg.model.keep_text_encoder:
+        stages = {"encode": encode_stage_bytes(adapter, parts), "train": total}
+        rows.append(Row("start: the encoders alone, encoding the prompts", None, "", stages["encode"], 0.0,
+                        "stage 1: no transformer is built yet; none at all when the run's text cache covers "
+                        "the prompts"))
+    peak = max(stages.values())
+    rows.append(Row("total per GPU (config checkpointing; max of update, rollout)", None, "", peak,
+                    sum(r.host for r in rows), f"the start is the peak: {fmt_bytes(stages['encode'])} while the "
+                    "prompts are encoded" if stages.get("encode", 0.0) > total else "max of the stages, not their sum"
+                    if "encode" in stages else ""))
     src = str(model_config) if model_config is not None else (cfg.model.path or "model.init")
     header = [
         f"model: {cfg.model.family} from {src}; dtype {cfg.model.dtype}; "
@@ -207,11 +217,19 @@ def plan_memory(cfg: Config, world: int, model_config: str | Path | None = None)
         "the VAE decode's peak, the trajectory buffers",
     ]
     if not cfg.model.keep_text_encoder:
-        notes.append("text encoders: resident only while the run's prompts are encoded at its start (the "
-                     "transformers wait on the host meanwhile); the cached embeddings stay on the host")
+        notes.append("text encoders: built alone at the start, released before the transformers and the VAE are "
+                     "built (a run whose text cache covers its prompts builds none); the cached embeddings stay "
+                     "on the host")
     if missing:
         notes.append(f"no config.json for {', '.join(missing)}: those rows are not counted")
-    return Plan(header, rows, notes)
+    return Plan(header, rows, notes, stages)
+
+
+def encode_stage_bytes(adapter: object, parts: list) -> float:
+    """The first stage of a staged start: the conditioning encoders' parameters, and the VAE's for an
+    image-to-video family (it encodes each prompt's image into its row); the transformers are not built."""
+    names = set(getattr(adapter, "TEXT_ENCODERS", ())) | ({"vae"} if getattr(adapter, "takes_images", False) else set())
+    return float(sum(p.nbytes for p in parts if p.counted and p.name in names))
 
 
 def token_streams(adapter: Any, shape: tuple[int, ...]) -> list[tuple[str, int, int]]:

@@ -103,7 +103,9 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     print(f"sampling {_count(n, 'video')}: {args.num} per prompt x {_count(len(chosen), 'prompt')} ({source}), "
           f"from {what}, {kind.upper()} sampling, seed {args.seed}, into {out}", flush=True)
 
-    built = build_model(cfg)         # image-to-video: with the images of the run's prompts
+    # Image-to-video: with the images of the run's prompts. The run's text cache serves the chosen
+    # prompts; only rows it lacks build the text encoder, released before the transformer is built.
+    built = build_model(cfg, prompts=[p for _, p in chosen], run_dir=run_dir)
     adapter, latent_shape = built.adapter, built.latent_shape
     if ckpt is not None:
         load_checkpoint(ckpt, adapter, None)

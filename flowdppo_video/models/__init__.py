@@ -13,6 +13,7 @@ from flowdppo_video.runs.config import ModelConfig
 from flowdppo_video.runs.resources import resolve
 
 from .base import ModelError, SequenceParallelPlan, TextBatch, VideoFlowAdapter
+from .common import ALL, CONDITIONING, DENOISER, building
 from .registry import FamilySpec, families, family, family_of_pipeline, register, spec_for
 from .speed import apply_speed_switches, attention_backend
 
@@ -44,11 +45,22 @@ def check_weight_files(path: Path) -> None:
             raise ModelError(f"model.path {path}: {f} is not a readable safetensors file ({first})") from None
 
 
-def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool = False) -> VideoFlowAdapter:
+def staged(cfg: ModelConfig) -> bool:
+    """Whether ``cfg``'s family builds its conditioning encoders and its denoiser apart
+    (``FamilySpec.staged``)."""
+    return family(cfg.family).staged
+
+
+def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool = False,
+                  parts: str = ALL) -> VideoFlowAdapter:
     """Load (``cfg.path``) or build (``cfg.init``) the model and set up what trains.
 
     ``keep_reference``: keep the frozen base reachable through ``adapter.reference()``
     (free with LoRA; a frozen copy with full fine-tuning).
+    ``parts`` (a family with ``FamilySpec.staged``; others build every part): ``CONDITIONING``, the
+    encoders alone, for ``encode_prompts`` (the transformers are skeletons on the meta device, nothing
+    trains); ``DENOISER``, the transformers and the VAE, without any text encoder (the rows of the
+    run's text cache stand in for it); ``ALL``, every part.
     """
     spec = family(cfg.family)
     path = resolve(cfg.path) if cfg.path is not None else None
@@ -61,7 +73,15 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
     if not spec.two_experts and cfg.train_experts not in (None, ["high"]):
         raise ModelError(f"model.train_experts {cfg.train_experts}: only Wan 2.2 A14B has two experts")
     attention_backend(cfg.attention_backend, device, spec.adapter.masks_attention)   # before the weights load
-    adapter = spec.build(cfg, path, device)
+    if not spec.staged:
+        parts = ALL
+    with building(parts):
+        adapter = spec.build(cfg, path, device)
+    adapter.source_path = Path(path) if path is not None else None
+    if parts == CONDITIONING:
+        return adapter                   # it only encodes: nothing trains, no LoRA, nothing compiled
+    if parts == DENOISER:
+        adapter.release_text_encoders()  # the skeletons: nothing was read or drawn for them
     if cfg.frozen_streams:
         if not adapter.has_audio:
             raise ModelError(f"model.frozen_streams {cfg.frozen_streams}: model.family {cfg.family!r} has one "
@@ -83,5 +103,5 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
     return adapter
 
 
-__all__ = ["FamilySpec", "ModelError", "SequenceParallelPlan", "TextBatch", "VideoFlowAdapter", "build_adapter",
-           "check_weight_files", "checkpoint_family", "families", "family", "register", "spec_for"]
+__all__ = ["ALL", "CONDITIONING", "DENOISER", "FamilySpec", "ModelError", "SequenceParallelPlan", "TextBatch", "VideoFlowAdapter", "build_adapter",
+           "check_weight_files", "checkpoint_family", "families", "family", "register", "spec_for", "staged"]

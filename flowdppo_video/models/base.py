@@ -6,6 +6,8 @@ import abc
 import contextlib
 import dataclasses
 import gc
+import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
@@ -171,6 +173,7 @@ class VideoFlowAdapter(abc.ABC):
             if isinstance(m, torch.nn.Module):
                 freed += sum(p.numel() * p.element_size() for p in m.parameters())
                 setattr(self, attr, None)
+                self.released_encoders = self.released_encoders | {attr}
         for attr in ("_text_cache", "_negative_cache", "_cond_cache"):   # the families' rows, now in text_cache
             if isinstance(getattr(self, attr, None), dict):
                 getattr(self, attr).clear()
@@ -178,6 +181,35 @@ class VideoFlowAdapter(abc.ABC):
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
+
+    # The checkpoint folder the weights came from (``model.path``, set by ``models.build_adapter``;
+    # None for ``model.init``): where an export finds the encoders this build left out.
+    source_path: Path | None = None
+    # The encoder attributes :meth:`release_text_encoders` dropped (an export copies their folders).
+    released_encoders: frozenset[str] = frozenset()
+
+    def copy_released_parts(self, directory: Path) -> None:
+        """After a family's ``save_pretrained`` wrote ``directory`` without a conditioning encoder this
+        build left out (or released), copy that encoder's folder (and ``model_index.json`` entry) from
+        :attr:`source_path` unchanged: an export never builds the encoder. A one-line
+        :class:`ModelError` names what it needs when there is no such folder."""
+        index_file = directory / "model_index.json"
+        index = json.loads(index_file.read_text())
+        absent = [a for a in self.TEXT_ENCODERS if a in self.released_encoders and getattr(self, a, None) is None
+                  and (index.get(a) or [None])[0] is None]
+        if not absent:
+            return
+        src = Path(self.source_path) if self.source_path is not None else None
+        source_index = json.loads((src / "model_index.json").read_text()) \
+            if src is not None and (src / "model_index.json").is_file() else {}
+        for attr in absent:
+            if src is None or not (src / attr).is_dir() or (source_index.get(attr) or [None])[0] is None:
+                where = f"model.path {src} has no {attr}/ folder" if src is not None else "the model has no model.path"
+                raise ModelError(f"export needs the {attr} weights to copy and {where}; export from a run whose "
+                                 f"model.path holds {attr}/")
+            shutil.copytree(src / attr, directory / attr, dirs_exist_ok=True)
+            index[attr] = source_index[attr]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def encode_negative(self, negative_prompt: str, prompts: list[str]) -> "Text":
         """The unconditional (CFG) conditioning of the rows ``prompts``: the negative prompt's text;

@@ -1,13 +1,16 @@
 """What several families share and none owns: the dtype names of ``model.dtype``, transformers'
-image processor classes, and the check that a diffusers directory holds a pipeline's folders."""
+image processor classes, the check that a diffusers directory holds a pipeline's folders, and the
+parts of a staged build (:func:`building`: the conditioning encoders alone, or the denoiser alone)."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -58,6 +61,75 @@ def check_pipeline_folders(path: Path, transformer_class: str, family: str,
     for sub in parts:
         if not (path / sub).is_dir():
             raise ModelError(f"model.path {path} has no {sub}/ folder")
+
+
+# ---------------------------------------------------------------- a staged build
+# What one build of a family makes (``models.build_adapter(..., parts=)``): every part, the
+# conditioning encoders alone (the text encoders, and for image-to-video the image encoder and the VAE
+# that encode each prompt's image), or the denoiser alone (the transformers and the VAE). A part left
+# out is a skeleton on the meta device: its class and config, no memory, so the adapter's checks
+# between parts still run. A family that honours this sets ``FamilySpec.staged``.
+ALL, CONDITIONING, DENOISER = "all", "conditioning", "denoiser"
+_PARTS: contextvars.ContextVar[str] = contextvars.ContextVar("parts", default=ALL)
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+@contextlib.contextmanager
+def building(parts: str) -> Iterator[None]:
+    """Within: the family's build makes ``parts`` (:data:`ALL`, :data:`CONDITIONING`, :data:`DENOISER`)."""
+    if parts not in (ALL, CONDITIONING, DENOISER):
+        raise ValueError(f"parts must be one of {ALL!r}, {CONDITIONING!r}, {DENOISER!r}, got {parts!r}")
+    token = _PARTS.set(parts)
+    try:
+        yield
+    finally:
+        _PARTS.reset(token)
+
+
+def is_skeleton(module: Any) -> bool:
+    """Whether ``module`` is a part left out of this build (its tensors on the meta device)."""
+    return isinstance(module, torch.nn.Module) and any(
+        t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def skeleton(cls: Any, folder: Path, dtype: torch.dtype | None = None) -> Any:
+    """``cls`` (a diffusers or transformers model class) from ``folder``'s config.json on the meta
+    device: the part's shape without its weights (nothing is read but the config)."""
+    with torch.device("meta"):
+        if hasattr(cls, "load_config"):                       # diffusers
+            model = cls.from_config(cls.load_config(folder))
+        else:                                                 # transformers
+            model = cls(cls.config_class.from_pretrained(folder))
+    return model.to(dtype) if dtype is not None else model
+
+
+def encoder_part(load: Callable[[], M], meta: Callable[[], M] | None = None) -> M:
+    """A conditioning encoder of this build: ``load()``, or (the denoiser's build) ``meta()``, by
+    default ``load()`` under the meta device (a random build: nothing drawn, the generator untouched)."""
+    if _PARTS.get() != DENOISER:
+        return load()
+    if meta is not None:
+        return meta()
+    with torch.device("meta"):
+        return load()
+
+
+def denoiser_part(load: Callable[[], M], meta: Callable[[], M], *, conditions: bool = False) -> M:
+    """A part of the denoiser (a transformer, the VAE): ``load()``, or in the conditioning build
+    ``meta()``; ``conditions``: the part also encodes the prompts' conditioning (an image-to-video
+    VAE), so that build loads it too."""
+    return meta() if _PARTS.get() == CONDITIONING and not conditions else load()
+
+
+def drawn_denoiser(module: M, *, conditions: bool = False) -> M:
+    """A randomly drawn part of the denoiser: in the conditioning build, moved to the meta device at
+    once (drawn all the same, so the generator reaches the encoders where a whole build has it)."""
+    return module.to("meta") if _PARTS.get() == CONDITIONING and not conditions else module
+
+
+def place(module: M, device: torch.device) -> M:
+    """``module`` on ``device``; a skeleton (:func:`is_skeleton`) stays where it is."""
+    return module if is_skeleton(module) else module.to(device=device)
 
 
 class PromptImages:

@@ -19,7 +19,7 @@ import torch
 
 from . import hunyuan_common
 from .base import ModelError, TextBatch, init_parts
-from .common import DTYPES, built_in, check_pipeline_folders
+from .common import DTYPES, built_in, check_pipeline_folders, encoder_part, skeleton
 from .hunyuan_common import CLIP_MAX_LENGTH, HunyuanCommon, load_shared_parts, tiny_transformer_and_vae
 from .memory import read_part_configs
 from .registry import FamilySpec, register
@@ -114,7 +114,9 @@ class HunyuanVideoAdapter(HunyuanCommon):
         check_pipeline_folders(p, "HunyuanVideoTransformer3DModel", "hunyuan_video")
         tdtype = DTYPES[dtype]
         s = load_shared_parts(p, tdtype)
-        return cls(s["transformer"], s["vae"], LlamaModel.from_pretrained(p / "text_encoder", dtype=tdtype),
+        text_encoder = encoder_part(lambda: LlamaModel.from_pretrained(p / "text_encoder", dtype=tdtype),
+                                    lambda: skeleton(LlamaModel, p / "text_encoder", tdtype))
+        return cls(s["transformer"], s["vae"], text_encoder,
                    s["tokenizer"], s["text_encoder_2"], s["tokenizer_2"], device=device, dtype=tdtype,
                    max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance,
                    scheduler_config=s["scheduler_config"])
@@ -137,12 +139,12 @@ class HunyuanVideoAdapter(HunyuanCommon):
             # the VAE stays float32, as from_pretrained keeps it.
             transformer, vae = tiny_transformer_and_vae(parts, tdtype)
             with built_in(tdtype):
-                text_encoder = LlamaModel(LlamaConfig(**{"vocab_size": len(tok), "pad_token_id": 0,
-                                                         "bos_token_id": 1, "eos_token_id": 1,
-                                                         **parts["text_encoder"]}))
-                text_encoder_2 = CLIPTextModel(CLIPTextConfig(**{
+                text_encoder = encoder_part(lambda: LlamaModel(LlamaConfig(**{
+                    "vocab_size": len(tok), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
+                    **parts["text_encoder"]})))
+                text_encoder_2 = encoder_part(lambda: CLIPTextModel(CLIPTextConfig(**{
                     "vocab_size": len(tok_2), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
-                    "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]}))
+                    "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]})))
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
@@ -163,6 +165,7 @@ class HunyuanVideoAdapter(HunyuanCommon):
         HunyuanVideoPipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self.export_single(),
                              vae=self.vae, scheduler=scheduler, text_encoder_2=self.text_encoder_2,
                              tokenizer_2=self.tokenizer_2).save_pretrained(str(directory))
+        self.copy_released_parts(Path(directory))
 
     # ---------------------------------------------------------------- the interface
     def embed_text(self, prompts: list[str]) -> TextBatch:
@@ -201,4 +204,4 @@ def init_from_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
 register(FamilySpec(name="hunyuan_video", pipeline="HunyuanVideoPipeline", adapter=HunyuanVideoAdapter,
                     build=functools.partial(hunyuan_common.build, HunyuanVideoAdapter), tiny_init=TINY_INIT,
                     activation_profile=hunyuan_common.activation_profile, init_from_folder=init_from_folder,
-                    sequence_parallel_plan=hunyuan_common.sequence_parallel_plan))
+                    sequence_parallel_plan=hunyuan_common.sequence_parallel_plan, staged=True))

@@ -20,7 +20,8 @@ import torch
 
 from . import hunyuan_common
 from .base import ModelError, TextBatch, VideoFlowAdapter, init_parts
-from .common import DTYPES, built_in, check_pipeline_folders
+from .common import (DTYPES, built_in, check_pipeline_folders, denoiser_part, drawn_denoiser, encoder_part,
+                     skeleton)
 from .hunyuan_common import HunyuanCommon
 from .memory import read_part_configs
 from .registry import FamilySpec, register
@@ -118,10 +119,16 @@ class HunyuanVideo15Adapter(HunyuanCommon):
         p = Path(path)
         check_pipeline_folders(p, "HunyuanVideo15Transformer3DModel", cls.FAMILY)
         tdtype = DTYPES[dtype]
-        transformer = HunyuanVideo15Transformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
-        vae = AutoencoderKLHunyuanVideo15.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = Qwen2_5_VLTextModel.from_pretrained(p / "text_encoder", dtype=tdtype)
-        text_encoder_2 = T5EncoderModel.from_pretrained(p / "text_encoder_2", dtype=tdtype)
+        # A staged build (models.common.building) reads only its own parts' weights.
+        transformer = denoiser_part(
+            lambda: HunyuanVideo15Transformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype),
+            lambda: skeleton(HunyuanVideo15Transformer3DModel, p / "transformer", tdtype))
+        vae = denoiser_part(lambda: AutoencoderKLHunyuanVideo15.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32),
+                            lambda: skeleton(AutoencoderKLHunyuanVideo15, p / "vae"), conditions=cls.takes_images)
+        text_encoder = encoder_part(lambda: Qwen2_5_VLTextModel.from_pretrained(p / "text_encoder", dtype=tdtype),
+                                    lambda: skeleton(Qwen2_5_VLTextModel, p / "text_encoder", tdtype))
+        text_encoder_2 = encoder_part(lambda: T5EncoderModel.from_pretrained(p / "text_encoder_2", dtype=tdtype),
+                                      lambda: skeleton(T5EncoderModel, p / "text_encoder_2", tdtype))
         sched = p / "scheduler" / "scheduler_config.json"
         return cls(transformer, vae, text_encoder, AutoTokenizer.from_pretrained(p / "tokenizer"), text_encoder_2,
                    AutoTokenizer.from_pretrained(p / "tokenizer_2"), device=device, dtype=tdtype,
@@ -150,15 +157,16 @@ class HunyuanVideo15Adapter(HunyuanCommon):
             tr = dict(parts["transformer"])
             tr["rope_axes_dim"] = tuple(tr["rope_axes_dim"])
             with built_in(tdtype):
-                transformer = HunyuanVideo15Transformer3DModel(**tr)
+                transformer = drawn_denoiser(HunyuanVideo15Transformer3DModel(**tr))
             vcfg = dict(parts["vae"])
             vcfg["block_out_channels"] = tuple(vcfg["block_out_channels"])
-            vae = AutoencoderKLHunyuanVideo15(**vcfg)
+            vae = drawn_denoiser(AutoencoderKLHunyuanVideo15(**vcfg), conditions=cls.takes_images)
             with built_in(tdtype):
-                text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**{
+                text_encoder = encoder_part(lambda: Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**{
                     "vocab_size": len(tok), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
-                    **parts["text_encoder"]}))
-                text_encoder_2 = T5EncoderModel(T5Config(**{"vocab_size": len(tok_2), **parts["text_encoder_2"]}))
+                    **parts["text_encoder"]})))
+                text_encoder_2 = encoder_part(
+                    lambda: T5EncoderModel(T5Config(**{"vocab_size": len(tok_2), **parts["text_encoder_2"]})))
                 extra = cls._extra_config(parts, tdtype)
         except (TypeError, ValueError, KeyError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
@@ -196,6 +204,7 @@ class HunyuanVideo15Adapter(HunyuanCommon):
             text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self.export_single(), vae=self.vae,
             scheduler=scheduler, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
             guider=ClassifierFreeGuidance(), **self._extra_pipeline_parts()).save_pretrained(str(directory))
+        self.copy_released_parts(Path(directory))
 
     def embed_text(self, prompts: list[str]) -> TextBatch:
         """The pipeline's own encoders (chat template, crop, layer -3; ByT5 for quoted text); no cache."""
@@ -255,4 +264,5 @@ def init_from_folder(folder: Path, parts: tuple[str, ...] = ("transformer", "vae
 register(FamilySpec(name="hunyuan_video_1.5", pipeline="HunyuanVideo15Pipeline", adapter=HunyuanVideo15Adapter,
                     build=functools.partial(hunyuan_common.build, HunyuanVideo15Adapter), tiny_init=TINY_INIT,
                     activation_profile=hunyuan_common.activation_profile, text_tokens=text_tokens,
-                    init_from_folder=init_from_folder, sequence_parallel_plan=hunyuan_common.sequence_parallel_plan))
+                    init_from_folder=init_from_folder, sequence_parallel_plan=hunyuan_common.sequence_parallel_plan,
+                    staged=True))

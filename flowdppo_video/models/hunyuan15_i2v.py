@@ -33,7 +33,7 @@ import torch
 
 from . import hunyuan_common
 from .base import ModelError, TextBatch, cat_text
-from .common import PromptImages, built_in, clip_processor_class
+from .common import PromptImages, built_in, clip_processor_class, encoder_part, place, skeleton
 from .hunyuan15 import TINY_INIT, HunyuanVideo15Adapter, init_from_folder, text_tokens
 from .registry import FamilySpec, register
 
@@ -69,7 +69,7 @@ class HunyuanVideo15I2VAdapter(PromptImages, HunyuanVideo15Adapter):
         if int(image_encoder.config.hidden_size) != dim:
             raise ModelError(f"image_encoder hidden_size {image_encoder.config.hidden_size} != transformer "
                              f"image_embed_dim {dim}")
-        self.image_encoder = image_encoder.to(device=self.device).eval().requires_grad_(False)
+        self.image_encoder = place(image_encoder, self.device).eval().requires_grad_(False)
         self.feature_extractor = feature_extractor
         self._init_images()
 
@@ -81,7 +81,8 @@ class HunyuanVideo15I2VAdapter(PromptImages, HunyuanVideo15Adapter):
         for sub in ("image_encoder", "feature_extractor"):
             if not (path / sub).is_dir():
                 raise ModelError(f"model.path {path} has no {sub}/ folder")
-        return {"image_encoder": SiglipVisionModel.from_pretrained(path / "image_encoder", dtype=dtype),
+        return {"image_encoder": encoder_part(lambda: SiglipVisionModel.from_pretrained(path / "image_encoder", dtype=dtype),
+                                              lambda: skeleton(SiglipVisionModel, path / "image_encoder", dtype)),
                 "feature_extractor": clip_processor_class(_SIGLIP).from_pretrained(path / "feature_extractor")}
 
     @classmethod
@@ -90,7 +91,7 @@ class HunyuanVideo15I2VAdapter(PromptImages, HunyuanVideo15Adapter):
 
         cfg = SiglipVisionConfig(**parts["image_encoder"])
         with built_in(dtype):
-            encoder = SiglipVisionModel(cfg)
+            encoder = encoder_part(lambda: SiglipVisionModel(cfg))
         side = int(cfg.image_size)
         return {"image_encoder": encoder.to(dtype),
                 "feature_extractor": clip_processor_class(_SIGLIP)(size={"height": side, "width": side})}
@@ -154,4 +155,4 @@ register(FamilySpec(name="hunyuan_video_1.5_i2v", pipeline="HunyuanVideo15ImageT
                     activation_profile=hunyuan_common.activation_profile, text_tokens=text_tokens,
                     init_from_folder=functools.partial(init_from_folder, parts=(
                         "transformer", "vae", "text_encoder", "text_encoder_2", "image_encoder")),
-                    sequence_parallel_plan=hunyuan_common.sequence_parallel_plan))
+                    sequence_parallel_plan=hunyuan_common.sequence_parallel_plan, staged=True))

@@ -16,7 +16,7 @@ from flowdppo_video.runs.config import ModelConfig
 from ._training import TrainableExperts
 from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import SequenceParallelPlan, TextBatch, VideoFlowAdapter, cat_text, causal_latent_shape
-from .common import built_in
+from .common import built_in, denoiser_part, drawn_denoiser, encoder_part, place, skeleton
 
 CLIP_MAX_LENGTH = 77              # CLIP's text length (the pooled-projection encoder of 1.0 and its I2V)
 
@@ -38,12 +38,12 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
                dtype: torch.dtype, max_sequence_length: int, scheduler_config: dict[str, Any] | None) -> None:
         """One trainable transformer; two frozen text encoders and the frozen VAE on ``device``."""
         self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
-        self.experts = [transformer.to(device=device)]
+        self.experts = [place(transformer, device)]
         self.trained = [0]
         self._init_training()
-        self.vae = vae.to(device=device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(device=device).eval().requires_grad_(False)
-        self.text_encoder_2 = text_encoder_2.to(device=device).eval().requires_grad_(False)
+        self.vae = place(vae, device).eval().requires_grad_(False)
+        self.text_encoder = place(text_encoder, device).eval().requires_grad_(False)
+        self.text_encoder_2 = place(text_encoder_2, device).eval().requires_grad_(False)
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.scheduler_config = scheduler_config or {}
         tcfg = self.transformer.config
@@ -76,23 +76,29 @@ class HunyuanCommon(TrainableExperts, VideoFlowAdapter):
         return torch.cat(outs)
 
 
-def load_shared_parts(p: Path, tdtype: torch.dtype) -> dict[str, Any]:
+def load_shared_parts(p: Path, tdtype: torch.dtype, conditions: bool = False) -> dict[str, Any]:
     """What every HunyuanVideo pipeline directory holds alike (text-to-video and image-to-video):
-    the transformer, the VAE (float32), the CLIP text encoder, both tokenizers, the scheduler config."""
+    the transformer, the VAE (float32), the CLIP text encoder, both tokenizers, the scheduler config;
+    a staged build's parts only (``conditions``: the VAE encodes the prompts' images too)."""
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     sched = p / "scheduler" / "scheduler_config.json"
-    return {"transformer": HunyuanVideoTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype),
-            "vae": AutoencoderKLHunyuanVideo.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32),
-            "text_encoder_2": CLIPTextModel.from_pretrained(p / "text_encoder_2", dtype=tdtype),
+    return {"transformer": denoiser_part(
+                lambda: HunyuanVideoTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype),
+                lambda: skeleton(HunyuanVideoTransformer3DModel, p / "transformer", tdtype)),
+            "vae": denoiser_part(
+                lambda: AutoencoderKLHunyuanVideo.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32),
+                lambda: skeleton(AutoencoderKLHunyuanVideo, p / "vae"), conditions=conditions),
+            "text_encoder_2": encoder_part(lambda: CLIPTextModel.from_pretrained(p / "text_encoder_2", dtype=tdtype),
+                                           lambda: skeleton(CLIPTextModel, p / "text_encoder_2", tdtype)),
             "tokenizer": AutoTokenizer.from_pretrained(p / "tokenizer"),
             "tokenizer_2": AutoTokenizer.from_pretrained(p / "tokenizer_2"),
             "scheduler_config": json.loads(sched.read_text()) if sched.is_file() else None}
 
 
-def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]], dtype: torch.dtype = torch.float32
-                             ) -> tuple[torch.nn.Module, torch.nn.Module]:
+def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]], dtype: torch.dtype = torch.float32,
+                             conditions: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     """``HunyuanVideoTransformer3DModel`` (created in ``dtype``) and ``AutoencoderKLHunyuanVideo``
     (float32) from ``model.init`` parts (random weights; the caller seeds and turns errors into
     ModelError)."""
@@ -105,8 +111,8 @@ def tiny_transformer_and_vae(parts: dict[str, dict[str, Any]], dtype: torch.dtyp
     vcfg.setdefault("down_block_types", ["HunyuanVideoDownBlock3D"] * n)
     vcfg.setdefault("up_block_types", ["HunyuanVideoUpBlock3D"] * n)
     with built_in(dtype):
-        transformer = HunyuanVideoTransformer3DModel(**tr)
-    return transformer, AutoencoderKLHunyuanVideo(**vcfg)
+        transformer = drawn_denoiser(HunyuanVideoTransformer3DModel(**tr))
+    return transformer, drawn_denoiser(AutoencoderKLHunyuanVideo(**vcfg), conditions=conditions)
 
 
 def sequence_parallel_plan(transformer: torch.nn.Module) -> SequenceParallelPlan:

@@ -41,7 +41,7 @@ from flowdppo_video.runs.images import open_image
 
 from . import hunyuan_common
 from .base import ModelError, SequenceParallelPlan, TextBatch, cat_text, causal_latent_shape, init_parts
-from .common import DTYPES, built_in, check_pipeline_folders, clip_processor_class
+from .common import DTYPES, built_in, check_pipeline_folders, clip_processor_class, encoder_part, skeleton
 from .hunyuan import TINY_INIT, HunyuanVideoAdapter
 from .hunyuan_common import CLIP_MAX_LENGTH, load_shared_parts, tiny_transformer_and_vae
 from .registry import FamilySpec, register
@@ -174,8 +174,10 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         if not (p / "image_processor").is_dir():
             raise ModelError(f"model.path {p} has no image_processor/ folder")
         tdtype = DTYPES[dtype]
-        sh = load_shared_parts(p, tdtype)
-        return cls(sh["transformer"], sh["vae"], LlavaForConditionalGeneration.from_pretrained(p / "text_encoder", dtype=tdtype),
+        sh = load_shared_parts(p, tdtype, conditions=True)
+        text_encoder = encoder_part(lambda: LlavaForConditionalGeneration.from_pretrained(p / "text_encoder", dtype=tdtype),
+                                    lambda: skeleton(LlavaForConditionalGeneration, p / "text_encoder", tdtype))
+        return cls(sh["transformer"], sh["vae"], text_encoder,
                    sh["tokenizer"], sh["text_encoder_2"], sh["tokenizer_2"],
                    clip_processor_class().from_pretrained(p / "image_processor"), device=device, dtype=tdtype,
                    max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance,
@@ -199,18 +201,18 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         torch.manual_seed(seed)
         try:
             # Created in the model dtype (never float32 first); the VAE stays float32.
-            transformer, vae = tiny_transformer_and_vae(parts, tdtype)
+            transformer, vae = tiny_transformer_and_vae(parts, tdtype, conditions=True)
             text = LlamaConfig(**{"vocab_size": len(tok), "pad_token_id": ids["<pad>"],
                                   "bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": ids["<|end_of_text|>"],
                                   **parts["text_encoder"]})
             vision = CLIPVisionConfig(**parts["vision"])
             with built_in(tdtype):
-                text_encoder = LlavaForConditionalGeneration(LlavaConfig(
+                text_encoder = encoder_part(lambda: LlavaForConditionalGeneration(LlavaConfig(
                     text_config=text, vision_config=vision, image_token_index=ids["<image>"],
-                    image_seq_length=(vision.image_size // vision.patch_size) ** 2, pad_token_id=ids["<pad>"]))
-                text_encoder_2 = CLIPTextModel(CLIPTextConfig(**{
+                    image_seq_length=(vision.image_size // vision.patch_size) ** 2, pad_token_id=ids["<pad>"])))
+                text_encoder_2 = encoder_part(lambda: CLIPTextModel(CLIPTextConfig(**{
                     "vocab_size": len(tok_2), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
-                    "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]}))
+                    "max_position_embeddings": CLIP_MAX_LENGTH, **parts["text_encoder_2"]})))
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
         finally:
@@ -237,6 +239,7 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
     def save_pretrained(self, directory: Path) -> None:
         """A diffusers ``HunyuanVideoImageToVideoPipeline`` directory (its ``from_pretrained`` loads it)."""
         self._pipeline(with_models=True).save_pretrained(str(directory))
+        self.copy_released_parts(Path(directory))
 
     # ---------------------------------------------------------------- images
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -365,4 +368,4 @@ def sequence_parallel_plan(transformer: torch.nn.Module) -> SequenceParallelPlan
 register(FamilySpec(name="hunyuan_video_i2v", pipeline="HunyuanVideoImageToVideoPipeline",
                     adapter=HunyuanVideoI2VAdapter, build=functools.partial(hunyuan_common.build, HunyuanVideoI2VAdapter),
                     tiny_init=TINY_I2V_INIT, activation_profile=hunyuan_common.activation_profile,
-                    sequence_parallel_plan=sequence_parallel_plan))
+                    sequence_parallel_plan=sequence_parallel_plan, staged=True))

@@ -45,6 +45,9 @@ class FamilySpec:
     # Where Ulysses sequence parallelism cuts a transformer of this family (None: not supported).
     sequence_parallel_plan: Callable[[torch.nn.Module], SequenceParallelPlan] | None = None
     two_experts: bool = False                       # model.train_experts may name a second expert
+    # The build honours models.common.building: it can make the conditioning encoders alone or the
+    # denoiser alone, so a run's start never holds both (False: every part is built at once).
+    staged: bool = False
     # Pipelines of this model line that no family here trains, and what they are ("image-to-video"):
     # named in errors instead of "not a checkpoint of any family".
     unsupported_pipelines: Mapping[str, str] = dataclasses.field(default_factory=dict)

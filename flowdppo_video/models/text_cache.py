@@ -3,9 +3,11 @@
 Wan's UMT5-XXL (5.7B parameters) outweighs the 1.3B transformer it conditions, yet a run's prompts
 are known at its start. :func:`cache_prompts` encodes every training and held-out prompt (and the
 CFG negative of each) in batches, keeps the rows on the CPU, writes them to
-``RUN_DIR/text_cache.safetensors`` (read back on resume) and releases the encoders. On a GPU the
-transformers wait in host memory meanwhile and come back after the encoders are released, so the
-start is no peak of its own.
+``RUN_DIR/text_cache.safetensors`` (read back on resume) and releases the encoders. A run's start is
+staged (``training/run_builder.py``: :func:`missing_rows`, :func:`encode_rows` on the encoders built
+alone, released before the transformers are built); :func:`cache_prompts` serves the families that
+build every part at once, and ``model.keep_text_encoder``: on a GPU their transformers wait in host
+memory while the prompts are encoded.
 ``model.keep_text_encoder: true`` keeps them, for runs whose prompts change.
 
 The rows are what the adapter's own ``encode_prompts`` / ``encode_negative`` returned, sliced and
@@ -195,6 +197,48 @@ def _transformers_on_host(adapter: VideoFlowAdapter, on: bool) -> Iterator[None]
             m.to(adapter.device)
 
 
+def missing_rows(cache: TextCache, prompts: list[str], negative: str | None) -> list[tuple[str | None, str]]:
+    """The rows ``(negative or None, prompt)`` of ``prompts`` (and their CFG negatives) ``cache`` lacks."""
+    jobs: list[tuple[str | None, str]] = [(None, p) for p in cache.missing(None, prompts)]
+    if negative is not None:
+        jobs += [(negative, p) for p in cache.missing(negative, prompts)]
+    return jobs
+
+
+def encode_rows(cache: TextCache, adapter: VideoFlowAdapter, jobs: list[tuple[str | None, str]], *,
+                batch_size: int = 8, progress: bool = True) -> None:
+    """Encode the rows ``jobs`` (:func:`missing_rows`) in batches of ``batch_size`` through the
+    adapter's own encoders, with a progress bar, into ``cache``."""
+    if jobs and not adapter.text_encoders_resident():
+        raise ModelError("the text encoder was released before every prompt was encoded "
+                         "(model.keep_text_encoder)")
+    bar = tqdm(total=len(jobs), desc="encoding prompts", unit="prompt", disable=not progress or not jobs)
+    try:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            for neg in dict.fromkeys(n for n, _ in chunk):      # a batch holds one kind (the two meet once)
+                cache.fill(adapter, neg, [p for n, p in chunk if n == neg])
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def run_negative(cfg: Any, num_experts: int | None = None) -> str | None:
+    """The CFG negative prompt a run encodes (``cfg``: its ``Config``): ``data.negative_prompt`` when
+    guidance is on, else None. ``num_experts`` None (the model not built yet): ``guidance_scale_2``
+    counts as if the model had two experts (at worst a few rows more)."""
+    s = cfg.sampler
+    g2 = s.guidance_scale_2 if num_experts is None or num_experts > 1 else None
+    on = s.guidance_scale != 1.0 or (g2 is not None and g2 != 1.0)
+    return cfg.data.negative_prompt if on else None
+
+
+def run_key(cfg: Any, images: dict[str, Any] | None) -> str:
+    """:func:`model_key` of a run (``cfg``: its ``Config``)."""
+    v = cfg.video
+    return model_key(cfg.model, (v.num_frames, v.height, v.width), images)
+
+
 def cache_prompts(adapter: VideoFlowAdapter, prompts: list[str], negative: str | None, key: str,
                   path: Path | None, *, keep_encoder: bool = False, batch_size: int = 8, progress: bool = True,
                   write: bool = True, offload_transformers: bool = False) -> dict[str, float]:
@@ -208,20 +252,9 @@ def cache_prompts(adapter: VideoFlowAdapter, prompts: list[str], negative: str |
     """
     cache = TextCache(key)
     read = cache.load(path) if path is not None else 0
-    jobs = [(None, p) for p in cache.missing(None, prompts)]
-    if negative is not None:
-        jobs += [(negative, p) for p in cache.missing(negative, prompts)]
-    if jobs and not adapter.text_encoders_resident():
-        raise ModelError("the text encoder was released before every prompt was encoded "
-                         "(model.keep_text_encoder)")
-    bar = tqdm(total=len(jobs), desc="encoding prompts", unit="prompt", disable=not progress or not jobs)
+    jobs = missing_rows(cache, prompts, negative)
     with _transformers_on_host(adapter, offload_transformers and bool(jobs)):
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
-            for neg in dict.fromkeys(n for n, _ in chunk):      # a batch holds one kind (the two meet once)
-                cache.fill(adapter, neg, [p for n, p in chunk if n == neg])
-            bar.update(len(chunk))
-        bar.close()
+        encode_rows(cache, adapter, jobs, batch_size=batch_size, progress=progress)
         adapter.text_cache = cache
         # Released before the transformers come back: the encoder and the transformers never share
         # the device (their sum is no peak of the run).
@@ -237,12 +270,8 @@ def cache_run_prompts(adapter: VideoFlowAdapter, cfg: Any, prompts: list[str], i
     """:func:`cache_prompts` for a run (``cfg``: its ``Config``): ``prompts`` (training and held-out)
     with the CFG negative when guidance is on; the file ``run_dir/text_cache.safetensors`` is read
     here and written by :meth:`TextCache.save` once the run directory is known to be this run's."""
-    s = cfg.sampler
-    g2 = s.guidance_scale_2 if adapter.num_experts > 1 else None
-    cfg_on = s.guidance_scale != 1.0 or (g2 is not None and g2 != 1.0)
-    v = cfg.video
-    key = model_key(cfg.model, (v.num_frames, v.height, v.width), images)
-    stats = cache_prompts(adapter, prompts, cfg.data.negative_prompt if cfg_on else None, key, run_dir / CACHE_FILE,
+    stats = cache_prompts(adapter, prompts, run_negative(cfg, adapter.num_experts), run_key(cfg, images),
+                          run_dir / CACHE_FILE,
                           keep_encoder=cfg.model.keep_text_encoder, progress=progress, write=False,
                           offload_transformers=adapter.device.type == "cuda" and not cfg.model.keep_text_encoder)
     if progress:

@@ -21,7 +21,8 @@ from flowdppo_video.runs.config import ModelConfig
 from ._training import EXPERT_DIRS, TrainableExperts
 from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import ModelError, SequenceParallelPlan, VideoFlowAdapter, causal_latent_shape, init_parts
-from .common import DTYPES, built_in
+from .common import (DTYPES, built_in, denoiser_part, drawn_denoiser, encoder_part, place,
+                     skeleton)
 from .memory import SMALL_CHECKPOINT_BYTES, read_json, read_part_configs
 from .pixel_vae import PixelAutoencoder
 from .registry import FamilySpec, register
@@ -115,7 +116,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         self.dtype = dtype
         self.max_sequence_length = max_sequence_length
         # Dtypes are set at load time (from_pretrained keeps Wan's float32 norms); only move here.
-        self.experts: list[torch.nn.Module] = [t.to(device=device) for t in (transformer, transformer_2)
+        self.experts: list[torch.nn.Module] = [place(t, device) for t in (transformer, transformer_2)
                                                if t is not None]
         self._init_training()
         if self.num_experts > 1 and boundary_ratio is None:
@@ -131,8 +132,8 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
             raise ModelError(f"model.train_experts {wanted}: this model has only the {list(names)} expert(s) "
                              "(a second, low-noise expert is Wan 2.2 A14B's transformer_2)")
         self.trained = [names.index(e) for e in names if e in wanted]
-        self.vae = vae.to(device=device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(device=device).eval().requires_grad_(False)
+        self.vae = place(vae, device).eval().requires_grad_(False)
+        self.text_encoder = place(text_encoder, device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config or {}
         self.patch_size = tuple(int(p) for p in self.transformer.config.patch_size)
@@ -169,16 +170,23 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         _check_checkpoint_dir(p, cls.PIPELINE)
         tdtype = DTYPES[dtype]
         index = json.loads((p / "model_index.json").read_text())
-        transformer = WanTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype)
+        # A staged build (models.common.building) reads only its own parts' weights.
+        transformer = denoiser_part(
+            lambda: WanTransformer3DModel.from_pretrained(p, subfolder="transformer", torch_dtype=tdtype),
+            lambda: skeleton(WanTransformer3DModel, p / "transformer", tdtype))
         transformer_2 = None
         if (index.get("transformer_2") or [None])[0] is not None:
-            transformer_2 = WanTransformer3DModel.from_pretrained(p, subfolder="transformer_2", torch_dtype=tdtype)
+            transformer_2 = denoiser_part(
+                lambda: WanTransformer3DModel.from_pretrained(p, subfolder="transformer_2", torch_dtype=tdtype),
+                lambda: skeleton(WanTransformer3DModel, p / "transformer_2", tdtype))
         vae_cls = json.loads((p / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKLWan")
         vae_type = _vae_class(vae_cls)
         if vae_type is None:
             raise ModelError(f"model.path {p}: vae is a {vae_cls}, expected AutoencoderKLWan or PixelAutoencoder")
-        vae = vae_type.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = UMT5EncoderModel.from_pretrained(p / "text_encoder", dtype=tdtype)
+        vae = denoiser_part(lambda: vae_type.from_pretrained(p, subfolder="vae", torch_dtype=torch.float32),
+                            lambda: skeleton(vae_type, p / "vae"), conditions=cls.takes_images)
+        text_encoder = encoder_part(lambda: UMT5EncoderModel.from_pretrained(p / "text_encoder", dtype=tdtype),
+                                    lambda: skeleton(UMT5EncoderModel, p / "text_encoder", tdtype))
         tokenizer = AutoTokenizer.from_pretrained(p / "tokenizer")
         sched = p / "scheduler" / "scheduler_config.json"
         sched_cfg = json.loads(sched.read_text()) if sched.is_file() else None
@@ -228,20 +236,24 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         torch.manual_seed(seed)
         # On CUDA the weights are drawn there (seconds, where a host takes minutes for a real-size
         # UMT5); the CUDA generator gives other values than the CPU's for the same seed.
-        place = torch.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        on_device = torch.device(device) if device.type == "cuda" else contextlib.nullcontext()
         try:
             # The transformers and the text encoder are created in the model dtype (a real-size UMT5
             # in float32 first would need 23 GB); the VAE stays float32, as from_pretrained keeps it.
-            with place:
+            # A staged build (models.common.building) draws the parts in the same order: a part left
+            # out is drawn and dropped (the denoiser's, before the encoders) or never drawn (the
+            # encoders, drawn last), so each part's weights are those of the whole build.
+            with on_device:
                 with built_in(DTYPES[dtype]):
-                    transformer = WanTransformer3DModel(**parts["transformer"])
+                    transformer = drawn_denoiser(WanTransformer3DModel(**parts["transformer"]))
                     transformer_2 = None
                     if "transformer_2" in init:
-                        transformer_2 = WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]})
-                vae = vae_type(**vcfg)
+                        transformer_2 = drawn_denoiser(
+                            WanTransformer3DModel(**{**parts["transformer"], **init["transformer_2"]}))
+                vae = drawn_denoiser(vae_type(**vcfg), conditions=cls.takes_images)
                 with built_in(DTYPES[dtype]):
-                    text_encoder = UMT5EncoderModel(UMT5Config(**tcfg, pad_token_id=0, eos_token_id=1,
-                                                               decoder_start_token_id=0))
+                    text_encoder = encoder_part(lambda: UMT5EncoderModel(UMT5Config(
+                        **tcfg, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)))
                 extra = cls._extra_config(parts, transformer)
         except (TypeError, ValueError) as e:
             raise ModelError(f"bad model.init: {str(e).splitlines()[0]}") from None
@@ -274,7 +286,8 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
         return self.position_channels
 
     def save_pretrained(self, directory: Path) -> None:
-        """A diffusers ``WanPipeline`` directory (``WanPipeline.from_pretrained`` loads it)."""
+        """A diffusers ``WanPipeline`` directory (``WanPipeline.from_pretrained`` loads it); a text
+        encoder this build left out is copied from ``model.path`` (:meth:`copy_released_parts`)."""
         from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
         scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **{
@@ -290,6 +303,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
             index = json.loads(index_path.read_text())
             index["position_channels"] = self.position_channels
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        self.copy_released_parts(Path(directory))
 
     def expert_for(self, sigma: float) -> int:
         # WanPipeline: `t >= boundary_ratio * num_train_timesteps` -> transformer, else transformer_2.
@@ -489,4 +503,4 @@ def build(cls: type[WanAdapter], cfg: ModelConfig, path: str | None, device: tor
 # Wan 2.1, Wan 2.2 T2V-A14B (two experts), TI2V-5B.
 register(FamilySpec(name="wan", pipeline="WanPipeline", adapter=WanAdapter, build=functools.partial(build, WanAdapter),
                     tiny_init=TINY_INIT, activation_profile=activation_profile, init_from_folder=init_from_folder,
-                    sequence_parallel_plan=sequence_parallel_plan, two_experts=True))
+                    sequence_parallel_plan=sequence_parallel_plan, two_experts=True, staged=True))

@@ -33,7 +33,7 @@ from flowdppo_video.runs.images import open_image
 
 from . import wan
 from .base import ModelError, TextBatch
-from .common import PromptImages, clip_processor_class
+from .common import PromptImages, clip_processor_class, encoder_part, place, skeleton
 from .registry import FamilySpec, register
 from .wan import TINY_INIT, WanAdapter
 
@@ -81,7 +81,7 @@ class WanI2VAdapter(PromptImages, WanAdapter):
                 raise ModelError(f"model.max_sequence_length={self.max_sequence_length}: a Wan I2V transformer "
                                  f"with image_dim needs {_TEXT_TOKENS_WITH_IMAGE} (diffusers' attention splits the "
                                  "text off as the last 512 tokens)")
-            self.image_encoder = image_encoder.to(device=self.device).eval().requires_grad_(False)
+            self.image_encoder = place(image_encoder, self.device).eval().requires_grad_(False)
         else:
             self.image_encoder = None               # Wan 2.2: conditioning latents only
         self.image_processor = image_processor
@@ -104,7 +104,9 @@ class WanI2VAdapter(PromptImages, WanAdapter):
         if not named("image_processor"):
             raise ModelError(f"model.path {path} has an image_encoder/ but no image_processor/")
         # float32, as diffusers' Wan I2V example loads it
-        return {"image_encoder": CLIPVisionModel.from_pretrained(path / "image_encoder", dtype=torch.float32),
+        return {"image_encoder": encoder_part(
+                    lambda: CLIPVisionModel.from_pretrained(path / "image_encoder", dtype=torch.float32),
+                    lambda: skeleton(CLIPVisionModel, path / "image_encoder", torch.float32)),
                 "image_processor": clip_processor_class().from_pretrained(path / "image_processor")}
 
     @classmethod
@@ -115,7 +117,7 @@ class WanI2VAdapter(PromptImages, WanAdapter):
 
         cfg = CLIPVisionConfig(**parts["image_encoder"])
         side = int(cfg.image_size)
-        return {"image_encoder": CLIPVisionModel(cfg),
+        return {"image_encoder": encoder_part(lambda: CLIPVisionModel(cfg)),
                 "image_processor": clip_processor_class()(size={"shortest_edge": side},
                                                            crop_size={"height": side, "width": side})}
 
@@ -133,6 +135,7 @@ class WanI2VAdapter(PromptImages, WanAdapter):
             transformer_2=plain[1] if len(plain) > 1 else None, boundary_ratio=self.boundary_ratio,
             expand_timesteps=self.expand_timesteps)
         pipe.save_pretrained(str(directory))
+        self.copy_released_parts(Path(directory))
 
     # ---------------------------------------------------------------- images
     @torch.no_grad()
@@ -218,4 +221,4 @@ class WanI2VAdapter(PromptImages, WanAdapter):
 register(FamilySpec(name="wan_i2v", pipeline="WanImageToVideoPipeline", adapter=WanI2VAdapter,
                     build=functools.partial(wan.build, WanI2VAdapter), tiny_init=TINY_I2V_INIT,
                     activation_profile=wan.activation_profile, sequence_parallel_plan=wan.sequence_parallel_plan,
-                    two_experts=True))
+                    two_experts=True, staged=True))

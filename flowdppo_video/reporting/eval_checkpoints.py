@@ -166,7 +166,9 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     reward_fns = build_rewards(specs, "--reward")
     weights = reward_weights(specs)
     sampler = cfg.sampler if sde else dataclasses.replace(cfg.sampler, sde_steps=0)
-    built = build_model(cfg)     # image-to-video: with the images of the run's training and held-out prompts
+    # Image-to-video: with the images of the run's training and held-out prompts; the prompts' rows
+    # from the run's text cache (an encoder is built, and released first, only for rows it lacks).
+    built = build_model(cfg, prompts=prompt_list, run_dir=run_dir, progress=progress)
     adapter, latent_shape = built.adapter, built.latent_shape
     monitors = build_monitors(cfg.eval.monitors, cfg.eval.monitor_period, adapter,    # artifacts, higher = worse
                               (cfg.video.height, cfg.video.width))

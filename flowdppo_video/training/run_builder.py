@@ -5,17 +5,26 @@
 (the adapter of the config's family, LoRA or full, its attention backend and compile settings,
 the run's images for image-to-video, the latent shape of ``video``). The rule for keeping a frozen
 reference model is :func:`keeps_reference`, written once.
+
+A command that names the prompts it conditions on gets a staged start (:func:`build_model`'s
+``prompts``): the rows the run's text cache lacks are encoded by the conditioning encoders built
+alone, which are released before the transformers and the VAE are built, so the encoders and the
+transformers are never in memory together; when the cache covers every prompt no encoder is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from flowdppo_video.models import build_adapter
+from flowdppo_video.models import ALL, CONDITIONING, DENOISER, build_adapter, staged
+from flowdppo_video.models.text_cache import (
+    CACHE_FILE, TextCache, cache_run_prompts, encode_rows, missing_rows, run_key, run_negative)
 from flowdppo_video.runs.config import Config, load_config
 from flowdppo_video.runs.images import attach_images, run_images
 from flowdppo_video.runs.run_dir import require_run_dir
@@ -44,11 +53,45 @@ class RunModel:
     adapter: Any
     device: torch.device
     latent_shape: tuple[int, int, int, int]
+    # The staged start's counts: text/cached_prompts (rows read from the run's cache),
+    # text/encoded_prompts, text/encoder_released_bytes; empty when no prompts were named.
+    text_stats: dict[str, float] = field(default_factory=dict)
+
+
+def encode_stage(cfg: Config, device: torch.device, prompts: list[str], images: dict[str, Path] | None,
+                 run_dir: Path, progress: bool = False) -> tuple[TextCache, dict[str, float]]:
+    """The first stage of a start: the run's text cache (``run_dir/text_cache.safetensors`` when it was
+    written for this model), and the rows it lacks (``prompts`` and their CFG negatives) encoded by
+    the family's conditioning encoders built alone (``CONDITIONING``) and released before this returns.
+    A cache covering every row builds no encoder. The file is not written here (the trainer writes it
+    once the run directory is its own)."""
+    cache = TextCache(run_key(cfg, images))
+    path = run_dir / CACHE_FILE
+    read = cache.load(path)
+    stats = {"text/cached_prompts": float(read), "text/encoded_prompts": 0.0, "text/encoder_released_bytes": 0.0}
+    if not missing_rows(cache, prompts, run_negative(cfg)):
+        return cache, stats
+    encoder = build_adapter(cfg.model, device, parts=CONDITIONING)
+    encoder.frame_rate = cfg.video.fps
+    attach_images(encoder, images, cfg)        # image-to-video: each prompt's image is in its row
+    jobs = missing_rows(cache, prompts, run_negative(cfg, encoder.num_experts))
+    encode_rows(cache, encoder, jobs, progress=progress)
+    freed = encoder.release_text_encoders()
+    del encoder
+    gc.collect()                               # nothing of the encoders survives into the next stage
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    stats.update({"text/encoded_prompts": float(len(jobs)), "text/encoder_released_bytes": float(freed)})
+    if progress:
+        tqdm.write(f"prompt conditioning: {len(jobs)} rows encoded, {read} read from {path}; text encoder "
+                   f"released ({freed / 2 ** 30:.2f} GiB) before the transformer is built")
+    return cache, stats
 
 
 def build_model(cfg: Config, device: torch.device | None = None, *, reference: bool = False,
                 images: dict[str, Path] | None | bool = True,
-                transform: Callable[[Any], None] | None = None) -> RunModel:
+                transform: Callable[[Any], None] | None = None, prompts: list[str] | None = None,
+                run_dir: Path | None = None, progress: bool = False, encoders: bool = True) -> RunModel:
     """The adapter of ``cfg.model`` on ``device`` (default: ``run.device``).
 
     Args:
@@ -58,18 +101,42 @@ def build_model(cfg: Config, device: torch.device | None = None, *, reference: b
             True reads them from the config, False attaches none (export: the weights only).
         transform: applied to the built adapter before the images are attached (the trainer's
             sequence parallelism: parallelism is applied to a built model from outside).
+        prompts: the prompts the command conditions on: a staged start (:func:`encode_stage`, then
+            the denoiser alone), the rows served from ``adapter.text_cache`` (``run_dir``'s cache read
+            first; ``progress``: the encoding's bar). A family without ``FamilySpec.staged``, or
+            ``model.keep_text_encoder``, builds every part, encodes, then releases (or keeps) the
+            encoders. None: every part is built and encodes on demand (tools that encode as they go).
+        encoders: False: the command needs no text encoder at all (export of a ``model.path``
+            model, which copies the encoders' folders from it): the denoiser alone.
     """
     device = device if device is not None else resolve_device(cfg.run.device)
-    adapter = build_adapter(cfg.model, device, keep_reference=reference)
+    if images is True:
+        images = run_images(cfg.data.prompts, cfg.data.images, cfg.eval.prompts, cfg.eval.images)
+    apart = staged(cfg.model) and not cfg.model.keep_text_encoder
+    parts, cache, stats = ALL, None, {}
+    if prompts is not None and apart:
+        if run_dir is None:
+            raise ValueError("build_model: prompts need the run directory whose text cache they use")
+        cache, stats = encode_stage(cfg, device, prompts, images if images is not False else None, run_dir,
+                                    progress)
+        parts = DENOISER
+    elif not encoders and apart:
+        parts = DENOISER
+    adapter = build_adapter(cfg.model, device, keep_reference=reference, parts=parts)
     adapter.frame_rate = cfg.video.fps          # one value, from the config to every reader
     if transform is not None:
         transform(adapter)
     if images is not False:
-        if images is True:
-            images = run_images(cfg.data.prompts, cfg.data.images, cfg.eval.prompts, cfg.eval.images)
         attach_images(adapter, images, cfg)
+    if cache is not None:
+        adapter.text_cache = cache
+    elif prompts is not None:                   # every part at once: encode, then release (or keep)
+        if run_dir is None:
+            raise ValueError("build_model: prompts need the run directory whose text cache they use")
+        stats = cache_run_prompts(adapter, cfg, prompts, images if images is not False else None, run_dir,
+                                  progress)
     v = cfg.video
-    return RunModel(adapter, device, adapter.latent_shape(v.num_frames, v.height, v.width))
+    return RunModel(adapter, device, adapter.latent_shape(v.num_frames, v.height, v.width), stats)
 
 
-__all__ = ["RunModel", "build_model", "keeps_reference", "open_run"]
+__all__ = ["RunModel", "build_model", "encode_stage", "keeps_reference", "open_run"]

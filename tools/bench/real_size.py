@@ -85,8 +85,9 @@ def dry_run_config(recipe: Path, model_config: Path | None, run_dir: Path, smoke
 # ---------------------------------------------------------------- the planner
 def planner_figures(config_file: Path) -> dict[str, Any]:
     """The planner's rows for this configuration on one device, and what they add up to when every
-    part lives in one memory (the CPU: nothing is offloaded, the transformers stay beside the encoder
-    while it encodes)."""
+    part lives in one memory (the CPU: nothing is offloaded). The start is staged: the encoders alone
+    while the prompts are encoded, then the transformers, the VAE and training; the start's peak is
+    the larger of the two, not their sum."""
     from flowdppo_video.runs.config import load_config
     from flowdppo_video.models.memory import parameter_parts, plan_adapter
     from flowdppo_video.commands.planner import format_plan, plan_memory
@@ -99,14 +100,16 @@ def planner_figures(config_file: Path) -> dict[str, Any]:
     update = plan.row("activations, update, checkpointing" if cfg.model.gradient_checkpointing
                       else "activations, update, no checkpointing").device or 0.0
     rollout = plan.row("activations, rollout peak").device or 0.0
-    static = sum((r.device or 0.0) for r in plan.rows if not r.name.startswith(("activations", "total")))
+    static = sum((r.device or 0.0) for r in plan.rows if not r.name.startswith(("activations", "total", "start")))
     all_params = sum(parts.values())
+    encode = plan.stages.get("encode", 0.0)
+    train = static + max(update, rollout)
     return {"text": format_plan(plan), "parts_bytes": parts, "encoder_bytes": encoders,
             "total_per_gpu": plan.row("total").device, "static_bytes": static, "update_bytes": update,
             "rollout_bytes": rollout,
-            # One memory: every part at the start (encoding), then training without the encoder.
-            "cpu_start": all_params, "cpu_train": static + max(update, rollout),
-            "cpu_inference": all_params + rollout}
+            # One memory, a staged start: the encoders alone (encoding), then training without them.
+            "cpu_encode": encode, "cpu_train": train, "cpu_start": max(encode, train),
+            "cpu_all_parts": all_params, "cpu_inference": all_params - encoders + rollout}
 
 
 # ---------------------------------------------------------------- one phase
@@ -249,8 +252,10 @@ def dry_run(recipe: Path, model_config: Path | None, work: Path, smoke: bool, th
                                             cfg["model"]["dtype"]], logs)
     loaded = json.loads(next(s for _, s in phases["load"]["lines"] if s.startswith("LOADED "))[len("LOADED "):])
     metrics = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
-    predicted = {"train": plan["cpu_start"], "resume": plan["cpu_start"], "sample": plan["cpu_inference"],
-                 "export": plan["cpu_start"], "load": plan["cpu_start"]}
+    # resume and sample read the run's text cache (no encoder); the export of a model.init run draws
+    # the encoders (they exist nowhere else) and writes every part.
+    predicted = {"train": plan["cpu_start"], "resume": plan["cpu_train"], "sample": plan["cpu_inference"],
+                 "export": plan["cpu_all_parts"], "load": plan["cpu_all_parts"]}
     export_bytes = sum(f.stat().st_size for f in (work / "export").rglob("*") if f.is_file())
     return {
         "name": "real_size", "smoke": smoke, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -301,8 +306,10 @@ WHAT = {"train": "build, encode prompts, release encoder, 1 iteration, checkpoin
         "sample": "`sample`: build, 1 video (10 ODE steps, CFG), decode",
         "export": "`export`: build, merge LoRA, write a diffusers directory",
         "load": "`WanPipeline.from_pretrained(dir, torch_dtype=model dtype)`, every weight read"}
-PLANNER_WHAT = {"train": "every part at the start", "resume": "every part at the start",
-                "sample": "every part + rollout activations", "export": "every part", "load": "every part"}
+PLANNER_WHAT = {"train": "the larger stage of the start (the encoders alone, or training)",
+                "resume": "training (the text cache covers the prompts: no encoder)",
+                "sample": "every part but the encoders + rollout activations", "export": "every part",
+                "load": "every part"}
 
 
 def section(r: dict[str, Any]) -> str:
@@ -350,8 +357,13 @@ def section(r: dict[str, Any]) -> str:
     lines.append(f"The export ({_gib(r['export']['bytes'])} on disk) loads with `WanPipeline.from_pretrained`: "
                  + ", ".join(f"{k} {v['class']} ({v['params'] / 1e9:.2f}B, {'/'.join(v['dtypes'])})"
                              for k, v in r["export"]["loaded"].items()) + ".")
-    lines.append(f"Planner: per-GPU total {_gib(pl['total_per_gpu'])} (training {_gib(pl['cpu_train'])} without the "
-                 f"encoder; the start, every part, {_gib(pl['cpu_start'])}).")
+    if "cpu_encode" in pl:
+        lines.append(f"Planner: per-GPU total {_gib(pl['total_per_gpu'])}; the start is staged: the encoders alone "
+                     f"{_gib(pl['cpu_encode'])}, then training {_gib(pl['cpu_train'])}, a peak of "
+                     f"{_gib(pl['cpu_start'])} (every part together would be {_gib(pl['cpu_all_parts'])}).")
+    else:                                       # a result from before the staged start
+        lines.append(f"Planner: per-GPU total {_gib(pl['total_per_gpu'])} (training {_gib(pl['cpu_train'])} without the "
+                     f"encoder; the start, every part, {_gib(pl['cpu_start'])}).")
     return "\n".join(lines) + "\n"
 
 
