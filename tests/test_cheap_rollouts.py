@@ -106,7 +106,8 @@ def test_options_are_config_keys_and_bad_values_name_them(tmp_path):
     cfg = load_config(TINY_CONFIG, [*base, "sampler.tail_steps=3", "sampler.tail_solver=heun",
                                     "sampler.shared_noise=true", "sampler.branching=[2, 2]", "eval.sampler_tail=true"])
     s = cfg.sampler
-    assert (s.tail_steps, s.tail_solver, s.shared_noise, s.branching, cfg.eval.sampler_tail) == (3, "heun", True, [2, 2], True)
+    got = (s.tail_steps, s.tail_solver, s.shared_noise, s.branching, cfg.eval.sampler_tail)
+    assert got == (3, "heun", True, [2, 2], True)
     assert load_config(TINY_CONFIG, base).sampler.tail_steps is None            # the default: the full schedule
     for bad, msg in [("sampler.tail_solver=rk4", "sampler.tail_solver='rk4' is not one of euler, heun, dpm2m"),
                      ("sampler.tail_steps=-1", "sampler.tail_steps must be >= 1"),

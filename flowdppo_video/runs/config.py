@@ -123,8 +123,9 @@ class SamplerConfig:
     cfg_batch: str = "auto"               # CFG rows: "joint" (one 2B call), "split" (two B calls), "auto"
     # Cheaper rollouts (docs/benchmarks.md, section rollout_cost). After the last SDE step the rest of the
     # schedule is a deterministic ODE whose only use is the video for the reward: finish it in tail_steps
-    # steps of tail_solver ("euler"; "heun": 2 evaluations a step; "dpm2m": DPM-Solver++(2M), 1 a step). null or 0 = the schedule's own steps (Euler). Evaluation keeps the full schedule
-    # (eval.sampler_tail). The SDE steps, and so replay and the ratio, are unchanged.
+    # steps of tail_solver ("euler"; "heun": 2 evaluations a step; "dpm2m": DPM-Solver++(2M), 1 a step).
+    # null or 0 = the schedule's own steps (Euler). Evaluation keeps the full schedule (eval.sampler_tail).
+    # The SDE steps, and so replay and the ratio, are unchanged.
     tail_steps: int | None = None
     tail_solver: str = "dpm2m"
     # A group's G videos start from one noise; the deterministic steps before the first SDE step run once

@@ -13,7 +13,8 @@ evaluations of one training iteration (``perf/evals/*``: rollout, tail, replay; 
 time (``Trainer.train_iteration``: rollout, rewards, update; the same iteration index, so the same prompts
 and SDE steps, for every variant), timed interleaved, median of ``--repeats``; reported as ratios to
 ``plain``. Then the tail's reward agreement on the default recipe: the same seeds (so the same SDE steps
-and noise) rolled out with the full schedule and with each tail, by the shipped model before any update, scored by the recipe's reward; the mean
+and noise) rolled out with the full schedule and with each tail, by the shipped model before any update,
+scored by the recipe's reward; the mean
 within-group Spearman correlation of the two rewards and the share of advantages whose sign agrees.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench/rollout_cost.py   # ~10 min on a busy 2-core machine; the docs
@@ -65,7 +66,8 @@ def tree(group: int, sde_steps: int) -> list[int]:
     """A binary tree: 2 children at each of the first log2(G) SDE steps, 1 after."""
     depth = group.bit_length() - 1
     if 2 ** depth != group or depth > sde_steps:
-        raise SystemExit(f"rollout_cost.py: a binary tree needs G a power of 2 and log2(G) <= the SDE steps, got G={group}")
+        raise SystemExit(f"rollout_cost.py: a binary tree needs G a power of 2 and log2(G) <= the SDE steps, "
+                         f"got G={group}")
     return [2] * depth + [1] * (sde_steps - depth)
 
 
@@ -213,7 +215,8 @@ def section(result: dict[str, Any]) -> str:
     a = result["agreement"]
     lines += ["### Does a cheaper tail keep the reward's verdicts? (the default recipe, shipped model)", "",
               f"{a['videos']} videos ({a['groups']} groups of {a['videos'] // a['groups']}) rolled out twice from the "
-              "same seeds, so the same SDE steps and noise: with the full schedule and with the tail. Reward: the recipe's (`world_direction`), "
+              "same seeds, so the same SDE steps and noise: with the full schedule and with the tail. "
+              "Reward: the recipe's (`world_direction`), "
               f"full-schedule mean {a['reward_full_mean']:.3f}. Spearman: within each group, the tail's rewards "
               "against the full schedule's (mean over groups); sign agreement: the share of advantages (group-"
               "normalised, as trained) with the same sign.", "",
