@@ -279,3 +279,121 @@ def choose_sde_steps(num_steps: int, count: int, window: tuple[float, float], ki
             f"of {num_steps} steps")
     perm = torch.randperm(len(cands), generator=generator)[:count]
     return sorted(cands[i] for i in perm.tolist())
+
+
+# ------------------------------------------------------------------ the deterministic tail
+# After a rollout's last SDE step the rest of the schedule is a deterministic flow ODE whose only use
+# is the decoded video for the reward: it may be finished with fewer steps of a higher-order solver.
+
+TAIL_SOLVERS = ("euler", "heun", "dpm2m")
+
+
+def tail_schedule(schedule: torch.Tensor, start: int, steps: int) -> torch.Tensor:
+    """Sigmas of a ``steps``-step tail from ``schedule[start]`` to ``schedule[-1] = 0``.
+
+    The tail keeps ``steps + 1`` of the schedule's own sigmas, at indices
+    ``floor(linspace(start, K, steps + 1) + 1/2)``: the family's shift stays in the spacing, the ends
+    are exact, and with ``steps >= K - start`` it is the schedule's own remainder.
+
+    Args:
+        schedule: ``(K+1,)`` the flow schedule (:func:`flow_schedule`).
+        start: the index the tail starts at (the step after the last SDE step).
+        steps: the tail's step count, ``>= 1``.
+    Returns:
+        ``(T+1,)`` decreasing sigmas, ``T = min(steps, K - start)`` (``(1,)`` when nothing is left).
+    """
+    k = schedule.numel() - 1
+    if not 0 <= start <= k:
+        raise ValueError(f"tail start {start} is outside the schedule's steps 0..{k}")
+    if steps < 1:
+        raise ValueError(f"a tail needs at least one step, got {steps}")
+    t = min(steps, k - start)
+    # Spaced >= 1 apart, so rounding half up keeps the indices distinct.
+    idx = torch.floor(torch.linspace(start, k, t + 1, dtype=torch.float64) + 0.5).long()
+    return schedule[idx]
+
+
+def tail_evaluations(solver: str, steps: int) -> int:
+    """Velocity evaluations a ``steps``-step tail of ``solver`` takes per row (before CFG doubling):
+    Euler and DPM-Solver++(2M) one a step, Heun two."""
+    if solver not in TAIL_SOLVERS:
+        raise ValueError(f"unknown tail solver {solver!r}; expected one of {TAIL_SOLVERS}")
+    return max(steps, 0) * (2 if solver == "heun" else 1)
+
+
+def heun_step(x: torch.Tensor, v: torch.Tensor, v_pred: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """Heun's corrector on the flow ODE: ``x + (v + v_pred) / 2 * (sigma_next - sigma)``.
+
+    ``v`` is the velocity at ``(x, sigma)``, ``v_pred`` at the Euler predictor
+    ``(ode_step(x, v, sigma, sigma_next), sigma_next)``. Second order, on every step: unlike EDM's
+    derivative ``(x - D(x)) / sigma`` (Karras et al. 2022 take Euler into 0), the flow velocity is defined
+    at ``sigma = 0`` (``-x0`` plus a term that vanishes with the score's ``sigma``), and an Euler last step
+    would hold the whole tail to first order. ``(B, C, F, H, W)`` float32.
+    """
+    return x.float() + 0.5 * (v.float() + v_pred.float()) * (sigma_next - sigma)
+
+
+def _log_snr(sigma: float) -> float:
+    """``lambda = log(alpha / sigma)`` of the flow path ``x = (1 - sigma) x0 + sigma eps``."""
+    return math.log((1.0 - sigma) / sigma)
+
+
+def dpm2m_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float,
+               prev: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) on the flow ODE.
+
+    With ``alpha = 1 - sigma``, ``x0 = x - sigma v`` and ``lambda = log(alpha / sigma)``,
+    ``h = lambda' - lambda``:
+    ``x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) D`` where ``D = x0`` at a first step (``prev`` None;
+    this is exactly the Euler step) or into ``sigma' = 0`` (``x' = x0``, diffusers' ``lower_order_final``),
+    else ``D = x0 + (x0 - x0_prev) / (2 r)``, ``r = h_prev / h``, ``h_prev = lambda - lambda_prev``.
+
+    Args:
+        x, v: ``(B, C, F, H, W)``, the state at ``sigma`` and its velocity.
+        sigma, sigma_next: ``1 > sigma > sigma_next >= 0``.
+        prev: ``(x0_prev, sigma_prev)`` of the previous step, or None.
+    Returns:
+        ``(x_next, x0)``: float32; pass ``(x0, sigma)`` as the next step's ``prev``.
+    """
+    if not 0.0 <= sigma_next < sigma < 1.0:
+        raise ValueError(f"dpm2m needs 1 > sigma > sigma_next >= 0, got {sigma} -> {sigma_next}")
+    x32 = x.float()
+    x0 = x32 - sigma * v.float()
+    if sigma_next == 0.0:
+        return x0, x0
+    h = _log_snr(sigma_next) - _log_snr(sigma)
+    d = x0
+    if prev is not None:
+        x0_prev, sigma_prev = prev
+        r = (_log_snr(sigma) - _log_snr(sigma_prev)) / h
+        d = x0 + (x0 - x0_prev.float()) / (2.0 * r)
+    return (sigma_next / sigma) * x32 + (1.0 - sigma_next) * (-math.expm1(-h)) * d, x0
+
+
+# ------------------------------------------------------------------ shared-noise groups (trees)
+
+def branch_widths(factors: list[int], width0: int) -> list[int]:
+    """Distinct states per group before each SDE step and after the last: ``(S+1,)`` ints.
+
+    A group starts as ``width0`` states (1: one shared initial noise; ``G``: independent noise) and each
+    of its ``S`` SDE steps gives every state ``factors[j]`` children (distinct noise draws from the same
+    mean): ``widths[j+1] = widths[j] * factors[j]``.
+    """
+    if width0 < 1 or any(f < 1 for f in factors):
+        raise ValueError(f"branching factors and the initial width must be >= 1, got {factors}, {width0}")
+    out = [width0]
+    for f in factors:
+        out.append(out[-1] * f)
+    return out
+
+
+def leaf_ancestor(leaves: torch.Tensor, group_size: int, width: int) -> torch.Tensor:
+    """The state, at a depth of ``width`` states per group, that each leaf descends from.
+
+    Leaves (rows of the batch) are grouped ``G`` to a prompt, and a state's children are contiguous, so
+    leaf ``b`` descends from state ``b // (G / width)`` (states numbered over the batch, ``width`` per group).
+    ``leaves``: ``(n,)`` long; returns ``(n,)`` long.
+    """
+    if width < 1 or group_size % width:
+        raise ValueError(f"a depth of {width} states per group does not divide the group of {group_size}")
+    return leaves // (group_size // width)

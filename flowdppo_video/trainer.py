@@ -221,7 +221,8 @@ class Trainer:
         with self.updater.rollout():
             out, traj = evaluate(self.adapter, self.eval_prompts, e.samples_per_prompt, self.latent_shape,
                                  self.cfg.sampler, e.seed, self.eval_rewards, self.cfg.data.negative_prompt,
-                                 e.kl_to_base, fps=self.cfg.video.fps, monitors=self.eval_monitors)
+                                 e.kl_to_base, fps=self.cfg.video.fps, monitors=self.eval_monitors,
+                                 keep_tail=e.sampler_tail)
         # Every rank evaluated the same videos: any rank's count is the count. Not under eval/ (the
         # held-out tables list those); merged into the training row beside videos/nonfinite.
         out["videos/eval_nonfinite"] = nonfinite_rows(traj.final)
@@ -282,6 +283,8 @@ class Trainer:
         t0 = time.perf_counter()
         upd = self.update(traj, adv, it)
         t3 = time.perf_counter()
+        evaluations = {**(traj.evaluations or {}), "replay": upd.pop("perf/evals/replay"),
+                       "reference": upd.pop("perf/evals/reference")}
         total = sum(weights[n] * scores[n] for n in weights)
         row: dict[str, Any] = {"iteration": it, "reward/mean": total.mean().item(),
                                "reward/std": total.std(unbiased=False).item()}
@@ -293,7 +296,7 @@ class Trainer:
                     "advantage/zero_std_groups": b.advantage_stats["zero_std_groups"], "videos/nonfinite": nonfinite,
                     **upd, "time/rollout_s": b.rollout_s, "time/reward_s": b.reward_s, "time/update_s": t3 - t0,
                     "sde_steps": traj.steps.tolist()})
-        row.update(self.perf.metrics(traj.batch_size, b.share, traj.num_sde_steps, traj.text_uncond is not None,
+        row.update(self.perf.metrics(traj.batch_size, b.share, evaluations,
                                      b.rollout_s, t3 - t0, time.perf_counter() - t0 + b.rollout_s + b.reward_s))
         return traj, row
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench"
 TIMED = ["rollout_vs_pipeline", "update_step", "objective_overhead"]
 # Every script here must be covered by a test below, or named as kept elsewhere.
-COVERED = {*TIMED, "run_all", "reward_throughput", "zero_memory", "sp_memory", "real_size"}
+COVERED = {*TIMED, "run_all", "reward_throughput", "zero_memory", "sp_memory", "real_size", "rollout_cost"}
 NOT_OURS = {"algorithms", "demo_seeds", "clean_rl", "_common"}   # test_frontier_bench, test_demo_seeds, test_clean_rl_tools; a helper
 
 
@@ -126,3 +126,18 @@ def test_median_interval_is_the_order_statistics_interval() -> None:
     lo, hi, cover = median_interval([float(x) for x in range(10)])
     assert (lo, hi) == (1.0, 8.0) and cover == pytest.approx(1 - 2 * 11 / 1024)  # x_(2)..x_(9) of 10
     assert median_interval([2.0, 1.0])[2] == pytest.approx(0.5)
+
+
+def test_rollout_cost(tmp_path: Path) -> None:
+    """Issue 34's benchmark at 1 prompt x 4 videos: both shapes, every variant, the tail's reward agreement."""
+    out, md = tmp_path / "rollout_cost.json", tmp_path / "benchmarks.md"
+    _run(BENCH / "rollout_cost.py", "--smoke", "--out", out, "--section", md)
+    r = json.loads(out.read_text())
+    assert r["smoke"] is True and set(r["shapes"]) == {"default", "wan"}
+    for shape in r["shapes"].values():
+        v = shape["variants"]
+        assert list(v)[0] == "plain" and v["plain"]["evals_ratio"] == 1.0
+        assert v["tail3_dpm2m"]["evals_ratio"] < 1
+        assert v["shared_tail3_dpm2m"]["evals_ratio"] < v["tail3_dpm2m"]["evals_ratio"]
+    assert set(r["agreement"]["tails"]) == {"tail2_euler", "tail2_heun"}
+    assert sections(md.read_text())["rollout_cost"].startswith("## Cheaper rollouts")

@@ -33,9 +33,17 @@ def test_flops_counted_once_and_mfu_from_the_peak(tmp_path):
     assert perf.wants_flops
     perf.count(prompt)
     assert not perf.wants_flops and perf.flops == one   # the trainer counts once per run
-    a = perf.metrics(8, 8, 2, True, 1.0, 1.0, 4.0)
+    # 8 videos, CFG on every step (x2): the full schedule in the rollout, 2 SDE steps replayed per pass.
+    k, epochs = cfg.sampler.num_steps, cfg.optim.inner_epochs
+    evals = {"prefix": 2 * 8, "sde": 2 * 8 * 2, "tail": 2 * 8 * (k - 3), "replay": 2 * 8 * 2 * epochs}
+    a = perf.metrics(8, 8, evals, 1.0, 1.0, 4.0)
     s = cfg.sampler.num_steps + 2 * cfg.optim.inner_epochs * 3
     assert abs(a["perf/mfu"] - one * s * 2 * 8 / (4.0 * 1e6)) < 1e-9 * a["perf/mfu"]
+    assert a["perf/evals/total"] == sum(evals.values()) and a["perf/evals/reference"] == 0
+    assert a["perf/evals_per_video"] == 2 * (k + 2 * epochs)
+    # A data-parallel rank (4 of the 8 videos) does half the work.
+    half = perf.metrics(8, 4, evals, 1.0, 1.0, 4.0)
+    assert abs(half["perf/mfu"] - a["perf/mfu"] / 2) < 1e-9 * a["perf/mfu"]
 
 
 def test_peak_table_by_device_name_and_override():
@@ -56,9 +64,9 @@ def test_peak_memory_logged_on_cuda_only():
     adapter, cfg = mock.Mock(dtype=torch.bfloat16), mock.Mock(run=mock.Mock(peak_tflops=None))
     with mock.patch("torch.cuda.get_device_name", return_value="Some Other GPU"), \
             mock.patch("torch.cuda.max_memory_allocated", return_value=3 * 2 ** 30):
-        row = Throughput(adapter, cfg, torch.device("cuda", 0), (4, 2, 4, 4)).metrics(4, 4, 2, True, 1.0, 1.0, 2.0)
+        row = Throughput(adapter, cfg, torch.device("cuda", 0), (4, 2, 4, 4)).metrics(4, 4, {}, 1.0, 1.0, 2.0)
     assert row["perf/peak_memory_gib"] == 3.0 and "perf/mfu" not in row
-    row = Throughput(adapter, cfg, torch.device("cpu"), (4, 2, 4, 4)).metrics(4, 4, 2, True, 1.0, 1.0, 2.0)
+    row = Throughput(adapter, cfg, torch.device("cpu"), (4, 2, 4, 4)).metrics(4, 4, {}, 1.0, 1.0, 2.0)
     assert "perf/peak_memory_gib" not in row
 
 

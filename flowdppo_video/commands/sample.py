@@ -27,7 +27,7 @@ from flowdppo_video.runs.fsio import check_new_output
 from flowdppo_video.runs.resources import resolve
 from flowdppo_video.runs.video import write_video
 from flowdppo_video.training.checkpoint import latest_checkpoint, load_checkpoint
-from flowdppo_video.training.rollout import rollout, sound
+from flowdppo_video.training.rollout import plain_sampler, rollout, sound
 from flowdppo_video.training.run_builder import build_model, open_run
 
 _INDICES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -109,7 +109,8 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     adapter, latent_shape = built.adapter, built.latent_shape
     if ckpt is not None:
         load_checkpoint(ckpt, adapter, None)
-    sampler = dataclasses.replace(cfg.sampler, sde_steps=cfg.sampler.sde_steps if args.sde else 0)
+    # Independent noise and the full schedule: the training rollout's economies are not the model's.
+    sampler = dataclasses.replace(plain_sampler(cfg.sampler), sde_steps=cfg.sampler.sde_steps if args.sde else 0)
     with torch.no_grad():
         traj = rollout(adapter, [p for _, p in chosen], args.num, latent_shape, sampler,
                        torch.Generator().manual_seed(args.seed), negative_prompt=cfg.data.negative_prompt)

@@ -41,7 +41,7 @@ from flowdppo_video.runs.fsio import write_text_atomic
 from flowdppo_video.runs.video import write_video
 from flowdppo_video.training.checkpoint import load_checkpoint, verify_checkpoint
 from flowdppo_video.training.monitors import build_monitors, score_monitors
-from flowdppo_video.training.rollout import reward_audio, rollout, sound
+from flowdppo_video.training.rollout import plain_sampler, reward_audio, rollout, sound
 from flowdppo_video.training.run_builder import build_model, open_run
 from rewards import build_rewards, reward_weights, score_videos
 
@@ -165,7 +165,8 @@ def evaluate_checkpoints(run_dir: Path, checkpoints: list[str], prompts: str, ou
     specs = reward_specs(rewards, cfg.eval.rewards or cfg.rewards)
     reward_fns = build_rewards(specs, "--reward")
     weights = reward_weights(specs)
-    sampler = cfg.sampler if sde else dataclasses.replace(cfg.sampler, sde_steps=0)
+    sampler = plain_sampler(cfg.sampler)         # independent noise, the full schedule
+    sampler = sampler if sde else dataclasses.replace(sampler, sde_steps=0)
     # Image-to-video: with the images of the run's training and held-out prompts; the prompts' rows
     # from the run's text cache (an encoder is built, and released first, only for rows it lacks).
     built = build_model(cfg, prompts=prompt_list, run_dir=run_dir, progress=progress)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from flowdppo_video.objectives import check_section as check_objective_section
-from flowdppo_video.sde import sde_candidates
+from flowdppo_video.sde import TAIL_SOLVERS, sde_candidates
 from rewards.artifacts import DEFAULT_MONITORS
 from rewards.registry import RewardError, parse_reward_specs
 
@@ -172,6 +172,20 @@ class SamplerConfig:
     window: list[float] = field(default_factory=lambda: [0.0, 0.5])  # schedule fraction they come from
     batch_size: int = 0                   # videos per transformer call in the rollout (0 = all)
     cfg_batch: str = "auto"               # CFG rows: "joint" (one 2B call), "split" (two B calls), "auto"
+    # Cheaper rollouts (docs/benchmarks.md, section rollout_cost). After the last SDE step the rest of the
+    # schedule is a deterministic ODE whose only use is the video for the reward: finish it in tail_steps
+    # steps of tail_solver ("euler"; "heun": 2 evaluations a step; "dpm2m": DPM-Solver++(2M), 1 a step).
+    # null or 0 = the schedule's own steps (Euler). Evaluation keeps the full schedule (eval.sampler_tail).
+    # The SDE steps, and so replay and the ratio, are unchanged.
+    tail_steps: int | None = None
+    tail_solver: str = "dpm2m"
+    # A group's G videos start from one noise; the deterministic steps before the first SDE step run once
+    # per group and the group branches into G at the first SDE step (children: same state and mean, own
+    # noise). Training only; evaluation and `sample` draw independent noise.
+    shared_noise: bool = False
+    # With shared_noise: children per SDE step, one factor per step, product data.group_size (a tree:
+    # [2, 2, 2] for G = 8; null = [G, 1, ...]). A leaf's log-probability holds its ancestors' steps.
+    branching: list[int] | None = None
 
     def validate(self) -> None:
         """The ``sampler`` section's own rules, the SDE steps against the window's candidates included."""
@@ -273,6 +287,8 @@ class EvalConfig:
     # as monitor/<name>/mean and /std: None = all of rewards.artifacts.DEFAULT_MONITORS, [] = none.
     monitors: list[str] | None = None
     monitor_period: int | None = None     # patch_grid's period in px; None = the model's VAE stride x patch
+    sampler_tail: bool = False            # also finish evaluation rollouts with sampler.tail_steps (false: the
+                                          # full schedule, so held-out numbers stay comparable across recipes)
 
     def validate(self) -> None:
         """The ``eval`` section's own rules (its rewards parsed, its monitors known)."""
@@ -352,6 +368,7 @@ class Config:
             parse_reward_specs(self.rewards, "rewards")
         except RewardError as e:
             raise ConfigError(str(e)) from None
+        _check_rollout_options(self.sampler, self.data.group_size)   # the tree's factors against the group
         return self
 
 
@@ -378,6 +395,20 @@ def _check_finite(key: str, value: Any) -> None:
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             _check_finite(f"{key}[{i}]", v)
+
+
+def _check_rollout_options(s: SamplerConfig, group_size: int) -> None:
+    """``sampler.tail_steps``, ``tail_solver``, ``shared_noise`` and ``branching`` (issue 34)."""
+    _check_choice("sampler.tail_solver", s.tail_solver, TAIL_SOLVERS)
+    if s.tail_steps is not None and s.tail_steps < 0:
+        raise ConfigError(f"sampler.tail_steps must be >= 1 (or 0 / null for the full schedule), got {s.tail_steps}")
+    if s.branching is None:
+        return
+    if not s.shared_noise:
+        raise ConfigError("sampler.branching needs sampler.shared_noise=true (a tree starts from one noise)")
+    if len(s.branching) != s.sde_steps or any(f < 1 for f in s.branching) or math.prod(s.branching) != group_size:
+        raise ConfigError(f"sampler.branching must be {s.sde_steps} factors >= 1 (one per SDE step) whose product is "
+                          f"data.group_size={group_size}, got {s.branching}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

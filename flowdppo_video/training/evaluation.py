@@ -14,7 +14,7 @@ from flowdppo_video.runs.video import read_audio, read_video, write_video
 from rewards import score_videos
 
 from .monitors import monitor_means, score_monitors
-from .rollout import Trajectory, reward_audio, rollout, step_mean
+from .rollout import Trajectory, plain_sampler, reward_audio, rollout, step_mean
 
 
 @torch.no_grad()
@@ -40,8 +40,8 @@ def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> t
 
 def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: int,
              latent_shape: tuple[int, ...], sampler: SamplerConfig, seed: int, rewards: dict,
-             negative_prompt: str = "", measure_kl: bool = True, *, fps: float, monitors: dict | None = None
-             ) -> tuple[dict[str, float], Trajectory]:
+             negative_prompt: str = "", measure_kl: bool = True, *, fps: float, monitors: dict | None = None,
+             keep_tail: bool = False) -> tuple[dict[str, float], Trajectory]:
     """Sample every prompt ``samples_per_prompt`` times with a fixed seed (the same noise at every
     evaluation, so numbers are paired across iterations) and score the videos as shown at ``fps``
     (the run's ``video.fps``).
@@ -50,7 +50,9 @@ def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: 
     "monitor/<name>/std": ...}, trajectory)``: ``monitors`` (:mod:`flowdppo_video.training.monitors`) are
     scored beside the rewards, under their own prefix.
     """
-    traj = rollout(adapter, prompts, samples_per_prompt, latent_shape, sampler,
+    # Independent noise and the full schedule (``keep_tail``: eval.sampler_tail), whatever the training
+    # rollout's economies: held-out numbers stay comparable across recipes.
+    traj = rollout(adapter, prompts, samples_per_prompt, latent_shape, plain_sampler(sampler, keep_tail),
                    torch.Generator().manual_seed(seed), negative_prompt=negative_prompt, progress=False)
     scores, extras = score_videos(rewards, traj.videos, traj.prompts, fps=fps, audio=reward_audio(traj))
     out = {f"eval/{n}/mean": s.mean().item() for n, s in scores.items()}

@@ -2,11 +2,12 @@
 ``perf/mfu`` (model FLOPs over the card's peak) and ``perf/peak_memory_gib`` (``max_memory_allocated``
 since the process started, to set beside ``flowdppo-video plan``).
 
-The FLOPs of one transformer forward for one video are counted once, by
+Every iteration logs the transformer evaluations it spent (``perf/evals/<phase>``: rows through the
+transformer, CFG's unconditional rows counted, over all ranks; :data:`EVALUATION_PHASES`) and
+``perf/evals_per_video``. The FLOPs of one transformer forward for one video are counted once, by
 ``torch.utils.flop_counter.FlopCounterMode`` on the run's own latent and conditioning; an iteration's
-are that times the forwards it makes per video: every denoising step of the rollout, and per pass
-over the SDE steps a forward and a backward (3 forwards' worth) in the update, plus the reference's
-forward when ``objective.beta > 0``; CFG doubles each. Gradient checkpointing's re-run is not model
+are that times its evaluations: the rollout's, and per replayed SDE step a forward and a backward
+(3 forwards' worth) in the update, plus the reference's forward when ``objective.beta > 0``. Gradient checkpointing's re-run is not model
 FLOPs and is not counted (the usual MFU convention). Under sequence parallelism the counted forward
 is the rank's own shard, so the figure is per GPU either way. flash_attn's kernels are counted as
 SDPA of the same sizes (:data:`FLASH_OPS`). With ``model.compile``, ``perf/compiled_graphs`` is the
@@ -135,22 +136,33 @@ class Throughput:
         parameters are gathered and every sequence-parallel rank takes part)."""
         self.flops = forward_flops(self.adapter, self.latent_shape, prompt)
 
-    def metrics(self, videos: int, local_videos: int, num_sde_steps: int, cfg_on: bool,
+    def metrics(self, videos: int, local_videos: int, evaluations: dict[str, float],
                 rollout_s: float, update_s: float, total_s: float) -> dict[str, float]:
         """``videos``: the iteration's batch (all ranks); ``local_videos``: this rank's share of the
-        rollout; the seconds are this rank's wall times."""
+        rollout; ``evaluations``: the iteration's transformer row evaluations (all ranks) per phase of
+        :data:`EVALUATION_PHASES`; the seconds are this rank's wall times."""
         out = {"perf/videos_per_s": videos / max(total_s, 1e-9),
                "perf/rollout_s_per_video": rollout_s / max(local_videos, 1),
                "perf/update_s_per_video": update_s / max(local_videos, 1)}
+        ev = {p: float(evaluations.get(p, 0.0)) for p in EVALUATION_PHASES}
+        out.update({f"perf/evals/{p}": n for p, n in ev.items()})
+        out["perf/evals/total"] = sum(ev.values())
+        out["perf/evals_per_video"] = out["perf/evals/total"] / max(videos, 1)
         if self.device.type == "cuda":               # the process's peak so far (the planner's figure)
             out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if getattr(self.cfg.model, "compile", False):   # proof that model.compile compiled (tools/gpu_check.py)
             out["perf/compiled_graphs"] = compiled_graphs()
         if self.peak is None or self.flops is None:
             return out
-        c = self.cfg
-        per_video = c.sampler.num_steps + num_sde_steps * c.optim.inner_epochs * (3 + (c.objective.beta > 0))
-        flops = self.flops * per_video * (2 if cfg_on else 1) * local_videos
+        # A replayed forward is also a backward (3 forwards' worth); this rank's share of the work.
+        forwards = ev["prefix"] + ev["sde"] + ev["tail"] + 3 * ev["replay"] + ev["reference"]
+        flops = self.flops * forwards * local_videos / max(videos, 1)
         out["perf/mfu"] = flops / (max(total_s, 1e-9) * self.peak)
         out["perf/tflops_per_gpu"] = flops / max(total_s, 1e-9) / 1e12
         return out
+
+
+# Where an iteration's transformer evaluations go: the rollout's steps before its first SDE step, from
+# the first to the last SDE step, after it (the tail), and the update's replays of the SDE steps by the
+# policy and (objective.beta > 0) by the reference.
+EVALUATION_PHASES = ("prefix", "sde", "tail", "replay", "reference")

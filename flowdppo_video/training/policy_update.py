@@ -25,7 +25,7 @@ from flowdppo_video.parallel.updaters import Updater
 from flowdppo_video.runs.config import ObjectiveConfig, OptimConfig, RunConfig
 from flowdppo_video.runs.seeding import derive_seed
 
-from .rollout import Trajectory, step_mean
+from .rollout import Trajectory, step_evaluations, step_mean
 
 
 class RunningStats:
@@ -201,6 +201,8 @@ class PolicyUpdate:
                 finite, mb_max, mb_loss = True, 0.0, 0.0
                 for j in range(n_steps):
                     out, kl, log_ratio = self.replay_step(mb, j, a)
+                    evals = step_evaluations(mb, j)           # the policy's forwards (and the reference's)
+                    acc.add({"evals_replay": evals, "evals_reference": evals if self.section.beta > 0 else 0})
                     if snapshot and mb_i == n_mb - 1:
                         snap.append((kl, out.frozen))
                     mb_max = nan_max(mb_max, log_ratio.abs().max().item())
@@ -257,7 +259,10 @@ class PolicyUpdate:
                "mask/drop_frac_by_epoch": [f(f"epoch{e}_dropped", f"epoch{e}_terms")
                                            for e in range(self.optim.inner_epochs)],
                "ratio/first_max_abs_log": first_max_abs_log if first_max_abs_log is not None else float("nan"),
-               "nonfinite_skipped": skipped}
+               "nonfinite_skipped": skipped,
+               # Transformer row evaluations of the update, all ranks (sequence-parallel ranks repeat theirs).
+               "perf/evals/replay": acc.sums.get("evals_replay", 0.0) / self.par.sp,
+               "perf/evals/reference": acc.sums.get("evals_reference", 0.0) / self.par.sp}
         if "clip_frac" in acc.sums:
             out["ratio/clip_frac"] = acc.mean("clip_frac")
         if "kl_ref_mean" in acc.sums:
