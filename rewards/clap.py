@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_videos, checkpoint_dir, positive, resolve_device, resolve_dtype
-from .registry import Audio, RewardError, register
+from .common import check_videos, checkpoint_dir, load_local, positive, resolve_device, resolve_dtype
+from .registry import Audio, register
 
 
 def _features(out: object) -> torch.Tensor:
@@ -48,12 +48,7 @@ class ClapAudio:
         self.path = path = checkpoint_dir(model)
         from transformers import ClapModel, ClapProcessor
 
-        try:
-            self.processor = ClapProcessor.from_pretrained(path, local_files_only=True)
-            self.model = ClapModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
-        except Exception as e:
-            raise RewardError(f"cannot load the CLAP model from {path}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        self.processor, self.model = load_local(ClapProcessor, ClapModel, path, self.dtype, "CLAP")
         self.model.to(self.device).eval()
         self.rate = int(self.processor.feature_extractor.sampling_rate)
 

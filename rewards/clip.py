@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_videos, checkpoint_dir, positive, read_json, resolve_device, resolve_dtype
+from .common import check_videos, checkpoint_dir, load_local, positive, read_json, resolve_device, resolve_dtype
 from .registry import RewardError, register
 
 
@@ -55,12 +55,7 @@ class ClipAlignment:
         self.path = path = checkpoint_dir(model)
         from transformers import AutoModel, AutoProcessor
 
-        try:
-            self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-            self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
-        except Exception as e:
-            raise RewardError(f"cannot load the CLIP/SigLIP model from {path}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        self.processor, self.model = load_local(AutoProcessor, AutoModel, path, self.dtype, "CLIP/SigLIP")
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
             raise RewardError(f"{path} is a {type(self.model).__name__}, not a CLIP or SigLIP model")
         self.model.to(self.device).eval()

@@ -55,6 +55,17 @@ def checkpoint_dir(model: Any) -> Path:
     return path
 
 
+def load_local(processor_cls: Any, model_cls: Any, path: Path, dtype: torch.dtype, what: str) -> tuple[Any, Any]:
+    """``(processor, model)`` from the local checkpoint ``path`` (nothing downloaded); a one-line
+    :class:`RewardError` naming ``what`` and the path if either fails to load."""
+    try:
+        return (processor_cls.from_pretrained(path, local_files_only=True),
+                model_cls.from_pretrained(path, local_files_only=True, dtype=dtype))
+    except Exception as e:
+        raise RewardError(f"cannot load the {what} model from {path}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` (CUDA if there is one), ``cpu``, ``cuda`` or ``cuda:N``. A bare ``cuda`` (and ``auto`` on
     CUDA) is this process's GPU, ``cuda:LOCAL_RANK``: rewards are built before the trainer sets the

@@ -26,7 +26,6 @@ are not part of it (the comparison test sets them off).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from flowdppo_video.runs.config import ModelConfig
 from .. import sde
 from ._training import TrainableExperts
 from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
-from .base import ModelError, TextBatch, VideoFlowAdapter, cat_text, init_parts
+from .base import ModelError, TextBatch, VideoFlowAdapter, cat_text, causal_latent_shape, init_parts
 from .common import DTYPES, built_in, check_pipeline_folders
 from .memory import read_part_configs
 from .registry import FamilySpec, register
@@ -245,24 +244,15 @@ class LTX2Adapter(TrainableExperts, VideoFlowAdapter):
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int]:
         """``(E,)``: the video tokens then the audio tokens, flat (see :meth:`token_map`); the audio
         length follows from ``num_frames / video.fps`` as in the pipeline."""
-        st, ss = self.scale_temporal, self.scale_spatial
-        pt, ph, pw = self.patch_size
-        if num_frames < 1 or (num_frames - 1) % st:
-            raise ModelError(f"video.num_frames={num_frames} must be {st}k+1 for this autoencoder")
-        if height % (ss * ph) or width % (ss * pw):
-            raise ModelError(f"video size {height}x{width} must be divisible by {ss * ph}x{ss * pw} "
-                             f"(autoencoder x{ss} times patch {ph}x{pw})")
-        f = (num_frames - 1) // st + 1
-        if f % pt:
-            raise ModelError(f"latent frames {f} (video.num_frames={num_frames}) not divisible by patch {pt}")
+        video = causal_latent_shape(num_frames, height, width, self.scale_temporal, self.scale_spatial,
+                                    self.patch_size, self.latent_channels)
         acfg = self.audio_vae.config
         per_second = int(acfg.sample_rate) / int(acfg.mel_hop_length) / float(self.audio_vae.temporal_compression_ratio)
         length = round(num_frames / float(self.frame_rate) * per_second)
         if length < 1:
             raise ModelError(f"video.num_frames={num_frames} at video.fps={self.frame_rate} is too short for one "
                              "audio latent frame")
-        geo = Geometry((self.latent_channels, f, height // ss, width // ss),
-                       (self.audio_channels, length, self.audio_mel_bins), self.patch_size)
+        geo = Geometry(video, (self.audio_channels, length, self.audio_mel_bins), self.patch_size)
         self._geometries[geo.elements] = geo
         return (geo.elements,)
 
