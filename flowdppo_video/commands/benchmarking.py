@@ -36,6 +36,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from flowdppo_video.parallel.groups import free_port
+from flowdppo_video.reporting.winrates import mean_ci_text
 from flowdppo_video.training.metrics import read_metrics
 
 # Beside a document (docs/ or a --docs folder): its JSON data and its figures, each in its own folder.
@@ -498,4 +499,17 @@ def summarise_seed_run(run_dir: Path, tag: str, seed: int) -> dict:
            "kl_to_base": final.get("eval/kl_base/mean")}
     for name, key, _ in SEED_RUN_METRICS:
         row[f"{name}_base"], row[name] = base.get(key), final.get(key)
+    if row["direction"] is not None and row["direction_base"] is not None:
+        row["direction_gain"] = row["direction"] - row["direction_base"]
+    if None not in (row["colour"], row["shape"], row["colour_base"], row["shape_base"]):
+        # forgetting as the frontier computes it: the mean of colour and shape lost
+        row["forgotten"] = (row["colour_base"] + row["shape_base"] - row["colour"] - row["shape"]) / 2
     return row
+
+
+def seeds_mean_ci(xs: list[float], scale: float, d: int, signed: bool = False) -> str:
+    """The frontier's ``"mean [lo, hi]"`` over seeds (:func:`~flowdppo_video.reporting.winrates.mean_ci_text`);
+    one seed alone without an interval, none a dash."""
+    if len(xs) == 1:
+        return f"{xs[0] * scale:{'+' if signed else ''}.{d}f}"
+    return mean_ci_text(xs, scale, d, signed) if xs else "—"

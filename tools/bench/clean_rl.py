@@ -22,8 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flowdppo_video.commands.benchmarking import DATA, run_seed, seed_run_finished, summarise_seed_run
-from flowdppo_video.reporting.winrates import mean_ci_text
+from flowdppo_video.commands.benchmarking import DATA, run_seed, seed_run_finished, seeds_mean_ci, summarise_seed_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,19 +59,8 @@ GAINS = [("direction gain (points)", "direction_gain", 100, 1), ("background err
 
 
 def derived(row: dict) -> dict:
-    """A run's row with the numbers the levers are compared on (forgetting as the frontier computes
-    it: the mean of colour and shape lost)."""
-    lost = (row["colour_base"] + row["shape_base"] - row["colour"] - row["shape"]) / 2
-    return {**row, "direction_gain": row["direction"] - row["direction_base"], "forgotten": lost,
-            "wall_min": row["wall_seconds"] / 60}
-
-
-def mean_ci(xs: list[float], scale: float, d: int, signed: bool = False) -> str:
-    """The frontier's ``"mean [lo, hi]"`` (:func:`flowdppo_video.reporting.winrates.mean_ci_text`); one seed alone
-    without an interval."""
-    if len(xs) == 1:
-        return f"{xs[0] * scale:{'+' if signed else ''}.{d}f}"
-    return mean_ci_text(xs, scale, d, signed) if xs else "—"
+    """A run's row with its wall time in minutes (the gains come with :func:`summarise_seed_run`)."""
+    return {**row, "wall_min": row["wall_seconds"] / 60}
 
 
 def collect(out: Path) -> dict[str, dict[int, dict]]:
@@ -90,7 +78,7 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
     lines = ["## Each lever, means over seeds with 95% bootstrap intervals", "", head,
              "|---|---|" + "---|" * len(GAINS)]
     for lever, by_seed in rows.items():
-        cells = [mean_ci([r[k] for r in by_seed.values()], s, d) for _, k, s, d in GAINS]
+        cells = [seeds_mean_ci([r[k] for r in by_seed.values()], s, d) for _, k, s, d in GAINS]
         lines.append(f"| {lever} | {','.join(map(str, sorted(by_seed)))} | " + " | ".join(cells) + " |")
     base = rows.get(BASELINE, {})
     lines += ["", f"## Each lever minus `{BASELINE}` (RL on every step, the default before routing), paired by seed", "",
@@ -100,7 +88,7 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
         if lever == BASELINE:
             continue
         seeds = sorted(set(by_seed) & set(base))
-        cells = [mean_ci([by_seed[s][k] - base[s][k] for s in seeds], sc, d, signed=True)
+        cells = [seeds_mean_ci([by_seed[s][k] - base[s][k] for s in seeds], sc, d, signed=True)
                  for _, k, sc, d in GAINS[:5]]
         lines.append(f"| {lever} | {','.join(map(str, seeds)) or '—'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
