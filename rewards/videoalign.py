@@ -297,7 +297,7 @@ class VideoAlignReward:
         self.output_dim = int(mcfg.get("output_dim", 1))
         if self.output_dim not in (1, 3):
             raise RewardError(f"{root}: model_config.output_dim must be 1 or 3, got {self.output_dim}")
-        self.weights = self._weights(weights)
+        self.weights = self.component_weights(weights)
         self.normalize = bool(normalize)
         self.stats = self._stats(cfg.get("inference_config"), root) if self.normalize else None
         self.sample_fps = positive("sample_fps", sample_fps if sample_fps is not None else data.get("fps") or 2.0)
@@ -334,7 +334,8 @@ class VideoAlignReward:
     # -------------------------------------------------------------------------------- loading
 
     @staticmethod
-    def _weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    def component_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+        """The ``weights`` option as ``{vq, mq, ta}`` -> number (default: all 1); one-line errors."""
         if weights is None:
             return {c: 1.0 for c in COMPONENTS}
         if not isinstance(weights, Mapping) or not weights:

@@ -14,12 +14,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flowdppo_video.runs.config import ModelConfig
 from flowdppo_video.models import families, family
+from flowdppo_video.models import ltx2
 from flowdppo_video.models.wan import WanAdapter
 
 # The text encoder's embedding (8192 x its width, 131k elements or more) is made the largest tensor of
 # every tiny model here (HunyuanVideo 1.5's transformer has a larger one of its own): the tiny VAEs'
 # largest is 13,824 elements, the other parts' a few thousand.
 INIT = {"text_encoder": {"vocab_size": 8192}}
+# LTX-2's Gemma 3 keeps its vocabulary in its text config.
+_GEMMA = ltx2.TINY_INIT["text_encoder"]
+INITS = {"ltx2": {"text_encoder": {**_GEMMA, "text_config": {**_GEMMA["text_config"], "vocab_size": 8192}}}}
 LARGE = 100_000
 # Parts created in the model dtype; the VAE (and Wan I2V's CLIP image encoder) stay float32, as
 # from_pretrained keeps them.
@@ -40,7 +44,8 @@ class _Allocations(TorchDispatchMode):
 
 def _largest_float32(name: str, dtype: str):
     with _Allocations() as seen:
-        adapter = family(name).build(ModelConfig(family=name, init=INIT, dtype=dtype), None, torch.device("cpu"))
+        adapter = family(name).build(ModelConfig(family=name, init=INITS.get(name, INIT), dtype=dtype), None,
+                                     torch.device("cpu"))
     return max(seen.float32_sizes), adapter
 
 
@@ -73,7 +78,7 @@ def test_export_merge_matches_peft_merge_of_a_whole_copy() -> None:
     for n, p in adapter.transformer.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)          # B = 0 at the start: make the merge matter
-    plain = adapter._merged(0)
+    plain = adapter.export_single()
     whole = copy.deepcopy(adapter.transformer)
     for m in whole.modules():
         if isinstance(m, BaseTunerLayer):

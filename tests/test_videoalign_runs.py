@@ -227,4 +227,4 @@ def test_the_wan21_videoalign_recipe_loads() -> None:
     spec = parse_reward_specs(cfg.rewards)["va"]
     assert spec.type == "videoalign" and spec.weight == 1.0
     inspect.signature(VideoAlignReward).bind(**spec.options)            # every option is one it takes
-    assert VideoAlignReward._weights(spec.options["weights"]) == {"vq": 1.0, "mq": 1.0, "ta": 0.0}
+    assert VideoAlignReward.component_weights(spec.options["weights"]) == {"vq": 1.0, "mq": 1.0, "ta": 0.0}

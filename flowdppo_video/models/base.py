@@ -164,6 +164,13 @@ class VideoFlowAdapter(abc.ABC):
         """Whether any text encoder is still in memory (False after :meth:`release_text_encoders`)."""
         return any(isinstance(getattr(self, a, None), torch.nn.Module) for a in self.TEXT_ENCODERS)
 
+    def forget_prompt_rows(self) -> None:
+        """Empty the family's in-memory rows of encoded prompts (and negatives, and image conditions):
+        the next prompt is read from :attr:`text_cache` or encoded again."""
+        for attr in ("_text_cache", "_negative_cache", "_cond_cache"):
+            if isinstance(getattr(self, attr, None), dict):
+                getattr(self, attr).clear()
+
     def release_text_encoders(self) -> int:
         """Drop the text encoders (and the families' per-prompt caches on the device); returns the
         bytes of parameters released. Prompts not cached by then can no longer be encoded."""
@@ -174,9 +181,7 @@ class VideoFlowAdapter(abc.ABC):
                 freed += sum(p.numel() * p.element_size() for p in m.parameters())
                 setattr(self, attr, None)
                 self.released_encoders = self.released_encoders | {attr}
-        for attr in ("_text_cache", "_negative_cache", "_cond_cache"):   # the families' rows, now in text_cache
-            if isinstance(getattr(self, attr, None), dict):
-                getattr(self, attr).clear()
+        self.forget_prompt_rows()                     # the families' rows, now in text_cache
         gc.collect()
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -358,7 +358,12 @@ class ZeroUpdater:
         (``save_pretrained``). Changes made inside are not kept."""
         if self.stage != 3:
             return contextlib.nullcontext()
-        return self._ds.zero.GatheredParameters(self._all_params() if whole else self.params, modifier_rank=None)
+        return self._ds.zero.GatheredParameters(self.to_gather(whole), modifier_rank=None)
+
+    def to_gather(self, whole: bool = False) -> list[torch.nn.Parameter]:
+        """What :meth:`gathered` asks ZeRO-3 to gather: the trained parameters (under LoRA only the
+        adapters, the frozen base stays sharded), or with ``whole`` every parameter of the model."""
+        return self._all_params() if whole else list(self.params)
 
     @contextlib.contextmanager
     def rollout(self) -> Iterator[None]:
