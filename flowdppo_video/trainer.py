@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowdppo_video.reporting.run_artifacts import RunArtifacts, nonfinite_rows, warn_nonfinite
-from flowdppo_video.runs.config import Config, ObjectiveConfig
+from flowdppo_video.runs.config import Config, ObjectiveConfig, SamplerConfig
 from flowdppo_video.runs.data import load_prompts, prompts_for_iteration
 from flowdppo_video.runs.fsio import check_output_dir, naming
 from flowdppo_video.runs.images import run_images
@@ -276,6 +276,13 @@ class Trainer:
         self.updater = build_updater(self.adapter, self.cfg, self.par)
         self.policy_update.updater = self.updater
         self.policy_update.set_objective(section)
+
+    def set_sampler(self, section: SamplerConfig) -> None:
+        """Roll out with ``section`` (a ``sampler`` config section, checked as the config checks it)
+        from the next iteration on: the public way for tools to compare rollout options on one trainer."""
+        cfg = dataclasses.replace(self.cfg, sampler=section)
+        cfg.validate()
+        self.cfg = cfg
 
     def train_iteration(self, it: int) -> tuple[Trajectory, dict[str, Any]]:
         b = self.collect(it)

@@ -28,7 +28,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -505,6 +507,31 @@ def summarise_seed_run(run_dir: Path, tag: str, seed: int) -> dict:
         # forgetting as the frontier computes it: the mean of colour and shape lost
         row["forgotten"] = (row["colour_base"] + row["shape_base"] - row["colour"] - row["shape"]) / 2
     return row
+
+
+def run_seed_cells(out: Path, cells: list[str] | None, names: list[str], seeds: list[int],
+                   overrides: dict[str, list[str]], jobs: int, after: Callable[[], Any], cwd: str | Path) -> None:
+    """Train the default recipe for each cell, ``jobs`` side by side (one thread each when > 1), with
+    :func:`run_seed`: ``cells`` (``"NAME:SEED"``, in that order) or else every name of ``names`` at
+    every seed; ``after()`` (writing the docs, say) runs after each cell, one at a time. An unknown
+    name is a one-line exit naming the known ones."""
+    todo = [(n, s) for n in names for s in seeds]
+    if cells:
+        todo = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in cells]
+        bad = [n for n, _ in todo if n not in overrides]
+        if bad:
+            raise SystemExit(f"{Path(sys.argv[0]).name}: unknown name {bad[0]!r} in --cells; known: {', '.join(overrides)}")
+    threads, lock = (1 if jobs > 1 else 2), threading.Lock()
+
+    def one(cell: tuple[str, int]) -> None:
+        name, seed = cell
+        run_seed(out, name, seed, overrides[name], threads, cwd=cwd)
+        with lock:
+            after()
+        print(f"done {name} seed {seed}", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
 
 
 def seeds_mean_ci(xs: list[float], scale: float, d: int, signed: bool = False) -> str:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flowdppo_video.commands.benchmarking import DATA, run_seed, seed_run_finished, seeds_mean_ci, summarise_seed_run
+from flowdppo_video.commands.benchmarking import DATA, run_seed_cells, seed_run_finished, seeds_mean_ci, summarise_seed_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +49,6 @@ LEVERS: dict[str, list[str]] = {                 # in the queue's order
 }
 BASELINE = "every_step"
 SEEDS = (0, 1, 2)
-_WRITE = threading.Lock()           # cells finish in worker threads; one writes the docs at a time
 # (name, key of a summarise() row, scale for the table, decimals): direction in points.
 GAINS = [("direction gain (points)", "direction_gain", 100, 1), ("background error", "background_error", 1, 2),
          ("grid energy", "grid_energy", 1, 2), ("colour+shape lost (points)", "forgotten", 100, 1),
@@ -122,23 +119,8 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        threads = 1 if args.jobs > 1 else 2
-        cells = [(lever, s) for lever in args.levers for s in args.seeds]
-        if args.cells:
-            cells = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cells]
-            bad = [lever for lever, _ in cells if lever not in LEVERS]
-            if bad:
-                raise SystemExit(f"clean_rl.py: unknown lever {bad[0]!r} in --cells; known: {', '.join(LEVERS)}")
-
-        def one(cell: tuple[str, int]) -> None:
-            lever, seed = cell
-            run_seed(args.out, lever, seed, LEVERS[lever], threads, cwd=ROOT)
-            with _WRITE:
-                write_docs(args.out, args.docs)
-            print(f"done {lever} seed {seed}", flush=True)
-
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(one, cells))
+        run_seed_cells(args.out, args.cells, args.levers, args.seeds, LEVERS, args.jobs,
+                       lambda: write_docs(args.out, args.docs), ROOT)
     print(write_docs(args.out, args.docs))
 
 

@@ -94,7 +94,7 @@ def cost(trainer: Trainer, shape: str, repeats: int, warmup: int) -> dict[str, A
 
     def iteration(name: str, over: dict[str, Any]):
         def run() -> None:
-            trainer.cfg = dataclasses.replace(base, sampler=dataclasses.replace(base.sampler, **over))
+            trainer.set_sampler(dataclasses.replace(base.sampler, **over))
             _, row = trainer.train_iteration(0)
             rows[name] = row
         return run
@@ -103,7 +103,7 @@ def cost(trainer: Trainer, shape: str, repeats: int, warmup: int) -> dict[str, A
     print(f" {shape}: timing {', '.join(vs)} ({warmup} warm-up each, then {repeats} interleaved repeats)", flush=True)
     times, extra = B.time_interleaved({n: iteration(n, o) for n, o in vs.items()}, repeats, torch.device("cpu"),
                                       warmup=warmup)
-    trainer.cfg = base
+    trainer.set_sampler(base.sampler)
     s = base.sampler
     out = {"config": {"num_steps": s.num_steps, "sde_steps": s.sde_steps, "window": s.window,
                       "guidance_scale": s.guidance_scale, "prompts_per_iteration": base.data.prompts_per_iteration,

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flowdppo_video.commands.benchmarking import (DATA, run_seed, seed_run_finished, seeds_mean_ci, summarise_seed_run,
+from flowdppo_video.commands.benchmarking import (DATA, run_seed_cells, seed_run_finished, seeds_mean_ci, summarise_seed_run,
                                                   write_section)
 from flowdppo_video.training.metrics import read_metrics
 
@@ -45,7 +43,6 @@ ARMS: dict[str, list[str]] = {                   # in the queue's order
 BASELINE = "plain"
 SEEDS = (0, 1, 2)
 SECTION = "rollout_payoff"
-_WRITE = threading.Lock()           # cells finish in worker threads; one writes the docs at a time
 # (name, key of a row, scale for the table, decimals): direction in points, evaluations in thousands.
 COLUMNS = [("direction gain (points)", "direction_gain", 100, 1), ("KL to base", "kl_to_base", 1, 4),
            ("colour+shape lost (points)", "forgotten", 100, 1), ("evaluations (k)", "evaluations", 1e-3, 1),
@@ -139,23 +136,8 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        threads = 1 if args.jobs > 1 else 2
-        cells = [(arm, s) for arm in args.arms for s in args.seeds]
-        if args.cells:
-            cells = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cells]
-            bad = [arm for arm, _ in cells if arm not in ARMS]
-            if bad:
-                raise SystemExit(f"rollout_payoff.py: unknown arm {bad[0]!r} in --cells; known: {', '.join(ARMS)}")
-
-        def one(cell: tuple[str, int]) -> None:
-            arm, seed = cell
-            run_seed(args.out, arm, seed, ARMS[arm], threads, cwd=ROOT)
-            with _WRITE:
-                write_docs(args.out, args.docs)
-            print(f"done {arm} seed {seed}", flush=True)
-
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(one, cells))
+        run_seed_cells(args.out, args.cells, args.arms, args.seeds, ARMS, args.jobs,
+                       lambda: write_docs(args.out, args.docs), ROOT)
     print(write_docs(args.out, args.docs))
 
 
