@@ -1,0 +1,563 @@
+"""ZeRO-3 and Ulysses at real width (issue 33, item 4): Wan 2.1 1.3B's real architecture (random
+weights), one training iteration on 2 gloo processes against the same iteration in one process, the
+text embeddings from the run's cache (no rank builds the text encoder).
+
+    .venv/bin/python tools/bench/parallel_width.py --out runs/parallel_width/result.json \\
+        --section docs/benchmarks.md          # real width (default: configs/model_shapes/wan2.1_t2v_1.3b)
+    .venv/bin/python tools/bench/parallel_width.py --tiny --out /tmp/pw.json    # the tiny Wan, seconds (CI)
+
+Steps, each its own process (``os.wait4`` gives each one's peak resident set, ``ru_maxrss``):
+
+1. ``cache``: the run's text cache, once. The text encoder is built alone (``training.run_builder.
+   encode_stage``, the trainer's own staged start), encodes the prompts and their CFG negative, is
+   released; ``WORK/cache/text_cache.safetensors`` is written. Every run below starts from a copy of
+   it, so its staged start finds every row cached and builds no encoder.
+2. per training mode (``--modes``: LoRA rank 32, as the recipe; ``full`` fine-tuning where the
+   planner says the machine holds it), per layout (``--layouts``): one ``Trainer`` iteration through
+   ``tools/bench/parallel_width.py --stage run`` (``torchrun --nproc_per_node=2`` for 2 ranks, gloo):
+   ``one`` (one process, the reference), ``zero3`` (``parallel.zero_stage=3``: 2 data-parallel ranks,
+   each half of the videos), ``sp2`` (``parallel.sequence_parallel=2``: both ranks hold every video,
+   half of its tokens each), ``zero3_sp2`` (both: world 2 = 1 data-parallel x 2 sequence-parallel
+   ranks; ZeRO shards over the world, ``parallel/zero.py``'s engine is built on the default group, so
+   the 2 ranks of the one SP group hold half of the weights each). Every rank wraps the constructor
+   of the text encoder's class (from the model folder's ``model_index.json``): building one with
+   weights ends the run (a skeleton on the meta device holds none and is allowed).
+
+Per run: the iteration's ``loss`` and ``grad_norm`` (``metrics.jsonl``), the trained weights of its
+checkpoint against the one-process run's (max |diff|, and the norm of the difference over the norm of
+the one-process update, the reference run writing the initial weights before it trains), wall time,
+peak RSS of each rank, and the memory planner's per-rank figure for the same config and layout
+(``flowdppo_video.commands.planner.plan_memory``, world 1 or 2: its training stage; the encoders'
+stage never happens here).
+
+Tolerances (:data:`TOLERANCES`, by ``model.dtype``): the loss and the gradient norm relative to the
+one-process value (the loss: or absolute, for a loss near 0), and the updated weights as
+``||W - W_one|| / ||W_one - W_0||``. The rollouts agree bit for bit across data-parallel layouts
+(one video per transformer call, CFG as two calls: the same shapes everywhere); sequence
+parallelism computes the same numbers in another order.
+
+The size is (h)'s (``tools/bench/real_size.py``): 9 frames at 128x128, 10 sampler steps of which 2
+SDE, the recipe's CFG, ``base_below``, beta and LoRA, but 2 prompts of G = 2 (2 data-parallel ranks
+need an even prompt count) and one optimizer step of all 4 videos (``optim.minibatch_size=4``).
+``--tiny``: the family's tiny shapes at 5 frames 32x32, 4 steps, every ZeRO-3 weight sharded
+(``parallel.zero_persistence_threshold=0``; at real width the default keeps the LoRA adapters whole).
+
+``--section FILE`` writes the table into FILE as its section ``parallel_width`` (refused for
+``--tiny``: its numbers say nothing about real width); ``--from-json`` rewrites it from a result.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SECTION = "parallel_width"
+GiB = 2 ** 30
+PROMPTS = ["a red ball rolls to the left across a wooden table", "a blue cube slides up a white wall"]
+SIZE: dict[str, Any] = {
+    "data": {"prompts_per_iteration": 2, "group_size": 2},
+    "video": {"num_frames": 9, "height": 128, "width": 128},
+    # One video per transformer call, CFG as two calls: every layout runs the same shapes in the rollout.
+    "sampler": {"num_steps": 10, "sde_steps": 2, "batch_size": 1, "cfg_batch": "split"},
+    "optim": {"inner_epochs": 1, "minibatch_size": 4},
+}
+TINY_SIZE: dict[str, Any] = {"video": {"num_frames": 5, "height": 32, "width": 32}, "sampler": {"num_steps": 4}}
+LAYOUTS: dict[str, tuple[int, list[str]]] = {       # name -> (processes, overrides)
+    "one": (1, []),
+    "zero3": (2, ["parallel.zero_stage=3"]),
+    "sp2": (2, ["parallel.sequence_parallel=2"]),
+    "zero3_sp2": (2, ["parallel.zero_stage=3", "parallel.sequence_parallel=2"]),
+}
+MODES: dict[str, list[str]] = {"lora": [], "full": ["model.lora.rank=0"]}
+# By model.dtype: loss (relative, or absolute), grad norm (relative), weights (||W - W_one|| / ||W_one - W_0||).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float32": {"loss_rel": 1e-3, "loss_abs": 1e-6, "grad_norm_rel": 1e-3, "weights_rel": 1e-3},
+    "bfloat16": {"loss_rel": 2e-2, "loss_abs": 1e-4, "grad_norm_rel": 2e-2, "weights_rel": 5e-2},
+}
+RUNTIME_BYTES = 0.5 * GiB          # Python, torch, DeepSpeed per process: not in the planner
+
+
+# ---------------------------------------------------------------- the run's config
+def run_config(recipe: Path, width_config: Path | None, tiny: bool, dtype: str | None) -> dict[str, Any]:
+    """The recipe at this benchmark's size, ``model.init`` from ``width_config`` (the family's own
+    reader) or, with ``tiny``, the family's tiny shapes. No output dir yet (per run)."""
+    from flowdppo_video.models import family
+    from flowdppo_video.runs.config import load_yaml, merge_trees
+
+    cfg = load_yaml(recipe)
+    fam = family(cfg["model"].get("family", "wan"))
+    if tiny:
+        init = copy.deepcopy(fam.tiny_init)
+    else:
+        assert width_config is not None
+        init, missing = fam.init_from_folder(width_config)
+        if missing:
+            raise SystemExit(f"{width_config}: no config.json for {missing}")
+    cfg = merge_trees(cfg, copy.deepcopy(SIZE))
+    if tiny:
+        cfg = merge_trees(cfg, copy.deepcopy(TINY_SIZE))
+    cfg["model"].pop("path", None)
+    cfg["model"]["init"] = init
+    if dtype is not None:
+        cfg["model"]["dtype"] = dtype
+    cfg = merge_trees(cfg, {"run": {"iterations": 1, "checkpoint_every": 1, "sample_every": 1, "num_sample_videos": 0, "device": "cpu",
+                                    "tensorboard": False, "report_every": 0, "progress": False, "seed": 0},
+                            "data": {"prompts": list(PROMPTS)}})
+    cfg.pop("eval", None)
+    return cfg
+
+
+def encoder_classes(width_config: Path) -> list[str]:
+    """The text encoders' class names in the model folder's ``model_index.json``."""
+    index = json.loads((width_config / "model_index.json").read_text())
+    return [v[1] for k, v in index.items() if k.startswith("text_encoder") and isinstance(v, list) and v[1]]
+
+
+class EncoderGuard:
+    """Wraps the constructors of ``classes`` (transformers models): every construction is counted,
+    those with weights (not a meta-device skeleton) separately; ``refuse``: such a construction raises."""
+
+    def __init__(self, classes: list[str], refuse: bool) -> None:
+        import transformers
+
+        from flowdppo_video.models.common import is_skeleton
+
+        self.built = self.skeletons = 0
+        for name in classes:
+            cls = getattr(transformers, name)
+            cls.__init__ = self._wrap(cls.__init__, name, refuse, is_skeleton)
+
+    def _wrap(self, init: Any, name: str, refuse: bool, is_skeleton: Any) -> Any:
+        def wrapped(module: Any, *args: Any, **kwargs: Any) -> None:
+            init(module, *args, **kwargs)
+            if is_skeleton(module):
+                self.skeletons += 1
+                return
+            self.built += 1
+            if refuse:
+                raise RuntimeError(f"rank {os.environ.get('RANK', '0')}: a {name} with weights was built; the run's "
+                                   "text cache should have covered every prompt")
+        return wrapped
+
+
+# ---------------------------------------------------------------- stages (each its own process)
+def _rusage(extra: dict[str, Any]) -> dict[str, Any]:
+    import resource
+
+    return {**extra, "rank": int(os.environ.get("RANK", "0")), "pid": os.getpid(),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def stage_cache(config: Path, cache_dir: Path, classes: list[str], out: Path) -> None:
+    """Encode the run's prompts and CFG negative with the encoder built alone; write the cache."""
+    import torch
+
+    from flowdppo_video.models.text_cache import CACHE_FILE
+    from flowdppo_video.runs.config import load_config
+    from flowdppo_video.runs.data import load_prompts
+    from flowdppo_video.training.run_builder import encode_stage
+
+    guard = EncoderGuard(classes, refuse=False)
+    cfg = load_config(config, [])
+    t0 = time.perf_counter()
+    cache, stats = encode_stage(cfg, torch.device("cpu"), load_prompts(cfg.data.prompts), None, cache_dir,
+                                progress=True)
+    cache.save(cache_dir / CACHE_FILE)
+    out.write_text(json.dumps(_rusage({"stats": stats, "encoders_built": guard.built, "rows": len(cache.entries),
+                                       "seconds": time.perf_counter() - t0})))
+
+
+def stage_run(config: Path, overrides: list[str], classes: list[str], out_prefix: Path, initial: Path | None) -> None:
+    """One training iteration of ``config`` (this process one rank of the launcher's layout), no encoder."""
+    import torch
+
+    from flowdppo_video.runs.config import load_config
+    from flowdppo_video.trainer import Trainer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    guard = EncoderGuard(classes, refuse=True)
+    t0 = time.perf_counter()
+    trainer = Trainer(load_config(config, overrides))
+    built_s = time.perf_counter() - t0
+    try:
+        if initial is not None and trainer.par.world == 1:
+            trainer.adapter.save_trainable(initial)      # W_0, before the update
+        trainer.run()
+    finally:
+        trainer.close()
+    rank = os.environ.get("RANK", "0")
+    Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(_rusage({
+        "encoders_built": guard.built, "encoder_skeletons": guard.skeletons, "text_stats": trainer.text_stats,
+        "build_s": built_s, "seconds": time.perf_counter() - t0})))
+
+
+# ---------------------------------------------------------------- the parent
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def launch(argv: list[str], env: dict[str, str], log: Path, max_rss_bytes: float | None) -> dict[str, Any]:
+    """Run ``argv`` to its end (its output to ``log`` and this terminal); wall time, the peak of the
+    whole process tree's summed RSS (sampled every 0.5 s), killed past ``max_rss_bytes``."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        peak = [0]
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.is_set():
+                rss = _tree_rss(proc.pid)
+                peak[0] = max(peak[0], rss)
+                if max_rss_bytes is not None and rss > max_rss_bytes:
+                    print(f"== resident set {rss / GiB:.1f} GiB > --max-rss-gib: killed", flush=True)
+                    os.killpg(proc.pid, 9)
+                done.wait(0.5)
+
+        threading.Thread(target=poll, daemon=True).start()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            print(line, end="", flush=True)
+        rc = proc.wait()
+        done.set()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"{' '.join(argv[:6])} ... failed (rc {rc}); its output: {log}")
+    return {"wall_s": wall, "tree_peak_rss_bytes": peak[0]}
+
+
+def planner_per_rank(config: Path, overrides: list[str], world: int) -> dict[str, float]:
+    """The planner's per-rank bytes for this config and layout: the training stage (this run's only
+    one: the cache covers the prompts) and its total (the larger of the encoders' stage and training)."""
+    from flowdppo_video.commands.planner import plan_memory
+    from flowdppo_video.runs.config import load_config
+
+    plan = plan_memory(load_config(config, overrides), world)
+    host = plan.row("total").host
+    return {"train": plan.stages["train"] + host, "total": (plan.row("total").device or 0.0) + host}
+
+
+def _weights(run_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from flowdppo_video.training.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise SystemExit(f"{run_dir}: no checkpoint")
+    return _load_dir(ckpt / "model", load_file)
+
+
+def _load_dir(d: Path, load_file: Any) -> dict[str, Any]:
+    out = {}
+    for f in sorted(d.rglob("*.safetensors")):
+        rel = f.relative_to(d).parent.as_posix()
+        out.update({f"{rel}:{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+def compare_weights(w: dict[str, Any], ref: dict[str, Any], w0: dict[str, Any]) -> dict[str, float]:
+    """``w`` against the one-process ``ref``: max |diff|, ||diff|| / ||ref - w0||, elements that differ."""
+    if w.keys() != ref.keys():
+        raise SystemExit(f"the checkpoints hold different tensors: {sorted(set(w) ^ set(ref))[:4]}")
+    diff_sq = upd_sq = 0.0
+    worst = 0.0
+    differ = total = 0
+    dtypes: set[str] = set()
+    for k, r in ref.items():
+        a, b = w[k].double(), r.double()
+        d = a - b
+        worst = max(worst, float(d.abs().max()))
+        diff_sq += float(d.square().sum())
+        upd_sq += float((b - w0[k].double()).square().sum()) if k in w0 else 0.0
+        differ += int((d != 0).sum())
+        total += d.numel()
+        if w[k].dtype != r.dtype:
+            dtypes.add(f"{k}: {w[k].dtype} vs {r.dtype}")
+    return {"max_abs_diff": worst, "diff_norm": math.sqrt(diff_sq), "update_norm": math.sqrt(upd_sq),
+            "rel_to_update": math.sqrt(diff_sq) / math.sqrt(upd_sq) if upd_sq > 0 else float("inf"),
+            "elements_differ": differ, "elements": total, "dtype_mismatches": sorted(dtypes)[:4],
+            "dtype_mismatch_count": len(dtypes)}
+
+
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    keep = ("loss", "grad_norm", "kl/mean", "reward/mean", "time/rollout_s", "time/update_s", "ratio/first_max_abs_log")
+    return {k: rows[-1][k] for k in keep if k in rows[-1]}
+
+
+def _mem_available() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024
+    return float("inf")
+
+
+def bench(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from flowdppo_video.commands import benchmarking as B
+    from flowdppo_video.models.text_cache import CACHE_FILE, checksum_path
+    from flowdppo_video.runs.run_dir import mark_owned
+
+    work = a.work
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"--work {work} exists and is not empty")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = run_config(a.recipe, a.width_config, a.tiny, a.dtype)
+    dtype = cfg["model"]["dtype"]
+    tol = TOLERANCES[dtype]
+    config = work / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    classes = encoder_classes(a.width_config)
+    here = [sys.executable, str(Path(__file__).resolve())]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu",
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    machine = B.machine_info(torch.device("cpu"))
+    available = _mem_available()
+    max_rss = a.max_rss_gib * GiB if a.max_rss_gib else None
+    extra = ["parallel.zero_persistence_threshold=0"] if a.tiny else []
+    # 1. the text cache, once
+    cache_dir = work / "cache"
+    cache_dir.mkdir()
+    print(f"== cache: the text encoder alone, {len(PROMPTS)} prompts and their CFG negative", flush=True)
+    cache_run = launch([*here, "--stage", "cache", "--config", str(config), "--dir", str(cache_dir),
+                        "--classes", ",".join(classes), "--result", str(work / "cache.json")],
+                       {**env, "OMP_NUM_THREADS": str(a.threads)}, work / "cache.log", max_rss)
+    cache = {**json.loads((work / "cache.json").read_text()), **cache_run}
+    # 2. each mode, each layout
+    modes: dict[str, Any] = {}
+    for mode in a.modes:
+        over = MODES[mode] + extra
+        plans = {lay: planner_per_rank(config, over + LAYOUTS[lay][1], LAYOUTS[lay][0]) for lay in a.layouts}
+        runs: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        for lay in a.layouts:
+            n, lay_over = LAYOUTS[lay]
+            need = n * (plans[lay]["train"] + RUNTIME_BYTES)
+            if not a.tiny and not a.force and need > available - 1 * GiB:
+                skipped[lay] = (f"the planner's {n} x {plans[lay]['train'] / GiB:.2f} GiB (+{RUNTIME_BYTES / GiB:.1f} GiB "
+                                f"runtime each) exceeds the {available / GiB:.1f} GiB available at the start less 1 GiB")
+                print(f"== {mode}/{lay}: skipped: {skipped[lay]}", flush=True)
+                continue
+            if lay != "one" and "one" not in runs:
+                skipped[lay] = "no one-process run to compare with"
+                continue
+            run_dir = work / mode / lay
+            run_dir.mkdir(parents=True)
+            mark_owned(run_dir)
+            for f in (cache_dir / CACHE_FILE, checksum_path(cache_dir / CACHE_FILE)):
+                shutil.copy2(f, run_dir / f.name)
+            args = ["--stage", "run", "--config", str(config), "--classes", ",".join(classes),
+                    "--result", str(run_dir / "rank"), *(["--initial", str(work / mode / "initial")] if lay == "one" else []),
+                    "--", f"run.output_dir={run_dir}", *over, *lay_over]
+            if n == 1:
+                argv, threads = [*here, *args], a.threads
+            else:
+                from flowdppo_video.parallel.groups import free_port
+
+                argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                        f"--master_port={free_port()}", str(Path(__file__).resolve()), *args]
+                threads = max(1, a.threads // n)
+            print(f"\n== {mode}/{lay}: {n} process(es) x {threads} thread(s)", flush=True)
+            r = launch(argv, {**env, "OMP_NUM_THREADS": str(threads)}, work / f"{mode}_{lay}.log", max_rss)
+            ranks = [json.loads((run_dir / f"rank.rank{i}.json").read_text()) for i in range(n)]
+            runs[lay] = {**r, "processes": n, "threads": threads, "overrides": over + lay_over, "ranks": ranks,
+                         "metrics": _metrics(run_dir), "planner": plans[lay]}
+        if "one" in runs:
+            from safetensors.torch import load_file
+
+            w0 = _load_dir(work / mode / "initial", load_file)
+            ref = _weights(work / mode / "one")
+            base = runs["one"]["metrics"]
+            for lay, r in runs.items():
+                w = compare_weights(_weights(work / mode / lay), ref, w0)
+                m = r["metrics"]
+                r["vs_one"] = {"loss_diff": abs(m["loss"] - base["loss"]),
+                               "grad_norm_rel": abs(m["grad_norm"] - base["grad_norm"]) / max(abs(base["grad_norm"]), 1e-30),
+                               "weights": w}
+                r["within"] = within(r["vs_one"], base, tol)
+                if not a.keep_checkpoints and lay != "one":
+                    shutil.rmtree(work / mode / lay / "checkpoints", ignore_errors=True)
+        modes[mode] = {"runs": runs, "skipped": skipped}
+    from flowdppo_video.commands.benchmarking import git_commit
+
+    return {"name": SECTION, "tiny": a.tiny, "dtype": dtype, "tolerances": tol, "machine": machine,
+            "mem_available_at_start_bytes": available, "commit": git_commit(REPO),
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": " ".join([".venv/bin/python", "tools/bench/parallel_width.py", *sys.argv[1:]]),
+            "width_config": None if a.tiny else str(a.width_config), "recipe": str(a.recipe),
+            "config": {k: cfg[k] for k in ("model", "data", "video", "sampler", "objective", "optim") if k in cfg},
+            "encoder_classes": classes, "cache": cache, "modes": modes}
+
+
+def within(v: dict[str, Any], base: dict[str, Any], tol: dict[str, float]) -> dict[str, bool]:
+    """Each comparison against the one-process run within :data:`TOLERANCES`."""
+    return {"loss": v["loss_diff"] <= max(tol["loss_abs"], tol["loss_rel"] * abs(base["loss"])),
+            "grad_norm": v["grad_norm_rel"] <= tol["grad_norm_rel"],
+            "weights": v["weights"]["rel_to_update"] <= tol["weights_rel"]}
+
+
+# ---------------------------------------------------------------- the report
+LABELS = {"one": "1 process", "zero3": "ZeRO-3, 2 ranks (DP 2)", "sp2": "SP 2 (DP 1)",
+          "zero3_sp2": "ZeRO-3 + SP 2 (DP 1)"}
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.2f}"
+
+
+def section(r: dict[str, Any]) -> str:
+    """The markdown section of ``docs/benchmarks.md`` for a result of :func:`bench`."""
+    c, m, t = r["config"], r["machine"], r["tolerances"]
+    model = Path(r["width_config"]).name if r["width_config"] else "the tiny Wan (--tiny)"
+    lines = [f"## ZeRO-3 and sequence parallelism at real width: {model}, one iteration on 2 gloo processes", "",
+             "```", r["command"], "```", "",
+             f"- Model: `{r['width_config'] or 'tiny shapes'}` with random weights in {r['dtype']}; recipe "
+             f"`{Path(r['recipe']).name}` at (h)'s video size: {c['data']['prompts_per_iteration']} prompts, "
+             f"G = {c['data']['group_size']}, {c['video']['num_frames']} frames at {c['video']['height']}x"
+             f"{c['video']['width']}, {c['sampler']['num_steps']} steps ({c['sampler']['sde_steps']} SDE), CFG "
+             f"{c['sampler'].get('guidance_scale')} as two calls of one video, one optimizer step of "
+             f"{c['optim']['minibatch_size']} videos; gradient checkpointing "
+             f"{'on' if c['model'].get('gradient_checkpointing') else 'off'}.",
+             f"- Text: the cache written once by the encoder built alone ({r['cache']['rows']} rows, "
+             f"{r['cache']['wall_s']:.0f} s, peak RSS {_gib(r['cache']['peak_rss_bytes'])} GiB); every rank of every "
+             f"run started from it with the constructor of {', '.join(r['encoder_classes'])} wrapped to fail: "
+             "no rank built an encoder" + ("." if all(k["encoders_built"] == 0 for md in r["modes"].values()
+                                                       for run in md["runs"].values() for k in run["ranks"])
+                                           else " -- **ONE DID**."),
+             f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, "
+             f"{r['mem_available_at_start_bytes'] / GiB:.1f} GiB available at the start; torch {m['torch']}; "
+             f"commit {r['commit']}, finished {r['finished']}. 1 process runs {r['modes'] and next(iter(r['modes'].values()))['runs'].get('one', {}).get('threads', '?')} "
+             "threads, each of 2 ranks 1.",
+             f"- Tolerances ({r['dtype']}): loss within {t['loss_rel']:g} relative (or {t['loss_abs']:g} absolute), "
+             f"gradient norm within {t['grad_norm_rel']:g} relative, updated weights ||W - W_one|| / "
+             f"||W_one - W_0|| <= {t['weights_rel']:g} (the difference against the size of the one-process update).",
+             "- Peak RSS: each rank's `ru_maxrss`; planner: `plan_memory` for the same config and layout, per rank, "
+             "its training stage (the encoders' stage never runs: the cache covers the prompts); it leaves out "
+             "the Python/torch/DeepSpeed runtime.", ""]
+    for mode, md in r["modes"].items():
+        lines += [f"### {'LoRA rank ' + str(c['model']['lora']['rank']) if mode == 'lora' else 'Full fine-tuning'}", "",
+                  "| layout | loss | grad norm | rel. diff grad norm | max abs diff W | diff / update | within | wall s "
+                  "| iteration s (rollout + update) | peak RSS per rank GiB | planner per rank GiB |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for lay, run in md["runs"].items():
+            mt, v = run["metrics"], run.get("vs_one", {})
+            w = v.get("weights", {})
+            ok = run.get("within", {})
+            rss = " / ".join(_gib(k["peak_rss_bytes"]) for k in sorted(run["ranks"], key=lambda k: k["rank"]))
+            verdict = "reference" if lay == "one" else ("yes" if all(ok.values()) else
+                                                        "**no**: " + ", ".join(k for k, x in ok.items() if not x))
+            lines.append(
+                f"| {LABELS[lay]} | {mt['loss']:.6g} | {mt['grad_norm']:.6g} | {v.get('grad_norm_rel', 0):.2e} | "
+                f"{w.get('max_abs_diff', 0):.2e} | {w.get('rel_to_update', 0):.2e} | {verdict} | {run['wall_s']:.0f} | "
+                f"{mt.get('time/rollout_s', float('nan')):.0f} + {mt.get('time/update_s', float('nan')):.0f} | {rss} | "
+                f"{_gib(run['planner']['train'])} |")
+        for lay, why in md["skipped"].items():
+            lines.append(f"| {LABELS[lay]} | skipped: {why} | | | | | | | | | |")
+        one = md["runs"].get("one")
+        if one and "vs_one" in one:
+            w = one["vs_one"]["weights"]
+            lines += ["", f"The one-process update: ||W_one - W_0|| = {w['update_norm']:.3g} over {w['elements']:,} "
+                          "trained weights."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width-config", type=Path, default=REPO / "configs" / "model_shapes" / "wan2.1_t2v_1.3b",
+                   help="a folder of <part>/config.json files and model_index.json (the architecture)")
+    p.add_argument("--recipe", type=Path, default=REPO / "configs" / "wan2.1_t2v_1.3b.yaml")
+    p.add_argument("--tiny", action="store_true", help="the family's tiny shapes: seconds (the test)")
+    p.add_argument("--dtype", choices=sorted(TOLERANCES), default=None, help="model.dtype (default: the recipe's)")
+    p.add_argument("--modes", default="lora,full", help="lora, full (full where the planner says it fits)")
+    p.add_argument("--layouts", default="one,zero3,sp2,zero3_sp2")
+    p.add_argument("--work", type=Path, default=None, help="new folder for the runs (default: a temporary one)")
+    p.add_argument("--out", type=Path, default=None, help="result JSON")
+    p.add_argument("--section", type=Path, default=None, help="markdown file whose section 'parallel_width' this writes")
+    p.add_argument("--threads", type=int, default=2, help="threads of the one process (each of 2 ranks: half)")
+    p.add_argument("--max-rss-gib", type=float, default=20.0, help="kill a run whose processes together pass this")
+    p.add_argument("--force", action="store_true", help="run a layout the planner says does not fit")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--from-json", type=Path, default=None, help="rewrite --section from a stored result; no run")
+    # a stage of the benchmark, in its own process
+    p.add_argument("--stage", choices=["cache", "run"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--classes", default="", help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--initial", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    classes = [c for c in a.classes.split(",") if c]
+    if a.stage == "cache":
+        stage_cache(a.config, a.dir, classes, a.result)
+        return None
+    if a.stage == "run":
+        stage_run(a.config, a.overrides, classes, a.result, a.initial)
+        return None
+    if a.section is not None and a.tiny:
+        p.error("--section with --tiny: the tiny numbers say nothing about real width (use --out)")
+    from flowdppo_video.commands.benchmarking import write_json, write_section
+
+    if a.from_json is not None:
+        r = json.loads(a.from_json.read_text())
+    else:
+        a.modes = [m for m in a.modes.split(",") if m]
+        a.layouts = [lay for lay in a.layouts.split(",") if lay]
+        bad = [x for x in a.modes if x not in MODES] + [x for x in a.layouts if x not in LAYOUTS]
+        if bad:
+            p.error(f"unknown mode or layout {bad[0]!r} (modes: {', '.join(MODES)}; layouts: {', '.join(LAYOUTS)})")
+        if a.layouts[0] != "one":
+            a.layouts = ["one", *[x for x in a.layouts if x != "one"]]
+        if a.work is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="parallel_width_") as d:
+                a.work = Path(d) / "work"
+                r = bench(a)
+        else:
+            r = bench(a)
+        write_json(a.out, r)
+    text = section(r)
+    print("\n" + text, flush=True)
+    if a.section is not None:
+        write_section(a.section, SECTION, text)
+        print(f"wrote section {SECTION!r} of {a.section}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
