@@ -85,10 +85,17 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {       # name -> (processes, overri
     "zero3_sp2": (2, ["parallel.zero_stage=3", "parallel.sequence_parallel=2"]),
 }
 MODES: dict[str, list[str]] = {"lora": [], "full": ["model.lora.rank=0"]}
-# By model.dtype: loss (relative, or absolute), grad norm (relative), weights (||W - W_one|| / ||W_one - W_0||).
+# By model.dtype: loss (relative, or absolute: the first iteration's loss is about 0, the ratio being 1
+# and the group-relative advantages summing to 0), gradient norm (relative), updated weights
+# (||W - W_one|| / ||W_one - W_0||). float32 is the exactness check: the layouts compute the same sums
+# in another order. bfloat16 (the recipe's) bounds the layout only loosely: Adam's first step is about
+# lr x sign(gradient), so a gradient that bfloat16 rounding moves across 0 flips a whole step (the tiny
+# model: 0.2-0.26 of the update at every layout, SP 2 included, where float32 gives 1e-4-5e-4); a layout
+# bug (a missing or doubled reduction, a wrong shard) moves the gradient norm by O(1) and the weights by
+# about the update itself.
 TOLERANCES: dict[str, dict[str, float]] = {
-    "float32": {"loss_rel": 1e-3, "loss_abs": 1e-6, "grad_norm_rel": 1e-3, "weights_rel": 1e-3},
-    "bfloat16": {"loss_rel": 2e-2, "loss_abs": 1e-4, "grad_norm_rel": 2e-2, "weights_rel": 5e-2},
+    "float32": {"loss_rel": 1e-3, "loss_abs": 1e-6, "grad_norm_rel": 1e-3, "weights_rel": 1e-2},
+    "bfloat16": {"loss_rel": 2e-2, "loss_abs": 1e-4, "grad_norm_rel": 2e-2, "weights_rel": 0.5},
 }
 RUNTIME_BYTES = 0.5 * GiB          # Python, torch, DeepSpeed per process: not in the planner
 
@@ -183,28 +190,39 @@ def stage_cache(config: Path, cache_dir: Path, classes: list[str], out: Path) ->
                                        "seconds": time.perf_counter() - t0})))
 
 
-def stage_run(config: Path, overrides: list[str], classes: list[str], out_prefix: Path, initial: Path | None) -> None:
-    """One training iteration of ``config`` (this process one rank of the launcher's layout), no encoder."""
+def stage_run(jobs_file: Path, classes: list[str]) -> None:
+    """One training iteration per job of ``jobs_file`` (``[{"config", "overrides", "result", "initial"}]``),
+    this process one rank of the launcher's layout; no text encoder may be built. Several jobs share
+    the launch's process group (``--one-launch``): each trainer then builds its groups inside it."""
     import torch
+    import torch.distributed as dist
 
     from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     guard = EncoderGuard(classes, refuse=True)
-    t0 = time.perf_counter()
-    trainer = Trainer(load_config(config, overrides))
-    built_s = time.perf_counter() - t0
-    try:
-        if initial is not None and trainer.par.world == 1:
-            trainer.adapter.save_trainable(initial)      # W_0, before the update
-        trainer.run()
-    finally:
-        trainer.close()
-    rank = os.environ.get("RANK", "0")
-    Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(_rusage({
-        "encoders_built": guard.built, "encoder_skeletons": guard.skeletons, "text_stats": trainer.text_stats,
-        "build_s": built_s, "seconds": time.perf_counter() - t0})))
+    jobs = json.loads(jobs_file.read_text())
+    if len(jobs) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")          # the trainers join it; none destroys it
+    for job in jobs:
+        built = guard.built
+        t0 = time.perf_counter()
+        trainer = Trainer(load_config(Path(job["config"]), job["overrides"]))
+        build_s = time.perf_counter() - t0
+        try:
+            if job.get("initial") and trainer.par.world == 1:
+                trainer.adapter.save_trainable(Path(job["initial"]))      # W_0, before the update
+            trainer.run()
+        finally:
+            trainer.close()
+        rank = os.environ.get("RANK", "0")
+        Path(f"{job['result']}.rank{rank}.json").write_text(json.dumps(_rusage({
+            "encoders_built": guard.built - built, "encoder_skeletons": guard.skeletons,
+            "text_stats": trainer.text_stats, "build_s": build_s, "seconds": time.perf_counter() - t0,
+            "shared_process": len(jobs) > 1})))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- the parent
@@ -287,28 +305,32 @@ def _load_dir(d: Path, load_file: Any) -> dict[str, Any]:
     return out
 
 
-def compare_weights(w: dict[str, Any], ref: dict[str, Any], w0: dict[str, Any]) -> dict[str, float]:
-    """``w`` against the one-process ``ref``: max |diff|, ||diff|| / ||ref - w0||, elements that differ."""
+def compare_weights(w: dict[str, Any], ref: dict[str, Any], w0: dict[str, Any]) -> dict[str, Any]:
+    """``w`` against the one-process ``ref`` (both after the step from ``w0``): max |diff|,
+    ||diff|| / ||ref - w0||, the elements that differ, those whose step went the other way (Adam's
+    first step is about lr x sign(gradient): a gradient near 0 can flip it), and dtype mismatches."""
     if w.keys() != ref.keys():
         raise SystemExit(f"the checkpoints hold different tensors: {sorted(set(w) ^ set(ref))[:4]}")
-    diff_sq = upd_sq = 0.0
-    worst = 0.0
-    differ = total = 0
-    dtypes: set[str] = set()
+    diff_sq = upd_sq = worst = 0.0
+    differ = flipped = total = 0
+    dtypes: list[str] = []
     for k, r in ref.items():
         a, b = w[k].double(), r.double()
         d = a - b
         worst = max(worst, float(d.abs().max()))
         diff_sq += float(d.square().sum())
-        upd_sq += float((b - w0[k].double()).square().sum()) if k in w0 else 0.0
+        if k in w0:
+            start = w0[k].double()
+            upd_sq += float((b - start).square().sum())
+            flipped += int(((a - start) * (b - start) < 0).sum())
         differ += int((d != 0).sum())
         total += d.numel()
         if w[k].dtype != r.dtype:
-            dtypes.add(f"{k}: {w[k].dtype} vs {r.dtype}")
+            dtypes.append(f"{k}: {str(w[k].dtype).replace('torch.', '')} vs {str(r.dtype).replace('torch.', '')}")
     return {"max_abs_diff": worst, "diff_norm": math.sqrt(diff_sq), "update_norm": math.sqrt(upd_sq),
             "rel_to_update": math.sqrt(diff_sq) / math.sqrt(upd_sq) if upd_sq > 0 else float("inf"),
-            "elements_differ": differ, "elements": total, "dtype_mismatches": sorted(dtypes)[:4],
-            "dtype_mismatch_count": len(dtypes)}
+            "elements_differ": differ, "steps_flipped": flipped, "elements": total,
+            "dtype_mismatches": dtypes[:4], "dtype_mismatch_count": len(dtypes)}
 
 
 def _metrics(run_dir: Path) -> dict[str, Any]:
@@ -328,98 +350,129 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from flowdppo_video.commands import benchmarking as B
-    from flowdppo_video.models.text_cache import CACHE_FILE, checksum_path
-    from flowdppo_video.runs.run_dir import mark_owned
 
     work = a.work
     if work.exists() and any(work.iterdir()):
         raise SystemExit(f"--work {work} exists and is not empty")
     work.mkdir(parents=True, exist_ok=True)
-    cfg = run_config(a.recipe, a.width_config, a.tiny, a.dtype)
-    dtype = cfg["model"]["dtype"]
-    tol = TOLERANCES[dtype]
-    config = work / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     classes = encoder_classes(a.width_config)
-    here = [sys.executable, str(Path(__file__).resolve())]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu",
            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     machine = B.machine_info(torch.device("cpu"))
     available = _mem_available()
-    max_rss = a.max_rss_gib * GiB if a.max_rss_gib else None
-    extra = ["parallel.zero_persistence_threshold=0"] if a.tiny else []
-    # 1. the text cache, once
-    cache_dir = work / "cache"
-    cache_dir.mkdir()
-    print(f"== cache: the text encoder alone, {len(PROMPTS)} prompts and their CFG negative", flush=True)
-    cache_run = launch([*here, "--stage", "cache", "--config", str(config), "--dir", str(cache_dir),
-                        "--classes", ",".join(classes), "--result", str(work / "cache.json")],
-                       {**env, "OMP_NUM_THREADS": str(a.threads)}, work / "cache.log", max_rss)
-    cache = {**json.loads((work / "cache.json").read_text()), **cache_run}
-    # 2. each mode, each layout
-    modes: dict[str, Any] = {}
-    for mode in a.modes:
-        over = MODES[mode] + extra
-        plans = {lay: planner_per_rank(config, over + LAYOUTS[lay][1], LAYOUTS[lay][0]) for lay in a.layouts}
-        runs: dict[str, Any] = {}
-        skipped: dict[str, str] = {}
-        for lay in a.layouts:
-            n, lay_over = LAYOUTS[lay]
-            need = n * (plans[lay]["train"] + RUNTIME_BYTES)
-            if not a.tiny and not a.force and need > available - 1 * GiB:
-                skipped[lay] = (f"the planner's {n} x {plans[lay]['train'] / GiB:.2f} GiB (+{RUNTIME_BYTES / GiB:.1f} GiB "
-                                f"runtime each) exceeds the {available / GiB:.1f} GiB available at the start less 1 GiB")
-                print(f"== {mode}/{lay}: skipped: {skipped[lay]}", flush=True)
-                continue
-            if lay != "one" and "one" not in runs:
-                skipped[lay] = "no one-process run to compare with"
-                continue
-            run_dir = work / mode / lay
-            run_dir.mkdir(parents=True)
-            mark_owned(run_dir)
-            for f in (cache_dir / CACHE_FILE, checksum_path(cache_dir / CACHE_FILE)):
-                shutil.copy2(f, run_dir / f.name)
-            args = ["--stage", "run", "--config", str(config), "--classes", ",".join(classes),
-                    "--result", str(run_dir / "rank"), *(["--initial", str(work / mode / "initial")] if lay == "one" else []),
-                    "--", f"run.output_dir={run_dir}", *over, *lay_over]
-            if n == 1:
-                argv, threads = [*here, *args], a.threads
-            else:
-                from flowdppo_video.parallel.groups import free_port
-
-                argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-                        f"--master_port={free_port()}", str(Path(__file__).resolve()), *args]
-                threads = max(1, a.threads // n)
-            print(f"\n== {mode}/{lay}: {n} process(es) x {threads} thread(s)", flush=True)
-            r = launch(argv, {**env, "OMP_NUM_THREADS": str(threads)}, work / f"{mode}_{lay}.log", max_rss)
-            ranks = [json.loads((run_dir / f"rank.rank{i}.json").read_text()) for i in range(n)]
-            runs[lay] = {**r, "processes": n, "threads": threads, "overrides": over + lay_over, "ranks": ranks,
-                         "metrics": _metrics(run_dir), "planner": plans[lay]}
-        if "one" in runs:
-            from safetensors.torch import load_file
-
-            w0 = _load_dir(work / mode / "initial", load_file)
-            ref = _weights(work / mode / "one")
-            base = runs["one"]["metrics"]
-            for lay, r in runs.items():
-                w = compare_weights(_weights(work / mode / lay), ref, w0)
-                m = r["metrics"]
-                r["vs_one"] = {"loss_diff": abs(m["loss"] - base["loss"]),
-                               "grad_norm_rel": abs(m["grad_norm"] - base["grad_norm"]) / max(abs(base["grad_norm"]), 1e-30),
-                               "weights": w}
-                r["within"] = within(r["vs_one"], base, tol)
-                if not a.keep_checkpoints and lay != "one":
-                    shutil.rmtree(work / mode / lay / "checkpoints", ignore_errors=True)
-        modes[mode] = {"runs": runs, "skipped": skipped}
+    groups: dict[str, Any] = {}
+    caches: dict[str, Any] = {}
+    configs: dict[str, Any] = {}
+    for dtype in a.dtypes:
+        cfg = run_config(a.recipe, a.width_config, a.tiny, dtype)
+        configs[dtype] = {k: cfg[k] for k in ("model", "data", "video", "sampler", "objective", "optim") if k in cfg}
+        d = work / dtype
+        d.mkdir()
+        config = d / "run.yaml"
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        caches[dtype] = write_cache(config, d / "cache", classes, env, a)
+        for mode in a.modes:
+            groups[f"{mode}/{dtype}"] = run_group(config, d / mode, mode, dtype, classes, env, available, a)
     from flowdppo_video.commands.benchmarking import git_commit
 
-    return {"name": SECTION, "tiny": a.tiny, "dtype": dtype, "tolerances": tol, "machine": machine,
-            "mem_available_at_start_bytes": available, "commit": git_commit(REPO),
-            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    return {"name": SECTION, "tiny": a.tiny, "dtypes": a.dtypes, "tolerances": {d: TOLERANCES[d] for d in a.dtypes},
+            "machine": machine, "mem_available_at_start_bytes": available, "commit": git_commit(REPO),
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "one_launch": a.one_launch,
             "command": " ".join([".venv/bin/python", "tools/bench/parallel_width.py", *sys.argv[1:]]),
-            "width_config": None if a.tiny else str(a.width_config), "recipe": str(a.recipe),
-            "config": {k: cfg[k] for k in ("model", "data", "video", "sampler", "objective", "optim") if k in cfg},
-            "encoder_classes": classes, "cache": cache, "modes": modes}
+            "width_config": None if a.tiny else str(a.width_config), "recipe": str(a.recipe), "configs": configs,
+            "encoder_classes": classes, "caches": caches, "groups": groups}
+
+
+def _here() -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve())]
+
+
+def write_cache(config: Path, cache_dir: Path, classes: list[str], env: dict[str, str], a: argparse.Namespace
+                ) -> dict[str, Any]:
+    """Step 1: the run's text cache, written by the encoder built alone in its own process."""
+    cache_dir.mkdir()
+    print(f"== cache ({config.parent.name}): the text encoder alone, {len(PROMPTS)} prompts and their CFG negative",
+          flush=True)
+    r = launch([*_here(), "--stage", "cache", "--config", str(config), "--dir", str(cache_dir), "--classes",
+                ",".join(classes), "--result", str(cache_dir / "cache.json")],
+               {**env, "OMP_NUM_THREADS": str(a.threads)}, cache_dir / "cache.log", _max_rss(a))
+    return {**json.loads((cache_dir / "cache.json").read_text()), **r}
+
+
+def _max_rss(a: argparse.Namespace) -> float | None:
+    return a.max_rss_gib * GiB if a.max_rss_gib else None
+
+
+def run_group(config: Path, root: Path, mode: str, dtype: str, classes: list[str], env: dict[str, str],
+              available: float, a: argparse.Namespace) -> dict[str, Any]:
+    """Step 2 for one training mode: the one-process run, then each 2-rank layout; compared."""
+    from safetensors.torch import load_file
+
+    from flowdppo_video.models.text_cache import CACHE_FILE, checksum_path
+    from flowdppo_video.parallel.groups import free_port
+    from flowdppo_video.runs.run_dir import mark_owned
+
+    over = MODES[mode] + (["parallel.zero_persistence_threshold=0"] if a.tiny else [])
+    plans = {lay: planner_per_rank(config, over + LAYOUTS[lay][1], LAYOUTS[lay][0]) for lay in a.layouts}
+    skipped: dict[str, str] = {}
+    for lay in a.layouts:
+        n = LAYOUTS[lay][0]
+        need = n * (plans[lay]["train"] + RUNTIME_BYTES)
+        if not a.tiny and not a.force and need > available - GiB:
+            skipped[lay] = (f"does not fit: the planner's {n} x {plans[lay]['train'] / GiB:.2f} GiB per rank "
+                            f"(+{RUNTIME_BYTES / GiB:.1f} GiB runtime each) > the {available / GiB:.1f} GiB available "
+                            "less 1 GiB")
+    todo = [lay for lay in a.layouts if lay not in skipped]
+    if "one" not in todo or todo == ["one"]:
+        why = "no two-rank layout fits" if "one" in todo else "the one-process reference does not fit"
+        for lay in todo:
+            skipped[lay] = why
+        print(f"== {mode}/{dtype}: skipped ({why})", flush=True)
+        return {"runs": {}, "skipped": skipped, "planner": plans, "overrides": over}
+    cache = config.parent / "cache" / CACHE_FILE
+    root.mkdir()
+
+    def job(lay: str) -> dict[str, Any]:
+        run_dir = root / lay
+        run_dir.mkdir()
+        mark_owned(run_dir)                      # a run's folder holding only its text cache
+        for f in (cache, checksum_path(cache)):
+            shutil.copy2(f, run_dir / f.name)
+        return {"config": str(config), "overrides": [f"run.output_dir={run_dir}", *over, *LAYOUTS[lay][1]],
+                "result": str(run_dir / "rank"), "initial": str(root / "initial") if lay == "one" else None}
+
+    launches = [["one"]] + ([[x for x in todo if x != "one"]] if a.one_launch else [[x] for x in todo if x != "one"])
+    runs: dict[str, Any] = {}
+    for batch in launches:
+        n = LAYOUTS[batch[0]][0]
+        jobs_file = root / f"jobs_{'_'.join(batch)}.json"
+        jobs_file.write_text(json.dumps([job(lay) for lay in batch], indent=1))
+        args = ["--stage", "run", "--jobs", str(jobs_file), "--classes", ",".join(classes)]
+        if n == 1:
+            argv, threads = [*_here(), *args], a.threads
+        else:
+            argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                    f"--master_port={free_port()}", str(Path(__file__).resolve()), *args]
+            threads = max(1, a.threads // n)
+        print(f"\n== {mode}/{dtype}: {', '.join(batch)}: {n} process(es) x {threads} thread(s)", flush=True)
+        r = launch(argv, {**env, "OMP_NUM_THREADS": str(threads)}, root / f"{'_'.join(batch)}.log", _max_rss(a))
+        for lay in batch:
+            ranks = [json.loads((root / lay / f"rank.rank{i}.json").read_text()) for i in range(n)]
+            runs[lay] = {**r, "launch": batch, "processes": n, "threads": threads,
+                         "overrides": over + LAYOUTS[lay][1], "ranks": ranks, "metrics": _metrics(root / lay),
+                         "planner": plans[lay]}
+    w0 = _load_dir(root / "initial", load_file)
+    ref = _weights(root / "one")
+    base = runs["one"]["metrics"]
+    for lay, r in runs.items():
+        m = r["metrics"]
+        r["vs_one"] = {"loss_diff": abs(m["loss"] - base["loss"]),
+                       "grad_norm_rel": abs(m["grad_norm"] - base["grad_norm"]) / max(abs(base["grad_norm"]), 1e-30),
+                       "weights": compare_weights(_weights(root / lay), ref, w0)}
+        r["within"] = within(r["vs_one"], base, TOLERANCES[dtype])
+        if not a.keep_checkpoints and lay != "one":
+            shutil.rmtree(root / lay / "checkpoints", ignore_errors=True)
+    return {"runs": runs, "skipped": skipped, "planner": plans, "overrides": over}
 
 
 def within(v: dict[str, Any], base: dict[str, Any], tol: dict[str, float]) -> dict[str, bool]:
@@ -438,59 +491,80 @@ def _gib(b: float) -> str:
     return f"{b / GiB:.2f}"
 
 
+def _bytes(b: float) -> str:
+    from flowdppo_video.commands.planner import fmt_bytes
+
+    return fmt_bytes(b)
+
+
 def section(r: dict[str, Any]) -> str:
     """The markdown section of ``docs/benchmarks.md`` for a result of :func:`bench`."""
-    c, m, t = r["config"], r["machine"], r["tolerances"]
+    m = r["machine"]
+    c = next(iter(r["configs"].values()))
     model = Path(r["width_config"]).name if r["width_config"] else "the tiny Wan (--tiny)"
+    ranks = [k for g in r["groups"].values() for run in g["runs"].values() for k in run["ranks"]]
     lines = [f"## ZeRO-3 and sequence parallelism at real width: {model}, one iteration on 2 gloo processes", "",
              "```", r["command"], "```", "",
-             f"- Model: `{r['width_config'] or 'tiny shapes'}` with random weights in {r['dtype']}; recipe "
-             f"`{Path(r['recipe']).name}` at (h)'s video size: {c['data']['prompts_per_iteration']} prompts, "
-             f"G = {c['data']['group_size']}, {c['video']['num_frames']} frames at {c['video']['height']}x"
-             f"{c['video']['width']}, {c['sampler']['num_steps']} steps ({c['sampler']['sde_steps']} SDE), CFG "
+             f"- Model: `{r['width_config'] or 'tiny shapes'}` with random weights; recipe `{Path(r['recipe']).name}` at "
+             f"(h)'s video size: {c['data']['prompts_per_iteration']} prompts, G = {c['data']['group_size']}, "
+             f"{c['video']['num_frames']} frames at {c['video']['height']}x{c['video']['width']}, "
+             f"{c['sampler']['num_steps']} steps ({c['sampler']['sde_steps']} SDE), CFG "
              f"{c['sampler'].get('guidance_scale')} as two calls of one video, one optimizer step of "
-             f"{c['optim']['minibatch_size']} videos; gradient checkpointing "
-             f"{'on' if c['model'].get('gradient_checkpointing') else 'off'}.",
-             f"- Text: the cache written once by the encoder built alone ({r['cache']['rows']} rows, "
-             f"{r['cache']['wall_s']:.0f} s, peak RSS {_gib(r['cache']['peak_rss_bytes'])} GiB); every rank of every "
-             f"run started from it with the constructor of {', '.join(r['encoder_classes'])} wrapped to fail: "
-             "no rank built an encoder" + ("." if all(k["encoders_built"] == 0 for md in r["modes"].values()
-                                                       for run in md["runs"].values() for k in run["ranks"])
-                                           else " -- **ONE DID**."),
-             f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, "
-             f"{r['mem_available_at_start_bytes'] / GiB:.1f} GiB available at the start; torch {m['torch']}; "
-             f"commit {r['commit']}, finished {r['finished']}. 1 process runs {r['modes'] and next(iter(r['modes'].values()))['runs'].get('one', {}).get('threads', '?')} "
-             "threads, each of 2 ranks 1.",
-             f"- Tolerances ({r['dtype']}): loss within {t['loss_rel']:g} relative (or {t['loss_abs']:g} absolute), "
-             f"gradient norm within {t['grad_norm_rel']:g} relative, updated weights ||W - W_one|| / "
-             f"||W_one - W_0|| <= {t['weights_rel']:g} (the difference against the size of the one-process update).",
-             "- Peak RSS: each rank's `ru_maxrss`; planner: `plan_memory` for the same config and layout, per rank, "
-             "its training stage (the encoders' stage never runs: the cache covers the prompts); it leaves out "
-             "the Python/torch/DeepSpeed runtime.", ""]
-    for mode, md in r["modes"].items():
-        lines += [f"### {'LoRA rank ' + str(c['model']['lora']['rank']) if mode == 'lora' else 'Full fine-tuning'}", "",
-                  "| layout | loss | grad norm | rel. diff grad norm | max abs diff W | diff / update | within | wall s "
-                  "| iteration s (rollout + update) | peak RSS per rank GiB | planner per rank GiB |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for lay, run in md["runs"].items():
-            mt, v = run["metrics"], run.get("vs_one", {})
-            w = v.get("weights", {})
-            ok = run.get("within", {})
-            rss = " / ".join(_gib(k["peak_rss_bytes"]) for k in sorted(run["ranks"], key=lambda k: k["rank"]))
+             f"{c['optim']['minibatch_size']} videos, lr {c['optim']['lr']:g}, gradient checkpointing "
+             f"{'on' if c['model'].get('gradient_checkpointing') else 'off'}, `base_below` "
+             f"{c['model'].get('base_below')}, beta {c['objective'].get('beta')}.",
+             "- Text: a cache written once per dtype by the encoder built alone ("
+             + ", ".join(f"{d}: {x['rows']} rows, {x['wall_s']:.0f} s, peak RSS {_gib(x['peak_rss_bytes'])} GiB"
+                         for d, x in r["caches"].items())
+             + f"); every rank of every run started from a copy with the constructor of "
+             f"{', '.join(r['encoder_classes'])} wrapped to fail: "
+             + (f"no rank built an encoder ({len(ranks)} rank runs)." if not any(k["encoders_built"] for k in ranks)
+                else "**a rank built one**."),
+             f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {r['mem_available_at_start_bytes'] / GiB:.1f} GiB "
+             f"available at the start; torch {m['torch']}; commit {r['commit'][:10]}, finished {r['finished']}. The one "
+             "process runs on all threads, each of 2 ranks on half."
+             + (" The 2-rank layouts shared one launch (`--one-launch`): their peak RSS is the process's high-water "
+                "mark so far." if r.get("one_launch") else ""),
+             "- Tolerances, against the one process: the loss (relative, or absolute near 0: the first iteration's "
+             "loss is about 0), the gradient norm (relative), the updated weights as ||W - W_one|| / ||W_one - W_0|| "
+             "(the difference against the one-process update). " + "; ".join(
+                 f"{d}: {t['loss_rel']:g} (or {t['loss_abs']:g}), {t['grad_norm_rel']:g}, {t['weights_rel']:g}"
+                 for d, t in r["tolerances"].items())
+             + ". float32 is the exactness check; bfloat16 only bounds a layout loosely (Adam's first step is about "
+             "lr x sign(gradient): a gradient rounding moves across 0 flips a whole step, column *flipped*).",
+             "- Peak RSS: each rank's `ru_maxrss`. Planner: `plan_memory` for the same config and layout, per rank, "
+             "its training stage (the encoders' stage never runs here); it leaves out the Python/torch/DeepSpeed "
+             "runtime (~0.3-0.5 GiB a process).", ""]
+    for key, g in r["groups"].items():
+        mode, dtype = key.split("/")
+        rank = r["configs"][dtype]["model"]["lora"]["rank"]
+        lines += [f"### {'LoRA rank ' + str(rank) if mode == 'lora' else 'Full fine-tuning'}, {dtype}", "",
+                  "| layout | loss | grad norm | grad norm rel. diff | max abs diff W | diff / update | flipped | within "
+                  "| wall s | rollout + update s | peak RSS per rank | planner per rank |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for lay, run in g["runs"].items():
+            mt, v = run["metrics"], run["vs_one"]
+            w, ok = v["weights"], run["within"]
+            rss = " / ".join(_bytes(k["peak_rss_bytes"]) for k in sorted(run["ranks"], key=lambda k: k["rank"]))
             verdict = "reference" if lay == "one" else ("yes" if all(ok.values()) else
                                                         "**no**: " + ", ".join(k for k, x in ok.items() if not x))
             lines.append(
-                f"| {LABELS[lay]} | {mt['loss']:.6g} | {mt['grad_norm']:.6g} | {v.get('grad_norm_rel', 0):.2e} | "
-                f"{w.get('max_abs_diff', 0):.2e} | {w.get('rel_to_update', 0):.2e} | {verdict} | {run['wall_s']:.0f} | "
-                f"{mt.get('time/rollout_s', float('nan')):.0f} + {mt.get('time/update_s', float('nan')):.0f} | {rss} | "
-                f"{_gib(run['planner']['train'])} |")
-        for lay, why in md["skipped"].items():
-            lines.append(f"| {LABELS[lay]} | skipped: {why} | | | | | | | | | |")
-        one = md["runs"].get("one")
-        if one and "vs_one" in one:
+                f"| {LABELS[lay]} | {mt['loss']:.4g} | {mt['grad_norm']:.6g} | {v['grad_norm_rel']:.1e} | "
+                f"{w['max_abs_diff']:.1e} | {w['rel_to_update']:.1e} | {w['steps_flipped']} | {verdict} | "
+                f"{run['wall_s']:.0f} | {mt.get('time/rollout_s', float('nan')):.0f} + "
+                f"{mt.get('time/update_s', float('nan')):.0f} | {rss} | {_bytes(run['planner']['train'])} |")
+        for lay, why in g["skipped"].items():
+            lines.append(f"| {LABELS[lay]} | skipped: {why} | | | | | | | | | | {_bytes(g['planner'][lay]['train'])} |")
+        one = g["runs"].get("one")
+        if one:
             w = one["vs_one"]["weights"]
             lines += ["", f"The one-process update: ||W_one - W_0|| = {w['update_norm']:.3g} over {w['elements']:,} "
                           "trained weights."]
+            odd = {lay: run["vs_one"]["weights"] for lay, run in g["runs"].items()
+                   if run["vs_one"]["weights"]["dtype_mismatch_count"]}
+            for lay, w in odd.items():
+                lines.append(f"{LABELS[lay]}: {w['dtype_mismatch_count']} checkpoint tensors in another dtype than the "
+                             f"one process's, e.g. `{w['dtype_mismatches'][0]}`.")
         lines.append("")
     return "\n".join(lines)
 
@@ -501,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                    help="a folder of <part>/config.json files and model_index.json (the architecture)")
     p.add_argument("--recipe", type=Path, default=REPO / "configs" / "wan2.1_t2v_1.3b.yaml")
     p.add_argument("--tiny", action="store_true", help="the family's tiny shapes: seconds (the test)")
-    p.add_argument("--dtype", choices=sorted(TOLERANCES), default=None, help="model.dtype (default: the recipe's)")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="model.dtype of each pass: float32 (the exactness check), bfloat16 (the recipe's)")
     p.add_argument("--modes", default="lora,full", help="lora, full (full where the planner says it fits)")
     p.add_argument("--layouts", default="one,zero3,sp2,zero3_sp2")
     p.add_argument("--work", type=Path, default=None, help="new folder for the runs (default: a temporary one)")
@@ -511,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--max-rss-gib", type=float, default=20.0, help="kill a run whose processes together pass this")
     p.add_argument("--force", action="store_true", help="run a layout the planner says does not fit")
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--one-launch", action="store_true",
+                   help="the 2-rank layouts in one torchrun launch (faster; their peak RSS is then cumulative)")
     p.add_argument("--from-json", type=Path, default=None, help="rewrite --section from a stored result; no run")
     # a stage of the benchmark, in its own process
     p.add_argument("--stage", choices=["cache", "run"], default=None, help=argparse.SUPPRESS)
@@ -518,15 +595,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--classes", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--initial", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--jobs", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     classes = [c for c in a.classes.split(",") if c]
     if a.stage == "cache":
         stage_cache(a.config, a.dir, classes, a.result)
         return None
     if a.stage == "run":
-        stage_run(a.config, a.overrides, classes, a.result, a.initial)
+        stage_run(a.jobs, classes)
         return None
     if a.section is not None and a.tiny:
         p.error("--section with --tiny: the tiny numbers say nothing about real width (use --out)")
@@ -536,10 +612,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         r = json.loads(a.from_json.read_text())
     else:
         a.modes = [m for m in a.modes.split(",") if m]
+        a.dtypes = [d for d in a.dtypes.split(",") if d]
         a.layouts = [lay for lay in a.layouts.split(",") if lay]
-        bad = [x for x in a.modes if x not in MODES] + [x for x in a.layouts if x not in LAYOUTS]
+        bad = ([x for x in a.modes if x not in MODES] + [x for x in a.layouts if x not in LAYOUTS]
+               + [x for x in a.dtypes if x not in TOLERANCES])
         if bad:
-            p.error(f"unknown mode or layout {bad[0]!r} (modes: {', '.join(MODES)}; layouts: {', '.join(LAYOUTS)})")
+            p.error(f"unknown mode, layout or dtype {bad[0]!r} (modes: {', '.join(MODES)}; layouts: "
+                    f"{', '.join(LAYOUTS)}; dtypes: {', '.join(TOLERANCES)})")
         if a.layouts[0] != "one":
             a.layouts = ["one", *[x for x in a.layouts if x != "one"]]
         if a.work is None:
