@@ -43,7 +43,7 @@ def result(tmp_path_factory) -> dict:
 
 
 def test_no_rank_builds_the_text_encoder(result):
-    cache = result["caches"]["float32"]
+    cache = result["caches"]["all"]
     assert cache["encoders_built"] == 1 and cache["rows"] == 4     # the guard is live: the cache step built one
     runs = result["groups"]["lora/float32"]["runs"]
     assert set(runs) == {"one", "zero3", "sp2", "zero3_sp2"}

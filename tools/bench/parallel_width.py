@@ -8,10 +8,12 @@ text embeddings from the run's cache (no rank builds the text encoder).
 
 Steps, each its own process (``os.wait4`` gives each one's peak resident set, ``ru_maxrss``):
 
-1. ``cache``: the run's text cache, once. The text encoder is built alone (``training.run_builder.
-   encode_stage``, the trainer's own staged start), encodes the prompts and their CFG negative, is
-   released; ``WORK/cache/text_cache.safetensors`` is written. Every run below starts from a copy of
-   it, so its staged start finds every row cached and builds no encoder.
+1. ``cache``: the run's text cache, once. The text encoder is built alone in the recipe's dtype
+   (``training.run_builder.encode_stage``, the trainer's own staged start), encodes the prompts and
+   their CFG negative, is released; ``WORK/cache/<dtype>/text_cache.safetensors`` holds its rows cast
+   to each pass's dtype under that pass's model key (UMT5-XXL built in float32 would be 23 GB; every
+   layout of a pass reads the same rows, which is all the comparison needs). Every run below starts
+   from a copy, so its staged start finds every row cached and builds no encoder.
 2. per training mode (``--modes``: LoRA rank 32, as the recipe; ``full`` fine-tuning where the
    planner says the machine holds it), per layout (``--layouts``): one ``Trainer`` iteration through
    ``tools/bench/parallel_width.py --stage run`` (``torchrun --nproc_per_node=2`` for 2 ranks, gloo):
@@ -171,11 +173,15 @@ def _rusage(extra: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def stage_cache(config: Path, cache_dir: Path, classes: list[str], out: Path) -> None:
-    """Encode the run's prompts and CFG negative with the encoder built alone; write the cache."""
+def stage_cache(config: Path, cache_dir: Path, classes: list[str], out: Path, passes: list[Path]) -> None:
+    """Encode the run's prompts and CFG negative once, with the encoder built alone in ``config``'s
+    dtype, and write a cache for each pass config of ``passes`` (``cache_dir/<dtype>/``): the same
+    rows, cast to that pass's dtype, under its model key (UMT5-XXL in float32 would be 23 GB; the
+    comparisons only need every layout of a pass to read the same conditioning)."""
     import torch
 
-    from flowdppo_video.models.text_cache import CACHE_FILE
+    from flowdppo_video.models.base import TextBatch
+    from flowdppo_video.models.text_cache import CACHE_FILE, TextCache, run_key
     from flowdppo_video.runs.config import load_config
     from flowdppo_video.runs.data import load_prompts
     from flowdppo_video.training.run_builder import encode_stage
@@ -185,9 +191,19 @@ def stage_cache(config: Path, cache_dir: Path, classes: list[str], out: Path) ->
     t0 = time.perf_counter()
     cache, stats = encode_stage(cfg, torch.device("cpu"), load_prompts(cfg.data.prompts), None, cache_dir,
                                 progress=True)
-    cache.save(cache_dir / CACHE_FILE)
+    for other in passes:
+        pcfg = load_config(other, [])
+        dtype = getattr(torch, pcfg.model.dtype)
+        cast = TextCache(run_key(pcfg, None))
+
+        def to(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+        cast.entries = {k: (to(v) if isinstance(v, torch.Tensor) else TextBatch(**{n: to(x) for n, x in v.parts.items()}))
+                        for k, v in cache.entries.items()}
+        (cache_dir / pcfg.model.dtype).mkdir(exist_ok=True)
+        cast.save(cache_dir / pcfg.model.dtype / CACHE_FILE)
     out.write_text(json.dumps(_rusage({"stats": stats, "encoders_built": guard.built, "rows": len(cache.entries),
-                                       "seconds": time.perf_counter() - t0})))
+                                       "encoded_in": cfg.model.dtype, "seconds": time.perf_counter() - t0})))
 
 
 def stage_run(jobs_file: Path, classes: list[str]) -> None:
@@ -361,18 +377,21 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
     machine = B.machine_info(torch.device("cpu"))
     available = _mem_available()
     groups: dict[str, Any] = {}
-    caches: dict[str, Any] = {}
     configs: dict[str, Any] = {}
+    files: dict[str, Path] = {}
     for dtype in a.dtypes:
         cfg = run_config(a.recipe, a.width_config, a.tiny, dtype)
         configs[dtype] = {k: cfg[k] for k in ("model", "data", "video", "sampler", "objective", "optim") if k in cfg}
-        d = work / dtype
-        d.mkdir()
-        config = d / "run.yaml"
-        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        caches[dtype] = write_cache(config, d / "cache", classes, env, a)
-        for mode in a.modes:
-            groups[f"{mode}/{dtype}"] = run_group(config, d / mode, mode, dtype, classes, env, available, a)
+        (work / dtype).mkdir()
+        files[dtype] = work / dtype / "run.yaml"
+        files[dtype].write_text(yaml.safe_dump(cfg, sort_keys=False))
+    recipe_cfg = run_config(a.recipe, a.width_config, a.tiny, None)      # the encoder in the recipe's dtype
+    (work / "cache").mkdir()
+    (work / "cache" / "run.yaml").write_text(yaml.safe_dump(recipe_cfg, sort_keys=False))
+    caches = {"all": write_cache(work / "cache" / "run.yaml", work / "cache", list(files.values()), classes, env, a)}
+    for dtype in a.dtypes:
+        groups.update({f"{mode}/{dtype}": run_group(files[dtype], work / dtype / mode, mode, dtype, classes, env,
+                                                    available, a) for mode in a.modes})
     from flowdppo_video.commands.benchmarking import git_commit
 
     return {"name": SECTION, "tiny": a.tiny, "dtypes": a.dtypes, "tolerances": {d: TOLERANCES[d] for d in a.dtypes},
@@ -387,14 +406,12 @@ def _here() -> list[str]:
     return [sys.executable, str(Path(__file__).resolve())]
 
 
-def write_cache(config: Path, cache_dir: Path, classes: list[str], env: dict[str, str], a: argparse.Namespace
-                ) -> dict[str, Any]:
-    """Step 1: the run's text cache, written by the encoder built alone in its own process."""
-    cache_dir.mkdir()
-    print(f"== cache ({config.parent.name}): the text encoder alone, {len(PROMPTS)} prompts and their CFG negative",
-          flush=True)
+def write_cache(config: Path, cache_dir: Path, passes: list[Path], classes: list[str], env: dict[str, str],
+                a: argparse.Namespace) -> dict[str, Any]:
+    """Step 1: the run's text cache, written once by the encoder built alone in its own process."""
+    print(f"== cache: the text encoder alone, {len(PROMPTS)} prompts and their CFG negative", flush=True)
     r = launch([*_here(), "--stage", "cache", "--config", str(config), "--dir", str(cache_dir), "--classes",
-                ",".join(classes), "--result", str(cache_dir / "cache.json")],
+                ",".join(classes), "--result", str(cache_dir / "cache.json"), "--passes", *map(str, passes)],
                {**env, "OMP_NUM_THREADS": str(a.threads)}, cache_dir / "cache.log", _max_rss(a))
     return {**json.loads((cache_dir / "cache.json").read_text()), **r}
 
@@ -429,7 +446,7 @@ def run_group(config: Path, root: Path, mode: str, dtype: str, classes: list[str
             skipped[lay] = why
         print(f"== {mode}/{dtype}: skipped ({why})", flush=True)
         return {"runs": {}, "skipped": skipped, "planner": plans, "overrides": over}
-    cache = config.parent / "cache" / CACHE_FILE
+    cache = config.parent.parent / "cache" / dtype / CACHE_FILE
     root.mkdir()
 
     def job(lay: str) -> dict[str, Any]:
@@ -513,10 +530,10 @@ def section(r: dict[str, Any]) -> str:
              f"{c['optim']['minibatch_size']} videos, lr {c['optim']['lr']:g}, gradient checkpointing "
              f"{'on' if c['model'].get('gradient_checkpointing') else 'off'}, `base_below` "
              f"{c['model'].get('base_below')}, beta {c['objective'].get('beta')}.",
-             "- Text: a cache written once per dtype by the encoder built alone ("
-             + ", ".join(f"{d}: {x['rows']} rows, {x['wall_s']:.0f} s, peak RSS {_gib(x['peak_rss_bytes'])} GiB"
-                         for d, x in r["caches"].items())
-             + f"); every rank of every run started from a copy with the constructor of "
+             "- Text: one cache written by the encoder built alone in the recipe's dtype ("
+             + ", ".join(f"{x['rows']} rows, {x['wall_s']:.0f} s, peak RSS {_gib(x['peak_rss_bytes'])} GiB"
+                         for x in r["caches"].values())
+             + "), its rows cast to each pass's dtype; every rank of every run started from a copy with the constructor of "
              f"{', '.join(r['encoder_classes'])} wrapped to fail: "
              + (f"no rank built an encoder ({len(ranks)} rank runs)." if not any(k["encoders_built"] for k in ranks)
                 else "**a rank built one**."),
@@ -596,10 +613,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--classes", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--jobs", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--passes", type=Path, nargs="*", default=[], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     classes = [c for c in a.classes.split(",") if c]
     if a.stage == "cache":
-        stage_cache(a.config, a.dir, classes, a.result)
+        stage_cache(a.config, a.dir, classes, a.result, a.passes)
         return None
     if a.stage == "run":
         stage_run(a.jobs, classes)
