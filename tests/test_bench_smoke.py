@@ -29,8 +29,8 @@ BENCH = ROOT / "tools" / "bench"
 TIMED = ["rollout_vs_pipeline", "update_step", "objective_overhead"]
 # Every script here must be covered by a test below, or named as kept elsewhere.
 COVERED = {*TIMED, "run_all", "reward_throughput", "zero_memory", "sp_memory", "real_size", "rollout_cost"}
-NOT_OURS = {"algorithms", "demo_seeds", "clean_rl", "rollout_payoff", "_common"}   # test_frontier_bench, test_demo_seeds,
-# test_clean_rl_tools, test_rollout_payoff_tools; a helper
+NOT_OURS = {"algorithms", "demo_seeds", "clean_rl", "rollout_payoff", "parallel_width", "_common"}   # test_frontier_bench,
+# test_demo_seeds, test_clean_rl_tools, test_rollout_payoff_tools, test_parallel_width; a helper
 
 
 def _run(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
