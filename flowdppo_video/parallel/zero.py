@@ -211,7 +211,9 @@ class ZeroUpdater:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if parallel.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        bf16 = adapter.dtype == torch.bfloat16
+        # DeepSpeed's bf16 mode casts every parameter to bf16, LoRA's float32 adapters included (a
+        # bf16 model keeps them float32, as one process does): it is on only when what trains is bf16.
+        bf16 = any(p.dtype == torch.bfloat16 for p in self.params)
         config: dict[str, Any] = {
             # Bookkeeping only: one "micro batch" per backward call, S of them per step.
             "train_micro_batch_size_per_gpu": 1,
