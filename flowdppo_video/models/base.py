@@ -146,6 +146,8 @@ class VideoFlowAdapter(abc.ABC):
     text_cache: "TextCache | None" = None
     # The attributes holding frozen text encoders (those set on an adapter); released after caching.
     TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    # The other frozen parts, each an attribute holding a module (the planner counts them all).
+    FROZEN_PARTS: tuple[str, ...] = ("vae",)
 
     def prompt_text(self, prompts: list[str]) -> "Text":
         """The conditioning of ``prompts`` as the rollout uses it: rows of the run's cache when there

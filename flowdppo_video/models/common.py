@@ -151,12 +151,19 @@ class PromptImages:
         self.latent_shape(num_frames, height, width)            # type: ignore[attr-defined]  # a clear error
         size = (num_frames, height, width)
         if size != self._size:
-            self._cond_cache.clear()
+            self._forget_image_rows(None)
         for prompt, image in images.items():
             if prompt in self._images and self._images[prompt] != image:
-                self._cond_cache.pop(prompt, None)
+                self._forget_image_rows(prompt)
             self._images[prompt] = image
         self._size = size
+
+    def _forget_image_rows(self, prompt: str | None) -> None:
+        """Drop what was computed from ``prompt``'s image (``None``: from every image: the size changed)."""
+        if prompt is None:
+            self._cond_cache.clear()
+        else:
+            self._cond_cache.pop(prompt, None)
 
     def _image(self, prompt: str) -> Any:
         """``prompt``'s image, opened (RGB); a one-line error naming ``data.images`` if it has none."""

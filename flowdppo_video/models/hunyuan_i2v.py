@@ -37,11 +37,10 @@ from typing import Any
 import PIL.Image
 import torch
 
-from flowdppo_video.runs.images import open_image
-
 from . import hunyuan_common
 from .base import ModelError, SequenceParallelPlan, TextBatch, cat_text, causal_latent_shape, init_parts
-from .common import DTYPES, built_in, check_pipeline_folders, clip_processor_class, encoder_part, skeleton
+from .common import (DTYPES, PromptImages, built_in, check_pipeline_folders, clip_processor_class, encoder_part,
+                     skeleton)
 from .hunyuan import TINY_INIT, HunyuanVideoAdapter
 from .hunyuan_common import CLIP_MAX_LENGTH, load_shared_parts, tiny_transformer_and_vae
 from .registry import FamilySpec, register
@@ -118,7 +117,7 @@ def _pad(batch: TextBatch, length: int) -> TextBatch:
                         "mask": torch.cat([mask, mask.new_zeros(len(batch), extra)], 1)})
 
 
-class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
+class HunyuanVideoI2VAdapter(PromptImages, HunyuanVideoAdapter):
     """HunyuanVideo image-to-video: the transformer trains; the Llava text encoder, CLIP and the VAE
     are frozen. Each prompt's image is given by :meth:`set_images` before the prompt is encoded."""
 
@@ -156,8 +155,7 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
                              f"pooled_projection_dim {tcfg.pooled_projection_dim}")
         self.image_processor = image_processor
         self.prompt_template = _prompt_template(tokenizer, self.text_encoder)
-        self._images: dict[str, Any] = {}
-        self._size: tuple[int, int, int] | None = None
+        self._init_images()
         self._text_cache: dict[str, TextBatch] = {}
         self._negative_cache: dict[str, TextBatch] = {}
 
@@ -248,27 +246,13 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
         # latent_concat: one latent frame more, the image's, dropped after decoding (see the module doc).
         return c, f + (self.condition_type == "latent_concat"), h, w
 
-    def set_images(self, images: dict[str, Any], num_frames: int, height: int, width: int) -> None:
-        """``prompt -> image`` (a path, opened when the prompt is first encoded, or a PIL image)."""
-        self.latent_shape(num_frames, height, width)            # a clear error for an impossible size
-        size = (num_frames, height, width)
-        if size != self._size:
+    def _forget_image_rows(self, prompt: str | None) -> None:
+        # Here the image is inside each prompt's text rows (Llava's image tokens), and in the negatives'.
+        if prompt is None:
             self._text_cache.clear()
             self._negative_cache.clear()
-        for prompt, image in images.items():
-            if prompt in self._images and self._images[prompt] != image:
-                self._text_cache.pop(prompt, None)
-            self._images[prompt] = image
-        self._size = size
-
-    def _image(self, prompt: str) -> Any:
-        if prompt not in self._images or self._size is None:
-            raise ModelError(f"prompt {prompt!r} has no conditioning image: an image-to-video model needs "
-                             "data.images (and eval.images for held-out prompts), one image per prompt")
-        image = self._images[prompt]
-        if isinstance(image, (str, Path)):
-            image = open_image(image)
-        return image
+        else:
+            self._text_cache.pop(prompt, None)
 
     def _text(self, prompt: str, image: Any, interleave: int) -> TextBatch:
         """One row of Llava embeddings (image tokens, then the text) with their mask, and CLIP's pooled."""

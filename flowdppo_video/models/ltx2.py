@@ -134,6 +134,7 @@ class LTX2Adapter(TrainableExperts, VideoFlowAdapter):
         "video tokens as keys, which this installer cannot gather; set parallel.sequence_parallel=1 (data parallel "
         "with ZeRO-3 shards the 19B transformer)")
     TEXT_ENCODERS = ("text_encoder", "connectors")
+    FROZEN_PARTS = ("vae", "audio_vae", "vocoder")
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, audio_vae: torch.nn.Module,
                  vocoder: torch.nn.Module, text_encoder: torch.nn.Module, connectors: torch.nn.Module, tokenizer: Any,

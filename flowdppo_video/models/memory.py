@@ -216,7 +216,7 @@ def parameter_parts(adapter: VideoFlowAdapter, missing: list[str] = ()) -> list[
             parts.append(Part(f"{name} (frozen expert)", "frozen", take(t.parameters())))
     for i, ref in adapter.reference_copies().items():
         parts.append(Part(f"{EXPERT_DIRS[i]} reference copy", "frozen", take(ref.parameters())))
-    for attr in ("text_encoder", "text_encoder_2", "vae"):
+    for attr in (*adapter.TEXT_ENCODERS, *adapter.FROZEN_PARTS):
         m = getattr(adapter, attr, None)
         if isinstance(m, torch.nn.Module):
             parts.append(Part(attr, "frozen", take(m.parameters()), counted=attr not in missing))
