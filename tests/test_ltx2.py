@@ -157,6 +157,15 @@ def test_frozen_audio_stream_is_sampled_not_trained(tmp_path):
     with pytest.raises(ModelError, match="has one token stream"):
         build_adapter(load_config(ROOT / "configs" / "wan_tiny.yaml", ["model.frozen_streams=[audio]"]).model,
                       torch.device("cpu"))
+    # Refused before any weight is built: a name the family lacks, or every stream frozen.
+    for streams, words in [("[sound]", r"unknown \['sound'\]"), ("[video, audio]", "not all")]:
+        with pytest.raises(ModelError, match=words):
+            build_adapter(load_config(CONFIG, [f"model.frozen_streams={streams}"]).model, torch.device("cpu"))
+    # The flat latent (E,) names its geometry by its size: two video sizes of one E are refused.
+    ad = trainer.adapter
+    e = ad.latent_shape(9, 32, 64)
+    with pytest.raises(ModelError, match="two latent geometries"):
+        assert ad.latent_shape(9, 64, 32) == e
 
 
 def test_train_resume_and_sample_through_the_cli(tmp_path):

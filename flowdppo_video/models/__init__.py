@@ -73,6 +73,15 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
     if not spec.two_experts and cfg.train_experts not in (None, ["high"]):
         raise ModelError(f"model.train_experts {cfg.train_experts}: only Wan 2.2 A14B has two experts")
     attention_backend(cfg.attention_backend, device, spec.adapter.masks_attention)   # before the weights load
+    if cfg.frozen_streams:               # before any weight is read: a 19B model loads for minutes
+        streams = spec.adapter.STREAMS
+        if len(streams) < 2:
+            raise ModelError(f"model.frozen_streams {cfg.frozen_streams}: model.family {cfg.family!r} has one "
+                             "token stream (only a family with several, such as ltx2's video and audio, freezes one)")
+        unknown = sorted(set(cfg.frozen_streams) - set(streams))
+        if unknown or len(set(cfg.frozen_streams)) >= len(streams):
+            raise ModelError(f"model.frozen_streams {cfg.frozen_streams}: name some of {list(streams)} (not all: "
+                             "something must train)" + (f"; unknown {unknown}" if unknown else ""))
     if not spec.staged:
         parts = ALL
     with building(parts):
@@ -83,9 +92,6 @@ def build_adapter(cfg: ModelConfig, device: torch.device, keep_reference: bool =
     if parts == DENOISER:
         adapter.release_text_encoders()  # the skeletons: nothing was read or drawn for them
     if cfg.frozen_streams:
-        if not adapter.has_audio:
-            raise ModelError(f"model.frozen_streams {cfg.frozen_streams}: model.family {cfg.family!r} has one "
-                             "token stream (only a family with several, such as ltx2's video and audio, freezes one)")
         adapter.frozen_streams = tuple(cfg.frozen_streams)
     if cfg.base_below is not None:
         if adapter.num_experts > 1:

@@ -253,6 +253,8 @@ class VideoFlowAdapter(abc.ABC):
 
     # Streams (by name) sampled but not trained (``model.frozen_streams``): set by the run builder.
     frozen_streams: tuple[str, ...] = ()
+    # The names of the family's token streams (one stream: none to freeze).
+    STREAMS: tuple[str, ...] = ("video",)
 
     def token_map(self, latent_shape: tuple[int, ...]) -> "sde.Tokens":
         """How a latent of ``latent_shape`` is cut into tokens, as :mod:`flowdppo_video.sde`'s token

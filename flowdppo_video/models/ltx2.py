@@ -126,6 +126,7 @@ class LTX2Adapter(TrainableExperts, VideoFlowAdapter):
     PIPELINE = "LTX2Pipeline"
     FAMILY = "ltx2"
     has_audio = True
+    STREAMS = ("video", "audio")
     masks_attention = True
     # Why parallel.sequence_parallel > 1 is refused (no plan yet), in one line.
     sequence_parallel_refusal = (
@@ -254,6 +255,10 @@ class LTX2Adapter(TrainableExperts, VideoFlowAdapter):
             raise ModelError(f"video.num_frames={num_frames} at video.fps={self.frame_rate} is too short for one "
                              "audio latent frame")
         geo = Geometry(video, (self.audio_channels, length, self.audio_mel_bins), self.patch_size)
+        known = self._geometries.get(geo.elements)
+        if known is not None and known != geo:      # (E,) alone could not tell them apart
+            raise ModelError(f"two latent geometries of {geo.elements} elements (video {known.video} and {geo.video}): "
+                             "an LTX-2 adapter serves one video size at a time")
         self._geometries[geo.elements] = geo
         return (geo.elements,)
 
