@@ -509,6 +509,19 @@ def summarise_seed_run(run_dir: Path, tag: str, seed: int) -> dict:
     return row
 
 
+def seed_grid_arguments(ap: Any, names: list[str], what: str, out: str, docs: Path, docs_help: str) -> None:
+    """The command line of a grid of default-recipe runs (:func:`run_seed_cells`): ``--<what>s`` (the
+    names to run), ``--seeds``, ``--cells``, ``--jobs``, ``--out``, ``--docs``, ``--report``."""
+    ap.add_argument(f"--{what}s", nargs="+", choices=names, default=names)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--cells", nargs="+", default=None, metavar=f"{what.upper()}:SEED",
+                    help=f"run exactly these cells, in this order (instead of --{what}s x --seeds)")
+    ap.add_argument("--jobs", type=int, default=2, help="cells side by side (one thread each when > 1)")
+    ap.add_argument("--out", type=Path, default=Path(out))
+    ap.add_argument("--docs", type=Path, default=docs, help=docs_help)
+    ap.add_argument("--report", action="store_true", help="only read finished runs and write the docs")
+
+
 def run_seed_cells(out: Path, cells: list[str] | None, names: list[str], seeds: list[int],
                    overrides: dict[str, list[str]], jobs: int, after: Callable[[], Any], cwd: str | Path) -> None:
     """Train the default recipe for each cell, ``jobs`` side by side (one thread each when > 1), with

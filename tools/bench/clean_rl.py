@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flowdppo_video.commands.benchmarking import DATA, run_seed_cells, seed_run_finished, seeds_mean_ci, summarise_seed_run
+from flowdppo_video.commands.benchmarking import DATA, run_seed_cells, seed_grid_arguments, seed_run_finished, seeds_mean_ci, summarise_seed_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,14 +108,7 @@ def write_docs(out: Path, docs: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--levers", nargs="+", choices=list(LEVERS), default=list(LEVERS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    ap.add_argument("--cells", nargs="+", default=None, metavar="LEVER:SEED",
-                    help="run exactly these cells, in this order (instead of --levers x --seeds)")
-    ap.add_argument("--jobs", type=int, default=2, help="cells side by side (one thread each when > 1)")
-    ap.add_argument("--out", type=Path, default=Path("runs/clean_rl"))
-    ap.add_argument("--docs", type=Path, default=Path("docs"), help="clean_rl_levers.md here, its JSON in DOCS/data")
-    ap.add_argument("--report", action="store_true", help="only read finished runs and write the docs")
+    seed_grid_arguments(ap, list(LEVERS), "lever", "runs/clean_rl", Path("docs"), "clean_rl_levers.md here, its JSON in DOCS/data")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:

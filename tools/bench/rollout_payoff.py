@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from flowdppo_video.commands.benchmarking import (DATA, run_seed_cells, seed_run_finished, seeds_mean_ci, summarise_seed_run,
-                                                  write_section)
+from flowdppo_video.commands.benchmarking import (DATA, run_seed_cells, seed_grid_arguments, seed_run_finished,
+                                                  seeds_mean_ci, summarise_seed_run, write_section)
 from flowdppo_video.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,14 +125,7 @@ def write_docs(out: Path, docs: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    ap.add_argument("--cells", nargs="+", default=None, metavar="ARM:SEED",
-                    help="run exactly these cells, in this order (instead of --arms x --seeds)")
-    ap.add_argument("--jobs", type=int, default=2, help="cells side by side (one thread each when > 1)")
-    ap.add_argument("--out", type=Path, default=Path("runs/rollout_payoff"))
-    ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="benchmarks.md's section here, its JSON in DOCS/data")
-    ap.add_argument("--report", action="store_true", help="only read finished runs and write the docs")
+    seed_grid_arguments(ap, list(ARMS), "arm", "runs/rollout_payoff", ROOT / "docs", "benchmarks.md's section here, its JSON in DOCS/data")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
