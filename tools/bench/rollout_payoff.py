@@ -85,7 +85,8 @@ def collect(out: Path) -> dict[str, dict[int, dict]]:
 
 def report(rows: dict[str, dict[int, dict]]) -> str:
     """The section's tables (see the module's docstring)."""
-    lines = ["## Does a cheaper rollout pay? The default recipe with each rollout option (`tools/bench/rollout_payoff.py`)",
+    lines = ["## Does a cheaper rollout pay? The default recipe with each rollout option "
+             "(`tools/bench/rollout_payoff.py`)",
              "", "Means over seeds with 95% bootstrap intervals (40 iterations each):", "",
              "| arm | seeds | " + " | ".join(n for n, *_ in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for arm, by_seed in rows.items():
@@ -101,15 +102,17 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
         if arm == BASELINE:
             continue
         seeds = sorted(set(by_seed) & set(base))
-        diff = [seeds_mean_ci([by_seed[s][k] - base[s][k] for s in seeds], sc, d, signed=True) for _, k, sc, d in COLUMNS[:3]]
-        ratio = [seeds_mean_ci([by_seed[s][k] / base[s][k] for s in seeds], 1, 2) for k in ("evaluations", "train_seconds")]
+        diff = [seeds_mean_ci([by_seed[s][k] - base[s][k] for s in seeds], sc, d, signed=True)
+                for _, k, sc, d in COLUMNS[:3]]
+        ratio = [seeds_mean_ci([by_seed[s][k] / base[s][k] for s in seeds], 1, 2)
+                 for k in ("evaluations", "train_seconds")]
         matched = [by_seed[s]["direction_gain"] - (at_compute(base[s]["curve"], by_seed[s]["evaluations"])
                                                    - base[s]["direction_base"]) for s in seeds]
         lines.append(f"| `{arm}` | {','.join(map(str, seeds)) or '—'} | " + " | ".join(
             diff + ratio + [seeds_mean_ci(matched, 100, 1, signed=True)]) + " |")
     commits = sorted({r["commit"] for by_seed in rows.values() for r in by_seed.values()})
-    lines += ["", "Arms (`ARMS` in the script): " + "; ".join(f"`{a}`: {' '.join(o) or 'the recipe as it is'}"
-                                                             for a, o in ARMS.items()) + f". Commits: {', '.join(commits)}."]
+    arms = "; ".join(f"`{a}`: {' '.join(o) or 'the recipe as it is'}" for a, o in ARMS.items())
+    lines += ["", f"Arms (`ARMS` in the script): {arms}. Commits: {', '.join(commits)}."]
     return "\n".join(lines)
 
 
@@ -125,7 +128,8 @@ def write_docs(out: Path, docs: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    seed_grid_arguments(ap, list(ARMS), "arm", "runs/rollout_payoff", ROOT / "docs", "benchmarks.md's section here, its JSON in DOCS/data")
+    seed_grid_arguments(ap, list(ARMS), "arm", "runs/rollout_payoff", ROOT / "docs",
+                        "benchmarks.md's section here, its JSON in DOCS/data")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
