@@ -112,7 +112,10 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
             diff + ratio + [seeds_mean_ci(matched, 100, 1, signed=True)]) + " |")
     commits = sorted({r["commit"] for by_seed in rows.values() for r in by_seed.values()})
     arms = "; ".join(f"`{a}`: {' '.join(o) or 'the recipe as it is'}" for a, o in ARMS.items())
-    lines += ["", f"Arms (`ARMS` in the script): {arms}. Commits: {', '.join(commits)}."]
+    lines += ["", f"Arms (`ARMS` in the script): {arms}. Commits: {', '.join(commits)}. Evaluations are counted "
+              "exactly (`perf/evals/total`); training seconds are each run's own rollout, reward and update time, "
+              "with cells two at a time beside whatever else the machine ran: compare them within a pair of cells "
+              "that ran together, not across pairs. The recipe takes an option only when 3 seeds agree."]
     return "\n".join(lines)
 
 
