@@ -15,6 +15,7 @@ environment.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -507,6 +508,34 @@ def summarise_seed_run(run_dir: Path, tag: str, seed: int) -> dict:
         # forgetting as the frontier computes it: the mean of colour and shape lost
         row["forgotten"] = (row["colour_base"] + row["shape_base"] - row["colour"] - row["shape"]) / 2
     return row
+
+
+def finished_seed_runs(out: Path, names: list[str], seeds: list[int] | tuple[int, ...],
+                       row: Callable[[Path, str, int], dict]) -> dict[str, dict[int, dict]]:
+    """``name -> seed -> row(run_dir, name, seed)`` of the grid's runs in ``out`` that finished
+    (:func:`seed_run_finished`), in the order of ``names``."""
+    rows: dict[str, dict[int, dict]] = {}
+    for name in names:
+        for seed in seeds:
+            d = out / f"{name}-s{seed}"
+            if seed_run_finished(d):
+                rows.setdefault(name, {})[seed] = row(d, name, seed)
+    return rows
+
+
+def seed_grid_main(description: str, table: dict[str, list[str]], what: str, out: str, docs: Path,
+                   docs_help: str, write_docs: Callable[[Path, Path], str], cwd: Path) -> None:
+    """The whole command of a grid of default-recipe runs: its arguments (:func:`seed_grid_arguments`),
+    the cells (:func:`run_seed_cells`, ``write_docs(out, docs)`` after each) unless ``--report``, then
+    the docs written and printed."""
+    ap = argparse.ArgumentParser(description=description)
+    seed_grid_arguments(ap, list(table), what, out, docs, docs_help)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        run_seed_cells(args.out, args.cells, getattr(args, f"{what}s"), args.seeds, table, args.jobs,
+                       lambda: write_docs(args.out, args.docs), cwd)
+    print(write_docs(args.out, args.docs))
 
 
 def seed_grid_arguments(ap: Any, names: list[str], what: str, out: str, docs: Path, docs_help: str) -> None:

@@ -16,11 +16,11 @@ bootstrap intervals, and each lever minus RL on every step (``every_step``), pai
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from flowdppo_video.commands.benchmarking import DATA, run_seed_cells, seed_grid_arguments, seed_run_finished, seeds_mean_ci, summarise_seed_run
+from flowdppo_video.commands.benchmarking import (DATA, finished_seed_runs, seed_grid_main, seeds_mean_ci,
+                                                  summarise_seed_run)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,13 +61,7 @@ def derived(row: dict) -> dict:
 
 
 def collect(out: Path) -> dict[str, dict[int, dict]]:
-    rows: dict[str, dict[int, dict]] = {}
-    for lever in LEVERS:
-        for seed in SEEDS:
-            d = out / f"{lever}-s{seed}"
-            if seed_run_finished(d):
-                rows.setdefault(lever, {})[seed] = derived(summarise_seed_run(d, lever, seed))
-    return rows
+    return finished_seed_runs(out, list(LEVERS), SEEDS, lambda d, n, s: derived(summarise_seed_run(d, n, s)))
 
 
 def report(rows: dict[str, dict[int, dict]]) -> str:
@@ -107,14 +101,8 @@ def write_docs(out: Path, docs: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    seed_grid_arguments(ap, list(LEVERS), "lever", "runs/clean_rl", Path("docs"), "clean_rl_levers.md here, its JSON in DOCS/data")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.report:
-        run_seed_cells(args.out, args.cells, args.levers, args.seeds, LEVERS, args.jobs,
-                       lambda: write_docs(args.out, args.docs), ROOT)
-    print(write_docs(args.out, args.docs))
+    seed_grid_main(__doc__.splitlines()[0], LEVERS, "lever", "runs/clean_rl", Path("docs"),
+                   "clean_rl_levers.md here, its JSON in DOCS/data", write_docs, ROOT)
 
 
 if __name__ == "__main__":

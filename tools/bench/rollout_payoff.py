@@ -20,15 +20,14 @@ so far, linear between points) where it had spent what the arm spent in all.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flowdppo_video.commands.benchmarking import (DATA, run_seed_cells, seed_grid_arguments, seed_run_finished,
-                                                  seeds_mean_ci, summarise_seed_run, write_section)
+from flowdppo_video.commands.benchmarking import (DATA, finished_seed_runs, seed_grid_main, seeds_mean_ci,
+                                                  summarise_seed_run, write_section)
 from flowdppo_video.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,13 +73,7 @@ def row(run_dir: Path, arm: str, seed: int) -> dict[str, Any]:
 
 
 def collect(out: Path) -> dict[str, dict[int, dict]]:
-    rows: dict[str, dict[int, dict]] = {}
-    for arm in ARMS:
-        for seed in SEEDS:
-            d = out / f"{arm}-s{seed}"
-            if seed_run_finished(d):
-                rows.setdefault(arm, {})[seed] = row(d, arm, seed)
-    return rows
+    return finished_seed_runs(out, list(ARMS), SEEDS, row)
 
 
 def report(rows: dict[str, dict[int, dict]]) -> str:
@@ -130,15 +123,8 @@ def write_docs(out: Path, docs: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    seed_grid_arguments(ap, list(ARMS), "arm", "runs/rollout_payoff", ROOT / "docs",
-                        "benchmarks.md's section here, its JSON in DOCS/data")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.report:
-        run_seed_cells(args.out, args.cells, args.arms, args.seeds, ARMS, args.jobs,
-                       lambda: write_docs(args.out, args.docs), ROOT)
-    print(write_docs(args.out, args.docs))
+    seed_grid_main(__doc__.splitlines()[0], ARMS, "arm", "runs/rollout_payoff", ROOT / "docs",
+                   "benchmarks.md's section here, its JSON in DOCS/data", write_docs, ROOT)
 
 
 if __name__ == "__main__":
