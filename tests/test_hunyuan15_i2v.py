@@ -23,7 +23,7 @@ from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.training.rollout import rollout
 from flowdppo_video.trainer import Trainer
 
-from .conftest import PROMPTS, ROOT, max_abs_log_ratio, write_image
+from .conftest import PROMPTS, ROOT, max_abs_log_ratio, rows, write_image
 
 CONFIG = ROOT / "configs" / "hunyuan15_i2v_tiny.yaml"
 # The pipeline comparison's tolerances (float32 on the CPU, 6 steps, CFG 3): latents, and decoded
@@ -138,8 +138,7 @@ def test_train_resume_and_sample_through_the_cli(tmp_path, capsys):
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert row["ratio/first_max_abs_log"] < 1e-5 and row["kl/mean"] >= 0 and row["grad_norm"] > 0
     assert cli_main(["train", "--resume", str(run), "run.iterations=2"]) == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert [r["iteration"] for r in rows] == [0, 1]
+    assert [r["iteration"] for r in rows(run)] == [0, 1]
     model = run / "checkpoints" / "iter_000002" / "model"
     assert sorted(p.name for p in model.glob("*.safetensors")) == ["pytorch_lora_weights.safetensors"]
     out = tmp_path / "samples"

@@ -21,7 +21,7 @@ from flowdppo_video.runs.config import load_config
 from flowdppo_video.trainer import Trainer
 from flowdppo_video.training.rollout import rollout
 
-from .conftest import ROOT, max_abs_log_ratio
+from .conftest import ROOT, max_abs_log_ratio, rows
 
 CONFIG = ROOT / "configs" / "ltx2_tiny.yaml"
 PROMPTS = ["a red ball rolls left", "a blue square jumps"]
@@ -182,8 +182,7 @@ def test_train_resume_and_sample_through_the_cli(tmp_path):
     assert 0 <= row["kl/share_audio"] <= 1 and abs(row["kl/share_audio"] + row["kl/share_video"] - 1) < 1e-6
     assert 0 <= row["mask/drop_frac_audio"] <= 1 and 0 <= row["mask/drop_frac_video"] <= 1
     assert cli_main(["train", "--resume", str(run), "run.iterations=2"]) == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert [r["iteration"] for r in rows] == [0, 1]
+    assert [r["iteration"] for r in rows(run)] == [0, 1]
     model = run / "checkpoints" / "iter_000002" / "model"
     assert sorted(p.name for p in model.glob("*.safetensors")) == ["pytorch_lora_weights.safetensors"]
     out = tmp_path / "samples"
