@@ -46,6 +46,9 @@ LEVERS: dict[str, list[str]] = {                 # in the queue's order
     "route_0.35": ["model.base_below=0.35"],
     "beta_10": [UNROUTED, "objective.beta=10.0"],
     "lora_8": [UNROUTED, "model.lora.rank=8", "optim.lr=3e-4"],
+    # The best two combined: routing (free with LoRA: the adapters switched off below the boundary, as the
+    # Wan recipes run) and LoRA rank 32.
+    "route_0.55+lora_32": ["model.base_below=0.55", "model.lora.rank=32", "optim.lr=3e-4"],
 }
 BASELINE = "every_step"
 SEEDS = (0, 1, 2)
