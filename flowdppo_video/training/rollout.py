@@ -324,7 +324,19 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
     n_prompts = len(prompts)
     # Noise is drawn on the CPU generator and moved, so a seed means the same video anywhere.
     x = torch.randn((n_prompts * width0, *latent_shape), generator=generator, dtype=torch.float32)[span(0)].to(dev)
-    states: list[tuple[torch.Tensor, ...]] = []       # per SDE step: x_k, mu, std (depth j), x' (depth j+1)
+
+    def at_leaves(t: torch.Tensor, depth: int) -> torch.Tensor:
+        """Each row's ancestor among the states ``t`` of ``depth`` (identity with independent noise)."""
+        if widths[depth] == group_size and span(depth) == rows:
+            return t
+        return t[sde.leaf_ancestor(leaves, group_size, widths[depth]) - span(depth).start]
+
+    # Each SDE step's x_k, mu, std and x' go straight to the trajectory's host tensors (per leaf), so the
+    # rollout never holds a second copy of them (a list of per-step states doubled the host memory).
+    lat = torch.empty((b, s_count, *latent_shape))
+    nxt = torch.empty_like(lat)
+    means = torch.empty_like(lat)
+    stds = torch.empty((b, s_count))
     experts = torch.zeros(s_count, dtype=torch.long)
     slot = {k: j for j, k in enumerate(steps)}
     tail_on = bool(sampler.tail_steps) and s_count > 0
@@ -344,27 +356,14 @@ def rollout(adapter: VideoFlowAdapter, prompts: list[str], group_size: int, late
             f = factors[j]            # children of each state: its mean, their own noise
             x_next = (mean if f == 1 else mean.repeat_interleave(f, 0)) + \
                 (std if f == 1 else std.repeat_interleave(f)).view(-1, *[1] * len(latent_shape)) * noise
-            states.append((x.cpu(), mean.cpu(), std.cpu(), x_next.cpu()))
+            lat[:, j], means[:, j] = at_leaves(x.cpu(), d), at_leaves(mean.cpu(), d)
+            stds[:, j], nxt[:, j] = at_leaves(std.cpu(), d), at_leaves(x_next.cpu(), d + 1)
             x = x_next
             d += 1
         else:
             x = sde.ode_step(x, v, sig, sig_next)
     if tail_on:
         x = _tail(x, schedule, end, sampler, lambda y, sig: velocity(y, sig, d, "tail"))
-
-    def at_leaves(t: torch.Tensor, depth: int) -> torch.Tensor:
-        """Each row's ancestor among the states ``t`` of ``depth`` (identity with independent noise)."""
-        if widths[depth] == group_size and span(depth) == rows:
-            return t
-        return t[sde.leaf_ancestor(leaves, group_size, widths[depth]) - span(depth).start]
-
-    lat = torch.empty((b, s_count, *latent_shape))
-    nxt = torch.empty_like(lat)
-    means = torch.empty_like(lat)
-    stds = torch.empty((b, s_count))
-    for j, (x_j, mean_j, std_j, next_j) in enumerate(states):
-        lat[:, j], means[:, j], stds[:, j] = at_leaves(x_j, j), at_leaves(mean_j, j), at_leaves(std_j, j)
-        nxt[:, j] = at_leaves(next_j, j + 1)
     final = at_leaves(x, s_count)
     videos = adapter.decode(final) if decode else None
     sound = adapter.decode_audio(final) if decode and adapter.has_audio else None
