@@ -19,6 +19,7 @@ from flowdppo_video.models import build_adapter
 from flowdppo_video.models.base import ModelError, TextBatch
 from flowdppo_video.runs.config import load_config
 from flowdppo_video.trainer import Trainer
+from flowdppo_video.training import evaluation
 from flowdppo_video.training.rollout import rollout
 
 from .conftest import ROOT, max_abs_log_ratio, rows
@@ -136,6 +137,13 @@ def test_ratio_is_one_before_update_over_both_streams(tmp_path):
     video = trainer.adapter.token_map(trainer.latent_shape).spans()["video"]
     assert float(kl[:, video].sum()) > 0 and float(kl[:, video.stop:].sum()) > 0     # both streams moved
     assert out.counts["kl_audio"] > 0 and out.counts["terms_audio"] == 2 * 28
+    # The evaluation's KL to the base: the all-token mean, and each stream's own (tokens of D 4 and 8).
+    moved = rollout(trainer.adapter, PROMPTS[:1], 2, trainer.latent_shape, cfg.sampler,
+                    torch.Generator().manual_seed(8), "blurry", progress=False, decode=False)
+    m = evaluation.kl_to_base_metrics(trainer.adapter, moved, chunk=1)
+    assert m["eval/kl_base/video/mean"] > 0 and m["eval/kl_base/audio/mean"] > 0
+    assert m["eval/kl_base/mean"] == pytest.approx((320 * m["eval/kl_base/video/mean"] + 28 * m["eval/kl_base/audio/mean"])
+                                                   / 348, rel=1e-5)
 
 
 def test_frozen_audio_stream_is_sampled_not_trained(tmp_path):

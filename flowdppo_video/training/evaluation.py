@@ -18,23 +18,39 @@ from .rollout import Trajectory, plain_sampler, reward_audio, rollout, step_mean
 
 
 @torch.no_grad()
-def kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> torch.Tensor:
-    """Per-video mean token ``KL(pi_theta || pi_base)`` over the trajectory's SDE steps: ``(B,)``.
+def token_kl_to_base(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> torch.Tensor:
+    """Per-token ``KL(pi_theta || pi_base)`` averaged over the trajectory's SDE steps: ``(B, N)``.
 
     ``pi_theta``'s means are the trajectory's own ``mu``; the base model's are recomputed on the
-    same states inside ``adapter.reference()``.
+    same states inside ``adapter.reference()``. A token's KL sums its ``D`` elements (its stream's ``D``
+    for a multi-stream family).
     """
     b, chunk = traj.batch_size, chunk or traj.batch_size
-    out = torch.zeros(b)
+    out: torch.Tensor | None = None
+    tokens = adapter.token_map(tuple(traj.latents.shape[2:]))
     for i in range(0, b, chunk):
         part = traj.select(torch.arange(i, min(i + chunk, b)))
         for j in range(traj.num_sde_steps):
             with adapter.reference():
                 mean_base = step_mean(adapter, part, j)
             kl = sde.token_kl(mean_base, part.means[:, j].to(mean_base.device),
-                              part.stds[:, j].to(mean_base.device),
-                              adapter.token_map(tuple(part.latents.shape[2:])))
-            out[i:i + part.batch_size] += kl.mean(dim=1).cpu() / traj.num_sde_steps
+                              part.stds[:, j].to(mean_base.device), tokens).cpu()
+            if out is None:
+                out = torch.zeros(b, kl.shape[1])
+            out[i:i + part.batch_size] += kl / traj.num_sde_steps
+    return out if out is not None else torch.zeros(b, 0)
+
+
+def kl_to_base_metrics(adapter: VideoFlowAdapter, traj: Trajectory, chunk: int = 0) -> dict[str, float]:
+    """``eval/kl_base/mean`` (nats per token, every token) and, for a multi-stream family (LTX-2),
+    ``eval/kl_base/<stream>/mean`` per stream: its tokens carry ``D_s`` elements each, so the
+    all-token mean mixes tokens of different sizes and each stream's own mean is what compares
+    across runs (and with the trust region's per-element δ: divide by its ``D_s``)."""
+    kl = token_kl_to_base(adapter, traj, chunk)
+    out = {"eval/kl_base/mean": kl.mean().item()}
+    tokens = adapter.token_map(tuple(traj.latents.shape[2:]))
+    if isinstance(tokens, sde.TokenStreams):
+        out.update({f"eval/kl_base/{name}/mean": kl[:, span].mean().item() for name, span in tokens.spans().items()})
     return out
 
 
@@ -46,7 +62,8 @@ def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: 
     evaluation, so numbers are paired across iterations) and score the videos as shown at ``fps``
     (the run's ``video.fps``).
 
-    Returns ``({"eval/<reward>/mean": ..., "eval/kl_base/mean": ..., "monitor/<name>/mean": ...,
+    Returns ``({"eval/<reward>/mean": ..., "eval/kl_base/mean": ... (and per stream, see
+    :func:`kl_to_base_metrics`), "monitor/<name>/mean": ...,
     "monitor/<name>/std": ...}, trajectory)``: ``monitors`` (:mod:`flowdppo_video.training.monitors`) are
     scored beside the rewards, under their own prefix.
     """
@@ -59,7 +76,7 @@ def evaluate(adapter: VideoFlowAdapter, prompts: list[str], samples_per_prompt: 
     out.update({f"eval/{n}/mean": s.float().mean().item() for n, s in extras.items()})
     out.update(monitor_means(score_monitors(monitors or {}, traj.videos, traj.prompts, fps=fps)))
     if measure_kl and traj.num_sde_steps:
-        out["eval/kl_base/mean"] = kl_to_base(adapter, traj, sampler.batch_size).mean().item()
+        out.update(kl_to_base_metrics(adapter, traj, sampler.batch_size))
     return out, traj
 
 
