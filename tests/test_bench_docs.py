@@ -18,7 +18,8 @@ from flowdppo_video.commands.benchmarking import outside_sections, section_block
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 # Every section of the committed document, in its order (docs/README.md names each one's writer).
-SECTIONS = ["rewards", "algorithms", "zero", "sp", "real_size", "gpu_check", "rollout_cost", "rollout_payoff"]
+SECTIONS = ["rewards", "algorithms", "zero", "sp", "real_size", "real_size_notes", "gpu_check", "rollout_cost",
+            "rollout_payoff"]
 
 
 def _run_all():
@@ -61,6 +62,23 @@ def test_write_section_replaces_its_own_section_or_appends_it(tmp_path):
     assert doc.read_text().startswith("# Benchmarks\n\nhead\n\n<!-- section: zero -->\n")
     write_section(doc, "real_size", "## (h)")
     assert list(sections(doc.read_text())) == ["zero", "sp", "real_size"]
+
+
+def test_each_real_size_model_writes_its_own_section(tmp_path):
+    """A real_size.py run replaces its model's table only: never another model's, nor the notes."""
+    spec = importlib.util.spec_from_file_location("real_size", ROOT / "tools" / "bench" / "real_size.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shapes = ROOT / "configs" / "model_shapes"
+    names = [module.section_name({"model_config": m}) for m in
+             (None, str(shapes / "wan2.1_t2v_1.3b"), str(shapes / "wan2.2_ti2v_5b"))]
+    assert names == ["real_size", "real_size", "real_size_wan2.2_ti2v_5b"]
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(section_block("real_size", "1.3B table") + section_block("real_size_notes", "what we wrote"))
+    write_section(doc, names[2], "5B table")
+    write_section(doc, names[0], "1.3B table, again")
+    assert sections(doc.read_text()) == {"real_size": "1.3B table, again\n", "real_size_notes": "what we wrote\n",
+                                         "real_size_wan2.2_ti2v_5b": "5B table\n"}
 
 
 @pytest.mark.parametrize("text", ["<!-- section: a -->\nbody\n<!-- /section: b -->\n", "no sections at all\n"])

@@ -17,8 +17,10 @@ Phases, each one ``flowdppo-video`` process (``os.wait4`` gives its own peak RSS
 ``from_pretrained`` of the export). The resident set of ``train`` is sampled every 0.2 s to show the
 drop when the text encoder is released. The LoRA modules are counted from the checkpoint's adapter.
 
-``--section FILE`` writes the table with its reading into FILE as its section ``real_size`` (between
-``<!-- section: real_size -->`` markers; ``--section docs/benchmarks.md`` replaces the committed one).
+``--section FILE`` writes the table with its generated reading into FILE as the model's section:
+``real_size`` for Wan 2.1 1.3B (the default) and the smoke, ``real_size_<shape folder>`` for another model
+(between ``<!-- section: NAME -->`` markers; ``--section docs/benchmarks.md`` replaces the committed one).
+What people wrote about the numbers lives in the section ``real_size_notes``, which no run rewrites.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import yaml
 from flowdppo_video.commands.benchmarking import write_section
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_SHAPES = "wan2.1_t2v_1.3b"            # configs/model_shapes/<this>: the model run when none is named
 
 GiB = 2 ** 30
 PROMPT = "a red ball rolls to the left across a wooden table"
@@ -312,6 +315,13 @@ PLANNER_WHAT = {"train": "the larger stage of the start (the encoders alone, or 
                 "load": "every part"}
 
 
+def section_name(r: dict[str, Any]) -> str:
+    """The document section a result of :func:`dry_run` is written to: one per model, so a run of one
+    model never replaces another's table (nor the hand-written ``real_size_notes``)."""
+    folder = Path(r["model_config"]).name if r["model_config"] else ""
+    return "real_size" if folder in ("", DEFAULT_SHAPES) else f"real_size_{folder}"
+
+
 def section(r: dict[str, Any]) -> str:
     """The markdown section of ``docs/benchmarks.md`` for a result of :func:`dry_run`."""
     p, rel, pl = r["phases"], r["encoder_release"], r["planner"]
@@ -370,12 +380,12 @@ def section(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", type=Path, default=REPO / "configs" / "wan2.1_t2v_1.3b.yaml")
-    p.add_argument("--model-config", type=Path, default=REPO / "configs" / "model_shapes" / "wan2.1_t2v_1.3b")
-    p.add_argument("--work", type=Path, default=REPO / "runs" / "real_size" / "wan2.1_t2v_1.3b",
-                   help="new folder for the run, samples, export and logs")
+    p.add_argument("--model-config", type=Path, default=REPO / "configs" / "model_shapes" / DEFAULT_SHAPES)
+    p.add_argument("--work", type=Path, default=None,
+                   help="new folder for the run, samples, export and logs (default: runs/real_size/<shape folder>)")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: WORK/result.json)")
     p.add_argument("--section", type=Path, default=None,
-                   help="the markdown file whose section 'real_size' this writes (e.g. docs/benchmarks.md)")
+                   help="the markdown file whose section for this model this writes (e.g. docs/benchmarks.md)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the phases (unless set)")
     p.add_argument("--max-rss-gib", type=float, default=18.0, help="kill a phase whose resident set passes this")
     p.add_argument("--smoke", action="store_true", help="the family's tiny shapes: seconds (CI)")
@@ -384,8 +394,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.from_json:
         r = json.loads(a.from_json.read_text())
         if a.section:
-            write_section(a.section, "real_size", section(r))
+            write_section(a.section, section_name(r), section(r))
         return r
+    a.work = a.work or REPO / "runs" / "real_size" / a.model_config.name
     r = dry_run(a.recipe, a.model_config, a.work, a.smoke, a.threads, a.max_rss_gib)
     text = section(r)
     print("\n" + text)
@@ -393,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
     if a.section:
-        write_section(a.section, "real_size", text)
+        write_section(a.section, section_name(r), text)
     return r
 
 
