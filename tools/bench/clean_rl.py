@@ -11,7 +11,8 @@ same runner and metadata as the demo's table, ``demo_seeds.py``; a finished run 
 side by side with one thread each, in the queue's order). ``--report`` (and the end of every run)
 writes ``DOCS/clean_rl_levers.md`` and ``DOCS/data/clean_rl_levers.json``: per lever the held-out direction gain, background error, grid
 energy, colour and shape lost, KL to the base model and wall time, as means over seeds with 95%
-bootstrap intervals, and each lever minus RL on every step (``every_step``), paired by seed.
+bootstrap intervals, and each lever minus RL on every step (``every_step``) and minus the default
+(``route_0.55``), paired by seed.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ LEVERS: dict[str, list[str]] = {                 # in the queue's order
     "route_0.55+lora_32": ["model.base_below=0.55", "model.lora.rank=32", "optim.lr=3e-4"],
 }
 BASELINE = "every_step"
+DEFAULT = "route_0.55"             # the default recipe's lever (flowdppo_video/recipes/default.yaml routes at 0.55)
 SEEDS = (0, 1, 2)
 # (name, key of a summarise() row, scale for the table, decimals): direction in points.
 GAINS = [("direction gain (points)", "direction_gain", 100, 1), ("background error", "background_error", 1, 2),
@@ -74,17 +76,19 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
     for lever, by_seed in rows.items():
         cells = [seeds_mean_ci([r[k] for r in by_seed.values()], s, d) for _, k, s, d in GAINS]
         lines.append(f"| {lever} | {','.join(map(str, sorted(by_seed)))} | " + " | ".join(cells) + " |")
-    base = rows.get(BASELINE, {})
-    lines += ["", f"## Each lever minus `{BASELINE}` (RL on every step, the default before routing), paired by seed", "",
-              "| lever | paired seeds | " + " | ".join(n for n, *_ in GAINS[:5]) + " |",
-              "|---|---|" + "---|" * 5]
-    for lever, by_seed in rows.items():
-        if lever == BASELINE:
-            continue
-        seeds = sorted(set(by_seed) & set(base))
-        cells = [seeds_mean_ci([by_seed[s][k] - base[s][k] for s in seeds], sc, d, signed=True)
-                 for _, k, sc, d in GAINS[:5]]
-        lines.append(f"| {lever} | {','.join(map(str, seeds)) or '—'} | " + " | ".join(cells) + " |")
+    for against, what in ((BASELINE, "RL on every step, the default before routing"),
+                          (DEFAULT, "the default recipe since routing")):
+        base = rows.get(against, {})
+        lines += ["", f"## Each lever minus `{against}` ({what}), paired by seed", "",
+                  "| lever | paired seeds | " + " | ".join(n for n, *_ in GAINS[:5]) + " |",
+                  "|---|---|" + "---|" * 5]
+        for lever, by_seed in rows.items():
+            if lever == against:
+                continue
+            seeds = sorted(set(by_seed) & set(base))
+            cells = [seeds_mean_ci([by_seed[s][k] - base[s][k] for s in seeds], sc, d, signed=True)
+                     for _, k, sc, d in GAINS[:5]]
+            lines.append(f"| {lever} | {','.join(map(str, seeds)) or '—'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
