@@ -52,11 +52,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
 EVAL_REWARDS = ("eval.rewards={world_direction: 1.0, world_colour: 1.0, world_shape: 1.0, "
                 "world_smoothness: 1.0, world_fidelity: 1.0}")
-# model.base_below=null: the fronts were measured with RL on every step, before the default recipe routed
-# the low-noise steps to the base model (docs/clean_rl.md); new cells stay comparable with the committed ones.
+# model.base_below=null and model.lora.rank=0: the fronts were measured with full fine-tuning on every
+# step, before the default recipe routed the low-noise steps to the base model and trained LoRA adapters
+# (docs/clean_rl.md); new cells stay comparable with the committed ones.
 COMMON = ["optim.lr=1e-4", "eval.samples_per_prompt=2", "run.report_every=0", "run.progress=false",
           "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", EVAL_REWARDS,
-          "model.base_below=null"]
+          "model.base_below=null", "model.lora.rank=0"]
 
 
 @dataclass(frozen=True)

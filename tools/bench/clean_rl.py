@@ -11,8 +11,8 @@ same runner and metadata as the demo's table, ``demo_seeds.py``; a finished run 
 side by side with one thread each, in the queue's order). ``--report`` (and the end of every run)
 writes ``DOCS/clean_rl_levers.md`` and ``DOCS/data/clean_rl_levers.json``: per lever the held-out direction gain, background error, grid
 energy, colour and shape lost, KL to the base model and wall time, as means over seeds with 95%
-bootstrap intervals, and each lever minus RL on every step (``every_step``) and minus the default
-(``route_0.55``), paired by seed.
+bootstrap intervals, and each lever minus full fine-tuning on every step (``every_step``) and minus the
+default (``route_0.55+lora_32``), paired by seed.
 """
 
 from __future__ import annotations
@@ -25,34 +25,38 @@ from flowdppo_video.commands.benchmarking import (DATA, finished_seed_runs, seed
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# name -> overrides of the default recipe. "every_step" is RL on every denoising step (the default before
-# routing: the baseline every lever is paired with), and every lever but the routed ones says so too, so a
-# lever keeps its meaning whatever the default recipe routes. The demo's schedule (10 steps, shift 1) has
-# sigma 1.0, 0.9, ..., 0.1: base_below 0.75 leaves the tuned weights the window's three steps (sigma 1.0-0.8),
-# 0.55 five (the default since this benchmark).
+# name -> overrides of the default recipe. "every_step" is full fine-tuning on every denoising step (the default
+# before routing: the baseline every lever is paired with). Each lever names what it keeps of the recipe it
+# was measured on (FULL: full fine-tuning at lr 5e-5, the default before LoRA; UNROUTED), so it keeps its
+# meaning whatever the default recipe does now (LoRA rank 32 routed at 0.55: "route_0.55+lora_32"). The
+# demo's schedule (10 steps, shift 1) has sigma 1.0, 0.9, ..., 0.1: base_below 0.75 leaves the tuned weights
+# the window's three steps (sigma 1.0-0.8), 0.55 five.
+FULL = ["model.lora.rank=0", "optim.lr=5e-5"]
 UNROUTED = "model.base_below=null"
+LORA_32 = ["model.lora.rank=32", "optim.lr=3e-4"]
 LEVERS: dict[str, list[str]] = {                 # in the queue's order
-    "route_0.75": ["model.base_below=0.75"],
-    "every_step": [UNROUTED],
-    "route_0.55": ["model.base_below=0.55"],
-    "beta_1": [UNROUTED, "objective.beta=1.0"],
-    "beta_0.1": [UNROUTED, "objective.beta=0.1"],
-    "beta_0.01": [UNROUTED, "objective.beta=0.01"],
-    "row_1e-4": [UNROUTED, "objective.granularity=row", "objective.delta=1e-4"],
+    "route_0.75": [*FULL, "model.base_below=0.75"],
+    "every_step": [*FULL, UNROUTED],
+    "route_0.55": [*FULL, "model.base_below=0.55"],
+    "beta_1": [*FULL, UNROUTED, "objective.beta=1.0"],
+    "beta_0.1": [*FULL, UNROUTED, "objective.beta=0.1"],
+    "beta_0.01": [*FULL, UNROUTED, "objective.beta=0.01"],
+    "row_1e-4": [*FULL, UNROUTED, "objective.granularity=row", "objective.delta=1e-4"],
     # world_fidelity (background and grid artifacts) as a second reward, each normalised in its group.
-    "gdpo_fidelity": [UNROUTED, "rewards={world_direction: 1.0, world_fidelity: 1.0}", "advantages.aggregation=gdpo"],
-    "lora_32": [UNROUTED, "model.lora.rank=32", "optim.lr=3e-4"],
-    "route_0.75+row": ["model.base_below=0.75", "objective.granularity=row", "objective.delta=1e-4"],
-    "route_0.55+row": ["model.base_below=0.55", "objective.granularity=row", "objective.delta=1e-4"],
-    "route_0.35": ["model.base_below=0.35"],
-    "beta_10": [UNROUTED, "objective.beta=10.0"],
+    "gdpo_fidelity": [*FULL, UNROUTED, "rewards={world_direction: 1.0, world_fidelity: 1.0}",
+                      "advantages.aggregation=gdpo"],
+    "lora_32": [UNROUTED, *LORA_32],
+    "route_0.75+row": [*FULL, "model.base_below=0.75", "objective.granularity=row", "objective.delta=1e-4"],
+    "route_0.55+row": [*FULL, "model.base_below=0.55", "objective.granularity=row", "objective.delta=1e-4"],
+    "route_0.35": [*FULL, "model.base_below=0.35"],
+    "beta_10": [*FULL, UNROUTED, "objective.beta=10.0"],
     "lora_8": [UNROUTED, "model.lora.rank=8", "optim.lr=3e-4"],
     # The best two combined: routing (free with LoRA: the adapters switched off below the boundary, as the
-    # Wan recipes run) and LoRA rank 32.
-    "route_0.55+lora_32": ["model.base_below=0.55", "model.lora.rank=32", "optim.lr=3e-4"],
+    # Wan recipes run) and LoRA rank 32. The default recipe since this benchmark.
+    "route_0.55+lora_32": ["model.base_below=0.55", *LORA_32],
 }
 BASELINE = "every_step"
-DEFAULT = "route_0.55"             # the default recipe's lever (flowdppo_video/recipes/default.yaml routes at 0.55)
+DEFAULT = "route_0.55+lora_32"     # the default recipe's lever (flowdppo_video/recipes/default.yaml)
 SEEDS = (0, 1, 2)
 # (name, key of a summarise() row, scale for the table, decimals): direction in points.
 GAINS = [("direction gain (points)", "direction_gain", 100, 1), ("background error", "background_error", 1, 2),
@@ -76,8 +80,8 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
     for lever, by_seed in rows.items():
         cells = [seeds_mean_ci([r[k] for r in by_seed.values()], s, d) for _, k, s, d in GAINS]
         lines.append(f"| {lever} | {','.join(map(str, sorted(by_seed)))} | " + " | ".join(cells) + " |")
-    for against, what in ((BASELINE, "RL on every step, the default before routing"),
-                          (DEFAULT, "the default recipe since routing")):
+    for against, what in ((BASELINE, "full fine-tuning on every step, the default before routing"),
+                          (DEFAULT, "the default recipe: LoRA 32, routed at 0.55")):
         base = rows.get(against, {})
         lines += ["", f"## Each lever minus `{against}` ({what}), paired by seed", "",
                   "| lever | paired seeds | " + " | ".join(n for n, *_ in GAINS[:5]) + " |",

@@ -32,12 +32,14 @@ from flowdppo_video.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 # name -> sampler overrides of the default recipe (its SDE steps are 3 of 10 in [0, 0.3]; the routed base
-# model denoises below sigma 0.55 in every arm, the tail included).
+# model denoises below sigma 0.55 in every arm, the tail included). FULL: the recipe these arms were measured
+# with, full fine-tuning at lr 5e-5, before the default trained LoRA adapters (docs/clean_rl.md).
+FULL = ["model.lora.rank=0", "optim.lr=5e-5"]
 ARMS: dict[str, list[str]] = {                   # in the queue's order
-    "plain": [],
-    "tail_3": ["sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
-    "shared": ["sampler.shared_noise=true"],
-    "shared+tail_3": ["sampler.shared_noise=true", "sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
+    "plain": [*FULL],
+    "tail_3": [*FULL, "sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
+    "shared": [*FULL, "sampler.shared_noise=true"],
+    "shared+tail_3": [*FULL, "sampler.shared_noise=true", "sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
 }
 BASELINE = "plain"
 SEEDS = (0, 1, 2)
