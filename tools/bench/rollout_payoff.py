@@ -1,11 +1,12 @@
-"""Does a cheaper rollout pay (issue 34)? The default recipe with each rollout option, paired by seed.
+"""Does a cheaper rollout pay (issue 34)? The demo's recipe with each rollout option, paired by seed.
 
     .venv/bin/python tools/bench/rollout_payoff.py --jobs 2                  # every arm, seeds 0-2
     .venv/bin/python tools/bench/rollout_payoff.py --cells tail_3:0 plain:0  # exactly these, in order
     .venv/bin/python tools/bench/rollout_payoff.py --report                  # only read finished runs
 
-Each arm is the default recipe (``make demo``: the shapes world, 40 iterations at the frontier's knee)
-plus the ``sampler`` overrides in :data:`ARMS`, trained at ``run.seed`` 0, 1, 2 into ``OUT/<arm>-s<seed>``
+Each arm is the default recipe (``make demo``: the shapes world, 40 iterations at the frontier's knee) as
+it was measured, full fine-tuning routed at 0.55 (:data:`FULL`: the default before LoRA), plus the
+``sampler`` overrides in :data:`ARMS`, trained at ``run.seed`` 0, 1, 2 into ``OUT/<arm>-s<seed>``
 by :func:`flowdppo_video.commands.benchmarking.run_seed` (a finished run is read, not rerun). Compute is
 counted two ways from each run's ``metrics.jsonl``: transformer evaluations (``perf/evals/total``: rollout
 prefix, SDE steps, tail and replay, CFG counted) and training seconds (rollout, rewards and update, the
@@ -80,8 +81,10 @@ def collect(out: Path) -> dict[str, dict[int, dict]]:
 
 def report(rows: dict[str, dict[int, dict]]) -> str:
     """The section's tables (see the module's docstring)."""
-    lines = ["## Does a cheaper rollout pay? The default recipe with each rollout option "
-             "(`tools/bench/rollout_payoff.py`)",
+    lines = ["## Does a cheaper rollout pay? The demo's recipe with each rollout option "
+             "(`tools/bench/rollout_payoff.py`)", "",
+             "The demo's recipe as it was measured: full fine-tuning at lr 5e-5, routed at 0.55 (the default "
+             "recipe before it trained LoRA adapters; `FULL` in the script).",
              "", "Means over seeds with 95% bootstrap intervals (40 iterations each):", "",
              "| arm | seeds | " + " | ".join(n for n, *_ in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for arm, by_seed in rows.items():
