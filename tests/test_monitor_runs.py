@@ -35,8 +35,8 @@ if PAID not in rewards.REWARDS:
 
 @pytest.fixture(scope="module")
 def hacked(tmp_path_factory) -> Path:
-    """Two iterations of the shipped shapes-world model (the demo recipe) on PAID alone, at a
-    learning rate and trust region loose enough to hack it fast, evaluated before and after."""
+    """Two iterations of the shipped shapes-world model (the demo recipe, full fine-tuning) on PAID
+    alone, at a learning rate and trust region loose enough to hack it fast, evaluated before and after."""
     from flowdppo_video.commands.cli import DEFAULT_RECIPE
     from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
@@ -52,7 +52,8 @@ def hacked(tmp_path_factory) -> Path:
         f"run.output_dir={root / 'run'}", f"rewards={{{PAID}: 1.0}}", "eval.rewards={}", f"eval.prompts={held_out}",
         "run.iterations=2", "eval.every=2", "run.checkpoint_every=2", "run.report_every=2", "run.tensorboard=false",
         "run.num_sample_videos=0", "eval.samples_per_prompt=1", "eval.num_videos=1", "eval.kl_to_base=false",
-        "data.prompts_per_iteration=2", "data.group_size=4", "objective.delta=1.0", "optim.lr=2e-3"])
+        "data.prompts_per_iteration=2", "data.group_size=4", "objective.delta=1.0", "optim.lr=2e-3",
+        "model.lora.rank=0"])
     trainer = Trainer(cfg)
     try:
         trainer.run()
