@@ -119,6 +119,10 @@ def test_real_size_dry_run(tmp_path: Path) -> None:
     assert set(r["export"]["loaded"]) >= {"transformer", "text_encoder", "vae"}
     table = sections(md.read_text())["real_size"]
     assert "| train |" in table and "| load |" in table
+    # Every phase finished: --resume keeps them all and writes the same numbers.
+    again = tmp_path / "again.json"
+    _run(BENCH / "real_size.py", "--smoke", "--resume", "--work", tmp_path / "work", "--out", again)
+    assert json.loads(again.read_text())["phases"] == r["phases"]
 
 
 def test_median_interval_is_the_order_statistics_interval() -> None:

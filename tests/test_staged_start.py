@@ -150,6 +150,28 @@ def test_export_copies_the_encoder_of_model_path_without_building_it(tmp_path, m
         adapter.save_pretrained(tmp_path / "export2")
 
 
+def test_export_of_a_drawn_model_stages_its_encoder_and_keeps_its_draws(tmp_path, monkeypatch):
+    """A model.init model's encoder exists nowhere else: the export draws it alone, saves it, releases
+    it, then draws the denoiser; what it writes equals the whole build's weights."""
+    cfg = tiny_config(tmp_path, *OVER, "run.iterations=1")
+    run_dir = tmp_path / "run"
+    trainer = Trainer(cfg)
+    trainer.run()                              # one iteration: its checkpoint
+    trainer.close()
+    seen = Residency(monkeypatch)
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+    assert seen.events[-2:] == ["encoder", "transformer"] and seen.resident("encoder") == 0
+    assert not (out / ".encoders").exists()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "UMT5EncoderModel"]
+    seen.active = False
+    whole = build_model(cfg, images=False).adapter       # every part at once: the same draws
+    loaded = UMT5EncoderModel.from_pretrained(out / "text_encoder")
+    for name, t in whole.text_encoder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
 @pytest.mark.parametrize("shapes", ["wan2.1_t2v_1.3b", "wan2.2_ti2v_5b"])
 def test_the_planned_start_is_the_larger_stage_not_the_sum(shapes):
     small = ["video.num_frames=9", "video.height=128", "video.width=128", "data.group_size=2"]

@@ -7,8 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from flowdppo_video.exceptions import ModelError, TrainingError
 from flowdppo_video.parallel.groups import CollectiveTimeout
 from flowdppo_video.reporting import eval_checkpoints, report
@@ -20,7 +18,7 @@ from flowdppo_video.runs.run_dir import check_resume_dir, require_run_dir
 from flowdppo_video.trainer import Trainer
 from flowdppo_video.training.checkpoint import latest_checkpoint, load_checkpoint
 from flowdppo_video.training.metrics import read_metrics
-from flowdppo_video.training.run_builder import build_model, open_run
+from flowdppo_video.training.run_builder import build_export_model, open_run
 from rewards import RewardError
 
 from . import planner, scoring, serve
@@ -76,11 +74,13 @@ def _export(args: argparse.Namespace) -> None:
         shutil.copytree(ckpt / "model", out, dirs_exist_ok=True)   # peft adapter files per expert
         print(f"wrote the LoRA adapter of {ckpt} to {out}")
         return
-    # The weights only; a model.path model is built without its text encoders, whose folders the
-    # export copies from model.path unchanged (a model.init one draws them: they exist nowhere else).
-    adapter = build_model(cfg, torch.device("cpu"), images=False, encoders=cfg.model.path is None).adapter
+    # The weights only, the encoders never beside the transformers: a model.path model's encoder
+    # folders are copied from it unchanged; a model.init one's are drawn alone and staged in OUT.
+    staging = out / ".encoders"
+    adapter = build_export_model(cfg, staging)
     load_checkpoint(ckpt, adapter, None)
     adapter.save_pretrained(out)
+    shutil.rmtree(staging, ignore_errors=True)
     how = "LoRA merged" if cfg.model.lora.rank else "full weights"
     if cfg.model.base_below is not None:       # routing by noise level travels as Wan 2.2's two-expert layout
         how += (f"; routed by noise level: transformer above sigma {cfg.model.base_below}, the base model as "

@@ -195,6 +195,25 @@ class VideoFlowAdapter(abc.ABC):
     # The encoder attributes :meth:`release_text_encoders` dropped (an export copies their folders).
     released_encoders: frozenset[str] = frozenset()
 
+    def save_encoders(self, directory: Path) -> list[str]:
+        """Save the conditioning encoders this build holds (:attr:`TEXT_ENCODERS`), each as its
+        pipeline folder ``directory/<attr>``, and a ``model_index.json`` naming them as diffusers
+        does (``[library, class]``): the folder a denoiser-only build's export copies them from
+        (:attr:`source_path`, :meth:`copy_released_parts`). Returns the attributes saved."""
+        directory.mkdir(parents=True, exist_ok=True)
+        index: dict[str, list[str]] = {}
+        for attr in self.TEXT_ENCODERS:
+            m = getattr(self, attr, None)
+            if not isinstance(m, torch.nn.Module):
+                continue
+            m.save_pretrained(str(directory / attr))
+            mod = type(m).__module__.split(".")
+            # diffusers names a class of one pipeline's own module by that pipeline ("ltx2").
+            lib = mod[2] if mod[:2] == ["diffusers", "pipelines"] and len(mod) > 3 else mod[0]
+            index[attr] = [lib, type(m).__name__]
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return sorted(index)
+
     def copy_released_parts(self, directory: Path) -> None:
         """After a family's ``save_pretrained`` wrote ``directory`` without a conditioning encoder this
         build left out (or released), copy that encoder's folder (and ``model_index.json`` entry) from

@@ -139,4 +139,22 @@ def build_model(cfg: Config, device: torch.device | None = None, *, reference: b
     return RunModel(adapter, device, adapter.latent_shape(v.num_frames, v.height, v.width), stats)
 
 
-__all__ = ["RunModel", "build_model", "encode_stage", "keeps_reference", "open_run"]
+def build_export_model(cfg: Config, staging: Path) -> Any:
+    """The adapter an export saves, on the CPU, without the encoders and the transformers in memory
+    together. A ``model.path`` model: the denoiser alone (the export copies the encoders' folders
+    from ``model.path``). A ``model.init`` model of a staged family: its encoders exist nowhere else,
+    so they are drawn alone first (the same draws as a whole build), saved into ``staging`` and
+    released; then the denoiser alone, whose export copies them from there. Otherwise every part."""
+    cpu = torch.device("cpu")
+    if cfg.model.path is None and staged(cfg.model) and not cfg.model.keep_text_encoder:
+        encoders = build_adapter(cfg.model, cpu, parts=CONDITIONING)
+        encoders.save_encoders(staging)
+        del encoders
+        gc.collect()                               # the encoders are gone before the denoiser is drawn
+        adapter = build_model(cfg, cpu, images=False, encoders=False).adapter
+        adapter.source_path = staging
+        return adapter
+    return build_model(cfg, cpu, images=False, encoders=cfg.model.path is None).adapter
+
+
+__all__ = ["RunModel", "build_export_model", "build_model", "encode_stage", "keeps_reference", "open_run"]

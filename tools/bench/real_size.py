@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -112,7 +113,9 @@ def planner_figures(config_file: Path) -> dict[str, Any]:
             "rollout_bytes": rollout,
             # One memory, a staged start: the encoders alone (encoding), then training without them.
             "cpu_encode": encode, "cpu_train": train, "cpu_start": max(encode, train),
-            "cpu_all_parts": all_params, "cpu_inference": all_params - encoders + rollout}
+            "cpu_all_parts": all_params, "cpu_inference": all_params - encoders + rollout,
+            # The export and the load check are staged too: the encoders alone, then the rest.
+            "cpu_export": max(encode, all_params - encoders), "cpu_load": max(encoders, all_params - encoders)}
 
 
 # ---------------------------------------------------------------- one phase
@@ -209,28 +212,40 @@ def lora_modules(checkpoint: Path) -> dict[str, Any]:
 
 
 LOAD_CHECK = """
-import json, sys, torch
+import gc, importlib, json, sys, torch
 from diffusers import WanPipeline
-pipe = WanPipeline.from_pretrained(sys.argv[1], torch_dtype=getattr(torch, sys.argv[2]))
+dtype = getattr(torch, sys.argv[2])
 # The sum reads every weight: from_pretrained maps the files, and untouched pages are not resident.
-out = {k: {"class": type(m).__name__, "params": sum(p.numel() for p in m.parameters()),
-           "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()}),
-           "finite": all(bool(p.sum(dtype=torch.float32).isfinite()) for p in m.parameters())}
-       for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+def check(m):
+    return {"class": type(m).__name__, "params": sum(p.numel() for p in m.parameters()),
+            "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()}),
+            "finite": all(bool(p.sum(dtype=torch.float32).isfinite()) for p in m.parameters())}
+# In two steps, as the trainer's start: the pipeline without its text encoder, then the encoder alone.
+pipe = WanPipeline.from_pretrained(sys.argv[1], torch_dtype=dtype, text_encoder=None)
+out = {k: check(m) for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+del pipe
+gc.collect()
+lib, cls = json.load(open(sys.argv[1] + "/model_index.json"))["text_encoder"]
+encoder = getattr(importlib.import_module(lib), cls).from_pretrained(sys.argv[1] + "/text_encoder", dtype=dtype)
+out["text_encoder"] = check(encoder)
 print("LOADED " + json.dumps(out))
 """
 
 
 # ---------------------------------------------------------------- the whole run
 def dry_run(recipe: Path, model_config: Path | None, work: Path, smoke: bool, threads: int,
-            max_rss_gib: float | None = None) -> dict[str, Any]:
-    import functools
-
+            max_rss_gib: float | None = None, resume: bool = False) -> dict[str, Any]:
+    """The five phases in ``work``; each finished phase is kept in ``work/phases.json``, so ``resume``
+    continues an interrupted dry run at its first unfinished phase (whose outputs start over)."""
     import torch
 
-    run_dir = work / "run"
+    run_dir, state = work / "run", work / "phases.json"
+    phases: dict[str, Any] = {}
     if work.exists() and any(work.iterdir()):
-        raise SystemExit(f"--work {work} exists and is not empty")
+        if not (resume and state.is_file()):
+            raise SystemExit(f"--work {work} exists and is not empty"
+                             + ("" if resume else " (--resume continues the dry run there)"))
+        phases = json.loads(state.read_text())
     work.mkdir(parents=True, exist_ok=True)
     cfg = dry_run_config(recipe, model_config, run_dir, smoke)
     config_file = work / "dry_run.yaml"
@@ -241,24 +256,31 @@ def dry_run(recipe: Path, model_config: Path | None, work: Path, smoke: bool, th
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli = [sys.executable, "-m", "flowdppo_video"]
     logs = work / "logs"
-    run_phase = functools.partial(_run_phase, max_rss_gib=max_rss_gib)
-    phases = {"train": run_phase("train", [*cli, "train", "--config", str(config_file)], logs)}
+    outputs = {"train": run_dir, "sample": work / "samples", "export": work / "export"}
+
+    def run_phase(name: str, argv: list[str]) -> None:
+        if name in phases:
+            print(f"== {name}: finished before ({phases[name]['wall_s']:.1f} s), kept", flush=True)
+            return
+        if name in outputs:                   # an interrupted phase's outputs start over
+            shutil.rmtree(outputs[name], ignore_errors=True)
+        phases[name] = _run_phase(name, argv, logs, max_rss_gib=max_rss_gib)
+        state.write_text(json.dumps(phases))
+
+    run_phase("train", [*cli, "train", "--config", str(config_file)])
     first = sorted((run_dir / "checkpoints").iterdir())[-1]
     lora = lora_modules(first)
     print(f"LoRA: {lora['count']} modules wrapped {lora['by_name']}, e.g. {lora['first']}", flush=True)
-    phases["resume"] = run_phase("resume", [*cli, "train", "--resume", str(run_dir), "run.iterations=2"], logs)
-    phases["sample"] = run_phase("sample", [*cli, "sample", "--run", str(run_dir), "--out", str(work / "samples"),
-                                            "--num", "1"], logs)
-    phases["export"] = run_phase("export", [*cli, "export", "--run", str(run_dir), "--out", str(work / "export")],
-                                 logs)
-    phases["load"] = run_phase("load", [sys.executable, "-c", LOAD_CHECK, str(work / "export"),
-                                            cfg["model"]["dtype"]], logs)
+    run_phase("resume", [*cli, "train", "--resume", str(run_dir), "run.iterations=2"])
+    run_phase("sample", [*cli, "sample", "--run", str(run_dir), "--out", str(work / "samples"), "--num", "1"])
+    run_phase("export", [*cli, "export", "--run", str(run_dir), "--out", str(work / "export")])
+    run_phase("load", [sys.executable, "-c", LOAD_CHECK, str(work / "export"), cfg["model"]["dtype"]])
     loaded = json.loads(next(s for _, s in phases["load"]["lines"] if s.startswith("LOADED "))[len("LOADED "):])
     metrics = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
     # resume and sample read the run's text cache (no encoder); the export of a model.init run draws
-    # the encoders (they exist nowhere else) and writes every part.
+    # the encoders alone (they exist nowhere else) and saves them, then the denoiser.
     predicted = {"train": plan["cpu_start"], "resume": plan["cpu_train"], "sample": plan["cpu_inference"],
-                 "export": plan["cpu_all_parts"], "load": plan["cpu_all_parts"]}
+                 "export": plan["cpu_export"], "load": plan["cpu_load"]}
     export_bytes = sum(f.stat().st_size for f in (work / "export").rglob("*") if f.is_file())
     return {
         "name": "real_size", "smoke": smoke, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -307,12 +329,13 @@ def _gib(b: float | None) -> str:
 WHAT = {"train": "build, encode prompts, release encoder, 1 iteration, checkpoint",
         "resume": "build, read the text cache, 1 more iteration, checkpoint",
         "sample": "`sample`: build, 1 video (10 ODE steps, CFG), decode",
-        "export": "`export`: build, merge LoRA, write a diffusers directory",
-        "load": "`WanPipeline.from_pretrained(dir, torch_dtype=model dtype)`, every weight read"}
+        "export": "`export`: the encoder alone (drawn, saved, released), then the rest, merge LoRA, write",
+        "load": "`WanPipeline.from_pretrained(dir, text_encoder=None)`, then the encoder alone, every weight read"}
 PLANNER_WHAT = {"train": "the larger stage of the start (the encoders alone, or training)",
                 "resume": "training (the text cache covers the prompts: no encoder)",
-                "sample": "every part but the encoders + rollout activations", "export": "every part",
-                "load": "every part"}
+                "sample": "every part but the encoders + rollout activations",
+                "export": "the larger stage: the encoders alone, or every other part",
+                "load": "the larger of the encoders and every other part"}
 
 
 def section_name(r: dict[str, Any]) -> str:
@@ -358,8 +381,8 @@ def section(r: dict[str, Any]) -> str:
             f"{it.get('time/update_s', float('nan')):.0f} s, ratio/first_max_abs_log "
             f"{it.get('ratio/first_max_abs_log', float('nan')):.1e}" for i, it in enumerate(its)) + ".")
     if rel:
-        lines.append(f"Text encoder released after encoding, {rel['at_s']:.0f} s into `train` (building every part "
-                     f"with random weights, then encoding): resident set {_gib(rel['before_bytes'])} while encoding, "
+        lines.append(f"Text encoder released after encoding, {rel['at_s']:.0f} s into `train` (the encoder "
+                     f"built alone with random weights, then encoding): resident set {_gib(rel['before_bytes'])} while encoding, "
                      f"{_gib(rel['after_bytes'])} after the release, a drop of "
                      f"{_gib(rel['before_bytes'] - rel['after_bytes'])} (phase peak before it "
                      f"{_gib(rel['peak_before_bytes'])}, while building); the trainer reports "
@@ -390,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-rss-gib", type=float, default=18.0, help="kill a phase whose resident set passes this")
     p.add_argument("--smoke", action="store_true", help="the family's tiny shapes: seconds (CI)")
     p.add_argument("--from-json", type=Path, default=None, help="rewrite --section from a stored result; no run")
+    p.add_argument("--resume", action="store_true", help="continue the dry run in --work at its first unfinished phase")
     a = p.parse_args(argv)
     if a.from_json:
         r = json.loads(a.from_json.read_text())
@@ -397,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_section(a.section, section_name(r), section(r))
         return r
     a.work = a.work or REPO / "runs" / "real_size" / a.model_config.name
-    r = dry_run(a.recipe, a.model_config, a.work, a.smoke, a.threads, a.max_rss_gib)
+    r = dry_run(a.recipe, a.model_config, a.work, a.smoke, a.threads, a.max_rss_gib, a.resume)
     text = section(r)
     print("\n" + text)
     out = a.out or a.work / "result.json"
