@@ -24,10 +24,12 @@ demo: $(STAMP)
 	$(VENV)/bin/flowdppo-video train run.output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # The import layers first (pyproject.toml's [tool.importlinter] contracts): seconds, and a broken
-# layer is named before the minutes of pytest.
+# layer is named before the minutes of pytest. Then the tests on WORKERS pytest-xdist workers, a test
+# file per worker at a time (its module fixtures built once); each worker computes on one thread.
+WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) tools/bench/run_all.py

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# Before torch: OpenMP threads that spin while they wait made contended runs ~10x slower on 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +26,10 @@ TINY_CONFIG = ROOT / "configs" / "wan_tiny.yaml"
 PROMPTS = ["a red ball rolls to the left", "a blue square slides up"]   # the tiny families' two prompts
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test`: one worker per core) each worker computes on one thread, so the
+# workers together use the cores without oversubscribing them; a plain `pytest` run uses two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 def tiny_config(tmp_path: Path, *overrides: str):
