@@ -108,14 +108,20 @@ def planner_figures(config_file: Path) -> dict[str, Any]:
     all_params = sum(parts.values())
     encode = plan.stages.get("encode", 0.0)
     train = static + max(update, rollout)
-    return {"text": format_plan(plan), "parts_bytes": parts, "encoder_bytes": encoders,
-            "total_per_gpu": plan.row("total").device, "static_bytes": static, "update_bytes": update,
-            "rollout_bytes": rollout,
-            # One memory, a staged start: the encoders alone (encoding), then training without them.
-            "cpu_encode": encode, "cpu_train": train, "cpu_start": max(encode, train),
-            "cpu_all_parts": all_params, "cpu_inference": all_params - encoders + rollout,
-            # The export and the load check are staged too: the encoders alone, then the rest.
-            "cpu_export": max(encode, all_params - encoders), "cpu_load": max(encoders, all_params - encoders)}
+    out = {"text": format_plan(plan), "parts_bytes": parts, "encoder_bytes": encoders,
+           "total_per_gpu": plan.row("total").device, "static_bytes": static, "update_bytes": update,
+           "rollout_bytes": rollout,
+           # One memory, a staged start: the encoders alone (encoding), then training without them.
+           "cpu_encode": encode, "cpu_train": train, "cpu_start": max(encode, train),
+           "cpu_all_parts": all_params, "cpu_inference": all_params - encoders + rollout,
+           # The export and the load check are staged too: the encoders alone, then the rest.
+           "cpu_export": max(encode, all_params - encoders), "cpu_load": max(encoders, all_params - encoders)}
+    # A model routed by noise level exports the base as a second expert, which the load check reads alone.
+    if cfg.model.base_below is not None:
+        base = sum(b for n, b in parts.items() if n.startswith("transformer") and not n.startswith("transformer_2")
+                   and "reference" not in n)
+        out["cpu_load"] = max(out["cpu_load"], base)
+    return out
 
 
 # ---------------------------------------------------------------- one phase
@@ -220,14 +226,20 @@ def check(m):
     return {"class": type(m).__name__, "params": sum(p.numel() for p in m.parameters()),
             "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in m.parameters()}),
             "finite": all(bool(p.sum(dtype=torch.float32).isfinite()) for p in m.parameters())}
-# In two steps, as the trainer's start: the pipeline without its text encoder, then the encoder alone.
-pipe = WanPipeline.from_pretrained(sys.argv[1], torch_dtype=dtype, text_encoder=None)
+# In steps, as the trainer's start: the pipeline without its text encoder (and without the second
+# expert of a model routed by noise level: the base, as large as the first), then each of those alone.
+index = json.load(open(sys.argv[1] + "/model_index.json"))
+alone = [k for k in ("text_encoder", "transformer_2") if (index.get(k) or [None])[0] is not None]
+pipe = WanPipeline.from_pretrained(sys.argv[1], torch_dtype=dtype, **{k: None for k in alone})
 out = {k: check(m) for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
 del pipe
-gc.collect()
-lib, cls = json.load(open(sys.argv[1] + "/model_index.json"))["text_encoder"]
-encoder = getattr(importlib.import_module(lib), cls).from_pretrained(sys.argv[1] + "/text_encoder", dtype=dtype)
-out["text_encoder"] = check(encoder)
+for k in alone:
+    gc.collect()
+    lib, cls = index[k]
+    kw = {"dtype": dtype} if lib == "transformers" else {"torch_dtype": dtype}
+    m = getattr(importlib.import_module(lib), cls).from_pretrained(sys.argv[1] + "/" + k, **kw)
+    out[k] = check(m)
+    del m
 print("LOADED " + json.dumps(out))
 """
 
@@ -330,12 +342,12 @@ WHAT = {"train": "build, encode prompts, release encoder, 1 iteration, checkpoin
         "resume": "build, read the text cache, 1 more iteration, checkpoint",
         "sample": "`sample`: build, 1 video (10 ODE steps, CFG), decode",
         "export": "`export`: the encoder alone (drawn, saved, released), then the rest, merge LoRA, write",
-        "load": "`WanPipeline.from_pretrained(dir, text_encoder=None)`, then the encoder alone, every weight read"}
+        "load": "`WanPipeline.from_pretrained`, the encoder and a second expert each alone, every weight read"}
 PLANNER_WHAT = {"train": "the larger stage of the start (the encoders alone, or training)",
                 "resume": "training (the text cache covers the prompts: no encoder)",
                 "sample": "every part but the encoders + rollout activations",
                 "export": "the larger stage: the encoders alone, or every other part",
-                "load": "the larger of the encoders and every other part"}
+                "load": "the largest step: the encoders, every other part, or a routed model's base expert"}
 
 
 def section_name(r: dict[str, Any]) -> str:
