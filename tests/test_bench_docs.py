@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 # Every section of the committed document, in its order (docs/README.md names each one's writer).
 SECTIONS = ["rewards", "algorithms", "zero", "sp", "real_size", "real_size_notes", "gpu_check", "rollout_cost",
-            "rollout_payoff"]
+            "rollout_payoff", "rollout_payoff_notes"]
 
 
 def _run_all():
