@@ -107,6 +107,12 @@ def planner_figures(config_file: Path) -> dict[str, Any]:
     static = sum((r.device or 0.0) for r in plan.rows if not r.name.startswith(("activations", "total", "start")))
     all_params = sum(parts.values())
     encode = plan.stages.get("encode", 0.0)
+    # The export merges every LoRA-wrapped layer in a copy of its own (the rest is shared).
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = float(sum(p.numel() * p.element_size() for i, e in enumerate(adapter.experts) if i in adapter.trained
+                       and cfg.model.lora.rank for m in e.modules() if isinstance(m, BaseTunerLayer)
+                       for p in m.get_base_layer().parameters()))
     train = static + max(update, rollout)
     out = {"text": format_plan(plan), "parts_bytes": parts, "encoder_bytes": encoders,
            "total_per_gpu": plan.row("total").device, "static_bytes": static, "update_bytes": update,
@@ -115,7 +121,7 @@ def planner_figures(config_file: Path) -> dict[str, Any]:
            "cpu_encode": encode, "cpu_train": train, "cpu_start": max(encode, train),
            "cpu_all_parts": all_params, "cpu_inference": all_params - encoders + rollout,
            # The export and the load check are staged too: the encoders alone, then the rest.
-           "cpu_export": max(encode, all_params - encoders), "cpu_load": max(encoders, all_params - encoders)}
+           "cpu_export": max(encode, all_params - encoders + merged), "merged_bytes": merged, "cpu_load": max(encoders, all_params - encoders)}
     # A model routed by noise level exports the base as a second expert, which the load check reads alone.
     if cfg.model.base_below is not None:
         base = sum(b for n, b in parts.items() if n.startswith("transformer") and not n.startswith("transformer_2")
@@ -346,7 +352,7 @@ WHAT = {"train": "build, encode prompts, release encoder, 1 iteration, checkpoin
 PLANNER_WHAT = {"train": "the larger stage of the start (the encoders alone, or training)",
                 "resume": "training (the text cache covers the prompts: no encoder)",
                 "sample": "every part but the encoders + rollout activations",
-                "export": "the larger stage: the encoders alone, or every other part",
+                "export": "the larger stage: the encoders alone, or every other part + the merged LoRA layers",
                 "load": "the largest step: the encoders, every other part, or a routed model's base expert"}
 
 
