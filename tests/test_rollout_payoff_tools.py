@@ -52,3 +52,16 @@ def test_arms_are_paired_with_plain_at_the_same_iterations_and_compute(tmp_path)
     assert payoff.at_compute([(0, 0.5), (10, 1.0)], 4) == pytest.approx(0.7)
     assert payoff.at_compute([(0, 0.5), (10, 1.0)], 20) == 1.0     # beyond the curve: its last value
     assert sections((tmp_path / "docs" / "benchmarks.md").read_text())["rollout_payoff"] == text + "\n"
+
+
+def test_the_lora_arms_are_paired_with_the_lora_recipe_not_with_full_fine_tuning(tmp_path):
+    for seed in (0, 1):
+        _finished_run(tmp_path / "runs", "plain", seed, 100.0, 0.01)
+        _finished_run(tmp_path / "runs", "lora", seed, 100.0, 0.05)
+        _finished_run(tmp_path / "runs", "lora+shared+tail_3", seed, 60.0, 0.06)
+    text = payoff.write_docs(tmp_path / "runs", tmp_path / "docs")
+    # +4.0 points against lora (0.24 - 0.20), not +20 against plain (0.24 - 0.04)
+    assert any(ln.startswith("| `lora+shared+tail_3` | 0,1 | +4.0 [+4.0, +4.0]") for ln in text.splitlines())
+    paired = [ln for ln in text.splitlines() if ln.count("|") == 9]        # the paired table's rows
+    assert not [ln for ln in paired if ln.startswith(("| `lora` |", "| `plain` |"))]   # the baselines
+
