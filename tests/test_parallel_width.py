@@ -33,14 +33,23 @@ def result(tmp_path_factory) -> dict:
     out = d / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, str(SCRIPT), "--tiny", "--one-launch", "--modes", "lora", "--dtypes", "float32",
+            "--layouts", "one,zero3_sp2", "--work", str(d / "work"), "--keep-checkpoints"]
     try:
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--one-launch", "--modes", "lora", "--dtypes",
-                               "float32", "--layouts", "one,zero3_sp2", "--work", str(d / "work"), "--out", str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run([*args, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=400)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        # --resume in the finished work folder reads every launch back: nothing runs again.
+        again = subprocess.run([*args, "--resume", "--out", str(d / "again.json")], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=400)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"parallel_width.py --tiny did not finish in {e.timeout} s")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(out.read_text())
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert again.stdout.count("finished before, read back") == 2 and "== cache:" not in again.stdout
+    r = json.loads(out.read_text())
+    resumed = json.loads((d / "again.json").read_text())
+    assert resumed["groups"] == r["groups"] and resumed["caches"] == r["caches"]
+    return r
 
 
 def test_no_rank_builds_the_text_encoder(result):

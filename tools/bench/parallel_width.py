@@ -368,8 +368,8 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
     from flowdppo_video.commands import benchmarking as B
 
     work = a.work
-    if work.exists() and any(work.iterdir()):
-        raise SystemExit(f"--work {work} exists and is not empty")
+    if work.exists() and any(work.iterdir()) and not a.resume:
+        raise SystemExit(f"--work {work} exists and is not empty (--resume reads the launches that finished there)")
     work.mkdir(parents=True, exist_ok=True)
     classes = encoder_classes(a.width_config)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu",
@@ -382,11 +382,11 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
     for dtype in a.dtypes:
         cfg = run_config(a.recipe, a.width_config, a.tiny, dtype)
         configs[dtype] = {k: cfg[k] for k in ("model", "data", "video", "sampler", "objective", "optim") if k in cfg}
-        (work / dtype).mkdir()
+        (work / dtype).mkdir(exist_ok=a.resume)
         files[dtype] = work / dtype / "run.yaml"
         files[dtype].write_text(yaml.safe_dump(cfg, sort_keys=False))
     recipe_cfg = run_config(a.recipe, a.width_config, a.tiny, None)      # the encoder in the recipe's dtype
-    (work / "cache").mkdir()
+    (work / "cache").mkdir(exist_ok=a.resume)
     (work / "cache" / "run.yaml").write_text(yaml.safe_dump(recipe_cfg, sort_keys=False))
     caches = {"all": write_cache(work / "cache" / "run.yaml", work / "cache", list(files.values()), classes, env, a)}
     for dtype in a.dtypes:
@@ -409,10 +409,14 @@ def _here() -> list[str]:
 def write_cache(config: Path, cache_dir: Path, passes: list[Path], classes: list[str], env: dict[str, str],
                 a: argparse.Namespace) -> dict[str, Any]:
     """Step 1: the run's text cache, written once by the encoder built alone in its own process."""
+    if a.resume and (cache_dir / "launch.json").is_file():
+        return {**json.loads((cache_dir / "cache.json").read_text()),
+                **json.loads((cache_dir / "launch.json").read_text())}
     print(f"== cache: the text encoder alone, {len(PROMPTS)} prompts and their CFG negative", flush=True)
     r = launch([*_here(), "--stage", "cache", "--config", str(config), "--dir", str(cache_dir), "--classes",
                 ",".join(classes), "--result", str(cache_dir / "cache.json"), "--passes", *map(str, passes)],
                {**env, "OMP_NUM_THREADS": str(a.threads)}, cache_dir / "cache.log", _max_rss(a))
+    (cache_dir / "launch.json").write_text(json.dumps(r))
     return {**json.loads((cache_dir / "cache.json").read_text()), **r}
 
 
@@ -447,10 +451,11 @@ def run_group(config: Path, root: Path, mode: str, dtype: str, classes: list[str
         print(f"== {mode}/{dtype}: skipped ({why})", flush=True)
         return {"runs": {}, "skipped": skipped, "planner": plans, "overrides": over}
     cache = config.parent.parent / "cache" / dtype / CACHE_FILE
-    root.mkdir()
+    root.mkdir(exist_ok=a.resume)
 
     def job(lay: str) -> dict[str, Any]:
         run_dir = root / lay
+        shutil.rmtree(run_dir, ignore_errors=True)    # an interrupted launch's layout starts over
         run_dir.mkdir()
         mark_owned(run_dir)                      # a run's folder holding only its text cache
         for f in (cache, checksum_path(cache)):
@@ -462,6 +467,16 @@ def run_group(config: Path, root: Path, mode: str, dtype: str, classes: list[str
     runs: dict[str, Any] = {}
     for batch in launches:
         n = LAYOUTS[batch[0]][0]
+        done = root / f"launch_{'_'.join(batch)}.json"
+        if a.resume and done.is_file():            # this launch finished before: read back, not rerun
+            r = json.loads(done.read_text())
+            print(f"== {mode}/{dtype}: {', '.join(batch)}: finished before, read back", flush=True)
+            for lay in batch:
+                ranks = [json.loads((root / lay / f"rank.rank{i}.json").read_text()) for i in range(n)]
+                runs[lay] = {**r, "launch": batch, "processes": n, "threads": r.get("threads"),
+                             "overrides": over + LAYOUTS[lay][1], "ranks": ranks, "metrics": _metrics(root / lay),
+                             "planner": plans[lay]}
+            continue
         jobs_file = root / f"jobs_{'_'.join(batch)}.json"
         jobs_file.write_text(json.dumps([job(lay) for lay in batch], indent=1))
         args = ["--stage", "run", "--jobs", str(jobs_file), "--classes", ",".join(classes)]
@@ -473,6 +488,7 @@ def run_group(config: Path, root: Path, mode: str, dtype: str, classes: list[str
             threads = max(1, a.threads // n)
         print(f"\n== {mode}/{dtype}: {', '.join(batch)}: {n} process(es) x {threads} thread(s)", flush=True)
         r = launch(argv, {**env, "OMP_NUM_THREADS": str(threads)}, root / f"{'_'.join(batch)}.log", _max_rss(a))
+        done.write_text(json.dumps({**r, "threads": threads}))
         for lay in batch:
             ranks = [json.loads((root / lay / f"rank.rank{i}.json").read_text()) for i in range(n)]
             runs[lay] = {**r, "launch": batch, "processes": n, "threads": threads,
@@ -606,6 +622,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--one-launch", action="store_true",
                    help="the 2-rank layouts in one torchrun launch (faster; their peak RSS is then cumulative)")
     p.add_argument("--from-json", type=Path, default=None, help="rewrite --section from a stored result; no run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue in --work: the launches that finished there are read back, the rest run")
     # a stage of the benchmark, in its own process
     p.add_argument("--stage", choices=["cache", "run"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
