@@ -58,6 +58,12 @@ class RunModel:
     text_stats: dict[str, float] = field(default_factory=dict)
 
 
+def build_encoders(cfg: Config, device: torch.device) -> Any:
+    """The family's conditioning encoders alone (``CONDITIONING``; the transformers are skeletons):
+    the first stage of a start or of an export, released by the caller before the denoiser is built."""
+    return build_adapter(cfg.model, device, parts=CONDITIONING)
+
+
 def encode_stage(cfg: Config, device: torch.device, prompts: list[str], images: dict[str, Path] | None,
                  run_dir: Path, progress: bool = False) -> tuple[TextCache, dict[str, float]]:
     """The first stage of a start: the run's text cache (``run_dir/text_cache.safetensors`` when it was
@@ -71,7 +77,7 @@ def encode_stage(cfg: Config, device: torch.device, prompts: list[str], images: 
     stats = {"text/cached_prompts": float(read), "text/encoded_prompts": 0.0, "text/encoder_released_bytes": 0.0}
     if not missing_rows(cache, prompts, run_negative(cfg)):
         return cache, stats
-    encoder = build_adapter(cfg.model, device, parts=CONDITIONING)
+    encoder = build_encoders(cfg, device)
     encoder.frame_rate = cfg.video.fps
     attach_images(encoder, images, cfg)        # image-to-video: each prompt's image is in its row
     jobs = missing_rows(cache, prompts, run_negative(cfg, encoder.num_experts))
@@ -147,7 +153,7 @@ def build_export_model(cfg: Config, staging: Path) -> Any:
     released; then the denoiser alone, whose export copies them from there. Otherwise every part."""
     cpu = torch.device("cpu")
     if cfg.model.path is None and staged(cfg.model) and not cfg.model.keep_text_encoder:
-        encoders = build_adapter(cfg.model, cpu, parts=CONDITIONING)
+        encoders = build_encoders(cfg, cpu)
         encoders.save_encoders(staging)
         del encoders
         gc.collect()                               # the encoders are gone before the denoiser is drawn
@@ -157,4 +163,4 @@ def build_export_model(cfg: Config, staging: Path) -> Any:
     return build_model(cfg, cpu, images=False, encoders=cfg.model.path is None).adapter
 
 
-__all__ = ["RunModel", "build_export_model", "build_model", "encode_stage", "keeps_reference", "open_run"]
+__all__ = ["RunModel", "build_encoders", "build_export_model", "build_model", "encode_stage", "keeps_reference", "open_run"]
