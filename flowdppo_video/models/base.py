@@ -195,11 +195,11 @@ class VideoFlowAdapter(abc.ABC):
     # The encoder attributes :meth:`release_text_encoders` dropped (an export copies their folders).
     released_encoders: frozenset[str] = frozenset()
 
-    def save_encoders(self, directory: Path) -> list[str]:
+    def save_encoders(self, directory: Path) -> None:
         """Save the conditioning encoders this build holds (:attr:`TEXT_ENCODERS`), each as its
         pipeline folder ``directory/<attr>``, and a ``model_index.json`` naming them as diffusers
         does (``[library, class]``): the folder a denoiser-only build's export copies them from
-        (:attr:`source_path`, :meth:`copy_released_parts`). Returns the attributes saved."""
+        (:attr:`source_path`, :meth:`copy_released_parts`)."""
         directory.mkdir(parents=True, exist_ok=True)
         index: dict[str, list[str]] = {}
         for attr in self.TEXT_ENCODERS:
@@ -212,13 +212,14 @@ class VideoFlowAdapter(abc.ABC):
             lib = mod[2] if mod[:2] == ["diffusers", "pipelines"] and len(mod) > 3 else mod[0]
             index[attr] = [lib, type(m).__name__]
         (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return sorted(index)
 
     def copy_released_parts(self, directory: Path) -> None:
         """After a family's ``save_pretrained`` wrote ``directory`` without a conditioning encoder this
         build left out (or released), copy that encoder's folder (and ``model_index.json`` entry) from
-        :attr:`source_path` unchanged: an export never builds the encoder. A one-line
-        :class:`ModelError` names what it needs when there is no such folder."""
+        :attr:`source_path` unchanged: an export never builds the encoder. A source folder inside
+        ``directory`` is the export's own staging (:meth:`save_encoders`): its folders are moved, not
+        written a second time. A one-line :class:`ModelError` names what it needs when there is no such
+        folder."""
         index_file = directory / "model_index.json"
         index = json.loads(index_file.read_text())
         absent = [a for a in self.TEXT_ENCODERS if a in self.released_encoders and getattr(self, a, None) is None
@@ -233,7 +234,11 @@ class VideoFlowAdapter(abc.ABC):
                 where = f"model.path {src} has no {attr}/ folder" if src is not None else "the model has no model.path"
                 raise ModelError(f"export needs the {attr} weights to copy and {where}; export from a run whose "
                                  f"model.path holds {attr}/")
-            shutil.copytree(src / attr, directory / attr, dirs_exist_ok=True)
+            if src.resolve().is_relative_to(directory.resolve()):
+                shutil.rmtree(directory / attr, ignore_errors=True)
+                (src / attr).rename(directory / attr)
+            else:
+                shutil.copytree(src / attr, directory / attr, dirs_exist_ok=True)
             index[attr] = source_index[attr]
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 

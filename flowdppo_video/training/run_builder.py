@@ -163,4 +163,5 @@ def build_export_model(cfg: Config, staging: Path) -> Any:
     return build_model(cfg, cpu, images=False, encoders=cfg.model.path is None).adapter
 
 
-__all__ = ["RunModel", "build_encoders", "build_export_model", "build_model", "encode_stage", "keeps_reference", "open_run"]
+__all__ = ["RunModel", "build_encoders", "build_export_model", "build_model", "encode_stage", "keeps_reference",
+           "open_run"]
