@@ -18,8 +18,8 @@ from flowdppo_video.commands.benchmarking import outside_sections, section_block
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 # Every section of the committed document, in its order (docs/README.md names each one's writer).
-SECTIONS = ["rewards", "algorithms", "zero", "sp", "real_size", "real_size_wan2.2_ti2v_5b", "real_size_notes", "parallel_width", "gpu_check", "rollout_cost",
-            "rollout_payoff", "rollout_payoff_notes"]
+SECTIONS = ["rewards", "algorithms", "zero", "sp", "real_size", "real_size_wan2.2_ti2v_5b", "real_size_notes",
+            "parallel_width", "gpu_check", "rollout_cost", "rollout_payoff", "rollout_payoff_notes"]
 
 
 def _run_all():

@@ -46,6 +46,8 @@ need an even prompt count) and one optimizer step of all 4 videos (``optim.minib
 
 ``--section FILE`` writes the table into FILE as its section ``parallel_width`` (refused for
 ``--tiny``: its numbers say nothing about real width); ``--from-json`` rewrites it from a result.
+``--resume`` continues in ``--work``: each finished launch left ``launch_<layouts>.json`` (and the cache
+``cache/launch.json``) and is read back, an interrupted one starts over.
 """
 
 from __future__ import annotations
@@ -469,31 +471,29 @@ def run_group(config: Path, root: Path, mode: str, dtype: str, classes: list[str
         n = LAYOUTS[batch[0]][0]
         done = root / f"launch_{'_'.join(batch)}.json"
         if a.resume and done.is_file():            # this launch finished before: read back, not rerun
-            r = json.loads(done.read_text())
             print(f"== {mode}/{dtype}: {', '.join(batch)}: finished before, read back", flush=True)
-            for lay in batch:
-                ranks = [json.loads((root / lay / f"rank.rank{i}.json").read_text()) for i in range(n)]
-                runs[lay] = {**r, "launch": batch, "processes": n, "threads": r.get("threads"),
-                             "overrides": over + LAYOUTS[lay][1], "ranks": ranks, "metrics": _metrics(root / lay),
-                             "planner": plans[lay]}
-            continue
-        jobs_file = root / f"jobs_{'_'.join(batch)}.json"
-        jobs_file.write_text(json.dumps([job(lay) for lay in batch], indent=1))
-        args = ["--stage", "run", "--jobs", str(jobs_file), "--classes", ",".join(classes)]
-        if n == 1:
-            argv, threads = [*_here(), *args], a.threads
+            lost = [lay for lay in batch if not (root / lay / "checkpoints").is_dir()]
+            if lost:
+                raise SystemExit(f"--resume: {root / lost[0]} has no checkpoints to compare (a finished run keeps "
+                                 "them only with --keep-checkpoints)")
         else:
-            argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-                    f"--master_port={free_port()}", str(Path(__file__).resolve()), *args]
-            threads = max(1, a.threads // n)
-        print(f"\n== {mode}/{dtype}: {', '.join(batch)}: {n} process(es) x {threads} thread(s)", flush=True)
-        r = launch(argv, {**env, "OMP_NUM_THREADS": str(threads)}, root / f"{'_'.join(batch)}.log", _max_rss(a))
-        done.write_text(json.dumps({**r, "threads": threads}))
+            jobs_file = root / f"jobs_{'_'.join(batch)}.json"
+            jobs_file.write_text(json.dumps([job(lay) for lay in batch], indent=1))
+            args = ["--stage", "run", "--jobs", str(jobs_file), "--classes", ",".join(classes)]
+            if n == 1:
+                argv, threads = [*_here(), *args], a.threads
+            else:
+                argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                        f"--master_port={free_port()}", str(Path(__file__).resolve()), *args]
+                threads = max(1, a.threads // n)
+            print(f"\n== {mode}/{dtype}: {', '.join(batch)}: {n} process(es) x {threads} thread(s)", flush=True)
+            r = launch(argv, {**env, "OMP_NUM_THREADS": str(threads)}, root / f"{'_'.join(batch)}.log", _max_rss(a))
+            done.write_text(json.dumps({**r, "threads": threads}))
+        r = json.loads(done.read_text())
         for lay in batch:
             ranks = [json.loads((root / lay / f"rank.rank{i}.json").read_text()) for i in range(n)]
-            runs[lay] = {**r, "launch": batch, "processes": n, "threads": threads,
-                         "overrides": over + LAYOUTS[lay][1], "ranks": ranks, "metrics": _metrics(root / lay),
-                         "planner": plans[lay]}
+            runs[lay] = {**r, "launch": batch, "processes": n, "overrides": over + LAYOUTS[lay][1], "ranks": ranks,
+                         "metrics": _metrics(root / lay), "planner": plans[lay]}
     w0 = _load_dir(root / "initial", load_file)
     ref = _weights(root / "one")
     base = runs["one"]["metrics"]
@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                    help="the 2-rank layouts in one torchrun launch (faster; their peak RSS is then cumulative)")
     p.add_argument("--from-json", type=Path, default=None, help="rewrite --section from a stored result; no run")
     p.add_argument("--resume", action="store_true",
-                   help="continue in --work: the launches that finished there are read back, the rest run")
+                   help="continue in --work: the launches that finished there are read back (with their "
+                        "checkpoints: --keep-checkpoints for a run that finished), the rest run")
     # a stage of the benchmark, in its own process
     p.add_argument("--stage", choices=["cache", "run"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help=argparse.SUPPRESS)

@@ -2,7 +2,7 @@
 through the normal CLI, phase by phase, each phase's wall time and peak resident memory beside the
 memory planner's prediction for the same configuration.
 
-    .venv/bin/python tools/bench/real_size.py                 # Wan 2.1 T2V 1.3B (~17 min on 2 cores, 16.7 GiB peak RSS)
+    .venv/bin/python tools/bench/real_size.py                 # Wan 2.1 T2V 1.3B (~17 min on 2 cores, 13.4 GiB peak RSS)
     .venv/bin/python tools/bench/real_size.py --smoke --work /tmp/rs --out /tmp/rs.json   # tiny, seconds (CI)
 
 The model is ``--model-config``'s ``<part>/config.json`` files (default
@@ -13,9 +13,11 @@ one prompt, G = 2, 9 frames at 128x128, 10 sampler steps of which 2 SDE, one upd
 Phases, each one ``flowdppo-video`` process (``os.wait4`` gives its own peak RSS, ``ru_maxrss``):
 ``train`` (build, encode the prompts, release the text encoder, 1 iteration, checkpoint), ``resume``
 (one more iteration from the checkpoint, text rows read from the cache), ``sample`` (one video, ODE),
-``export`` (a diffusers directory, LoRA merged) and ``load`` (``diffusers.WanPipeline`` ...
-``from_pretrained`` of the export). The resident set of ``train`` is sampled every 0.2 s to show the
+``export`` (a diffusers directory, LoRA merged; a random model's encoder drawn and saved alone first)
+and ``load`` (``diffusers.WanPipeline.from_pretrained`` of the export, its text encoder and a routed
+model's second expert each read alone). The resident set of ``train`` is sampled every 0.2 s to show the
 drop when the text encoder is released. The LoRA modules are counted from the checkpoint's adapter.
+Each finished phase is kept in ``WORK/phases.json``: ``--resume`` continues at the first unfinished one.
 
 ``--section FILE`` writes the table with its generated reading into FILE as the model's section:
 ``real_size`` for Wan 2.1 1.3B (the default) and the smoke, ``real_size_<shape folder>`` for another model
@@ -107,27 +109,26 @@ def planner_figures(config_file: Path) -> dict[str, Any]:
     static = sum((r.device or 0.0) for r in plan.rows if not r.name.startswith(("activations", "total", "start")))
     all_params = sum(parts.values())
     encode = plan.stages.get("encode", 0.0)
-    # The export merges every LoRA-wrapped layer in a copy of its own (the rest is shared).
+    # The export merges every LoRA-wrapped layer in a copy of its own (the rest is shared); a model routed
+    # by noise level also exports the base of expert 0 as a second expert, which the load check reads alone.
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    merged = float(sum(p.numel() * p.element_size() for i, e in enumerate(adapter.experts) if i in adapter.trained
-                       and cfg.model.lora.rank for m in e.modules() if isinstance(m, BaseTunerLayer)
-                       for p in m.get_base_layer().parameters()))
+    def nbytes(params) -> float:
+        return float(sum(p.numel() * p.element_size() for p in params))
+
+    wrapped = [m for i in adapter.trained for m in adapter.experts[i].modules() if isinstance(m, BaseTunerLayer)]
+    merged = nbytes(p for m in wrapped for p in m.get_base_layer().parameters())
+    base = nbytes(p for n, p in adapter.experts[0].named_parameters() if "lora_" not in n)
     train = static + max(update, rollout)
-    out = {"text": format_plan(plan), "parts_bytes": parts, "encoder_bytes": encoders,
+    return {"text": format_plan(plan), "parts_bytes": parts, "encoder_bytes": encoders,
            "total_per_gpu": plan.row("total").device, "static_bytes": static, "update_bytes": update,
            "rollout_bytes": rollout,
            # One memory, a staged start: the encoders alone (encoding), then training without them.
            "cpu_encode": encode, "cpu_train": train, "cpu_start": max(encode, train),
            "cpu_all_parts": all_params, "cpu_inference": all_params - encoders + rollout,
            # The export and the load check are staged too: the encoders alone, then the rest.
-           "cpu_export": max(encode, all_params - encoders + merged), "merged_bytes": merged, "cpu_load": max(encoders, all_params - encoders)}
-    # A model routed by noise level exports the base as a second expert, which the load check reads alone.
-    if cfg.model.base_below is not None:
-        base = sum(b for n, b in parts.items() if n.startswith("transformer") and not n.startswith("transformer_2")
-                   and "reference" not in n)
-        out["cpu_load"] = max(out["cpu_load"], base)
-    return out
+           "cpu_export": max(encode, all_params - encoders + merged), "merged_bytes": merged,
+           "cpu_load": max(encoders, all_params - encoders, base if cfg.model.base_below is not None else 0.0)}
 
 
 # ---------------------------------------------------------------- one phase

@@ -4,17 +4,18 @@
     .venv/bin/python tools/bench/rollout_payoff.py --cells tail_3:0 plain:0  # exactly these, in order
     .venv/bin/python tools/bench/rollout_payoff.py --report                  # only read finished runs
 
-Each arm is the default recipe (``make demo``: the shapes world, 40 iterations at the frontier's knee) as
-it was measured, full fine-tuning routed at 0.55 (:data:`FULL`: the default before LoRA), plus the
-``sampler`` overrides in :data:`ARMS`, trained at ``run.seed`` 0, 1, 2 into ``OUT/<arm>-s<seed>``
-by :func:`flowdppo_video.commands.benchmarking.run_seed` (a finished run is read, not rerun). Compute is
+Each arm is the default recipe (``make demo``: the shapes world, 40 iterations at the frontier's knee) plus
+the overrides in :data:`ARMS`: as the options were first measured, full fine-tuning routed at 0.55
+(:data:`FULL`: the default before LoRA), paired with ``plain``; and as the recipe is now (LoRA), the
+``lora`` arms, paired with ``lora`` (:func:`baseline_of`). Each is trained at ``run.seed`` 0, 1, 2 into
+``OUT/<arm>-s<seed>`` by :func:`flowdppo_video.commands.benchmarking.run_seed` (a finished run is read, not rerun). Compute is
 counted two ways from each run's ``metrics.jsonl``: transformer evaluations (``perf/evals/total``: rollout
 prefix, SDE steps, tail and replay, CFG counted) and training seconds (rollout, rewards and update, the
 held-out evaluations left out: they keep the full schedule in every arm). ``--report`` (and the end of
 every run) writes the ``rollout_payoff`` section of ``docs/benchmarks.md`` and
 ``docs/data/rollout_payoff.json``: per arm the held-out direction gain, the KL to the base model,
 colour and shape lost and the compute, as means over seeds with 95% bootstrap intervals; each arm minus
-``plain`` paired by seed at the same number of iterations; and at the same compute: ``plain``'s direction
+its baseline paired by seed at the same number of iterations; and at the same compute: the baseline's direction
 gain read off its evaluation curve (held-out direction every 10 iterations against the evaluations spent
 so far, linear between points) where it had spent what the arm spent in all.
 """
@@ -46,17 +47,17 @@ ARMS: dict[str, list[str]] = {                   # in the queue's order
     "lora+shared+tail_3": ["sampler.shared_noise=true", "sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
 }
 BASELINE = "plain"
-
-
-def baseline_of(arm: str) -> str:
-    """The arm ``arm`` is paired with: ``lora`` for the LoRA recipe's arms, ``plain`` for the others."""
-    return "lora" if arm.startswith("lora") else BASELINE
 SEEDS = (0, 1, 2)
 SECTION = "rollout_payoff"
 # (name, key of a row, scale for the table, decimals): direction in points, evaluations in thousands.
 COLUMNS = [("direction gain (points)", "direction_gain", 100, 1), ("KL to base", "kl_to_base", 1, 4),
            ("colour+shape lost (points)", "forgotten", 100, 1), ("evaluations (k)", "evaluations", 1e-3, 1),
            ("training s", "train_seconds", 1, 0)]
+
+
+def baseline_of(arm: str) -> str:
+    """The arm ``arm`` is paired with: ``lora`` for the LoRA recipe's arms, ``plain`` for the others."""
+    return "lora" if arm.startswith("lora") else BASELINE
 
 
 def compute_curve(run_dir: Path) -> dict[str, Any]:
