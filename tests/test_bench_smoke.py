@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench"
 TIMED = ["rollout_vs_pipeline", "update_step", "objective_overhead"]
 # Every script here must be covered by a test below, or named as kept elsewhere.
-COVERED = {*TIMED, "run_all", "reward_throughput", "zero_memory", "sp_memory", "real_size", "rollout_cost"}
+COVERED = {*TIMED, "run_all", "reward_throughput", "zero_memory", "sp_memory", "real_size", "rollout_cost",
+           "update_memory"}
 NOT_OURS = {"algorithms", "demo_seeds", "clean_rl", "rollout_payoff", "parallel_width", "_common"}   # test_frontier_bench,
 # test_demo_seeds, test_clean_rl_tools, test_rollout_payoff_tools, test_parallel_width; a helper
 
@@ -123,6 +124,22 @@ def test_real_size_dry_run(tmp_path: Path) -> None:
     again = tmp_path / "again.json"
     _run(BENCH / "real_size.py", "--smoke", "--resume", "--work", tmp_path / "work", "--out", again)
     assert json.loads(again.read_text())["phases"] == r["phases"]
+
+
+def test_update_memory_profiles_the_update(tmp_path: Path) -> None:
+    """Issue 33's profile at the tiny Wan: the resident set by phase, torch's own allocations in the update
+    (with their addresses: what is still held at the peak, by operator) and the planner beside them."""
+    out = tmp_path / "um.json"
+    _run(BENCH / "update_memory.py", "--tiny", "--work", tmp_path / "work", "--out", out)
+    r = json.loads(out.read_text())
+    assert {"build", "rollout", "update"} <= set(r["rss_by_phase"])
+    assert all(p["peak"] >= p["first"] > 0 for p in r["rss_by_phase"].values())
+    tu = r["torch_update"]
+    assert tu["allocations"] > 0 and tu["allocated_bytes_total"] >= tu["peak_bytes_over_start"] > 0
+    held = sum(row["bytes"] for row in tu["held_at_peak_by_op"])
+    assert 0 < held <= tu["peak_bytes_over_start"] + tu["allocated_bytes_total"]
+    assert any(row["op"].startswith("aten::") for row in tu["held_at_peak_by_op"])
+    assert r["planner"]["stages"]["train"] > 0 and r["metrics"]["time/update_s"] > 0
 
 
 def test_median_interval_is_the_order_statistics_interval() -> None:

@@ -49,3 +49,22 @@ def test_a_failing_seed_is_one_line_naming_its_log(tmp_path):
     assert proc.returncode != 0
     assert "seed 0 (bad) failed with exit 2" in proc.stderr and "bad-s0.log" in proc.stderr
     assert "optim.inner_epochs" in (tmp_path / "runs" / "bad-s0.log").read_text()
+
+
+def test_report_keeps_the_rows_of_runs_not_on_this_machine(tmp_path):
+    """Runs of another machine keep their committed rows (and commits) through a report with no run here."""
+    data = tmp_path / "docs" / "data"
+    data.mkdir(parents=True)
+    row = {"tag": "elsewhere", "seed": 1, "iterations": 40, "wall_seconds": 600.0, "threads": 1, "commit": "abc1234",
+           "overrides": ["model.lora.rank=0"], "kl_to_base": 0.01,
+           **{f"{k}{s}": 0.5 for k in ("direction", "colour", "shape", "background_error", "grid_energy")
+              for s in ("", "_base")}}
+    (data / "demo_seeds.json").write_text(json.dumps([row, {**row, "tag": "demo", "seed": 0}]))
+    (tmp_path / "runs").mkdir()
+    proc = _bench(tmp_path, "--report")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((data / "demo_seeds.json").read_text())
+    assert [(r["tag"], r["seed"], r["commit"]) for r in rows] == [("demo", 0, "abc1234"), ("elsewhere", 1, "abc1234")]
+    md = (tmp_path / "docs" / "demo_seeds.md").read_text()
+    assert "| elsewhere | 1 | 0.500 → 0.500 |" in md and "`elsewhere`: overrides model.lora.rank=0" in md
+    assert "`demo`: the default recipe" in md

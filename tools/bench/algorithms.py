@@ -54,10 +54,11 @@ EVAL_REWARDS = ("eval.rewards={world_direction: 1.0, world_colour: 1.0, world_sh
                 "world_smoothness: 1.0, world_fidelity: 1.0}")
 # model.base_below=null and model.lora.rank=0: the fronts were measured with full fine-tuning on every
 # step, before the default recipe routed the low-noise steps to the base model and trained LoRA adapters
-# (docs/clean_rl.md); new cells stay comparable with the committed ones.
+# (docs/clean_rl.md), and with the plain rollout (independent noise, the whole schedule), before it took shared
+# noise and a 3-step tail (docs/benchmarks.md, rollout_payoff); new cells stay comparable with the committed ones.
 COMMON = ["optim.lr=1e-4", "eval.samples_per_prompt=2", "run.report_every=0", "run.progress=false",
           "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", EVAL_REWARDS,
-          "model.base_below=null", "model.lora.rank=0"]
+          "model.base_below=null", "model.lora.rank=0", "sampler.shared_noise=false", "sampler.tail_steps=null"]
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FULL = ["model.lora.rank=0", "optim.lr=5e-5"]
 UNROUTED = "model.base_below=null"
 LORA_32 = ["model.lora.rank=32", "optim.lr=3e-4"]
-LEVERS: dict[str, list[str]] = {                 # in the queue's order
+# Every lever was measured with the plain rollout (independent noise, the whole schedule); the default recipe
+# has since taken shared noise and a 3-step tail (docs/benchmarks.md, rollout_payoff).
+PLAIN_ROLLOUT = ["sampler.shared_noise=false", "sampler.tail_steps=null"]
+_LEVERS: dict[str, list[str]] = {                # in the queue's order
     "route_0.75": [*FULL, "model.base_below=0.75"],
     "every_step": [*FULL, UNROUTED],
     "route_0.55": [*FULL, "model.base_below=0.55"],
@@ -55,8 +58,9 @@ LEVERS: dict[str, list[str]] = {                 # in the queue's order
     # Wan recipes run) and LoRA rank 32. The default recipe since this benchmark.
     "route_0.55+lora_32": ["model.base_below=0.55", *LORA_32],
 }
+LEVERS: dict[str, list[str]] = {name: [*over, *PLAIN_ROLLOUT] for name, over in _LEVERS.items()}
 BASELINE = "every_step"
-DEFAULT = "route_0.55+lora_32"     # the default recipe's lever (flowdppo_video/recipes/default.yaml)
+DEFAULT = "route_0.55+lora_32"     # the lever the default recipe grew from (it then took shared noise and the tail)
 SEEDS = (0, 1, 2)
 # (name, key of a summarise() row, scale for the table, decimals): direction in points.
 GAINS = [("direction gain (points)", "direction_gain", 100, 1), ("background error", "background_error", 1, 2),
@@ -81,7 +85,7 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
         cells = [seeds_mean_ci([r[k] for r in by_seed.values()], s, d) for _, k, s, d in GAINS]
         lines.append(f"| {lever} | {','.join(map(str, sorted(by_seed)))} | " + " | ".join(cells) + " |")
     for against, what in ((BASELINE, "full fine-tuning on every step, the default before routing"),
-                          (DEFAULT, "the default recipe: LoRA 32, routed at 0.55")):
+                          (DEFAULT, "LoRA 32 routed at 0.55, the default recipe before shared noise and the tail")):
         base = rows.get(against, {})
         lines += ["", f"## Each lever minus `{against}` ({what}), paired by seed", "",
                   "| lever | paired seeds | " + " | ".join(n for n, *_ in GAINS[:5]) + " |",

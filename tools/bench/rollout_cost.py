@@ -71,15 +71,21 @@ def tree(group: int, sde_steps: int) -> list[int]:
     return [2] * depth + [1] * (sde_steps - depth)
 
 
+# The plain rollout: independent noise per video, the whole schedule (the default recipe takes both options,
+# so every variant states all three).
+PLAIN: dict[str, Any] = {"shared_noise": False, "branching": None, "tail_steps": None}
+
+
 def variants(trainer: Trainer) -> dict[str, dict[str, Any]]:
     """The sampler overrides of each variant (``plain`` first: the baseline)."""
     branching = tree(trainer.cfg.data.group_size, trainer.cfg.sampler.sde_steps)
-    return {"plain": {},
-            "tail3_dpm2m": {"tail_steps": 3, "tail_solver": "dpm2m"},
-            "tail2_heun": {"tail_steps": 2, "tail_solver": "heun"},
-            "shared": {"shared_noise": True},
-            "tree": {"shared_noise": True, "branching": branching},
-            "shared_tail3_dpm2m": {"shared_noise": True, "tail_steps": 3, "tail_solver": "dpm2m"}}
+    return {name: {**PLAIN, **over} for name, over in {
+        "plain": {},
+        "tail3_dpm2m": {"tail_steps": 3, "tail_solver": "dpm2m"},
+        "tail2_heun": {"tail_steps": 2, "tail_solver": "heun"},
+        "shared": {"shared_noise": True},
+        "tree": {"shared_noise": True, "branching": branching},
+        "shared_tail3_dpm2m": {"shared_noise": True, "tail_steps": 3, "tail_solver": "dpm2m"}}.items()}
 
 
 def build(shape: str, work: Path, smoke: bool) -> Trainer:
@@ -158,7 +164,7 @@ def agreement(trainer: Trainer, batches: int, names: list[str]) -> dict[str, Any
     for i in range(batches):
         prompts = prompts_for_iteration(trainer.prompts, i, cfg.data.prompts_per_iteration, 1000 + i)
         for n in ["full", *names]:
-            over = {} if n == "full" else {"tail_steps": int(n[4:].split("_")[0]), "tail_solver": n.split("_")[1]}
+            over = PLAIN if n == "full" else {**PLAIN, "tail_steps": int(n[4:].split("_")[0]), "tail_solver": n.split("_")[1]}
             smp = dataclasses.replace(cfg.sampler, **over)
             with torch.no_grad():
                 traj = rollout(trainer.adapter, prompts, g, trainer.latent_shape, smp,
@@ -193,7 +199,9 @@ def section(result: dict[str, Any]) -> str:
              f"commit `{result['commit']}`; {result['repeats']} interleaved repeats, medians. Each variant is one "
              "training iteration (`Trainer.train_iteration`: rollout, rewards, update) with `sampler` overrides; "
              "evaluations are the iteration's `perf/evals/*` (transformer rows, CFG's unconditional rows "
-             "counted), the same prompts and SDE steps for every variant. Ratios are to `plain`; the paired "
+             "counted), the same prompts and SDE steps for every variant. Ratios are to `plain` (independent noise "
+             "and the whole schedule: each variant sets `shared_noise`, `branching` and `tail_steps`, whatever "
+             "the recipe says); the paired "
              "ratio is the median of per-repeat ratios with its order-statistics interval.", ""]
     for shape, r in result["shapes"].items():
         c = r["config"]
@@ -207,7 +215,8 @@ def section(result: dict[str, Any]) -> str:
             e, b = v["evals"], c["prompts_per_iteration"] * c["group_size"]
             parts = " + ".join(f"{e[p] / b:g}" for p in ("prefix", "sde", "tail", "replay"))
             lo, hi = v["paired_interval"]
-            over = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["sampler"].items()) or "—"
+            over = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["sampler"].items()
+                             if k not in PLAIN or PLAIN[k] != x) or "—"
             lines.append(f"| {n} | {over} | {v['evals_per_video']:g} ({parts}) | {v['evals_ratio']:.2f} | "
                          f"{v['rollout_evals_ratio']:.2f} | {v['median_s']:.3f} | {v['time_ratio']:.2f} | "
                          f"{v['paired_time_ratio']:.2f} [{lo:.2f}, {hi:.2f}] |")

@@ -36,14 +36,17 @@ ROOT = Path(__file__).resolve().parents[2]
 # name -> sampler overrides of the default recipe (its SDE steps are 3 of 10 in [0, 0.3]; the routed base
 # model denoises below sigma 0.55 in every arm, the tail included). FULL: the recipe these arms were measured
 # with, full fine-tuning at lr 5e-5, before the default trained LoRA adapters (docs/clean_rl.md).
+# PLAIN: independent noise and the whole schedule, as the recipe was when these arms ran (it has since taken
+# shared noise and the 3-step tail, so every arm states both).
 FULL = ["model.lora.rank=0", "optim.lr=5e-5"]
+PLAIN = ["sampler.shared_noise=false", "sampler.tail_steps=null"]
 ARMS: dict[str, list[str]] = {                   # in the queue's order
-    "plain": [*FULL],
-    "tail_3": [*FULL, "sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
-    "shared": [*FULL, "sampler.shared_noise=true"],
+    "plain": [*FULL, *PLAIN],
+    "tail_3": [*FULL, "sampler.shared_noise=false", "sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
+    "shared": [*FULL, "sampler.shared_noise=true", "sampler.tail_steps=null"],
     "shared+tail_3": [*FULL, "sampler.shared_noise=true", "sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
-    # The default recipe as it is now (LoRA rank 32 at lr 3e-4, routed at 0.55): does the winner carry over?
-    "lora": [],
+    # The LoRA recipe (rank 32 at lr 3e-4, routed at 0.55): does the winner carry over?
+    "lora": [*PLAIN],
     "lora+shared+tail_3": ["sampler.shared_noise=true", "sampler.tail_steps=3", "sampler.tail_solver=dpm2m"],
 }
 BASELINE = "plain"
@@ -93,8 +96,8 @@ def report(rows: dict[str, dict[int, dict]]) -> str:
     lines = ["## Does a cheaper rollout pay? The demo's recipe with each rollout option "
              "(`tools/bench/rollout_payoff.py`)", "",
              "Two recipes: the demo's as it was when the options were built, full fine-tuning at lr 5e-5, routed at "
-             "0.55 (`FULL` in the script; the arms without a prefix), and the default recipe today, LoRA rank 32 "
-             "at lr 3e-4, routed at 0.55 (the `lora` arms).",
+             "0.55 (`FULL` in the script; the arms without a prefix), and the LoRA recipe, rank 32 at lr 3e-4, "
+             "routed at 0.55 (the `lora` arms; `lora+shared+tail_3` is the default recipe since these runs).",
              "", "Means over seeds with 95% bootstrap intervals (40 iterations each):", "",
              "| arm | seeds | " + " | ".join(n for n, *_ in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for arm, by_seed in rows.items():
