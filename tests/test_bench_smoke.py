@@ -126,6 +126,19 @@ def test_real_size_dry_run(tmp_path: Path) -> None:
     assert json.loads(again.read_text())["phases"] == r["phases"]
 
 
+def test_real_size_keeps_where_a_killed_phase_stopped(tmp_path: Path) -> None:
+    """A phase over --max-rss-gib is killed, and its peak, resident set over time and last lines are kept
+    (a model too large for the machine is reported with the point it reached)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    r = subprocess.run([sys.executable, str(BENCH / "real_size.py"), "--smoke", "--max-rss-gib", "0.05",
+                        "--work", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "phase train failed (killed at" in r.stderr, r.stderr[-2000:]
+    failed = json.loads((tmp_path / "work" / "logs" / "train.failed.json").read_text())
+    assert failed["killed_above_bytes"] > 0.05 * 2 ** 30 and failed["max_rss_gib"] == 0.05
+    assert failed["rss_samples"] and failed["peak_rss_bytes"] >= failed["killed_above_bytes"]
+
+
 def test_update_memory_profiles_the_update(tmp_path: Path) -> None:
     """Issue 33's profile at the tiny Wan: the resident set by phase, torch's own allocations in the update
     (with their addresses: what is still held at the peak, by operator) and the planner beside them."""

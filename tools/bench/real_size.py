@@ -150,16 +150,17 @@ def _run_phase(name: str, argv: list[str], log_dir: Path, every_s: float = 0.2,
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     samples: list[tuple[float, int]] = []
-    done = threading.Event()
+    done, killed = threading.Event(), []
 
     def poll() -> None:
         while not done.is_set():
             kb = _rss_kb(proc.pid)
             if kb is not None:
                 samples.append((time.perf_counter() - t0, kb))
-                if max_rss_gib is not None and kb * 1024 > max_rss_gib * GiB:
+                if max_rss_gib is not None and kb * 1024 > max_rss_gib * GiB and not killed:
                     print(f"== {name}: resident set {kb / 2 ** 20:.1f} GiB > --max-rss-gib {max_rss_gib}: killed",
                           flush=True)
+                    killed.append(kb * 1024)
                     proc.kill()
             done.wait(every_s)
 
@@ -178,7 +179,16 @@ def _run_phase(name: str, argv: list[str], log_dir: Path, every_s: float = 0.2,
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / f"{name}.log").write_text("".join(f"{t:8.2f}  {s}\n" for t, s in lines))
     if proc.returncode != 0:
-        raise SystemExit(f"phase {name} failed (rc {proc.returncode}); its output: {log_dir / (name + '.log')}")
+        # Where it stopped, kept: the peak, the resident set over time and the last lines (a model that does
+        # not fit this machine is reported with the point it reached, not only the planner's figure).
+        (log_dir / f"{name}.failed.json").write_text(json.dumps({
+            "argv": argv, "rc": proc.returncode, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "killed_above_bytes": killed[0] if killed else None, "max_rss_gib": max_rss_gib,
+            "rss_samples": samples, "last_lines": lines[-40:]}))
+        why = (f"killed at {killed[0] / GiB:.1f} GiB resident (--max-rss-gib {max_rss_gib})" if killed
+               else f"rc {proc.returncode}")
+        raise SystemExit(f"phase {name} failed ({why}, peak {usage.ru_maxrss / 2 ** 20:.2f} GiB); its output: "
+                         f"{log_dir / (name + '.log')}, where it stopped: {log_dir / (name + '.failed.json')}")
     print(f"== {name}: {wall:.1f} s, peak RSS {usage.ru_maxrss / 2 ** 20:.2f} GiB", flush=True)
     return {"argv": argv, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "rss_samples": samples,
             "lines": lines}
