@@ -42,13 +42,15 @@ def table(rows: list[dict]) -> str:
 
 # What each tag of the table is; a tag not named here is described by its overrides in the JSON.
 TAGS = {
-    "demo": "the default recipe (`make demo`): LoRA rank 32 at lr 3e-4 routed at sigma 0.55, shared-noise groups "
-            "and a 3-step DPM-Solver++(2M) tail",
-    "routed_lora": "the default before the cheaper rollouts (issue 34): the same without shared noise and tail",
-    "routed_full": "the default before that: full fine-tuning at lr 5e-5, routed at 0.55",
-    "every_step": "the default before that: full fine-tuning at lr 5e-5, RL changes the weights every step uses",
-    "before": "an older demo: full fine-tuning on every step, 20 iterations of 4 passes at lr 1e-4",
-    "four_epochs": "`before` with the sample-level trust region at the frontier's setting",
+    "before": "the first demo: full fine-tuning on every step, 40 iterations of one pass at lr 5e-5, the token-wise "
+              "trust region at 8.3e-4",
+    "four_epochs": "the frontier's setting: 20 iterations of 4 passes at lr 1e-4, full fine-tuning on every step, the "
+                   "sample-level rule at 1e-5",
+    "every_step": "the second default: `before` under the sample-level rule at 1e-5",
+    "routed_full": "the third: `every_step` routed at sigma 0.55 (the base model denoises the steps below)",
+    "routed_lora": "the fourth: LoRA rank 32 at lr 3e-4, routed at 0.55, independent noise and the whole schedule",
+    "demo": "the default recipe (`make demo`): `routed_lora` with shared-noise groups and a 3-step "
+            "DPM-Solver++(2M) tail",
 }
 
 
