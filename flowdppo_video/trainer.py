@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from flowdppo_video.reporting.run_artifacts import RunArtifacts, nonfinite_rows,
 from flowdppo_video.runs.config import Config, ObjectiveConfig, SamplerConfig
 from flowdppo_video.runs.data import load_prompts, prompts_for_iteration
 from flowdppo_video.runs.fsio import check_output_dir, naming
+from flowdppo_video.runs.host_memory import release_freed_memory
 from flowdppo_video.runs.images import run_images
 from flowdppo_video.runs.run_dir import (
     RunDirError, RunLock, check_new_run, check_output_name, check_unlocked, mark_owned)
@@ -71,6 +73,9 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
+        if cfg.run.release_host_memory and not release_freed_memory():   # before any weight is allocated
+            warnings.warn("run.release_host_memory: the C library is not glibc; the setting does nothing here",
+                          stacklevel=2)
         self.lock: RunLock | None = None
         # Check everything cheap before loading weights or touching the run directory.
         if int(os.environ.get("RANK", "0") or 0) == 0:     # rank 0 writes the run; other nodes may not see it
