@@ -16,6 +16,7 @@ environment.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -582,3 +583,48 @@ def seeds_mean_ci(xs: list[float], scale: float, d: int, signed: bool = False) -
     if len(xs) == 1:
         return f"{xs[0] * scale:{'+' if signed else ''}.{d}f}"
     return mean_ci_text(xs, scale, d, signed) if xs else "—"
+
+
+# ---------------------------------------------------------------- one iteration at a real width
+# The run of parallel_width.py and update_memory.py (issue 33): a recipe at a real architecture's width
+# with random weights, at the size of (h)'s dry run, two prompts so that two data-parallel ranks get one each.
+WIDTH_PROMPTS = ["a red ball rolls to the left across a wooden table", "a blue cube slides up a white wall"]
+WIDTH_SIZE: dict[str, Any] = {
+    "data": {"prompts_per_iteration": 2, "group_size": 2},
+    "video": {"num_frames": 9, "height": 128, "width": 128},
+    # One video per transformer call, CFG as two calls: every layout runs the same shapes in the rollout.
+    "sampler": {"num_steps": 10, "sde_steps": 2, "batch_size": 1, "cfg_batch": "split"},
+    "optim": {"inner_epochs": 1, "minibatch_size": 4},
+}
+WIDTH_TINY_SIZE: dict[str, Any] = {"video": {"num_frames": 5, "height": 32, "width": 32}, "sampler": {"num_steps": 4}}
+
+
+def width_run_config(recipe: Path, width_config: Path | None, tiny: bool, dtype: str | None) -> dict[str, Any]:
+    """``recipe`` at :data:`WIDTH_SIZE` for one iteration on the CPU, ``model.init`` from ``width_config``
+    (the family's own reader of a shapes folder) or, with ``tiny``, the family's tiny shapes; prompts
+    :data:`WIDTH_PROMPTS`, no evaluation, no output dir yet (per run)."""
+    from flowdppo_video.models import family
+    from flowdppo_video.runs.config import load_yaml, merge_trees
+
+    cfg = load_yaml(recipe)
+    fam = family(cfg["model"].get("family", "wan"))
+    if tiny:
+        init = copy.deepcopy(fam.tiny_init)
+    else:
+        assert width_config is not None
+        init, missing = fam.init_from_folder(width_config)
+        if missing:
+            raise SystemExit(f"{width_config}: no config.json for {missing}")
+    cfg = merge_trees(cfg, copy.deepcopy(WIDTH_SIZE))
+    if tiny:
+        cfg = merge_trees(cfg, copy.deepcopy(WIDTH_TINY_SIZE))
+    cfg["model"].pop("path", None)
+    cfg["model"]["init"] = init
+    if dtype is not None:
+        cfg["model"]["dtype"] = dtype
+    cfg = merge_trees(cfg, {"run": {"iterations": 1, "checkpoint_every": 1, "sample_every": 1, "num_sample_videos": 0,
+                                    "device": "cpu", "tensorboard": False, "report_every": 0, "progress": False,
+                                    "seed": 0},
+                            "data": {"prompts": list(WIDTH_PROMPTS)}})
+    cfg.pop("eval", None)
+    return cfg

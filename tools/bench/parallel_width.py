@@ -57,7 +57,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch; see _common.py
 
 import argparse
-import copy
 import json
 import math
 import shutil
@@ -70,18 +69,12 @@ from typing import Any
 
 import yaml
 
+from flowdppo_video.commands.benchmarking import WIDTH_PROMPTS as PROMPTS
+from flowdppo_video.commands.benchmarking import width_run_config as run_config
+
 REPO = Path(__file__).resolve().parents[2]
 SECTION = "parallel_width"
 GiB = 2 ** 30
-PROMPTS = ["a red ball rolls to the left across a wooden table", "a blue cube slides up a white wall"]
-SIZE: dict[str, Any] = {
-    "data": {"prompts_per_iteration": 2, "group_size": 2},
-    "video": {"num_frames": 9, "height": 128, "width": 128},
-    # One video per transformer call, CFG as two calls: every layout runs the same shapes in the rollout.
-    "sampler": {"num_steps": 10, "sde_steps": 2, "batch_size": 1, "cfg_batch": "split"},
-    "optim": {"inner_epochs": 1, "minibatch_size": 4},
-}
-TINY_SIZE: dict[str, Any] = {"video": {"num_frames": 5, "height": 32, "width": 32}, "sampler": {"num_steps": 4}}
 LAYOUTS: dict[str, tuple[int, list[str]]] = {       # name -> (processes, overrides)
     "one": (1, []),
     "zero3": (2, ["parallel.zero_stage=3"]),
@@ -104,34 +97,6 @@ TOLERANCES: dict[str, dict[str, float]] = {
 RUNTIME_BYTES = 0.5 * GiB          # Python, torch, DeepSpeed per process: not in the planner
 
 
-# ---------------------------------------------------------------- the run's config
-def run_config(recipe: Path, width_config: Path | None, tiny: bool, dtype: str | None) -> dict[str, Any]:
-    """The recipe at this benchmark's size, ``model.init`` from ``width_config`` (the family's own
-    reader) or, with ``tiny``, the family's tiny shapes. No output dir yet (per run)."""
-    from flowdppo_video.models import family
-    from flowdppo_video.runs.config import load_yaml, merge_trees
-
-    cfg = load_yaml(recipe)
-    fam = family(cfg["model"].get("family", "wan"))
-    if tiny:
-        init = copy.deepcopy(fam.tiny_init)
-    else:
-        assert width_config is not None
-        init, missing = fam.init_from_folder(width_config)
-        if missing:
-            raise SystemExit(f"{width_config}: no config.json for {missing}")
-    cfg = merge_trees(cfg, copy.deepcopy(SIZE))
-    if tiny:
-        cfg = merge_trees(cfg, copy.deepcopy(TINY_SIZE))
-    cfg["model"].pop("path", None)
-    cfg["model"]["init"] = init
-    if dtype is not None:
-        cfg["model"]["dtype"] = dtype
-    cfg = merge_trees(cfg, {"run": {"iterations": 1, "checkpoint_every": 1, "sample_every": 1, "num_sample_videos": 0, "device": "cpu",
-                                    "tensorboard": False, "report_every": 0, "progress": False, "seed": 0},
-                            "data": {"prompts": list(PROMPTS)}})
-    cfg.pop("eval", None)
-    return cfg
 
 
 def encoder_classes(width_config: Path) -> list[str]:

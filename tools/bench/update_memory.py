@@ -34,7 +34,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -43,8 +42,7 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parallel_width import PROMPTS, run_config  # noqa: E402  (a sibling benchmark: the same run)
+from flowdppo_video.commands.benchmarking import WIDTH_PROMPTS, width_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 GiB = 2 ** 30
@@ -162,7 +160,7 @@ def main() -> None:
     from flowdppo_video.trainer import Trainer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))))
-    tree = run_config(a.recipe, None if a.tiny else a.shapes, a.tiny, None)
+    tree = width_run_config(a.recipe, None if a.tiny else a.shapes, a.tiny, None)
     if a.layers is not None:
         tree["model"]["init"]["transformer"]["num_layers"] = a.layers
     run_dir = a.work / "run"
@@ -177,39 +175,35 @@ def main() -> None:
     plan = plan_memory(copy.deepcopy(cfg), 1)
 
     result: dict[str, Any] = {"shapes": str(a.shapes), "layers": a.layers, "tiny": a.tiny, "overrides": a.overrides,
-                              "threads": torch.get_num_threads(), "prompts": PROMPTS,
+                              "threads": torch.get_num_threads(), "prompts": WIDTH_PROMPTS,
                               "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}}
     with RssTimeline() as tl:
         tl.phase = "build"
         trainer = Trainer(cfg)
-        result["text_stats"] = trainer.text_stats
-        collect, update = trainer.collect, trainer.update
-
-        def collect_timed(it: int) -> Any:
-            tl.phase = "rollout"
-            return collect(it)
-
-        def update_profiled(traj: Any, adv: Any, it: int) -> Any:
-            tl.phase = "update"
+        try:
+            result["text_stats"] = trainer.text_stats
+            tl.phase, t0 = "rollout", time.perf_counter()
+            batch = trainer.collect(0)                       # rollout, decode, rewards, advantages
+            tl.phase, t1 = "update", time.perf_counter()
             if a.no_profile:
-                out = update(traj, adv, it)
+                upd = trainer.update(batch.traj, batch.advantages, 0)
             else:
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=False) as prof:
-                    out = update(traj, adv, it)
+                    upd = trainer.update(batch.traj, batch.advantages, 0)
+                t2 = time.perf_counter()
+                tl.phase = "after update"
                 trace = a.work / "update_trace.json"
                 prof.export_chrome_trace(str(trace))
                 result["torch_update"] = torch_allocations(trace)
                 trace.unlink()
+            if a.no_profile:
+                t2 = time.perf_counter()
             tl.phase = "after update"
-            return out
-
-        trainer.collect, trainer.update = collect_timed, update_profiled
-        try:
-            rows = trainer.run()
         finally:
             trainer.close()
-    result["metrics"] = {k: v for k, v in rows[-1].items() if k in ("loss", "grad_norm", "time/rollout_s", "time/update_s")}
+    result["metrics"] = {"loss": upd["loss"], "grad_norm": upd["grad_norm"], "time/rollout_s": t1 - t0,
+                         "time/update_s": t2 - t1}
     result["rss_by_phase"] = tl.by_phase()
     result["rss_timeline"] = [(round(t, 2), ph, r) for t, ph, r in tl.samples[::5]]
     result["planner"] = {"stages": plan.stages, "rows": {r.name: r.device for r in plan.rows}}
