@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import threading
 import time
 from collections import defaultdict
@@ -163,8 +162,11 @@ def main() -> None:
     tree = width_run_config(a.recipe, None if a.tiny else a.shapes, a.tiny, None)
     if a.layers is not None:
         tree["model"]["init"]["transformer"]["num_layers"] = a.layers
+    if a.work.exists() and any(a.work.iterdir()):
+        raise SystemExit(f"update_memory.py: --work {a.work} exists and is not empty: give a new folder")
+    if a.cache is not None and not a.cache.is_file():
+        raise SystemExit(f"update_memory.py: --cache {a.cache} is not a file")
     run_dir = a.work / "run"
-    shutil.rmtree(a.work, ignore_errors=True)
     run_dir.mkdir(parents=True)
     tree["run"]["output_dir"] = str(run_dir)
     tree["run"]["allow_foreign_files"] = True          # the text cache placed there first
@@ -187,19 +189,16 @@ def main() -> None:
             tl.phase, t1 = "update", time.perf_counter()
             if a.no_profile:
                 upd = trainer.update(batch.traj, batch.advantages, 0)
+                tl.phase, t2 = "after update", time.perf_counter()
             else:
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=False) as prof:
                     upd = trainer.update(batch.traj, batch.advantages, 0)
-                t2 = time.perf_counter()
-                tl.phase = "after update"
+                tl.phase, t2 = "after update", time.perf_counter()
                 trace = a.work / "update_trace.json"
                 prof.export_chrome_trace(str(trace))
                 result["torch_update"] = torch_allocations(trace)
                 trace.unlink()
-            if a.no_profile:
-                t2 = time.perf_counter()
-            tl.phase = "after update"
         finally:
             trainer.close()
     result["metrics"] = {"loss": upd["loss"], "grad_norm": upd["grad_norm"], "time/rollout_s": t1 - t0,
