@@ -49,7 +49,7 @@ class RunConfig:
                                           # a config.yaml there is replaced); false: such a folder is refused
     release_host_memory: bool = False     # glibc returns freed blocks of >= 128 KiB to the system at once, so a
                                           # CPU run's resident set follows its live tensors (the 1.3B update: 4.2
-                                          # GiB, not 7.3), at ~1/3 more time; flowdppo_video/runs/host_memory.py
+                                          # GiB, not 7.3), at 1.5x the time (ZeRO-3: 2.4x); runs/host_memory.py
 
     def validate(self) -> None:
         """The ``run`` section's own rules (one-line :class:`ConfigError` naming the key)."""

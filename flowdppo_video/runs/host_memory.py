@@ -11,8 +11,9 @@ set grows by what the heap could not reuse: from 3.97 to 7.25 GiB in that update
 :func:`release_freed_memory` fixes the threshold low, so every block of at least ``threshold`` bytes is
 mapped on its own and returned to the system when freed, and the heap is trimmed down to the same
 margin: the resident set then follows torch's live tensors (that update: 4.18 GiB, the planner's 3.86
-plus the runtime). The cost is a page fault per page of each new large block: the measured update took
-about a third longer. GPU runs keep their activations in the device allocator and gain nothing.
+plus the runtime; a ZeRO-3 rank 3.70 GiB, not 9.28). The cost is a page fault per page of each new large
+block: the one-process iteration took half as long again, a ZeRO-3 iteration 2.4 times as long. GPU runs
+keep their activations in the device allocator and gain nothing.
 """
 
 from __future__ import annotations
