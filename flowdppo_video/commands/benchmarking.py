@@ -39,8 +39,10 @@ from typing import Any, Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from flowdppo_video.models import family
 from flowdppo_video.parallel.groups import free_port
 from flowdppo_video.reporting.winrates import mean_ci_text
+from flowdppo_video.runs.config import load_yaml, merge_trees
 from flowdppo_video.training.metrics import read_metrics
 
 # Beside a document (docs/ or a --docs folder): its JSON data and its figures, each in its own folder.
@@ -603,9 +605,6 @@ def width_run_config(recipe: Path, width_config: Path | None, tiny: bool, dtype:
     """``recipe`` at :data:`WIDTH_SIZE` for one iteration on the CPU, ``model.init`` from ``width_config``
     (the family's own reader of a shapes folder) or, with ``tiny``, the family's tiny shapes; prompts
     :data:`WIDTH_PROMPTS`, no evaluation, no output dir yet (per run)."""
-    from flowdppo_video.models import family
-    from flowdppo_video.runs.config import load_yaml, merge_trees
-
     cfg = load_yaml(recipe)
     fam = family(cfg["model"].get("family", "wan"))
     if tiny:
