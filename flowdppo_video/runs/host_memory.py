@@ -19,7 +19,6 @@ keep their activations in the device allocator and gain nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # glibc's mallopt parameters (malloc.h)
 DEFAULT_THRESHOLD = 128 * 1024                    # glibc's own starting threshold, kept fixed
@@ -31,11 +30,10 @@ def release_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
     library is not glibc (musl, macOS)."""
     if threshold < 1:
         raise ValueError(f"threshold must be >= 1 byte, got {threshold}")
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)                  # the C library this process already runs on (no ldconfig)
         mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    except (OSError, AttributeError):
         return False
     if not hasattr(libc, "gnu_get_libc_version"):   # another libc's mallopt takes other parameters
         return False
