@@ -125,3 +125,46 @@ def test_the_recipe_runs_a_full_iteration_with_the_vae_in_the_loop(tmp_path):
 
 
 ROOT_CONFIG = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "latent_world.yaml"
+
+
+def test_eval_record_keeps_the_held_out_numbers_beside_the_stages(tmp_path):
+    """tools/eval_latent_world.py --record writes what the weights can do into the folder's pretrain.json,
+    keeping every stage's command, and names a folder without one."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT_CONFIG.parents[1] / "tools"))
+    try:
+        import eval_latent_world
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "pretrain.json").write_text(json.dumps({"command": "stage 3", "init": {"command": "stage 2"}}))
+    res = {"samples_per_prompt": 4, "prompts": 48, "steps": 10, "folder": "x", "state": None,
+           "by_seed": {"0": {"direction": 0.25}}, "ground_truth_through_vae": {"direction": 1.0}}
+    eval_latent_world.record(tmp_path, res)
+    rec = json.loads((tmp_path / "pretrain.json").read_text())
+    assert rec["command"] == "stage 3" and rec["init"] == {"command": "stage 2"}
+    assert rec["heldout"]["by_seed"]["0"]["direction"] == 0.25 and "folder" not in rec["heldout"]
+    with pytest.raises(SystemExit, match="pretrain.json not found"):
+        eval_latent_world.record(tmp_path / "missing", res)
+
+
+def test_the_direction_word_probe_compares_captions_on_the_same_videos_and_noise():
+    """latent_diagnostics.direction_word_losses: four captions per noise level on one batch of encoded
+    held-out videos; deterministic per seed; the empty caption is a different conditioning."""
+    import math
+
+    import torch
+
+    from flowdppo_video.world.latent import build_latent_adapter
+    from flowdppo_video.world.latent_diagnostics import direction_word_losses
+
+    torch.manual_seed(0)
+    adapter = build_latent_adapter(torch.device("cpu"), seed=0)
+    a = direction_word_losses(adapter, [0.9, 0.5], n=4, seed=3)
+    b = direction_word_losses(adapter, [0.9, 0.5], n=4, seed=3)
+    assert a == b and set(a) == {0.9, 0.5}
+    for row in a.values():
+        assert set(row) == {"right word", "opposite", "other axis", "no caption"}
+        assert all(math.isfinite(v) and v > 0 for v in row.values())
+        assert row["no caption"] != row["right word"]

@@ -10,7 +10,9 @@ PSNR and the background error and grid energy of the reconstructions. The issue'
 
 ``model DIR``: samples the held-out prompts with the ODE sampler (fixed seeds) and reports the
 checkers' accuracies and artifact levels, beside those of the rendered ground truth decoded by the
-same VAE. ``--json`` writes the numbers to a file.
+same VAE. ``--json`` writes the numbers to a file; ``--record`` keeps them in the folder's
+``pretrain.json``. ``model DIR --word-loss``: does the model read its direction words (the flow loss
+with the right, the opposite and an other-axis word, and none; docs/latent_world.md)?
 """
 
 from __future__ import annotations
@@ -129,6 +131,33 @@ def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: s
                                                              **{k: float(np.mean(v)) for k, v in art.items()}}}
 
 
+def word_loss(folder: str, state: str | None, seed: int, sigmas: tuple[float, ...] = (0.95, 0.8, 0.6, 0.4)) -> dict:
+    """The direction-word probe (:func:`flowdppo_video.world.latent_diagnostics.direction_word_losses`),
+    with the relative gap of the opposite word over the right one per noise level."""
+    from flowdppo_video.world.latent import load_latent_adapter
+    from flowdppo_video.world.latent_diagnostics import direction_word_losses
+    from flowdppo_video.world.model import world_modules
+
+    adapter = load_latent_adapter(folder)
+    if state:
+        world_modules(adapter).load_state_dict(torch.load(state, weights_only=False)["ema"])
+    losses = direction_word_losses(adapter, list(sigmas), seed=seed)
+    return {"folder": folder, "state": state, "seed": seed, "word_loss": {str(s): v for s, v in losses.items()},
+            "opposite_over_right": {str(s): v["opposite"] / v["right word"] - 1 for s, v in losses.items()}}
+
+
+def record(folder: Path, res: dict) -> None:
+    """Write ``res``'s held-out numbers into ``folder/pretrain.json`` under ``heldout``: what the
+    shipped weights can do, kept with the commands that made them."""
+    path = folder / "pretrain.json"
+    if not path.is_file():
+        raise SystemExit(f"eval_latent_world.py: --record: {path} not found (a folder tools/pretrain_latent_world.py "
+                         "--out wrote)")
+    rec = json.loads(path.read_text())
+    rec["heldout"] = {k: res[k] for k in ("samples_per_prompt", "prompts", "steps", "by_seed", "ground_truth_through_vae")}
+    path.write_text(json.dumps(rec, indent=1))
+
+
 def _subset(videos, prompts: list[str], n_objects: int):
     keep = [i for i, p in enumerate(prompts) if (" and " in p) == (n_objects == 2)]
     return videos[keep], [prompts[i] for i in keep]
@@ -148,14 +177,28 @@ def main() -> None:
                     "loaded over the folder's")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--strip", help="model: a PNG of eight held-out samples (seed 0), frames across")
+    ap.add_argument("--word-loss", action="store_true",
+                    help="model: only the direction-word probe (the flow loss with the right, opposite and "
+                         "other-axis direction word and none, 128 held-out one-object videos)")
+    ap.add_argument("--record", action="store_true",
+                    help="model: also write the held-out numbers into FOLDER/pretrain.json (key 'heldout'), "
+                         "beside the stages' commands and times")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.what == "vae":
+    if args.word_loss:
+        if args.what != "model" or args.record:
+            ap.error("--word-loss: only for 'model FOLDER', without --record")
+        res = word_loss(resolve(args.folder), args.state, args.seed)
+    elif args.what == "vae":
         res = eval_vae(resolve(args.folder), args.n, args.seed)
     else:
         res = eval_model(resolve(args.folder), args.samples, args.seeds, args.steps, args.state,
                          Path(args.strip) if args.strip else None)
     print(json.dumps(res, indent=1))
+    if args.record:
+        if args.what != "model" or args.state:
+            ap.error("--record: only for 'model FOLDER' without --state (it describes the folder's own weights)")
+        record(Path(resolve(args.folder)), res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

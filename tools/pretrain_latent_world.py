@@ -31,6 +31,7 @@ from diffusers import AutoencoderKLWan
 from tqdm.auto import tqdm
 
 from flowdppo_video.world.latent import build_latent_adapter, load_latent_adapter, render_batch, video_to_pixels
+from flowdppo_video.world.latent_diagnostics import normalised_latents
 from flowdppo_video.world.model import draw_sigmas, ema_update, flow_matching_loss, world_modules
 from rewards.latent_world import DIRECTIONS, LatentScene, draw_scene, parse_prompt
 
@@ -45,13 +46,6 @@ def caption(scene: LatentScene, rng: random.Random, wrong_motion: float, drop: f
     return LatentScene(things, scene.background).prompt
 
 
-def normalise(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
-    c = z.shape[1]
-    mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1)
-    return (z - mean) / std
-
-
 @torch.no_grad()
 def build_cache(vae: AutoencoderKLWan, path: Path, size: int, seed: int, chunk: int = 8) -> dict:
     """Encode ``size`` train-split videos into ``path`` (resumable: saved every 256 videos)."""
@@ -63,7 +57,7 @@ def build_cache(vae: AutoencoderKLWan, path: Path, size: int, seed: int, chunk: 
         rng = random.Random(seed * 1_000_003 + done)
         scenes = [draw_scene(rng) for _ in range(n)]
         x = video_to_pixels(render_batch(scenes, seed=seed * 1_000_003 + done))
-        cache["latents"].append(normalise(vae, vae.encode(x).latent_dist.mode()).half())
+        cache["latents"].append(normalised_latents(vae, vae.encode(x).latent_dist.mode()).half())
         cache["prompts"] += [s.prompt for s in scenes]
         done += n
         bar.update(n)

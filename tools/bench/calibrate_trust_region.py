@@ -56,6 +56,11 @@ def registry_arms() -> tuple[dict[str, tuple[str, list[float]]], dict[str, dict[
 
 
 GRID, SETTINGS = registry_arms()
+# The frontier benchmark's settings (tools/bench/algorithms.py, COMMON): full fine-tuning on every step at
+# lr 1e-4, 4 inner epochs, the plain rollout (independent noise, the whole schedule), so the shares
+# calibrate the runs that grid makes whatever the recipe's own defaults.
+FRONTIER_SETTINGS = ["optim.lr=1e-4", "optim.inner_epochs=4", "model.lora.rank=0", "model.base_below=null",
+                     "sampler.shared_noise=false", "sampler.tail_steps=null"]
 
 
 def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
@@ -120,9 +125,9 @@ def main() -> None:
                     help="knob values for an arm instead of its default grid, e.g. 'flow_dppo (token)=1e-6,3e-6'")
     ap.add_argument("--out", type=Path, default=Path("docs/trust_region_calibration"),
                     help="writes OUT.md, and the JSON beside it in data/ (OUT's folder/data/NAME.json)")
-    ap.add_argument("overrides", nargs="*", default=["optim.lr=1e-4", "optim.inner_epochs=4", "model.lora.rank=0"],
-                    help="dotted overrides (default: the frontier benchmark's full fine-tuning at lr 1e-4, "
-                         "4 inner epochs)")
+    ap.add_argument("overrides", nargs="*", default=FRONTIER_SETTINGS,
+                    help="dotted overrides (default: the frontier benchmark's full fine-tuning at lr 1e-4 on every "
+                         "step, 4 inner epochs, the plain rollout)")
     args = ap.parse_args()
     data_file(args.out).parent.mkdir(parents=True, exist_ok=True)
     values = {a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in args.values)}

@@ -1,0 +1,63 @@
+"""Does a latent-world model read its words? (Pure evaluation: no training, no files.)
+
+The same probe as the shapes world's (:mod:`flowdppo_video.world.diagnostics`): the flow-matching
+loss on held-out ground truth, encoded by the model's own VAE, captioned with the right direction
+word, the opposite one, one of the other axis, and nothing. A model that reads the sign of its
+motion words has a clearly higher loss with the opposite word than with the right one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import torch
+
+from rewards.latent_world import LatentScene, draw_scene
+
+from .diagnostics import OPPOSITE, OTHER_AXIS
+from .latent import render_batch, video_to_pixels
+from .model import flow_matching_loss
+
+
+def normalised_latents(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior ``z (B, 16, F', H', W')`` in the transformer's units: minus the VAE's
+    ``latents_mean``, over its ``latents_std`` (the adapter's ``decode`` undoes this)."""
+    c = z.shape[1]
+    mean = torch.tensor(vae.config.latents_mean, dtype=z.dtype).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=z.dtype).view(1, c, 1, 1, 1)
+    return (z - mean) / std
+
+
+@torch.no_grad()
+def encode_scenes(vae: Any, scenes: list[LatentScene], seed: int, chunk: int = 16) -> torch.Tensor:
+    """Render ``scenes`` and encode them (posterior means, normalised): ``(B, 16, F', H', W')``."""
+    out = []
+    for i in range(0, len(scenes), chunk):
+        x = video_to_pixels(render_batch(scenes[i:i + chunk], seed=seed * 1_000_003 + i))
+        out.append(normalised_latents(vae, vae.encode(x).latent_dist.mode()))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def direction_word_losses(adapter: Any, sigmas: list[float], n: int = 128, seed: int = 0,
+                          two_object_share: float = 0.0) -> dict[float, dict[str, float]]:
+    """``{sigma: {caption kind: flow loss}}`` on ``n`` held-out scenes (one object by default), every
+    object's direction word kept, replaced by the opposite one, by one of the other axis, or the
+    caption left empty; the same noise for every caption."""
+    rng = random.Random(seed)
+    scenes = [draw_scene(rng, held_out=True, two_object_share=two_object_share) for _ in range(n)]
+    x0 = encode_scenes(adapter.vae, scenes, seed)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+
+    def caps(words: dict[str, str] | None) -> list[str]:
+        if words is None:
+            return [""] * n
+        return [LatentScene(tuple(dataclasses.replace(t, direction=words[t.direction]) for t in s.things),
+                            s.background).prompt for s in scenes]
+
+    texts = {k: adapter.embed_text(c) for k, c in {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
+                                                   "other axis": caps(OTHER_AXIS), "no caption": caps(None)}.items()}
+    return {sigma: {k: float(flow_matching_loss(adapter, x0, eps, torch.full((n,), sigma), t)) for k, t in texts.items()}
+            for sigma in sigmas}
