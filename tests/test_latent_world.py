@@ -92,28 +92,24 @@ def test_fidelity_sees_a_drifted_background_and_a_patch_grid(held_out_videos):
 
 
 def test_the_recipe_runs_a_full_iteration_with_the_vae_in_the_loop(tmp_path):
-    """configs/latent_world.yaml end to end at a tiny size: rollout through the AutoencoderKLWan decode,
-    the checkers as rewards, the update, the held-out evaluation with the fidelity measurements."""
+    """configs/latent_world.yaml end to end at a tiny size, on the shipped weights loaded through the
+    ordinary model.path: rollout through the AutoencoderKLWan decode, the checkers as rewards, the
+    update, the held-out evaluation with the fidelity measurements."""
     import json
-
-    import torch
 
     from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
-    from flowdppo_video.world.latent import build_latent_adapter
 
-    model = tmp_path / "model"
-    adapter = build_latent_adapter(torch.device("cpu"), seed=0)       # Wan 2.1's geometry, random weights
-    assert adapter.latent_shape(FRAMES, SIZE, SIZE) == (16, 5, 8, 8)
-    assert adapter.patch_size == (1, 2, 2) and type(adapter.vae).__name__ == "AutoencoderKLWan"
-    adapter.save_pretrained(model)
     held = open(resolve("builtin:latent-prompts/heldout.txt")).read().split("\n")
     cfg = load_config(ROOT_CONFIG, [
-        f"model.path={model}", f"run.output_dir={tmp_path / 'run'}", "run.iterations=1", "run.progress=false",
+        f"run.output_dir={tmp_path / 'run'}", "run.iterations=1", "run.progress=false",
         "run.sample_every=100", "run.checkpoint_every=100", "run.report_every=0", "run.tensorboard=false", "video.num_frames=5", "video.height=32",
         "video.width=32", "data.prompts_per_iteration=1", "data.group_size=2", "optim.minibatch_size=2",
         "eval.samples_per_prompt=1", "eval.every=1", f"eval.prompts=[{held[0]}, {held[-2]}]"])
     trainer = Trainer(cfg)
+    adapter = trainer.adapter                       # the shipped model: Wan 2.1's geometry, D = 64
+    assert adapter.latent_shape(FRAMES, SIZE, SIZE) == (16, 5, 8, 8) and trainer.elements_per_token == 64
+    assert adapter.patch_size == (1, 2, 2) and type(adapter.vae).__name__ == "AutoencoderKLWan"
     try:
         trainer.run()
     finally:
@@ -168,3 +164,19 @@ def test_the_direction_word_probe_compares_captions_on_the_same_videos_and_noise
         assert set(row) == {"right word", "opposite", "other axis", "no caption"}
         assert all(math.isfinite(v) and v > 0 for v in row.values())
         assert row["no caption"] != row["right word"]
+
+
+def test_the_recipe_is_the_default_recipe_in_the_latent_world():
+    """configs/latent_world.yaml trains exactly as the shapes world's default recipe (so what transfers can
+    be read off); only the world's own keys differ: the model, prompts, video, rewards and evaluation."""
+    from flowdppo_video.commands.cli import DEFAULT_RECIPE
+    from flowdppo_video.runs.config import load_config
+
+    latent, default = load_config(ROOT_CONFIG, []), load_config(DEFAULT_RECIPE, [])
+    for section in ("sampler", "objective", "optim", "data.prompts_per_iteration", "data.group_size",
+                    "model.lora", "model.base_below", "run.iterations"):
+        a, b = latent, default
+        for key in section.split("."):
+            a, b = getattr(a, key), getattr(b, key)
+        assert a == b, section
+    assert latent.model.path == "builtin:weights/latent-world" and latent.rewards == {"latent_direction": 1.0}
