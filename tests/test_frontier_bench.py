@@ -112,6 +112,23 @@ def test_the_knees_stage_runs_each_arm_at_its_knee_only(tmp_path, monkeypatch):
     assert len(worker.values) == len(algorithms.KNEES)
 
 
+def test_the_transfer_stage_runs_the_latent_worlds_own_knob_values(tmp_path, monkeypatch):
+    # A world calibrated apart sweeps its own values (its calibration froze far more per value); --values
+    # still overrides an arm; the shapes world keeps each arm's KNOB_VALUES.
+    seen = []
+    monkeypatch.setattr(algorithms, "work", lambda out, cells, *a: seen.append((cells, a[-1])))
+    monkeypatch.setattr(sys, "argv", ["algorithms.py", "--world", "latent", "--stage", "transfer", "--values", "clip=0.02",
+                                      "--out", str(tmp_path), "--docs", str(tmp_path)])
+    algorithms.main()
+    cells, world = seen[0]
+    own = algorithms.WORLDS["latent"].knob_values
+    assert world == "latent" and {s for *_, s in cells} == {0, 1, 2} and {e for _, _, e, _ in cells} == {4}
+    assert sorted({(a, v) for a, v, _, _ in cells}) == sorted(
+        [(a, v) for a in ("sample", "row", "token") for v in own[a]] + [("clip", 0.02), ("none", math.inf)])
+    assert algorithms.stage_values({}, "shapes") == {}
+    assert algorithms.stage_values(algorithms.STAGES["knees"], "latent") == {a: [v] for a, v in algorithms.KNEES.items()}
+
+
 def test_one_epoch_fronts_sweep_their_own_values():
     # The 4-epoch lists stay; one epoch gets tighter values (most 4-epoch ones froze nothing there);
     # --values ARM@E overrides one epoch count, ARM both.
