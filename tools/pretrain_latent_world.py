@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--logit-mean", type=float, default=0.3)
     ap.add_argument("--high-noise-frac", type=float, default=0.2)
+    ap.add_argument("--objects", type=int, choices=[1, 2],
+                    help="train only on the cached videos with this many objects (default: all)")
     ap.add_argument("--train-text-encoder", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -99,6 +101,10 @@ def main() -> None:
     data = build_cache(vae, Path(args.cache), args.cache_size, args.cache_seed)
     scenes = [parse_prompt(p) for p in data["prompts"]]
     latents = data["latents"]
+    if args.objects:
+        keep = [i for i, sc in enumerate(scenes) if len(sc.things) == args.objects]
+        scenes, latents = [scenes[i] for i in keep], latents[keep]
+        print(f"--objects {args.objects}: {len(keep)} of {len(data['prompts'])} cached videos")
 
     adapter = build_latent_adapter(torch.device("cpu"), seed=args.seed)
     adapter.vae = vae
