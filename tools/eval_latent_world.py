@@ -184,10 +184,12 @@ def main() -> None:
                     help="model: also write the held-out numbers into FOLDER/pretrain.json (key 'heldout'), "
                          "beside the stages' commands and times")
     args = ap.parse_args()
+    if args.word_loss and (args.what != "model" or args.record):
+        ap.error("--word-loss: only for 'model FOLDER', without --record")
+    if args.record and (args.what != "model" or args.state):
+        ap.error("--record: only for 'model FOLDER' without --state (it describes the folder's own weights)")
     torch.set_num_threads(args.threads)
     if args.word_loss:
-        if args.what != "model" or args.record:
-            ap.error("--word-loss: only for 'model FOLDER', without --record")
         res = word_loss(resolve(args.folder), args.state, args.seed)
     elif args.what == "vae":
         res = eval_vae(resolve(args.folder), args.n, args.seed)
@@ -196,8 +198,6 @@ def main() -> None:
                          Path(args.strip) if args.strip else None)
     print(json.dumps(res, indent=1))
     if args.record:
-        if args.what != "model" or args.state:
-            ap.error("--record: only for 'model FOLDER' without --state (it describes the folder's own weights)")
         record(Path(resolve(args.folder)), res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
