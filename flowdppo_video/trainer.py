@@ -38,7 +38,6 @@ from flowdppo_video.training.rollout import Trajectory, reward_audio, rollout
 from flowdppo_video.training.run_builder import build_model, keeps_reference
 from rewards import build_rewards, reward_weights, score_videos
 
-from . import sde
 from .advantages import compute_advantages
 from .exceptions import TrainingError
 from .models.text_cache import CACHE_FILE

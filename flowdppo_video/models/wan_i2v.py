@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 
-from flowdppo_video.runs.images import open_image
-
 from . import wan
 from .base import ModelError, TextBatch
 from .common import PromptImages, clip_processor_class, encoder_part, place, skeleton

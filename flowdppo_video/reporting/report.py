@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 
 from flowdppo_video.runs.config import ConfigError, VideoConfig, load_yaml
 from flowdppo_video.runs.fsio import write_text_atomic
