@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import random
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,17 @@ def strip(videos: np.ndarray, prompts: list[str], path: Path, rows: int = 8, eve
     img.save(path)
 
 
+def load_model(folder: str, state: str | None = None) -> Any:
+    """The latent-world model in ``folder``, with a pretraining ``state.pt``'s EMA weights over its own."""
+    from flowdppo_video.world.latent import load_latent_adapter
+    from flowdppo_video.world.model import world_modules
+
+    adapter = load_latent_adapter(folder)
+    if state:
+        world_modules(adapter).load_state_dict(torch.load(state, weights_only=False)["ema"])
+    return adapter
+
+
 def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: str | None = None,
                strip_path: Path | None = None) -> dict:
     """Held-out adherence and artifacts of the model's ODE samples (the eval prompts, fixed seeds),
@@ -103,12 +115,9 @@ def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: s
     from flowdppo_video.runs.config import SamplerConfig
     from flowdppo_video.runs.data import load_prompts
     from flowdppo_video.training.rollout import rollout
-    from flowdppo_video.world.latent import FRAMES, SIZE, load_latent_adapter
-    from flowdppo_video.world.model import world_modules
+    from flowdppo_video.world.latent import FRAMES, SIZE
 
-    adapter = load_latent_adapter(folder)
-    if state:
-        world_modules(adapter).load_state_dict(torch.load(state, weights_only=False)["ema"])
+    adapter = load_model(folder, state)
     prompts = load_prompts(resolve("builtin:latent-prompts/heldout.txt"))
     sampler = dataclasses.replace(SamplerConfig(), num_steps=steps, shift=1.0, eta=0.0, sde_steps=0, window=[0.0, 0.3])
     shape = adapter.latent_shape(FRAMES, SIZE, SIZE)
@@ -134,14 +143,9 @@ def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: s
 def word_loss(folder: str, state: str | None, seed: int, sigmas: tuple[float, ...] = (0.95, 0.8, 0.6, 0.4)) -> dict:
     """The direction-word probe (:func:`flowdppo_video.world.latent_diagnostics.direction_word_losses`),
     with the relative gap of the opposite word over the right one per noise level."""
-    from flowdppo_video.world.latent import load_latent_adapter
     from flowdppo_video.world.latent_diagnostics import direction_word_losses
-    from flowdppo_video.world.model import world_modules
 
-    adapter = load_latent_adapter(folder)
-    if state:
-        world_modules(adapter).load_state_dict(torch.load(state, weights_only=False)["ema"])
-    losses = direction_word_losses(adapter, list(sigmas), seed=seed)
+    losses = direction_word_losses(load_model(folder, state), list(sigmas), seed=seed)
     return {"folder": folder, "state": state, "seed": seed, "word_loss": {str(s): v for s, v in losses.items()},
             "opposite_over_right": {str(s): v["opposite"] / v["right word"] - 1 for s, v in losses.items()}}
 

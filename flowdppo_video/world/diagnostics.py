@@ -27,8 +27,9 @@ def _held_out_batch(n: int, seed: int, keep=lambda s: True) -> tuple[list[Scene]
     return scenes, x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _losses(adapter: Any, sigmas: list[float], x0: torch.Tensor, eps: torch.Tensor,
-            captions: dict[str, list[str]]) -> dict[float, dict[str, float]]:
+def caption_losses(adapter: Any, sigmas: list[float], x0: torch.Tensor, eps: torch.Tensor,
+                   captions: dict[str, list[str]]) -> dict[float, dict[str, float]]:
+    """``{sigma: {caption kind: flow loss}}`` of one batch ``x0`` and noise ``eps`` under each kind's captions."""
     texts = {k: adapter.embed_text(c) for k, c in captions.items()}     # once, not once per sigma
     n = x0.shape[0]
     return {sigma: {k: float(flow_matching_loss(adapter, x0, eps, torch.full((n,), sigma), t))
@@ -46,7 +47,7 @@ def direction_word_losses(adapter: Any, sigmas: list[float], n: int = 256, seed:
     def caps(words: dict[str, str] | None) -> list[str]:
         return [dataclasses.replace(s, direction=words[s.direction]).prompt if words else "" for s in scenes]
 
-    return _losses(adapter, sigmas, x0, eps, {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
+    return caption_losses(adapter, sigmas, x0, eps, {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
                                               "other axis": caps(OTHER_AXIS), "no caption": caps(None)})
 
 
@@ -61,5 +62,5 @@ def shape_word_losses(adapter: Any, sigmas: list[float], n: int = 256, seed: int
         return [dataclasses.replace(s, shape=shape[s.shape] if isinstance(shape, dict) else shape).prompt
                 for s in scenes]
 
-    return _losses(adapter, sigmas, x0, eps, {"right word": [s.prompt for s in scenes], "swapped": caps(ROUND_SWAP),
+    return caption_losses(adapter, sigmas, x0, eps, {"right word": [s.prompt for s in scenes], "swapped": caps(ROUND_SWAP),
                                               "triangle": caps("triangle"), "no caption": [""] * n})

@@ -16,9 +16,8 @@ import torch
 
 from rewards.latent_world import LatentScene, draw_scene
 
-from .diagnostics import OPPOSITE, OTHER_AXIS
+from .diagnostics import OPPOSITE, OTHER_AXIS, caption_losses
 from .latent import render_batch, video_to_pixels
-from .model import flow_matching_loss
 
 
 def normalised_latents(vae: Any, z: torch.Tensor) -> torch.Tensor:
@@ -57,7 +56,5 @@ def direction_word_losses(adapter: Any, sigmas: list[float], n: int = 128, seed:
         return [LatentScene(tuple(dataclasses.replace(t, direction=words[t.direction]) for t in s.things),
                             s.background).prompt for s in scenes]
 
-    texts = {k: adapter.embed_text(c) for k, c in {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
-                                                   "other axis": caps(OTHER_AXIS), "no caption": caps(None)}.items()}
-    return {sigma: {k: float(flow_matching_loss(adapter, x0, eps, torch.full((n,), sigma), t)) for k, t in texts.items()}
-            for sigma in sigmas}
+    return caption_losses(adapter, sigmas, x0, eps, {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
+                                                     "other axis": caps(OTHER_AXIS), "no caption": caps(None)})
