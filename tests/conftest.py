@@ -48,18 +48,29 @@ def tiny_cfg(tmp_path):
 def run_two_ranks(*args: str, timeout: int = 300, env: dict[str, str] | None = None,
                   launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2`` (gloo, one thread each) on a script or ``-m module`` and its
-    arguments; a hang fails the test after ``timeout`` seconds instead of blocking the suite."""
+    arguments; a hang fails the test after ``timeout`` seconds instead of blocking the suite.
+
+    ``launcher`` replaces torchrun; ``{port}`` in its arguments becomes the rendezvous port. A start
+    that loses its port to another process (address already in use) is tried once more on a new one:
+    that is the machine's, not the code under test's."""
     from flowdppo_video.parallel.groups import free_port
 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu",
                 "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), **(env or {})}
-    cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                       f"--master_port={free_port()}"]
-    try:
-        return subprocess.run([*cmd, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the 2-process run {' '.join(args[:3])} ... did not finish in {e.timeout} s")
+    template = launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            "--master_port={port}"]
+    for attempt in range(2):
+        port = free_port()
+        cmd = [a.replace("{port}", str(port)) for a in template]
+        try:
+            proc = subprocess.run([*cmd, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"the 2-process run {' '.join(args[:3])} ... did not finish in {e.timeout} s")
+        lost_port = proc.returncode != 0 and "EADDRINUSE" in proc.stdout + proc.stderr
+        if not lost_port or attempt:
+            return proc
+    raise AssertionError("unreachable")
 
 
 def write_image(path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, int], size=(40, 48)) -> Path:

@@ -715,3 +715,19 @@ def test_nccl_watchdog_behaviour_is_set_before_nccl_starts(monkeypatch, preset, 
     with pytest.raises(CollectiveTimeout, match="could not join the process group"):
         init_parallel(ParallelConfig(backend="nccl"), "cuda")
     assert seen == {"backend": "nccl", "handling": want}
+
+
+def test_a_rendezvous_port_is_free_and_outside_the_kernelsephemeral_port_range():
+    """CI lost a DeepSpeed rendezvous to a reward server of the next test worker: the port from
+    ``bind(0)`` was handed out again before the launcher's store listened. ``free_port`` now picks
+    from outside the range ``bind(0)`` and outgoing connections draw from."""
+    import socket
+
+    from flowdppo_video.parallel.groups import ephemeral_port_range, free_port
+
+    low, high = ephemeral_port_range()
+    ports = [free_port() for _ in range(20)]
+    assert all(not low <= p <= high and 1024 < p < 65536 for p in ports), ports
+    assert len(set(ports)) > 1                      # drawn, not one fixed port every process agrees on
+    with socket.socket() as s:                      # and free: it binds
+        s.bind(("127.0.0.1", ports[-1]))

@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import random
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -284,8 +286,30 @@ def _buckets(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn
     return [b for b in out if b]
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for ``bind(0)`` and outgoing connections (Linux's default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A free TCP port on the loopback interface (for a local rendezvous)."""
-    with socket.socket() as s:
+    """A free TCP port on the loopback interface (for a local rendezvous), outside the kernel's
+    ephemeral range: a port from ``bind(0)`` can be handed to another process's ``bind(0)`` or
+    outgoing connection in the seconds before a launcher's store listens on it (seen in CI: a reward
+    server took the port a DeepSpeed rendezvous had been given)."""
+    low, high = ephemeral_port_range()
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high]
+    rng = random.Random()                  # the system's entropy: processes started together differ
+    for port in rng.sample(candidates, 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:             # everything tried is taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
