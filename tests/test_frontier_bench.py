@@ -285,6 +285,7 @@ def test_worlds_are_named_tagged_and_reported_apart(tmp_path):
     assert algorithms.run_name("sample", 1e-5, 4, 0) == "sample-1e-05-e4-s0"
     ov = algorithms.overrides_for("sample", 1e-5, 4, 0, 20, tmp_path / "r", [], "latent")
     assert any(o.startswith("eval.rewards={latent_direction") for o in ov) and not any("world_" in o for o in ov)
+    assert ov.index("optim.lr=3e-5") > ov.index("optim.lr=1e-4")          # the world's own rate wins
     assert algorithms.WORLDS["latent"].recipe.is_file()
     committed = [r for r in json.loads((ROOT / "docs" / "data" / "frontier.json").read_text())
                  if r["epochs"] == 4 and not r.get("tag")]

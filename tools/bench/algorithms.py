@@ -72,20 +72,27 @@ class World:
     prefix: str
     # The world's own knob values (arm -> values) where its calibration puts 5-50% frozen elsewhere.
     knob_values: dict[str, list[float]] | None = None
+    # Settings of its own, after COMMON's (the learning rate that moves it as far per step).
+    overrides: tuple[str, ...] = ()
 
 
 WORLDS: dict[str, World] = {
     "shapes": World(RECIPE, EVAL_REWARDS, "world_"),
     # The latent world (docs/latent_world.md): Wan 2.1's latent geometry, D = 64, the VAE in the loop.
-    # Its calibration (docs/trust_region_calibration_latent.md) freezes far more at each knob value: the
-    # values below span roughly 50-5% frozen at 4 inner epochs (the shares in the comments).
+    # One unconstrained update at lr 1e-4 moves its policy 9x further per element than the shapes
+    # world's (docs/trust_region_calibration_latent.md), and every arm there damaged the model: the
+    # grid runs at lr 3e-5, where one update moves it as far per element as lr 1e-4 moves the shapes
+    # world (3.0e-4 against 3.4e-4; docs/trust_region_calibration_latent_lr3e-5.md), so that the knob
+    # values compare as numbers. The values span 80-5% frozen there (the shares in the comments) and
+    # reach each arm's shapes-world knee (KNEES).
     "latent": World(ROOT / "configs" / "latent_world.yaml",
                     "eval.rewards={latent_direction: 1.0, latent_colour: 1.0, latent_shape: 1.0, latent_fidelity: 1.0}",
                     "latent_",
-                    {"sample": [1e-3, 3e-3, 1e-2],              # 55%, 31%, 5%
-                     "clip": [1e-3, 3e-3, 1e-2],                # 62%, 33%, 9%
-                     "row": [1e-4, 3e-4, 1e-3, 3e-3],           # 50%, 39%, 29%, 17%
-                     "token": [3e-4, 1e-3, 3e-3, 1e-2]}),       # 36%, 26%, 17%, 5%
+                    {"sample": [3e-5, 1e-4, 3e-4, 1e-3],        # 80%, 62%, 37%, 7%
+                     "clip": [1e-4, 3e-4, 1e-3, 3e-3],          # 79%, 63%, 30%, 5%
+                     "row": [1e-5, 1e-4, 1e-3],                 # 47%, 25%, 6%
+                     "token": [1e-5, 1e-4, 1e-3]},              # 47%, 23%, 3%
+                    ("optim.lr=3e-5",)),
 }
 
 # The arms are the variants of the registered objectives (flowdppo_video.objectives: each class
@@ -211,7 +218,7 @@ def overrides_for(arm: str, value: float, epochs: int, seed: int, iterations: in
     arm_ov, knob, _ = ARMS[arm]
     common = [x if x != EVAL_REWARDS else WORLDS[world].eval_rewards for x in COMMON]
     ov = [f"run.output_dir={run_dir}", f"run.seed={seed}", f"run.iterations={iterations}",
-          f"optim.inner_epochs={epochs}", f"eval.every={iterations}", *common, *arm_ov]
+          f"optim.inner_epochs={epochs}", f"eval.every={iterations}", *common, *WORLDS[world].overrides, *arm_ov]
     if knob is not None:
         ov.append(f"{knob}={value!r}")
     return ov + extra

@@ -125,16 +125,17 @@ def main() -> None:
                     help="knob values for an arm instead of its default grid, e.g. 'flow_dppo (token)=1e-6,3e-6'")
     ap.add_argument("--out", type=Path, default=Path("docs/trust_region_calibration"),
                     help="writes OUT.md, and the JSON beside it in data/ (OUT's folder/data/NAME.json)")
-    ap.add_argument("overrides", nargs="*", default=FRONTIER_SETTINGS,
-                    help="dotted overrides (default: the frontier benchmark's full fine-tuning at lr 1e-4 on every "
-                         "step, 4 inner epochs, the plain rollout)")
+    ap.add_argument("overrides", nargs="*", default=[],
+                    help="dotted overrides, on top of the frontier benchmark's settings (full fine-tuning at lr 1e-4 "
+                         "on every step, 4 inner epochs, the plain rollout): optim.lr=3e-5 changes the rate alone")
     args = ap.parse_args()
     data_file(args.out).parent.mkdir(parents=True, exist_ok=True)
     values = {a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in args.values)}
     unknown = set(values) - set(GRID)
     if unknown:
         ap.error(f"--values: unknown arm(s) {sorted(unknown)}; arms are {list(GRID)}")
-    result = calibrate(args.config, args.overrides, args.arms, args.seed, values)
+    # on top, not instead: an override once silently dropped the other pins (LoRA, one epoch)
+    result = calibrate(args.config, [*FRONTIER_SETTINGS, *args.overrides], args.arms, args.seed, values)
     data_file(args.out).write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(table(result))
     print(table(result))
