@@ -224,13 +224,18 @@ def overrides_for(arm: str, value: float, epochs: int, seed: int, iterations: in
     return ov + extra
 
 
+def base_dir(out: Path, world: str = "shapes") -> Path:
+    """Where the grid keeps a world's base evaluation."""
+    return out / ("_base" if world == "shapes" else f"_base-{world}")
+
+
 def base_eval(out: Path, iterations: int, extra: list[str], world: str = "shapes") -> Path:
     """The base model's held-out evaluation, once for the grid: ``OUT/_base/eval.jsonl`` and its videos
     (``OUT/_base-WORLD`` for another world)."""
     from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
 
-    base = out / ("_base" if world == "shapes" else f"_base-{world}")
+    base = base_dir(out, world)
     if (base / "done").is_file():
         return base
     shutil.rmtree(base, ignore_errors=True)
@@ -766,10 +771,15 @@ def main() -> None:
     if args.jobs > 1:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         cmd = worker_command(args, seeds, epochs, arms, values)
-        procs = []
-        for k in range(args.jobs):
+        procs = [subprocess.Popen(cmd, env=env)]
+        # The first one writes the shared base evaluation; another starting before it is done would
+        # begin the same evaluation over it (the latent world's takes minutes, not seconds).
+        base_done = base_dir(args.out, args.world) / "done"
+        while not base_done.is_file() and procs[0].poll() is None:
+            time.sleep(2)
+        for _ in range(args.jobs - 1):
             procs.append(subprocess.Popen(cmd, env=env))
-            time.sleep(20 if k == 0 else 1)    # the first one writes the shared base evaluation
+            time.sleep(1)
         codes = [p.wait() for p in procs]
         if any(codes):
             sys.exit(f"algorithms.py: a worker failed ({codes})")
