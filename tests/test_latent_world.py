@@ -164,6 +164,41 @@ def test_the_direction_word_probe_compares_captions_on_the_same_videos_and_noise
         assert set(row) == {"right word", "opposite", "other axis", "no caption"}
         assert all(math.isfinite(v) and v > 0 for v in row.values())
         assert row["no caption"] != row["right word"]
+    # On the objects' cells alone: another weighting of the same squared errors.
+    obj = direction_word_losses(adapter, [0.9, 0.5], n=4, seed=3, objects_only=True)
+    assert set(obj) == {0.9, 0.5} and obj[0.9]["right word"] != a[0.9]["right word"]
+
+
+def test_the_objects_cover_lands_on_the_vaes_latent_grid():
+    """latent_object_cover: frame 0 alone, then groups of 4 frames; 8x8-pixel cells; grown by a cell."""
+    import torch
+
+    from flowdppo_video.world.latent import latent_object_cover
+    from flowdppo_video.world.model import flow_matching_loss
+
+    cover = torch.zeros(1, 17, 64, 64)
+    cover[0, 0, 0:3, 0:3] = 1.0                 # frame 0, top-left cell
+    cover[0, 7, 40:41, 60:62] = 0.5             # a frame of the second group (5-8), cell (5, 7)
+    got = latent_object_cover(cover, grow=0)
+    assert got.shape == (1, 1, 5, 8, 8)
+    assert got[0, 0, 0, 0, 0] == 1 and got[0, 0, 2, 5, 7] == 0.5 and got.sum() == 1.5
+    grown = latent_object_cover(cover, grow=1)
+    assert grown[0, 0, 0, :2, :2].eq(1).all() and grown[0, 0, 0].sum() == 4          # clipped at the corner
+    assert grown[0, 0, 2, 4:7, 6:8].eq(0.5).all() and grown[0, 0, 1].sum() == 0
+    with pytest.raises(ValueError, match="does not fit the VAE's grid"):
+        latent_object_cover(torch.zeros(1, 16, 64, 64))
+
+    # A 0/1 weight is the loss of that region alone.
+    class Zero:
+        def velocity(self, x, sigma, text):
+            return torch.zeros_like(x)
+
+    x0, eps = torch.zeros(1, 2, 5, 8, 8), torch.zeros(1, 2, 5, 8, 8)
+    eps[:, :, 0, 0, 0] = 2.0
+    w = torch.zeros(1, 1, 5, 8, 8)
+    w[:, :, 0, 0, 0] = 1.0
+    loss = flow_matching_loss(Zero(), x0, eps, torch.ones(1), None, w)
+    assert float(loss) == 4.0 and float(flow_matching_loss(Zero(), x0, eps, torch.ones(1), None)) == pytest.approx(8.0 / 640)
 
 
 def test_the_recipe_is_the_default_recipe_in_the_latent_world():
@@ -180,3 +215,37 @@ def test_the_recipe_is_the_default_recipe_in_the_latent_world():
             a, b = getattr(a, key), getattr(b, key)
         assert a == b, section
     assert latent.model.path == "builtin:weights/latent-world" and latent.rewards == {"latent_direction": 1.0}
+
+
+def test_pretraining_weights_the_objects_and_fills_in_an_old_caches_covers(tmp_path):
+    """tools/pretrain_latent_world.py: the cache keeps the objects' coverage beside the latents (a cache
+    from before it gets the same coverage by rendering again), and --object-weight trains on the
+    weighted loss, recorded in the stage's command."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    tools = ROOT_CONFIG.parents[1] / "tools"
+    vae = resolve("builtin:weights/latent-world")
+    cache = tmp_path / "cache.pt"
+    cmd = [sys.executable, str(tools / "pretrain_latent_world.py"), "--vae", str(vae), "--cache", str(cache),
+           "--cache-size", "16", "--batch", "4", "--steps", "2", "--warmup", "1", "--save-every", "1",
+           "--object-weight", "4", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built = torch.load(cache, weights_only=False)
+    covers = torch.cat(built["covers"])
+    assert covers.shape == (16, 1, 5, 8, 8) and 0.02 < float((covers > 0).float().mean()) < 0.5
+    assert "--object-weight 4.0" in json.loads((tmp_path / "out" / "pretrain.json").read_text())["command"]
+
+    sys.path.insert(0, str(tools))
+    try:
+        import pretrain_latent_world
+    finally:
+        sys.path.remove(str(tools))
+    del built["covers"]
+    torch.save(built, cache)
+    again = pretrain_latent_world.build_cache(None, cache, 16, built["seed"])     # nothing left to encode
+    assert torch.equal(again["covers"], covers)

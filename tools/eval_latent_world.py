@@ -145,9 +145,15 @@ def word_loss(folder: str, state: str | None, seed: int, sigmas: tuple[float, ..
     with the relative gap of the opposite word over the right one per noise level."""
     from flowdppo_video.world.latent_diagnostics import direction_word_losses
 
-    losses = direction_word_losses(load_model(folder, state), list(sigmas), seed=seed)
-    return {"folder": folder, "state": state, "seed": seed, "word_loss": {str(s): v for s, v in losses.items()},
-            "opposite_over_right": {str(s): v["opposite"] / v["right word"] - 1 for s, v in losses.items()}}
+    model = load_model(folder, state)
+    out: dict = {"folder": folder, "state": state, "seed": seed}
+    # The whole video, and the cells the objects cover: the background dilutes a word about the
+    # objects in the first by about the share of the frame they leave free.
+    for suffix, objects_only in (("", False), ("_objects", True)):
+        losses = direction_word_losses(model, list(sigmas), seed=seed, objects_only=objects_only)
+        out["word_loss" + suffix] = {str(s): v for s, v in losses.items()}
+        out["opposite_over_right" + suffix] = {str(s): v["opposite"] / v["right word"] - 1 for s, v in losses.items()}
+    return out
 
 
 def record(folder: Path, res: dict) -> None:

@@ -26,11 +26,13 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from tqdm.auto import tqdm
 
-from flowdppo_video.world.latent import build_latent_adapter, load_latent_adapter, render_batch, video_to_pixels
+from flowdppo_video.world.latent import (build_latent_adapter, latent_object_cover, load_latent_adapter, render_batch,
+                                         video_to_pixels)
 from flowdppo_video.world.latent_diagnostics import normalised_latents
 from flowdppo_video.world.model import draw_sigmas, ema_update, flow_matching_loss, world_modules
 from rewards.latent_world import DIRECTIONS, LatentScene, draw_scene, parse_prompt
@@ -46,18 +48,30 @@ def caption(scene: LatentScene, rng: random.Random, wrong_motion: float, drop: f
     return LatentScene(things, scene.background).prompt
 
 
+def cache_chunk(seed: int, start: int, n: int) -> tuple[list[LatentScene], np.ndarray, np.ndarray]:
+    """The cache's videos ``start .. start + n``: scenes, videos and the objects' coverage (per chunk,
+    deterministic: a chunk is drawn and rendered again the same)."""
+    rng = random.Random(seed * 1_000_003 + start)
+    scenes = [draw_scene(rng) for _ in range(n)]
+    return (scenes, *render_batch(scenes, seed=seed * 1_000_003 + start, with_mask=True))
+
+
 @torch.no_grad()
 def build_cache(vae: AutoencoderKLWan, path: Path, size: int, seed: int, chunk: int = 8) -> dict:
-    """Encode ``size`` train-split videos into ``path`` (resumable: saved every 256 videos)."""
+    """Encode ``size`` train-split videos into ``path`` (resumable: saved every 256 videos), with the
+    objects' coverage on the latent grid (``covers``; a cache from before it has them filled in by
+    rendering its chunks again)."""
     cache = torch.load(path, weights_only=False) if path.is_file() else {"latents": [], "prompts": [], "seed": seed}
     done = sum(len(x) for x in cache["latents"])
+    if "covers" not in cache:
+        cache["covers"] = [latent_object_cover(cache_chunk(seed, i, len(z))[2]).half()
+                           for i, z in zip(range(0, done, chunk), cache["latents"])]
     bar = tqdm(total=size, initial=done, desc="encode")
     while done < size:
         n = min(chunk, size - done)
-        rng = random.Random(seed * 1_000_003 + done)
-        scenes = [draw_scene(rng) for _ in range(n)]
-        x = video_to_pixels(render_batch(scenes, seed=seed * 1_000_003 + done))
-        cache["latents"].append(normalised_latents(vae, vae.encode(x).latent_dist.mode()).half())
+        scenes, videos, cover = cache_chunk(seed, done, n)
+        cache["latents"].append(normalised_latents(vae, vae.encode(video_to_pixels(videos)).latent_dist.mode()).half())
+        cache["covers"].append(latent_object_cover(cover).half())
         cache["prompts"] += [s.prompt for s in scenes]
         done += n
         bar.update(n)
@@ -65,7 +79,7 @@ def build_cache(vae: AutoencoderKLWan, path: Path, size: int, seed: int, chunk: 
             torch.save(cache, path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
     bar.close()
-    return {"latents": torch.cat(cache["latents"]), "prompts": cache["prompts"]}
+    return {"latents": torch.cat(cache["latents"]), "covers": torch.cat(cache["covers"]), "prompts": cache["prompts"]}
 
 
 def main() -> None:
@@ -86,6 +100,9 @@ def main() -> None:
     ap.add_argument("--objects", type=int, choices=[1, 2],
                     help="train only on the cached videos with this many objects (default: all)")
     ap.add_argument("--train-text-encoder", action="store_true")
+    ap.add_argument("--object-weight", type=float, default=0.0,
+                    help="weight the flow loss by 1 + W on the latent cells the objects cover "
+                         "(default 0: the plain loss of stages 1-3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", required=True)
@@ -100,10 +117,10 @@ def main() -> None:
     vae = AutoencoderKLWan.from_pretrained(args.vae, subfolder="vae").eval().requires_grad_(False)
     data = build_cache(vae, Path(args.cache), args.cache_size, args.cache_seed)
     scenes = [parse_prompt(p) for p in data["prompts"]]
-    latents = data["latents"]
+    latents, covers = data["latents"], data["covers"]
     if args.objects:
         keep = [i for i, sc in enumerate(scenes) if len(sc.things) == args.objects]
-        scenes, latents = [scenes[i] for i in keep], latents[keep]
+        scenes, latents, covers = [scenes[i] for i in keep], latents[keep], covers[keep]
         print(f"--objects {args.objects}: {len(keep)} of {len(data['prompts'])} cached videos")
 
     adapter = build_latent_adapter(torch.device("cpu"), seed=args.seed)
@@ -152,7 +169,8 @@ def main() -> None:
         text = adapter.embed_text([caption(scenes[i], rng, args.wrong_motion, args.caption_dropout) for i in idx.tolist()])
         sigma = draw_sigmas(args.batch, gen, args.logit_mean, args.high_noise_frac)
         eps = torch.randn(x0.shape, generator=gen)
-        loss = flow_matching_loss(adapter, x0, eps, sigma, text)
+        weight = 1.0 + args.object_weight * (covers[idx] > 0).float() if args.object_weight else None
+        loss = flow_matching_loss(adapter, x0, eps, sigma, text, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)

@@ -28,11 +28,12 @@ def _held_out_batch(n: int, seed: int, keep=lambda s: True) -> tuple[list[Scene]
 
 
 def caption_losses(adapter: Any, sigmas: list[float], x0: torch.Tensor, eps: torch.Tensor,
-                   captions: dict[str, list[str]]) -> dict[float, dict[str, float]]:
-    """``{sigma: {caption kind: flow loss}}`` of one batch ``x0`` and noise ``eps`` under each kind's captions."""
+                   captions: dict[str, list[str]], weight: torch.Tensor | None = None) -> dict[float, dict[str, float]]:
+    """``{sigma: {caption kind: flow loss}}`` of one batch ``x0`` and noise ``eps`` under each kind's
+    captions (weighted by ``weight (B, 1, F, H, W)`` where given: one region's loss)."""
     texts = {k: adapter.embed_text(c) for k, c in captions.items()}     # once, not once per sigma
     n = x0.shape[0]
-    return {sigma: {k: float(flow_matching_loss(adapter, x0, eps, torch.full((n,), sigma), t))
+    return {sigma: {k: float(flow_matching_loss(adapter, x0, eps, torch.full((n,), sigma), t, weight))
                     for k, t in texts.items()} for sigma in sigmas}
 
 

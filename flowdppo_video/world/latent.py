@@ -81,6 +81,24 @@ def render_batch(scenes: list[LatentScene], seed: int, size: int = SIZE, frames:
     return (videos, np.stack([m for _, m in out])) if with_mask else videos
 
 
+def latent_object_cover(cover: torch.Tensor | np.ndarray, temporal: int = 4, spatial: int = 8,
+                        grow: int = 0) -> torch.Tensor:
+    """The objects' coverage ``(B, F, H, W)`` in pixels on the latent grid ``(B, 1, F', H', W')`` of
+    Wan's causal VAE (frame 0 alone, then groups of ``temporal`` frames; ``spatial`` pixels a cell):
+    the most of a cell any frame of its group covers, grown by ``grow`` cells on every side (one
+    cell already makes an object's region about half the frame)."""
+    c = torch.as_tensor(cover).float()
+    b, f, h, w = c.shape
+    if (f - 1) % temporal or h % spatial or w % spatial:
+        raise ValueError(f"cover of {f} frames of {h}x{w} does not fit the VAE's grid "
+                         f"(1 + {temporal}k frames, multiples of {spatial} pixels)")
+    groups = torch.cat([c[:, :1], c[:, 1:].reshape(b, (f - 1) // temporal, temporal, h, w).amax(2)], 1)
+    cells = torch.nn.functional.max_pool2d(groups, spatial)                      # (B, F', H', W')
+    if grow:
+        cells = torch.nn.functional.max_pool2d(cells, 2 * grow + 1, stride=1, padding=grow)
+    return cells.unsqueeze(1)
+
+
 def video_to_pixels(videos: torch.Tensor | np.ndarray) -> torch.Tensor:
     """``(B, F, H, W, 3)`` uint8 -> ``(B, 3, F, H, W)`` float in ``[-1, 1]`` (the VAE's input)."""
     v = torch.as_tensor(videos)
@@ -112,5 +130,5 @@ def load_latent_adapter(path: str | Path = WEIGHTS_DIR, device: torch.device = t
 
 
 __all__ = ["FRAMES", "MAX_TEXT_TOKENS", "POSITION_CHANNELS", "SIZE", "TEXT_ENCODER", "TRANSFORMER", "VAE",
-           "WEIGHTS_DIR", "build_latent_adapter", "load_latent_adapter", "path", "render", "render_batch",
-           "video_to_pixels", "world_init"]
+           "WEIGHTS_DIR", "build_latent_adapter", "latent_object_cover", "load_latent_adapter", "path", "render",
+           "render_batch", "video_to_pixels", "world_init"]

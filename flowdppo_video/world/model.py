@@ -73,11 +73,17 @@ def world_modules(adapter: Any) -> torch.nn.ModuleDict:
 
 
 def flow_matching_loss(adapter: Any, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor,
-                       text: torch.Tensor) -> torch.Tensor:
+                       text: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the predicted velocity at ``x_sigma = (1 - sigma) x0 + sigma eps``
-    against ``eps - x0`` (SPEC conventions); ``x0, eps (B, C, F, H, W)``, ``sigma (B,)``."""
+    against ``eps - x0`` (SPEC conventions); ``x0, eps (B, C, F, H, W)``, ``sigma (B,)``.
+    ``weight (B, 1, F, H, W)``, broadcast over channels: the weighted mean instead (a region's
+    loss alone with a 0/1 mask)."""
     s = sigma.view(-1, 1, 1, 1, 1)
-    return (adapter.velocity((1 - s) * x0 + s * eps, sigma, text) - (eps - x0)).square().mean()
+    sq = (adapter.velocity((1 - s) * x0 + s * eps, sigma, text) - (eps - x0)).square()
+    if weight is None:
+        return sq.mean()
+    w = weight.to(sq.dtype).expand_as(sq)
+    return (w * sq).sum() / w.sum()
 
 
 def draw_sigmas(n: int, gen: torch.Generator, logit_mean: float, high_noise_frac: float) -> torch.Tensor:
