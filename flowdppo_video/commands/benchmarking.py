@@ -48,6 +48,12 @@ from flowdppo_video.training.metrics import read_metrics
 # Beside a document (docs/ or a --docs folder): its JSON data and its figures, each in its own folder.
 DATA = "data"
 FIGURES = "figures"
+# The frontier benchmark's training (docs/trust_regions.md): full fine-tuning on every step at lr 1e-4 and
+# the plain rollout (independent noise, the whole schedule), as the committed fronts were measured before
+# the default recipe routed low-noise steps to the base model, trained LoRA and shared noise. The grid
+# (tools/bench/algorithms.py) runs it and calibrate_trust_region.py calibrates it.
+FRONTIER_TRAINING = ["optim.lr=1e-4", "model.base_below=null", "model.lora.rank=0", "sampler.shared_noise=false",
+                     "sampler.tail_steps=null"]
 
 
 def data_file(doc: str | Path, suffix: str = ".json") -> Path:

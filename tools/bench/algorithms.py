@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowdppo_video.commands.benchmarking import DATA, FIGURES, git_commit
+from flowdppo_video.commands.benchmarking import DATA, FIGURES, FRONTIER_TRAINING, git_commit
 from flowdppo_video.objectives import OBJECTIVES
 from flowdppo_video.reporting.winrates import bootstrap_ci, mean_ci_text
 
@@ -52,13 +52,10 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "flowdppo_video" / "recipes" / "default.yaml"
 EVAL_REWARDS = ("eval.rewards={world_direction: 1.0, world_colour: 1.0, world_shape: 1.0, "
                 "world_smoothness: 1.0, world_fidelity: 1.0}")
-# model.base_below=null and model.lora.rank=0: the fronts were measured with full fine-tuning on every
-# step, before the default recipe routed the low-noise steps to the base model and trained LoRA adapters
-# (docs/clean_rl.md), and with the plain rollout (independent noise, the whole schedule), before it took shared
-# noise and a 3-step tail (docs/benchmarks.md, rollout_payoff); new cells stay comparable with the committed ones.
-COMMON = ["optim.lr=1e-4", "eval.samples_per_prompt=2", "run.report_every=0", "run.progress=false",
-          "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", EVAL_REWARDS,
-          "model.base_below=null", "model.lora.rank=0", "sampler.shared_noise=false", "sampler.tail_steps=null"]
+# FRONTIER_TRAINING: full fine-tuning on every step and the plain rollout, as the committed fronts were
+# measured (docs/clean_rl.md, docs/benchmarks.md rollout_payoff); new cells stay comparable with them.
+COMMON = [*FRONTIER_TRAINING, "eval.samples_per_prompt=2", "run.report_every=0", "run.progress=false",
+          "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", EVAL_REWARDS]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from flowdppo_video.commands.benchmarking import data_file
+from flowdppo_video.commands.benchmarking import FRONTIER_TRAINING, data_file
 from flowdppo_video.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,11 +56,9 @@ def registry_arms() -> tuple[dict[str, tuple[str, list[float]]], dict[str, dict[
 
 
 GRID, SETTINGS = registry_arms()
-# The frontier benchmark's settings (tools/bench/algorithms.py, COMMON): full fine-tuning on every step at
-# lr 1e-4, 4 inner epochs, the plain rollout (independent noise, the whole schedule), so the shares
-# calibrate the runs that grid makes whatever the recipe's own defaults.
-FRONTIER_SETTINGS = ["optim.lr=1e-4", "optim.inner_epochs=4", "model.lora.rank=0", "model.base_below=null",
-                     "sampler.shared_noise=false", "sampler.tail_steps=null"]
+# The frontier benchmark's training at 4 inner epochs, so the shares calibrate the runs its grid makes
+# whatever the recipe's own defaults.
+FRONTIER_SETTINGS = [*FRONTIER_TRAINING, "optim.inner_epochs=4"]
 
 
 def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
