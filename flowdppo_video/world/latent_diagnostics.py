@@ -49,7 +49,7 @@ def direction_word_losses(adapter: Any, sigmas: list[float], n: int = 128, seed:
     object's direction word kept, replaced by the opposite one, by one of the other axis, or the
     caption left empty; the same noise for every caption. ``objects_only``: the loss on the latent
     cells the objects cover, where a word about them can matter, not on the whole video (whose
-    background, about 85% of its cells, dilutes any such word)."""
+    background, about 80% of the cells of a one-object video, dilutes any such word)."""
     rng = random.Random(seed)
     scenes = [draw_scene(rng, held_out=True, two_object_share=two_object_share) for _ in range(n)]
     x0, cover = encode_scenes(adapter.vae, scenes, seed)
