@@ -717,7 +717,7 @@ def test_nccl_watchdog_behaviour_is_set_before_nccl_starts(monkeypatch, preset, 
     assert seen == {"backend": "nccl", "handling": want}
 
 
-def test_a_rendezvous_port_is_free_and_outside_the_kernelsephemeral_port_range():
+def test_a_rendezvous_port_is_free_and_outside_the_kernels_ephemeral_range():
     """CI lost a DeepSpeed rendezvous to a reward server of the next test worker: the port from
     ``bind(0)`` was handed out again before the launcher's store listened. ``free_port`` now picks
     from outside the range ``bind(0)`` and outgoing connections draw from."""

@@ -131,7 +131,9 @@ def main() -> None:
     values = {a: [float(x) for x in vs.split(",")] for a, vs in (v.split("=", 1) for v in args.values)}
     unknown = set(values) - set(GRID)
     if unknown:
-        ap.error(f"--values: unknown arm(s) {sorted(unknown)}; arms are {list(GRID)}")
+        hint = ("; dotted overrides go before --values, which takes the rest of the line"
+                if any("." in a for a in unknown) else "")
+        ap.error(f"--values: unknown arm(s) {sorted(unknown)}; arms are {list(GRID)}{hint}")
     # on top, not instead: an override once silently dropped the other pins (LoRA, one epoch)
     result = calibrate(args.config, [*FRONTIER_SETTINGS, *args.overrides], args.arms, args.seed, values)
     data_file(args.out).write_text(json.dumps(result, indent=1))
