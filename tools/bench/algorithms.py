@@ -4,7 +4,7 @@
                                                                            # one_epoch, knees
     .venv/bin/python tools/bench/algorithms.py --report                    # tables, plots, matched-KL
     .venv/bin/python tools/bench/algorithms.py --stage knees --jobs 2 --reuse docs/data/frontier.json  # a new machine
-    .venv/bin/python tools/bench/algorithms.py --world latent --stage transfer --jobs 2 \
+    .venv/bin/python tools/bench/algorithms.py --stage transfer --jobs 2 \
         --reuse docs/data/frontier.json            # the transfer test in the latent world (docs/latent_world.md)
 
 A trust region is a knob, so each arm is swept over its own: token-wise Flow-DPPO (delta per latent
@@ -27,7 +27,10 @@ and the commit it ran) beside its metrics.
 ``DOCS/frontier.md`` (fronts, matched-KL paired differences with bootstrap intervals over seeds,
 4 against 1 epoch), ``DOCS/figures/frontier.png`` (held-out direction against KL to the base model),
 ``DOCS/figures/frontier_forgetting.png`` and ``frontier_grid.png`` (forgetting and the grid artifact
-against KL).
+against KL), and for each other world with runs ``DOCS/frontier_WORLD.md`` and its figures, with
+that world's knees read from its own runs by the rule of ``KNEES`` (:func:`knees_from`). The
+stages' wall times are kept in ``DOCS/data/frontier_stages.json``, so a report on another machine
+keeps them.
 """
 
 from __future__ import annotations
@@ -154,7 +157,8 @@ STAGES = {
     # Seeds 3-4 at each arm's 4-epoch knee (KNEES).
     "knees": {"seeds": [3, 4], "epochs": [4], "arms": ["sample", "clip", "row", "token"], "knees": True},
     # The transfer test in another world (--world latent): its own knob values, 4 inner epochs, seeds 0-2.
-    "transfer": {"seeds": [0, 1, 2], "epochs": [4], "arms": ["sample", "clip", "row", "token", "none"]},
+    "transfer": {"seeds": [0, 1, 2], "epochs": [4], "arms": ["sample", "clip", "row", "token", "none"],
+                 "world": "latent"},
 }
 # Each arm's knee at 4 inner epochs, by one rule on the seed 0-2 medians: the highest held-out
 # direction among the arm's points that forgot at most 6 points. 5 seeds run here (stage "knees"),
@@ -535,12 +539,102 @@ KNEE_KEYS = [("direction", "held-out direction", 1.0, 3), ("kl_to_base", "KL to 
              ("grid_energy", "grid energy", 1.0, 2)]
 
 
-def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample") -> list[str]:
-    """Each arm at its knee (:data:`KNEES`, ``epochs`` inner epochs) over all its seeds: mean and 95%
-    bootstrap interval of each :data:`KNEE_KEYS` number; then each knee minus ``against``'s knee,
-    paired by seed (the seeds both ran)."""
+# The knee rule (KNEES): at most this much forgetting (median over seeds, a fraction of the score).
+KNEE_MAX_FORGETTING = 0.06
+
+
+def _knee_of(medians: dict[float, tuple[float, float]], max_forgetting: float) -> float | None:
+    """The knob value with the highest median direction among those whose median forgetting is at
+    most ``max_forgetting`` (``medians``: value -> (direction, forgetting)); None if none is."""
+    ok = [(d, v) for v, (d, f) in medians.items() if d == d and f == f and f <= max_forgetting]
+    return max(ok)[1] if ok else None
+
+
+def knees_from(results: list[dict], epochs: int = 4, max_forgetting: float = KNEE_MAX_FORGETTING
+               ) -> dict[str, dict]:
+    """Each swept arm's knee read from the runs by the rule :data:`KNEES` was read by (the highest
+    median held-out direction among the knob values whose median forgetting is at most
+    ``max_forgetting``), each value's medians over the seeds that ran it.
+
+    Returns arm -> {"value": the knee, "seeds": n, "resampled": {value: share}}: how often each value
+    is the knee when the seeds are resampled with replacement (every one of the n^n draws, weighted
+    alike), which says how firmly the seeds place it."""
+    import itertools
+
+    out: dict[str, dict] = {}
+    for arm in ARMS:
+        if ARMS[arm][1] is None:
+            continue
+        rs = [r for r in front_runs(grid_runs(results)) if r["arm"] == arm and r["epochs"] == epochs]
+        values = sorted({r["value"] for r in rs})
+        by = {(r["value"], r["seed"]): r for r in rs}
+        seeds = sorted({r["seed"] for r in rs})
+        if len(values) < 2:
+            continue
+
+        def knee(draw: tuple[int, ...]) -> float | None:
+            ran = {v: [by[v, s] for s in draw if (v, s) in by] for v in values}
+            return _knee_of({v: (_median([r["direction"] for r in g]), _median([r["forgetting"] for r in g]))
+                             for v, g in ran.items() if g}, max_forgetting)
+
+        draws = list(itertools.product(seeds, repeat=len(seeds)))
+        counts: dict[float, int] = {}
+        for d in draws:
+            k = knee(d)
+            if k is not None:
+                counts[k] = counts.get(k, 0) + 1
+        out[arm] = {"value": knee(tuple(seeds)), "seeds": len(seeds),
+                    "resampled": {v: counts[v] / len(draws) for v in sorted(counts)}}
+    return out
+
+
+def _resampled_text(k: dict) -> str:
+    shares = [f"{v:g}: {p * 100:.0f}%" for v, p in k["resampled"].items()]
+    rest = 1 - sum(k["resampled"].values())
+    return ", ".join(shares + ([f"no value: {rest * 100:.0f}%"] if rest > 1e-9 else [])) or "n/a"
+
+
+def knee_table(results: list[dict], world: str = "shapes", reference: dict[str, dict] | None = None,
+               epochs: int = 4) -> list[str]:
+    """Each arm's knee read from ``results`` (:func:`knees_from`) with how firmly the seeds place it;
+    with ``reference`` (the shapes world's knees, as :func:`knees_from` gives them), beside those:
+    their ratio and whether it lies within a factor of 3 (the transfer test's question)."""
+    knees = knees_from(results, epochs)
+    if not knees:
+        return []
+    head = "| arm | knob | seeds | knee | resampled |"
+    if reference is not None:
+        head += " shapes world's knee | resampled there | here / shapes | within 3x |"
+    lines = [f"### Each arm's knee read from the runs, {world} world, {epochs} inner epochs", "",
+             f"The rule of `KNEES`: the highest median held-out direction among the knob values whose median "
+             f"forgetting is at most {KNEE_MAX_FORGETTING * 100:g} points. 'Resampled': how often each value is "
+             "the knee when the seeds are drawn again with replacement (all n^n draws, equally likely).", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for arm, k in knees.items():
+        here = k["value"]
+        values = sorted({r["value"] for r in results if r["arm"] == arm and r["epochs"] == epochs})
+        edge = " (sweep's edge)" if here is not None and here in (values[0], values[-1]) else ""
+        row = (f"| {LABELS[arm]} | {ARMS[arm][1].split('.')[-1]} | {k['seeds']} | "
+               f"{'none' if here is None else f'{here:g}'}{edge} | {_resampled_text(k)} |")
+        if reference is not None:
+            ref = reference.get(arm, {})
+            there = ref.get("value")
+            ratio = here / there if here is not None and there else None
+            row += (f" {'n/a' if there is None else f'{there:g}'} | {_resampled_text(ref) if ref.get('resampled') else 'n/a'} | "
+                    f"{'n/a' if ratio is None else f'{ratio:g}x'} | "
+                    f"{'n/a' if ratio is None else ('yes' if 1 / 3 - 1e-9 <= ratio <= 3 + 1e-9 else 'no')} |")
+        lines.append(row)
+    return lines + [""]
+
+
+def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample",
+                 knees: dict[str, float] | None = None) -> list[str]:
+    """Each arm at its knee (``knees``, by default :data:`KNEES`; ``epochs`` inner epochs) over all its
+    seeds: mean and 95% bootstrap interval of each :data:`KNEE_KEYS` number; then each knee minus
+    ``against``'s knee, paired by seed (the seeds both ran)."""
+    knees = KNEES if knees is None else knees
     runs = {a: {r["seed"]: r for r in results if r["arm"] == a and r["value"] == v and r["epochs"] == epochs
-                and not r.get("tag")} for a, v in KNEES.items()}
+                and not r.get("tag")} for a, v in knees.items()}
     runs = {a: rs for a, rs in runs.items() if rs}
     if not runs:
         return []
@@ -549,11 +643,11 @@ def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample") 
     lines = [f"### Each arm at its knee, {epochs} inner epochs (mean over seeds, 95% bootstrap interval)", "",
              f"| arm | knob | seeds | {names} |", "|---|---|---|" + "---|" * len(KNEE_KEYS)]
     for a, rs in runs.items():
-        knob = f"{ARMS[a][1].split('.')[-1]} {KNEES[a]:g}"
+        knob = f"{ARMS[a][1].split('.')[-1]} {knees[a]:g}"
         lines.append(f"| {LABELS[a]} | {knob} | {len(rs)} | "
                      + " | ".join(mean_ci_text([r[k] for r in rs.values()], sc, d) for k, _, sc, d in KNEE_KEYS) + " |")
     if against in runs:
-        lines += ["", f"Paired by seed, each knee minus {LABELS[against]}'s ({against} {KNEES[against]:g}):", "",
+        lines += ["", f"Paired by seed, each knee minus {LABELS[against]}'s ({against} {knees[against]:g}):", "",
                   f"| arm | seeds | {names} |", "|---|---|" + "---|" * len(KNEE_KEYS)]
         for a, rs in runs.items():
             common = sorted(set(rs) & set(runs[against]))
@@ -571,7 +665,14 @@ MATCHED_KEYS = [("direction", "held-out direction", 1.0, 3), ("forgetting", "for
                 ("background_error", "background error (levels)", 1.0, 1), ("grid_energy", "grid energy (levels)", 1.0, 2)]
 
 
-def report(results: list[dict], stage_times: dict) -> str:
+def report(results: list[dict], stage_times: dict, world: str = "shapes",
+           reference_knees: dict[str, dict] | None = None) -> str:
+    """The world's page (``frontier.md`` or ``frontier_WORLD.md``) from its runs; in a world other than
+    the shapes world its knees are read from its runs and set beside ``reference_knees`` (the shapes
+    world's, :func:`knees_from`; each arm's :data:`KNEES` value where not given)."""
+    if reference_knees is None:
+        reference_knees = {a: {"value": v, "resampled": {}} for a, v in KNEES.items()}
+
     def f(x: float, d: int = 3) -> str:
         return "n/a" if x is None or x != x else f"{x:.{d}f}"
 
@@ -625,7 +726,13 @@ def report(results: list[dict], stage_times: dict) -> str:
                              f"{m['a_mean'] * scale:.{d}f} | {m['b_mean'] * scale:.{d}f} | {m['mean_diff'] * scale:+.{d}f} | "
                              f"[{m['ci'][0] * scale:+.{d}f}, {m['ci'][1] * scale:+.{d}f}] |")
             lines.append("")
-    lines += knee_summary(knee_runs)                # every seed at the knees; the rest: the fronts' seeds
+    lines += knee_table(knee_runs, world, None if world == "shapes" else reference_knees)
+    if world == "shapes":                           # every seed at the knees; the rest: the fronts' seeds
+        lines += knee_summary(knee_runs)
+    else:                                           # another world: at the knees read from its own runs
+        read = knees_from(knee_runs)                # the arms of KNEES, in its order
+        lines += knee_summary(knee_runs, knees={a: read[a]["value"] for a in KNEES
+                                                if a in read and read[a]["value"] is not None})
     ea = epochs_against(results)
     if ea:
         lines += ["### 4 against 1 inner epoch, same arm: held-out direction at matched KL", "",
@@ -694,6 +801,44 @@ def plot(results: list[dict], figures: Path, suffix: str = "") -> None:
         plt.close(fig)
 
 
+STAGE_TIMES = "frontier_stages.json"    # the stages' wall times, kept in DOCS/data beside the runs
+
+
+def stage_key(stage: str, world: str) -> str:
+    """A stage's key among the wall times: its name, ``WORLD:name`` in a world other than the shapes world."""
+    return stage if world == "shapes" else f"{world}:{stage}"
+
+
+def stage_times_of(times: dict[str, float], world: str) -> dict[str, float]:
+    """The wall times of ``world``'s stages, by stage name. An unprefixed key is its stage's world's
+    (``STAGES[name]["world"]``, the shapes world's if it names none or is no stage: a stage run
+    with an older copy of this script)."""
+    out = {}
+    for k, v in times.items():
+        w, name = k.split(":", 1) if ":" in k else (STAGES.get(k, {}).get("world", "shapes"), k)
+        if w == world:
+            out[name] = out.get(name, 0.0) + v
+    return out
+
+
+def load_stage_times(out: Path, docs: Path) -> dict[str, float]:
+    """The stages' wall times: those committed in ``DOCS/data/frontier_stages.json``, updated by this
+    machine's ``OUT/stages.json`` (a stage run here), and written back, so that a report on a fresh
+    machine keeps the times measured on another."""
+    kept = docs / DATA / STAGE_TIMES
+    times = json.loads(kept.read_text()) if kept.is_file() else {}
+    here = out / "stages.json"
+    if here.is_file():
+        times.update(json.loads(here.read_text()))
+    kept.write_text(json.dumps(times, indent=1))
+    return times
+
+
+def world_for(args: argparse.Namespace) -> str:
+    """The world a grid runs in: ``--world``, else its stage's, else the shapes world."""
+    return args.world or STAGES.get(args.stage or "", {}).get("world", "shapes")
+
+
 def worker_command(args: argparse.Namespace, seeds: list[int], epochs: list[int], arms: list[str],
                    values: dict[str, list[float]] | None = None) -> list[str]:
     """One ``--jobs`` worker: the same cells, one process; ``values`` are the knob values the grid
@@ -701,7 +846,7 @@ def worker_command(args: argparse.Namespace, seeds: list[int], epochs: list[int]
     argparse refuses an empty one)."""
     given = [f"{a}={','.join(repr(float(x)) for x in vs)}" for a, vs in (values or {}).items()]
     return [sys.executable, __file__, "--iterations", str(args.iterations), "--out", str(args.out),
-            "--docs", str(args.docs), "--tag", args.tag, "--world", args.world, "--seeds", *map(str, seeds), "--epochs", *map(str, epochs),
+            "--docs", str(args.docs), "--tag", args.tag, "--world", world_for(args), "--seeds", *map(str, seeds), "--epochs", *map(str, epochs),
             "--arms", *arms, *(["--values", *given] if given else []), "--", *args.overrides]
 
 
@@ -716,8 +861,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes side by side, one thread each")
     ap.add_argument("--tag", default="", help="names a variant of the grid (with its extra overrides)")
-    ap.add_argument("--world", choices=list(WORLDS), default="shapes",
-                    help="the embedded world the grid runs in (its recipe and rewards); --report writes "
+    ap.add_argument("--world", choices=list(WORLDS),
+                    help="the embedded world the grid runs in (its recipe and rewards; default: the stage's, "
+                    "else the shapes world); --report writes "
                     "frontier.md for the shapes world and frontier_WORLD.md for each other world with runs")
     ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
     ap.add_argument("--docs", type=Path, default=Path("docs"),
@@ -746,19 +892,25 @@ def main() -> None:
         results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/bench.json"))]
         if not results:
             sys.exit(f"algorithms.py: no finished runs under {args.out}")
-        stage_times = json.loads((args.out / "stages.json").read_text()) if (args.out / "stages.json").is_file() else {}
+        stage_times = load_stage_times(args.out, args.docs)
         (args.docs / DATA / "frontier.json").write_text(json.dumps(results, indent=1))    # every world's runs
         for world in WORLDS:                   # one report per world with runs, from that world's runs alone
             mine = [r for r in results if world_of(r) == world]
             if not mine:
                 continue
             suffix = "" if world == "shapes" else f"_{world}"
-            md = report(mine, stage_times if world == "shapes" else {})
+            shapes = [r for r in results if world_of(r) == "shapes"]
+            md = report(mine, stage_times_of(stage_times, world), world, knees_from(shapes) if shapes else None)
             (args.docs / f"frontier{suffix}.md").write_text(md + "\n")
             plot(front_runs(grid_runs(mine)), args.docs / FIGURES, suffix)
             print(md)
         return
     st = STAGES.get(args.stage, {})
+    if args.world is not None and st.get("world", args.world) != args.world:
+        print(f"algorithms.py: --stage {args.stage} runs in the {st['world']} world, not --world {args.world}",
+              file=sys.stderr)
+        sys.exit(2)
+    args.world = world_for(args)
     seeds, epochs, arms = args.seeds or st.get("seeds", [0]), args.epochs or st.get("epochs", [4, 1]), \
         args.arms or st.get("arms", list(ARMS))
     values = stage_values(st, args.world)
@@ -785,7 +937,8 @@ def main() -> None:
     if args.stage:
         path = args.out / "stages.json"
         times = json.loads(path.read_text()) if path.is_file() else {}
-        times[args.stage] = times.get(args.stage, 0.0) + time.perf_counter() - t
+        key = stage_key(args.stage, args.world)
+        times[key] = times.get(key, 0.0) + time.perf_counter() - t
         path.write_text(json.dumps(times, indent=1))
 
 
