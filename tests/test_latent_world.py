@@ -153,7 +153,7 @@ def test_the_direction_word_probe_compares_captions_on_the_same_videos_and_noise
     import torch
 
     from flowdppo_video.world.latent import build_latent_adapter
-    from flowdppo_video.world.latent_diagnostics import direction_word_losses
+    from flowdppo_video.world.latent_diagnostics import direction_word_losses, direction_word_losses_by_region
 
     torch.manual_seed(0)
     adapter = build_latent_adapter(torch.device("cpu"), seed=0)
@@ -164,9 +164,11 @@ def test_the_direction_word_probe_compares_captions_on_the_same_videos_and_noise
         assert set(row) == {"right word", "opposite", "other axis", "no caption"}
         assert all(math.isfinite(v) and v > 0 for v in row.values())
         assert row["no caption"] != row["right word"]
-    # On the objects' cells alone: another weighting of the same squared errors.
+    # On the objects' cells alone: another weighting of the same squared errors, and both regions
+    # from one set of forward passes give the same numbers as one region at a time.
     obj = direction_word_losses(adapter, [0.9, 0.5], n=4, seed=3, objects_only=True)
     assert set(obj) == {0.9, 0.5} and obj[0.9]["right word"] != a[0.9]["right word"]
+    assert direction_word_losses_by_region(adapter, [0.9, 0.5], n=4, seed=3) == {"video": a, "objects": obj}
 
 
 def test_the_objects_cover_lands_on_the_vaes_latent_grid():

@@ -143,14 +143,16 @@ def eval_model(folder: str, samples: int, seeds: list[int], steps: int, state: s
 def word_loss(folder: str, state: str | None, seed: int, sigmas: tuple[float, ...] = (0.95, 0.8, 0.6, 0.4)) -> dict:
     """The direction-word probe (:func:`flowdppo_video.world.latent_diagnostics.direction_word_losses`),
     with the relative gap of the opposite word over the right one per noise level."""
-    from flowdppo_video.world.latent_diagnostics import direction_word_losses
+    from flowdppo_video.world.latent_diagnostics import direction_word_losses_by_region
 
     model = load_model(folder, state)
     out: dict = {"folder": folder, "state": state, "seed": seed}
-    # The whole video, and the cells the objects cover: the background dilutes a word about the
-    # objects in the first by about the share of the frame they leave free.
-    for suffix, objects_only in (("", False), ("_objects", True)):
-        losses = direction_word_losses(model, list(sigmas), seed=seed, objects_only=objects_only)
+    # The whole video, and the cells the objects cover (one set of forward passes for both): the
+    # background dilutes a word about the objects in the first by about the share of the frame they
+    # leave free.
+    by_region = direction_word_losses_by_region(model, list(sigmas), seed=seed)
+    for suffix, region in (("", "video"), ("_objects", "objects")):
+        losses = by_region[region]
         out["word_loss" + suffix] = {str(s): v for s, v in losses.items()}
         out["opposite_over_right" + suffix] = {str(s): v["opposite"] / v["right word"] - 1 for s, v in losses.items()}
     return out

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from flowdppo_video.world.latent import (build_latent_adapter, latent_object_cover, load_latent_adapter, render_batch,
                                          video_to_pixels)
-from flowdppo_video.world.latent_diagnostics import normalised_latents
+from flowdppo_video.world.latent_diagnostics import normalised_latents, object_cells
 from flowdppo_video.world.model import draw_sigmas, ema_update, flow_matching_loss, world_modules
 from rewards.latent_world import DIRECTIONS, LatentScene, draw_scene, parse_prompt
 
@@ -169,7 +169,7 @@ def main() -> None:
         text = adapter.embed_text([caption(scenes[i], rng, args.wrong_motion, args.caption_dropout) for i in idx.tolist()])
         sigma = draw_sigmas(args.batch, gen, args.logit_mean, args.high_noise_frac)
         eps = torch.randn(x0.shape, generator=gen)
-        weight = 1.0 + args.object_weight * (covers[idx] > 0).float() if args.object_weight else None
+        weight = 1.0 + args.object_weight * object_cells(covers[idx]) if args.object_weight else None
         loss = flow_matching_loss(adapter, x0, eps, sigma, text, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

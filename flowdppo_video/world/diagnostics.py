@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .grammar import Scene, split_scenes
-from .model import flow_matching_loss, video_to_latent
+from .model import flow_matching_losses, video_to_latent
 from .render import render_batch
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -31,10 +31,24 @@ def caption_losses(adapter: Any, sigmas: list[float], x0: torch.Tensor, eps: tor
                    captions: dict[str, list[str]], weight: torch.Tensor | None = None) -> dict[float, dict[str, float]]:
     """``{sigma: {caption kind: flow loss}}`` of one batch ``x0`` and noise ``eps`` under each kind's
     captions (weighted by ``weight (B, 1, F, H, W)`` where given: one region's loss)."""
+    return caption_losses_by_region(adapter, sigmas, x0, eps, captions, {"": weight})[""]
+
+
+def caption_losses_by_region(adapter: Any, sigmas: list[float], x0: torch.Tensor, eps: torch.Tensor,
+                             captions: dict[str, list[str]], regions: dict[str, torch.Tensor | None]
+                             ) -> dict[str, dict[float, dict[str, float]]]:
+    """:func:`caption_losses` in each of ``regions`` (name -> weight ``(B, 1, F, H, W)``, or ``None``
+    for the whole video), ``{region: {sigma: {caption kind: loss}}}``, one forward pass per caption
+    kind and noise level for all of them."""
     texts = {k: adapter.embed_text(c) for k, c in captions.items()}     # once, not once per sigma
     n = x0.shape[0]
-    return {sigma: {k: float(flow_matching_loss(adapter, x0, eps, torch.full((n,), sigma), t, weight))
-                    for k, t in texts.items()} for sigma in sigmas}
+    out: dict[str, dict[float, dict[str, float]]] = {r: {} for r in regions}
+    for sigma in sigmas:
+        for k, t in texts.items():
+            losses = flow_matching_losses(adapter, x0, eps, torch.full((n,), sigma), t, list(regions.values()))
+            for r, loss in zip(regions, losses):
+                out[r].setdefault(sigma, {})[k] = float(loss)
+    return out
 
 
 @torch.no_grad()

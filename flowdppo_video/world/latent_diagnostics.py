@@ -16,7 +16,7 @@ import torch
 
 from rewards.latent_world import LatentScene, draw_scene
 
-from .diagnostics import OPPOSITE, OTHER_AXIS, caption_losses
+from .diagnostics import OPPOSITE, OTHER_AXIS, caption_losses_by_region
 from .latent import latent_object_cover, render_batch, video_to_pixels
 
 
@@ -42,14 +42,21 @@ def encode_scenes(vae: Any, scenes: list[LatentScene], seed: int, chunk: int = 1
     return torch.cat(out), torch.cat(covers)
 
 
+def object_cells(cover: torch.Tensor) -> torch.Tensor:
+    """The latent cells any object touches, 0/1 ``(B, 1, F', H', W')`` from
+    :func:`~flowdppo_video.world.latent.latent_object_cover`'s coverage."""
+    return (cover > 0).float()
+
+
 @torch.no_grad()
-def direction_word_losses(adapter: Any, sigmas: list[float], n: int = 128, seed: int = 0,
-                          two_object_share: float = 0.0, objects_only: bool = False) -> dict[float, dict[str, float]]:
-    """``{sigma: {caption kind: flow loss}}`` on ``n`` held-out scenes (one object by default), every
-    object's direction word kept, replaced by the opposite one, by one of the other axis, or the
-    caption left empty; the same noise for every caption. ``objects_only``: the loss on the latent
-    cells the objects cover, where a word about them can matter, not on the whole video (whose
-    background, about 80% of the cells of a one-object video, dilutes any such word)."""
+def direction_word_losses_by_region(adapter: Any, sigmas: list[float], n: int = 128, seed: int = 0,
+                                    two_object_share: float = 0.0) -> dict[str, dict[float, dict[str, float]]]:
+    """``{region: {sigma: {caption kind: flow loss}}}`` on ``n`` held-out scenes (one object by
+    default), every object's direction word kept, replaced by the opposite one, by one of the other
+    axis, or the caption left empty; the same noise for every caption. Two regions from the same
+    forward passes: ``"video"`` (every cell) and ``"objects"`` (the cells the objects cover, where a
+    word about them can matter; the background, about 80% of a one-object video's cells, dilutes
+    any such word in the first)."""
     rng = random.Random(seed)
     scenes = [draw_scene(rng, held_out=True, two_object_share=two_object_share) for _ in range(n)]
     x0, cover = encode_scenes(adapter.vae, scenes, seed)
@@ -61,6 +68,15 @@ def direction_word_losses(adapter: Any, sigmas: list[float], n: int = 128, seed:
         return [LatentScene(tuple(dataclasses.replace(t, direction=words[t.direction]) for t in s.things),
                             s.background).prompt for s in scenes]
 
-    return caption_losses(adapter, sigmas, x0, eps, {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
-                                                     "other axis": caps(OTHER_AXIS), "no caption": caps(None)},
-                          (cover > 0).float() if objects_only else None)
+    return caption_losses_by_region(
+        adapter, sigmas, x0, eps, {"right word": [s.prompt for s in scenes], "opposite": caps(OPPOSITE),
+                                   "other axis": caps(OTHER_AXIS), "no caption": caps(None)},
+        {"video": None, "objects": object_cells(cover)})
+
+
+def direction_word_losses(adapter: Any, sigmas: list[float], n: int = 128, seed: int = 0,
+                          two_object_share: float = 0.0, objects_only: bool = False) -> dict[float, dict[str, float]]:
+    """One region of :func:`direction_word_losses_by_region`: the whole video, or with
+    ``objects_only`` the cells the objects cover."""
+    return direction_word_losses_by_region(adapter, sigmas, n, seed, two_object_share)[
+        "objects" if objects_only else "video"]

@@ -5,7 +5,7 @@ It names no model family: the shipped checkpoint's pipeline picks one from the r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -78,12 +78,23 @@ def flow_matching_loss(adapter: Any, x0: torch.Tensor, eps: torch.Tensor, sigma:
     against ``eps - x0`` (SPEC conventions); ``x0, eps (B, C, F, H, W)``, ``sigma (B,)``.
     ``weight (B, 1, F, H, W)``, broadcast over channels: the weighted mean instead (a region's
     loss alone with a 0/1 mask)."""
+    return flow_matching_losses(adapter, x0, eps, sigma, text, [weight])[0]
+
+
+def flow_matching_losses(adapter: Any, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor,
+                         text: torch.Tensor, weights: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """:func:`flow_matching_loss` under each of ``weights`` (``None``: the plain mean) from one
+    forward pass: several regions' losses for the price of one."""
     s = sigma.view(-1, 1, 1, 1, 1)
     sq = (adapter.velocity((1 - s) * x0 + s * eps, sigma, text) - (eps - x0)).square()
-    if weight is None:
-        return sq.mean()
-    w = weight.to(sq.dtype).expand_as(sq)
-    return (w * sq).sum() / w.sum()
+    out = []
+    for weight in weights:
+        if weight is None:
+            out.append(sq.mean())
+        else:
+            w = weight.to(sq.dtype).expand_as(sq)
+            out.append((w * sq).sum() / w.sum())
+    return out
 
 
 def draw_sigmas(n: int, gen: torch.Generator, logit_mean: float, high_noise_frac: float) -> torch.Tensor:
