@@ -1,5 +1,5 @@
-"""What several families share and none owns: the dtype names of ``model.dtype``, transformers'
-image processor classes, the check that a diffusers directory holds a pipeline's folders, and the
+"""What several families share and none owns: the dtype names of ``model.dtype``, a VAE's latent
+statistics, transformers' image processor classes, the check that a diffusers directory holds a pipeline's folders, and the
 parts of a staged build (:func:`building`: the conditioning encoders alone, or the denoiser alone)."""
 
 from __future__ import annotations
@@ -20,6 +20,16 @@ from .base import ModelError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The folders of a pipeline with two text encoders (HunyuanVideo 1.0, its I2V, 1.5).
 TWO_ENCODER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def vae_latent_stats(vae: Any, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Wan-style VAE's per-channel ``latents_mean`` and ``latents_std`` (its config), each
+    ``(1, C, 1, 1, 1)``: the transformer's latents are the posterior minus the mean, over the std."""
+    c = len(vae.config.latents_mean)
+    mean = torch.tensor(vae.config.latents_mean, device=device, dtype=dtype).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device, dtype=dtype).view(1, c, 1, 1, 1)
+    return mean, std
 
 
 @contextlib.contextmanager

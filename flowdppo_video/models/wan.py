@@ -22,7 +22,7 @@ from ._training import EXPERT_DIRS, TrainableExperts
 from .activations import F32, ActivationProfile, BlockBytes, Linears, rms, trains
 from .base import ModelError, SequenceParallelPlan, VideoFlowAdapter, causal_latent_shape, init_parts
 from .common import (DTYPES, built_in, denoiser_part, drawn_denoiser, encoder_part, place,
-                     skeleton)
+                     skeleton, vae_latent_stats)
 from .memory import SMALL_CHECKPOINT_BYTES, read_json, read_part_configs
 from .pixel_vae import PixelAutoencoder
 from .registry import FamilySpec, register
@@ -374,9 +374,7 @@ class WanAdapter(TrainableExperts, VideoFlowAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
-        c = self.latent_channels
-        mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, c, 1, 1, 1)
-        std = torch.tensor(self.vae.config.latents_std, device=self.device).view(1, c, 1, 1, 1)
+        mean, std = vae_latent_stats(self.vae, self.device)
         outs = []
         for part in latents.split(chunk):
             z = part.to(self.device, torch.float32) * std + mean

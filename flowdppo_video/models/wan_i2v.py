@@ -31,7 +31,7 @@ import torch
 
 from . import wan
 from .base import ModelError, TextBatch
-from .common import PromptImages, clip_processor_class, encoder_part, place, skeleton
+from .common import PromptImages, clip_processor_class, encoder_part, place, skeleton, vae_latent_stats
 from .registry import FamilySpec, register
 from .wan import TINY_INIT, WanAdapter
 
@@ -147,9 +147,7 @@ class WanI2VAdapter(PromptImages, WanAdapter):
             pixels = pixels.to(self.device, torch.float32).unsqueeze(2)                  # (1, 3, 1, H, W)
             if not self.expand_timesteps:                                                # zeros after frame 0
                 pixels = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
-            z = self.latent_channels
-            mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
-            std = torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
+            mean, std = vae_latent_stats(self.vae, self.device)
             latents = (self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().float() - mean) / std
             if not self.expand_timesteps:
                 # The pipeline's mask: 1 for the latents of pixel frame 0 (repeated scale_temporal

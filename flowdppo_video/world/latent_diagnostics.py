@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from flowdppo_video.models.common import vae_latent_stats
 from rewards.latent_world import LatentScene, draw_scene
 
 from .diagnostics import OPPOSITE, OTHER_AXIS, caption_losses_by_region
@@ -23,9 +24,7 @@ from .latent import latent_object_cover, render_batch, video_to_pixels
 def normalised_latents(vae: Any, z: torch.Tensor) -> torch.Tensor:
     """The VAE's posterior ``z (B, 16, F', H', W')`` in the transformer's units: minus the VAE's
     ``latents_mean``, over its ``latents_std`` (the adapter's ``decode`` undoes this)."""
-    c = z.shape[1]
-    mean = torch.tensor(vae.config.latents_mean, dtype=z.dtype).view(1, c, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=z.dtype).view(1, c, 1, 1, 1)
+    mean, std = vae_latent_stats(vae, z.device, z.dtype)
     return (z - mean) / std
 
 
