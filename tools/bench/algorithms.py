@@ -795,8 +795,10 @@ def plot(results: list[dict], figures: Path, suffix: str = "") -> None:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel(ylabel)
         handles, labels = axes[0][-1].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        # One panel (a world run at one epoch count) is too narrow for the legend on one row.
+        ncol = len(labels) if len(epochs) > 1 else min(len(labels), 3)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.035 + 0.04 * math.ceil(len(labels) / ncol), 1, 1))
         fig.savefig(figures / name.replace(".png", f"{suffix}.png"), dpi=110)
         plt.close(fig)
 
