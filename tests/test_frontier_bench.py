@@ -280,7 +280,8 @@ def test_extra_seeds_at_a_knee_join_the_knee_table_not_the_fronts():
 def test_worlds_are_named_tagged_and_reported_apart(tmp_path):
     """A run of another world is named and tagged with it, runs with its recipe and rewards, and the
     report gives each world its own page and figures from its own runs (the same runs tagged as the
-    latent world report exactly as the shapes world's)."""
+    latent world report as the shapes world's, but for the knee table, which sets them beside the
+    shapes world's knees)."""
     assert algorithms.run_name("sample", 1e-5, 4, 0, world="latent") == "latent-sample-1e-05-e4-s0"
     assert algorithms.run_name("sample", 1e-5, 4, 0) == "sample-1e-05-e4-s0"
     ov = algorithms.overrides_for("sample", 1e-5, 4, 0, 20, tmp_path / "r", [], "latent")
@@ -341,7 +342,7 @@ def test_knees_are_read_from_the_runs_by_the_rule_of_KNEES():
     assert "| 0.0001 |" in row and "| 10x | no |" in row
 
 
-def test_stage_wall_times_are_kept_in_the_docs_and_split_by_world(tmp_path, monkeypatch):
+def test_stage_wall_times_are_kept_in_the_docs_and_split_by_world(tmp_path, monkeypatch, capsys):
     """A report on a machine without the runs' stages.json keeps the committed times; a stage run
     here adds its own; the latent world's stages go to its page only; a stage in the wrong world is
     refused with exit 2."""
@@ -355,8 +356,19 @@ def test_stage_wall_times_are_kept_in_the_docs_and_split_by_world(tmp_path, monk
     assert algorithms.stage_times_of(times, "shapes") == {"seed0": 600.0, "knees": 300.0}
     assert algorithms.stage_times_of(times, "latent") == {"transfer": 180.0}
     assert algorithms.stage_key("transfer", "latent") == "latent:transfer"
+    (out / "stages.json").unlink()                       # a fresh machine: the committed times stay
+    assert algorithms.load_stage_times(out, docs) == times
+    (out / "stages.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit) as e:
+        algorithms.load_stage_times(out, docs)
+    assert e.value.code == 2 and "stages.json: not a JSON object" in capsys.readouterr().err
+    assert json.loads((docs / "data" / "frontier_stages.json").read_text()) == times    # nothing lost
+    assert algorithms.stage_times_of({"two: seeds 0-2": 5.0}, "shapes") == {"two: seeds 0-2": 5.0}
+    fresh = tmp_path / "fresh"
     monkeypatch.setattr(sys, "argv", ["algorithms.py", "--stage", "transfer", "--world", "shapes",
-                                      "--out", str(out), "--docs", str(docs)])
+                                      "--out", str(fresh), "--docs", str(fresh)])
     with pytest.raises(SystemExit) as e:
         algorithms.main()
-    assert e.value.code == 2
+    assert e.value.code == 2 and not fresh.exists()                 # refused before anything is written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stage transfer runs in the latent world" in err[0]

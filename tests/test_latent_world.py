@@ -169,6 +169,21 @@ def test_the_direction_word_probe_compares_captions_on_the_same_videos_and_noise
     obj = direction_word_losses(adapter, [0.9, 0.5], n=4, seed=3, objects_only=True)
     assert set(obj) == {0.9, 0.5} and obj[0.9]["right word"] != a[0.9]["right word"]
     assert direction_word_losses_by_region(adapter, [0.9, 0.5], n=4, seed=3) == {"video": a, "objects": obj}
+    # ... and the objects' number is the weighted flow loss computed on its own (one region, one pass).
+    import random
+
+    from rewards.latent_world import draw_scene
+    from flowdppo_video.world.latent_diagnostics import encode_scenes, object_cells
+    from flowdppo_video.world.model import flow_matching_loss
+
+    rng = random.Random(3)
+    scenes = [draw_scene(rng, held_out=True, two_object_share=0.0) for _ in range(4)]
+    x0, cover = encode_scenes(adapter.vae, scenes, 3)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        alone = flow_matching_loss(adapter, x0, eps, torch.full((4,), 0.9), adapter.embed_text([s.prompt for s in scenes]),
+                                   object_cells(cover))
+    assert math.isclose(float(alone), obj[0.9]["right word"], rel_tol=1e-5)
 
 
 def test_the_objects_cover_lands_on_the_vaes_latent_grid():

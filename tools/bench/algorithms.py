@@ -84,7 +84,7 @@ WORLDS: dict[str, World] = {
     # grid runs at lr 3e-5, where one update moves it as far per element as lr 1e-4 moves the shapes
     # world (3.0e-4 against 3.4e-4; docs/trust_region_calibration_latent_lr3e-5.md), so that the knob
     # values compare as numbers. The values span 80-5% frozen there (the shares in the comments) and
-    # reach each arm's shapes-world knee (KNEES).
+    # reach within 3x of each arm's shapes-world knee (KNEES).
     "latent": World(ROOT / "configs" / "latent_world.yaml",
                     "eval.rewards={latent_direction: 1.0, latent_colour: 1.0, latent_shape: 1.0, latent_fidelity: 1.0}",
                     "latent_",
@@ -612,7 +612,7 @@ def knee_table(results: list[dict], world: str = "shapes", reference: dict[str, 
              head, "|" + "---|" * (head.count("|") - 1)]
     for arm, k in knees.items():
         here = k["value"]
-        values = sorted({r["value"] for r in results if r["arm"] == arm and r["epochs"] == epochs})
+        values = sorted({r["value"] for r in front_runs(grid_runs(results)) if r["arm"] == arm and r["epochs"] == epochs})
         edge = " (sweep's edge)" if here is not None and here in (values[0], values[-1]) else ""
         row = (f"| {LABELS[arm]} | {ARMS[arm][1].split('.')[-1]} | {k['seeds']} | "
                f"{'none' if here is None else f'{here:g}'}{edge} | {_resampled_text(k)} |")
@@ -670,8 +670,7 @@ def report(results: list[dict], stage_times: dict, world: str = "shapes",
     """The world's page (``frontier.md`` or ``frontier_WORLD.md``) from its runs; in a world other than
     the shapes world its knees are read from its runs and set beside ``reference_knees`` (the shapes
     world's, :func:`knees_from`; each arm's :data:`KNEES` value where not given)."""
-    if reference_knees is None:
-        reference_knees = {a: {"value": v, "resampled": {}} for a, v in KNEES.items()}
+    reference_knees = {**{a: {"value": v, "resampled": {}} for a, v in KNEES.items()}, **(reference_knees or {})}
 
     def f(x: float, d: int = 3) -> str:
         return "n/a" if x is None or x != x else f"{x:.{d}f}"
@@ -812,12 +811,12 @@ def stage_key(stage: str, world: str) -> str:
 
 
 def stage_times_of(times: dict[str, float], world: str) -> dict[str, float]:
-    """The wall times of ``world``'s stages, by stage name. An unprefixed key is its stage's world's
-    (``STAGES[name]["world"]``, the shapes world's if it names none or is no stage: a stage run
-    with an older copy of this script)."""
+    """The wall times of ``world``'s stages, by stage name. A key ``WORLD:name`` is that world's; an
+    unprefixed key (a stage run by an older copy of this script, or a label written by hand) is a
+    best guess: its stage's world (``STAGES[name]["world"]``), else the shapes world's."""
     out = {}
     for k, v in times.items():
-        w, name = k.split(":", 1) if ":" in k else (STAGES.get(k, {}).get("world", "shapes"), k)
+        w, name = k.split(":", 1) if k.split(":", 1)[0] in WORLDS else (STAGES.get(k, {}).get("world", "shapes"), k)
         if w == world:
             out[name] = out.get(name, 0.0) + v
     return out
@@ -825,13 +824,20 @@ def stage_times_of(times: dict[str, float], world: str) -> dict[str, float]:
 
 def load_stage_times(out: Path, docs: Path) -> dict[str, float]:
     """The stages' wall times: those committed in ``DOCS/data/frontier_stages.json``, updated by this
-    machine's ``OUT/stages.json`` (a stage run here), and written back, so that a report on a fresh
-    machine keeps the times measured on another."""
+    machine's ``OUT/stages.json`` (a stage run here: its time replaces a committed one of the same
+    key, so a stage resumed on a second machine counts that machine's part only), and written back,
+    so that a report on a fresh machine keeps the times measured on another."""
     kept = docs / DATA / STAGE_TIMES
-    times = json.loads(kept.read_text()) if kept.is_file() else {}
-    here = out / "stages.json"
-    if here.is_file():
-        times.update(json.loads(here.read_text()))
+    times: dict[str, float] = {}
+    for path in (kept, out / "stages.json"):
+        if not path.is_file():
+            continue
+        try:
+            more = json.loads(path.read_text())
+            times.update({str(k): float(v) for k, v in more.items()})
+        except (ValueError, TypeError, AttributeError) as e:
+            print(f"algorithms.py: {path}: not a JSON object of stage -> seconds ({e})", file=sys.stderr)
+            sys.exit(2)
     kept.write_text(json.dumps(times, indent=1))
     return times
 
@@ -880,6 +886,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
+    stage_world = STAGES.get(args.stage or "", {}).get("world")
+    if args.world is not None and stage_world not in (None, args.world):     # before anything is written
+        print(f"algorithms.py: --stage {args.stage} runs in the {stage_world} world, not --world {args.world}",
+              file=sys.stderr)
+        sys.exit(2)
     args.out.mkdir(parents=True, exist_ok=True)
     for d in (args.docs, args.docs / DATA, args.docs / FIGURES):
         d.mkdir(parents=True, exist_ok=True)
@@ -908,10 +919,6 @@ def main() -> None:
             print(md)
         return
     st = STAGES.get(args.stage, {})
-    if args.world is not None and st.get("world", args.world) != args.world:
-        print(f"algorithms.py: --stage {args.stage} runs in the {st['world']} world, not --world {args.world}",
-              file=sys.stderr)
-        sys.exit(2)
     args.world = world_for(args)
     seeds, epochs, arms = args.seeds or st.get("seeds", [0]), args.epochs or st.get("epochs", [4, 1]), \
         args.arms or st.get("arms", list(ARMS))
