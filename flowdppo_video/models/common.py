@@ -1,6 +1,7 @@
 """What several families share and none owns: the dtype names of ``model.dtype``, a VAE's latent
-statistics, transformers' image processor classes, the check that a diffusers directory holds a pipeline's folders, and the
-parts of a staged build (:func:`building`: the conditioning encoders alone, or the denoiser alone)."""
+statistics, transformers' image processor classes, the check that a diffusers directory holds a
+pipeline's folders, and the parts of a staged build (:func:`building`: the conditioning encoders
+alone, or the denoiser alone)."""
 
 from __future__ import annotations
 

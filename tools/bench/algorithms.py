@@ -36,6 +36,7 @@ keeps them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -559,8 +560,6 @@ def knees_from(results: list[dict], epochs: int = 4, max_forgetting: float = KNE
     Returns arm -> {"value": the knee, "seeds": n, "resampled": {value: share}}: how often each value
     is the knee when the seeds are resampled with replacement (every one of the n^n draws, weighted
     alike), which says how firmly the seeds place it."""
-    import itertools
-
     out: dict[str, dict] = {}
     for arm in ARMS:
         if ARMS[arm][1] is None:
@@ -816,7 +815,8 @@ def stage_times_of(times: dict[str, float], world: str) -> dict[str, float]:
     best guess: its stage's world (``STAGES[name]["world"]``), else the shapes world's."""
     out = {}
     for k, v in times.items():
-        w, name = k.split(":", 1) if k.split(":", 1)[0] in WORLDS else (STAGES.get(k, {}).get("world", "shapes"), k)
+        prefix, _, rest = k.partition(":")
+        w, name = (prefix, rest) if prefix in WORLDS else (STAGES.get(k, {}).get("world", "shapes"), k)
         if w == world:
             out[name] = out.get(name, 0.0) + v
     return out
