@@ -561,10 +561,11 @@ def knees_from(results: list[dict], epochs: int = 4, max_forgetting: float = KNE
     is the knee when the seeds are resampled with replacement (every one of the n^n draws, weighted
     alike), which says how firmly the seeds place it."""
     out: dict[str, dict] = {}
+    fronted = front_runs(grid_runs(results))
     for arm in ARMS:
         if ARMS[arm][1] is None:
             continue
-        rs = [r for r in front_runs(grid_runs(results)) if r["arm"] == arm and r["epochs"] == epochs]
+        rs = [r for r in fronted if r["arm"] == arm and r["epochs"] == epochs]
         values = sorted({r["value"] for r in rs})
         by = {(r["value"], r["seed"]): r for r in rs}
         seeds = sorted({r["seed"] for r in rs})
@@ -594,11 +595,13 @@ def _resampled_text(k: dict) -> str:
 
 
 def knee_table(results: list[dict], world: str = "shapes", reference: dict[str, dict] | None = None,
-               epochs: int = 4) -> list[str]:
-    """Each arm's knee read from ``results`` (:func:`knees_from`) with how firmly the seeds place it;
-    with ``reference`` (the shapes world's knees, as :func:`knees_from` gives them), beside those:
-    their ratio and whether it lies within a factor of 3 (the transfer test's question)."""
-    knees = knees_from(results, epochs)
+               epochs: int = 4, knees: dict[str, dict] | None = None) -> list[str]:
+    """Each arm's knee read from ``results`` (:func:`knees_from`, or ``knees`` where the caller has
+    read them) with how firmly the seeds place it; with ``reference`` (the shapes world's knees, as
+    :func:`knees_from` gives them), beside those: their ratio and whether it lies within a factor of
+    3 (the transfer test's question)."""
+    knees = knees_from(results, epochs) if knees is None else knees
+    fronted = front_runs(grid_runs(results))
     if not knees:
         return []
     head = "| arm | knob | seeds | knee | resampled |"
@@ -611,7 +614,7 @@ def knee_table(results: list[dict], world: str = "shapes", reference: dict[str, 
              head, "|" + "---|" * (head.count("|") - 1)]
     for arm, k in knees.items():
         here = k["value"]
-        values = sorted({r["value"] for r in front_runs(grid_runs(results)) if r["arm"] == arm and r["epochs"] == epochs})
+        values = sorted({r["value"] for r in fronted if r["arm"] == arm and r["epochs"] == epochs})
         edge = " (sweep's edge)" if here is not None and here in (values[0], values[-1]) else ""
         row = (f"| {LABELS[arm]} | {ARMS[arm][1].split('.')[-1]} | {k['seeds']} | "
                f"{'none' if here is None else f'{here:g}'}{edge} | {_resampled_text(k)} |")
@@ -724,12 +727,12 @@ def report(results: list[dict], stage_times: dict, world: str = "shapes",
                              f"{m['a_mean'] * scale:.{d}f} | {m['b_mean'] * scale:.{d}f} | {m['mean_diff'] * scale:+.{d}f} | "
                              f"[{m['ci'][0] * scale:+.{d}f}, {m['ci'][1] * scale:+.{d}f}] |")
             lines.append("")
-    lines += knee_table(knee_runs, world, None if world == "shapes" else reference_knees)
+    read = knees_from(knee_runs)
+    lines += knee_table(knee_runs, world, None if world == "shapes" else reference_knees, knees=read)
     if world == "shapes":                           # every seed at the knees; the rest: the fronts' seeds
         lines += knee_summary(knee_runs)
     else:                                           # another world: at the knees read from its own runs
-        read = knees_from(knee_runs)                # the arms of KNEES, in its order
-        lines += knee_summary(knee_runs, knees={a: read[a]["value"] for a in KNEES
+        lines += knee_summary(knee_runs, knees={a: read[a]["value"] for a in KNEES           # KNEES' order
                                                 if a in read and read[a]["value"] is not None})
     ea = epochs_against(results)
     if ea:
@@ -907,13 +910,14 @@ def main() -> None:
             sys.exit(f"algorithms.py: no finished runs under {args.out}")
         stage_times = load_stage_times(args.out, args.docs)
         (args.docs / DATA / "frontier.json").write_text(json.dumps(results, indent=1))    # every world's runs
+        shapes = [r for r in results if world_of(r) == "shapes"]
+        shapes_knees = knees_from(shapes) if shapes else None       # every other world's reference
         for world in WORLDS:                   # one report per world with runs, from that world's runs alone
             mine = [r for r in results if world_of(r) == world]
             if not mine:
                 continue
             suffix = "" if world == "shapes" else f"_{world}"
-            shapes = [r for r in results if world_of(r) == "shapes"]
-            md = report(mine, stage_times_of(stage_times, world), world, knees_from(shapes) if shapes else None)
+            md = report(mine, stage_times_of(stage_times, world), world, shapes_knees)
             (args.docs / f"frontier{suffix}.md").write_text(md + "\n")
             plot(front_runs(grid_runs(mine)), args.docs / FIGURES, suffix)
             print(md)
