@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -340,6 +343,25 @@ def test_knees_are_read_from_the_runs_by_the_rule_of_KNEES():
     lines = algorithms.knee_table(toy, "latent", {"sample": {"value": 1e-5, "resampled": {1e-5: 1.0}}})
     row = next(line for line in lines if line.startswith("| Flow-DPPO sample"))
     assert "| 0.0001 |" in row and "| 10x | no |" in row
+
+
+def test_resampled_knees_weigh_each_multiset_of_seeds_as_the_ordered_draws_do():
+    """Reading each multiset of seeds once, weighted, gives exactly the shares of all n^n ordered
+    draws (here 5 seeds: 126 readings for 3,125 draws)."""
+    rng = random.Random(0)
+    runs = [{"arm": "sample", "value": v, "epochs": 4, "seed": s, "direction": rng.random(),
+             "forgetting": rng.uniform(0, 0.12)} for v in (1e-5, 1e-4, 1e-3) for s in range(5)]
+    by = {(r["value"], r["seed"]): r for r in runs}
+    brute: dict[float, int] = {}
+    for draw in itertools.product(range(5), repeat=5):
+        med = {v: (statistics.median(by[v, s]["direction"] for s in draw),
+                   statistics.median(by[v, s]["forgetting"] for s in draw)) for v in (1e-5, 1e-4, 1e-3)}
+        k = algorithms._knee_of(med, algorithms.KNEE_MAX_FORGETTING)
+        if k is not None:
+            brute[k] = brute.get(k, 0) + 1
+    got = algorithms.knees_from(runs)["sample"]["resampled"]
+    assert got.keys() == brute.keys() and len(got) >= 2
+    assert all(math.isclose(got[v], brute[v] / 5 ** 5) for v in got)
 
 
 def test_stage_wall_times_are_kept_in_the_docs_and_split_by_world(tmp_path, monkeypatch, capsys):

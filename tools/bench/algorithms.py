@@ -546,7 +546,8 @@ KNEE_MAX_FORGETTING = 0.06
 
 def _knee_of(medians: dict[float, tuple[float, float]], max_forgetting: float) -> float | None:
     """The knob value with the highest median direction among those whose median forgetting is at
-    most ``max_forgetting`` (``medians``: value -> (direction, forgetting)); None if none is."""
+    most ``max_forgetting`` (``medians``: value -> (direction, forgetting)); None if none is. An exact
+    tie in direction goes to the larger value (the looser setting that reached the same reward)."""
     ok = [(d, v) for v, (d, f) in medians.items() if d == d and f == f and f <= max_forgetting]
     return max(ok)[1] if ok else None
 
@@ -559,7 +560,9 @@ def knees_from(results: list[dict], epochs: int = 4, max_forgetting: float = KNE
 
     Returns arm -> {"value": the knee, "seeds": n, "resampled": {value: share}}: how often each value
     is the knee when the seeds are resampled with replacement (every one of the n^n draws, weighted
-    alike), which says how firmly the seeds place it."""
+    alike), which says how firmly the seeds place it. A knee depends on which seeds a draw holds, not
+    their order, so each multiset of seeds is read once and weighted by the draws that give it
+    (C(2n-1, n) readings: 10 at 3 seeds, 92,378 at 10, where n^n would be 10^10)."""
     out: dict[str, dict] = {}
     fronted = front_runs(grid_runs(results))
     for arm in ARMS:
@@ -577,14 +580,18 @@ def knees_from(results: list[dict], epochs: int = 4, max_forgetting: float = KNE
             return _knee_of({v: (_median([r["direction"] for r in g]), _median([r["forgetting"] for r in g]))
                              for v, g in ran.items() if g}, max_forgetting)
 
-        draws = list(itertools.product(seeds, repeat=len(seeds)))
+        n = len(seeds)
         counts: dict[float, int] = {}
-        for d in draws:
+        for d in itertools.combinations_with_replacement(seeds, n):
             k = knee(d)
             if k is not None:
-                counts[k] = counts.get(k, 0) + 1
-        out[arm] = {"value": knee(tuple(seeds)), "seeds": len(seeds),
-                    "resampled": {v: counts[v] / len(draws) for v in sorted(counts)}}
+                # the number of ordered draws that hold this multiset: n! / prod(multiplicity!)
+                ways = math.factorial(n)
+                for s in set(d):
+                    ways //= math.factorial(d.count(s))
+                counts[k] = counts.get(k, 0) + ways
+        out[arm] = {"value": knee(tuple(seeds)), "seeds": n,
+                    "resampled": {v: counts[v] / n ** n for v in sorted(counts)}}
     return out
 
 
