@@ -320,7 +320,7 @@ def test_worlds_are_named_tagged_and_reported_apart(tmp_path):
     assert (tmp_path / "docs" / "figures" / "frontier_latent.png").stat().st_size > 10_000
 
 
-def test_knees_are_read_from_the_runs_by_the_rule_of_KNEES():
+def test_knees_are_read_from_the_runs_by_the_rule_of_KNEES(monkeypatch):
     """The committed shapes-world runs give back KNEES by the documented rule, and the resampled
     seeds say how firmly; a toy sweep checks the rule itself (forgetting past 6 points rules a value
     out; medians over the seeds that ran each value)."""
@@ -340,6 +340,11 @@ def test_knees_are_read_from_the_runs_by_the_rule_of_KNEES():
     assert k["value"] == 1e-4 and k["seeds"] == 3
     # Only draws with seed 0 twice or more (7 of 27) let 1e-3 pass: its median forgetting is 5 points there.
     assert math.isclose(k["resampled"][1e-3], 7 / 27) and math.isclose(k["resampled"][1e-4], 20 / 27)
+    # The shapes page says so where the knees the runs give differ from the constant its summary uses.
+    assert "differ from `KNEES`" not in (ROOT / "docs" / "frontier.md").read_text()
+    monkeypatch.setitem(algorithms.KNEES, "clip", 3e-4)
+    assert "differ from `KNEES`**, where the table above and the knee stage's extra seeds sit: " \
+        "ratio clipping: `KNEES` 0.0003, the runs 0.0001." in algorithms.report(committed, {})
     lines = algorithms.knee_table(toy, "latent", {"sample": {"value": 1e-5, "resampled": {1e-5: 1.0}}})
     row = next(line for line in lines if line.startswith("| Flow-DPPO sample"))
     assert "| 0.0001 |" in row and "| 10x | no |" in row

@@ -738,6 +738,12 @@ def report(results: list[dict], stage_times: dict, world: str = "shapes",
     lines += knee_table(knee_runs, world, None if world == "shapes" else reference_knees, knees=read)
     if world == "shapes":                           # every seed at the knees; the rest: the fronts' seeds
         lines += knee_summary(knee_runs)
+        moved = [f"{LABELS[a]}: `KNEES` {v:g}, the runs {read[a]['value']:g}" for a, v in KNEES.items()
+                 if a in read and read[a]["value"] is not None and read[a]["value"] != v]
+        if moved:                                   # the knee stage's extra seeds ran at `KNEES`
+            lines += ["**The knees read from the runs differ from `KNEES`**, where the table above and the "
+                      "knee stage's extra seeds sit: " + "; ".join(moved) + ". Update `KNEES` and run the "
+                      "knee stage again.", ""]
     else:                                           # another world: at the knees read from its own runs
         lines += knee_summary(knee_runs, knees={a: read[a]["value"] for a in KNEES           # KNEES' order
                                                 if a in read and read[a]["value"] is not None})
