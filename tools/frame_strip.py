@@ -7,6 +7,11 @@ For each chosen held-out video (``--videos``: indices in the first run's ``eval/
 base model; then the same prompt's video in the last evaluation of every run given), a row of ``--frames`` frames, upscaled without
 smoothing so the patch grid and the background's texture stay visible. The base row is taken from the
 first run (every run of one recipe starts from the same base with the same evaluation noise).
+``--by-run``: a row per run instead (the base first), the chosen videos side by side, for many runs:
+
+    .venv/bin/python tools/frame_strip.py runs/frontier/latent-none-inf-e4-s2 \
+        runs/frontier/latent-row-0.0001-e4-s2 --labels "no trust region" "row-decided δ 1e-4" \
+        --by-run --videos 0 3 --frames 0 8 16 --scale 2 --out docs/figures/frontier_latent_frames.png
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, nargs="+", default=[0, 2, 4, 7])
     ap.add_argument("--scale", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("docs/figures/clean_rl_strip.png"))
+    ap.add_argument("--by-run", action="store_true", help="a row per run (the base first), the videos side by side")
     args = ap.parse_args()
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
@@ -64,31 +70,54 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = ["base"] + [f"{label} (after {int(last_eval(r).name.split('_')[1])} it.)"
-                          for r, label in zip(args.runs, labels)]
-    rows, names = [], []
     base = args.runs[0] / "eval" / "after_000000"
+    prompts = []
     for i in args.videos:
-        prompt = prompts_of(base)[i] if i < len(prompts_of(base)) else None
-        if prompt is None:
+        if i >= len(prompts_of(base)):
             raise SystemExit(f"frame_strip.py: {base} has no video {i}")
-        parts = [strip(video_for(base, prompt), args.frames, args.scale)]
-        parts += [strip(video_for(last_eval(run), prompt), args.frames, args.scale) for run in args.runs]
-        gap = np.full((parts[0].shape[0], 6 * args.scale, 3), 255, dtype=np.uint8)
-        rows.append(np.concatenate([x for p in parts for x in (p, gap)][:-1], axis=1))
-        names.append(prompt)
+        prompts.append(prompts_of(base)[i])
+    # cells[r][c]: the strip of run r (0: the base) for prompt c
+    cells = [[strip(video_for(base, p), args.frames, args.scale) for p in prompts]]
+    cells += [[strip(video_for(last_eval(run), p), args.frames, args.scale) for p in prompts] for run in args.runs]
+    names = ["base"] + [f"{label} (after {int(last_eval(r).name.split('_')[1])} it.)"
+                        for r, label in zip(args.runs, labels)]
+    gap = np.full((cells[0][0].shape[0], 6 * args.scale, 3), 255, dtype=np.uint8)
+
+    def join(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([x for p in parts for x in (p, gap)][:-1], axis=1)
+
+    if args.by_run:             # a row per run, its label on the left; the prompts above the columns
+        rows, titles, columns = [join(c) for c in cells], names, prompts
+    else:                       # a row per prompt, the runs' labels above the columns
+        rows, titles, columns = [join([c[i] for c in cells]) for i in range(len(prompts))], prompts, names
     h, w = rows[0].shape[:2]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(w / 80 + 0.2, len(rows) * (h / 80 + 0.3) + 0.3))
-    part_w = (w - 6 * args.scale * len(args.runs)) / (len(args.runs) + 1)
-    for r, (ax, img, name) in enumerate(zip(np.atleast_1d(axes), rows, names)):
-        ax.imshow(img, interpolation="nearest")
-        ax.set_title(name, fontsize=7, loc="left", pad=2)
-        ax.axis("off")
-        if r == 0:
-            for c, col in enumerate(columns):
-                ax.text(c * (part_w + 6 * args.scale) + part_w / 2, -h * 0.28, col, ha="center", fontsize=8,
-                        fontweight="bold")
-    fig.tight_layout(pad=0.3, h_pad=0.5)
+    part_w = (w - 6 * args.scale * (len(columns) - 1)) / len(columns)
+    if args.by_run:
+        left, top = max(len(t) for t in titles) * 0.075 + 0.2, 0.35            # inches for the labels
+        size = (w / 80 + left, len(rows) * (h / 80 + 0.05) + top)
+        fig, axes = plt.subplots(len(rows), 1, figsize=size)
+        for r, (ax, img, name) in enumerate(zip(np.atleast_1d(axes), rows, titles)):
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+            if r == 0:
+                for c, col in enumerate(columns):
+                    ax.text(c * (part_w + 6 * args.scale) + part_w / 2, -h * 0.08, col, ha="center", va="bottom",
+                            fontsize=7)
+        fig.subplots_adjust(left=left / size[0], right=0.995, top=1 - top / size[1], bottom=0.005, hspace=0.06)
+    else:
+        fig, axes = plt.subplots(len(rows), 1, figsize=(w / 80 + 0.2, len(rows) * (h / 80 + 0.3) + 0.3))
+        for r, (ax, img, name) in enumerate(zip(np.atleast_1d(axes), rows, titles)):
+            ax.imshow(img, interpolation="nearest")
+            ax.set_title(name, fontsize=7, loc="left", pad=2)
+            ax.axis("off")
+            if r == 0:
+                for c, col in enumerate(columns):
+                    ax.text(c * (part_w + 6 * args.scale) + part_w / 2, -h * 0.28, col, ha="center", fontsize=8,
+                            fontweight="bold")
+        fig.tight_layout(pad=0.3, h_pad=0.5)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
     print(args.out)
