@@ -345,6 +345,12 @@ def test_knees_are_read_from_the_runs_by_the_rule_of_KNEES(monkeypatch):
     monkeypatch.setitem(algorithms.KNEES, "clip", 3e-4)
     assert "differ from `KNEES`**, where the table above and the knee stage's extra seeds sit: " \
         "ratio clipping: `KNEES` 0.0003, the runs 0.0001." in algorithms.report(committed, {})
+    # Along the front: each other value minus the knee, paired by seed.
+    full = [{**r, "kl_to_base": r["value"], "background_error": 1.0, "grid_energy": 0.1} for r in toy]
+    along = algorithms.along_front(full, {"sample": 1e-4})
+    rows = [line for line in along if line.startswith("| Flow-DPPO sample")]
+    assert [r.split(" | ")[1] for r in rows] == ["1e-05 − 0.0001", "0.001 − 0.0001"]
+    assert "| 3 | -0.200 [-0.200, -0.200] |" in rows[0] and "| 3 | +0.200 [+0.200, +0.200] |" in rows[1]
     lines = algorithms.knee_table(toy, "latent", {"sample": {"value": 1e-5, "resampled": {1e-5: 1.0}}})
     row = next(line for line in lines if line.startswith("| Flow-DPPO sample"))
     assert "| 0.0001 |" in row and "| 10x | no |" in row

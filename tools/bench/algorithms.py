@@ -668,6 +668,27 @@ def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample",
     return lines + [""]
 
 
+def along_front(results: list[dict], knees: dict[str, float], epochs: int = 4) -> list[str]:
+    """How flat each arm's front is around its knee: every other knob value of the arm minus the knee
+    (``knees``: arm -> value), paired by seed (the seeds both ran), mean and 95% bootstrap interval of
+    each :data:`KNEE_KEYS` number. A value as good as the knee in direction at less KL is a cheaper
+    point on a flat top, which a knee read from medians alone cannot show."""
+    fronted = [r for r in front_runs(grid_runs(results)) if r["epochs"] == epochs]
+    names = " | ".join(n for _, n, _, _ in KNEE_KEYS)
+    lines = [f"### Along each front, {epochs} inner epochs: each knob value minus the arm's knee, paired by seed", "",
+             f"| arm | value − knee | seeds | {names} |", "|---|---|---|" + "---|" * len(KNEE_KEYS)]
+    for arm, knee in knees.items():
+        by = {(r["value"], r["seed"]): r for r in fronted if r["arm"] == arm}
+        for v in sorted({v for v, _ in by}):
+            common = sorted(s for vv, s in by if vv == v and (knee, s) in by)
+            if v == knee or not common:
+                continue
+            lines.append(f"| {LABELS[arm]} | {v:g} − {knee:g} | {len(common)} | " + " | ".join(
+                mean_ci_text([by[v, s][k] - by[knee, s][k] for s in common], sc, d, signed=True)
+                for k, _, sc, d in KNEE_KEYS) + " |")
+    return lines + [""] if len(lines) > 4 else []
+
+
 # The matched-KL tables: held-out direction (the reward), then what a trust region should hold down
 # at a given KL: forgetting and the two artifacts (key, name, display scale, decimals).
 MATCHED_KEYS = [("direction", "held-out direction", 1.0, 3), ("forgetting", "forgetting (pts)", 100.0, 1),
@@ -747,6 +768,7 @@ def report(results: list[dict], stage_times: dict, world: str = "shapes",
     else:                                           # another world: at the knees read from its own runs
         lines += knee_summary(knee_runs, knees={a: read[a]["value"] for a in KNEES           # KNEES' order
                                                 if a in read and read[a]["value"] is not None})
+    lines += along_front(knee_runs, {a: read[a]["value"] for a in KNEES if a in read and read[a]["value"] is not None})
     ea = epochs_against(results)
     if ea:
         lines += ["### 4 against 1 inner epoch, same arm: held-out direction at matched KL", "",
