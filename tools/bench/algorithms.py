@@ -719,7 +719,7 @@ def report(results: list[dict], stage_times: dict, world: str = "shapes",
     lines += [f"Compute: {n_all} runs with the variants, {worker_hours:.1f} hours of wall time summed over runs "
               "(each run one thread, usually two side by side).", ""]
     if stage_times:
-        lines += ["Stage wall times (a stage resumed on another machine: that machine's part): " + "; ".join(f"{k} {v / 60:.0f} min" for k, v in stage_times.items()), ""]
+        lines += ["Stage wall times (a resumed stage counts only its last machine's time): " + "; ".join(f"{k} {v / 60:.0f} min" for k, v in stage_times.items()), ""]
     lines += ["### Fronts (median over seeds, [min, max] in brackets)", "",
               "| arm | knob | inner epochs | seeds | off-policy frozen | held-out direction | KL to base (nats/token) "
               "| forgetting (pts) | background error (levels) | grid energy (levels) |",
