@@ -71,16 +71,15 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     base = args.runs[0] / "eval" / "after_000000"
-    prompts = []
-    for i in args.videos:
-        if i >= len(prompts_of(base)):
-            raise SystemExit(f"frame_strip.py: {base} has no video {i}")
-        prompts.append(prompts_of(base)[i])
+    held_out = prompts_of(base)
+    missing = [i for i in args.videos if i >= len(held_out)]
+    if missing:
+        raise SystemExit(f"frame_strip.py: {base} has no video {missing[0]}")
+    prompts = [held_out[i] for i in args.videos]
+    finals = [last_eval(run) for run in args.runs]
     # cells[r][c]: the strip of run r (0: the base) for prompt c
-    cells = [[strip(video_for(base, p), args.frames, args.scale) for p in prompts]]
-    cells += [[strip(video_for(last_eval(run), p), args.frames, args.scale) for p in prompts] for run in args.runs]
-    names = ["base"] + [f"{label} (after {int(last_eval(r).name.split('_')[1])} it.)"
-                        for r, label in zip(args.runs, labels)]
+    cells = [[strip(video_for(folder, p), args.frames, args.scale) for p in prompts] for folder in [base] + finals]
+    names = ["base"] + [f"{label} (after {int(f.name.split('_')[1])} it.)" for f, label in zip(finals, labels)]
     gap = np.full((cells[0][0].shape[0], 6 * args.scale, 3), 255, dtype=np.uint8)
 
     def join(parts: list[np.ndarray]) -> np.ndarray:

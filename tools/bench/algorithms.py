@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -584,11 +585,8 @@ def knees_from(results: list[dict], epochs: int = 4, max_forgetting: float = KNE
         counts: dict[float, int] = {}
         for d in itertools.combinations_with_replacement(seeds, n):
             k = knee(d)
-            if k is not None:
-                # the number of ordered draws that hold this multiset: n! / prod(multiplicity!)
-                ways = math.factorial(n)
-                for s in set(d):
-                    ways //= math.factorial(d.count(s))
+            if k is not None:                       # the ordered draws of this multiset: n! / prod(count!)
+                ways = math.factorial(n) // math.prod(math.factorial(c) for c in Counter(d).values())
                 counts[k] = counts.get(k, 0) + ways
         out[arm] = {"value": knee(tuple(seeds)), "seeds": n,
                     "resampled": {v: counts[v] / n ** n for v in sorted(counts)}}
@@ -659,13 +657,18 @@ def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample",
         lines += ["", f"Paired by seed, each knee minus {LABELS[against]}'s ({against} {knees[against]:g}):", "",
                   f"| arm | seeds | {names} |", "|---|---|" + "---|" * len(KNEE_KEYS)]
         for a, rs in runs.items():
-            common = sorted(set(rs) & set(runs[against]))
-            if a == against or not common:
-                continue
-            lines.append(f"| {LABELS[a]} | {len(common)} | " + " | ".join(
-                mean_ci_text([rs[s][k] - runs[against][s][k] for s in common], sc, d, signed=True)
-                for k, _, sc, d in KNEE_KEYS) + " |")
+            n, cells = _paired_cells(rs, runs[against])
+            if a != against and n:
+                lines.append(f"| {LABELS[a]} | {n} | {cells} |")
     return lines + [""]
+
+
+def _paired_cells(a: dict[int, dict], b: dict[int, dict]) -> tuple[int, str]:
+    """How many seeds both ``a`` and ``b`` (seed -> run) ran, and each :data:`KNEE_KEYS` number's
+    a − b paired by those seeds as table cells (mean [95% bootstrap interval])."""
+    common = sorted(set(a) & set(b))
+    return len(common), " | ".join(mean_ci_text([a[s][k] - b[s][k] for s in common], sc, d, signed=True)
+                                   for k, _, sc, d in KNEE_KEYS)
 
 
 def along_front(results: list[dict], knees: dict[str, float], epochs: int = 4) -> list[str]:
@@ -678,14 +681,14 @@ def along_front(results: list[dict], knees: dict[str, float], epochs: int = 4) -
     lines = [f"### Along each front, {epochs} inner epochs: each knob value minus the arm's knee, paired by seed", "",
              f"| arm | value − knee | seeds | {names} |", "|---|---|---|" + "---|" * len(KNEE_KEYS)]
     for arm, knee in knees.items():
-        by = {(r["value"], r["seed"]): r for r in fronted if r["arm"] == arm}
-        for v in sorted({v for v, _ in by}):
-            common = sorted(s for vv, s in by if vv == v and (knee, s) in by)
-            if v == knee or not common:
-                continue
-            lines.append(f"| {LABELS[arm]} | {v:g} − {knee:g} | {len(common)} | " + " | ".join(
-                mean_ci_text([by[v, s][k] - by[knee, s][k] for s in common], sc, d, signed=True)
-                for k, _, sc, d in KNEE_KEYS) + " |")
+        by: dict[float, dict[int, dict]] = {}           # value -> seed -> run
+        for r in fronted:
+            if r["arm"] == arm:
+                by.setdefault(r["value"], {})[r["seed"]] = r
+        for v in sorted(by):
+            n, cells = _paired_cells(by[v], by.get(knee, {}))
+            if v != knee and n:
+                lines.append(f"| {LABELS[arm]} | {v:g} − {knee:g} | {n} | {cells} |")
     return lines + [""] if len(lines) > 4 else []
 
 
@@ -756,19 +759,19 @@ def report(results: list[dict], stage_times: dict, world: str = "shapes",
                              f"[{m['ci'][0] * scale:+.{d}f}, {m['ci'][1] * scale:+.{d}f}] |")
             lines.append("")
     read = knees_from(knee_runs)
+    read_values = {a: read[a]["value"] for a in KNEES if a in read and read[a]["value"] is not None}  # KNEES' order
     lines += knee_table(knee_runs, world, None if world == "shapes" else reference_knees, knees=read)
     if world == "shapes":                           # every seed at the knees; the rest: the fronts' seeds
         lines += knee_summary(knee_runs)
-        moved = [f"{LABELS[a]}: `KNEES` {v:g}, the runs {read[a]['value']:g}" for a, v in KNEES.items()
-                 if a in read and read[a]["value"] is not None and read[a]["value"] != v]
+        moved = [f"{LABELS[a]}: `KNEES` {v:g}, the runs {read_values[a]:g}" for a, v in KNEES.items()
+                 if a in read_values and read_values[a] != v]
         if moved:                                   # the knee stage's extra seeds ran at `KNEES`
             lines += ["**The knees read from the runs differ from `KNEES`**, where the table above and the "
                       "knee stage's extra seeds sit: " + "; ".join(moved) + ". Update `KNEES` and run the "
                       "knee stage again.", ""]
     else:                                           # another world: at the knees read from its own runs
-        lines += knee_summary(knee_runs, knees={a: read[a]["value"] for a in KNEES           # KNEES' order
-                                                if a in read and read[a]["value"] is not None})
-    lines += along_front(knee_runs, {a: read[a]["value"] for a in KNEES if a in read and read[a]["value"] is not None})
+        lines += knee_summary(knee_runs, knees=read_values)
+    lines += along_front(knee_runs, read_values)
     ea = epochs_against(results)
     if ea:
         lines += ["### 4 against 1 inner epoch, same arm: held-out direction at matched KL", "",
