@@ -109,12 +109,24 @@ def main() -> None:
     ap.add_argument("--init", help="an earlier stage's state.pt, or a folder this script wrote")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--out", help="write the final model here as a diffusers folder")
+    ap.add_argument("--export", action="store_true",
+                    help="write --init's weights (a state.pt's EMA) to --out as a diffusers folder, without "
+                         "building the cache or training")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: must be at least 1 (--export writes a state without training)")
+    if args.export and not (args.init and args.out):
+        ap.error("--export needs --init (the state to write) and --out (the folder)")
+    if args.init and not Path(args.init).exists():
+        ap.error(f"--init {args.init}: no such state.pt or folder")
 
     torch.set_num_threads(args.threads)
+    vae = AutoencoderKLWan.from_pretrained(args.vae, subfolder="vae").eval().requires_grad_(False)
+    if args.export:
+        export(args, vae)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    vae = AutoencoderKLWan.from_pretrained(args.vae, subfolder="vae").eval().requires_grad_(False)
     data = build_cache(vae, Path(args.cache), args.cache_size, args.cache_seed)
     scenes = [parse_prompt(p) for p in data["prompts"]]
     latents, covers = data["latents"], data["covers"]
@@ -191,19 +203,51 @@ def main() -> None:
     bar.close()
     if args.out:
         modules.load_state_dict(ema)
-        modules.eval()
-        out = Path(args.out)
-        if out.exists():
-            shutil.rmtree(out)
-        adapter.save_pretrained(out)
-        vae_rec = Path(args.vae) / "vae_pretrain.json"
-        (out / "pretrain.json").write_text(json.dumps({
+        save_folder(adapter, Path(args.out), args, {
             "command": command, "steps": args.steps, "final_loss": log[-1]["loss"] if log else None,
             "train_seconds": round(log[-1]["elapsed_s"]) if log else None, "init": init_meta,
-            "vae": json.loads(vae_rec.read_text()) if vae_rec.is_file() else None,
-            "cache": {"size": args.cache_size, "seed": args.cache_seed}, "torch": torch.__version__,
-            "threads": args.threads, "shipped": "ema"}, indent=1))
-        print(f"saved {out}")
+            "cache": {"size": args.cache_size, "seed": args.cache_seed}})
+
+
+def vae_record(vae_dir: Path) -> dict | None:
+    """How the VAE was trained: its own ``vae_pretrain.json``, else the ``vae`` entry of the folder's
+    ``pretrain.json`` (a folder this script wrote)."""
+    for name, key in (("vae_pretrain.json", None), ("pretrain.json", "vae")):
+        path = vae_dir / name
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            return rec if key is None else rec.get(key)
+    return None
+
+
+def save_folder(adapter, out: Path, args: argparse.Namespace, record: dict) -> None:
+    """The adapter (its weights already the ones to ship) as a diffusers folder with ``pretrain.json``."""
+    world_modules(adapter).eval()
+    if out.exists():
+        shutil.rmtree(out)
+    adapter.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps({
+        **record, "vae": vae_record(Path(args.vae)), "torch": torch.__version__, "threads": args.threads,
+        "shipped": "ema"}, indent=1))
+    print(f"saved {out}")
+
+
+def export(args: argparse.Namespace, vae: AutoencoderKLWan) -> None:
+    """``--export``: ``--init``'s weights (a state.pt's EMA, or a folder's) to ``--out``, with its record."""
+    init = Path(args.init)
+    adapter = build_latent_adapter(torch.device("cpu"), seed=args.seed)
+    adapter.vae = vae
+    if init.is_file():
+        st = torch.load(init, weights_only=False)
+        world_modules(adapter).load_state_dict(st.get("ema", st["model"]))
+        record = {"command": st["command"], "steps": st["step"],
+                  "final_loss": st["log"][-1]["loss"] if st.get("log") else None,
+                  "train_seconds": round(st["log"][-1]["elapsed_s"]) if st.get("log") else None,
+                  "init": st["init"]}
+    else:
+        world_modules(adapter).load_state_dict(world_modules(load_latent_adapter(init)).state_dict())
+        record = json.loads((init / "pretrain.json").read_text())
+    save_folder(adapter, Path(args.out), args, {**record, "exported_from": str(init)})
 
 
 if __name__ == "__main__":

@@ -227,18 +227,19 @@ def overrides_for(arm: str, value: float, epochs: int, seed: int, iterations: in
     return ov + extra
 
 
-def base_dir(out: Path, world: str = "shapes") -> Path:
-    """Where the grid keeps a world's base evaluation."""
-    return out / ("_base" if world == "shapes" else f"_base-{world}")
+def base_dir(out: Path, world: str = "shapes", tag: str = "") -> Path:
+    """Where the grid keeps a world's base evaluation, one per ``--tag`` variant: a variant's overrides
+    may change the base itself (``model.path``, the evaluation's rewards)."""
+    return out / ("_base" + ("" if world == "shapes" else f"-{world}") + (f"-{tag}" if tag else ""))
 
 
-def base_eval(out: Path, iterations: int, extra: list[str], world: str = "shapes") -> Path:
+def base_eval(out: Path, iterations: int, extra: list[str], world: str = "shapes", tag: str = "") -> Path:
     """The base model's held-out evaluation, once for the grid: ``OUT/_base/eval.jsonl`` and its videos
-    (``OUT/_base-WORLD`` for another world)."""
+    (``OUT/_base-WORLD`` for another world, ``...-TAG`` for a variant)."""
     from flowdppo_video.runs.config import load_config
     from flowdppo_video.trainer import Trainer
 
-    base = base_dir(out, world)
+    base = base_dir(out, world, tag)
     if (base / "done").is_file():
         return base
     shutil.rmtree(base, ignore_errors=True)
@@ -323,7 +324,7 @@ def one_run(out: Path, arm: str, value: float, epochs: int, seed: int, iteration
         return None
     try:
         shutil.rmtree(run_dir, ignore_errors=True)             # an interrupted run starts again
-        base = base_eval(out, iterations, extra, world)
+        base = base_eval(out, iterations, extra, world, tag)
         t = time.perf_counter()
         trainer = Trainer(load_config(WORLDS[world].recipe,
                                       overrides_for(arm, value, epochs, seed, iterations, run_dir, extra, world)))
@@ -974,7 +975,7 @@ def main() -> None:
         procs = [subprocess.Popen(cmd, env=env)]
         # The first one writes the shared base evaluation; another starting before it is done would
         # begin the same evaluation over it (the latent world's takes minutes, not seconds).
-        base_done = base_dir(args.out, args.world) / "done"
+        base_done = base_dir(args.out, args.world, args.tag) / "done"
         while not base_done.is_file() and procs[0].poll() is None:
             time.sleep(2)
         for _ in range(args.jobs - 1):
