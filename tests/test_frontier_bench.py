@@ -202,6 +202,36 @@ def test_a_tagged_variant_summary_pairs_seeds_with_their_twins():
     assert "Compute: 7 runs with the variants, 3.5 hours" in md
 
 
+def test_a_variant_on_another_model_keeps_its_own_base_and_gets_its_own_page(tmp_path):
+    """A ``--tag`` variant with ``model.path=`` measures from another base: its base evaluation is not
+    shared with the grid's, its twin's gains come from the twin's own base, and it gets a page of its
+    own, the report over its runs alone."""
+    assert algorithms.base_dir(tmp_path, "latent", "reads") != algorithms.base_dir(tmp_path, "latent")
+    assert algorithms.base_dir(tmp_path) == tmp_path / "_base"
+
+    def run(tag, arm, value, seed, d, base):
+        return {"arm": arm, "value": value, "epochs": 4, "seed": seed, "tag": tag, "kl_to_base": 0.1 + value * 100,
+                "direction": d, "colour": 0.9, "shape": 0.8, "colour_base": 0.9, "shape_base": 0.8, "commit": "c",
+                "extra": ["model.path=runs/other"] if tag else [], "direction_base": base, "world": "latent",
+                "offpolicy_frozen": 0.1, "forgetting": 0.0, "background_error": 1.0, "grid_energy": 1.0,
+                "background_error_base": 1.0, "grid_energy_base": 1.0, "knob": "objective.delta"}
+
+    # The shipped model's base is 0.15, the other model's 0.40; on each seed the variant gains 0.10 at
+    # δ 1e-5 and 0.20 at 1e-4, its twins 0.02.
+    res = [run("", "sample", v, s, 0.17, 0.15) for s in range(3) for v in (1e-5, 1e-4)]
+    res += [run("reads", "sample", v, s, 0.40 + (0.1 if v == 1e-5 else 0.2), 0.40) for s in range(3) for v in (1e-5, 1e-4)]
+    assert algorithms.model_variant_tags(res) == ["reads"]
+    summary = algorithms.tagged_summary(res, "reads")
+    row = next(line for line in summary if "0.0001" in line)
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[4] == "+0.200" and cols[8] == "+0.020"          # each against its own base
+    assert cols[12].startswith("+0.180 [+0.180, +0.180]")
+    page, runs = algorithms.variant_page(res, "reads", "latent", None)
+    assert len(runs) == 6 and all(not r["tag"] for r in runs)
+    assert page.startswith("Variant `reads` of the latent world: model.path=runs/other.")
+    assert "Runs: 6." in page and "Base model held-out direction 0.400" in page
+
+
 def test_matched_kl_tables_cover_forgetting_and_artifacts_in_their_units():
     def run(arm, s, kl, forget, grid):
         return {"arm": arm, "value": kl, "epochs": 4, "seed": s, "kl_to_base": kl, "direction": 0.8, "commit": "c",

@@ -234,7 +234,7 @@ def test_the_recipe_is_the_default_recipe_in_the_latent_world():
     assert latent.model.path == "builtin:weights/latent-world" and latent.rewards == {"latent_direction": 1.0}
 
 
-def test_pretraining_weights_the_objects_and_fills_in_an_old_caches_covers(tmp_path):
+def test_pretraining_weights_the_objects_and_fills_in_an_old_caches_covers(tmp_path, monkeypatch, capsys):
     """tools/pretrain_latent_world.py: the cache keeps the objects' coverage beside the latents (a cache
     from before it gets the same coverage by rendering again), and --object-weight trains on the
     weighted loss, recorded in the stage's command."""
@@ -266,3 +266,24 @@ def test_pretraining_weights_the_objects_and_fills_in_an_old_caches_covers(tmp_p
     torch.save(built, cache)
     again = pretrain_latent_world.build_cache(None, cache, 16, built["seed"])     # nothing left to encode
     assert torch.equal(again["covers"], covers)
+
+    # --export writes a stage's EMA weights as a folder, without a cache or training; --steps 0 is refused.
+    from flowdppo_video.world.latent import load_latent_adapter
+    from flowdppo_video.world.model import world_modules
+
+    base = [sys.executable, str(tools / "pretrain_latent_world.py"), "--vae", str(vae), "--cache",
+            str(tmp_path / "none.pt"), "--work", str(tmp_path / "w2")]
+    exported = tmp_path / "exported"
+    proc = subprocess.run([*base, "--init", str(tmp_path / "work" / "state.pt"), "--export", "--out", str(exported)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "none.pt").exists() and not (tmp_path / "w2").exists()
+    ema = torch.load(tmp_path / "work" / "state.pt", weights_only=False)["ema"]
+    loaded = world_modules(load_latent_adapter(exported)).state_dict()
+    assert loaded.keys() == ema.keys() and all(torch.equal(loaded[k], ema[k]) for k in ema)
+    rec = json.loads((exported / "pretrain.json").read_text())
+    assert rec["steps"] == 2 and rec["exported_from"].endswith("state.pt") and rec["vae"] is not None
+    monkeypatch.setattr(sys, "argv", [*base[1:], "--steps", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        pretrain_latent_world.main()
+    assert exit_.value.code == 2 and "--steps 0: must be at least 1" in capsys.readouterr().err

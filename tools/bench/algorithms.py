@@ -478,6 +478,32 @@ def _gain_parts(r: dict, base: dict) -> dict[str, float]:
             "shape lost": base["shape_base"] - r["shape"], "KL": r["kl_to_base"]}
 
 
+def _base_of(twin: dict, variant: dict) -> dict:
+    """The run whose base numbers measure ``twin``'s gains: its own; the variant's where it lacks them
+    (runs from before the base colour and shape were summarised), which is right only because such a
+    variant ran on the same model (a variant on another model, :func:`model_variant_tags`, came later)."""
+    return twin if "colour_base" in twin else variant
+
+
+def model_variant_tags(results: list[dict]) -> list[str]:
+    """The ``--tag`` variants that ran on another model (a ``model.path=`` among their overrides): their
+    base is not the grid's, so each gets a page of its own (:func:`variant_page`) beside the paired table."""
+    return sorted({r["tag"] for r in results
+                   if r.get("tag") and any(o.startswith("model.path=") for o in r.get("extra", []))})
+
+
+def variant_page(results: list[dict], tag: str, world: str, reference_knees: dict[str, dict] | None) -> tuple[str, list[dict]]:
+    """The page of a variant on another model: :func:`report` over its runs alone (as a grid of their
+    own), after a line that says which model and which cells. Returns the page and those runs."""
+    runs = [{**r, "tag": ""} for r in results if r.get("tag") == tag]
+    cells = sorted({(r["arm"], r["value"]) for r in runs}, key=lambda t: (list(ARMS).index(t[0]), t[1]))
+    head = [f"Variant `{tag}` of the {world} world: {' '.join(runs[0]['extra'])}. Every number below is over "
+            "this variant's runs alone, against its own base evaluation. Cells run: "
+            + ", ".join(f"{LABELS[a]} {v:g}" for a, v in cells) + ". Where an arm ran one value, its knee "
+            "below is that value by construction (if it forgot at most 6 points), not a reading.", ""]
+    return "\n".join(head) + "\n" + report(runs, {}, world, reference_knees), runs
+
+
 def _fmt_median(gains: list[dict[str, float]], name: str) -> str:
     if not gains:
         return "n/a"
@@ -502,7 +528,8 @@ def tagged_summary(results: list[dict], tag: str) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (arm, v, e), rs in sorted(cells.items(), key=lambda t: (t[0][2], list(ARMS).index(t[0][0]), t[0][1])):
         var = {r["seed"]: _gain_parts(r, r) for r in rs}
-        twin = {r["seed"]: _gain_parts(plain[(arm, v, e, r["seed"])], r) for r in rs if (arm, v, e, r["seed"]) in plain}
+        twin = {r["seed"]: _gain_parts(t, _base_of(t, r)) for r in rs
+                if (t := plain.get((arm, v, e, r["seed"]))) is not None}
         med = [_fmt_median(list(gs.values()), n) for gs in (var, twin) for n in names]
         paired = [mean_ci_text([var[s][n] - twin[s][n] for s in twin], signed=True) for n in names[:3]]
         knob = "—" if ARMS[arm][1] is None else f"{ARMS[arm][1].split('.')[-1]} {v:g}"
@@ -516,8 +543,6 @@ def tagged_table(results: list[dict], tag: str) -> list[str]:
     plain = {(r["arm"], r["value"], r["epochs"], r["seed"]): r for r in grid_runs(results)}
 
     def gains(r: dict, base: dict) -> str:
-        # Every run shares one base evaluation, so the variant's base numbers serve its twin too
-        # (runs from before the base colour and shape were summarised lack them).
         g = _gain_parts(r, base)
         return f"{g['direction']:+.3f} | {g['colour']:+.3f} | {g['shape lost']:+.3f} | {g['KL']:.3f}"
 
@@ -532,7 +557,7 @@ def tagged_table(results: list[dict], tag: str) -> list[str]:
         twin = plain.get((r["arm"], r["value"], r["epochs"], r["seed"]))
         knob = "—" if ARMS[r["arm"]][1] is None else f"{ARMS[r['arm']][1].split('.')[-1]} {r['value']:g}"
         lines.append(f"| {LABELS[r['arm']]} | {knob} | {r['epochs']} | {r['seed']} | {gains(r, r)} | "
-                     + (gains(twin, r) if twin else "n/a | n/a | n/a | n/a") + " |")
+                     + (gains(twin, _base_of(twin, r)) if twin else "n/a | n/a | n/a | n/a") + " |")
     return lines + [""]
 
 
@@ -960,6 +985,10 @@ def main() -> None:
             (args.docs / f"frontier{suffix}.md").write_text(md + "\n")
             plot(front_runs(grid_runs(mine)), args.docs / FIGURES, suffix)
             print(md)
+            for tag in model_variant_tags(mine):
+                page, runs = variant_page(mine, tag, world, shapes_knees)
+                (args.docs / f"frontier{suffix}_{tag}.md").write_text(page + "\n")
+                plot(front_runs(grid_runs(runs)), args.docs / FIGURES, f"{suffix}_{tag}")
         return
     st = STAGES.get(args.stage, {})
     args.world = world_for(args)
