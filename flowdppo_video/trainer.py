@@ -28,6 +28,7 @@ from flowdppo_video.runs.images import run_images
 from flowdppo_video.runs.run_dir import (
     RunDirError, RunLock, check_new_run, check_output_name, check_unlocked, mark_owned)
 from flowdppo_video.runs.seeding import derive_seed, resolve_device, seed_global_rngs
+from flowdppo_video.training.best import BEST_CHECKPOINT, BestModel
 from flowdppo_video.training.checkpoint import resume_checkpoint, save_checkpoint
 from flowdppo_video.training.evaluation import evaluate
 from flowdppo_video.training.metrics import import_wandb, read_metrics, truncate_metrics
@@ -121,6 +122,7 @@ class Trainer:
         # from the checkpoint on resume.
         seed_global_rngs(cfg.run.seed)
         self.start_iteration = 0
+        self.best = BestModel.load(self.run_dir, cfg.run.keep_best) if cfg.run.keep_best else None
         # The first write: rank 0 locks the folder (and looks again under the lock: another process
         # may have started since), every rank obeys its answer.
         refused = None
@@ -178,7 +180,7 @@ class Trainer:
         try:
             base_done = self.par.broadcast_object((self.run_dir / "eval.jsonl").exists(), "the evaluation check")
             if self.start_iteration == 0 and not base_done:
-                self._maybe_evaluate(0)                      # the base model, before any update
+                self._keep_best(0, self._maybe_evaluate(0))  # the base model, before any update
             for it in tqdm(range(self.start_iteration, r.iterations), desc="iterations",
                            disable=not (r.progress and self.is_main)):
                 traj, row = self.train_iteration(it)
@@ -187,6 +189,7 @@ class Trainer:
                 rows.append(row)
                 art.samples(it, traj, row["reward/mean"])
                 self._maybe_checkpoint(it)
+                self._keep_best(it + 1, row)
                 if r.report_every and (it + 1) % r.report_every == 0 and it + 1 < r.iterations:
                     art.report(say=True)                     # a refresh; the final report follows the loop
             art.before_after()
@@ -339,14 +342,28 @@ class Trainer:
         return bool(r.report_every) and (it in (0, r.iterations - 1) or (it + 1) % r.report_every == 0)
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"nonfinite_in_row": self.nonfinite_in_row, "prompts_sha": self.prompts_sha(),
+                "world": self.par.world, "sequence_parallel": self.par.sp, "zero_stage": self.cfg.parallel.zero_stage}
+
     def _maybe_checkpoint(self, it: int) -> None:
         r = self.cfg.run
         if (it + 1) % r.checkpoint_every == 0 or it == r.iterations - 1:
-            save_checkpoint(self.run_dir, self.adapter, self.updater, it + 1,
-                            {"nonfinite_in_row": self.nonfinite_in_row, "prompts_sha": self.prompts_sha(),
-                             "world": self.par.world, "sequence_parallel": self.par.sp,
-                             "zero_stage": self.cfg.parallel.zero_stage},
+            save_checkpoint(self.run_dir, self.adapter, self.updater, it + 1, self._checkpoint_meta(),
                             keep=r.keep_checkpoints, par=self.par)
+
+    def _keep_best(self, done: int, row: dict[str, Any]) -> None:
+        """``run.keep_best``: after an evaluation that beats the best so far, that model as
+        ``checkpoints/best`` (none for the base model: it is the base) and ``best.json``."""
+        if self.best is None:
+            return
+        # Every rank saves its share of a checkpoint: all take rank 0's answer.
+        if not self.par.broadcast_object(self.best.improves(row) if self.is_main else None, "the best-model check"):
+            return
+        ckpt = (save_checkpoint(self.run_dir, self.adapter, self.updater, done, self._checkpoint_meta(),
+                                par=self.par, name=BEST_CHECKPOINT) if done else None)
+        if self.is_main:
+            self.best.record(self.run_dir, done, row, ckpt)
 
     def prompts_sha(self) -> str:
         """The first 16 hex digits of the SHA-256 of the training prompts (a resume checks it)."""

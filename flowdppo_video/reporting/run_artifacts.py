@@ -69,6 +69,8 @@ class RunArtifacts:
         e, fps = self.cfg.eval, self.cfg.video.fps
         folder = self.run_dir / "eval" / f"after_{done:06d}"
         picked = pick_videos(prompts, e.samples_per_prompt, min(e.num_videos, traj.batch_size))
+        if not picked:                      # eval.num_videos=0: the numbers only
+            return
         for k, i in enumerate(picked):
             write_video(folder / f"{k:02d}.mp4", traj.videos[i], fps=fps, **sound(traj, i))
         (folder / "prompts.txt").write_text("".join(traj.prompts[i] + "\n" for i in picked))

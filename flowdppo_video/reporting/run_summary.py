@@ -8,12 +8,14 @@ number once (:func:`held_out_metrics`).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
+from flowdppo_video.training.best import BEST_FILE
 from flowdppo_video.training.monitors import PREFIX, hacking_warnings, monitor_names
 
 KL_KEY = "eval/kl_base/mean"
@@ -122,6 +124,12 @@ def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
         if warnings:
             lines.append("")
             lines += [f"warning: {w}" for w in warnings]
+    best = run_dir / BEST_FILE
+    if best.is_file():                  # run.keep_best: which model the run kept
+        rec = json.loads(best.read_text())
+        lines += ["", f"best by held-out {rec['reward']}: {rec['value']:.4f} "
+                  + (f"after {rec['iteration']} iterations ({rec['checkpoint']})" if rec["iteration"]
+                     else "the base model: no evaluation beat it, no checkpoint kept")]
     ba = run_dir / "before_after"
     opens = [("report", run_dir / "report" / "index.html", ""),
              ("before/after", ba / "index.html" if (ba / "index.html").is_file() else ba,

@@ -50,6 +50,9 @@ class RunConfig:
     release_host_memory: bool = False     # glibc returns freed blocks of >= 128 KiB to the system at once, so a
                                           # CPU run's resident set follows its live tensors (the 1.3B update: 4.2
                                           # GiB, not 7.3), at 1.5x the time (ZeRO-3: 2.4x); runs/host_memory.py
+    keep_best: str | None = None          # a held-out reward's name (eval.rewards, else rewards): the model
+                                          # that scored it highest so far kept as checkpoints/best, with
+                                          # best.json (training/best.py); null: off
 
     def validate(self) -> None:
         """The ``run`` section's own rules (one-line :class:`ConfigError` naming the key)."""
@@ -372,7 +375,20 @@ class Config:
         except RewardError as e:
             raise ConfigError(str(e)) from None
         _check_rollout_options(self.sampler, self.data.group_size)   # the tree's factors against the group
+        _check_keep_best(self.run.keep_best, self.eval, self.rewards)
         return self
+
+
+def _check_keep_best(name: str | None, ev: EvalConfig, rewards: dict[str, Any]) -> None:
+    """``run.keep_best`` names a reward the held-out evaluation scores (it needs one to pick by)."""
+    if name is None:
+        return
+    if ev.prompts is None:
+        raise ConfigError(f"run.keep_best={name}: needs a held-out evaluation to pick by (eval.prompts is not set)")
+    scored = ev.rewards or rewards
+    if name not in scored:
+        raise ConfigError(f"run.keep_best={name}: not a reward the evaluation scores "
+                          f"({'eval.rewards' if ev.rewards else 'rewards'}: {', '.join(map(str, scored))})")
 
 
 def _name(key: Any) -> str:

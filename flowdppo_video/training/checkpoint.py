@@ -66,15 +66,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
                     next_iteration: int, extra: dict[str, Any], keep: int = 2,
-                    par: ParallelState | None = None) -> Path:
-    """Write ``run_dir/checkpoints/iter_{next_iteration:06d}`` atomically; prune old ones.
+                    par: ParallelState | None = None, name: str | None = None) -> Path:
+    """Write ``run_dir/checkpoints/iter_{next_iteration:06d}`` atomically; prune old ones. With
+    ``name``, write ``run_dir/checkpoints/NAME`` instead (replacing one there; ``best``), outside the
+    numbered ones: it is neither pruned nor resumed from.
 
     Collective when several ranks run: each writes its share of the optimizer state (ZeRO), rank
     0 the full trained weights, the RNG state and the meta, then renames the folder into place.
     """
     par = par or ParallelState()
     root = run_dir / "checkpoints"
-    final = root / f"{_PREFIX}{next_iteration:06d}"
+    final = root / (name or f"{_PREFIX}{next_iteration:06d}")
     tmp = root / f".tmp_{final.name}"
     if par.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -102,7 +104,7 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
         if final.exists():                   # the same iteration saved again (a resumed run)
             _delete(final)
         tmp.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep]:
+        for old in [] if name else list_checkpoints(run_dir)[:-keep]:
             _delete(old)
         for left in root.glob(".trash_*"):   # what an earlier kill left mid-delete
             shutil.rmtree(left, ignore_errors=True)
