@@ -68,7 +68,8 @@ def calibrate(config: Path, overrides: list[str], arms: list[str], seed: int,
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [f"run.output_dir={tmp}/run", "run.progress=false", "run.tensorboard=false",
-                                   "run.report_every=0", f"run.seed={seed}", "eval.prompts=null", *overrides])
+                                   "run.report_every=0", f"run.seed={seed}", "eval.prompts=null", "run.keep_best=null",
+                                   *overrides])
         trainer = Trainer(cfg)
         # Iteration 0's batch exactly as training makes it (rollout, rewards, advantages).
         t0 = time.perf_counter()
