@@ -549,7 +549,8 @@ def tagged_table(results: list[dict], tag: str) -> list[str]:
     lines = [f"### Variant `{tag}`: {' '.join(next(r for r in results if r.get('tag') == tag)['extra'])}", ""]
     lines += tagged_summary(results, tag)
     lines += ["Each row: the variant's run, then the untagged run of the same arm, knob, epochs and seed "
-             "(held-out gains over the shared base evaluation; shape lost in points of the score).", "",
+             "(held-out gains, each over its own base evaluation: the grid's shared one, or a variant's on "
+             "another model; shape lost in points of the score).", "",
              "| arm | knob | epochs | seed | direction gained | colour gained | shape lost | KL to base "
              "| untagged: direction | colour | shape lost | KL |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in results if r.get("tag") == tag),
