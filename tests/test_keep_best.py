@@ -5,11 +5,13 @@ from __future__ import annotations
 import filecmp
 import json
 import math
+import sys
 
 import pytest
 
 from flowdppo_video.reporting.run_summary import summary_lines
 from flowdppo_video.runs.config import ConfigError
+from flowdppo_video.runs.data import load_prompts
 from flowdppo_video.trainer import Trainer
 from flowdppo_video.training.best import BestModel
 from flowdppo_video.training.checkpoint import list_checkpoints
@@ -92,3 +94,14 @@ def test_the_run_keeps_its_best_evaluated_model_and_a_resume_goes_on_from_it(tmp
     Trainer(resumed, resume=True).run()
     assert check()["iteration"] == 4
     assert len(read_metrics(run, "eval")) == 6
+
+    # tools/run_record.py: the run as a record for the docs' data files, the kept model with it.
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import run_record
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    rec = run_record.record(run, None, None, None, None)
+    assert [e["after_iterations"] for e in rec["evals"]] == list(range(6)) and len(rec["train_reward"]) == 5
+    assert rec["evals"][2]["frame_change"] == pytest.approx(read_metrics(run, "eval")[2]["eval/frame_change/mean"])
+    assert rec["best"]["iteration"] == 4 and rec["held_out_videos"] == len(load_prompts(HELD_OUT.split("=", 1)[1]))
