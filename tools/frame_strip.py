@@ -107,16 +107,22 @@ def main() -> None:
                             fontsize=7)
         fig.subplots_adjust(left=left / size[0], right=0.995, top=1 - top / size[1], bottom=0.005, hspace=0.06)
     else:
-        fig, axes = plt.subplots(len(rows), 1, figsize=(w / 80 + 0.2, len(rows) * (h / 80 + 0.3) + 0.3))
+        # Margins in inches, not in image heights, so the run labels above the first row's prompt
+        # fit whatever the rows' size.
+        title, top, side = 0.25, 0.45, 0.1         # each row's prompt; the run labels above the first
+        size = (w / 80 + 2 * side, len(rows) * (h / 80 + title) + top)
+        fig, axes = plt.subplots(len(rows), 1, figsize=size)
         for r, (ax, img, name) in enumerate(zip(np.atleast_1d(axes), rows, titles)):
             ax.imshow(img, interpolation="nearest")
             ax.set_title(name, fontsize=7, loc="left", pad=2)
             ax.axis("off")
             if r == 0:
                 for c, col in enumerate(columns):
-                    ax.text(c * (part_w + 6 * args.scale) + part_w / 2, -h * 0.28, col, ha="center", fontsize=8,
-                            fontweight="bold")
-        fig.tight_layout(pad=0.3, h_pad=0.5)
+                    ax.annotate(col, xy=(c * (part_w + 6 * args.scale) + part_w / 2, 1.0),
+                                xycoords=("data", "axes fraction"), xytext=(0, 13), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=8, fontweight="bold")
+        fig.subplots_adjust(left=side / size[0], right=1 - side / size[0], top=1 - (top - title) / size[1] - title / size[1],
+                            bottom=0.02 / size[1], hspace=title / (h / 80))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
     print(args.out)
