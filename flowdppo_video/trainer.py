@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -29,7 +30,7 @@ from flowdppo_video.runs.run_dir import (
     RunDirError, RunLock, check_new_run, check_output_name, check_unlocked, mark_owned)
 from flowdppo_video.runs.seeding import derive_seed, resolve_device, seed_global_rngs
 from flowdppo_video.training.best import BEST_CHECKPOINT, BestModel
-from flowdppo_video.training.checkpoint import resume_checkpoint, save_checkpoint
+from flowdppo_video.training.checkpoint import checkpoint_path, keep_checkpoint_as, resume_checkpoint, save_checkpoint
 from flowdppo_video.training.evaluation import evaluate
 from flowdppo_video.training.metrics import import_wandb, read_metrics, truncate_metrics
 from flowdppo_video.training.monitors import build_monitors
@@ -122,7 +123,7 @@ class Trainer:
         # from the checkpoint on resume.
         seed_global_rngs(cfg.run.seed)
         self.start_iteration = 0
-        self.best = BestModel.load(self.run_dir, cfg.run.keep_best) if cfg.run.keep_best else None
+        self.best: BestModel | None = None      # run.keep_best's record, rank 0's, taken up by run()
         # The first write: rank 0 locks the folder (and looks again under the lock: another process
         # may have started since), every rank obeys its answer.
         refused = None
@@ -173,11 +174,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[dict[str, Any]]:
-        """Evaluate the base model, then per iteration: train, evaluate, log, sample, checkpoint."""
+        """Evaluate the base model, then per iteration: train, evaluate, log, sample, checkpoint, and
+        keep the best model so far (``run.keep_best``)."""
         rows, art, r = [], self.artifacts, self.cfg.run
         if self.is_main and (self.lock is None or not self.lock.held):    # run() again after it released
             self._claim(resume=True)
         try:
+            if r.keep_best and self.is_main and self.best is None:
+                self.best, note = BestModel.start(self.run_dir, r.keep_best, self.start_iteration,
+                                                  read_metrics(self.run_dir, "eval"))
+                if note:
+                    print(f"flowdppo-video: warning: {note}", file=sys.stderr)
             base_done = self.par.broadcast_object((self.run_dir / "eval.jsonl").exists(), "the evaluation check")
             if self.start_iteration == 0 and not base_done:
                 self._keep_best(0, self._maybe_evaluate(0))  # the base model, before any update
@@ -355,13 +362,23 @@ class Trainer:
     def _keep_best(self, done: int, row: dict[str, Any]) -> None:
         """``run.keep_best``: after an evaluation that beats the best so far, that model as
         ``checkpoints/best`` (none for the base model: it is the base) and ``best.json``."""
-        if self.best is None:
+        if not self.cfg.run.keep_best or not any(k.startswith("eval/") for k in row):   # no evaluation: all agree
             return
-        # Every rank saves its share of a checkpoint: all take rank 0's answer.
-        if not self.par.broadcast_object(self.best.improves(row) if self.is_main else None, "the best-model check"):
+        # Every rank writes its share of a saved checkpoint: all take rank 0's answer. The model just
+        # checkpointed (eval.every a multiple of checkpoint_every) is linked, not written again.
+        numbered = checkpoint_path(self.run_dir, done)
+        how = None
+        if self.is_main and self.best is not None and self.best.improves(row):
+            how = "base" if done == 0 else "link" if numbered.is_dir() else "save"
+        how = self.par.broadcast_object(how, "the best-model check")
+        if how is None:
             return
-        ckpt = (save_checkpoint(self.run_dir, self.adapter, self.updater, done, self._checkpoint_meta(),
-                                par=self.par, name=BEST_CHECKPOINT) if done else None)
+        ckpt = None
+        if how == "save":
+            ckpt = save_checkpoint(self.run_dir, self.adapter, self.updater, done, self._checkpoint_meta(),
+                                   par=self.par, name=BEST_CHECKPOINT)
+        elif how == "link" and self.is_main:
+            ckpt = keep_checkpoint_as(numbered, BEST_CHECKPOINT)
         if self.is_main:
             self.best.record(self.run_dir, done, row, ckpt)
 

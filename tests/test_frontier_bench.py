@@ -208,6 +208,7 @@ def test_a_variant_on_another_model_keeps_its_own_base_and_gets_its_own_page(tmp
     own, the report over its runs alone."""
     assert algorithms.base_dir(tmp_path, "latent", "reads") != algorithms.base_dir(tmp_path, "latent")
     assert algorithms.base_dir(tmp_path) == tmp_path / "_base"
+    assert algorithms.base_dir(tmp_path, "shapes", "latent") != algorithms.base_dir(tmp_path, "latent")
 
     def run(tag, arm, value, seed, d, base):
         return {"arm": arm, "value": value, "epochs": 4, "seed": seed, "tag": tag, "kl_to_base": 0.1 + value * 100,

@@ -632,4 +632,5 @@ def width_run_config(recipe: Path, width_config: Path | None, tiny: bool, dtype:
                                     "seed": 0},
                             "data": {"prompts": list(WIDTH_PROMPTS)}})
     cfg.pop("eval", None)
+    cfg["run"].pop("keep_best", None)          # it picks by the evaluation, removed above
     return cfg

@@ -93,8 +93,8 @@ def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
                   evals: Sequence[Mapping[str, Any]]) -> list[str]:
     """The end of a run: training reward, then held-out base -> final per metric, the artifact
     monitors (higher = worse) and the KL to the base model in one aligned table, a warning per
-    reward that rose while a monitor worsened past the base model's spread, then the files worth
-    opening (those that exist)."""
+    reward that rose while a monitor worsened past the base model's spread, the model
+    ``run.keep_best`` kept, then the files worth opening (those that exist)."""
     run_dir = Path(run_dir)
     lines = []
     if rows:
@@ -126,10 +126,13 @@ def summary_lines(run_dir: Path, rows: Sequence[Mapping[str, Any]],
             lines += [f"warning: {w}" for w in warnings]
     best = run_dir / BEST_FILE
     if best.is_file():                  # run.keep_best: which model the run kept
-        rec = json.loads(best.read_text())
-        lines += ["", f"best by held-out {rec['reward']}: {rec['value']:.4f} "
-                  + (f"after {rec['iteration']} iterations ({rec['checkpoint']})" if rec["iteration"]
-                     else "the base model: no evaluation beat it, no checkpoint kept")]
+        try:
+            rec = json.loads(best.read_text())
+            lines += ["", f"best by held-out {rec['reward']}: {rec['value']:.4f} "
+                      + (f"after {rec['iteration']} iterations ({run_dir / rec['checkpoint']})" if rec["iteration"]
+                         else "the base model: no evaluation beat it, no checkpoint kept")]
+        except (ValueError, KeyError, TypeError) as e:
+            lines += ["", f"best: {best} is unreadable ({type(e).__name__}: {e})"]
     ba = run_dir / "before_after"
     opens = [("report", run_dir / "report" / "index.html", ""),
              ("before/after", ba / "index.html" if (ba / "index.html").is_file() else ba,

@@ -76,7 +76,7 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
     """
     par = par or ParallelState()
     root = run_dir / "checkpoints"
-    final = root / (name or f"{_PREFIX}{next_iteration:06d}")
+    final = root / name if name else checkpoint_path(run_dir, next_iteration)
     tmp = root / f".tmp_{final.name}"
     if par.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -109,6 +109,33 @@ def save_checkpoint(run_dir: Path, adapter: VideoFlowAdapter, updater: Updater,
         for left in root.glob(".trash_*"):   # what an earlier kill left mid-delete
             shutil.rmtree(left, ignore_errors=True)
     par.barrier("checkpoint rename")
+    return final
+
+
+def checkpoint_path(run_dir: Path, next_iteration: int) -> Path:
+    """Where the numbered checkpoint after ``next_iteration`` updates lives."""
+    return Path(run_dir) / "checkpoints" / f"{_PREFIX}{next_iteration:06d}"
+
+
+def keep_checkpoint_as(ckpt: Path, name: str) -> Path:
+    """A finished checkpoint also as ``checkpoints/NAME`` beside it (``best``), replacing one there:
+    hard links where the file system has them (checkpoints are never written in place once renamed,
+    and a pruned original leaves the links whole), else copies. Rank 0 only: plain file operations."""
+    final, tmp = ckpt.with_name(name), ckpt.with_name(f".tmp_{name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    with _writing(tmp, final):
+        shutil.copytree(ckpt, tmp, copy_function=link)
+    if final.exists():
+        _delete(final)
+    tmp.rename(final)
     return final
 
 

@@ -18,7 +18,8 @@ arm). Every run is the shapes-world recipe
 lr 1e-4, 2 held-out samples per prompt; only the arm, its knob, the inner epochs and the seed change.
 
 The base model's evaluation is the same in every run (fixed evaluation noise), so it is computed
-once (``OUT/_base``) and copied into each run. Runs are claimed with a lock file, so several
+once (``OUT/_base``; ``OUT/_base-WORLD`` in another world, ``...-tag-TAG`` for a ``--tag`` variant, whose
+overrides may change the model) and copied into each run. Runs are claimed with a lock file, so several
 invocations (or ``--jobs N`` workers, one thread each) can work through one grid side by side;
 an interrupted run is redone from scratch. Each run writes ``bench.json`` (its numbers, wall time,
 and the commit it ran) beside its metrics.
@@ -28,7 +29,9 @@ and the commit it ran) beside its metrics.
 4 against 1 epoch), ``DOCS/figures/frontier.png`` (held-out direction against KL to the base model),
 ``DOCS/figures/frontier_forgetting.png`` and ``frontier_grid.png`` (forgetting and the grid artifact
 against KL), and for each other world with runs ``DOCS/frontier_WORLD.md`` and its figures, with
-that world's knees read from its own runs by the rule of ``KNEES`` (:func:`knees_from`). The
+that world's knees read from its own runs by the rule of ``KNEES`` (:func:`knees_from`). A variant on
+another model (``model.path=`` among its overrides) also gets a page of its own from its runs alone,
+``DOCS/frontier[_WORLD]_TAG.md``, and its figures. The
 stages' wall times are kept in ``DOCS/data/frontier_stages.json``, so a report on another machine
 keeps them.
 """
@@ -59,8 +62,11 @@ EVAL_REWARDS = ("eval.rewards={world_direction: 1.0, world_colour: 1.0, world_sh
                 "world_smoothness: 1.0, world_fidelity: 1.0}")
 # FRONTIER_TRAINING: full fine-tuning on every step and the plain rollout, as the committed fronts were
 # measured (docs/clean_rl.md, docs/benchmarks.md rollout_payoff); new cells stay comparable with them.
+# run.keep_best off: a run is read at its end, and its one evaluation after training would be kept
+# again beside its last checkpoint.
 COMMON = [*FRONTIER_TRAINING, "eval.samples_per_prompt=2", "run.report_every=0", "run.progress=false",
-          "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", EVAL_REWARDS]
+          "run.tensorboard=false", "run.sample_every=1000", "run.checkpoint_every=1000", "run.keep_best=null",
+          EVAL_REWARDS]
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,7 @@ def overrides_for(arm: str, value: float, epochs: int, seed: int, iterations: in
 def base_dir(out: Path, world: str = "shapes", tag: str = "") -> Path:
     """Where the grid keeps a world's base evaluation, one per ``--tag`` variant: a variant's overrides
     may change the base itself (``model.path``, the evaluation's rewards)."""
-    return out / ("_base" + ("" if world == "shapes" else f"-{world}") + (f"-{tag}" if tag else ""))
+    return out / ("_base" + ("" if world == "shapes" else f"-{world}") + (f"-tag-{tag}" if tag else ""))
 
 
 def base_eval(out: Path, iterations: int, extra: list[str], world: str = "shapes", tag: str = "") -> Path:
@@ -472,17 +478,19 @@ def grid_runs(results: list[dict]) -> list[dict]:
 
 
 def _gain_parts(r: dict, base: dict) -> dict[str, float]:
-    """Held-out gains of run ``r`` over the shared base evaluation (read from ``base``, a run of the same
-    grid): direction and colour gained, shape lost, KL to the base model."""
+    """Held-out gains of run ``r`` over a base evaluation (read from ``base``, a run with the same base:
+    ``r`` itself, or a run of the same grid): direction and colour gained, shape lost, KL to the base."""
     return {"direction": r["direction"] - base["direction_base"], "colour": r["colour"] - base["colour_base"],
             "shape lost": base["shape_base"] - r["shape"], "KL": r["kl_to_base"]}
 
 
 def _base_of(twin: dict, variant: dict) -> dict:
-    """The run whose base numbers measure ``twin``'s gains: its own; the variant's where it lacks them
-    (runs from before the base colour and shape were summarised), which is right only because such a
-    variant ran on the same model (a variant on another model, :func:`model_variant_tags`, came later)."""
-    return twin if "colour_base" in twin else variant
+    """The base numbers that measure ``twin``'s gains: its own; where it lacks the base colour and shape
+    (runs from before they were summarised), the variant's for those two, which is right only when
+    the variant ran on the same model (then the base is the same), else they are NaN (n/a)."""
+    same_model = not any(o.startswith("model.path=") for o in variant.get("extra", []))
+    fill = {k: variant[k] if same_model else float("nan") for k in ("colour_base", "shape_base") if k not in twin}
+    return {**twin, **fill}
 
 
 def model_variant_tags(results: list[dict]) -> list[str]:
