@@ -6,7 +6,8 @@ training reward and the model it kept (``run.keep_best``).
         --command "flowdppo-video train --config configs/latent_world.yaml run.seed=2" \\
         --into docs/data/latent_world_rl_pilots.json --key recipe_keep_best
 
-``--time``: GNU time's ``-v`` report of the run (its wall time and peak memory); without it they are
+``--checkpoint-eval DIR``: a ``flowdppo-video eval`` of the run's checkpoints (e.g. the kept one and the
+last on fresh noise), its means attached. ``--time``: GNU time's ``-v`` report of the run (its wall time and peak memory); without it they are
 left out. ``--into FILE --key K``: appended to the list at ``K`` in FILE (a JSON object; a record of
 the same run directory there is replaced), else printed.
 """
@@ -26,7 +27,6 @@ from flowdppo_video.runs.data import load_prompts
 from flowdppo_video.training.best import BEST_FILE
 from flowdppo_video.training.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def gnu_time(path: Path) -> dict[str, float]:
@@ -45,16 +45,27 @@ def gnu_time(path: Path) -> dict[str, float]:
     return out
 
 
+def checkpoint_eval(folder: Path) -> dict:
+    """The means (with 95% intervals) of a ``flowdppo-video eval`` comparison (its ``summary.json``):
+    per reward and part, per model (``base``, each checkpoint)."""
+    d = json.loads((folder / "summary.json").read_text())
+    means = {name: {m: [v["value"], v["lo"], v["hi"]] for m, v in r["mean"].items()}
+             for name, r in {**d["results"], **d["parts"]}.items()}
+    return {"prompts": d["prompts"], "seeds": d["seeds"], "sampler": d["sampler"], "ci": d["ci"],
+            "videos": next(iter(next(iter(d["results"].values()))["mean"].values()))["n"], "means": means}
+
+
 def record(run: Path, command: str | None, machine: str | None, model: str | None,
-           time_report: Path | None) -> dict:
+           time_report: Path | None, compared: Path | None = None, commit: str | None = None) -> dict:
     """The record of the run in ``run`` (its ``config.yaml``, ``eval.jsonl``, ``metrics.jsonl``)."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     evals = [{"after_iterations": e["after_iterations"],
               **{k[len("eval/"):-len("/mean")]: v for k, v in e.items() if k.startswith("eval/") and k.endswith("/mean")}}
              for e in read_metrics(run, "eval")]
     held_out = cfg["eval"]["prompts"]
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or None
+    # The code that ran: the checkout it ran from (the current directory, as a worktree of a fixed commit).
+    commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip() or None
     rec = {"run": str(run), "command": command or f"flowdppo-video train --config {run / 'config.yaml'}",
            "commit": commit, "model": model or cfg["model"].get("path"), "seed": cfg["run"]["seed"],
            "held_out_videos": (len(load_prompts(held_out)) * cfg["eval"]["samples_per_prompt"]) if held_out else 0,
@@ -63,6 +74,8 @@ def record(run: Path, command: str | None, machine: str | None, model: str | Non
     if (run / BEST_FILE).is_file():
         best = json.loads((run / BEST_FILE).read_text())
         rec["best"] = {k: best[k] for k in ("reward", "value", "iteration", "checkpoint")}
+    if compared is not None:
+        rec["checkpoint_eval"] = checkpoint_eval(compared)
     return rec
 
 
@@ -73,6 +86,9 @@ def main() -> None:
     ap.add_argument("--machine", help="where and beside what it ran")
     ap.add_argument("--model", help="what model.path was, in words (default: model.path)")
     ap.add_argument("--time", type=Path, help="its /usr/bin/time -v report")
+    ap.add_argument("--checkpoint-eval", type=Path, metavar="DIR",
+                    help="a `flowdppo-video eval` output folder of this run's checkpoints (its summary.json)")
+    ap.add_argument("--commit", help="the commit that ran it (default: the current directory's HEAD)")
     ap.add_argument("--into", type=Path, help="a JSON object file to add the record to (with --key)")
     ap.add_argument("--key", help="the list in --into that holds the record")
     args = ap.parse_args()
@@ -84,7 +100,9 @@ def main() -> None:
             ap.error(f"{args.run}: not {what}")
     if args.time is not None and not args.time.is_file():
         ap.error(f"--time {args.time}: no such file")
-    rec = record(args.run, args.command, args.machine, args.model, args.time)
+    if args.checkpoint_eval is not None and not (args.checkpoint_eval / "summary.json").is_file():
+        ap.error(f"--checkpoint-eval {args.checkpoint_eval}: no summary.json there")
+    rec = record(args.run, args.command, args.machine, args.model, args.time, args.checkpoint_eval, args.commit)
     if args.into is None:
         json.dump(rec, sys.stdout, indent=1)
         print()
