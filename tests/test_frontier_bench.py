@@ -221,6 +221,7 @@ def test_a_variant_on_another_model_keeps_its_own_base_and_gets_its_own_page(tmp
     # δ 1e-5 and 0.20 at 1e-4, its twins 0.02.
     res = [run("", "sample", v, s, 0.17, 0.15) for s in range(3) for v in (1e-5, 1e-4)]
     res += [run("reads", "sample", v, s, 0.40 + (0.1 if v == 1e-5 else 0.2), 0.40) for s in range(3) for v in (1e-5, 1e-4)]
+    res += [run("reads", "row", 1e-4, s, 0.45, 0.40) for s in range(3)]      # one value: a cell, not a sweep
     assert algorithms.model_variant_tags(res) == ["reads"]
     summary = algorithms.tagged_summary(res, "reads")
     row = next(line for line in summary if "0.0001" in line)
@@ -228,9 +229,12 @@ def test_a_variant_on_another_model_keeps_its_own_base_and_gets_its_own_page(tmp
     assert cols[4] == "+0.200" and cols[8] == "+0.020"          # each against its own base
     assert cols[12].startswith("+0.180 [+0.180, +0.180]")
     page, runs = algorithms.variant_page(res, "reads", "latent", None)
-    assert len(runs) == 6 and all(not r["tag"] for r in runs)
+    assert len(runs) == 9 and all(not r["tag"] for r in runs)
     assert page.startswith("Variant `reads` of the latent world: model.path=runs/other.")
-    assert "Runs: 6." in page and "Base model held-out direction 0.400" in page
+    assert "Runs: 9." in page and "Base model held-out direction 0.400" in page
+    # The one-value arm is set beside the sample rule's knee (δ 1e-4 here), paired by seed: 0.45 - 0.60.
+    paired = page.split("each knee minus")[1]
+    assert "| Flow-DPPO row-decided | 3 | -0.150 [-0.150, -0.150] |" in paired
 
 
 def test_matched_kl_tables_cover_forgetting_and_artifacts_in_their_units():

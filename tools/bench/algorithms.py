@@ -509,7 +509,8 @@ def variant_page(results: list[dict], tag: str, world: str, reference_knees: dic
             "this variant's runs alone, against its own base evaluation. Cells run: "
             + ", ".join(f"{LABELS[a]} {v:g}" for a, v in cells) + ". Where an arm ran one value, its knee "
             "below is that value by construction (if it forgot at most 6 points), not a reading.", ""]
-    return "\n".join(head) + "\n" + report(runs, {}, world, reference_knees), runs
+    one_value = {a: vs[0] for a in {a for a, _ in cells} if len(vs := [v for b, v in cells if b == a]) == 1}
+    return "\n".join(head) + "\n" + report(runs, {}, world, reference_knees, cells=one_value), runs
 
 
 def _fmt_median(gains: list[dict[str, float]], name: str) -> str:
@@ -685,7 +686,7 @@ def knee_summary(results: list[dict], epochs: int = 4, against: str = "sample",
     lines = [f"### Each arm at its knee, {epochs} inner epochs (mean over seeds, 95% bootstrap interval)", "",
              f"| arm | knob | seeds | {names} |", "|---|---|---|" + "---|" * len(KNEE_KEYS)]
     for a, rs in runs.items():
-        knob = f"{ARMS[a][1].split('.')[-1]} {knees[a]:g}"
+        knob = "—" if ARMS[a][1] is None else f"{ARMS[a][1].split('.')[-1]} {knees[a]:g}"   # none: no knob
         lines.append(f"| {LABELS[a]} | {knob} | {len(rs)} | "
                      + " | ".join(mean_ci_text([r[k] for r in rs.values()], sc, d) for k, _, sc, d in KNEE_KEYS) + " |")
     if against in runs:
@@ -734,10 +735,11 @@ MATCHED_KEYS = [("direction", "held-out direction", 1.0, 3), ("forgetting", "for
 
 
 def report(results: list[dict], stage_times: dict, world: str = "shapes",
-           reference_knees: dict[str, dict] | None = None) -> str:
+           reference_knees: dict[str, dict] | None = None, cells: dict[str, float] | None = None) -> str:
     """The world's page (``frontier.md`` or ``frontier_WORLD.md``) from its runs; in a world other than
     the shapes world its knees are read from its runs and set beside ``reference_knees`` (the shapes
-    world's, :func:`knees_from`; each arm's :data:`KNEES` value where not given)."""
+    world's, :func:`knees_from`; each arm's :data:`KNEES` value where not given). ``cells``: arm ->
+    value for the arms run at one value only (a variant's), set beside the knees in their table."""
     reference_knees = {**{a: {"value": v, "resampled": {}} for a, v in KNEES.items()}, **(reference_knees or {})}
 
     def f(x: float, d: int = 3) -> str:
@@ -805,7 +807,10 @@ def report(results: list[dict], stage_times: dict, world: str = "shapes",
                       "knee stage's extra seeds sit: " + "; ".join(moved) + ". Update `KNEES` and run the "
                       "knee stage again.", ""]
     else:                                           # another world: at the knees read from its own runs
-        lines += knee_summary(knee_runs, knees=read_values)
+        # A variant that ran one value of an arm (``cells``) compares it too: at one value per arm
+        # there is no knee to read, only the cell.
+        both = {**(cells or {}), **read_values}
+        lines += knee_summary(knee_runs, knees={a: both[a] for a in sorted(both, key=list(ARMS).index)})
     lines += along_front(knee_runs, read_values)
     ea = epochs_against(results)
     if ea:
