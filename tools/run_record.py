@@ -49,10 +49,13 @@ def checkpoint_eval(folder: Path) -> dict:
     """The means (with 95% intervals) of a ``flowdppo-video eval`` comparison (its ``summary.json``):
     per reward and part, per model (``base``, each checkpoint)."""
     d = json.loads((folder / "summary.json").read_text())
-    means = {name: {m: [v["value"], v["lo"], v["hi"]] for m, v in r["mean"].items()}
-             for name, r in {**d["results"], **d["parts"]}.items()}
+    both = {**d["results"], **d["parts"]}
+    means = {name: {m: [v["value"], v["lo"], v["hi"]] for m, v in r["mean"].items()} for name, r in both.items()}
+    wins = {name: {pair: [v["value"], v["lo"], v["hi"]] for pair, v in r.get("win_rate", {}).items()}
+            for name, r in both.items()}
     return {"prompts": d["prompts"], "seeds": d["seeds"], "sampler": d["sampler"], "ci": d["ci"],
-            "videos": next(iter(next(iter(d["results"].values()))["mean"].values()))["n"], "means": means}
+            "win_rate": d["win_rate"], "videos": next(iter(next(iter(d["results"].values()))["mean"].values()))["n"],
+            "means": means, "win_rates": wins}
 
 
 def record(run: Path, command: str | None, machine: str | None, model: str | None,
