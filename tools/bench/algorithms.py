@@ -809,8 +809,9 @@ def report(results: list[dict], stage_times: dict, world: str = "shapes",
     else:                                           # another world: at the knees read from its own runs
         # A variant that ran one value of an arm (``cells``) compares it too: at one value per arm
         # there is no knee to read, only the cell.
-        both = {**(cells or {}), **read_values}
-        lines += knee_summary(knee_runs, knees={a: both[a] for a in sorted(both, key=list(ARMS).index)})
+        extra = {a: v for a, v in sorted((cells or {}).items(), key=lambda t: list(ARMS).index(t[0]))
+                 if a not in read_values}
+        lines += knee_summary(knee_runs, knees={**read_values, **extra})     # the knees first, as the shapes page
     lines += along_front(knee_runs, read_values)
     ea = epochs_against(results)
     if ea:
